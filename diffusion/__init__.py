@@ -1,0 +1,1 @@
+"""CLIP towers and text-conditioned diffusion transformers in JAX/Flax."""
