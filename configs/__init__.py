@@ -1,0 +1,1 @@
+"""Training recipes: `get_config(arg)` files named with --config=configs/FILE.py[:ARGS]."""

@@ -1,0 +1,37 @@
+"""Base recipe of the CLIP family: a ViT image tower and a causal text tower, contrastive loss.
+
+Recipes import this and override fields; arg "runlocal" shrinks it to a laptop run.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.family = "clip"  # Model family trained by train.py: "clip" or "dit".
+    config.seed = 0  # The one seed; keys are split by purpose and folded with the step.
+    config.data = common.data_config()
+    config.tokenizer = common.tokenizer_config()
+    config.mesh = common.mesh_config()
+    config.optimizer = common.optimizer_config()
+    config.training = common.training_config()
+
+    config.model = ml_collections.ConfigDict()
+    config.model.variant = "tiny"  # Row of diffusion.models.clip's variant table.
+    config.model.dtype = "float32"  # Compute dtype ("bfloat16" on TPU); parameters stay float32.
+    config.model.remat = "none"  # Rematerialisation policy of the transformer blocks.
+    config.model.scan_layers = (
+        False  # Scan over the block stack (compile time independent of depth).
+    )
+
+    config.loss = ml_collections.ConfigDict()
+    config.loss.kind = "softmax"  # "softmax" (CLIP) or "sigmoid" (SigLIP).
+    config.loss.chunked = False  # Ring-of-ppermute loss that never forms the global logit matrix.
+
+    if arg == "runlocal":
+        config.training.num_steps = 20
+        config.training.global_batch_size = 16
+        config.data.num_train_examples = 2_000
+    return config

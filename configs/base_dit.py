@@ -1,0 +1,60 @@
+"""Base recipe of the DiT family: a diffusion transformer conditioned on a frozen CLIP text tower.
+
+Recipes import this and override fields; arg "runlocal" shrinks it to a laptop run.
+"""
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.family = "dit"  # Model family trained by train.py: "clip" or "dit".
+    config.seed = 0  # The one seed; keys are split by purpose and folded with the step.
+    config.data = common.data_config()
+    config.tokenizer = common.tokenizer_config()
+    config.mesh = common.mesh_config()
+    config.optimizer = common.optimizer_config()
+    config.training = common.training_config()
+
+    config.model = ml_collections.ConfigDict()
+    config.model.variant = "tiny"  # Row of diffusion.models.dit's variant table (e.g. "S/2").
+    config.model.dtype = "float32"  # Compute dtype ("bfloat16" on TPU); parameters stay float32.
+    config.model.remat = "none"  # Rematerialisation policy of the DiT blocks.
+    config.model.scan_layers = (
+        False  # Scan over the block stack (compile time independent of depth).
+    )
+    config.model.num_classes = 0  # > 0: class-conditional DiT (label embedding) instead of text.
+
+    config.text_encoder = ml_collections.ConfigDict()
+    config.text_encoder.checkpoint = placeholder(str)  # CLIP run dir of ours, or a HF CLIP dir.
+
+    config.diffusion = ml_collections.ConfigDict()
+    config.diffusion.objective = "flow"  # "flow" (rectified flow) or "ddpm" (discrete VP).
+    config.diffusion.prediction_type = "epsilon"  # DDPM only: "epsilon", "v_prediction", "sample".
+    config.diffusion.schedule = "linear"  # DDPM only: "linear", "scaled_linear" or "cosine".
+    config.diffusion.num_timesteps = 1000  # DDPM only: discrete training timesteps T.
+    config.diffusion.zero_terminal_snr = False  # DDPM only: rescale betas to SNR(T) = 0.
+    config.diffusion.time_sampling = "logit_normal"  # Flow only: "uniform" or "logit_normal".
+    config.diffusion.logit_normal_mean = 0.0  # Flow only: m of t = sigmoid(m + s n).
+    config.diffusion.logit_normal_std = 1.0  # Flow only: s of t = sigmoid(m + s n).
+    config.diffusion.shift = 1.0  # Flow only: time shift s t / (1 + (s - 1) t) (SD3, Wan 2.1).
+    config.diffusion.min_snr_gamma = 0.0  # DDPM only: min-SNR-gamma loss weighting (0: off).
+    config.diffusion.cond_dropout = 0.1  # Probability of the empty prompt (enables guidance).
+
+    config.sampling = ml_collections.ConfigDict()
+    config.sampling.sampler = "euler"  # "ddpm", "ddim", "euler", "heun" or "dpmpp_2m".
+    config.sampling.steps = 20  # Denoising steps.
+    config.sampling.guidance_scale = 3.0  # Classifier-free guidance scale (1: no guidance).
+    config.sampling.prompts = (  # Prompts of the periodic sample grid.
+        "a large red circle in the center",
+        "a small blue square in the top left corner",
+    )
+
+    if arg == "runlocal":
+        config.training.num_steps = 20
+        config.training.global_batch_size = 16
+        config.data.num_train_examples = 2_000
+    return config

@@ -1,0 +1,20 @@
+"""The one exception type for mistakes a user can fix, and how entry points report it."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+
+class UserError(ValueError):
+    """Bad input from a user: a config, flag, file or argument. The message names the fix.
+
+    Entry points print it as one paragraph and exit non-zero, without a Python traceback.
+    """
+
+
+def report_user_error(error: UserError, program: str) -> int:
+    """Prints `error` for a person and returns the exit status to use."""
+    message = textwrap.fill(str(error), width=100, break_long_words=False, break_on_hyphens=False)
+    print(f"{program}: error: {message}", file=sys.stderr)
+    return 2

@@ -1,0 +1,93 @@
+"""Recipes load, overrides keep field types, and bad keys or values are named in the error."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from diffusion import config as config_lib
+from diffusion.config import ConfigError
+
+
+def test_every_recipe_loads_and_serialises():
+    recipes = config_lib.available_configs()
+    assert "configs/shapes.py" in recipes and "configs/base_dit.py" in recipes
+    for path in recipes:
+        config = config_lib.load_config(path)
+        assert config.family in ("clip", "dit", "pipeline")
+        json.loads(config_lib.to_json(config))
+
+
+def test_overrides_keep_types_and_reach_shared_sections():
+    config = config_lib.load_config(
+        "configs/shapes.py:runlocal",
+        [
+            ("data.data_dir", "/tmp/x"),
+            ("clip.optimizer.learning_rate", "3e-4"),
+            ("dit.training.num_steps", "7"),
+            ("dit.model.scan_layers", "true"),
+            ("data.eval_splits", "test"),
+            ("data.label_key", "label"),
+            ("seed", "5"),
+        ],
+    )
+    assert config.dit.data.data_dir == "/tmp/x" == config.clip.data.data_dir
+    assert config.clip.optimizer.learning_rate == pytest.approx(3e-4)
+    assert config.dit.training.num_steps == 7 and isinstance(config.dit.training.num_steps, int)
+    assert config.dit.model.scan_layers is True
+    assert config.data.eval_splits == ("test",)
+    assert config.data.label_key == "label"
+    assert config.clip.seed == 5 and config.dit.seed == 5
+    assert config.data.num_train_examples == 2_000  # the runlocal argument was applied
+
+
+@pytest.mark.parametrize(
+    "key, value, words",
+    [
+        ("clip.optimizer.learnin_rate", "1", ["learnin_rate", "Did you mean 'learning_rate'"]),
+        ("nope", "1", ["Unknown config key 'nope'", "Valid fields of config:"]),
+        ("clip.training.num_steps", "ten", ["num_steps", "not a valid integer"]),
+        ("clip.model.scan_layers", "maybe", ["scan_layers", "not a valid boolean"]),
+        ("clip.optimizer.learning_rate", "fast", ["learning_rate", "not a valid number"]),
+        ("clip.seed.x", "1", ["is a value, not a section"]),
+        ("clip.model", "1", ["names a whole section", "variant"]),
+    ],
+)
+def test_bad_overrides_name_the_key(key, value, words):
+    config = config_lib.load_config("configs/shapes.py")
+    with pytest.raises(ConfigError) as error:
+        config_lib.apply_override(config, key, value)
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_missing_recipe_lists_the_available_ones():
+    with pytest.raises(ConfigError, match="configs/shapes.py"):
+        config_lib.load_config("configs/does_not_exist.py")
+
+
+def test_split_config_flags():
+    argv = ["train.py", "--workdir=w", "--config=configs/shapes.py:runlocal", "--config.seed", "3"]
+    remaining, spec, overrides = config_lib.split_config_flags(argv)
+    assert remaining == ["train.py", "--workdir=w"]
+    assert spec == "configs/shapes.py:runlocal"
+    assert overrides == [("seed", "3")]
+
+
+def test_train_py_reports_an_unknown_key_without_a_traceback(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "--config=configs/shapes.py",
+            "--config.trainig.x=1",
+            f"--workdir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "Unknown config key 'trainig.x'" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,40 @@
+"""Trains the model a recipe names, and resumes from WORKDIR's latest checkpoint when rerun.
+
+python train.py --config=configs/shapes.py[:ARGS] [--config.a.b=value ...] --workdir=runs/x
+"""
+
+import sys
+
+from absl import app, flags
+
+from diffusion import config as config_lib
+from diffusion.errors import UserError, report_user_error
+
+flags.DEFINE_string("workdir", None, "Run directory: checkpoints, config, tokenizer, logs.")
+FLAGS = flags.FLAGS
+_CONFIG = {}
+
+
+def parse_flags(argv):
+    remaining, spec, overrides = config_lib.split_config_flags(argv)
+    _CONFIG.update(spec=spec, overrides=overrides)
+    return FLAGS(remaining)
+
+
+def main(argv):
+    del argv
+    try:
+        if _CONFIG["spec"] is None:
+            raise UserError("--config is required, e.g. --config=configs/shapes.py.")
+        if not FLAGS.workdir:
+            raise UserError("--workdir is required: the run directory, e.g. --workdir=runs/shapes.")
+        config = config_lib.load_config(_CONFIG["spec"], _CONFIG["overrides"])
+        from diffusion import trainer  # after flag parsing: importing jax is slow
+
+        trainer.train_and_evaluate(config, FLAGS.workdir)
+    except UserError as error:
+        sys.exit(report_user_error(error, "train.py"))
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)
