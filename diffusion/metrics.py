@@ -1,0 +1,120 @@
+"""Where training numbers go: metrics.jsonl, TensorBoard events, and MFU against a device's peak.
+
+Only process 0 writes. Every logged scalar goes both to `WORKDIR/metrics.jsonl` (one JSON object
+per logging step, so scripts can read a run without TensorBoard) and to tensorboardX events.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Dense peak FLOP/s per chip from the vendors' data sheets (bfloat16; float32 where the chip has
+# no faster path). Matched against `device.device_kind` by substring, most specific first.
+PEAK_FLOPS_BY_DEVICE_KIND = (
+    ("TPU v6", 918e12),  # v6e (Trillium)
+    ("TPU v5p", 459e12),
+    ("TPU v5 lite", 197e12),  # v5e reports itself as "TPU v5 lite"
+    ("TPU v5e", 197e12),
+    ("TPU v5", 459e12),
+    ("TPU v4", 275e12),
+    ("H200", 989e12),
+    ("H100", 989e12),  # SXM, dense bf16
+    ("A100", 312e12),
+)
+
+
+def peak_flops_per_device(device: jax.Device | None = None) -> float:
+    """The device's peak FLOP/s: the data-sheet value, or a measured matmul rate on CPU."""
+    device = device or jax.devices()[0]
+    for kind, flops in PEAK_FLOPS_BY_DEVICE_KIND:
+        if kind.lower() in device.device_kind.lower():
+            return flops
+    return measure_matmul_flops(device)
+
+
+def measure_matmul_flops(
+    device: jax.Device | None = None, size: int = 1024, dtype=jnp.float32, seconds: float = 1.0
+) -> float:
+    """Best observed FLOP/s of a square matmul on `device`: the MFU denominator on CPU.
+
+    Repeats for about `seconds` and keeps the fastest run, since a shared machine only ever makes
+    a run slower.
+    """
+    device = device or jax.devices()[0]
+    a = jax.device_put(jnp.ones((size, size), dtype), device)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    best = math.inf
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or best is math.inf:
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def compiled_flops(compiled) -> float | None:
+    """FLOPs of one call of a compiled XLA program, from XLA's own cost analysis."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list | tuple):  # older jax returns one dict per program
+        analysis = analysis[0] if analysis else {}
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
+class MetricWriter:
+    """Writes scalars to metrics.jsonl and TensorBoard, and images to TensorBoard (process 0)."""
+
+    def __init__(self, workdir: str, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self._jsonl = None
+        self._tensorboard = None
+        if self.enabled:
+            os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+            from tensorboardX import SummaryWriter
+
+            self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step)}
+        record.update({k: _to_float(v) for k, v in scalars.items()})
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        for name, value in record.items():
+            if name != "step" and value is not None:
+                self._tensorboard.add_scalar(name, value, step)
+        self._tensorboard.flush()
+
+    def write_image(self, step: int, name: str, image: np.ndarray) -> None:
+        """`image` is uint8 HxWx3."""
+        if self.enabled:
+            self._tensorboard.add_image(name, image, step, dataformats="HWC")
+            self._tensorboard.flush()
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._tensorboard.close()
+            self._jsonl = self._tensorboard = None
+
+
+def _to_float(value) -> float | None:
+    value = float(np.asarray(value))
+    return value if math.isfinite(value) else None
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    """The records of WORKDIR/metrics.jsonl, in order."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
