@@ -1,0 +1,49 @@
+"""Flax NNX models: CLIP towers and the text-conditioned DiT, with their size variants.
+
+`clip_config('B/16', dtype='bfloat16')` and `dit_config('DiT-XL/2', conditioning='class')` build
+configs from the variant tables; unknown names or fields raise ValueError listing valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from diffusion.models.clip import CLIP, CLIP_VARIANTS, CLIPConfig
+from diffusion.models.dit import DIT_VARIANTS, DiT, DiTConfig
+from diffusion.models.layers import ACTIVATION_AXES, LOGICAL_AXIS_NAMES, REMAT_POLICIES
+
+__all__ = [
+    "ACTIVATION_AXES",
+    "CLIP",
+    "CLIP_VARIANTS",
+    "CLIPConfig",
+    "DIT_VARIANTS",
+    "DiT",
+    "DiTConfig",
+    "LOGICAL_AXIS_NAMES",
+    "REMAT_POLICIES",
+    "clip_config",
+    "dit_config",
+]
+
+
+def _config_from_table(config_cls, table: dict, kind: str, variant: str, overrides: dict):
+    if variant not in table:
+        raise ValueError(f"unknown {kind} variant {variant!r}; valid: {sorted(table)}")
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(
+            f"unknown {config_cls.__name__} field(s) {unknown}; valid: {sorted(fields)}"
+        )
+    return config_cls(**{**table[variant], **overrides})
+
+
+def clip_config(variant: str = "tiny", **overrides) -> CLIPConfig:
+    """The CLIPConfig of a CLIP_VARIANTS entry, with field overrides."""
+    return _config_from_table(CLIPConfig, CLIP_VARIANTS, "CLIP", variant, overrides)
+
+
+def dit_config(variant: str = "tiny", **overrides) -> DiTConfig:
+    """The DiTConfig of a DIT_VARIANTS entry ('tiny', 'DiT-S/2' ... 'DiT-XL/8'), with overrides."""
+    return _config_from_table(DiTConfig, DIT_VARIANTS, "DiT", variant, overrides)

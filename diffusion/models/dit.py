@@ -1,0 +1,322 @@
+"""DiT: Scalable Diffusion Models with Transformers (Peebles & Xie 2023), text-conditioned.
+
+Follows facebookresearch/DiT `models.py`: patchify -> fixed 2-D sin-cos positions -> adaLN-Zero
+blocks conditioned on c = time embedding (+ pooled text or class embedding) -> final adaLN
+layer -> unpatchify. For text conditioning every block also cross-attends from the image tokens
+to the text token states (with the text padding mask), as PixArt-alpha does.
+
+Time: continuous t in [0, 1] with t = 1 pure noise, embedded as `timestep_embedding(t *
+time_scale)` (time_scale 1000), so DDPM (t = step / (T - 1)) and flow matching share the model.
+
+Conditioning modes: 'text' (context (B, L, context_dim), its mask, pooled (B, pooled_dim)),
+'class' (labels (B,) in [0, num_classes], num_classes being the null class for classifier-free
+guidance as in DiT's LabelEmbedder) and 'none'.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from diffusion.models import layers
+from diffusion.models.layers import ACTIVATION_AXES, constrain
+
+CONDITIONING = ("text", "class", "none")
+
+
+# ============================================================================================
+# Config and variants
+# ============================================================================================
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+    """Every size and numeric choice of a DiT."""
+
+    in_channels: int = 3  # channels of the (latent) image
+    patch_size: int = 4  # side of the square patches
+    width: int = 128  # hidden size D
+    depth: int = 4  # number of DiT blocks
+    num_heads: int = 4  # attention heads
+    mlp_ratio: float = 4.0  # MLP hidden units = mlp_ratio * width
+    learn_sigma: bool = False  # output 2 x in_channels (prediction + variance interpolation)
+    conditioning: str = "text"  # 'text', 'class' or 'none'
+    context_dim: int = 128  # width of the text token states (CLIP text_width)
+    pooled_dim: int = 128  # width of the pooled text embedding (CLIP embed_dim)
+    num_classes: int = 1000  # class-conditional mode: labels 0..num_classes-1, +1 null class
+    condition_init_std: float = 1.0  # std of conditioning embeddings at init (see below)
+    time_scale: float = 1000.0  # t in [0, 1] is embedded as t * time_scale
+    frequency_dim: int = 256  # sinusoidal frequencies of the timestep embedding
+    norm_eps: float = 1e-6  # LayerNorm epsilon (DiT)
+    dtype: str = "float32"  # compute dtype ('bfloat16' on TPU); params stay param_dtype
+    param_dtype: str = "float32"  # parameter storage dtype
+    attention_impl: str = "xla"  # 'xla' einsum softmax or 'fused' jax.nn.dot_product_attention
+    remat_policy: str = "none"  # per-block rematerialisation, see layers.REMAT_POLICIES
+    scan_layers: bool = False  # nnx.scan over blocks (params get a leading 'layers' axis)
+
+    def __post_init__(self):
+        if self.width % self.num_heads:
+            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+        if self.width % 4:
+            raise ValueError(f"width {self.width} must be divisible by 4 (2-D sin-cos positions)")
+        if self.conditioning not in CONDITIONING:
+            raise ValueError(f"unknown conditioning {self.conditioning!r}; valid: {CONDITIONING}")
+        layers.resolve_dtype(self.dtype)
+        layers.resolve_dtype(self.param_dtype)
+        layers.resolve_remat_policy(self.remat_policy)
+        if self.attention_impl not in layers.ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"unknown attention_impl {self.attention_impl!r}; "
+                f"valid: {layers.ATTENTION_IMPLEMENTATIONS}"
+            )
+
+    @property
+    def out_channels(self) -> int:
+        return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+
+_DIT_SIZES = {  # DiT paper, table 1: (width, depth, heads)
+    "S": (384, 12, 6),
+    "B": (768, 12, 12),
+    "L": (1024, 24, 16),
+    "XL": (1152, 28, 16),
+}
+
+# One table of variants; `dit_config(name, **overrides)` builds the config. The paper's models
+# are latent (4 channels), class-conditional with learned sigma: pass those as overrides.
+DIT_VARIANTS: dict[str, dict] = {
+    "tiny": dict(),  # the CPU default: the dataclass defaults above
+    **{
+        f"DiT-{size}/{patch}": dict(width=w, depth=d, num_heads=h, patch_size=patch)
+        for size, (w, d, h) in _DIT_SIZES.items()
+        for patch in (2, 4, 8)
+    },
+}
+
+
+# ============================================================================================
+# Embedders
+# ============================================================================================
+
+
+class TimestepEmbedder(nnx.Module):
+    """Sinusoidal frequencies of t * time_scale -> Dense -> SiLU -> Dense (DiT)."""
+
+    def __init__(self, config: DiTConfig, *, dtype, param_dtype, rngs):
+        self.frequency_dim = config.frequency_dim
+        self.time_scale = config.time_scale
+        kw = dict(kernel_init=layers.normal(0.02), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc1 = layers.Dense(config.frequency_dim, config.width, ("mlp", "embed"), **kw)
+        self.fc2 = layers.Dense(config.width, config.width, ("mlp", "embed"), **kw)
+
+    def __call__(self, t: jax.Array) -> jax.Array:
+        freqs = layers.timestep_embedding(t * self.time_scale, self.frequency_dim)  # (B, F)
+        return self.fc2(jax.nn.silu(self.fc1(freqs)))  # (B, D)
+
+
+class ConditionProjection(nnx.Module):
+    """Parameter-free LayerNorm then Dense(in -> D) whose outputs start with std ~ target_std.
+
+    Normalising first makes the scale independent of which text tower produced the input;
+    the prototype (REFERENCES.md) showed conditioning drowned by the time embedding when its
+    embeddings started small, hence std ~ 1 rather than DiT's 0.02.
+    """
+
+    def __init__(self, in_features, width, target_std, *, dtype, param_dtype, rngs):
+        self.norm = layers.LayerNorm(in_features, affine=False, eps=1e-6, dtype=dtype)
+        self.proj = layers.Dense(
+            in_features,
+            width,
+            ("mlp", "embed"),
+            kernel_init=layers.normal(target_std / in_features**0.5),
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.proj(self.norm(x))
+
+
+# ============================================================================================
+# Blocks
+# ============================================================================================
+
+
+class DiTBlock(nnx.Module):
+    """adaLN-Zero block (DiT fig. 3), plus cross-attention to text between attention and MLP.
+
+    x = x + gate_msa * attn(modulate(norm1(x), shift_msa, scale_msa))
+    x = x + cross_attn(norm_cross(x), text)          # text mode; output projection zero-init
+    x = x + gate_mlp * mlp(modulate(norm2(x), shift_mlp, scale_mlp))
+    """
+
+    def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs):
+        c = config
+        dtype, param_dtype = layers.resolve_dtype(c.dtype), layers.resolve_dtype(c.param_dtype)
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.norm1 = layers.LayerNorm(c.width, eps=c.norm_eps, affine=False, **kw)
+        self.attn = layers.Attention(
+            c.width, c.num_heads, implementation=c.attention_impl, rngs=rngs, **kw
+        )
+        norm_cross = cross_attn = None
+        if c.conditioning == "text":
+            norm_cross = layers.LayerNorm(c.width, eps=c.norm_eps, rngs=rngs, **kw)
+            cross_attn = layers.Attention(
+                c.width,
+                c.num_heads,
+                zero_output=True,  # the block starts as the identity (adaLN-Zero spirit)
+                implementation=c.attention_impl,
+                rngs=rngs,
+                **kw,
+            )
+        self.norm_cross, self.cross_attn = nnx.data(norm_cross), nnx.data(cross_attn)
+        self.norm2 = layers.LayerNorm(c.width, eps=c.norm_eps, affine=False, **kw)
+        self.mlp = layers.MLP(c.width, int(c.width * c.mlp_ratio), "gelu_tanh", rngs=rngs, **kw)
+        self.modulation = layers.AdaLNModulation(c.width, 6, rngs=rngs, **kw)
+
+    def __call__(
+        self, x: jax.Array, c: jax.Array, context: jax.Array | None, context_mask
+    ) -> jax.Array:
+        """x: (B, T, D) image tokens; c: (B, D) conditioning; context: (B, L, D) or None."""
+        x = constrain(x, ACTIVATION_AXES)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c)
+        h = layers.modulate(self.norm1(x), shift_msa, scale_msa)
+        x = x + gate_msa[:, None] * self.attn(h)  # (B, T, D)
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.norm_cross(x), context, key_mask=context_mask)
+        h = layers.modulate(self.norm2(x), shift_mlp, scale_mlp)
+        x = x + gate_mlp[:, None] * self.mlp(h)  # (B, T, D)
+        return constrain(x, ACTIVATION_AXES)
+
+
+class FinalLayer(nnx.Module):
+    """adaLN (shift, scale) on a parameter-free LayerNorm, then Dense(D -> p*p*C_out), zero-init."""
+
+    def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs):
+        c = config
+        kw = dict(
+            dtype=layers.resolve_dtype(c.dtype), param_dtype=layers.resolve_dtype(c.param_dtype)
+        )
+        self.norm = layers.LayerNorm(c.width, eps=c.norm_eps, affine=False, **kw)
+        self.modulation = layers.AdaLNModulation(c.width, 2, rngs=rngs, **kw)
+        self.linear = layers.Dense(
+            c.width,
+            c.patch_size * c.patch_size * c.out_channels,
+            ("embed", "patch"),
+            kernel_init=layers.zeros,
+            rngs=rngs,
+            **kw,
+        )
+
+    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+        shift, scale = self.modulation(c)
+        return self.linear(layers.modulate(self.norm(x), shift, scale))  # (B, T, p*p*C_out)
+
+
+# ============================================================================================
+# DiT
+# ============================================================================================
+
+
+class DiT(nnx.Module):
+    """Diffusion transformer: (x (B, H, W, C), t (B,), conditioning) -> (B, H, W, C_out)."""
+
+    def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs):
+        c = config
+        dtype, param_dtype = layers.resolve_dtype(c.dtype), layers.resolve_dtype(c.param_dtype)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.config = c
+        self.dtype = dtype
+        self.patch_embed = layers.PatchEmbed(c.patch_size, c.in_channels, c.width, **kw)
+        self.time_embed = TimestepEmbedder(c, **kw)
+        label_embed = context_embed = pooled_embed = None
+        if c.conditioning == "class":
+            # Row num_classes is the null class for classifier-free guidance (DiT LabelEmbedder).
+            label_embed = layers.Embed(
+                c.num_classes + 1,
+                c.width,
+                row_axis="classes",
+                stddev=c.condition_init_std,
+                param_dtype=param_dtype,
+                rngs=rngs,
+            )
+        elif c.conditioning == "text":
+            context_embed = ConditionProjection(c.context_dim, c.width, c.condition_init_std, **kw)
+            pooled_embed = ConditionProjection(c.pooled_dim, c.width, c.condition_init_std, **kw)
+        self.label_embed, self.context_embed, self.pooled_embed = (
+            nnx.data(label_embed), nnx.data(context_embed), nnx.data(pooled_embed)
+        )
+        self.blocks = layers.BlockStack(
+            lambda r: DiTBlock(c, rngs=r),
+            c.depth,
+            scan_layers=c.scan_layers,
+            remat_policy=c.remat_policy,
+            rngs=rngs,
+        )
+        self.final_layer = FinalLayer(c, rngs=rngs)
+
+    def _conditioning(self, batch, context, context_mask, pooled, labels):
+        """Validate the conditioning inputs of the configured mode; embed them."""
+        c = self.config
+        given = {"context": context, "pooled": pooled, "labels": labels}
+        needed = {"text": ("context", "pooled"), "class": ("labels",), "none": ()}[c.conditioning]
+        missing = [name for name in needed if given[name] is None]
+        unexpected = [name for name, v in given.items() if v is not None and name not in needed]
+        if missing or unexpected:
+            raise ValueError(
+                f"conditioning={c.conditioning!r} needs {list(needed)}; "
+                f"missing {missing}, unexpected {unexpected}"
+            )
+        if c.conditioning == "class":
+            return self.label_embed(labels).astype(self.dtype), None, None  # (B, D)
+        if c.conditioning == "none":
+            return None, None, None
+        if context.ndim != 3 or context.shape[-1] != c.context_dim or context.shape[0] != batch:
+            raise ValueError(
+                f"context must be (batch={batch}, length, context_dim={c.context_dim}), "
+                f"got {context.shape}"
+            )
+        if pooled.shape != (batch, c.pooled_dim):
+            raise ValueError(
+                f"pooled must be (batch={batch}, pooled_dim={c.pooled_dim}), got {pooled.shape}"
+            )
+        if context_mask is None:
+            context_mask = jnp.ones(context.shape[:2], bool)
+        if context_mask.shape != context.shape[:2]:
+            raise ValueError(
+                f"context_mask {context_mask.shape} must match context {context.shape[:2]}"
+            )
+        return self.pooled_embed(pooled), self.context_embed(context), context_mask
+
+    def __call__(
+        self,
+        x: jax.Array,
+        t: jax.Array,
+        context: jax.Array | None = None,
+        context_mask: jax.Array | None = None,
+        pooled: jax.Array | None = None,
+        labels: jax.Array | None = None,
+    ) -> jax.Array:
+        cfg = self.config
+        b, h, w, ch = x.shape
+        if ch != cfg.in_channels:
+            raise ValueError(f"x has {ch} channels, the model expects {cfg.in_channels}")
+        if t.shape != (b,):
+            raise ValueError(f"t must have shape (batch,) = ({b},), got {t.shape}")
+        p = cfg.patch_size
+        positions = layers.sincos_2d(cfg.width, h // p, w // p)  # (T, D) constant
+        tokens = self.patch_embed(x.astype(self.dtype))  # (B, T, D); checks divisibility by p
+        tokens = tokens + jnp.asarray(positions, self.dtype)[None]  # (B, T, D)
+        cond = self.time_embed(t)  # (B, D)
+        extra, context_tokens, context_mask = self._conditioning(
+            b, context, context_mask, pooled, labels
+        )
+        if extra is not None:
+            cond = cond + extra  # (B, D)
+        tokens = self.blocks(tokens, cond, context_tokens, context_mask)  # (B, T, D)
+        out = self.final_layer(tokens, cond)  # (B, T, p*p*C_out)
+        return layers.unpatchify(out, p, h, w).astype(jnp.float32)  # (B, H, W, C_out)
