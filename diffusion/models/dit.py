@@ -248,7 +248,9 @@ class DiT(nnx.Module):
             context_embed = ConditionProjection(c.context_dim, c.width, c.condition_init_std, **kw)
             pooled_embed = ConditionProjection(c.pooled_dim, c.width, c.condition_init_std, **kw)
         self.label_embed, self.context_embed, self.pooled_embed = (
-            nnx.data(label_embed), nnx.data(context_embed), nnx.data(pooled_embed)
+            nnx.data(label_embed),
+            nnx.data(context_embed),
+            nnx.data(pooled_embed),
         )
         self.blocks = layers.BlockStack(
             lambda r: DiTBlock(c, rngs=r),

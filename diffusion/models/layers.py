@@ -49,7 +49,10 @@ REMAT_POLICIES = {
     "everything_saveable": jax.checkpoint_policies.everything_saveable,
 }
 
-ATTENTION_IMPLEMENTATIONS = ("xla", "fused")  # explicit einsum softmax | jax.nn.dot_product_attention
+ATTENTION_IMPLEMENTATIONS = (
+    "xla",
+    "fused",
+)  # explicit einsum softmax | jax.nn.dot_product_attention
 
 
 # --------------------------------------------------------------------------------------------
