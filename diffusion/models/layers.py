@@ -599,3 +599,12 @@ class BlockStack(nnx.Module):
         for block in self.blocks:
             x = apply(block, x)
         return x
+
+
+def logical_axes_of(module: nnx.Module) -> dict[str, tuple | None]:
+    """{'path/to/param': logical axis names or None} for every nnx.Param of `module`."""
+    flat = nnx.to_flat_state(nnx.state(module, nnx.Param))
+    return {
+        "/".join(map(str, path)): variable.get_metadata().get("out_sharding")
+        for path, variable in flat
+    }

@@ -1,0 +1,164 @@
+"""Shared layers: attention masks, attention numerics, embeddings, patches, norms, constraints."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from diffusion.models import layers
+
+
+def numpy_attention(q, k, v, mask):
+    """float64 reference: softmax(q k^T / sqrt(d)) v with masked keys removed."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    logits = np.einsum("bthd,bshd->bhts", q, k) / math.sqrt(q.shape[-1])
+    logits = np.where(mask, logits, -np.inf)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    return np.einsum("bhts,bshd->bthd", weights, v), weights
+
+
+@pytest.fixture
+def qkv():
+    rng = np.random.default_rng(0)
+    shape = (2, 5, 3, 8)  # (B, T, H, D)
+    return tuple(jnp.asarray(rng.normal(size=shape), jnp.float32) for _ in range(3))
+
+
+@pytest.mark.parametrize("implementation", layers.ATTENTION_IMPLEMENTATIONS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_matches_float64_reference(qkv, implementation, causal):
+    q, k, v = qkv
+    key_mask = jnp.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    mask = layers.make_attention_mask(5, key_mask, causal)
+    out = layers.dot_product_attention(q, k, v, mask, implementation)
+    expected, _ = numpy_attention(q, k, v, np.asarray(mask))
+    np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5)
+
+
+def test_padded_keys_get_exactly_zero_weight(qkv):
+    q, k, _ = qkv
+    key_mask = jnp.array([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
+    weights = np.asarray(layers.attention_weights(q, k, layers.make_attention_mask(5, key_mask)))
+    padded = ~np.asarray(key_mask, bool)[:, None, None, :]  # (B, 1, 1, S)
+    assert np.all(weights[np.broadcast_to(padded, weights.shape)] == 0.0)
+    np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-6)
+
+
+def test_padded_keys_do_not_change_attention_output():
+    attn = layers.Attention(16, 4, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(2, 3, 16)), jnp.float32)
+    context = rng.normal(size=(2, 6, 16)).astype(np.float32)
+    key_mask = jnp.array([[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]])
+    changed = context.copy()
+    changed[0, 4:] = 100.0
+    changed[1, 2:] = -50.0
+    a = attn(x, jnp.asarray(context), key_mask=key_mask)
+    b = attn(x, jnp.asarray(changed), key_mask=key_mask)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    c = attn(x, jnp.asarray(changed))  # without the mask the padded keys do matter
+    assert not np.allclose(np.asarray(a), np.asarray(c), atol=1e-3)
+
+
+@pytest.mark.parametrize("implementation", layers.ATTENTION_IMPLEMENTATIONS)
+def test_causal_attention_cannot_see_the_future(implementation):
+    attn = layers.Attention(8, 2, implementation=implementation, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(1, 6, 8)), jnp.float32)
+    # d out[i] / d in[j] over all features: (T, W, T, W) -> (T, T) norms
+    jac = jax.jacobian(lambda x: attn(x, causal=True)[0])(x)[:, :, 0]
+    influence = np.abs(np.asarray(jac)).sum(axis=(1, 3))  # (T_out, T_in)
+    future = np.triu(np.ones((6, 6), bool), k=1)
+    assert np.all(influence[future] == 0.0)
+    assert np.all(influence[~future] > 0.0)
+
+
+def test_mlp_activations():
+    x = jnp.linspace(-4, 4, 33)
+    np.testing.assert_allclose(
+        np.asarray(layers.quick_gelu(x)), np.asarray(x) / (1 + np.exp(-1.702 * np.asarray(x))),
+        rtol=1e-6, atol=1e-7,
+    )  # fmt: skip
+    exact = 0.5 * np.asarray(x) * (1 + np.vectorize(math.erf)(np.asarray(x) / math.sqrt(2)))
+    np.testing.assert_allclose(np.asarray(layers.ACTIVATIONS["gelu"](x)), exact, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown activation 'relu6'.*quick_gelu"):
+        layers.MLP(4, 8, "relu6", rngs=nnx.Rngs(0))
+
+
+def test_layer_norm_uses_float32_statistics():
+    rng = np.random.default_rng(3)
+    x = rng.normal(loc=3.0, scale=2.0, size=(4, 64))
+    norm = layers.LayerNorm(64, eps=1e-5, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    y = norm(jnp.asarray(x, jnp.float32))
+    assert y.dtype == jnp.bfloat16
+    expected = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+    # only the final cast to bfloat16 loses precision (relative 2^-8)
+    np.testing.assert_allclose(np.asarray(y, np.float64), expected, rtol=1e-2, atol=1e-2)
+    assert norm.scale.dtype == jnp.float32
+
+
+def test_patchify_is_a_stride_p_convolution():
+    rng = np.random.default_rng(4)
+    images = jnp.asarray(rng.normal(size=(2, 8, 12, 3)), jnp.float32)
+    embed = layers.PatchEmbed(4, 3, 5, rngs=nnx.Rngs(0))
+    conv_kernel = embed.proj.kernel[...].reshape(4, 4, 3, 5)  # (p, p, C, D) = HWIO
+    conv = jax.lax.conv_general_dilated(
+        images, conv_kernel, (4, 4), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    expected = conv.reshape(2, -1, 5) + embed.proj.bias[...]
+    np.testing.assert_allclose(np.asarray(embed(images)), np.asarray(expected), atol=1e-5)
+    tokens = layers.patchify(images, 4)
+    np.testing.assert_array_equal(np.asarray(layers.unpatchify(tokens, 4, 8, 12)), images)
+    with pytest.raises(ValueError, match="10x12 is not divisible by the patch size 4"):
+        layers.patchify(jnp.zeros((1, 10, 12, 3)), 4)
+
+
+def test_sincos_2d_depends_only_on_relative_position():
+    emb = layers.sincos_2d(32, 5, 5).reshape(5, 5, 32)
+    # first token (row 0, col 0): sin(0) = 0 then cos(0) = 1 for both halves
+    np.testing.assert_array_equal(emb[0, 0], np.tile(np.repeat([0.0, 1.0], 8), 2))
+    # sin a sin b + cos a cos b = cos(a - b): dot products depend only on the offset
+    dot = lambda a, b: float(emb[a] @ emb[b])
+    assert dot((0, 0), (1, 2)) == pytest.approx(dot((3, 2), (4, 4)), abs=1e-9)
+    # DiT/MAE layout: the first half encodes the column, the second half the row
+    np.testing.assert_array_equal(emb[0, :, :16], emb[4, :, :16])
+    np.testing.assert_array_equal(emb[:, 0, 16:], emb[:, 4, 16:])
+    assert not np.allclose(emb[1, 2], emb[2, 1])
+
+
+def test_timestep_embedding_formula():
+    t = jnp.array([0.0, 1.0, 250.5])
+    emb = np.asarray(layers.timestep_embedding(t, 8))
+    freqs = np.exp(-math.log(10000.0) * np.arange(4) / 4)
+    expected = np.concatenate(
+        [np.cos(np.outer([0.0, 1.0, 250.5], freqs)), np.sin(np.outer([0.0, 1.0, 250.5], freqs))], 1
+    )
+    np.testing.assert_allclose(emb, expected, atol=1e-4)
+
+
+def test_modulate_and_zero_adaln():
+    x = jnp.ones((2, 3, 4))
+    shift, scale = jnp.full((2, 4), 0.5), jnp.full((2, 4), 1.0)
+    np.testing.assert_allclose(np.asarray(layers.modulate(x, shift, scale)), 2.5)
+    chunks = layers.AdaLNModulation(4, 6, rngs=nnx.Rngs(0))(jnp.ones((2, 4)))
+    assert len(chunks) == 6 and all(np.all(np.asarray(c) == 0) for c in chunks)
+
+
+def test_constrain_is_a_noop_without_rules_and_shards_with_them():
+    x = jnp.arange(16.0).reshape(8, 2)
+    assert layers.constrain(x, ("activation_batch", None)) is x
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    with jax.set_mesh(mesh), nnx.logical_axis_rules([("activation_batch", "data")]):
+        y = jax.jit(lambda x: layers.constrain(x * 2, ("activation_batch", None)))(x)
+    assert y.sharding.spec[0] == "data"
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(x) * 2)
+
+
+def test_make_param_rejects_unknown_axis_names():
+    with pytest.raises(ValueError, match="unknown logical axis names \\['data'\\]"):
+        layers.make_param(nnx.Rngs(0), layers.zeros, (2, 2), ("embed", "data"))
+    with pytest.raises(ValueError, match="unknown remat policy 'most'"):
+        layers.resolve_remat_policy("most")
