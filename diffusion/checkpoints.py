@@ -1,0 +1,391 @@
+"""Orbax checkpoints: one atomic composite per step, resume from the latest complete one.
+
+Layout of ``<workdir>/checkpoints/<step>/`` (one ``ocp.args.Composite`` per step):
+  ``state/``          the train state (params, optimizer state, EMA, step, RNG key, ...) as a
+                      nested dict of arrays (``ocp.args.StandardSave``); typed PRNG keys are stored
+                      as their ``jax.random.key_data`` and re-wrapped on restore.
+  ``data_iterator/``  the input pipeline's opaque, JSON-able state, ONE FILE PER PROCESS
+                      (``process_<i>-of-<n>.json``, like grain's own handler) because every
+                      process reads its own data shard. Restoring needs the same process count.
+  ``metadata/``       a JSON dict written by process 0 (e.g. config hash, mesh shape, wall time).
+
+Completeness: Orbax writes a step into ``<step>.orbax-checkpoint-tmp-<time>/`` and renames it to
+``<step>/`` only after every item of every process is committed (on object stores it writes
+``commit_success.txt`` instead). ``latest_step()`` / ``all_steps()`` list only finalised steps, so a
+save interrupted by a kill is never offered. A finalised step that still fails to restore (disk
+corruption, a truncated file) is reported with its path by :func:`restore_latest`, which then
+falls back to the previous step; nothing is deleted.
+
+Cross-mesh restore: pass an abstract train state whose leaves are ``jax.ShapeDtypeStruct`` with
+the NEW shardings (``diffusion.sharding.abstract_state`` / ``abstract_with_shardings``); arrays are
+read straight into those shardings. ``nnx.eval_shape`` alone may drop shardings (flax#5110).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
+
+logger = logging.getLogger(__name__)
+
+STATE_ITEM = "state"
+DATA_ITERATOR_ITEM = "data_iterator"
+METADATA_ITEM = "metadata"
+CONFIG_FILENAME = "config.json"
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-process JSON item (data-iterator state)
+# ------------------------------------------------------------------------------------------------
+
+
+def _encode_iterator_state(state: Any) -> dict[str, Any]:
+    """Wraps ``get_state()`` output (bytes, str or JSON-able) losslessly into a JSON object."""
+    if isinstance(state, bytes):
+        return {"kind": "bytes", "value": base64.b64encode(state).decode("ascii")}
+    return {"kind": "json", "value": state}
+
+
+def _decode_iterator_state(payload: Mapping[str, Any]) -> Any:
+    if payload["kind"] == "bytes":
+        return base64.b64decode(payload["value"])
+    return payload["value"]
+
+
+def _process_filename() -> str:
+    return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+
+class ProcessLocalJsonHandler(ocp.CheckpointHandler):
+    """Writes one JSON file per process (each process's data iterator has its own position)."""
+
+    def save(self, directory: epath.Path, args: ProcessLocalJsonSave) -> None:
+        text = json.dumps(_encode_iterator_state(args.item))
+        (epath.Path(directory) / _process_filename()).write_text(text)
+
+    def restore(self, directory: epath.Path, args: ProcessLocalJsonRestore | None = None) -> Any:
+        path = epath.Path(directory) / _process_filename()
+        if not path.exists():
+            found = sorted(p.name for p in epath.Path(directory).iterdir())
+            raise FileNotFoundError(
+                f"{path} does not exist: the data-iterator state was saved by another number of "
+                f"processes (files: {found}); resume with the same process count"
+            )
+        return _decode_iterator_state(json.loads(path.read_text()))
+
+    def metadata(self, directory: epath.Path) -> None:
+        return None
+
+    def finalize(self, directory: epath.Path) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@ocp.args.register_with_handler(ProcessLocalJsonHandler, for_save=True)
+@dataclasses.dataclass
+class ProcessLocalJsonSave(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@ocp.args.register_with_handler(ProcessLocalJsonHandler, for_restore=True)
+@dataclasses.dataclass
+class ProcessLocalJsonRestore(ocp.args.CheckpointArgs):
+    item: Any = None
+
+
+# ------------------------------------------------------------------------------------------------
+# Train state <-> storable nested dict
+# ------------------------------------------------------------------------------------------------
+
+
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _is_key(x: Any) -> bool:
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _path_name(key: Any) -> str:
+    for attribute in ("key", "name", "idx"):
+        if hasattr(key, attribute):
+            return str(getattr(key, attribute))
+    return str(key)
+
+
+def _leaves_with_names(tree: Any) -> tuple[list[tuple[tuple[str, ...], Any]], Any]:
+    """Array leaves (Variables unwrapped) with their path names, and the tree's structure."""
+    unboxed = jax.tree.map(
+        lambda x: x.get_value() if _is_variable(x) else x, tree, is_leaf=_is_variable
+    )
+    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(unboxed)
+    named = [(tuple(_path_name(k) for k in path), leaf) for path, leaf in leaves_with_path]
+    return named, (jax.tree.structure(tree, is_leaf=_is_variable), treedef)
+
+
+def _nest(named_leaves: list[tuple[tuple[str, ...], Any]]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for names, leaf in named_leaves:
+        node = nested
+        for name in names[:-1]:
+            node = node.setdefault(name, {})
+        node[names[-1] if names else "value"] = leaf
+    return nested
+
+
+def _unnest(nested: Mapping[str, Any], names: tuple[str, ...]) -> Any:
+    node: Any = nested
+    for name in names or ("value",):
+        node = node[name]
+    return node
+
+
+def _storable_leaf(x: Any) -> Any:
+    return jax.random.key_data(x) if _is_key(x) else x
+
+
+def _storable_target(x: Any) -> Any:
+    """Restore target of one leaf; typed keys become their uint32 key data."""
+    if not _is_key(x):
+        return x
+    data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
+    return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=getattr(x, "sharding", None))
+
+
+def _to_storable(train_state: Any) -> dict[str, Any]:
+    named, _ = _leaves_with_names(train_state)
+    return _nest([(names, _storable_leaf(leaf)) for names, leaf in named])
+
+
+def _from_storable(stored: Mapping[str, Any], abstract_train_state: Any) -> Any:
+    named, (outer, _) = _leaves_with_names(abstract_train_state)
+    values = []
+    for names, target in named:
+        value = _unnest(stored, names)
+        if _is_key(target):
+            value = jax.random.wrap_key_data(value, impl=target.dtype._impl)  # noqa: SLF001
+        values.append(value)
+    # Rebuild with Variables where the target had them.
+    leaves_iter = iter(values)
+
+    def refill(x):
+        if _is_variable(x):
+            return x.replace(next(leaves_iter))
+        return next(leaves_iter)
+
+    return jax.tree.map(refill, abstract_train_state, is_leaf=_is_variable)
+
+
+def _abstract(x: Any) -> Any:
+    """Restore-target leaf: a concrete array becomes a ShapeDtypeStruct with its sharding."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None))
+
+
+# ------------------------------------------------------------------------------------------------
+# Manager, save, restore
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoredCheckpoint:
+    """What :func:`restore_checkpoint` returns."""
+
+    step: int
+    train_state: Any
+    data_iterator_state: Any  # None when the checkpoint holds none
+    metadata: dict[str, Any]
+    path: str
+
+
+def make_checkpoint_manager(
+    directory: str | os.PathLike,
+    *,
+    max_to_keep: int | None = 2,
+    keep_period: int | None = None,
+    save_interval_steps: int = 1,
+    async_save: bool = True,
+) -> ocp.CheckpointManager:
+    """A CheckpointManager keeping the last ``max_to_keep`` steps and every ``keep_period``-th.
+
+    ``keep_period`` of 0 or None keeps no extra steps. With ``async_save`` the arrays are written
+    in a background thread; call ``manager.wait_until_finished()`` before exiting (or before reading
+    the directory).
+    """
+    if max_to_keep is not None and max_to_keep < 1:
+        raise ValueError(f"max_to_keep must be >= 1 or None (keep all); got {max_to_keep}")
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        keep_period=keep_period or None,
+        save_interval_steps=save_interval_steps,
+        enable_async_checkpointing=async_save,
+        create=True,
+    )
+    return ocp.CheckpointManager(os.path.abspath(os.fspath(directory)), options=options)
+
+
+def save_checkpoint(
+    manager: ocp.CheckpointManager,
+    step: int,
+    train_state: Any,
+    *,
+    data_iterator_state: Any = None,
+    metadata: Mapping[str, Any] | None = None,
+    force: bool = False,
+) -> bool:
+    """Saves one composite checkpoint (asynchronously if the manager is async).
+
+    Args:
+      train_state: any pytree of arrays: dicts, ``nnx.State``, optax states, typed PRNG keys.
+      data_iterator_state: the input pipeline's ``get_state()`` (bytes, str or JSON-able), this
+        process's own; None saves no iterator item.
+      metadata: a JSON-able dict, written by process 0.
+      force: save even if the manager's interval policy would skip this step.
+
+    Returns:
+      Whether a save was started (the manager may skip steps by its interval policy).
+    """
+    items: dict[str, Any] = {
+        STATE_ITEM: ocp.args.StandardSave(_to_storable(train_state)),
+        METADATA_ITEM: ocp.args.JsonSave(dict(metadata or {})),
+    }
+    if data_iterator_state is not None:
+        items[DATA_ITERATOR_ITEM] = ProcessLocalJsonSave(data_iterator_state)
+    return manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def step_path(manager: ocp.CheckpointManager, step: int) -> str:
+    """Directory of a finalised step."""
+    return os.fspath(epath.Path(manager.directory) / str(step))
+
+
+def restore_checkpoint(
+    manager: ocp.CheckpointManager,
+    abstract_train_state: Any,
+    step: int | None = None,
+    *,
+    restore_data_iterator: bool = True,
+) -> RestoredCheckpoint:
+    """Restores ``step`` (default: the latest) onto the shardings of ``abstract_train_state``.
+
+    ``abstract_train_state`` has the structure of the saved train state; its leaves may be
+    ``jax.ShapeDtypeStruct`` (with the target sharding) or concrete arrays (their sharding is
+    used). Typed PRNG-key leaves come back as typed keys. ``restore_data_iterator=False`` skips
+    the per-process iterator state (e.g. to read a checkpoint written by another process count).
+    """
+    manager.wait_until_finished()
+    if step is None:
+        step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {manager.directory}")
+    abstract = jax.tree.map(_abstract, abstract_train_state, is_leaf=_is_key)
+    named, _ = _leaves_with_names(abstract)
+    target = _nest([(names, _storable_target(leaf)) for names, leaf in named])
+    path = epath.Path(step_path(manager, step))
+    items: dict[str, Any] = {
+        STATE_ITEM: ocp.args.StandardRestore(target),
+        METADATA_ITEM: ocp.args.JsonRestore(),
+    }
+    has_iterator = restore_data_iterator and (path / DATA_ITERATOR_ITEM).exists()
+    if has_iterator:
+        items[DATA_ITERATOR_ITEM] = ProcessLocalJsonRestore()
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    return RestoredCheckpoint(
+        step=int(step),
+        train_state=_from_storable(restored[STATE_ITEM], abstract),
+        data_iterator_state=restored[DATA_ITERATOR_ITEM] if has_iterator else None,
+        metadata=dict(restored[METADATA_ITEM] or {}),
+        path=os.fspath(path),
+    )
+
+
+def restore_latest(
+    manager: ocp.CheckpointManager, abstract_train_state: Any
+) -> RestoredCheckpoint | None:
+    """Restores the newest complete checkpoint that loads, or returns None if there is none.
+
+    A step that fails to load is logged with its path and skipped for the previous one; if every
+    step fails, raises ``RuntimeError`` naming each path and its error. Nothing is deleted.
+    """
+    manager.wait_until_finished()
+    failures = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            return restore_checkpoint(manager, abstract_train_state, step)
+        except Exception as error:  # noqa: BLE001 - any failure means "try the previous step"
+            path = step_path(manager, step)
+            logger.error(
+                "checkpoint %s failed to restore (%s); trying an earlier step", path, error
+            )
+            failures.append(f"{path}: {type(error).__name__}: {error}")
+    if failures:
+        raise RuntimeError("no checkpoint could be restored:\n" + "\n".join(failures))
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Parameter export and the run's config
+# ------------------------------------------------------------------------------------------------
+
+
+def export_params(path: str | os.PathLike, params: Any) -> str:
+    """Writes ``params`` (e.g. the EMA weights) alone to ``path`` for sampling; overwrites it.
+
+    Synchronous. Returns the absolute path.
+    """
+    path = os.path.abspath(os.fspath(path))
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path, _to_storable(params), force=True)
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    return path
+
+
+def load_params(path: str | os.PathLike, abstract_params: Any) -> Any:
+    """Loads parameters written by :func:`export_params` onto ``abstract_params``' shardings."""
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no exported parameters at {path}")
+    abstract = jax.tree.map(_abstract, abstract_params, is_leaf=_is_key)
+    named, _ = _leaves_with_names(abstract)
+    target = _nest([(names, _storable_target(leaf)) for names, leaf in named])
+    with ocp.StandardCheckpointer() as checkpointer:
+        stored = checkpointer.restore(path, target)
+    return _from_storable(stored, abstract)
+
+
+def write_config(workdir: str | os.PathLike, config: Any) -> str | None:
+    """Writes the resolved config to ``<workdir>/config.json`` once, from process 0 only.
+
+    Accepts an ``ml_collections.ConfigDict`` (``to_json_best_effort``) or a JSON-able mapping.
+    Returns the path written, or None on other processes / when it already exists.
+    """
+    if jax.process_index() != 0:
+        return None
+    path = os.path.join(os.fspath(workdir), CONFIG_FILENAME)
+    if os.path.exists(path):
+        return None
+    os.makedirs(os.fspath(workdir), exist_ok=True)
+    if hasattr(config, "to_json_best_effort"):
+        text = config.to_json_best_effort(indent=2, sort_keys=True)
+    else:
+        text = json.dumps(dict(config), indent=2, sort_keys=True, default=str)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text + "\n")
+    os.replace(tmp, path)  # atomic: a reader never sees half a config
+    return path

@@ -1,0 +1,236 @@
+"""Optimizer from config: AdamW with masked decoupled weight decay, schedules, clipping, EMA.
+
+Config fields (``configs/common.py: optimizer_config``): ``learning_rate``, ``schedule``
+(``'cosine'`` | ``'constant'``), ``warmup_steps``, ``total_steps`` (or the ``total_steps``
+argument), ``end_lr_fraction``, ``weight_decay``, ``b1``, ``b2``, ``eps``, ``grad_clip_norm``
+(0 disables clipping), ``accumulation_steps`` (> 1 wraps everything in ``optax.MultiSteps``).
+
+Schedule steps count OPTIMIZER UPDATES: with accumulation, the schedule advances once per
+``accumulation_steps`` micro-batches, and ``total_steps`` is the number of updates.
+
+Weight-decay mask (decoupled decay, Loshchilov & Hutter 2019): a parameter is decayed iff its own
+name (last path entry) is in ``decay_names`` (default ``('kernel',)``, the weight matrices and
+convolution kernels of ``nnx.Linear``/``LinearGeneral``/``Conv``/``Einsum``) AND it has at least
+``min_ndim`` (default 2) dimensions. So norms' ``scale``/``bias``, every ``bias``, embedding tables
+(``nnx.Embed``'s ``embedding``), learned position embeddings / class tokens and the CLIP logit
+scale and bias are NOT decayed, whatever their shape. A patch-embedding convolution is a
+``kernel`` and IS decayed (it is a linear projection, not a lookup table). Custom parameters that
+should be decayed must be named ``kernel`` (or passed in ``decay_names``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+SCHEDULES = ("cosine", "constant")
+
+_DEFAULTS = {
+    "schedule": "cosine",
+    "warmup_steps": 0,
+    "end_lr_fraction": 0.0,
+    "weight_decay": 0.0,
+    "b1": 0.9,
+    "b2": 0.999,
+    "eps": 1e-8,
+    "grad_clip_norm": 0.0,
+    "accumulation_steps": 1,
+}
+
+
+def _field(config: Mapping[str, Any] | Any, name: str) -> Any:
+    getter = config.get if hasattr(config, "get") else lambda k, d=None: getattr(config, k, d)
+    value = getter(name, _DEFAULTS.get(name))
+    if value is None and name not in _DEFAULTS:
+        raise ValueError(f"optimizer config is missing field {name!r}")
+    return value
+
+
+# ------------------------------------------------------------------------------------------------
+# Learning-rate schedule
+# ------------------------------------------------------------------------------------------------
+
+
+def make_learning_rate_schedule(
+    learning_rate: float,
+    schedule: str = "cosine",
+    warmup_steps: int = 0,
+    total_steps: int | None = None,
+    end_lr_fraction: float = 0.0,
+) -> optax.Schedule:
+    """Linear warmup from 0 to ``learning_rate``, then cosine decay or constant.
+
+    Cosine (Loshchilov & Hutter 2017, SGDR without restarts): for ``warmup <= s <= total``,
+    ``lr(s) = end + (peak - end) * (1 + cos(pi * (s - warmup) / (total - warmup))) / 2`` with
+    ``end = end_lr_fraction * peak``; ``lr(s) = end`` after ``total``. Warmup:
+    ``lr(s) = peak * s / warmup``.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}; valid: {SCHEDULES}")
+    if learning_rate < 0 or warmup_steps < 0:
+        raise ValueError(
+            f"learning_rate ({learning_rate}) and warmup_steps ({warmup_steps}) must be >= 0"
+        )
+    if schedule == "constant":
+        if warmup_steps == 0:
+            return optax.constant_schedule(learning_rate)
+        return optax.join_schedules(
+            [
+                optax.linear_schedule(0.0, learning_rate, warmup_steps),
+                optax.constant_schedule(learning_rate),
+            ],
+            [warmup_steps],
+        )
+    if total_steps is None or total_steps <= warmup_steps:
+        raise ValueError(
+            f"the cosine schedule needs total_steps > warmup_steps; got total_steps={total_steps}, "
+            f"warmup_steps={warmup_steps}"
+        )
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=learning_rate,
+        warmup_steps=warmup_steps,
+        decay_steps=total_steps,  # optax counts the warmup inside decay_steps
+        end_value=learning_rate * end_lr_fraction,
+    )
+
+
+def learning_rate_schedule_from_config(config: Any, total_steps: int | None = None):
+    """:func:`make_learning_rate_schedule` from an optimizer config section."""
+    total = total_steps if total_steps is not None else _field(config, "total_steps")
+    return make_learning_rate_schedule(
+        learning_rate=float(_field(config, "learning_rate")),
+        schedule=str(_field(config, "schedule")),
+        warmup_steps=int(_field(config, "warmup_steps")),
+        total_steps=None if total is None else int(total),
+        end_lr_fraction=float(_field(config, "end_lr_fraction")),
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Weight-decay mask
+# ------------------------------------------------------------------------------------------------
+
+
+def _key_name(key: Any) -> str:
+    for attribute in ("key", "name", "idx"):
+        if hasattr(key, attribute):
+            return str(getattr(key, attribute))
+    return str(key)
+
+
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def weight_decay_mask(
+    params: Any, decay_names: Sequence[str] = ("kernel",), min_ndim: int = 2
+) -> Any:
+    """Tree of bools like ``params``: True where decoupled weight decay applies (module docstring).
+
+    Works on ``nnx.State`` (Variables kept, their values become bools), dicts and other pytrees.
+    """
+
+    def decide(path, leaf):
+        value = leaf.get_value() if _is_variable(leaf) else leaf
+        names = [_key_name(k) for k in path]
+        name = names[-1] if names else ""
+        decayed = name in decay_names and jnp.ndim(value) >= min_ndim
+        return leaf.replace(decayed) if _is_variable(leaf) else decayed
+
+    return jax.tree_util.tree_map_with_path(decide, params, is_leaf=_is_variable)
+
+
+# ------------------------------------------------------------------------------------------------
+# Optimizer
+# ------------------------------------------------------------------------------------------------
+
+
+def make_optimizer(
+    config: Any,
+    total_steps: int | None = None,
+    decay_names: Sequence[str] = ("kernel",),
+) -> optax.GradientTransformation:
+    """AdamW from an optimizer config (dict / ConfigDict / object with the module's fields).
+
+    Chain: global-norm clipping -> Adam moments -> decoupled weight decay (masked) -> ``-lr(step)``,
+    wrapped in ``optax.MultiSteps`` (gradient mean over micro-batches) when
+    ``accumulation_steps > 1``. The learning rate is injected as a hyperparameter, so
+    ``learning_rate_from_state`` can read the current value for logging.
+    """
+    accumulation_steps = int(_field(config, "accumulation_steps"))
+    if accumulation_steps < 1:
+        raise ValueError(f"accumulation_steps must be >= 1; got {accumulation_steps}")
+    clip = float(_field(config, "grad_clip_norm") or 0.0)
+    if clip < 0:
+        raise ValueError(f"grad_clip_norm must be >= 0 (0 disables clipping); got {clip}")
+    schedule = learning_rate_schedule_from_config(config, total_steps)
+
+    @optax.inject_hyperparams
+    def adamw(learning_rate):
+        return optax.adamw(
+            learning_rate=learning_rate,
+            b1=float(_field(config, "b1")),
+            b2=float(_field(config, "b2")),
+            eps=float(_field(config, "eps")),
+            weight_decay=float(_field(config, "weight_decay")),
+            mask=lambda params: weight_decay_mask(params, decay_names),
+        )
+
+    parts = [optax.clip_by_global_norm(clip)] if clip > 0 else []
+    tx = optax.chain(*parts, adamw(learning_rate=schedule))
+    if accumulation_steps > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=accumulation_steps)
+    return tx
+
+
+def learning_rate_from_state(opt_state: Any) -> jax.Array | None:
+    """The learning rate last used by an optimizer from :func:`make_optimizer` (for logging)."""
+    found = []
+
+    def has_hyperparams(x: Any) -> bool:
+        return isinstance(getattr(x, "hyperparams", None), dict)
+
+    def visit(x: Any) -> Any:
+        if has_hyperparams(x):
+            found.append(x.hyperparams["learning_rate"])
+        return x
+
+    jax.tree.map(visit, opt_state, is_leaf=has_hyperparams)
+    return found[0] if found else None
+
+
+# ------------------------------------------------------------------------------------------------
+# EMA of parameters
+# ------------------------------------------------------------------------------------------------
+
+
+def ema_update(ema: Any, params: Any, decay: float | jax.Array) -> Any:
+    """``ema <- decay * ema + (1 - decay) * params`` leaf by leaf (Polyak averaging), in float32
+    arithmetic and cast back to the EMA's dtype."""
+
+    def one(e, p):
+        mixed = decay * e.astype(jnp.float32) + (1.0 - decay) * p.astype(jnp.float32)
+        return mixed.astype(e.dtype)
+
+    return jax.tree.map(one, ema, params)
+
+
+def ema_decay_at(step: jax.Array | int, max_decay: float, warmup: bool = True) -> jax.Array:
+    """EMA decay for update ``step`` (0-based count of updates already applied).
+
+    With warmup, ``min(max_decay, (1 + step) / (10 + step))`` as in
+    ``tf.train.ExponentialMovingAverage(num_updates=...)``, so the early EMA is not dominated by
+    the random initialisation; otherwise ``max_decay``.
+    """
+    if not 0.0 <= max_decay < 1.0:
+        raise ValueError(f"EMA decay must be in [0, 1); got {max_decay}")
+    if not warmup:
+        return jnp.asarray(max_decay, jnp.float32)
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(max_decay, (1.0 + step) / (10.0 + step))

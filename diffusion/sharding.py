@@ -1,0 +1,484 @@
+"""Device meshes, logical-axis rules, and directly-sharded creation of model and train states.
+
+The only module (with the configs) that names mesh axes. Model code annotates parameters with
+logical names (``nnx.with_partitioning(init, ("embed", "mlp"))``) and activations with
+:func:`with_logical_constraint`; a rule list maps those names to the mesh axes
+``data`` (pure data parallelism), ``fsdp`` (batch + parameter sharding, ZeRO-3 style) and
+``tensor`` (heads / MLP hidden units), in the style of MaxText and big_vision.
+
+Rules are a sequence of ``(logical_name, mesh_axes)`` pairs, where ``mesh_axes`` is a mesh axis
+name, a tuple of them, or ``None`` (replicated). They are applied with Flax linen's priority
+semantics (``flax.linen.logical_to_mesh_axes``): the first rule for a name wins, and a mesh axis
+already used by an earlier dimension of the same array is not used twice (so an activation
+``('batch', 'seq', 'embed')`` gets ``('data', 'fsdp')`` on the batch and leaves ``embed``
+unsharded, while a ``('embed', 'mlp')`` kernel gets ``('fsdp', 'tensor')``).
+
+Divisibility: when a dimension is not divisible by the product of its mesh axes, the longest
+prefix of those axes whose size divides it is used (``('data', 'fsdp')`` -> ``('data',)`` ->
+replicated). The array is never padded; the fallback is logged at WARNING level because it costs
+memory. Mesh axes named by a rule but absent from the mesh are ignored.
+
+Eager sharding: Flax 0.12 shards a Variable with ``out_sharding`` metadata as it is created, which
+needs a mesh in context and ignores our divisibility fallback. :func:`create_sharded` turns it off
+and places every array through ``jax.jit(..., out_shardings=...)`` instead; code that builds an
+annotated model outside a mesh should do the same (``with nnx.use_eager_sharding(False): ...``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from flax.core import spmd as flax_spmd
+from flax.linen import spmd as linen_spmd
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+logger = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")  # Canonical axis order: slowest (DCN-friendly) first.
+BATCH_AXES = ("data", "fsdp")  # Mesh axes the batch dimension is split over.
+
+MeshAxes = str | tuple[str, ...] | None
+LogicalRules = Sequence[tuple[str, MeshAxes]]
+
+# Logical name -> mesh axes. Parameters: 'embed' is the FSDP-sharded model width; 'mlp', 'heads'
+# and 'vocab' are tensor-parallel; 'kv' (head dim), 'layers' (scan axis) and the rest replicate.
+DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
+    ("batch", BATCH_AXES),
+    ("activation_batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", "tensor"),
+    ("kv", None),
+    ("layers", None),
+    ("seq", None),
+    ("activation_seq", None),
+    ("activation_embed", None),
+    ("activation_mlp", "tensor"),
+    ("activation_heads", "tensor"),
+    ("height", None),
+    ("width", None),
+    ("channels", None),
+    ("patch", None),
+    ("conv_in", None),
+    ("conv_out", "fsdp"),
+    ("time_embed", None),
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# Meshes
+# ------------------------------------------------------------------------------------------------
+
+
+def resolve_mesh_shape(mesh_shape: Mapping[str, int], num_devices: int) -> dict[str, int]:
+    """Replaces the single ``-1`` entry of ``mesh_shape`` so the sizes multiply to ``num_devices``.
+
+    Raises:
+      ValueError: naming the shape and the device count, if the sizes are not positive integers
+        (or one -1), or cannot multiply to the device count.
+    """
+    if not isinstance(mesh_shape, Mapping) or not mesh_shape:
+        raise ValueError(
+            f"mesh_shape must be a non-empty dict of axis name -> size, e.g. "
+            f"{{'data': -1, 'fsdp': 1, 'tensor': 1}}; got {mesh_shape!r}"
+        )
+    sizes = dict(mesh_shape)
+    bad = {
+        k: v for k, v in sizes.items() if not isinstance(v, int | np.integer) or v == 0 or v < -1
+    }
+    if bad:
+        raise ValueError(
+            f"mesh_shape {sizes} has invalid sizes {bad}: each must be a positive int or -1"
+        )
+    fill = [k for k, v in sizes.items() if v == -1]
+    if len(fill) > 1:
+        raise ValueError(
+            f"mesh_shape {sizes} has several -1 entries {fill}; at most one is allowed"
+        )
+    known = math.prod(v for v in sizes.values() if v != -1)
+    if fill:
+        if num_devices % known:
+            raise ValueError(
+                f"mesh_shape {sizes} cannot fit {num_devices} devices: the fixed sizes multiply to "
+                f"{known}, which does not divide {num_devices}"
+            )
+        sizes[fill[0]] = num_devices // known
+    elif known != num_devices:
+        raise ValueError(
+            f"mesh_shape {sizes} has {known} devices but {num_devices} are available; make the "
+            f"sizes multiply to {num_devices} or set one axis to -1"
+        )
+    return sizes
+
+
+def _num_slices(devices: Sequence[Any]) -> int:
+    return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def make_mesh(
+    mesh_shape: Mapping[str, int],
+    devices: Sequence[Any] | None = None,
+    dcn_mesh_shape: Mapping[str, int] | None = None,
+) -> Mesh:
+    """Builds a mesh with GSPMD-style ``Auto`` axes, in the order of ``mesh_shape``'s keys.
+
+    Args:
+      mesh_shape: axis name -> size; one size may be -1 to take the remaining devices. With
+        ``dcn_mesh_shape`` these are the sizes WITHIN one slice (ICI) and the mesh axis size is the
+        product of both.
+      devices: the devices to use (default: all, ``jax.devices()``); a subset gives a sub-mesh.
+      dcn_mesh_shape: axis name -> number of slices along that axis (over the data-center
+        network). Default: ``None``, or ``{first_axis: num_slices}`` when the devices span several
+        TPU slices. On hosts without slices (CPU / GPU), each process is one granule.
+
+    Raises:
+      ValueError: when the shapes do not fit the device count (the message names both).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    names = tuple(mesh_shape)
+    slices = _num_slices(devices)
+    if dcn_mesh_shape is None and slices > 1:
+        dcn_mesh_shape = {names[0]: slices}
+    if dcn_mesh_shape:
+        unknown = set(dcn_mesh_shape) - set(names)
+        if unknown:
+            raise ValueError(
+                f"dcn_mesh_shape {dict(dcn_mesh_shape)} names axes {sorted(unknown)} that are not "
+                f"in mesh_shape {dict(mesh_shape)}"
+            )
+        dcn = [int(dcn_mesh_shape.get(n, 1)) for n in names]
+        granules = math.prod(dcn)
+        if granules < 1 or len(devices) % granules:
+            raise ValueError(
+                f"dcn_mesh_shape {dict(dcn_mesh_shape)} asks for {granules} slices/processes, "
+                f"which does not divide the {len(devices)} devices"
+            )
+        ici = resolve_mesh_shape(mesh_shape, len(devices) // granules)
+        device_array = mesh_utils.create_hybrid_device_mesh(
+            [ici[n] for n in names],
+            dcn,
+            devices=devices,
+            process_is_granule=slices <= 1,
+            allow_split_physical_axes=True,
+        )
+    else:
+        sizes = resolve_mesh_shape(mesh_shape, len(devices))
+        shape = [sizes[n] for n in names]
+        try:
+            device_array = mesh_utils.create_device_mesh(
+                shape, devices=devices, allow_split_physical_axes=True
+            )
+        except NotImplementedError:
+            # Device kinds without a topology-aware layout: plain row-major order.
+            device_array = np.asarray(devices, dtype=object).reshape(shape)
+    return Mesh(device_array, names, axis_types=(AxisType.Auto,) * len(names))
+
+
+def mesh_from_config(mesh_config: Mapping[str, Any], devices: Sequence[Any] | None = None) -> Mesh:
+    """Mesh from a config section with fields ``data``, ``fsdp``, ``tensor`` and ``dcn_data``."""
+    shape = {axis: int(mesh_config[axis]) for axis in MESH_AXES}
+    dcn_data = int(mesh_config.get("dcn_data", 1) or 1)
+    dcn = {"data": dcn_data} if dcn_data > 1 else None
+    return make_mesh(shape, devices=devices, dcn_mesh_shape=dcn)
+
+
+# ------------------------------------------------------------------------------------------------
+# Logical names -> PartitionSpec / NamedSharding
+# ------------------------------------------------------------------------------------------------
+
+
+def _axes_tuple(axes: MeshAxes) -> tuple[str, ...]:
+    if axes is None:
+        return ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def _fit_axes(axes: MeshAxes, dim: int | None, mesh: Mesh | None, where: str) -> MeshAxes:
+    """Drops mesh axes absent from ``mesh``, then trailing axes until their size divides ``dim``."""
+    chosen = _axes_tuple(axes)
+    if mesh is None:
+        return axes
+    chosen = tuple(a for a in chosen if a in mesh.shape)
+    if dim is not None:
+        full = chosen
+        while chosen and dim % math.prod(mesh.shape[a] for a in chosen):
+            chosen = chosen[:-1]
+        if chosen != full:
+            logger.warning(
+                "%s: dimension %d is not divisible by mesh axes %s (sizes %s); using %s",
+                where,
+                dim,
+                full,
+                [mesh.shape[a] for a in full],
+                chosen or "replication",
+            )
+    if not chosen:
+        return None
+    return chosen[0] if len(chosen) == 1 else chosen
+
+
+def logical_to_spec(
+    logical_names: Sequence[str | None] | None,
+    rules: LogicalRules = DEFAULT_RULES,
+    *,
+    shape: Sequence[int] | None = None,
+    mesh: Mesh | None = None,
+) -> PartitionSpec:
+    """PartitionSpec of an array whose dimensions carry ``logical_names`` under ``rules``.
+
+    Unknown names (and ``None``) are replicated. With ``shape`` and ``mesh``, mesh axes missing
+    from the mesh are dropped and non-divisible dimensions fall back as the module docstring says.
+    """
+    if logical_names is None:
+        return PartitionSpec()
+    if shape is not None and len(shape) != len(logical_names):
+        raise ValueError(
+            f"logical names {tuple(logical_names)} do not match the array rank {len(shape)} "
+            f"(shape {tuple(shape)})"
+        )
+    spec = linen_spmd.logical_to_mesh_axes(tuple(logical_names), list(rules))
+    fitted = [
+        _fit_axes(axes, None if shape is None else shape[i], mesh, f"{tuple(logical_names)}")
+        for i, axes in enumerate(spec)
+    ]
+    return PartitionSpec(*fitted)
+
+
+def logical_sharding(
+    logical_names: Sequence[str | None] | None,
+    mesh: Mesh,
+    rules: LogicalRules = DEFAULT_RULES,
+    shape: Sequence[int] | None = None,
+) -> NamedSharding:
+    """NamedSharding on ``mesh`` for an array named ``logical_names`` (:func:`logical_to_spec`)."""
+    return NamedSharding(mesh, logical_to_spec(logical_names, rules, shape=shape, mesh=mesh))
+
+
+def variable_logical_names(variable: nnx.Variable) -> tuple[str | None, ...] | None:
+    """The logical axis names an NNX Variable was annotated with (``out_sharding`` metadata)."""
+    names = variable.get_metadata().get("out_sharding")
+    if names is None:
+        return None
+    if isinstance(names, PartitionSpec | NamedSharding):
+        raise ValueError(
+            f"Variable {type(variable).__name__} carries a concrete sharding {names!r}; annotate "
+            "parameters with logical names, e.g. nnx.with_partitioning(init, ('embed', 'mlp'))"
+        )
+    return tuple(names)
+
+
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def state_shardings(tree: Any, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Any:
+    """NamedShardings for every array of ``tree`` (same structure), from its logical annotations.
+
+    ``tree`` may hold ``nnx.Variable`` leaves (an ``nnx.State``, an optax state over one, ...),
+    concrete arrays or ``ShapeDtypeStruct``; leaves without logical names are replicated. The
+    result can be passed as ``out_shardings`` / ``in_shardings`` of ``jax.jit`` for that tree.
+    """
+
+    def one(path, leaf):
+        where = jax.tree_util.keystr(path)
+        if _is_variable(leaf):
+            value = leaf.get_value()
+            names = variable_logical_names(leaf)
+            shape = getattr(value, "shape", None)
+            spec = logical_to_spec(names, rules, shape=shape, mesh=mesh) if names else None
+            if names and shape is not None:
+                _check_rank(names, shape, where)
+            return leaf.replace(NamedSharding(mesh, spec or PartitionSpec()))
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=_is_variable)
+
+
+def _check_rank(names: Sequence[Any], shape: Sequence[int], where: str) -> None:
+    if len(names) != len(shape):
+        raise ValueError(f"{where}: logical names {tuple(names)} do not match shape {tuple(shape)}")
+
+
+def partition_specs(tree: Any) -> Any:
+    """The ``.sharding.spec`` of every array leaf of ``tree`` (Variables unwrapped), for tests."""
+    return jax.tree.map(lambda x: x.sharding.spec, unbox(tree))
+
+
+def unbox(tree: Any) -> Any:
+    """Replaces every ``nnx.Variable`` in ``tree`` by its value (a tree of plain arrays)."""
+    return jax.tree.map(
+        lambda x: x.get_value() if _is_variable(x) else x, tree, is_leaf=_is_variable
+    )
+
+
+def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
+    """``jax.ShapeDtypeStruct`` leaves carrying REAL shardings (an Orbax restore target).
+
+    ``nnx.eval_shape`` may drop shardings (flax#5110); a target built here always has them.
+    """
+
+    def one(x, s):
+        if _is_variable(x):
+            return x.replace(one(x.get_value(), s.get_value() if _is_variable(s) else s))
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+
+    return jax.tree.map(one, tree, shardings, is_leaf=_is_variable)
+
+
+# ------------------------------------------------------------------------------------------------
+# Directly-sharded creation
+# ------------------------------------------------------------------------------------------------
+
+
+def abstract_state(
+    init_fn: Callable[[], Any], mesh: Mesh, rules: LogicalRules = DEFAULT_RULES
+) -> tuple[nnx.GraphDef, Any, Any]:
+    """``(graphdef, abstract_state, shardings)`` of the NNX object(s) ``init_fn`` builds.
+
+    Nothing is allocated: shapes come from ``nnx.eval_shape``. ``abstract_state`` holds
+    ``ShapeDtypeStruct`` values with the shardings attached (usable as an Orbax restore target).
+    """
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(init_fn)
+    graphdef, state = nnx.split(abstract)
+    shardings = state_shardings(state, mesh, rules)
+    return graphdef, abstract_with_shardings(state, shardings), shardings
+
+
+def sharded_initializer(
+    init_fn: Callable[[], Any], mesh: Mesh, rules: LogicalRules = DEFAULT_RULES
+) -> tuple[Callable[[], Any], nnx.GraphDef, Any]:
+    """``(jitted_init, graphdef, shardings)``: ``jitted_init()`` returns the state of
+    ``init_fn()`` with every array created in its sharding (``out_shardings``), never whole on
+    one device. Exposed so callers can inspect its compiled memory; most use
+    :func:`create_sharded_state`.
+    """
+    graphdef, _, shardings = abstract_state(init_fn, mesh, rules)
+
+    def init_split_state():
+        with nnx.use_eager_sharding(False):
+            return nnx.split(init_fn())[1]
+
+    return jax.jit(init_split_state, out_shardings=shardings), graphdef, shardings
+
+
+def create_sharded_state(
+    init_fn: Callable[[], Any], mesh: Mesh, rules: LogicalRules = DEFAULT_RULES
+) -> tuple[nnx.GraphDef, Any]:
+    """``(graphdef, state)`` of ``init_fn()``, each array created directly in its sharding.
+
+    ``init_fn`` (no arguments, deterministic: seed its ``nnx.Rngs`` inside) is traced once for
+    shapes and once under ``jax.jit(out_shardings=...)``, so no array is ever materialised whole on
+    one device.
+    """
+    jitted_init, graphdef, _ = sharded_initializer(init_fn, mesh, rules)
+    with activate(mesh, rules):
+        state = jitted_init()
+    return graphdef, state
+
+
+def create_sharded(
+    init_fn: Callable[[], Any], mesh: Mesh, rules: LogicalRules = DEFAULT_RULES
+) -> Any:
+    """The NNX module / train-state object ``init_fn()`` returns, created directly sharded."""
+    graphdef, state = create_sharded_state(init_fn, mesh, rules)
+    return nnx.merge(graphdef, state)
+
+
+def shard_tree(tree: Any, shardings: Any) -> Any:
+    """Moves an existing tree (small, or already distributed) onto ``shardings``."""
+    return jax.tree.map(jax.device_put, tree, shardings, is_leaf=_is_variable)
+
+
+# ------------------------------------------------------------------------------------------------
+# Data and activations
+# ------------------------------------------------------------------------------------------------
+
+
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes (of :data:`BATCH_AXES`) present in ``mesh`` that split the batch dimension."""
+    return tuple(a for a in BATCH_AXES if a in mesh.shape)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of a data array: leading (batch) dimension over ``('data', 'fsdp')``, rest whole."""
+    axes = batch_axes(mesh)
+    return NamedSharding(mesh, PartitionSpec(axes if axes else None))
+
+
+def shard_batch(local_batch: Any, mesh: Mesh) -> Any:
+    """Global batch ``jax.Array`` from each process's own rows (via process-local data).
+
+    Single process: ``local_batch`` is the whole batch. Several processes: each passes its own
+    contiguous share of the global batch; the global batch size must divide the batch axes' size.
+    """
+    sharding = batch_sharding(mesh)
+    size = math.prod(mesh.shape[a] for a in batch_axes(mesh))
+
+    def one(x):
+        x = np.asarray(x)
+        global_rows = x.shape[0] * jax.process_count()
+        if global_rows % size:
+            raise ValueError(
+                f"global batch size {global_rows} is not divisible by the {size} devices of the "
+                f"batch axes {batch_axes(mesh)}; choose a multiple of {size}"
+            )
+        return jax.make_array_from_process_local_data(sharding, x)
+
+    return jax.tree.map(one, local_batch)
+
+
+def process_batch_rows(mesh: Mesh, global_batch_size: int) -> slice:
+    """The contiguous rows of the global batch that THIS process must feed to :func:`shard_batch`.
+
+    Every process reads only its own shard of the data; this says which one, from the devices the
+    process owns on the batch axes.
+    """
+    index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size,))
+    starts = [index[0].start or 0 for index in index_map.values()]
+    stops = [
+        global_batch_size if index[0].stop is None else index[0].stop
+        for index in index_map.values()
+    ]
+    rows = slice(min(starts), max(stops))
+    if (rows.stop - rows.start) * jax.process_count() != global_batch_size:
+        raise ValueError(
+            f"the batch rows of process {jax.process_index()} ({rows}) are not one contiguous "
+            f"1/{jax.process_count()} of the global batch {global_batch_size}; order the mesh "
+            "devices by process along the batch axes"
+        )
+    return rows
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Iterator[None]:
+    """Sets ``mesh`` and the logical ``rules`` for tracing: wrap ``jax.jit`` calls / tracing in it.
+
+    :func:`with_logical_constraint` (and Flax's ``nn.with_logical_constraint``) read both. The rules
+    are read at TRACE time; jit's cache does not see them, so build one step function per
+    (mesh, rules) pair.
+    """
+    with jax.set_mesh(mesh), flax_spmd.logical_axis_rules(tuple(rules)):
+        yield
+
+
+def with_logical_constraint(x: jax.Array, logical_names: Sequence[str | None]) -> jax.Array:
+    """Constrains an activation's sharding by logical names under the active rules and mesh.
+
+    A no-op outside :func:`activate` (no rules or no mesh), so model code can always call it.
+    """
+    rules = flax_spmd.get_logical_axis_rules()
+    mesh = jax.sharding.get_abstract_mesh()
+    if not rules or mesh.empty:
+        return x
+    spec = logical_to_spec(logical_names, rules, shape=x.shape, mesh=mesh)
+    return jax.lax.with_sharding_constraint(x, spec)

@@ -1,0 +1,345 @@
+"""Meshes, logical-axis rules, directly-sharded state, and mesh-independent training."""
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import multiprocess_worker as worker
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import AxisType, PartitionSpec
+
+from diffusion import checkpoints, sharding
+
+P = PartitionSpec
+
+
+def _mesh(name: str):
+    devices = jax.devices()[:1] if name == "1" else None
+    return sharding.make_mesh(worker.MESHES[name], devices=devices)
+
+
+# ------------------------------------------------------------------------------------------------
+# Meshes
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape, devices, expected",
+    [
+        ({"data": 1}, 1, {"data": 1}),
+        ({"data": -1}, 8, {"data": 8}),
+        ({"data": 2, "fsdp": 4}, 8, {"data": 2, "fsdp": 4}),
+        ({"data": 2, "fsdp": 2, "tensor": 2}, 8, {"data": 2, "fsdp": 2, "tensor": 2}),
+        ({"data": -1, "fsdp": 2, "tensor": 1}, 8, {"data": 4, "fsdp": 2, "tensor": 1}),
+        ({"data": 2, "fsdp": -1}, 2, {"data": 2, "fsdp": 1}),
+    ],
+)
+def test_make_mesh_shapes(shape, devices, expected):
+    mesh = sharding.make_mesh(shape, devices=jax.devices()[:devices])
+    assert dict(mesh.shape) == expected
+    assert mesh.axis_names == tuple(shape)
+    assert all(t == AxisType.Auto for t in mesh.axis_types)
+    assert set(mesh.devices.flat) == set(jax.devices()[:devices])
+
+
+@pytest.mark.parametrize(
+    "shape, message",
+    [
+        ({"data": 3}, r"\{'data': 3\}.*8"),
+        ({"data": 2, "fsdp": 2}, r"4 devices but 8"),
+        ({"data": -1, "fsdp": 3}, r"fsdp.*3.*8"),
+        ({"data": -1, "fsdp": -1}, r"several -1"),
+        ({"data": 0}, r"positive int or -1"),
+        ({}, r"non-empty dict"),
+    ],
+)
+def test_make_mesh_rejects_impossible_shapes(shape, message):
+    with pytest.raises(ValueError, match=message):
+        sharding.make_mesh(shape)
+
+
+def test_make_mesh_rejects_bad_dcn_shape():
+    with pytest.raises(ValueError, match="not in mesh_shape"):
+        sharding.make_mesh({"data": -1}, dcn_mesh_shape={"tensor": 2})
+    with pytest.raises(ValueError, match="3 slices/processes.*8 devices"):
+        sharding.make_mesh({"data": -1}, dcn_mesh_shape={"data": 3})
+
+
+def test_mesh_from_config_uses_the_config_fields():
+    mesh = sharding.mesh_from_config({"data": -1, "fsdp": 2, "tensor": 2, "dcn_data": 1})
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+
+
+# ------------------------------------------------------------------------------------------------
+# Logical rules
+# ------------------------------------------------------------------------------------------------
+
+
+def test_rules_give_each_mesh_axis_once_in_rule_order():
+    rules = sharding.DEFAULT_RULES
+    # The batch takes ('data', 'fsdp'), so 'embed' -> 'fsdp' must not reuse 'fsdp'.
+    assert sharding.logical_to_spec(("batch", "seq", "embed"), rules) == P(
+        ("data", "fsdp"), None, None
+    )
+    assert sharding.logical_to_spec(("embed", "mlp"), rules) == P("fsdp", "tensor")
+    assert sharding.logical_to_spec(("heads", "kv"), rules) == P("tensor", None)
+    assert sharding.logical_to_spec(("unknown_name", None), rules) == P(None, None)
+    assert sharding.logical_to_spec(None, rules) == P()
+
+
+def test_non_divisible_dimensions_fall_back_to_fewer_axes_then_replication():
+    mesh = _mesh("2data4fsdp")
+    rules = sharding.DEFAULT_RULES
+    spec = lambda names, shape: sharding.logical_to_spec(names, rules, shape=shape, mesh=mesh)
+    assert spec(("batch", None), (16, 3)) == P(("data", "fsdp"), None)
+    assert spec(("batch", None), (6, 3)) == P("data", None)  # 6 % 8 != 0, 6 % 2 == 0
+    assert spec(("batch", None), (3, 3)) == P(None, None)
+    assert spec(("embed", "mlp"), (10, 8)) == P(None, None)  # 10 % 4 != 0; no tensor axis
+
+
+def test_axes_missing_from_the_mesh_are_dropped():
+    mesh = _mesh("8data")
+    assert sharding.logical_to_spec(
+        ("embed", "mlp"), sharding.DEFAULT_RULES, shape=(16, 64), mesh=mesh
+    ) == P(None, None)
+
+
+def test_rank_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="do not match the array rank"):
+        sharding.logical_to_spec(("embed",), sharding.DEFAULT_RULES, shape=(4, 4))
+
+
+# Written out by hand from DEFAULT_RULES and the ToyModel's annotations (the independent truth).
+EXPECTED_TOY_SPECS = {
+    "2x2x2": {
+        "embed/embedding": P("tensor", "fsdp"),  # ('vocab', 'embed')
+        "up/kernel": P("fsdp", "tensor"),  # ('embed', 'mlp')
+        "up/bias": P("tensor"),  # ('mlp',)
+        "down/kernel": P("tensor", "fsdp"),  # ('mlp', 'embed')
+        "down/bias": P("fsdp"),
+        "norm/scale": P("fsdp"),
+        "norm/bias": P("fsdp"),
+    },
+    "2data4fsdp": {
+        "embed/embedding": P(None, "fsdp"),
+        "up/kernel": P("fsdp", None),
+        "up/bias": P(None),
+        "down/kernel": P(None, "fsdp"),
+        "down/bias": P("fsdp"),
+        "norm/scale": P("fsdp"),
+        "norm/bias": P("fsdp"),
+    },
+}
+
+
+def _flat_params(state):
+    flat = nnx.to_flat_state(state)
+    return {"/".join(map(str, path)): variable.get_value() for path, variable in flat}
+
+
+@pytest.mark.parametrize("mesh_name", ["2x2x2", "2data4fsdp"])
+def test_toy_parameters_are_sharded_as_the_rules_say(mesh_name):
+    mesh = _mesh(mesh_name)
+    _, state = sharding.create_sharded_state(lambda: worker.ToyModel(nnx.Rngs(0)), mesh)
+    params = _flat_params(state)
+    assert set(params) == set(EXPECTED_TOY_SPECS[mesh_name])
+    for name, array in params.items():
+        expected = EXPECTED_TOY_SPECS[mesh_name][name]
+        assert array.sharding.spec == expected, name
+        assert array.sharding.mesh == mesh
+        # Each device holds its 1/k block of every sharded dimension.
+        divisors = [
+            math.prod(mesh.shape[a] for a in ((ax,) if isinstance(ax, str) else ax or ()))
+            for ax in list(expected) + [None] * (array.ndim - len(expected))
+        ]
+        block = tuple(d // k for d, k in zip(array.shape, divisors, strict=True))
+        assert all(s.data.shape == block for s in array.addressable_shards), name
+
+
+def test_created_state_equals_an_unsharded_init():
+    mesh = _mesh("2x2x2")
+    _, sharded = sharding.create_sharded_state(lambda: worker.ToyModel(nnx.Rngs(0)), mesh)
+    with nnx.use_eager_sharding(False):
+        plain = nnx.state(worker.ToyModel(nnx.Rngs(0)))
+    for name, array in _flat_params(plain).items():
+        np.testing.assert_array_equal(np.asarray(_flat_params(sharded)[name]), np.asarray(array))
+
+
+def _expected_bytes_per_device(state, mesh):
+    """sum(nbytes / number of shards) over arrays: what 1/N sharding should cost per device."""
+    total = 0
+    for array in jax.tree.leaves(sharding.unbox(state)):
+        if jax.dtypes.issubdtype(array.dtype, jax.dtypes.prng_key):
+            continue
+        shards = math.prod(
+            mesh.shape[a]
+            for entry in array.sharding.spec
+            if entry is not None
+            for a in ((entry,) if isinstance(entry, str) else entry)
+        )
+        total += array.nbytes // shards
+    return total
+
+
+def test_state_is_created_directly_sharded_never_whole_on_one_device():
+    init = lambda: worker.ToyModel(nnx.Rngs(0))
+    stats = {}
+    for name in ("8data", "fsdp8"):
+        mesh = sharding.make_mesh({"fsdp": 8} if name == "fsdp8" else {"data": 8})
+        jitted_init, _, _ = sharding.sharded_initializer(init, mesh)
+        with sharding.activate(mesh):
+            stats[name] = jitted_init.lower().compile().memory_analysis()
+            expected = _expected_bytes_per_device(jitted_init(), mesh)
+        # Compiled output per device matches the sharded sizes (small fixed overhead allowed).
+        assert abs(stats[name].output_size_in_bytes - expected) <= 0.02 * expected + 128
+    replicated, fsdp = stats["8data"], stats["fsdp8"]
+    assert fsdp.output_size_in_bytes < 0.2 * replicated.output_size_in_bytes
+    # The scratch memory of the sharded init is also a fraction: no device builds the whole state.
+    assert fsdp.temp_size_in_bytes < 0.5 * replicated.output_size_in_bytes
+
+
+def test_fsdp_train_state_costs_about_one_nth_per_device():
+    per_device, compiled = {}, {}
+    for name in ("8data", "fsdp8"):
+        mesh = sharding.make_mesh({"fsdp": 8} if name == "fsdp8" else {"data": 8})
+        trainer = worker.ToyTrainer(mesh)
+        state = trainer.init_state()
+        device = jax.devices()[0]
+        per_device[name] = sum(
+            shard.data.nbytes
+            for array in jax.tree.leaves(sharding.unbox(state))
+            if not jax.dtypes.issubdtype(array.dtype, jax.dtypes.prng_key)
+            for shard in array.addressable_shards
+            if shard.device == device
+        )
+        assert per_device[name] == _expected_bytes_per_device(state, mesh)
+        batch = trainer.put_batch(worker.global_batch(0, 16))
+        with sharding.activate(mesh):
+            lowered = trainer.step_fn.lower(state, batch)
+        compiled[name] = lowered.compile().memory_analysis().argument_size_in_bytes
+    ratio = per_device["fsdp8"] / per_device["8data"]
+    # 1/8 plus the few replicated vectors (the 'mlp' bias has no 'tensor' axis here).
+    assert 1 / 8 <= ratio < 0.16, ratio
+    assert compiled["fsdp8"] / compiled["8data"] < 0.2
+
+
+# ------------------------------------------------------------------------------------------------
+# Data and activations
+# ------------------------------------------------------------------------------------------------
+
+
+def test_batch_sharding_splits_the_batch_over_data_and_fsdp():
+    mesh = _mesh("2x2x2")
+    batch = worker.global_batch(0, 16)
+    sharded = sharding.shard_batch(batch, mesh)
+    assert sharded["tokens"].sharding.spec == P(("data", "fsdp"))
+    np.testing.assert_array_equal(np.asarray(sharded["tokens"]), batch["tokens"])
+    assert {s.data.shape[0] for s in sharded["targets"].addressable_shards} == {4}
+    assert sharding.process_batch_rows(mesh, 16) == slice(0, 16)
+    with pytest.raises(ValueError, match="batch size 6 is not divisible by the 4 devices"):
+        sharding.shard_batch({"x": np.zeros((6, 2))}, mesh)
+
+
+def test_with_logical_constraint_applies_under_activate_only():
+    mesh = _mesh("2x2x2")
+    x = jnp.ones((8, 4, 16))
+    constrain = lambda x: sharding.with_logical_constraint(x, ("batch", "seq", "mlp"))
+    assert constrain(x) is x  # no rules, no mesh: a no-op
+    with sharding.activate(mesh):
+        y = jax.jit(constrain)(x)
+    assert y.sharding.spec == P(("data", "fsdp"), None, "tensor")
+
+
+# ------------------------------------------------------------------------------------------------
+# The same training on every mesh
+# ------------------------------------------------------------------------------------------------
+
+
+def test_same_losses_on_every_mesh():
+    losses = {}
+    for name in worker.MESHES:
+        trainer = worker.ToyTrainer(_mesh(name))
+        _, losses[name] = trainer.run(trainer.init_state(), 0, 5, batch_size=16)
+    reference = np.asarray(losses["1"])
+    assert reference[-1] != reference[0]  # it trains
+    for name, values in losses.items():
+        np.testing.assert_allclose(values, reference, rtol=1e-5, err_msg=name)
+
+
+# ------------------------------------------------------------------------------------------------
+# Two processes x 4 devices
+# ------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env.update(
+        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=os.pathsep.join([repo, os.path.join(repo, "tests")]),
+    )
+    port = _free_port()
+    script = os.path.join(repo, "tests", "multiprocess_worker.py")
+    children = [
+        subprocess.Popen(
+            [sys.executable, script, str(i), "2", str(port), "2data4fsdp", str(tmp_path)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = []
+    try:
+        for child in children:
+            outputs.append(child.communicate(timeout=150)[0])
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+    for child, output in zip(children, outputs, strict=True):
+        assert child.returncode == 0, output[-3000:]
+
+    results = [json.loads((tmp_path / f"losses_{i}.json").read_text()) for i in range(2)]
+    assert [r["devices"] for r in results] == [8, 8]
+    assert results[0]["losses"] == results[1]["losses"]
+
+    mesh = _mesh("2data4fsdp")
+    trainer = worker.ToyTrainer(mesh)
+    state, losses = trainer.run(trainer.init_state(), 0, 3, batch_size=16)
+    np.testing.assert_allclose(results[0]["losses"], losses, rtol=1e-5)
+
+    # The checkpoint both processes wrote restores in one process and equals this run's state.
+    step_dir = tmp_path / "checkpoints" / "3"
+    iterator_files = (step_dir / "data_iterator").iterdir()
+    assert sorted(p.name for p in iterator_files if p.name.startswith("process_")) == [
+        "process_0-of-2.json",
+        "process_1-of-2.json",
+    ]
+    manager = checkpoints.make_checkpoint_manager(tmp_path / "checkpoints")
+    restored = checkpoints.restore_checkpoint(
+        manager, trainer.abstract_state, restore_data_iterator=False
+    )
+    assert restored.step == 3
+    for got, want in zip(
+        jax.tree.leaves(sharding.unbox(restored.train_state["params"])),
+        jax.tree.leaves(sharding.unbox(state["params"])),
+        strict=True,
+    ):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)
