@@ -1,0 +1,181 @@
+"""Contrastive losses against float64 numpy, the ring variant against the global one."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+from diffusion import contrastive, sharding
+
+
+def _embeddings(batch, dim, seed):
+    rng = np.random.default_rng(seed)
+    img, txt = rng.normal(size=(2, batch, dim))
+    # Correlated pairs, so the losses are not all at chance.
+    txt = img + 0.8 * txt
+    img /= np.linalg.norm(img, axis=-1, keepdims=True)
+    txt /= np.linalg.norm(txt, axis=-1, keepdims=True)
+    return img.astype(np.float32), txt.astype(np.float32)
+
+
+def _logsumexp(x, axis):
+    top = x.max(axis=axis, keepdims=True)
+    return (top + np.log(np.exp(x - top).sum(axis=axis, keepdims=True))).squeeze(axis)
+
+
+def _softmax(x, axis):
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def softmax_reference(img, txt, logit_scale):
+    """Float64 CLIP loss and its gradients (d/dimg, d/dtxt, d/dlogit_scale), by hand."""
+    img, txt = img.astype(np.float64), txt.astype(np.float64)
+    t = math.exp(min(logit_scale, math.log(100)))
+    logits = t * img @ txt.T
+    n = len(img)
+    loss = 0.5 * (
+        np.mean(_logsumexp(logits, 1) - np.diag(logits))
+        + np.mean(_logsumexp(logits, 0) - np.diag(logits))
+    )
+    eye = np.eye(n)
+    d_logits = 0.5 / n * ((_softmax(logits, 1) - eye) + (_softmax(logits, 0) - eye))
+    d_scale = np.sum(d_logits * logits) if logit_scale < math.log(100) else 0.0
+    return loss, t * d_logits @ txt, t * d_logits.T @ img, d_scale
+
+
+def sigmoid_reference(img, txt, logit_scale, logit_bias):
+    """Float64 SigLIP loss and its gradients (d/dimg, d/dtxt, d/dscale, d/dbias), by hand."""
+    img, txt = img.astype(np.float64), txt.astype(np.float64)
+    t = math.exp(logit_scale)
+    logits = t * img @ txt.T + logit_bias
+    n = len(img)
+    z = 2 * np.eye(n) - 1
+    loss = np.sum(np.log1p(np.exp(-z * logits))) / n
+    d_logits = -z / (1 + np.exp(z * logits)) / n  # d/dl of -log sigmoid(z l) = -z sigmoid(-z l)
+    d_scale = np.sum(d_logits * (logits - logit_bias))
+    return loss, t * d_logits @ txt, t * d_logits.T @ img, d_scale, np.sum(d_logits)
+
+
+def _grads(kind, img, txt, scale, bias):
+    f = lambda i, t, s, b: contrastive.contrastive_loss(kind, i, t, s, b)
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))(img, txt, scale, bias)
+
+
+@pytest.mark.parametrize("logit_scale", [math.log(1 / 0.07), 1.0, 6.0])  # 6.0 is above the cap
+def test_softmax_loss_and_gradients_match_float64(logit_scale):
+    img, txt = _embeddings(16, 6, seed=0)
+    mesh = sharding.make_mesh({"data": 8})
+    # Sharded inputs: the loss must still be over the GLOBAL batch, gradients unscaled.
+    img_s, txt_s = (jax.device_put(x, sharding.batch_sharding(mesh)) for x in (img, txt))
+    loss, (g_img, g_txt, g_scale, _) = _grads(
+        "softmax", img_s, txt_s, jnp.float32(logit_scale), jnp.float32(0)
+    )
+    ref_loss, ref_img, ref_txt, ref_scale = softmax_reference(img, txt, logit_scale)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    # float32 logits up to 100 in magnitude: compare at float32 precision of the largest entry.
+    atol = 1e-5 * np.abs(ref_img).max()
+    np.testing.assert_allclose(g_img, ref_img, rtol=1e-4, atol=atol)
+    np.testing.assert_allclose(g_txt, ref_txt, rtol=1e-4, atol=atol)
+    np.testing.assert_allclose(g_scale, ref_scale, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "logit_scale, logit_bias",
+    [(contrastive.SIGLIP_INIT_LOGIT_SCALE, contrastive.SIGLIP_INIT_LOGIT_BIAS), (1.0, 0.5)],
+)
+def test_sigmoid_loss_and_gradients_match_float64(logit_scale, logit_bias):
+    img, txt = _embeddings(16, 6, seed=1)
+    loss, (g_img, g_txt, g_scale, g_bias) = _grads(
+        "sigmoid", img, txt, jnp.float32(logit_scale), jnp.float32(logit_bias)
+    )
+    ref = sigmoid_reference(img, txt, logit_scale, logit_bias)
+    np.testing.assert_allclose(loss, ref[0], rtol=1e-5)
+    for got, want in zip((g_img, g_txt, g_scale, g_bias), ref[1:], strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_identical_embeddings_give_chance_loss_ln_n():
+    n = 8
+    same = np.tile(np.eye(4, dtype=np.float32)[:1], (n, 1))  # every logit equal
+    loss = contrastive.clip_softmax_loss(same, same, jnp.float32(2.0))
+    np.testing.assert_allclose(loss, math.log(n), rtol=1e-6)
+
+
+def test_logit_scale_is_clamped_at_ln_100():
+    img, txt = _embeddings(8, 4, seed=2)
+    at_cap = contrastive.clip_softmax_loss(img, txt, jnp.float32(math.log(100)))
+    above = contrastive.clip_softmax_loss(img, txt, jnp.float32(9.0))
+    np.testing.assert_allclose(above, at_cap, rtol=1e-6)
+    assert contrastive.clamp_logit_scale(jnp.float32(9.0)) == pytest.approx(math.log(100))
+    assert contrastive.CLIP_INIT_LOGIT_SCALE == pytest.approx(math.log(1 / 0.07))
+
+
+def test_invalid_arguments_are_rejected():
+    img, txt = _embeddings(8, 4, seed=3)
+    with pytest.raises(ValueError, match="unknown contrastive loss kind 'cosine'"):
+        contrastive.contrastive_loss("cosine", img, txt, 1.0)
+    with pytest.raises(ValueError, match="needs logit_bias"):
+        contrastive.contrastive_loss("sigmoid", img, txt, 1.0)
+    with pytest.raises(ValueError, match="equal shapes"):
+        contrastive.clip_softmax_loss(img, txt[:4], 1.0)
+    mesh = sharding.make_mesh({"data": 8})
+    img12, txt12 = _embeddings(12, 4, seed=3)
+    with pytest.raises(ValueError, match="batch size 12 is not divisible by the 8 devices"):
+        contrastive.ring_contrastive_loss("softmax", img12, txt12, 1.0, mesh=mesh)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+@pytest.mark.parametrize(
+    "mesh_shape",
+    [{"data": 8}, {"data": 2, "fsdp": 4}, {"data": 2, "fsdp": 2, "tensor": 2}],
+)
+def test_ring_loss_equals_global_loss_in_value_and_gradient(kind, mesh_shape):
+    mesh = sharding.make_mesh(mesh_shape)
+    img, txt = _embeddings(32, 8, seed=4)
+    img, txt = (jax.device_put(x, sharding.batch_sharding(mesh)) for x in (img, txt))
+    scale, bias = jnp.float32(2.3), jnp.float32(-1.5)
+    ring = lambda i, t, s, b: contrastive.ring_contrastive_loss(kind, i, t, s, b, mesh=mesh)
+    ring_loss, ring_grads = jax.jit(jax.value_and_grad(ring, argnums=(0, 1, 2, 3)))(
+        img, txt, scale, bias
+    )
+    loss, grads = _grads(kind, img, txt, scale, bias)
+    np.testing.assert_allclose(ring_loss, loss, rtol=1e-5)
+    for got, want in zip(ring_grads, grads, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+    assert ring_grads[0].shape == img.shape
+
+
+def test_ring_loss_never_forms_the_global_logit_matrix():
+    mesh = sharding.make_mesh({"data": 8})
+    n, d = 256, 4
+    spec = jax.ShapeDtypeStruct((n, d), jnp.float32, sharding=sharding.batch_sharding(mesh))
+    scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))
+    ring = lambda i, t, s: contrastive.ring_contrastive_loss("softmax", i, t, s, mesh=mesh)
+    compiled = jax.jit(jax.grad(ring, argnums=(0, 1))).lower(spec, spec, scalar).compile()
+    # The global (n, n) float32 logits alone would take 256 KiB per device.
+    assert compiled.memory_analysis().temp_size_in_bytes < n * n * 4 / 4
+
+
+def test_retrieval_metrics_match_a_sorting_reference():
+    img, txt = _embeddings(32, 3, seed=5)  # dim 3: many retrieval mistakes
+    metrics = contrastive.retrieval_metrics(img, txt, ks=(1, 5))
+    similarity = img.astype(np.float64) @ txt.astype(np.float64).T
+    for direction, sims in (("image_to_text", similarity), ("text_to_image", similarity.T)):
+        order = np.argsort(-sims, axis=1)
+        rank = np.array([np.where(order[i] == i)[0][0] for i in range(len(sims))])
+        for k in (1, 5):
+            np.testing.assert_allclose(metrics[f"{direction}_recall@{k}"], np.mean(rank < k))
+    assert 0 < float(metrics["image_to_text_recall@1"]) < 1
+
+
+def test_retrieval_metrics_extremes():
+    eye = np.eye(8, dtype=np.float32)
+    perfect = contrastive.retrieval_metrics(eye, eye, ks=(1,))
+    assert all(float(v) == 1.0 for v in perfect.values())
+    constant = np.ones((8, 4), np.float32)
+    tied = contrastive.retrieval_metrics(constant, constant, ks=(1,))
+    assert all(float(v) == 0.0 for v in tied.values())
