@@ -1,0 +1,561 @@
+"""Samplers: from noise to images by walking down a list of noise levels with a denoiser.
+
+Every sampler has the same shape (k-diffusion's `sampling.py`, as a JAX `lax.scan`):
+
+    sample_x(model_fn, noise, levels, key, cond, *, prediction_type, ..., return_trajectory=False)
+        -> images, or (images, trajectory of shape (N + 1, *noise.shape)) with return_trajectory
+
+- `model_fn(x_t, t, cond) -> prediction`, t of shape (batch,), in the convention of
+  `diffusion/schedules.py` (x_t = alpha x0 + sigma eps, t = 1 is noise). It must be hashable and
+  stable across calls to reuse compilations: a module-level function, a `GuidedModel`, or a
+  closure built inside your own `jax.jit` (which is how to pass traced parameters).
+- `levels` is a `NoiseLevels` from `ddpm_levels` or `flow_levels`. Every per-step coefficient is
+  computed from it once, in float64 NumPy, before the loop; the loop only multiplies and adds.
+- At each level the model output becomes (x0_hat, eps_hat) (`objectives.x0_eps_from_prediction`)
+  and the sampler applies its own update rule to them.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion.errors import UserError
+from diffusion.objectives import check_prediction_type, x0_eps_from_prediction
+from diffusion.schedules import NoiseLevels
+
+DDPM_VARIANCES = ("fixed_small", "fixed_large")
+
+
+class SamplerError(UserError):
+    """A sampler name or setting that cannot be used."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared pieces
+# ----------------------------------------------------------------------------------------------
+
+
+def _denoise(model_fn, x, t, alpha, sigma, cond, prediction_type, clip_x0=None):
+    """(x0_hat, eps_hat) from one model call at level (t, alpha, sigma)."""
+    t_batch = jnp.full((x.shape[0],), t, x.dtype)
+    prediction = model_fn(x, t_batch, cond).astype(x.dtype)
+    x0, eps = x0_eps_from_prediction(prediction, x, alpha, sigma, prediction_type)
+    if clip_x0 is not None:
+        # Like diffusers' clip_sample: eps_hat keeps the unclipped model output.
+        x0 = jnp.clip(x0, -clip_x0, clip_x0)
+    return x0, eps
+
+
+def _check_inputs(levels, prediction_type, noise):
+    if not isinstance(levels, NoiseLevels):
+        raise SamplerError(
+            f"levels must be a NoiseLevels (from ddpm_levels or flow_levels), got "
+            f"{type(levels).__name__}"
+        )
+    check_prediction_type(prediction_type)
+    if prediction_type == "epsilon" and levels.alpha[0] == 0:
+        raise SamplerError(
+            "epsilon prediction cannot be sampled from a level with zero signal (zero terminal "
+            "SNR or t = 1 on the flow path): x0 = (x - sigma eps) / alpha divides by 0; train "
+            "and sample with v_prediction or flow_velocity"
+        )
+    if noise.ndim < 1:
+        raise SamplerError(f"noise needs a batch axis, got shape {noise.shape}")
+
+
+def _check_flow_levels(levels, sampler):
+    if not levels.is_flow_path:
+        raise SamplerError(
+            f"{sampler} integrates the flow path x_t = (1 - t) x0 + t eps; build its levels with "
+            "flow_levels or flow_levels_from_times (or use ddim / dpmpp_2m for DDPM levels)"
+        )
+
+
+def _check_key(key, sampler):
+    if key is None:
+        raise SamplerError(f"{sampler} adds noise at every step: pass a PRNG key")
+
+
+def _step_arrays(dtype, **arrays):
+    """Per-step coefficients (float64 NumPy) -> device arrays of the sampling dtype."""
+    return {name: jnp.asarray(np.asarray(value), dtype) for name, value in arrays.items()}
+
+
+def _scan(step, x, per_step, return_trajectory):
+    """Runs `step(x, per_step_slice) -> x` over all steps; optionally stacks every x."""
+
+    def body(x, inputs):
+        x = step(x, inputs)
+        return x, (x if return_trajectory else None)
+
+    final, history = jax.lax.scan(body, x, per_step)
+    if return_trajectory:
+        return final, jnp.concatenate([x[None], history], axis=0)
+    return final
+
+
+def _step_keys(key, num_steps):
+    return jax.random.split(jax.random.PRNGKey(0) if key is None else key, num_steps)
+
+
+# ----------------------------------------------------------------------------------------------
+# DDIM (and the stochastic flow Euler, which is the same update on the flow path)
+# ----------------------------------------------------------------------------------------------
+
+
+def ddim_noise_std(levels: NoiseLevels, eta: float) -> np.ndarray:
+    """sigma_t of DDIM (Song et al. 2021, eq. 16) per step, for any (alpha, sigma) path.
+
+    eta * sqrt((1 - a_p) / (1 - a)) * sqrt(1 - a / a_p) in the VP case, written as
+    eta * sigma_p * sqrt(1 - (alpha sigma_p / (alpha_p sigma))^2): eta = 1 is the DDPM posterior.
+    """
+    alpha, sigma = levels.alpha[:-1], levels.sigma[:-1]
+    alpha_next, sigma_next = levels.alpha[1:], levels.sigma[1:]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(sigma_next > 0, alpha * sigma_next / (alpha_next * sigma), 0.0)
+    return eta * sigma_next * np.sqrt(np.clip(1 - ratio**2, 0.0, None))
+
+
+@functools.partial(
+    jax.jit, static_argnames=("model_fn", "prediction_type", "clip_x0", "return_trajectory")
+)
+def _ddim_loop(model_fn, noise, per_step, keys, cond, prediction_type, clip_x0, return_trajectory):
+    def step(x, inputs):
+        c, key = inputs
+        x0, eps = _denoise(
+            model_fn, x, c["t"], c["alpha"], c["sigma"], cond, prediction_type, clip_x0
+        )
+        fresh = jax.random.normal(key, x.shape, x.dtype)
+        return c["alpha_next"] * x0 + c["direction"] * eps + c["noise_std"] * fresh
+
+    return _scan(step, noise, (per_step, keys), return_trajectory)
+
+
+def sample_ddim(
+    model_fn,
+    noise,
+    levels: NoiseLevels,
+    key=None,
+    cond=None,
+    *,
+    prediction_type: str = "epsilon",
+    eta: float = 0.0,
+    clip_x0: float | None = None,
+    return_trajectory: bool = False,
+):
+    """DDIM (Song et al. 2021, eq. 12): x_p = alpha_p x0 + sqrt(sigma_p^2 - s^2) eps + s z.
+
+    s = `ddim_noise_std(levels, eta)`; eta = 0 is the deterministic probability-flow sampler, eta
+    = 1 the DDPM posterior. The previous level is the next entry of `levels`. `clip_x0` clips
+    x0_hat to [-clip_x0, clip_x0] (diffusers' clip_sample). `set_alpha_to_one` is a property of
+    the levels (`ddpm_levels`).
+    """
+    _check_inputs(levels, prediction_type, noise)
+    if not eta >= 0:
+        raise SamplerError(f"eta must be >= 0 (0 = deterministic DDIM, 1 = DDPM-like), got {eta}")
+    if eta > 0:
+        _check_key(key, "DDIM with eta > 0")
+    noise_std = ddim_noise_std(levels, eta)
+    direction = np.sqrt(np.clip(levels.sigma[1:] ** 2 - noise_std**2, 0.0, None))
+    per_step = _step_arrays(
+        noise.dtype,
+        t=levels.t[:-1],
+        alpha=levels.alpha[:-1],
+        sigma=levels.sigma[:-1],
+        alpha_next=levels.alpha[1:],
+        direction=direction,
+        noise_std=noise_std,
+    )
+    keys = _step_keys(key, levels.num_steps)
+    clip = None if clip_x0 is None else float(clip_x0)
+    return _ddim_loop(
+        model_fn, noise, per_step, keys, cond, prediction_type, clip, return_trajectory
+    )
+
+
+def sample_flow_euler_stochastic(
+    model_fn,
+    noise,
+    levels: NoiseLevels,
+    key,
+    cond=None,
+    *,
+    prediction_type: str = "flow_velocity",
+    eta: float = 1.0,
+    return_trajectory: bool = False,
+):
+    """Flow Euler with stochastic re-noising: the DDIM(eta) update on the flow path.
+
+    x_next = (1 - t_next) x0_hat + sqrt(t_next^2 - s^2) eps_hat + s z, s from `ddim_noise_std`.
+    eta = 0 is exactly the Euler step x + (t_next - t) u; eta = 1 re-noises with the posterior
+    q(x_next | x_t, x0_hat), the flow path's ancestral sampler.
+    """
+    _check_inputs(levels, prediction_type, noise)
+    _check_flow_levels(levels, "flow_euler_stochastic")
+    return sample_ddim(
+        model_fn,
+        noise,
+        levels,
+        key,
+        cond,
+        prediction_type=prediction_type,
+        eta=eta,
+        return_trajectory=return_trajectory,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# DDPM ancestral
+# ----------------------------------------------------------------------------------------------
+
+
+def ddpm_posterior(levels: NoiseLevels, variance: str = "fixed_small"):
+    """Coefficients of q(x_p | x_t, x0) per step: (coefficient of x_t, of x0, std).
+
+    General form (Kingma et al. 2021, VDM eq. 33-34) with alpha_{t|p} = alpha / alpha_p and
+    sigma^2_{t|p} = sigma^2 - alpha_{t|p}^2 sigma_p^2; in the VP case sigma^2_{t|p} = beta' =
+    1 - a / a_p and the mean is sqrt(a_p) beta' / (1 - a) x0 + sqrt(a / a_p) (1 - a_p) / (1 - a)
+    x_t (Ho et al. 2020, eq. 7). fixed_small: variance beta' (1 - a_p) / (1 - a) (clamped at 1e-20);
+    fixed_large: beta'. No noise on the last step.
+    """
+    if variance not in DDPM_VARIANCES:
+        raise SamplerError(
+            f"unknown DDPM variance {variance!r}; valid: {', '.join(DDPM_VARIANCES)}"
+        )
+    alpha, sigma = levels.alpha[:-1], levels.sigma[:-1]
+    alpha_next, sigma_next = levels.alpha[1:], levels.sigma[1:]
+    alpha_ratio = alpha / alpha_next
+    step_variance = np.clip(sigma**2 - alpha_ratio**2 * sigma_next**2, 0.0, None)
+    x_coefficient = alpha_ratio * sigma_next**2 / sigma**2
+    x0_coefficient = alpha_next * step_variance / sigma**2
+    if variance == "fixed_small":
+        noise_variance = np.maximum(step_variance * sigma_next**2 / sigma**2, 1e-20)
+    else:
+        noise_variance = step_variance
+    noise_std = np.sqrt(noise_variance)
+    noise_std[-1] = 0.0
+    return x_coefficient, x0_coefficient, noise_std
+
+
+@functools.partial(
+    jax.jit, static_argnames=("model_fn", "prediction_type", "clip_x0", "return_trajectory")
+)
+def _ddpm_loop(model_fn, noise, per_step, keys, cond, prediction_type, clip_x0, return_trajectory):
+    def step(x, inputs):
+        c, key = inputs
+        x0, _ = _denoise(
+            model_fn, x, c["t"], c["alpha"], c["sigma"], cond, prediction_type, clip_x0
+        )
+        fresh = jax.random.normal(key, x.shape, x.dtype)
+        return c["x_coefficient"] * x + c["x0_coefficient"] * x0 + c["noise_std"] * fresh
+
+    return _scan(step, noise, (per_step, keys), return_trajectory)
+
+
+def sample_ddpm(
+    model_fn,
+    noise,
+    levels: NoiseLevels,
+    key=None,
+    cond=None,
+    *,
+    prediction_type: str = "epsilon",
+    variance: str = "fixed_small",
+    reinject_noise: bool = True,
+    clip_x0: float | None = None,
+    return_trajectory: bool = False,
+):
+    """DDPM ancestral sampling (Ho et al. 2020, Alg. 2) along `levels`.
+
+    Each step draws x_p from the posterior q(x_p | x_t, x0_hat) (`ddpm_posterior`). With
+    `reinject_noise=False` only the posterior mean is taken: the samples collapse toward the
+    centre of the data (the mean of x0_hat shrinks at every step), shown in tests and the demo.
+    """
+    _check_inputs(levels, prediction_type, noise)
+    x_coefficient, x0_coefficient, noise_std = ddpm_posterior(levels, variance)
+    if reinject_noise:
+        _check_key(key, "DDPM")
+    else:
+        noise_std = np.zeros_like(noise_std)
+    per_step = _step_arrays(
+        noise.dtype,
+        t=levels.t[:-1],
+        alpha=levels.alpha[:-1],
+        sigma=levels.sigma[:-1],
+        x_coefficient=x_coefficient,
+        x0_coefficient=x0_coefficient,
+        noise_std=noise_std,
+    )
+    keys = _step_keys(key, levels.num_steps)
+    clip = None if clip_x0 is None else float(clip_x0)
+    return _ddpm_loop(
+        model_fn, noise, per_step, keys, cond, prediction_type, clip, return_trajectory
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Flow matching ODE: Euler and Heun
+# ----------------------------------------------------------------------------------------------
+
+
+def _velocity(model_fn, x, t, cond, prediction_type):
+    x0, eps = _denoise(model_fn, x, t, 1 - t, t, cond, prediction_type)
+    return eps - x0
+
+
+@functools.partial(jax.jit, static_argnames=("model_fn", "prediction_type", "return_trajectory"))
+def _flow_euler_loop(model_fn, noise, per_step, cond, prediction_type, return_trajectory):
+    def step(x, c):
+        return x + (c["t_next"] - c["t"]) * _velocity(model_fn, x, c["t"], cond, prediction_type)
+
+    return _scan(step, noise, per_step, return_trajectory)
+
+
+def sample_flow_euler(
+    model_fn,
+    noise,
+    levels: NoiseLevels,
+    key=None,
+    cond=None,
+    *,
+    prediction_type: str = "flow_velocity",
+    return_trajectory: bool = False,
+):
+    """Euler steps of the flow ODE dx/dt = u(x, t): x <- x + (t_next - t) u (SD3, rectified flow).
+
+    Deterministic; `key` is accepted for the common signature and unused.
+    """
+    _check_inputs(levels, prediction_type, noise)
+    _check_flow_levels(levels, "flow_euler")
+    per_step = _step_arrays(noise.dtype, t=levels.t[:-1], t_next=levels.t[1:])
+    return _flow_euler_loop(model_fn, noise, per_step, cond, prediction_type, return_trajectory)
+
+
+@functools.partial(jax.jit, static_argnames=("model_fn", "prediction_type", "return_trajectory"))
+def _flow_heun_loop(model_fn, noise, per_step, cond, prediction_type, return_trajectory):
+    def step(x, c):
+        dt = c["t_next"] - c["t"]
+        velocity = _velocity(model_fn, x, c["t"], cond, prediction_type)
+        x_euler = x + dt * velocity
+
+        def heun(_):
+            velocity_next = _velocity(model_fn, x_euler, c["t_next"], cond, prediction_type)
+            return x + dt * (velocity + velocity_next) / 2
+
+        return jax.lax.cond(c["t_next"] > 0, heun, lambda _: x_euler, None)
+
+    return _scan(step, noise, per_step, return_trajectory)
+
+
+def sample_flow_heun(
+    model_fn,
+    noise,
+    levels: NoiseLevels,
+    key=None,
+    cond=None,
+    *,
+    prediction_type: str = "flow_velocity",
+    return_trajectory: bool = False,
+):
+    """Heun's 2nd-order method on the flow ODE (Karras et al. 2022, Alg. 1 without churn).
+
+    Two model calls per step; the step that ends at t = 0 is a plain Euler step, as in Karras.
+    """
+    _check_inputs(levels, prediction_type, noise)
+    _check_flow_levels(levels, "flow_heun")
+    per_step = _step_arrays(noise.dtype, t=levels.t[:-1], t_next=levels.t[1:])
+    return _flow_heun_loop(model_fn, noise, per_step, cond, prediction_type, return_trajectory)
+
+
+# ----------------------------------------------------------------------------------------------
+# DPM-Solver++(2M)
+# ----------------------------------------------------------------------------------------------
+
+
+def dpmpp_2m_coefficients(levels: NoiseLevels):
+    """Per-step (sigma_next / sigma, alpha_next (1 - e^{-h}), 1 / (2 r)) of DPM-Solver++(2M).
+
+    Lu et al. 2022b, Alg. 2 (data prediction, multistep): lambda = ln(alpha / sigma),
+    h = lambda_next - lambda, r = h_prev / h, D = (1 + 1/(2r)) x0_i - 1/(2r) x0_{i-1},
+    x_next = (sigma_next / sigma) x + alpha_next (1 - e^{-h}) D. The first step and steps to
+    sigma = 0 are first order (1/(2r) = 0), as in k-diffusion; so is any step after an infinite
+    h (from a zero-signal level) or a zero-length step.
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_snr = np.log(levels.alpha) - np.log(levels.sigma)  # lambda; -inf / +inf at the ends
+        h = log_snr[1:] - log_snr[:-1]
+        x_ratio = np.where(levels.sigma[:-1] > 0, levels.sigma[1:] / levels.sigma[:-1], 0.0)
+        x0_coefficient = levels.alpha[1:] * -np.expm1(-h)
+        second_order_weight = np.zeros_like(h)
+        second_order_weight[1:] = h[1:] / (2 * h[:-1])  # 1 / (2 r)
+    usable = np.isfinite(second_order_weight) & (levels.sigma[1:] > 0) & (h > 0)
+    second_order_weight = np.where(usable, second_order_weight, 0.0)
+    x0_coefficient = np.where(h > 0, x0_coefficient, 0.0)
+    return x_ratio, x0_coefficient, second_order_weight
+
+
+@functools.partial(jax.jit, static_argnames=("model_fn", "prediction_type", "return_trajectory"))
+def _dpmpp_2m_loop(model_fn, noise, per_step, cond, prediction_type, return_trajectory):
+    def step(carry, c):
+        x, previous_x0 = carry
+        x0, _ = _denoise(model_fn, x, c["t"], c["alpha"], c["sigma"], cond, prediction_type)
+        w = c["second_order_weight"]
+        denoised = (1 + w) * x0 - w * previous_x0
+        return c["x_ratio"] * x + c["x0_coefficient"] * denoised, x0
+
+    def step_x_only(carry, c):
+        carry = step(carry, c)
+        return carry, (carry[0] if return_trajectory else None)
+
+    (final, _), history = jax.lax.scan(step_x_only, (noise, jnp.zeros_like(noise)), per_step)
+    if return_trajectory:
+        return final, jnp.concatenate([noise[None], history], axis=0)
+    return final
+
+
+def sample_dpmpp_2m(
+    model_fn,
+    noise,
+    levels: NoiseLevels,
+    key=None,
+    cond=None,
+    *,
+    prediction_type: str = "epsilon",
+    return_trajectory: bool = False,
+):
+    """DPM-Solver++(2M) (Lu et al. 2022b) for DDPM levels and flow levels alike.
+
+    Deterministic, one model call per step, second order; `key` is unused.
+    """
+    _check_inputs(levels, prediction_type, noise)
+    x_ratio, x0_coefficient, second_order_weight = dpmpp_2m_coefficients(levels)
+    per_step = _step_arrays(
+        noise.dtype,
+        t=levels.t[:-1],
+        alpha=levels.alpha[:-1],
+        sigma=levels.sigma[:-1],
+        x_ratio=x_ratio,
+        x0_coefficient=x0_coefficient,
+        second_order_weight=second_order_weight,
+    )
+    return _dpmpp_2m_loop(model_fn, noise, per_step, cond, prediction_type, return_trajectory)
+
+
+# ----------------------------------------------------------------------------------------------
+# DDIM inversion
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("model_fn", "prediction_type", "fixed_point_iterations", "return_trajectory"),
+)
+def _ddim_inversion_loop(
+    model_fn, images, per_step, cond, prediction_type, fixed_point_iterations, return_trajectory
+):
+    def step(x, c):
+        def noisier(x_guess):
+            # The model sees the guess of the noisier x with the noisier level's t; the first guess
+            # is x itself, as in diffusers' DDIMInverseScheduler.
+            x0, eps = _denoise(
+                model_fn, x_guess, c["t"], c["alpha"], c["sigma"], cond, prediction_type
+            )
+            return c["x_coefficient"] * x + c["eps_coefficient"] * eps + c["x0_coefficient"] * x0
+
+        # Fixed-point iterations (Pan et al. 2023, AIDI): at the fixed point the DDIM step maps
+        # the result back onto x exactly.
+        x_noisy = noisier(x)
+        return jax.lax.fori_loop(0, fixed_point_iterations, lambda _, y: noisier(y), x_noisy)
+
+    return _scan(step, images, per_step, return_trajectory)
+
+
+def ddim_inversion_coefficients(levels: NoiseLevels):
+    """Per inversion step (noisy level i <- cleaner level i + 1): the DDIM step solved for x_i.
+
+    The DDIM step x_{i+1} = alpha_{i+1} x0_hat(x_i) + sigma_{i+1} eps_hat(x_i), with x_i = alpha_i
+    x0_hat + sigma_i eps_hat, solved for x_i keeping eps_hat (x_coefficient x_{i+1} +
+    eps_coefficient eps_hat) or keeping x0_hat (x_coefficient x_{i+1} + x0_coefficient x0_hat).
+    Keeping eps_hat is the usual choice and the only one from clean data (sigma_{i+1} = 0); keeping
+    x0_hat is used where the signal is weaker than the noise (alpha_i alpha_{i+1} < sigma_i
+    sigma_{i+1}), where x0_hat varies less with x and the fixed-point iteration contracts faster
+    (it is exact in one step from a zero-signal level, whose x0_hat is a constant).
+    """
+    alpha, sigma = levels.alpha[:-1], levels.sigma[:-1]
+    alpha_here, sigma_here = levels.alpha[1:], levels.sigma[1:]
+    keep_x0 = alpha * alpha_here < sigma * sigma_here
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x_coefficient = np.where(keep_x0, sigma / sigma_here, alpha / alpha_here)
+        eps_coefficient = np.where(keep_x0, 0.0, sigma - alpha * sigma_here / alpha_here)
+        x0_coefficient = np.where(keep_x0, alpha - sigma * alpha_here / sigma_here, 0.0)
+    return x_coefficient, eps_coefficient, x0_coefficient
+
+
+def invert_ddim(
+    model_fn,
+    images,
+    levels: NoiseLevels,
+    cond=None,
+    *,
+    prediction_type: str = "epsilon",
+    fixed_point_iterations: int = 0,
+    return_trajectory: bool = False,
+):
+    """DDIM inversion (eta = 0): runs `levels` backwards, from images at the last level to noise.
+
+    Song et al. 2021 sec. 4.3 / Mokady et al. 2023: the deterministic DDIM map is nearly
+    invertible, so `sample_ddim(model_fn, invert_ddim(model_fn, x, levels), levels)` ~ x. The plain
+    inversion (0 iterations) has a first-order error in the step size; each fixed-point iteration
+    costs one more model call per step and shrinks it (exact at convergence). The trajectory, if
+    asked for, runs from images to noise.
+    """
+    _check_inputs(levels, prediction_type, images)
+    if int(fixed_point_iterations) != fixed_point_iterations or fixed_point_iterations < 0:
+        raise SamplerError(
+            f"fixed_point_iterations must be an integer >= 0, got {fixed_point_iterations}"
+        )
+    x_coefficient, eps_coefficient, x0_coefficient = ddim_inversion_coefficients(levels)
+    reverse = slice(None, None, -1)
+    per_step = _step_arrays(
+        images.dtype,
+        t=levels.t[:-1][reverse],
+        alpha=levels.alpha[:-1][reverse],
+        sigma=levels.sigma[:-1][reverse],
+        x_coefficient=x_coefficient[reverse],
+        eps_coefficient=eps_coefficient[reverse],
+        x0_coefficient=x0_coefficient[reverse],
+    )
+    return _ddim_inversion_loop(
+        model_fn,
+        images,
+        per_step,
+        cond,
+        prediction_type,
+        int(fixed_point_iterations),
+        return_trajectory,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# By name
+# ----------------------------------------------------------------------------------------------
+
+SAMPLERS = {
+    "ddpm": sample_ddpm,
+    "ddim": sample_ddim,
+    "flow_euler": sample_flow_euler,
+    "flow_heun": sample_flow_heun,
+    "flow_euler_stochastic": sample_flow_euler_stochastic,
+    "dpmpp_2m": sample_dpmpp_2m,
+}
+
+
+def sample(name: str, model_fn, noise, levels: NoiseLevels, key=None, cond=None, **options):
+    """Runs the sampler called `name` (a key of `SAMPLERS`) with its keyword `options`."""
+    if name not in SAMPLERS:
+        raise SamplerError(f"unknown sampler {name!r}; valid samplers: {', '.join(SAMPLERS)}")
+    return SAMPLERS[name](model_fn, noise, levels, key, cond, **options)
