@@ -180,8 +180,19 @@ def main(argv: list[str]) -> None:
     )
     manager.wait_until_finished()
     manager.close()
+    # A hybrid mesh with one process per DCN granule: the data axis runs across processes.
+    hybrid = sharding.make_mesh({"data": 1, "fsdp": 4}, dcn_mesh_shape={"data": 2})
+    hybrid_processes = [[d.process_index for d in row] for row in hybrid.devices]
     with open(os.path.join(out_dir, f"losses_{process_id}.json"), "w") as f:
-        json.dump({"losses": losses, "devices": jax.device_count()}, f)
+        json.dump(
+            {
+                "losses": losses,
+                "devices": jax.device_count(),
+                "hybrid_shape": dict(hybrid.shape),
+                "hybrid_processes": hybrid_processes,
+            },
+            f,
+        )
     jax.distributed.shutdown()
 
 

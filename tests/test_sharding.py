@@ -319,6 +319,8 @@ def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
     results = [json.loads((tmp_path / f"losses_{i}.json").read_text()) for i in range(2)]
     assert [r["devices"] for r in results] == [8, 8]
     assert results[0]["losses"] == results[1]["losses"]
+    assert results[0]["hybrid_shape"] == {"data": 2, "fsdp": 4}
+    assert results[0]["hybrid_processes"] == [[0, 0, 0, 0], [1, 1, 1, 1]]
 
     mesh = _mesh("2data4fsdp")
     trainer = worker.ToyTrainer(mesh)
