@@ -1,0 +1,239 @@
+"""The grain input pipeline over TFDS data sources (diffusion/data/pipeline.py)."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from jax.sharding import AxisType, PartitionSpec
+
+import diffusion.data  # noqa: F401  (registers "shapes")
+from diffusion.data import pipeline, shapes, tokenizer
+
+NUM_TRAIN = 100
+CONTEXT_LENGTH = 24
+
+
+@pytest.fixture(scope="module")
+def shapes_source(tmp_path_factory):
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    builder = pipeline.build_dataset(
+        data_dir=data_dir, resolution=16, num_train=NUM_TRAIN, num_test=20, num_test_unseen=12
+    )
+    return pipeline.SourceConfig(name=pipeline.tfds_name(builder), data_dir=data_dir)
+
+
+@pytest.fixture(scope="module")
+def caption_tokenizer(tmp_path_factory):
+    captions = [ex["caption"] for _, ex in shapes.generate_examples("train", 1000, 16, seed=0)]
+    return tokenizer.train_caption_tokenizer(captions, tmp_path_factory.mktemp("tok"), 600)
+
+
+def _pipeline(source, tok, **overrides):
+    arguments = dict(
+        split="train",
+        global_batch_size=8,
+        seed=0,
+        context_length=CONTEXT_LENGTH,
+        process_index=0,
+        process_count=1,
+    )
+    arguments.update(overrides)
+    return pipeline.make_input_pipeline(source, tok, **arguments)
+
+
+def _take(iterator, count):
+    return [next(iterator) for _ in range(count)]
+
+
+def _assert_same_batches(first, second):
+    assert len(first) == len(second)
+    for a, b in zip(first, second, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def _image_keys(batches):
+    """One hashable identity per example: its image bytes (jittered, so unique)."""
+    return [image.tobytes() for batch in batches for image in batch["image"]]
+
+
+def _tfds_records(source, split="train"):
+    builder = tfds.builder(source.name, data_dir=source.data_dir)
+    data_source = builder.as_data_source(split=split)
+    return builder, [data_source[i] for i in range(len(data_source))]
+
+
+def test_batches_match_tfds_decoding(shapes_source, caption_tokenizer):
+    builder, records = _tfds_records(shapes_source)
+    batches = _take(_pipeline(shapes_source, caption_tokenizer, shuffle=False), 2)
+    batch = batches[1]  # records 8..15 in order when not shuffled
+    assert batch["image"].dtype == np.float32 and batch["image"].shape == (8, 16, 16, 3)
+    assert batch["tokens"].dtype == np.int32 and batch["tokens"].shape == (8, CONTEXT_LENGTH)
+    assert set(batch) == {"image", "tokens", "mask", *shapes_labels()}
+    for row, record in enumerate(records[8:16]):
+        expected_image = record["image"].astype(np.float64) / 127.5 - 1.0  # [-1, 1]
+        np.testing.assert_allclose(batch["image"][row], expected_image, atol=1e-6)
+        for key in shapes_labels():
+            assert batch[key][row] == record[key]
+        tokens, mask = tokenizer.tokenize(caption_tokenizer, [record["caption"].decode()], 24)
+        np.testing.assert_array_equal(batch["tokens"][row], tokens[0])
+        np.testing.assert_array_equal(batch["mask"][row], mask[0])
+    assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
+
+
+def shapes_labels():
+    return ("shape", "color", "size", "position", "background")
+
+
+def test_two_processes_read_disjoint_shards_that_cover_the_split(shapes_source, caption_tokenizer):
+    _, records = _tfds_records(shapes_source)
+    everything = {(r["image"].astype(np.float32) / 127.5 - 1.0).tobytes() for r in records}
+    shards = []
+    for process_index in range(2):
+        # 50 records per process, local batches of 5 (global 10): one epoch, nothing dropped.
+        iterator = _pipeline(
+            shapes_source,
+            caption_tokenizer,
+            global_batch_size=10,
+            num_epochs=1,
+            process_index=process_index,
+            process_count=2,
+        )
+        batches = list(iterator)
+        assert len(batches) == 10 and batches[0]["image"].shape[0] == 5
+        shards.append(_image_keys(batches))
+    assert len(set(shards[0])) == len(shards[0]) == 50
+    assert not set(shards[0]) & set(shards[1])
+    assert set(shards[0]) | set(shards[1]) == everything
+
+
+@pytest.mark.parametrize("num_records,process_count", [(100, 2), (101, 3), (7, 4), (3, 3)])
+def test_shard_ranges_partition_the_records(num_records, process_count):
+    shards = [pipeline.shard_range(num_records, i, process_count) for i in range(process_count)]
+    assert [i for shard in shards for i in shard] == list(range(num_records))
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_same_seed_same_batches_other_seed_other_order(shapes_source, caption_tokenizer):
+    first = _take(_pipeline(shapes_source, caption_tokenizer, seed=3), 4)
+    again = _take(_pipeline(shapes_source, caption_tokenizer, seed=3), 4)
+    other = _take(_pipeline(shapes_source, caption_tokenizer, seed=4), 4)
+    _assert_same_batches(first, again)
+    assert _image_keys(first) != _image_keys(other)
+
+
+def test_each_epoch_is_a_new_permutation_of_the_split(shapes_source, caption_tokenizer):
+    batches = list(_pipeline(shapes_source, caption_tokenizer, global_batch_size=10, num_epochs=2))
+    keys = _image_keys(batches)
+    first_epoch, second_epoch = keys[:NUM_TRAIN], keys[NUM_TRAIN:]
+    assert len(set(first_epoch)) == NUM_TRAIN and set(first_epoch) == set(second_epoch)
+    assert first_epoch != second_epoch  # reshuffled with seed + epoch
+
+
+def test_restored_state_continues_exactly_like_an_uninterrupted_run(
+    shapes_source, caption_tokenizer
+):
+    # 100 records / 16 per batch: the 7th batch runs across the epoch boundary.
+    uninterrupted = _take(_pipeline(shapes_source, caption_tokenizer, global_batch_size=16), 9)
+    interrupted = _pipeline(shapes_source, caption_tokenizer, global_batch_size=16)
+    _assert_same_batches(_take(interrupted, 4), uninterrupted[:4])
+    saved = json.dumps(interrupted.get_state())  # what a checkpoint would store
+    _take(interrupted, 2)  # progress after the save is lost in the "crash"
+    resumed = _pipeline(shapes_source, caption_tokenizer, global_batch_size=16)
+    resumed.set_state(json.loads(saved))
+    _assert_same_batches(_take(resumed, 5), uninterrupted[4:])
+
+
+def test_caption_template_over_label_names_and_other_fields(shapes_source, caption_tokenizer):
+    source = pipeline.SourceConfig(
+        name=shapes_source.name,
+        data_dir=shapes_source.data_dir,
+        label_key="shape",
+        caption_template="a {color} {label} on {background}",
+    )
+    batch = next(_pipeline(source, caption_tokenizer, shuffle=False, split="test_unseen"))
+    builder, records = _tfds_records(shapes_source, "test_unseen")
+    features = builder.info.features
+    for row, record in enumerate(records[:8]):
+        names = {k: features[k].int2str(int(record[k])) for k in ("color", "shape", "background")}
+        expected = f"a {names['color']} {names['shape']} on {names['background']}"
+        tokens = batch["tokens"][row][batch["mask"][row] == 1]
+        assert caption_tokenizer.decode(tokens, skip_special_tokens=True) == expected
+
+
+def test_mock_cifar10_with_label_template(caption_tokenizer):
+    source = pipeline.SourceConfig(name="cifar10", label_key="label")  # "a photo of a {label}"
+    with tfds.testing.mock_data(num_examples=12):
+        builder = tfds.builder("cifar10")
+        records = builder.as_data_source(split="train")
+        batch = next(_pipeline(source, caption_tokenizer, shuffle=False, global_batch_size=4))
+        expected = [records[i] for i in range(4)]
+    assert set(batch) == {"image", "tokens", "mask", "label"}
+    names = builder.info.features["label"]
+    for row, record in enumerate(expected):
+        np.testing.assert_allclose(
+            batch["image"][row], record["image"].astype(np.float64) / 127.5 - 1.0, atol=1e-6
+        )
+        assert batch["label"][row] == record["label"]
+        tokens = batch["tokens"][row][batch["mask"][row] == 1]
+        caption = f"a photo of a {names.int2str(int(record['label']))}"
+        assert caption_tokenizer.decode(tokens, skip_special_tokens=True) == caption
+
+
+def test_mock_shapes_with_caption_key(caption_tokenizer):
+    with tfds.testing.mock_data(num_examples=6):
+        batch = next(
+            _pipeline(pipeline.SourceConfig(name="shapes"), caption_tokenizer, global_batch_size=6)
+        )
+    assert batch["image"].shape == (6, 32, 32, 3)
+    assert batch["tokens"].shape == (6, CONTEXT_LENGTH)
+    assert (batch["tokens"][:, 0] == caption_tokenizer.bos_token_id).all()
+    assert set(shapes_labels()) <= set(batch)
+
+
+def test_bad_inputs_raise_clear_errors(shapes_source, caption_tokenizer, tmp_path):
+    with pytest.raises(ValueError, match=r"Unknown TFDS dataset 'cifar1O'.*cifar10"):
+        _pipeline(pipeline.SourceConfig(name="cifar1O"), caption_tokenizer)
+    with pytest.raises(ValueError, match=r"Split 'validation'.*\['train', 'test', 'test_unseen'\]"):
+        _pipeline(shapes_source, caption_tokenizer, split="validation")
+    templated = pipeline.SourceConfig(
+        name=shapes_source.name, data_dir=shapes_source.data_dir, caption_template="a {colour}"
+    )
+    with pytest.raises(ValueError, match=r"field 'colour'.*'background', 'caption', 'color'"):
+        _pipeline(templated, caption_tokenizer)
+    with pytest.raises(ValueError, match="image_key 'img'"):
+        _pipeline(
+            pipeline.SourceConfig(
+                name=shapes_source.name, data_dir=shapes_source.data_dir, image_key="img"
+            ),
+            caption_tokenizer,
+        )
+    with pytest.raises(ValueError, match="not divisible by process_count 3"):
+        _pipeline(shapes_source, caption_tokenizer, global_batch_size=8, process_count=3)
+    with pytest.raises(ValueError, match="not prepared"):
+        _pipeline(
+            pipeline.SourceConfig(name="shapes/16", data_dir=str(tmp_path)), caption_tokenizer
+        )
+
+
+def test_to_global_batch_shards_the_batch_over_data_axes():
+    mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
+    local = {
+        "image": np.arange(16 * 2 * 2 * 3, dtype=np.float32).reshape(16, 2, 2, 3),
+        "tokens": np.arange(16 * 5, dtype=np.int32).reshape(16, 5),
+    }
+    global_batch = pipeline.to_global_batch(local, mesh)
+    for key, value in global_batch.items():
+        assert value.sharding.spec == PartitionSpec(("data", "fsdp"))
+        np.testing.assert_array_equal(np.asarray(value), local[key])
+        # 8 devices, 2 rows each, in order along the batch.
+        rows = sorted((s.index[0].start, s.data.shape[0]) for s in value.addressable_shards)
+        assert rows == [(2 * i, 2) for i in range(8)]
+    only_data = pipeline.to_global_batch(local, mesh, PartitionSpec("data"))
+    assert only_data["image"].addressable_shards[0].data.shape == (4, 2, 2, 3)
+    model_mesh = jax.make_mesh((8,), ("model",), axis_types=(AxisType.Auto,))
+    with pytest.raises(ValueError, match="contain none of"):
+        pipeline.to_global_batch(local, model_mesh)
