@@ -156,9 +156,10 @@ class ToyTrainer:
 
     def run(self, state, first_step, num_steps, batch_size):
         losses = []
-        for step in range(first_step, first_step + num_steps):
-            state, loss = self.step_fn(state, self.put_batch(global_batch(step, batch_size)))
-            losses.append(float(loss))
+        with sharding.activate(self.mesh, self.rules):  # activation constraints apply at trace
+            for step in range(first_step, first_step + num_steps):
+                state, loss = self.step_fn(state, self.put_batch(global_batch(step, batch_size)))
+                losses.append(float(loss))
         return state, losses
 
 
