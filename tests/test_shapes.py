@@ -164,14 +164,36 @@ def test_render_places_each_position_in_its_cell_and_separates_sizes():
             for position in shapes.POSITIONS:
                 image = shapes.render(shape, "red", size, position, "black", rng, resolution)
                 x0, x1, y0, y1 = _bounding_box(image, (0, 0, 0))
-                border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
-                assert not np.any(np.all(border == shapes.COLORS["red"], axis=-1))  # not cut
                 center = np.array([x0 + x1 + 1, y0 + y1 + 1]) / 2 / resolution
                 nearest = min(cells, key=lambda p: np.linalg.norm(cells[p] - center))
                 assert nearest == position, (shape, size, position)
                 half_extents[size].append(max(x1 - x0 + 1, y1 - y0 + 1) / resolution / 2)
     # Every small shape is clearly smaller than every large one, whatever the shape and jitter.
     assert max(half_extents["small"]) + 0.02 < min(half_extents["large"])
+
+
+class _ExtremeJitter:
+    """Stands in for a numpy Generator: the jitter uniforms at their extremes."""
+
+    def __init__(self, x, y, radius):
+        self.values = np.array([[x, y, radius]], dtype=np.float64)
+
+    def uniform(self, low, high, size):
+        assert (low, high, size) == (-1.0, 1.0, (1, 3))
+        return self.values
+
+
+@pytest.mark.parametrize("shape", shapes.SHAPES)
+def test_worst_case_jitter_stays_inside_the_image(shape):
+    resolution = 64  # the 0.02 margin is 1.3 pixels, so the border stays pure background
+    corners = {"top left": (-1, -1), "top right": (1, -1), "bottom left": (-1, 1)}
+    corners["bottom right"] = (1, 1)
+    for size in shapes.SIZES:
+        for position, (x, y) in corners.items():
+            jitter = _ExtremeJitter(x, y, radius=1.0)  # pushed outwards, at the largest size
+            image = shapes.render(shape, "red", size, position, "black", jitter, resolution)
+            border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+            assert not border.any(), (shape, size, position)
 
 
 def test_render_is_a_pure_function_of_its_inputs():

@@ -1,6 +1,26 @@
 """Data: the embedded captioned-shapes TFDS dataset, the tokenizer and the grain input pipeline.
 
-Importing this package registers the `shapes` builder with TFDS.
+Importing this package registers the `shapes` builder with TFDS, so that
+`tfds.builder("shapes", data_dir=...)` works.
 """
 
 from diffusion.data import shapes  # noqa: F401  (registers the "shapes" TFDS builder)
+from diffusion.data.pipeline import (
+    SourceConfig,
+    build_dataset,
+    make_input_pipeline,
+    tfds_name,
+    to_global_batch,
+)
+from diffusion.data.tokenizer import load_tokenizer, tokenize, train_caption_tokenizer
+
+__all__ = [
+    "SourceConfig",
+    "build_dataset",
+    "load_tokenizer",
+    "make_input_pipeline",
+    "tfds_name",
+    "to_global_batch",
+    "tokenize",
+    "train_caption_tokenizer",
+]

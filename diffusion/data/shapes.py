@@ -78,15 +78,17 @@ BACKGROUND_NAMES = tuple(BACKGROUNDS)
 # jitter), so an oracle separates the two from the area alone.
 SIZE_RADIUS = {"small": 0.16, "large": 0.28}
 SIZE_JITTER = 0.05  # relative radius jitter, uniform in [1 - j, 1 + j]
-EDGE_MARGIN = 0.05  # gap between a shape at an outer grid cell and the image border
+EDGE_MARGIN = 0.02  # least gap between a shape's bounding box and the image border
 POSITION_JITTER = 0.2  # uniform centre jitter, as a fraction of the distance between cells
 # Grid cell of each position as (row, column) offsets from the centre, in {-1, 0, 1}.
 POSITION_OFFSETS = {name: (i // 3 - 1, i % 3 - 1) for i, name in enumerate(POSITIONS)}
 
 
 def cell_spacing(size: str) -> float:
-    """Distance between neighbouring grid-cell centres for a shape of this size."""
-    return 0.5 - EDGE_MARGIN - SIZE_RADIUS[size] * (1 + SIZE_JITTER)
+    """Distance between neighbouring grid-cell centres for a shape of this size: the largest
+    that keeps the biggest jittered shape in the outermost jittered cell inside the margin."""
+    largest_radius = SIZE_RADIUS[size] * (1 + SIZE_JITTER)
+    return (0.5 - EDGE_MARGIN - largest_radius) / (1 + POSITION_JITTER)
 
 
 def position_center(position: str, size: str) -> tuple[float, float]:
@@ -118,17 +120,30 @@ def _sdf_square(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return _sdf_box(x, y, 0.8)
 
 
-def _sdf_triangle(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Isosceles triangle, apex up: apex (0, 0.9), base y = -0.9 from x = -1 to 1.
+def _sdf_segment(x, y, ax, ay, bx, by) -> np.ndarray:
+    """Unsigned distance from (x, y) to the segment from (ax, ay) to (bx, by)."""
+    ex, ey = bx - ax, by - ay
+    t = np.clip(((x - ax) * ex + (y - ay) * ey) / (ex * ex + ey * ey), 0.0, 1.0)
+    return np.sqrt((x - ax - t * ex) ** 2 + (y - ay - t * ey) ** 2)
 
-    The max of the distances to the three edge lines: exact inside and along the edges, a
-    slight over-estimate of coverage only in the half-pixel beyond each corner.
+
+_TRIANGLE = ((0.0, 0.9), (1.0, -0.9), (-1.0, -0.9))  # clockwise: apex up, base y = -0.9
+
+
+def _sdf_triangle(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Isosceles triangle, apex up: exact SDF (distance to the nearest edge, negative inside).
+
+    The max of the edge-line distances alone would be exact only inside; outside it overshoots
+    by up to a pixel past the acute corners, which would leak coverage beyond the shape.
     """
-    base = -0.9 - y
-    # Side through (1, -0.9) and (0, 0.9): outward normal (1.8, 1) / |(1.8, 1)|.
-    norm = np.sqrt(1.8**2 + 1.0)
-    side = (1.8 * np.abs(x) + (y - 0.9)) / norm
-    return np.maximum(base, side)
+    distance, outside = None, None
+    for (ax, ay), (bx, by) in zip(_TRIANGLE, _TRIANGLE[1:] + _TRIANGLE[:1], strict=True):
+        edge = _sdf_segment(x, y, ax, ay, bx, by)
+        # Clockwise vertices: the interior lies to the right of each edge (cross product < 0).
+        right_of_edge = (bx - ax) * (y - ay) - (by - ay) * (x - ax) < 0.0
+        distance = edge if distance is None else np.minimum(distance, edge)
+        outside = ~right_of_edge if outside is None else outside | ~right_of_edge
+    return np.where(outside, distance, -distance)
 
 
 _STAR_POINTS = 5
@@ -146,11 +161,9 @@ def _sdf_star(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     px, py = radius * np.sin(angle), radius * np.cos(angle)
     # Edge from the tip A = (0, 1) to the inner vertex B = r_in * (sin w, cos w).
     bx, by = _STAR_INNER * np.sin(wedge), _STAR_INNER * np.cos(wedge)
-    ex, ey = bx, by - 1.0
-    t = np.clip((px * ex + (py - 1.0) * ey) / (ex * ex + ey * ey), 0.0, 1.0)
-    distance = np.sqrt((px - t * ex) ** 2 + (py - 1.0 - t * ey) ** 2)
+    distance = _sdf_segment(px, py, 0.0, 1.0, bx, by)
     # Inside when on the centre's side of line AB (the cross products have equal signs).
-    cross = ex * (py - 1.0) - ey * px
+    cross = bx * (py - 1.0) - (by - 1.0) * px
     return np.where(cross < 0.0, -distance, distance)
 
 
