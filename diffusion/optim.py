@@ -185,7 +185,7 @@ def make_optimizer(
     parts = [optax.clip_by_global_norm(clip)] if clip > 0 else []
     tx = optax.chain(*parts, adamw(learning_rate=schedule))
     if accumulation_steps > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=accumulation_steps)
+        tx = optax.MultiSteps(tx, every_k_schedule=accumulation_steps).gradient_transformation()
     return tx
 
 
