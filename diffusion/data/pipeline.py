@@ -49,9 +49,9 @@ class SourceConfig:
     name: str = "shapes"  # TFDS name, optionally "name/config:version", e.g. "shapes/32"
     data_dir: str | None = None  # TFDS data_dir; None uses TFDS's default (~/tensorflow_datasets)
     image_key: str = "image"  # uint8 image feature (H, W, 1 or 3)
-    caption_key: str | None = "caption"  # text feature, used when caption_template is None
-    label_key: str | None = None  # ClassLabel feature that {label} names in caption_template
-    caption_template: str | None = None  # e.g. "a photo of a {label}"; may name any feature
+    caption_key: str | None = "caption"  # text feature; used when both fields below are None
+    label_key: str | None = None  # ClassLabel whose name fills {label} in caption_template
+    caption_template: str | None = None  # e.g. "a {size} {label}"; None + label_key: DEFAULT
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,7 +366,12 @@ def make_input_pipeline(
     int32 (b, L), 'mask' int32 (b, L), and one int32 (b,) field per ClassLabel feature, with
     b = global_batch_size / process_count. `iterator.get_state()` / `set_state(state)` save and
     restore the position, so a resumed run sees exactly the batches of an uninterrupted one.
-    `worker_count` > 0 decodes in that many worker processes (grain `mp_prefetch`).
+    `worker_count` > 0 decodes in that many worker processes (grain `mp_prefetch`); the same
+    batches come out, but the state format differs, so resume with the same worker_count.
+
+    With num_epochs=None every process yields batches forever. With a finite num_epochs the
+    shards (sizes differ by at most one) can give processes one batch more or less: multi-host
+    evaluation should run a fixed number of steps.
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
