@@ -51,7 +51,7 @@ class SourceConfig:
     image_key: str = "image"  # uint8 image feature (H, W, 1 or 3)
     caption_key: str | None = "caption"  # text feature; used when both fields below are None
     label_key: str | None = None  # ClassLabel whose name fills {label} in caption_template
-    caption_template: str | None = None  # e.g. "a {size} {label}"; None + label_key: DEFAULT
+    caption_template: str | None = None  # e.g. "a {size} {label}"; default "a photo of a {label}"
 
 
 # ---------------------------------------------------------------------------------------------
