@@ -608,3 +608,26 @@ def logical_axes_of(module: nnx.Module) -> dict[str, tuple | None]:
         "/".join(map(str, path)): variable.get_metadata().get("out_sharding")
         for path, variable in flat
     }
+
+
+def copy_params_into_scanned(unscanned: nnx.Module, scanned: nnx.Module) -> None:
+    """Copy the parameters of a model built with scan_layers=False into the same model built
+    with scan_layers=True, stacking block i's parameters at index i of the 'layers' axis."""
+    source = {
+        path: variable.get_value()
+        for path, variable in nnx.to_flat_state(nnx.state(unscanned, nnx.Param))
+    }
+    updated = []
+    for path, variable in nnx.to_flat_state(nnx.state(scanned, nnx.Param)):
+        stack_at = next(
+            (i + 2 for i in range(len(path) - 1) if path[i : i + 2] == ("blocks", "blocks")), None
+        )
+        if stack_at is None:
+            value = source[path]
+        else:
+            depth = variable.get_value().shape[0]
+            value = jnp.stack(
+                [source[(*path[:stack_at], i, *path[stack_at:])] for i in range(depth)]
+            )
+        updated.append((path, variable.replace(value)))
+    nnx.update(scanned, nnx.from_flat_state(updated))

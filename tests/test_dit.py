@@ -1,0 +1,307 @@
+"""DiT: the paper's sizes and FLOPs, adaLN-Zero at init, text conditioning, scan/remat
+equivalence, mixed precision, logical sharding annotations (with a snapshot), input errors."""
+
+import functools
+import json
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from diffusion.models import DIT_VARIANTS, LOGICAL_AXIS_NAMES, DiT, dit_config, layers
+from diffusion.models.dit import DiTBlock
+
+SNAPSHOTS = pathlib.Path(__file__).parent / "snapshots"
+
+# DiT paper (Peebles & Xie 2023), table 1 / fig. 1: class-conditional ImageNet 256 (latent
+# 32x32x4, learned sigma, 1000 classes). Gflops count a multiply-add as one flop.
+PAPER = {
+    "DiT-S/2": (33e6, 6.06),
+    "DiT-B/2": (130e6, 23.01),
+    "DiT-L/2": (458e6, 80.71),
+    "DiT-XL/2": (675e6, 118.64),
+}
+
+
+def paper_config(variant):
+    return dit_config(
+        variant, in_channels=4, learn_sigma=True, conditioning="class", num_classes=1000
+    )
+
+
+def count_params(model):
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+@pytest.mark.parametrize("variant", sorted(PAPER))
+def test_paper_parameter_count_and_flops(variant):
+    params_paper, gflops_paper = PAPER[variant]
+    model = nnx.eval_shape(lambda: DiT(paper_config(variant), rngs=nnx.Rngs(0)))
+    assert abs(count_params(model) / params_paper - 1) < 0.01
+    graphdef, state = nnx.split(model)
+    forward = lambda state, x, t, y: nnx.merge(graphdef, state)(x, t, labels=y)
+    lowered = jax.jit(forward).lower(
+        state,
+        jax.ShapeDtypeStruct((1, 32, 32, 4), jnp.float32),
+        jax.ShapeDtypeStruct((1,), jnp.float32),
+        jax.ShapeDtypeStruct((1,), jnp.int32),
+    )
+    gflops = lowered.cost_analysis()["flops"] / 2e9  # XLA counts a multiply-add as 2 flops
+    assert abs(gflops / gflops_paper - 1) < 0.10
+
+
+def test_variant_table_and_config_errors():
+    assert {f"DiT-{s}/{p}" for s in "S B L XL".split() for p in (2, 4, 8)} < set(DIT_VARIANTS)
+    assert dit_config("DiT-XL/2").width == 1152 and dit_config("DiT-XL/2").depth == 28
+    with pytest.raises(ValueError, match="unknown DiT variant 'DiT-XXL/2'.*DiT-B/2"):
+        dit_config("DiT-XXL/2")
+    with pytest.raises(ValueError, match=r"unknown DiTConfig field\(s\) \['hidden'\].*width"):
+        dit_config("tiny", hidden=3)
+    with pytest.raises(ValueError, match="unknown conditioning 'audio'"):
+        dit_config("tiny", conditioning="audio")
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny models and inputs
+# --------------------------------------------------------------------------------------------
+
+TINY = dict(width=32, depth=2, num_heads=4, patch_size=4, context_dim=24, pooled_dim=16)
+
+
+def tiny(**overrides):
+    return dit_config("tiny", **{**TINY, **overrides})
+
+
+def text_inputs(seed=0, batch=2, length=6):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(batch, 16, 16, 3)), jnp.float32)
+    t = jnp.asarray(rng.uniform(size=(batch,)), jnp.float32)
+    context = jnp.asarray(rng.normal(size=(batch, length, 24)), jnp.float32)
+    mask = jnp.asarray(np.arange(length)[None] < np.array([[length], [3]])[:batch], jnp.int32)
+    pooled = jnp.asarray(rng.normal(size=(batch, 16)), jnp.float32)
+    return x, t, context, mask, pooled
+
+
+def forward(model, *args, **kwargs):
+    """The model's forward pass, compiled (eager op-by-op dispatch is slow on CPU)."""
+    return nnx.jit(lambda model, *args, **kwargs: model(*args, **kwargs))(model, *args, **kwargs)
+
+
+def perturb(model, seed=0, scale=0.1):
+    """Replace every parameter by random values so zero-initialised branches become active."""
+    state = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    new = [
+        scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)
+    ]
+    nnx.update(model, jax.tree.unflatten(treedef, new))
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# adaLN-Zero and conditioning
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("conditioning", ["text", "class", "none"])
+def test_adaln_zero_outputs_zeros_at_init(conditioning):
+    model = DiT(tiny(conditioning=conditioning, num_classes=10), rngs=nnx.Rngs(0))
+    x, t, context, mask, pooled = text_inputs()
+    kwargs = {
+        "text": dict(context=context, context_mask=mask, pooled=pooled),
+        "class": dict(labels=jnp.array([3, 10])),  # 10 = the null class
+        "none": {},
+    }[conditioning]
+    out = forward(model, x, t, **kwargs)
+    assert out.shape == x.shape
+    np.testing.assert_array_equal(np.asarray(out), 0.0)
+
+
+def test_each_block_is_the_identity_at_init():
+    block = DiTBlock(tiny(), rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(2, 16, 32)), jnp.float32)
+    c = jnp.asarray(rng.normal(size=(2, 32)), jnp.float32)
+    context = jnp.asarray(rng.normal(size=(2, 5, 32)), jnp.float32)
+    out = block(x, c, context, jnp.ones((2, 5)))
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(x))
+
+
+def test_learned_sigma_doubles_output_channels():
+    model = perturb(DiT(tiny(learn_sigma=True), rngs=nnx.Rngs(0)))
+    x, t, context, mask, pooled = text_inputs()
+    assert forward(model, x, t, context, mask, pooled).shape == (2, 16, 16, 6)
+
+
+def test_text_conditioning_is_used_and_padding_is_ignored():
+    model = perturb(DiT(tiny(), rngs=nnx.Rngs(0)))
+    x, t, context, mask, pooled = text_inputs()
+    base = np.asarray(forward(model, x, t, context, mask, pooled))
+    _, _, other_context, _, other_pooled = text_inputs(seed=1)
+    # another prompt: token states and pooled embedding each change the output
+    assert np.abs(np.asarray(forward(model, x, t, other_context, mask, pooled)) - base).max() > 1e-3
+    assert np.abs(np.asarray(forward(model, x, t, context, mask, other_pooled)) - base).max() > 1e-3
+    # the time changes it too
+    assert np.abs(np.asarray(forward(model, x, 1 - t, context, mask, pooled)) - base).max() > 1e-3
+    # sample 1 has 3 real tokens: anything after them is ignored
+    padded = context.at[1, 3:].set(123.0)
+    np.testing.assert_allclose(
+        np.asarray(forward(model, x, t, padded, mask, pooled)), base, atol=1e-6
+    )
+
+
+def test_class_labels_are_used():
+    model = perturb(DiT(tiny(conditioning="class", num_classes=10), rngs=nnx.Rngs(0)))
+    x, t, *_ = text_inputs()
+    a = forward(model, x, t, labels=jnp.array([1, 2]))
+    b = forward(model, x, t, labels=jnp.array([1, 10]))
+    np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
+    assert np.abs(np.asarray(a[1] - b[1])).max() > 1e-3
+
+
+# --------------------------------------------------------------------------------------------
+# scan, remat, attention implementations, mixed precision
+# --------------------------------------------------------------------------------------------
+
+
+def test_scan_layers_gives_the_same_outputs_for_the_same_weights():
+    unscanned = perturb(DiT(tiny(), rngs=nnx.Rngs(0)))
+    scanned = DiT(tiny(scan_layers=True), rngs=nnx.Rngs(1))
+    assert count_params(scanned) == count_params(unscanned)
+    layers.copy_params_into_scanned(unscanned, scanned)
+    inputs = text_inputs()
+    np.testing.assert_allclose(
+        np.asarray(forward(scanned, *inputs)),
+        np.asarray(forward(unscanned, *inputs)),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+@functools.cache
+def loss_and_grads(policy, scan_layers):
+    inputs = text_inputs()
+    model = perturb(DiT(tiny(remat_policy=policy, scan_layers=scan_layers), rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    loss = lambda s: jnp.mean(nnx.merge(graphdef, s)(*inputs) ** 2)
+    return jax.jit(jax.value_and_grad(loss))(state)
+
+
+@pytest.mark.parametrize(
+    "scan_layers, policy", [(False, "full"), (False, "dots_saveable"), (True, "full")]
+)
+def test_remat_gives_identical_outputs_and_gradients(scan_layers, policy):
+    reference_value, reference_grads = loss_and_grads("none", scan_layers)
+    value, grads = loss_and_grads(policy, scan_layers)
+    np.testing.assert_allclose(float(value), float(reference_value), rtol=1e-6)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6),
+        grads,
+        reference_grads,
+    )
+
+
+def test_fused_attention_matches_explicit_attention():
+    explicit = perturb(DiT(tiny(), rngs=nnx.Rngs(0)))
+    fused = perturb(DiT(tiny(attention_impl="fused"), rngs=nnx.Rngs(0)))
+    inputs = text_inputs()
+    np.testing.assert_allclose(
+        np.asarray(forward(fused, *inputs)),
+        np.asarray(forward(explicit, *inputs)),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    full = perturb(DiT(tiny(), rngs=nnx.Rngs(0)))
+    half = perturb(DiT(tiny(dtype="bfloat16"), rngs=nnx.Rngs(0)))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(half, nnx.Param)))
+    inputs = text_inputs()
+    a, b = np.asarray(forward(full, *inputs)), np.asarray(forward(half, *inputs))
+    assert b.dtype == np.float32
+    assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
+
+
+# --------------------------------------------------------------------------------------------
+# Sharding annotations
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+@pytest.mark.parametrize("conditioning", ["text", "class"])
+def test_every_parameter_has_logical_axes(scan_layers, conditioning):
+    model = nnx.eval_shape(
+        lambda: DiT(dit_config("tiny", scan_layers=scan_layers, conditioning=conditioning),
+                    rngs=nnx.Rngs(0))
+    )  # fmt: skip
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    assert len(flat) > 20
+    for path, variable in flat:
+        axes = variable.get_metadata().get("out_sharding")
+        assert axes is not None and len(axes) == variable.get_value().ndim, path
+        assert set(axes) <= set(LOGICAL_AXIS_NAMES), (path, axes)
+        assert len(set(axes)) == len(axes), (path, axes)  # one mesh axis per dimension at most
+        assert (axes[0] == "layers") == (scan_layers and "blocks" in path), (path, axes)
+
+
+def snapshot_check(name, table):
+    path = SNAPSHOTS / f"{name}.json"
+    table = {k: list(v) for k, v in sorted(table.items())}
+    if os.environ.get("UPDATE_SNAPSHOTS") == "1":
+        SNAPSHOTS.mkdir(exist_ok=True)
+        path.write_text(json.dumps(table, indent=1) + "\n")
+    assert path.exists(), f"no snapshot {path}; run with UPDATE_SNAPSHOTS=1 to record it"
+    assert json.loads(path.read_text()) == table
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("dit_tiny_text", {}),
+        ("dit_tiny_class", dict(conditioning="class")),
+        ("dit_tiny_text_scan", dict(scan_layers=True)),
+    ],
+)
+def test_logical_axes_snapshot(name, overrides):
+    model = nnx.eval_shape(lambda: DiT(dit_config("tiny", **overrides), rngs=nnx.Rngs(0)))
+    snapshot_check(name, layers.logical_axes_of(model))
+
+
+def test_parameters_are_sharded_at_creation_under_a_mesh_and_rules():
+    mesh = jax.make_mesh((2, 4), ("fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    rules = [(name, None) for name in LOGICAL_AXIS_NAMES]
+    rules = dict(rules) | {"embed": "fsdp", "mlp": "tensor", "heads": "tensor"}
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(tuple(rules.items())):
+        model = nnx.jit(lambda: DiT(tiny(scan_layers=True), rngs=nnx.Rngs(0)))()
+    kernel = model.blocks.blocks.mlp.fc1.kernel  # ('layers', 'embed', 'mlp')
+    assert kernel.get_value().sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    query = model.blocks.blocks.attn.query_kernel  # ('layers', 'embed', 'heads', 'kv')
+    assert query.get_value().sharding.spec[:3] == (None, "fsdp", "tensor")
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = DiT(tiny(), rngs=nnx.Rngs(0))
+    x, t, context, mask, pooled = text_inputs()
+    with pytest.raises(ValueError, match="18x16 is not divisible by the patch size 4"):
+        forward(model, jnp.zeros((2, 18, 16, 3)), t, context, mask, pooled)
+    with pytest.raises(ValueError, match=r"needs \['context', 'pooled'\]; missing \['pooled'\]"):
+        forward(model, x, t, context, mask)
+    with pytest.raises(ValueError, match=r"unexpected \['labels'\]"):
+        forward(model, x, t, context, mask, pooled, labels=jnp.zeros((2,), jnp.int32))
+    with pytest.raises(ValueError, match="context_dim=24"):
+        forward(model, x, t, context[..., :8], mask, pooled)
+    with pytest.raises(ValueError, match="x has 4 channels"):
+        forward(model, jnp.zeros((2, 16, 16, 4)), t, context, mask, pooled)
+    with pytest.raises(ValueError, match=r"t must have shape \(batch,\)"):
+        forward(model, x, t[:1], context, mask, pooled)
