@@ -5,7 +5,7 @@ python train.py --config=configs/shapes.py[:ARGS] [--config.a.b=value ...] --wor
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from diffusion import config as config_lib
 from diffusion.errors import UserError, report_user_error
@@ -23,6 +23,7 @@ def parse_flags(argv):
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # Orbax and TFDS log every file at INFO
     try:
         if _CONFIG["spec"] is None:
             raise UserError("--config is required, e.g. --config=configs/shapes.py.")

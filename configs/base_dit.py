@@ -55,6 +55,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     if arg == "runlocal":
         config.training.num_steps = 20
+        config.optimizer.warmup_steps = 5
+        config.training.log_every = 5
+        config.training.checkpoint_every = 10
         config.training.global_batch_size = 16
         config.data.num_train_examples = 2_000
     return config

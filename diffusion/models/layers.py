@@ -18,8 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen, nnx
-from flax.core import spmd as core_spmd
-from flax.core.meta import global_mesh_defined
 
 # Every logical axis name a parameter of diffusion.models may carry; sharding rules must cover
 # all of them (a name without a rule would be read as a mesh axis).
@@ -65,12 +63,6 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     return linen.with_logical_constraint(x, tuple(logical_axes))
 
 
-def _eager_sharding() -> bool:
-    # Shard parameters at creation only when a mesh AND logical rules say how; otherwise (CPU
-    # tests, eval_shape without a mesh) parameters are plain arrays that carry the names only.
-    return global_mesh_defined() and bool(core_spmd.get_logical_axis_rules())
-
-
 def make_param(
     rngs: nnx.Rngs | None,
     initializer: Callable,
@@ -86,7 +78,9 @@ def make_param(
         raise ValueError(f"unknown logical axis names {unknown}; valid: {LOGICAL_AXIS_NAMES}")
     key = rngs.params() if rngs is not None else jax.random.key(0)
     value = initializer(key, tuple(shape), param_dtype)
-    return nnx.Param(value, out_sharding=tuple(logical_axes), eager_sharding=_eager_sharding())
+    # Placement is left to the caller (sharding.create_sharded_state: jit with out_shardings);
+    # eager sharding at creation would bypass its divisibility fallback.
+    return nnx.Param(value, out_sharding=tuple(logical_axes), eager_sharding=False)
 
 
 def resolve_dtype(name: str):

@@ -1,0 +1,490 @@
+"""The training loop behind train.py: data, model, sharded state, checkpoints, logs, preemption.
+
+`train_and_evaluate(config, workdir)` trains whichever family the config names ("clip", "dit", or
+"pipeline", which runs CLIP then a DiT on its frozen text tower), resuming from the latest
+complete checkpoint in `workdir`. A run directory holds everything needed to resume or sample:
+
+    config.json        the resolved recipe            model.json   the model's exact config
+    tokenizer/         the Hugging Face tokenizer     checkpoints/ Orbax steps (state + data)
+    params/            EMA weights for sampling       metrics.jsonl, tensorboard/
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+from flax import nnx
+
+from diffusion import checkpoints, metrics, models, optim, sharding, training
+from diffusion import data as data_lib
+from diffusion.errors import UserError
+from diffusion.schedules import DiscreteSchedule
+
+logger = logging.getLogger(__name__)
+
+FAMILIES = ("clip", "dit", "pipeline")
+MODEL_FILE = "model.json"
+PARAMS_DIR = "params"
+TOKENIZER_DIR = "tokenizer"
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradients stopped being finite (config.training.nan_policy = "stop")."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains what `config.family` names in `workdir`; returns the last logged metrics."""
+    if config.family not in FAMILIES:
+        raise UserError(f"config.family={config.family!r} is not one of {FAMILIES}.")
+    if config.family == "pipeline":
+        return run_pipeline(config, workdir)
+    return train(config, workdir)
+
+
+def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """CLIP, then the DiT on the frozen CLIP text tower, each in WORKDIR/<stage>."""
+    results = {}
+    tokenizer_dir = os.path.join(workdir, TOKENIZER_DIR)
+    for stage in config.stages:
+        if stage not in ("clip", "dit"):
+            raise UserError(f"config.stages names {stage!r}; valid stages: 'clip', 'dit'.")
+        stage_config = config[stage]
+        if stage == "dit" and not stage_config.text_encoder.checkpoint:
+            stage_config.text_encoder.checkpoint = os.path.join(workdir, "clip")
+        print(f"== stage {stage}: {os.path.join(workdir, stage)}", flush=True)
+        results[stage] = train(stage_config, os.path.join(workdir, stage), tokenizer_dir)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and tokenizer
+# ---------------------------------------------------------------------------------------------
+
+
+def resolution_of(data_config) -> int | None:
+    """Shapes resolution from the builder config name ("32"), else None (read from the data)."""
+    name = data_config.builder_config
+    return int(name) if name and name.isdigit() else None
+
+
+def prepare_source(data_config, seed: int) -> tuple[data_lib.SourceConfig, Any]:
+    """Builds the shapes dataset if missing (other datasets must be prepared) -> source, builder."""
+    if data_config.name == "shapes":
+        builder = data_lib.build_dataset(
+            "shapes",
+            data_config.data_dir,
+            resolution_of(data_config) or 32,
+            num_train=data_config.num_train_examples,
+            seed=seed,
+        )
+        name = data_lib.tfds_name(builder)
+    else:
+        name = data_config.name
+        if data_config.builder_config:
+            name = f"{name}/{data_config.builder_config}"
+        builder = data_lib.build_dataset(name, data_config.data_dir)
+    source = data_lib.SourceConfig(
+        name=name,
+        data_dir=data_config.data_dir,
+        image_key=data_config.image_key,
+        caption_key=data_config.caption_key,
+        label_key=data_config.label_key,
+        caption_template=data_config.caption_template,
+    )
+    return source, builder
+
+
+def prepare_tokenizer(tokenizer_config, source, split: str, directory: str):
+    """The configured tokenizer, or a BPE trained on the split's captions and saved once."""
+    if tokenizer_config.path:
+        return data_lib.load_tokenizer(tokenizer_config.path)
+    if os.path.isfile(os.path.join(directory, "tokenizer_config.json")):
+        return data_lib.load_tokenizer(directory)
+    from diffusion.data import pipeline
+
+    reader = pipeline.open_source(source, split)
+    decode = pipeline._BatchDecoder(reader, source, tokenizer=None, context_length=2)
+    captions = []
+    for start in range(0, len(reader), 4096):
+        records = reader.read(list(range(start, min(start + 4096, len(reader)))))
+        captions.extend(decode.caption(record) for record in records)
+    if jax.process_index() == 0:
+        tokenizer = data_lib.train_caption_tokenizer(
+            captions, directory, tokenizer_config.vocab_size
+        )
+    else:  # every process trains the same BPE; only process 0 writes it
+        import tempfile
+
+        tokenizer = data_lib.train_caption_tokenizer(
+            captions, tempfile.mkdtemp(), tokenizer_config.vocab_size
+        )
+    print(f"trained a {len(tokenizer)}-token BPE on {len(captions)} captions -> {directory}")
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Models of each family
+# ---------------------------------------------------------------------------------------------
+
+
+def clip_model_config(config, tokenizer, image_size: int) -> models.CLIPConfig:
+    return models.clip_config(
+        config.model.variant,
+        image_size=image_size,
+        vocab_size=len(tokenizer),
+        context_length=config.tokenizer.context_length,
+        dtype=config.model.dtype,
+        remat_policy=config.model.remat,
+        scan_layers=config.model.scan_layers,
+    )
+
+
+def save_model_config(workdir: str, family: str, model_config) -> None:
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        record = {"family": family, "config": dataclasses.asdict(model_config)}
+        with open(os.path.join(workdir, MODEL_FILE), "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2)
+
+
+def load_model_config(run_dir: str) -> tuple[str, Any]:
+    """(family, CLIPConfig or DiTConfig) of a run directory."""
+    path = os.path.join(run_dir, MODEL_FILE)
+    if not os.path.isfile(path):
+        raise UserError(
+            f"{run_dir!r} is not a run directory of this project: it has no {MODEL_FILE}. "
+            "Pass the --workdir of a finished train.py run."
+        )
+    with open(path, encoding="utf-8") as f:
+        record = json.load(f)
+    fields = record["config"]
+    if record["family"] == "clip":
+        fields["pixel_mean"], fields["pixel_std"] = map(
+            tuple, (fields["pixel_mean"], fields["pixel_std"])
+        )
+        return "clip", models.CLIPConfig(**fields)
+    return "dit", models.DiTConfig(**fields)
+
+
+def load_run_params(run_dir: str, model_config, model_cls) -> nnx.Module:
+    """The exported (EMA) parameters of a run as a model on the default device."""
+    abstract = nnx.eval_shape(lambda: model_cls(model_config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    path = os.path.join(run_dir, PARAMS_DIR)
+    if not os.path.isdir(path):
+        raise UserError(
+            f"{run_dir!r} has no exported parameters ({PARAMS_DIR}/): its training has not "
+            "finished. Rerun train.py with that --workdir to finish it."
+        )
+    return nnx.merge(graphdef, checkpoints.load_params(path, state))
+
+
+def load_text_encoder(checkpoint: str, execution: dict) -> models.CLIP:
+    """A frozen CLIP: our run directory (model.json + params/) or a Hugging Face CLIP directory."""
+    if not checkpoint or not os.path.isdir(checkpoint):
+        raise UserError(
+            f"config.text_encoder.checkpoint={checkpoint!r} is not a directory. Name a CLIP run "
+            "directory of train.py or a Hugging Face CLIP directory (config.json + "
+            "model.safetensors)."
+        )
+    if os.path.isfile(os.path.join(checkpoint, MODEL_FILE)):
+        family, config = load_model_config(checkpoint)
+        if family != "clip":
+            raise UserError(
+                f"{checkpoint!r} holds a {family} model; the text encoder must be CLIP."
+            )
+        return load_run_params(checkpoint, config, models.CLIP)
+    from diffusion import hf
+
+    return hf.load_hf_clip(checkpoint, **execution)
+
+
+def dit_model_config(config, text_encoder: models.CLIP | None) -> models.DiTConfig:
+    conditioning = "class" if config.model.num_classes > 0 else "text"
+    extra = {}
+    if conditioning == "text":
+        extra = dict(
+            context_dim=text_encoder.config.text_width, pooled_dim=text_encoder.config.embed_dim
+        )
+    else:
+        extra = dict(num_classes=config.model.num_classes)
+    return models.dit_config(
+        config.model.variant,
+        conditioning=conditioning,
+        dtype=config.model.dtype,
+        remat_policy=config.model.remat,
+        scan_layers=config.model.scan_layers,
+        **extra,
+    )
+
+
+def diffusion_objective(diffusion_config) -> training.DiffusionObjective:
+    d = diffusion_config
+    schedule = None
+    if d.objective == "ddpm":
+        schedule = DiscreteSchedule.from_name(
+            d.schedule, d.num_timesteps, zero_terminal_snr=d.zero_terminal_snr
+        )
+    elif d.objective != "flow":
+        raise UserError(f"config.diffusion.objective={d.objective!r}; valid: 'flow', 'ddpm'.")
+    return training.DiffusionObjective(
+        objective=d.objective,
+        prediction_type=d.prediction_type,
+        schedule=schedule,
+        time_sampling=d.time_sampling,
+        logit_mean=d.logit_normal_mean,
+        logit_std=d.logit_normal_std,
+        shift=d.shift,
+        min_snr_gamma=d.min_snr_gamma or None,
+    )
+
+
+@dataclasses.dataclass
+class Task:
+    """What one family needs from the loop."""
+
+    family: str
+    model_config: Any
+    init_model: Any
+    loss_fn: Any
+    frozen: Any = None
+
+
+def make_task(config, tokenizer, image_size: int, mesh) -> Task:
+    if config.family == "clip":
+        model_config = clip_model_config(config, tokenizer, image_size)
+        loss_fn = lambda model, frozen, batch, key: training.clip_loss(
+            model, frozen, batch, key, kind=config.loss.kind, mesh=mesh, chunked=config.loss.chunked
+        )
+        init = lambda: models.CLIP(model_config, rngs=nnx.Rngs(config.seed))
+        return Task("clip", model_config, init, loss_fn)
+    execution = dict(dtype=config.model.dtype)
+    text_encoder = None
+    if config.model.num_classes == 0:
+        text_encoder = load_text_encoder(config.text_encoder.checkpoint, execution)
+    model_config = dit_model_config(config, text_encoder)
+    empty_tokens, empty_mask = data_lib.tokenize(tokenizer, [""], config.tokenizer.context_length)
+    loss_fn = lambda model, frozen, batch, key: training.dit_loss(
+        model,
+        frozen,
+        batch,
+        key,
+        objective=diffusion_objective(config.diffusion),
+        empty_tokens=empty_tokens,
+        empty_mask=empty_mask,
+        cond_dropout=config.diffusion.cond_dropout,
+    )
+    init = lambda: models.DiT(model_config, rngs=nnx.Rngs(config.seed))
+    return Task("dit", model_config, init, loss_fn, frozen=text_encoder)
+
+
+# ---------------------------------------------------------------------------------------------
+# Preemption
+# ---------------------------------------------------------------------------------------------
+
+
+class PreemptionGuard:
+    """Turns SIGTERM (what cloud TPUs send before preemption) into "save and exit after this step".
+
+    With several processes, JAX's own preemption service decides, so that all hosts stop at the
+    same step (`multihost_utils.reached_preemption_sync_point`).
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if jax.process_count() == 1:
+            self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+        return self
+
+    def _on_signal(self, signum, frame):
+        del signum, frame
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def should_stop(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_batch(global_batch_size: int, mesh) -> None:
+    size = int(np.prod([mesh.shape[a] for a in sharding.batch_axes(mesh)]))
+    if global_batch_size % size or global_batch_size % jax.process_count():
+        raise UserError(
+            f"config.training.global_batch_size={global_batch_size} is not divisible by the "
+            f"{size} devices of the mesh's batch axes {sharding.batch_axes(mesh)} (and the "
+            f"{jax.process_count()} processes); use a multiple of {size}."
+        )
+
+
+def train(config, workdir: str, tokenizer_dir: str | None = None) -> dict[str, Any]:
+    """Trains one model (config.family "clip" or "dit") in `workdir`, resuming if possible."""
+    os.makedirs(workdir, exist_ok=True)
+    t = config.training
+    if t.nan_policy not in training.NAN_POLICIES:
+        raise UserError(f"config.training.nan_policy={t.nan_policy!r}; valid: stop, skip.")
+    mesh = sharding.mesh_from_config(config.mesh)
+    _check_batch(t.global_batch_size, mesh)
+    source, builder = prepare_source(config.data, config.seed)
+    tokenizer = prepare_tokenizer(
+        config.tokenizer,
+        source,
+        config.data.train_split,
+        tokenizer_dir or os.path.join(workdir, TOKENIZER_DIR),
+    )
+    if jax.process_index() == 0 and tokenizer_dir is None:
+        tokenizer.save_pretrained(os.path.join(workdir, TOKENIZER_DIR))
+    image_size = builder.info.features[config.data.image_key].shape[0]
+    task = make_task(config, tokenizer, image_size, mesh)
+    checkpoints.write_config(workdir, config)
+    save_model_config(workdir, task.family, task.model_config)
+
+    tx = optim.make_optimizer(config.optimizer, total_steps=t.num_steps)
+    trainer = training.Trainer(
+        task.init_model,
+        task.loss_fn,
+        tx,
+        mesh,
+        seed=config.seed,
+        ema_decay=t.ema_decay,
+        nan_policy=t.nan_policy,
+        frozen=task.frozen,
+    )
+    data_iterator = data_lib.make_input_pipeline(
+        source,
+        tokenizer,
+        split=config.data.train_split,
+        global_batch_size=t.global_batch_size,
+        seed=config.seed,
+        context_length=config.tokenizer.context_length,
+        worker_count=config.data.worker_count,
+    )
+    manager = checkpoints.make_checkpoint_manager(
+        os.path.join(workdir, "checkpoints"),
+        max_to_keep=t.keep_checkpoints,
+        keep_period=t.keep_period or None,
+    )
+    restored = checkpoints.restore_latest(manager, trainer.abstract_state)
+    if restored is not None:
+        state, start = restored.train_state, restored.step
+        if restored.data_iterator_state is not None:
+            data_iterator.set_state(restored.data_iterator_state)
+        print(f"resumed from {restored.path} (step {start})", flush=True)
+    else:
+        state, start = trainer.init_state(), 0
+
+    writer = metrics.MetricWriter(workdir)
+    last = {}
+    try:
+        with PreemptionGuard() as preemption:
+            state, last = _loop(
+                config, trainer, state, start, data_iterator, manager, writer, preemption, mesh
+            )
+        manager.wait_until_finished()
+        if int(state["step"]) >= t.num_steps:
+            params = state["ema"] if state["ema"] is not None else state["params"]
+            if jax.process_index() == 0 or jax.process_count() > 1:
+                checkpoints.export_params(os.path.join(workdir, PARAMS_DIR), params)
+    finally:
+        manager.close()
+        writer.close()
+    return last
+
+
+def _loop(config, trainer, state, start, data_iterator, manager, writer, preemption, mesh):
+    t = config.training
+    num_devices = mesh.devices.size
+    step_flops = peak = None
+    last = {}
+    window_start, window_steps = time.perf_counter(), 0
+    progress = tqdm.tqdm(
+        total=t.num_steps,
+        initial=start,
+        desc=f"train {config.family}",
+        unit="step",
+        disable=jax.process_index() != 0,
+        dynamic_ncols=True,
+    )
+    for step in range(start, t.num_steps):
+        batch = data_lib.to_global_batch(next(data_iterator), mesh)
+        if step_flops is None and step == start:
+            compiled = trainer.compiled_step(state, batch)
+            step_flops = metrics.compiled_flops(compiled)
+            peak = metrics.peak_flops_per_device()
+            window_start = time.perf_counter()
+        state, step_metrics = trainer.step(state, batch)
+        window_steps += 1
+        done = step + 1
+        stop = preemption.should_stop(done)
+        is_last = done == t.num_steps or stop
+        if done % t.log_every == 0 or is_last:
+            scalars = jax.device_get(step_metrics)  # the hosts' only sync point
+            elapsed = time.perf_counter() - window_start
+            _check_finite(config, scalars, done, manager)
+            scalars = {k: v for k, v in scalars.items() if k != "finite"}
+            scalars["step_time"] = elapsed / window_steps
+            scalars["examples_per_second"] = t.global_batch_size * window_steps / elapsed
+            if step_flops:
+                scalars["mfu"] = step_flops / scalars["step_time"] / (peak * num_devices)
+            writer.write_scalars(done, scalars)
+            progress.set_postfix(
+                loss=f"{scalars['loss']:.4f}", ex_s=f"{scalars['examples_per_second']:.0f}"
+            )
+            last = {"step": done, **{k: float(v) for k, v in scalars.items()}}
+            window_start, window_steps = time.perf_counter(), 0
+        if done % t.checkpoint_every == 0 or is_last:
+            checkpoints.save_checkpoint(
+                manager,
+                done,
+                state,
+                data_iterator_state=data_iterator.get_state(),
+                metadata={"family": config.family},
+                force=True,
+            )
+        progress.update(1)
+        if stop:
+            print(f"preemption requested: saved step {done}, exiting", flush=True)
+            break
+    progress.close()
+    return state, last
+
+
+def _check_finite(config, scalars, step: int, manager) -> None:
+    if config.training.nan_policy == "skip":
+        return
+    if not (bool(scalars["finite"]) and np.isfinite(scalars["param_norm"])):
+        latest = manager.latest_step()
+        where = checkpoints.step_path(manager, latest) if latest is not None else "none yet"
+        raise NonFiniteError(
+            f"non-finite loss or gradients by step {step} (loss={float(scalars['loss'])}, "
+            f"grad_norm={float(scalars['grad_norm'])}). Last good checkpoint: {where}. Lower the "
+            "learning rate or set --config.training.nan_policy=skip to skip such updates."
+        )
