@@ -16,6 +16,7 @@ def data_config() -> ml_collections.ConfigDict:
     c.label_key = placeholder(str)  # ClassLabel feature used with caption_template instead.
     c.caption_template = placeholder(str)  # e.g. "a photo of a {label}" (fields in braces).
     c.num_train_examples = 100_000  # Shapes only: examples generated for the train split.
+    c.num_eval_examples = 2_000  # Shapes only: examples of each held-out split.
     c.worker_count = 0  # grain worker processes (0: decode in the main process).
     return c
 

@@ -90,6 +90,8 @@ def prepare_source(data_config, seed: int) -> tuple[data_lib.SourceConfig, Any]:
             data_config.data_dir,
             resolution_of(data_config) or 32,
             num_train=data_config.num_train_examples,
+            num_test=data_config.num_eval_examples,
+            num_test_unseen=data_config.num_eval_examples,
             seed=seed,
         )
         name = data_lib.tfds_name(builder)
@@ -345,13 +347,16 @@ def _check_batch(global_batch_size: int, mesh) -> None:
         )
 
 
-def train(config, workdir: str, tokenizer_dir: str | None = None) -> dict[str, Any]:
-    """Trains one model (config.family "clip" or "dit") in `workdir`, resuming if possible."""
+def train(config, workdir: str, tokenizer_dir: str | None = None, devices=None) -> dict[str, Any]:
+    """Trains one model (config.family "clip" or "dit") in `workdir`, resuming if possible.
+
+    devices: the devices of the mesh (default: all of them).
+    """
     os.makedirs(workdir, exist_ok=True)
     t = config.training
     if t.nan_policy not in training.NAN_POLICIES:
         raise UserError(f"config.training.nan_policy={t.nan_policy!r}; valid: stop, skip.")
-    mesh = sharding.mesh_from_config(config.mesh)
+    mesh = sharding.mesh_from_config(config.mesh, devices)
     _check_batch(t.global_batch_size, mesh)
     source, builder = prepare_source(config.data, config.seed)
     tokenizer = prepare_tokenizer(

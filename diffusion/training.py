@@ -190,8 +190,10 @@ class Trainer:
         self.abstract_state = sharding.abstract_with_shardings(abstract, self.state_shardings)
         self.batch_sharding = sharding.batch_sharding(mesh)
         self.frozen_graphdef, self.frozen_state = (None, None)
-        if frozen is not None:
-            self.frozen_graphdef, self.frozen_state = nnx.split(frozen)
+        if frozen is not None:  # sharded by the same rules as trained parameters
+            self.frozen_graphdef, frozen_state = nnx.split(frozen)
+            frozen_shardings = sharding.state_shardings(frozen_state, mesh, rules)
+            self.frozen_state = sharding.shard_tree(frozen_state, frozen_shardings)
         replicated = NamedSharding(mesh, PartitionSpec())
         with sharding.activate(mesh, rules):
             self.step_fn = jax.jit(

@@ -1,0 +1,167 @@
+"""The real training loop on tiny CLIP and DiT configs: meshes, resume, metrics, learning.
+
+Truths: the same run on different meshes is the same computation (losses equal up to float32
+reduction order); a resumed run is the uninterrupted run (bitwise on CPU).
+"""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import base_clip, base_dit
+from diffusion import checkpoints, metrics, trainer
+
+MESHES = {
+    "1": ({"data": 1, "fsdp": 1, "tensor": 1}, 1),
+    "8data": ({"data": 8, "fsdp": 1, "tensor": 1}, 8),
+    "2data4fsdp": ({"data": 2, "fsdp": 4, "tensor": 1}, 8),
+    "2x2x2": ({"data": 2, "fsdp": 2, "tensor": 2}, 8),
+}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data"))
+
+
+def tiny(family, data_dir, steps=4, mesh="8data", **training):
+    config = (base_clip if family == "clip" else base_dit).get_config()
+    config.data.data_dir = data_dir
+    config.data.builder_config = "16"
+    config.data.num_train_examples = 256
+    config.data.num_eval_examples = 64
+    config.tokenizer.vocab_size = 300
+    config.tokenizer.context_length = 16
+    config.training.update(
+        global_batch_size=16, num_steps=steps, log_every=1, checkpoint_every=100, ema_decay=0.9
+    )
+    config.training.update(training)
+    config.optimizer.update(warmup_steps=2, learning_rate=1e-3)
+    config.model.dtype = "float32"
+    if family == "clip":
+        config.model.variant = "tiny"
+    config.mesh.update(MESHES[mesh][0])
+    return config
+
+
+def run(config, workdir, mesh="8data"):
+    devices = jax.devices()[: MESHES[mesh][1]]
+    trainer.train(config, str(workdir), devices=devices)
+    return [r["loss"] for r in metrics.read_metrics(str(workdir))]
+
+
+@pytest.fixture(scope="module")
+def clip_run(data_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("clip")
+    run(tiny("clip", data_dir, steps=3), workdir)
+    return str(workdir)
+
+
+def dit_config(data_dir, clip_run, **kwargs):
+    config = tiny("dit", data_dir, **kwargs)
+    config.text_encoder.checkpoint = clip_run
+    config.tokenizer.path = os.path.join(clip_run, "tokenizer")
+    return config
+
+
+def test_clip_run_directory_holds_everything_to_resume_or_sample(clip_run):
+    names = set(os.listdir(clip_run))
+    assert {"config.json", "model.json", "tokenizer", "checkpoints", "params"} <= names
+    assert {"metrics.jsonl", "tensorboard"} <= names
+    record = metrics.read_metrics(clip_run)[-1]
+    for key in ("loss", "grad_norm", "param_norm", "learning_rate", "logit_scale", "mfu"):
+        assert np.isfinite(record[key]), key
+    assert record["step"] == 3
+    # The logit scale starts at 1/0.07 (CLIP paper) and is never above 100.
+    assert 1 / 0.07 * 0.9 < record["logit_scale"] <= 100
+
+
+@pytest.mark.parametrize("family", ["clip", "dit"])
+def test_same_losses_on_every_mesh(family, data_dir, clip_run, tmp_path):
+    losses = {}
+    for mesh in MESHES:
+        config = (
+            tiny("clip", data_dir, mesh=mesh)
+            if family == "clip"
+            else dit_config(data_dir, clip_run, mesh=mesh)
+        )
+        losses[mesh] = run(config, tmp_path / mesh, mesh)
+    reference = np.array(losses["1"])
+    assert len(reference) == 4
+    for mesh, values in losses.items():
+        np.testing.assert_allclose(values, reference, rtol=1e-5, err_msg=mesh)
+
+
+def test_parameters_are_sharded_as_the_rules_say(data_dir, clip_run, tmp_path):
+    config = dit_config(data_dir, clip_run, steps=1, mesh="2x2x2")
+    run(config, tmp_path, "2x2x2")
+    manager = checkpoints.make_checkpoint_manager(tmp_path / "checkpoints")
+    restored = checkpoints.restore_latest(manager, _abstract_state(config, tmp_path))
+    manager.close()
+    params = restored.train_state["params"]
+    qkv = params["blocks"]["blocks"][0]["attn"]["query"]["kernel"]
+    # ('embed', 'heads', 'kv') -> ('fsdp', 'tensor', None)
+    assert qkv.get_value().sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+
+
+def _abstract_state(config, workdir):
+    from diffusion import data as data_lib
+
+    source, builder = trainer.prepare_source(config.data, config.seed)
+    tokenizer = data_lib.load_tokenizer(os.path.join(config.tokenizer.path))
+    mesh = trainer.sharding.mesh_from_config(config.mesh, jax.devices()[:8])
+    task = trainer.make_task(config, tokenizer, 16, mesh)
+    tx = trainer.optim.make_optimizer(config.optimizer, total_steps=config.training.num_steps)
+    t = trainer.training.Trainer(
+        task.init_model, task.loss_fn, tx, mesh, seed=0, ema_decay=0.9, frozen=task.frozen
+    )
+    return t.abstract_state
+
+
+@pytest.mark.parametrize("family", ["clip", "dit"])
+def test_resumed_run_equals_uninterrupted_run_bitwise(family, data_dir, clip_run, tmp_path):
+    make = lambda steps: (
+        tiny("clip", data_dir, steps=steps)
+        if family == "clip"
+        else dit_config(data_dir, clip_run, steps=steps)
+    )
+    uninterrupted = run(make(6), tmp_path / "a")
+    run(make(3), tmp_path / "b")  # "killed" after step 3: its last checkpoint is step 3
+    resumed = run(make(6), tmp_path / "b")
+    assert resumed == uninterrupted  # losses of steps 1..6, the data order included
+    for name in ("a", "b"):
+        assert os.path.isdir(tmp_path / name / "params")
+    a, b = (_load_params(tmp_path / n) for n in ("a", "b"))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _load_params(workdir):
+    family, model_config = trainer.load_model_config(str(workdir))
+    from flax import nnx
+
+    from diffusion import models
+
+    cls = models.CLIP if family == "clip" else models.DiT
+    return nnx.state(trainer.load_run_params(str(workdir), model_config, cls))
+
+
+def test_checkpoint_from_8_devices_continues_on_2_with_the_same_losses(data_dir, tmp_path):
+    uninterrupted = run(tiny("clip", data_dir, steps=5), tmp_path / "a")
+    run(tiny("clip", data_dir, steps=3), tmp_path / "b")
+    config = tiny("clip", data_dir, steps=5)
+    config.mesh.update(data=2)
+    trainer.train(config, str(tmp_path / "b"), devices=jax.devices()[:2])
+    resumed = [r["loss"] for r in metrics.read_metrics(str(tmp_path / "b"))]
+    np.testing.assert_allclose(resumed, uninterrupted, rtol=1e-5)
+
+
+def test_metrics_jsonl_has_one_record_per_logging_step(data_dir, tmp_path):
+    run(tiny("clip", data_dir, steps=5, log_every=2), tmp_path)
+    steps = [r["step"] for r in metrics.read_metrics(str(tmp_path))]
+    assert steps == [2, 4, 5]
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f)["training"]["num_steps"] == 5
