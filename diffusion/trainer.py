@@ -365,9 +365,13 @@ def train(config, workdir: str, tokenizer_dir: str | None = None, devices=None) 
         config.data.train_split,
         tokenizer_dir or os.path.join(workdir, TOKENIZER_DIR),
     )
-    if jax.process_index() == 0 and tokenizer_dir is None:
-        tokenizer.save_pretrained(os.path.join(workdir, TOKENIZER_DIR))
+    own_tokenizer_dir = os.path.join(workdir, TOKENIZER_DIR)
+    if jax.process_index() == 0 and not os.path.isdir(own_tokenizer_dir):
+        tokenizer.save_pretrained(own_tokenizer_dir)  # a run directory is self-contained
     image_size = builder.info.features[config.data.image_key].shape[0]
+    if config.family == "dit" and config.text_encoder.checkpoint:
+        # Absolute, so that config.json still finds it from a sampling job elsewhere.
+        config.text_encoder.checkpoint = os.path.abspath(config.text_encoder.checkpoint)
     task = make_task(config, tokenizer, image_size, mesh)
     checkpoints.write_config(workdir, config)
     save_model_config(workdir, task.family, task.model_config)
