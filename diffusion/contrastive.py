@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
+from diffusion.errors import UserError
+
 CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP (Radford et al. 2021): tau = 0.07 at init.
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the temperature at 100.
 SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)  # SigLIP (Zhai et al. 2023): t' = ln 10 at init.
@@ -43,7 +45,7 @@ def _temperature(logit_scale: jax.Array) -> jax.Array:
 
 def _check_pair(image_embeddings: jax.Array, text_embeddings: jax.Array) -> None:
     if image_embeddings.ndim != 2 or image_embeddings.shape != text_embeddings.shape:
-        raise ValueError(
+        raise UserError(
             "image and text embeddings must both be (batch, dim) with equal shapes; got "
             f"{image_embeddings.shape} and {text_embeddings.shape}"
         )
@@ -103,9 +105,9 @@ def contrastive_loss(
         return clip_softmax_loss(image_embeddings, text_embeddings, logit_scale)
     if kind == "sigmoid":
         if logit_bias is None:
-            raise ValueError("the 'sigmoid' (SigLIP) loss needs logit_bias; got None")
+            raise UserError("the 'sigmoid' (SigLIP) loss needs logit_bias; got None")
         return siglip_sigmoid_loss(image_embeddings, text_embeddings, logit_scale, logit_bias)
-    raise ValueError(f"unknown contrastive loss kind {kind!r}; valid: {LOSS_KINDS}")
+    raise UserError(f"unknown contrastive loss kind {kind!r}; valid: {LOSS_KINDS}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -182,14 +184,14 @@ def ring_contrastive_loss(
     """
     _check_pair(image_embeddings, text_embeddings)
     if kind not in LOSS_KINDS:
-        raise ValueError(f"unknown contrastive loss kind {kind!r}; valid: {LOSS_KINDS}")
+        raise UserError(f"unknown contrastive loss kind {kind!r}; valid: {LOSS_KINDS}")
     if kind == "sigmoid" and logit_bias is None:
-        raise ValueError("the 'sigmoid' (SigLIP) loss needs logit_bias; got None")
+        raise UserError("the 'sigmoid' (SigLIP) loss needs logit_bias; got None")
     axes = tuple(a for a in batch_axes if a in mesh.shape)
     num_devices = math.prod(mesh.shape[a] for a in axes)
     batch = image_embeddings.shape[0]
     if batch % num_devices:
-        raise ValueError(
+        raise UserError(
             f"batch size {batch} is not divisible by the {num_devices} devices on mesh axes "
             f"{axes}; use a multiple of {num_devices}"
         )

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from diffusion.errors import UserError
 from diffusion.models.clip import CLIP, CLIPConfig
 
 CONFIG_FILE = "config.json"
@@ -37,7 +38,7 @@ HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_new": "gelu_
 IGNORED_TENSOR_SUFFIXES = ("position_ids",)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """The checkpoint directory or its contents cannot be imported."""
 
 
@@ -323,7 +324,7 @@ def load_hf_clip(directory: str, **execution) -> CLIP:
     """
     allowed = {"dtype", "param_dtype", "attention_impl", "remat_policy", "scan_layers"}
     if set(execution) - allowed:
-        raise ValueError(
+        raise UserError(
             f"unknown options {sorted(set(execution) - allowed)}; valid: {sorted(allowed)}"
         )
     _check_directory(directory)

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from diffusion.errors import UserError
+
 SCHEDULES = ("cosine", "constant")
 
 _DEFAULTS = {
@@ -47,7 +49,7 @@ def _field(config: Mapping[str, Any] | Any, name: str) -> Any:
     getter = config.get if hasattr(config, "get") else lambda k, d=None: getattr(config, k, d)
     value = getter(name, _DEFAULTS.get(name))
     if value is None and name not in _DEFAULTS:
-        raise ValueError(f"optimizer config is missing field {name!r}")
+        raise UserError(f"optimizer config is missing field {name!r}")
     return value
 
 
@@ -71,9 +73,9 @@ def make_learning_rate_schedule(
     ``lr(s) = peak * s / warmup``.
     """
     if schedule not in SCHEDULES:
-        raise ValueError(f"unknown learning-rate schedule {schedule!r}; valid: {SCHEDULES}")
+        raise UserError(f"unknown learning-rate schedule {schedule!r}; valid: {SCHEDULES}")
     if learning_rate < 0 or warmup_steps < 0:
-        raise ValueError(
+        raise UserError(
             f"learning_rate ({learning_rate}) and warmup_steps ({warmup_steps}) must be >= 0"
         )
     if schedule == "constant":
@@ -87,7 +89,7 @@ def make_learning_rate_schedule(
             [warmup_steps],
         )
     if total_steps is None or total_steps <= warmup_steps:
-        raise ValueError(
+        raise UserError(
             f"the cosine schedule needs total_steps > warmup_steps; got total_steps={total_steps}, "
             f"warmup_steps={warmup_steps}"
         )
@@ -165,10 +167,10 @@ def make_optimizer(
     """
     accumulation_steps = int(_field(config, "accumulation_steps"))
     if accumulation_steps < 1:
-        raise ValueError(f"accumulation_steps must be >= 1; got {accumulation_steps}")
+        raise UserError(f"accumulation_steps must be >= 1; got {accumulation_steps}")
     clip = float(_field(config, "grad_clip_norm") or 0.0)
     if clip < 0:
-        raise ValueError(f"grad_clip_norm must be >= 0 (0 disables clipping); got {clip}")
+        raise UserError(f"grad_clip_norm must be >= 0 (0 disables clipping); got {clip}")
     schedule = learning_rate_schedule_from_config(config, total_steps)
 
     @optax.inject_hyperparams
@@ -229,7 +231,7 @@ def ema_decay_at(step: jax.Array | int, max_decay: float, warmup: bool = True) -
     the random initialisation; otherwise ``max_decay``.
     """
     if not 0.0 <= max_decay < 1.0:
-        raise ValueError(f"EMA decay must be in [0, 1); got {max_decay}")
+        raise UserError(f"EMA decay must be in [0, 1); got {max_decay}")
     if not warmup:
         return jnp.asarray(max_decay, jnp.float32)
     step = jnp.asarray(step, jnp.float32)

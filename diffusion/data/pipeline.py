@@ -37,6 +37,7 @@ from tensorflow_datasets.proto import tf_example_pb2
 
 from diffusion.data import shapes as shapes_lib
 from diffusion.data.tokenizer import tokenize
+from diffusion.errors import UserError
 
 DEFAULT_CAPTION_TEMPLATE = "a photo of a {label}"
 DEFAULT_BATCH_AXES = ("data", "fsdp")
@@ -68,7 +69,7 @@ def _builder(config: SourceConfig) -> tfds.core.DatasetBuilder:
     base = _dataset_name(config.name)
     if base not in known:
         close = difflib.get_close_matches(base, known, n=5)
-        raise ValueError(
+        raise UserError(
             f"Unknown TFDS dataset {base!r} (from name={config.name!r}). "
             f"Close matches: {close or 'none'}. The {len(known)} registered names are listed by "
             "tfds.list_builders(with_community_datasets=False); 'shapes' is the embedded one."
@@ -87,7 +88,7 @@ def _check_split(builder: tfds.core.DatasetBuilder, split: str) -> None:
         return
     for name in _split_names(split):
         if name not in available:
-            raise ValueError(
+            raise UserError(
                 f"Split {name!r} (from split={split!r}) is not in dataset "
                 f"{builder.info.full_name!r}; available splits: {available}"
             )
@@ -103,23 +104,23 @@ def _check_features(config: SourceConfig, features: Mapping[str, Any]) -> None:
 
     def require(key: str, role: str) -> None:
         if key not in features:
-            raise ValueError(f"{role} {key!r} is not a feature of {config.name!r}; {available}")
+            raise UserError(f"{role} {key!r} is not a feature of {config.name!r}; {available}")
 
     require(config.image_key, "image_key")
     if config.caption_template is None and config.label_key is None:
         if config.caption_key is None:
-            raise ValueError("Give caption_key, or label_key and/or caption_template")
+            raise UserError("Give caption_key, or label_key and/or caption_template")
         require(config.caption_key, "caption_key")
         return
     if config.label_key is not None:
         require(config.label_key, "label_key")
         if not isinstance(features[config.label_key], tfds.features.ClassLabel):
-            raise ValueError(f"label_key {config.label_key!r} is not a ClassLabel feature")
+            raise UserError(f"label_key {config.label_key!r} is not a ClassLabel feature")
     for field in template_fields(config.caption_template or DEFAULT_CAPTION_TEMPLATE):
         if field == "label" and config.label_key is not None:
             continue
         if field not in features:
-            raise ValueError(
+            raise UserError(
                 f"caption_template {config.caption_template!r} names field {field!r}, which is "
                 f"not a feature of {config.name!r}. Available fields: {available}"
                 + ("" if config.label_key else "; {label} needs label_key")
@@ -144,7 +145,7 @@ def open_source(config: SourceConfig, split: str) -> RecordReader:
             if _dataset_name(config.name) == "shapes"
             else "download_and_prepare(file_format='array_record') where it has network access"
         )
-        raise ValueError(
+        raise UserError(
             f"Dataset {config.name!r} is not prepared under data_dir={config.data_dir!r}; "
             f"run {hint} first (nothing is downloaded at run time)."
         ) from error
@@ -166,7 +167,7 @@ def build_dataset(
     if _dataset_name(name) != "shapes":
         builder = _builder(SourceConfig(name=name, data_dir=data_dir))
         if not builder.is_prepared():
-            raise ValueError(
+            raise UserError(
                 f"Dataset {name!r} is not prepared under data_dir={data_dir!r}; only 'shapes' "
                 "is generated here (nothing is downloaded at run time)."
             )
@@ -311,7 +312,7 @@ class _BatchDecoder:
         records = self.reader.read([int(i) for i in indices])
         images = np.stack([np.asarray(r[self.config.image_key]) for r in records])
         if images.ndim != 4 or images.shape[-1] not in (1, 3):
-            raise ValueError(
+            raise UserError(
                 f"Expected (H, W, 1 or 3) images in {self.config.image_key!r}, "
                 f"got a batch of shape {images.shape}"
             )
@@ -339,7 +340,7 @@ def shard_range(num_records: int, process_index: int, process_count: int) -> ran
     """The contiguous record indices of one process: sizes differ by at most one and the
     shards of all processes partition range(num_records)."""
     if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        raise UserError(f"process_index {process_index} not in [0, {process_count})")
     start = num_records * process_index // process_count
     stop = num_records * (process_index + 1) // process_count
     return range(start, stop)
@@ -376,7 +377,7 @@ def make_input_pipeline(
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if global_batch_size % process_count:
-        raise ValueError(
+        raise UserError(
             f"global_batch_size {global_batch_size} is not divisible by process_count "
             f"{process_count}; use a multiple of {process_count}"
         )
@@ -384,9 +385,9 @@ def make_input_pipeline(
     reader = open_source(source_config, split)
     shard = shard_range(len(reader), process_index, process_count)
     if len(shard) == 0:
-        raise ValueError(f"Split {split!r} has no records for process {process_index}")
+        raise UserError(f"Split {split!r} has no records for process {process_index}")
     if num_epochs is not None and num_epochs * len(shard) < local_batch_size:
-        raise ValueError(
+        raise UserError(
             f"{num_epochs} epoch(s) of {len(shard)} records cannot fill one batch of "
             f"{local_batch_size}; lower the batch size or raise num_epochs"
         )
@@ -423,7 +424,7 @@ def to_global_batch(
     if partition_spec is None:
         axes = tuple(a for a in DEFAULT_BATCH_AXES if a in mesh.axis_names)
         if not axes:
-            raise ValueError(
+            raise UserError(
                 f"Mesh axes {mesh.axis_names} contain none of {DEFAULT_BATCH_AXES}; "
                 "pass partition_spec explicitly"
             )

@@ -26,6 +26,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from diffusion.errors import UserError
+
 # ---------------------------------------------------------------------------------------------
 # Attribute vocabularies (the ClassLabel names; their words appear verbatim in every caption)
 # ---------------------------------------------------------------------------------------------
@@ -243,10 +245,10 @@ def _jittered_geometry(
 def _lookup(vocabulary: Sequence[str], value: str | int, attribute: str) -> str:
     if isinstance(value, (int, np.integer)):
         if not 0 <= value < len(vocabulary):
-            raise ValueError(f"{attribute} index {value} out of range 0..{len(vocabulary) - 1}")
+            raise UserError(f"{attribute} index {value} out of range 0..{len(vocabulary) - 1}")
         return vocabulary[int(value)]
     if value not in vocabulary:
-        raise ValueError(f"Unknown {attribute} {value!r}; valid: {list(vocabulary)}")
+        raise UserError(f"Unknown {attribute} {value!r}; valid: {list(vocabulary)}")
     return value
 
 
@@ -341,7 +343,7 @@ def make_caption(
 def split_pairs(split: str) -> tuple[tuple[str, str], ...]:
     """The (color, shape) pairs a split draws from."""
     if split not in SPLITS:
-        raise ValueError(f"Unknown shapes split {split!r}; valid: {list(SPLITS)}")
+        raise UserError(f"Unknown shapes split {split!r}; valid: {list(SPLITS)}")
     if split == "test_unseen":
         return UNSEEN_PAIRS
     unseen = set(UNSEEN_PAIRS)
@@ -458,12 +460,12 @@ def shapes_config(
     """A builder config; its name is the resolution for the defaults, else it spells out every
     field, so differently sized versions live side by side under one data_dir."""
     if resolution not in RESOLUTIONS:
-        raise ValueError(f"Unsupported shapes resolution {resolution}; valid: {RESOLUTIONS}")
+        raise UserError(f"Unsupported shapes resolution {resolution}; valid: {RESOLUTIONS}")
     for field, value in [("num_train", num_train), ("num_test", num_test)]:
         if value < 1:
-            raise ValueError(f"{field} must be >= 1, got {value}")
+            raise UserError(f"{field} must be >= 1, got {value}")
     if num_test_unseen < 1:
-        raise ValueError(f"num_test_unseen must be >= 1, got {num_test_unseen}")
+        raise UserError(f"num_test_unseen must be >= 1, got {num_test_unseen}")
     sizes = (num_train, num_test, num_test_unseen)
     is_default = sizes == tuple(DEFAULT_NUM_EXAMPLES.values()) and seed == 0
     name = str(resolution) if is_default else f"{resolution}_n{'-'.join(map(str, sizes))}_s{seed}"
@@ -485,7 +487,7 @@ def config_from_name(name: str) -> ShapesConfig:
     """Inverse of `shapes_config(...).name`, so "shapes/32_n300-50-50_s0" is a valid TFDS name."""
     match = _CONFIG_NAME.fullmatch(name)
     if match is None:
-        raise ValueError(
+        raise UserError(
             f"Bad shapes config name {name!r}; expected '<resolution>' such as '32' or "
             "'<resolution>_n<train>-<test>-<test_unseen>_s<seed>' such as '32_n300-50-50_s0'"
         )

@@ -24,6 +24,8 @@ from tokenizers import (
     trainers,
 )
 
+from diffusion.errors import UserError
+
 # CLIP's special tokens (openai/CLIP simple_tokenizer.py). As in HF's CLIP tokenizer, the end
 # token doubles as the pad token: the mask, not the id, tells padding from text.
 START_TOKEN = "<|startoftext|>"
@@ -36,7 +38,7 @@ def load_tokenizer(path_or_name: str | os.PathLike) -> transformers.PreTrainedTo
     try:
         return transformers.AutoTokenizer.from_pretrained(os.fspath(path_or_name))
     except (OSError, ValueError) as error:
-        raise ValueError(
+        raise UserError(
             f"Cannot load a tokenizer from {os.fspath(path_or_name)!r}: give a directory saved by "
             "train_caption_tokenizer / save_pretrained, or a Hugging Face hub name such as "
             f"'openai/clip-vit-base-patch32' (needs hub access). Cause: {error}"
@@ -75,7 +77,7 @@ def train_caption_tokenizer(
     """
     minimum = 256 + 2  # the byte alphabet plus the two special tokens
     if vocab_size < minimum:
-        raise ValueError(f"vocab_size must be >= {minimum} (bytes + specials), got {vocab_size}")
+        raise UserError(f"vocab_size must be >= {minimum} (bytes + specials), got {vocab_size}")
     tokenizer = _byte_level_bpe()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -137,7 +139,7 @@ def tokenize(
     token (else the end token) with mask 0.
     """
     if context_length < 2:
-        raise ValueError(f"context_length must be >= 2 (start + end), got {context_length}")
+        raise UserError(f"context_length must be >= 2 (start + end), got {context_length}")
     if isinstance(texts, str):
         texts = [texts]
     encoded = _encode_with_special_tokens(tokenizer, list(texts))
