@@ -8,7 +8,7 @@ import sys
 from absl import app, flags, logging
 
 from diffusion import config as config_lib
-from diffusion.errors import UserError, report_user_error
+from diffusion.errors import NonFiniteError, UserError, report_user_error
 
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, config, tokenizer, logs.")
 FLAGS = flags.FLAGS
@@ -35,6 +35,9 @@ def main(argv):
         trainer.train_and_evaluate(config, FLAGS.workdir)
     except UserError as error:
         sys.exit(report_user_error(error, "train.py"))
+    except NonFiniteError as error:  # a training fault, reported without a traceback
+        print(f"train.py: stopped: {error}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,10 @@ class UserError(ValueError):
     """
 
 
+class NonFiniteError(RuntimeError):
+    """The loss or the gradients stopped being finite (config.training.nan_policy = "stop")."""
+
+
 def report_user_error(error: UserError, program: str) -> int:
     """Prints `error` for a person and returns the exit status to use."""
     message = textwrap.fill(str(error), width=100, break_long_words=False, break_on_hyphens=False)

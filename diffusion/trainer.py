@@ -27,7 +27,7 @@ from flax import nnx
 
 from diffusion import checkpoints, metrics, models, optim, sharding, training
 from diffusion import data as data_lib
-from diffusion.errors import UserError
+from diffusion.errors import NonFiniteError, UserError
 from diffusion.schedules import DiscreteSchedule
 
 logger = logging.getLogger(__name__)
@@ -36,10 +36,6 @@ FAMILIES = ("clip", "dit", "pipeline")
 MODEL_FILE = "model.json"
 PARAMS_DIR = "params"
 TOKENIZER_DIR = "tokenizer"
-
-
-class NonFiniteError(RuntimeError):
-    """The loss or the gradients stopped being finite (config.training.nan_policy = "stop")."""
 
 
 # ---------------------------------------------------------------------------------------------

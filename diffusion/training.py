@@ -155,7 +155,7 @@ def dit_loss(
 
 
 def _global_norm(tree) -> jax.Array:
-    return optax.global_norm(sharding.unbox(tree))
+    return optax.tree.norm(sharding.unbox(tree))
 
 
 class Trainer:
