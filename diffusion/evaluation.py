@@ -15,7 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from diffusion.data import shapes as shapes_lib
@@ -254,3 +258,637 @@ def attribute_accuracy(reading: OracleReading, labels: dict[str, np.ndarray]) ->
     if all(a in correct for a in PROMPTED_ATTRIBUTES):
         result["all"] = float(np.mean(np.all([correct[a] for a in PROMPTED_ATTRIBUTES], axis=0)))
     return result
+
+
+# =============================================================================================
+# CLIP metrics (pure numpy over embeddings)
+# =============================================================================================
+
+
+def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
+
+
+def ensemble_class_embeddings(prompt_embeddings: list[np.ndarray]) -> np.ndarray:
+    """Prompt ensembling (Radford et al. 2021, sec. 3.1.4): the embedding of class k is the
+    re-normalised mean of the normalised embeddings of its prompts. prompt_embeddings[k] is
+    (T_k, E); returns (K, E)."""
+    return l2_normalize(np.stack([l2_normalize(e).mean(axis=0) for e in prompt_embeddings]))
+
+
+def zero_shot_predictions(image_embeddings: np.ndarray, class_embeddings: np.ndarray) -> np.ndarray:
+    """Index of the class whose embedding has the largest cosine with each image (N,)."""
+    return np.argmax(l2_normalize(image_embeddings) @ l2_normalize(class_embeddings).T, axis=1)
+
+
+def zero_shot_accuracy(
+    image_embeddings: np.ndarray, class_embeddings: np.ndarray, labels: np.ndarray
+) -> float:
+    predictions = zero_shot_predictions(image_embeddings, class_embeddings)
+    return float(np.mean(predictions == np.asarray(labels)))
+
+
+def clip_score(image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> float:
+    """CLIP score of matched (image, text) rows: mean of 100 * max(cos, 0) (Hessel et al. 2021
+    with w = 100, as torchmetrics' CLIPScore)."""
+    cosine = (l2_normalize(image_embeddings) * l2_normalize(text_embeddings)).sum(axis=1)
+    return float(np.mean(100.0 * np.maximum(cosine, 0.0)))
+
+
+def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (E,) and unbiased covariance (E, E) of (N, E) features, in float64."""
+    features = np.asarray(features, np.float64)
+    if features.ndim != 2 or features.shape[0] < 2:
+        raise ValueError(f"need (N >= 2, E) features for a covariance, got {features.shape}")
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(
+    mean_a: np.ndarray, cov_a: np.ndarray, mean_b: np.ndarray, cov_b: np.ndarray
+) -> float:
+    """Frechet distance between N(mean_a, cov_a) and N(mean_b, cov_b) (Heusel et al. 2017, eq. 6;
+    Dowson & Landau 1982): |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)), in float64."""
+    import scipy.linalg
+
+    mean_a, mean_b = np.asarray(mean_a, np.float64), np.asarray(mean_b, np.float64)
+    cov_a, cov_b = np.atleast_2d(cov_a).astype(np.float64), np.atleast_2d(cov_b).astype(np.float64)
+    root = scipy.linalg.sqrtm(cov_a @ cov_b)
+    if not np.isfinite(root).all():
+        # A singular product (fewer samples than dimensions): offset both diagonals slightly,
+        # as pytorch-fid does.
+        offset = np.eye(cov_a.shape[0]) * 1e-6
+        root = scipy.linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
+    # Rounding can leave tiny imaginary parts in the square root of a PSD product.
+    root = np.real(root)
+    difference = mean_a - mean_b
+    return float(difference @ difference + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(root))
+
+
+def frechet_distance_of_features(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to two (N, E) feature sets."""
+    return frechet_distance(*feature_statistics(features_a), *feature_statistics(features_b))
+
+
+# Zero-shot class prompts per attribute. {value} is the class; the other placeholders are filled
+# with every value of their attribute, and all of a class's prompts are ensembled, so a class
+# embedding is marginalised over the attributes it does not name. {a} becomes "a" or "an".
+ZERO_SHOT_TEMPLATES = {
+    "shape": ("{a} {value}", "a photo of {a} {value}", "{a} {color} {value}", "{a} {size} {value}"),
+    "color": ("{a} {value} shape", "{a} {value} {shape}", "a photo of {a} {value} {shape}"),
+    "size": ("{a} {value} shape", "{a} {value} {shape}", "{a} {value} {color} {shape}"),
+    "position": ("a shape {value}", "{a} {shape} {value}", "{a} {color} {shape} {value}"),
+    "background": (
+        "a shape on a {value} background",
+        "{a} {shape} on a {value} background",
+        "{a} {color} {shape} on a {value} background",
+    ),
+}
+# How a position value reads in a caption (the dataset's own phrases).
+POSITION_PHRASES = dict(shapes_lib._POSITION_PHRASES)
+
+
+def _with_articles(text: str) -> str:
+    words = text.split(" ")
+    for i, word in enumerate(words[:-1]):
+        if word == "{a}":
+            words[i] = "an" if words[i + 1][:1] in tuple("aeiou") else "a"
+    return " ".join(words)
+
+
+def class_prompts(attribute: str, templates: tuple[str, ...] | None = None) -> list[list[str]]:
+    """The prompts of every class of a shapes attribute: one list per value of VOCABULARIES."""
+    if attribute not in ZERO_SHOT_TEMPLATES:
+        raise ValueError(f"unknown attribute {attribute!r}; valid: {list(ZERO_SHOT_TEMPLATES)}")
+    templates = ZERO_SHOT_TEMPLATES[attribute] if templates is None else templates
+    fillers = {"shape": shapes_lib.SHAPES, "color": shapes_lib.COLOR_NAMES}
+    fillers["size"] = shapes_lib.SIZES
+    prompts = []
+    for value in VOCABULARIES[attribute]:
+        words = POSITION_PHRASES[value] if attribute == "position" else value
+        class_list = []
+        for template in templates:
+            names = [n for n in fillers if "{" + n + "}" in template]
+            combos = [{}]
+            for name in names:
+                combos = [dict(c, **{name: v}) for c in combos for v in fillers[name]]
+            for combo in combos:
+                class_list.append(_with_articles(template.format(a="{a}", value=words, **combo)))
+        prompts.append(class_list)
+    return prompts
+
+
+# =============================================================================================
+# A CLIP model as an embedding function
+# =============================================================================================
+
+
+class ClipEncoder:
+    """A CLIP (our run directory or a Hugging Face CLIP directory) with its tokenizer, turning
+    uint8 images and strings into L2-normalised numpy embeddings. Fixed-size jitted batches
+    (the last one padded), so any number of inputs compiles one program per input kind."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 256):
+        from flax import nnx
+
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = int(batch_size)
+        self.image_size = model.config.image_size
+        self.context_length = model.config.context_length
+        graphdef, state = nnx.split(model)
+        self._state = state
+        self._encode_image = jax.jit(
+            lambda s, images: nnx.merge(graphdef, s).encode_image(self._prepare(images))
+        )
+        self._encode_text = jax.jit(
+            lambda s, tokens, mask: nnx.merge(graphdef, s).encode_text(tokens, mask)
+        )
+
+    @classmethod
+    def load(cls, checkpoint: str, batch_size: int = 256) -> ClipEncoder:
+        """From a CLIP run directory of train.py or a Hugging Face CLIP directory."""
+        from diffusion import trainer
+        from diffusion.data import load_tokenizer
+
+        model = trainer.load_text_encoder(checkpoint, {"dtype": "float32"})
+        own_tokenizer = os.path.join(checkpoint, trainer.TOKENIZER_DIR)
+        tokenizer_dir = own_tokenizer if os.path.isdir(own_tokenizer) else checkpoint
+        return cls(model, load_tokenizer(tokenizer_dir), batch_size)
+
+    def _prepare(self, images):
+        images = images.astype(jnp.float32) / 127.5 - 1.0  # uint8 -> [-1, 1]
+        if images.shape[1] != self.image_size or images.shape[2] != self.image_size:
+            shape = (images.shape[0], self.image_size, self.image_size, images.shape[3])
+            images = jax.image.resize(images, shape, "bilinear")
+        return images
+
+    def _batched(self, fn, arrays: list[np.ndarray]) -> np.ndarray:
+        count = arrays[0].shape[0]
+        size = min(self.batch_size, max(count, 1))
+        out = []
+        for start in range(0, count, size):
+            chunk = [a[start : start + size] for a in arrays]
+            rows = chunk[0].shape[0]
+            if rows < size:  # pad so that every call has the compiled shape
+                chunk = [np.concatenate([c, np.repeat(c[-1:], size - rows, 0)]) for c in chunk]
+            out.append(np.asarray(fn(self._state, *chunk))[:rows])
+        return np.concatenate(out) if out else np.zeros((0, self.model.config.embed_dim))
+
+    def encode_images(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, 3) -> (N, E) normalised image embeddings (resized if H differs)."""
+        return self._batched(self._encode_image, [np.asarray(images, np.uint8)])
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """N strings -> (N, E) normalised text embeddings (truncated to the context)."""
+        from diffusion.data import tokenize
+
+        tokens, mask = tokenize(self.tokenizer, list(texts), self.context_length)
+        return self._batched(self._encode_text, [tokens, mask])
+
+    def zero_shot_classifier(self, attribute: str) -> np.ndarray:
+        """(K, E) class embeddings of a shapes attribute (prompt ensembles of class_prompts)."""
+        return ensemble_class_embeddings([self.encode_texts(p) for p in class_prompts(attribute)])
+
+
+# =============================================================================================
+# Held-out examples of a run's dataset
+# =============================================================================================
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitExamples:
+    """The first N examples of a split: images, captions and (for shapes) attribute labels."""
+
+    images: np.ndarray  # (N, S, S, 3) uint8
+    captions: list[str]
+    labels: dict[str, np.ndarray]  # attribute -> (N,) int; empty when the dataset has none
+
+
+def load_split_examples(data_config, seed: int, split: str, count: int) -> SplitExamples:
+    """Reads `count` examples (fewer if the split is smaller) in record order, building the
+    shapes dataset first if it is missing (the same call as training)."""
+    from diffusion import trainer
+    from diffusion.data import pipeline
+
+    source, _ = trainer.prepare_source(data_config, seed)
+    reader = pipeline.open_source(source, split)
+    decoder = pipeline._BatchDecoder(reader, source, tokenizer=None, context_length=2)
+    records = reader.read(list(range(min(count, len(reader)))))
+    images = np.stack([np.asarray(r[source.image_key], np.uint8) for r in records])
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    labels = {}
+    if all(a in reader.features for a in ATTRIBUTES):
+        labels = {a: np.array([int(r[a]) for r in records]) for a in ATTRIBUTES if a in records[0]}
+    return SplitExamples(images, [decoder.caption(r) for r in records], labels)
+
+
+# =============================================================================================
+# evaluate.py: options
+# =============================================================================================
+
+DEFAULT_SAMPLER = {"flow": ("euler", 20), "ddpm": ("ddim", 20)}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationOptions:
+    """What evaluate.py measures; the defaults are the flags' defaults."""
+
+    num_samples: int = 512  # examples (captions) per split
+    splits: tuple[str, ...] = ("test", "test_unseen")
+    guidance_scales: tuple[float, ...] = (1.0, 2.0, 4.0, 6.0)
+    samplers: tuple[tuple[str, int], ...] = ()  # (name, steps); () = euler:20 or ddim:20 (ddpm)
+    clip_checkpoint: str | None = None  # None: the DiT's own text encoder run
+    batch_size: int = 64  # samples per sampling program / embedding call
+    grid_size: int = 16  # samples shown per grid in the report
+    negative_prompt: str = "a large circle in the center"  # the negative-prompt check ...
+    negative_color: str = "red"  # ... with this color as the negative prompt ("" skips it)
+    data_dir: str | None = None  # overrides the run's config.data.data_dir
+
+
+def _user_error(message: str):
+    from diffusion.errors import UserError
+
+    return UserError(message)
+
+
+def parse_guidance_scales(text: str) -> tuple[float, ...]:
+    """ "1,2,4.5" -> (1.0, 2.0, 4.5); every scale a finite number >= 0."""
+    scales = []
+    for item in (text or "").split(","):
+        try:
+            value = float(item)
+        except ValueError:
+            value = float("nan")
+        if not np.isfinite(value) or value < 0:
+            raise _user_error(
+                f"--guidance_scales={text!r}: {item.strip()!r} is not a finite number >= 0; give "
+                "comma-separated scales such as 1,2,4,6"
+            )
+        scales.append(value)
+    return tuple(dict.fromkeys(scales))
+
+
+def parse_samplers(text: str) -> tuple[tuple[str, int], ...]:
+    """ "euler:20,ddim:50" -> (("euler", 20), ("ddim", 50)); "" -> () (the objective's default)."""
+    from diffusion.text2image import SAMPLERS_BY_OBJECTIVE
+
+    known = sorted({name for names in SAMPLERS_BY_OBJECTIVE.values() for name in names})
+    result = []
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        name, _, steps = item.partition(":")
+        if name not in known:
+            raise _user_error(
+                f"--samplers={text!r}: unknown sampler {name!r}; valid: {', '.join(known)} "
+                "(each as NAME:STEPS, e.g. euler:20)"
+            )
+        if not steps.isdigit() or int(steps) < 1:
+            raise _user_error(
+                f"--samplers={text!r}: {item!r} needs a step count >= 1 after the colon, "
+                "e.g. euler:20"
+            )
+        result.append((name, int(steps)))
+    return tuple(dict.fromkeys(result))
+
+
+def scale_key(scale: float) -> str:
+    """How a guidance scale names its entry in metrics.json: 4.0 -> "4", 1.5 -> "1.5"."""
+    return f"{scale:g}"
+
+
+def sampler_key(sampler: str, steps: int) -> str:
+    return f"{sampler}:{steps}"
+
+
+# =============================================================================================
+# evaluate.py: the two families
+# =============================================================================================
+
+
+def _latest_step(run_dir: str) -> int | None:
+    directory = os.path.join(run_dir, "checkpoints")
+    steps = (
+        [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(directory) else []
+    )
+    return max(steps) if steps else None
+
+
+def _data_config(config, options: EvaluationOptions):
+    data = config.data
+    if options.data_dir:
+        data = data.copy_and_resolve_references()
+        data.data_dir = options.data_dir
+    return data
+
+
+def evaluate_clip_run(run_dir: str, config, options: EvaluationOptions) -> dict:
+    """Zero-shot attribute accuracy and retrieval recall@1/5/10 on each split."""
+    from diffusion.contrastive import retrieval_metrics
+
+    encoder = ClipEncoder.load(run_dir, options.batch_size)
+    classifiers = {}
+    result = {"splits": {}}
+    for split in options.splits:
+        examples = load_split_examples(
+            _data_config(config, options), config.seed, split, options.num_samples
+        )
+        image_embeddings = encoder.encode_images(examples.images)
+        text_embeddings = encoder.encode_texts(examples.captions)
+        entry = {
+            "num_examples": len(examples.captions),
+            "clip_score": clip_score(image_embeddings, text_embeddings),
+            "retrieval": {
+                k: float(v)
+                for k, v in retrieval_metrics(
+                    image_embeddings, text_embeddings, ks=(1, 5, 10)
+                ).items()
+            },
+        }
+        if examples.labels:
+            zero_shot = {}
+            for attribute in ATTRIBUTES:
+                if attribute not in classifiers:
+                    classifiers[attribute] = encoder.zero_shot_classifier(attribute)
+                zero_shot[attribute] = zero_shot_accuracy(
+                    image_embeddings, classifiers[attribute], examples.labels[attribute]
+                )
+            zero_shot["mean"] = float(np.mean([zero_shot[a] for a in PROMPTED_ATTRIBUTES]))
+            entry["zero_shot"] = zero_shot
+        result["splits"][split] = entry
+    return result
+
+
+def _gallery(title, grid_path, captions, reading, labels, count) -> dict:
+    """What the report shows under a grid: each prompt and, with an oracle, what it read."""
+    items = []
+    for i in range(min(count, len(captions))):
+        item = {"prompt": captions[i]}
+        if reading is not None:
+            item["read"] = reading.names(i)
+            item["correct"] = {
+                a: bool(getattr(reading, a)[i] == labels[a][i]) for a in PROMPTED_ATTRIBUTES
+            }
+        items.append(item)
+    return {"title": title, "image": grid_path, "items": items}
+
+
+def _frame_colors(reading, labels, count):
+    if reading is None:
+        return None
+    right = np.all([getattr(reading, a) == labels[a] for a in PROMPTED_ATTRIBUTES], axis=0)
+    return [(40, 170, 60) if ok else (210, 40, 40) for ok in right[:count]]
+
+
+def evaluate_dit_run(checkpoint: str, config, options: EvaluationOptions, output_dir: str):
+    """Samples for each split's captions over the sweep; scores them. -> (metrics, galleries)."""
+    import time
+
+    import tqdm
+
+    from diffusion import report
+    from diffusion.text2image import TextToImage
+
+    pipe = TextToImage.from_run(checkpoint)
+    samplers = options.samplers or (DEFAULT_SAMPLER[pipe.objective],)
+    for name, steps in samplers:  # unknown names for this objective fail before any work
+        pipe.settings(name, steps)
+    clip_checkpoint = options.clip_checkpoint or config.text_encoder.checkpoint
+    encoder = ClipEncoder.load(clip_checkpoint, options.batch_size)
+    metrics = {
+        "checkpoint_step": pipe.checkpoint_step,
+        "resolution": pipe.resolution,
+        "objective": pipe.objective,
+        "clip_checkpoint": os.path.abspath(clip_checkpoint),
+        "guidance_scales": list(options.guidance_scales),
+        "samplers": [sampler_key(*s) for s in samplers],
+        "splits": {},
+    }
+    galleries = []
+    os.makedirs(os.path.join(output_dir, "grids"), exist_ok=True)
+    progress = tqdm.tqdm(
+        total=len(options.splits) * len(samplers) * len(options.guidance_scales),
+        desc="evaluate",
+        unit="setting",
+        dynamic_ncols=True,
+    )
+    for split in options.splits:
+        examples = load_split_examples(
+            _data_config(config, options), config.seed, split, options.num_samples
+        )
+        labels, captions = examples.labels, examples.captions
+        seeds = list(range(len(captions)))  # sample i always uses seed i: paired comparisons
+        real_embeddings = encoder.encode_images(examples.images)
+        text_embeddings = encoder.encode_texts(captions)
+        real = {"clip_score": clip_score(real_embeddings, text_embeddings)}
+        if labels:
+            real["oracle_accuracy"] = attribute_accuracy(read_attributes(examples.images), labels)
+        entry = {"num_samples": len(captions), "real": real, "samples": {}}
+        for sampler, steps in samplers:
+            by_scale = entry["samples"].setdefault(sampler_key(sampler, steps), {})
+            for scale in options.guidance_scales:
+                start = time.perf_counter()
+                images = pipe.generate(
+                    captions,
+                    seeds=seeds,
+                    sampler=sampler,
+                    steps=steps,
+                    guidance_scale=scale,
+                    batch_size=options.batch_size,
+                )
+                seconds = time.perf_counter() - start
+                embeddings = encoder.encode_images(images)
+                result = {
+                    "clip_score": clip_score(embeddings, text_embeddings),
+                    "frechet_distance": (
+                        frechet_distance_of_features(real_embeddings, embeddings)
+                        if len(captions) >= 2
+                        else None
+                    ),
+                    "seconds": seconds,
+                }
+                reading = read_attributes(images) if labels else None
+                if reading is not None:
+                    result["accuracy"] = attribute_accuracy(reading, labels)
+                name = f"{split}_{sampler}-{steps}_cfg{scale_key(scale)}.png"
+                count = min(options.grid_size, len(captions))
+                report.save_grid(
+                    images[:count],
+                    os.path.join(output_dir, "grids", name),
+                    frame_colors=_frame_colors(reading, labels, count),
+                )
+                result["grid"] = f"grids/{name}"
+                by_scale[scale_key(scale)] = result
+                title = f"{split}: {sampler} {steps} steps, guidance {scale_key(scale)}"
+                galleries.append(
+                    _gallery(title, result["grid"], captions, reading, labels, count)
+                    | {"split": split, "sampler": sampler_key(sampler, steps), "scale": scale}
+                )
+                progress.update(1)
+        entry["best"] = _best_setting(entry["samples"])
+        metrics["splits"][split] = entry
+    progress.close()
+    if options.negative_color and all("accuracy" in s["best"] for s in metrics["splits"].values()):
+        first = metrics["splits"][options.splits[0]]["best"]
+        metrics["negative_prompt"], extra = negative_prompt_check(
+            pipe,
+            options,
+            first["sampler"],
+            negative_check_scale(first["guidance_scale"], options.guidance_scales),
+            output_dir,
+        )
+        galleries.extend(extra)
+    return metrics, galleries
+
+
+def _best_setting(samples: dict) -> dict:
+    """The (sampler, scale) with the highest all-four accuracy; ties go to the higher mean
+    attribute accuracy, then the higher CLIP score (the CLIP score alone without an oracle)."""
+    candidates = []
+    for sampler, by_scale in samples.items():
+        for scale, result in by_scale.items():
+            accuracy = result.get("accuracy")
+            score = (
+                (accuracy["all"], np.mean([accuracy[a] for a in PROMPTED_ATTRIBUTES]))
+                if accuracy
+                else ()
+            )
+            candidates.append((score + (result["clip_score"],), sampler, float(scale), result))
+    _, sampler, scale, result = max(candidates, key=lambda c: c[0])
+    best = {"sampler": sampler, "guidance_scale": scale}
+    best.update({k: v for k, v in result.items() if k != "grid"})
+    return best
+
+
+def negative_check_scale(best_scale: float, scales: tuple[float, ...]) -> float:
+    """Guidance scale of the negative-prompt check: the sweep's best, unless that is <= 1, where
+    the negative prompt (the unconditional branch) has no effect; then the sweep's largest scale,
+    or 3 if none is above 1."""
+    if best_scale > 1:
+        return best_scale
+    return max((s for s in scales if s > 1), default=3.0)
+
+
+def negative_prompt_check(pipe, options, sampler_name: str, scale: float, output_dir: str):
+    """The same prompt sampled with and without a colour as negative prompt (same seeds): the
+    fraction of images the oracle reads in that colour, each way. -> (metrics, galleries)."""
+    from diffusion import report
+
+    sampler, steps = sampler_name.split(":")
+    count = options.num_samples
+    prompts = [options.negative_prompt] * count
+    result = {
+        "prompt": options.negative_prompt,
+        "negative_prompt": options.negative_color,
+        "sampler": sampler_name,
+        "guidance_scale": scale,
+        "num_samples": count,
+    }
+    galleries = []
+    for name, negatives in (("without", None), ("with", [options.negative_color] * count)):
+        images = pipe.generate(
+            prompts,
+            negative_prompts=negatives,
+            seeds=list(range(count)),
+            sampler=sampler,
+            steps=int(steps),
+            guidance_scale=scale,
+            batch_size=options.batch_size,
+        )
+        reading = read_attributes(images)
+        colors = np.bincount(reading.color, minlength=len(shapes_lib.COLOR_NAMES)) / count
+        result[f"{name}_negative"] = {
+            "color_fraction": float(colors[shapes_lib.COLOR_NAMES.index(options.negative_color)]),
+            "color_histogram": dict(zip(shapes_lib.COLOR_NAMES, map(float, colors), strict=True)),
+        }
+        shown = min(options.grid_size, count)
+        path = f"grids/negative_{name}.png"
+        report.save_grid(images[:shown], os.path.join(output_dir, path))
+        title = f'"{options.negative_prompt}" {name} negative prompt "{options.negative_color}"'
+        items = [
+            {"prompt": options.negative_prompt, "read": reading.names(i)} for i in range(shown)
+        ]
+        galleries.append({"title": title, "image": path, "items": items, "split": "negative"})
+    return result, galleries
+
+
+# =============================================================================================
+# evaluate.py: the entry point's library function
+# =============================================================================================
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, float]:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            flat[name] = float(value)
+    return flat
+
+
+def evaluate_checkpoint(checkpoint: str, output_dir: str, options: EvaluationOptions) -> dict:
+    """Evaluates a CLIP or DiT run directory; writes OUTPUT_DIR/metrics.json, TensorBoard
+    scalars (OUTPUT_DIR/tensorboard, step = the checkpoint step) and OUTPUT_DIR/index.html.
+
+    metrics.json, common keys: family ("clip" | "dit"), checkpoint (absolute path),
+    checkpoint_step, splits: {split: ...}.
+      CLIP:  splits[split] = {num_examples, clip_score (real pairs),
+               zero_shot: {shape, color, size, position, background, mean (of the first four)},
+               retrieval: {image_to_text_recall@1|5|10, text_to_image_recall@1|5|10}}
+      DiT:   resolution, objective, clip_checkpoint, guidance_scales, samplers ["euler:20", ...],
+             splits[split] = {num_samples,
+               real: {clip_score, oracle_accuracy: {<attribute>..., all}},
+               samples: {"<sampler>:<steps>": {"<scale>": {accuracy: {shape, color, size,
+                   position, background, all}, clip_score, frechet_distance, seconds, grid}}},
+               best: {sampler, guidance_scale, accuracy, clip_score, frechet_distance, seconds}},
+             negative_prompt: {prompt, negative_prompt, sampler, guidance_scale, num_samples,
+               without_negative: {color_fraction, color_histogram}, with_negative: {...}}
+    Fractions are in [0, 1]; "all" = shape, color, size and position all right.
+    """
+    from diffusion import metrics as metrics_lib
+    from diffusion import report, trainer
+    from diffusion.text2image import load_run_config, locate_run
+
+    if not os.path.exists(checkpoint):
+        raise _user_error(
+            f"--checkpoint={checkpoint!r} does not exist; pass a CLIP or DiT run directory "
+            "(the --workdir of train.py)"
+        )
+    if options.num_samples < 1:
+        raise _user_error(f"--num_samples must be >= 1, got {options.num_samples}")
+    if not options.guidance_scales:
+        raise _user_error("--guidance_scales is empty; give at least one scale, e.g. 1,2,4,6")
+    if options.negative_color and options.negative_color not in shapes_lib.COLORS:
+        raise _user_error(
+            f"--negative_color={options.negative_color!r} is not a shapes color; valid: "
+            f"{', '.join(shapes_lib.COLOR_NAMES)} (or '' to skip the check)"
+        )
+    run_dir = locate_run(checkpoint).run_dir if os.path.isdir(checkpoint) else checkpoint
+    family, _ = trainer.load_model_config(run_dir)
+    config = load_run_config(run_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    galleries = []
+    if family == "clip":
+        metrics = {"family": "clip", "checkpoint": os.path.abspath(checkpoint)}
+        metrics["checkpoint_step"] = _latest_step(run_dir)
+        metrics.update(evaluate_clip_run(run_dir, config, options))
+    else:
+        metrics = {"family": "dit", "checkpoint": os.path.abspath(checkpoint)}
+        dit_metrics, galleries = evaluate_dit_run(checkpoint, config, options, output_dir)
+        metrics.update(dit_metrics)
+    with open(os.path.join(output_dir, "metrics.json"), "w", encoding="utf-8") as f:
+        json.dump(metrics, f, indent=2)
+    writer = metrics_lib.MetricWriter(output_dir, enabled=True)
+    scalars = {
+        k: v
+        for k, v in _flatten(
+            metrics["splits"] | {"negative": metrics.get("negative_prompt", {})}
+        ).items()
+        if not k.endswith("checkpoint_step")
+    }
+    writer.write_scalars(metrics.get("checkpoint_step") or 0, scalars)
+    writer.close()
+    report.write_report(metrics, galleries, output_dir)
+    return metrics

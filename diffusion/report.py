@@ -1,0 +1,396 @@
+"""The evaluation report: sample grids and plots as PNG files, and an index.html that shows them.
+
+`write_report(metrics, galleries, output_dir)` takes evaluate.py's metrics.json dict (layout in
+`diffusion.evaluation.evaluate_checkpoint`) and the sample galleries (grid image + prompts) and
+writes OUTPUT_DIR/index.html plus its plots under OUTPUT_DIR/plots/. The page is static HTML with
+relative links: copy the folder anywhere and open it.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+PROMPTED = ("shape", "color", "size", "position")
+ATTRIBUTE_COLUMNS = ("all", "shape", "color", "size", "position", "background")
+GOOD, BAD, NEUTRAL = (40, 170, 60), (210, 40, 40), (200, 200, 200)
+
+# =============================================================================================
+# Grids
+# =============================================================================================
+
+
+def save_grid(
+    images: np.ndarray,
+    path: str,
+    columns: int | None = None,
+    tile: int = 96,
+    frame_colors: Sequence[tuple[int, int, int]] | None = None,
+    frame: int = 3,
+) -> str:
+    """Saves uint8 (N, H, W, 3) images as one PNG grid, row by row, each image scaled up (nearest
+    neighbour, so pixels stay visible) to about `tile` pixels and framed in `frame_colors[i]`
+    (e.g. green when the oracle read every attribute right). Returns `path`."""
+    images = np.asarray(images, np.uint8)
+    count, height, width, _ = images.shape
+    if count == 0:
+        raise ValueError("save_grid needs at least one image")
+    columns = columns or min(8, count)
+    rows = -(-count // columns)
+    scale = max(1, tile // max(height, width))
+    cell_h, cell_w = height * scale + 2 * frame, width * scale + 2 * frame
+    canvas = np.full((rows * cell_h, columns * cell_w, 3), 255, np.uint8)
+    for i, image in enumerate(images):
+        top, left = (i // columns) * cell_h, (i % columns) * cell_w
+        color = frame_colors[i] if frame_colors is not None else NEUTRAL
+        canvas[top : top + cell_h, left : left + cell_w] = color
+        big = image.repeat(scale, axis=0).repeat(scale, axis=1)
+        canvas[
+            top + frame : top + frame + big.shape[0], left + frame : left + frame + big.shape[1]
+        ] = big
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(canvas).save(path)
+    return path
+
+
+# =============================================================================================
+# Plots
+# =============================================================================================
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _subplots(count: int, width: float = 4.8, height: float = 3.6):
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, count, figsize=(width * count, height), squeeze=False)
+    return plt, figure, axes[0]
+
+
+def _save(plt, figure, path: str) -> str:
+    figure.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def _scale_series(by_scale: dict, value) -> tuple[list[float], list[float]]:
+    scales = sorted(by_scale, key=float)
+    return [float(s) for s in scales], [value(by_scale[s]) for s in scales]
+
+
+def plot_accuracy_vs_guidance(metrics: dict, path: str) -> str:
+    """One panel per split: all-four accuracy against the guidance scale for every sampler,
+    and each attribute's accuracy for the first sampler."""
+    splits = metrics["splits"]
+    plt, figure, axes = _subplots(len(splits))
+    for axis, (split, entry) in zip(axes, splits.items(), strict=True):
+        for index, (sampler, by_scale) in enumerate(entry["samples"].items()):
+            x, y = _scale_series(by_scale, lambda r: r["accuracy"]["all"])
+            axis.plot(x, y, "o-", linewidth=2.5, label=f"all four ({sampler})")
+            if index == 0:
+                for attribute in PROMPTED:
+                    x, y = _scale_series(by_scale, lambda r, a=attribute: r["accuracy"][a])
+                    axis.plot(x, y, ".--", linewidth=1, label=f"{attribute} ({sampler})")
+        axis.set(title=split, xlabel="guidance scale", ylabel="oracle accuracy", ylim=(-0.02, 1.02))
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    return _save(plt, figure, path)
+
+
+def plot_accuracy_vs_steps(metrics: dict, path: str) -> str:
+    """One panel per split: all-four accuracy against sampling steps, one line per sampler, at
+    the split's best guidance scale."""
+    splits = metrics["splits"]
+    plt, figure, axes = _subplots(len(splits))
+    for axis, (split, entry) in zip(axes, splits.items(), strict=True):
+        scale = f"{entry['best']['guidance_scale']:g}"
+        lines: dict[str, list[tuple[int, float]]] = {}
+        for key, by_scale in entry["samples"].items():
+            name, steps = key.split(":")
+            if scale in by_scale:
+                lines.setdefault(name, []).append((int(steps), by_scale[scale]["accuracy"]["all"]))
+        for name, points in lines.items():
+            points.sort()
+            axis.plot(*zip(*points, strict=True), "o-", label=name)
+        axis.set(
+            title=f"{split} (guidance {scale})",
+            xlabel="sampling steps",
+            ylabel="all-four accuracy",
+            ylim=(-0.02, 1.02),
+        )
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    return _save(plt, figure, path)
+
+
+def plot_clip_metrics_vs_guidance(metrics: dict, path: str) -> str:
+    """CLIP score and Frechet distance against the guidance scale, per split and sampler."""
+    plt, figure, axes = _subplots(2)
+    for split, entry in metrics["splits"].items():
+        for sampler, by_scale in entry["samples"].items():
+            x, y = _scale_series(by_scale, lambda r: r["clip_score"])
+            axes[0].plot(x, y, "o-", label=f"{split} {sampler}")
+            x, y = _scale_series(by_scale, lambda r: r["frechet_distance"] or np.nan)
+            axes[1].plot(x, y, "o-", label=f"{split} {sampler}")
+        axes[0].axhline(entry["real"]["clip_score"], linestyle=":", color="gray")
+    axes[0].set(title="CLIP score (dotted: real images)", xlabel="guidance scale")
+    axes[1].set(title="Frechet distance to real (CLIP space)", xlabel="guidance scale")
+    for axis in axes:
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    return _save(plt, figure, path)
+
+
+def plot_zero_shot(metrics: dict, path: str) -> str:
+    """Zero-shot accuracy per attribute, one bar group per split (CLIP runs)."""
+    splits = {s: e["zero_shot"] for s, e in metrics["splits"].items() if "zero_shot" in e}
+    plt, figure, axes = _subplots(1, width=7)
+    axis = axes[0]
+    attributes = ("shape", "color", "size", "position", "background")
+    width = 0.8 / max(len(splits), 1)
+    for index, (split, zero_shot) in enumerate(splits.items()):
+        x = np.arange(len(attributes)) + index * width
+        axis.bar(x, [zero_shot[a] for a in attributes], width, label=split)
+    axis.set_xticks(np.arange(len(attributes)) + width * (len(splits) - 1) / 2, attributes)
+    axis.set(ylabel="zero-shot accuracy", ylim=(0, 1.02), title="CLIP zero-shot attributes")
+    axis.grid(alpha=0.3, axis="y")
+    axis.legend()
+    return _save(plt, figure, path)
+
+
+# =============================================================================================
+# HTML
+# =============================================================================================
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; }
+th { background: #f0f0f0; } td.text, th.text { text-align: left; }
+tr.best td { background: #eaf6ea; font-weight: 600; }
+img.plot { max-width: 100%; border: 1px solid #ddd; margin: 0.5em 0; }
+figure { margin: 1em 0 2em; } figcaption ol { columns: 2; font-size: 0.85em; }
+.ok { color: #1a8a2a; } .bad { color: #c02020; } .meta { color: #666; }
+"""
+
+
+def _e(value) -> str:
+    return html.escape(str(value))
+
+
+def _number(value, percent: bool = False) -> str:
+    if value is None:
+        return "-"
+    return (
+        f"{100 * value:.1f} %"
+        if percent
+        else f"{value:.3g}"
+        if abs(value) < 1e4
+        else f"{value:.0f}"
+    )
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], classes=None) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = []
+    for i, row in enumerate(rows):
+        css = f' class="{classes[i]}"' if classes and classes[i] else ""
+        cells = "".join(
+            f'<td class="text">{c}</td>' if j == 0 else f"<td>{c}</td>" for j, c in enumerate(row)
+        )
+        body.append(f"<tr{css}>{cells}</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def _gallery_html(gallery: dict) -> str:
+    items = []
+    for i, item in enumerate(gallery["items"]):
+        text = _e(item["prompt"])
+        if "correct" in item:
+            marks = " ".join(
+                f'<span class="{"ok" if ok else "bad"}">{"&#10003;" if ok else "&#10007;"}'
+                f"{_e(attribute)}</span>"
+                for attribute, ok in item["correct"].items()
+            )
+            text += f" <span class='meta'>[{marks}]</span>"
+        if "read" in item:
+            read = item["read"]
+            text += (
+                f" <span class='meta'>read: {_e(read['size'])} {_e(read['color'])} "
+                f"{_e(read['shape'])}, {_e(read['position'])}, {_e(read['background'])}</span>"
+            )
+        items.append(f"<li value='{i + 1}'>{text}</li>")
+    return (
+        f"<figure><img src='{_e(gallery['image'])}' alt='{_e(gallery['title'])}'>"
+        f"<figcaption><b>{_e(gallery['title'])}</b> (row by row; green frame: all four "
+        f"attributes read right)<ol>{''.join(items)}</ol></figcaption></figure>"
+    )
+
+
+def _dit_body(metrics: dict, galleries: list[dict], output_dir: str) -> list[str]:
+    parts = []
+    splits = metrics["splits"]
+    has_oracle = all("accuracy" in e["best"] for e in splits.values())
+    header = ["split", "setting"]
+    header += [*(f"{a} acc." for a in ATTRIBUTE_COLUMNS)] if has_oracle else []
+    header += ["CLIP score", "FD (CLIP)"]
+
+    def accuracy_cells(accuracy):
+        return [_number(accuracy.get(a), percent=True) for a in ATTRIBUTE_COLUMNS]
+
+    rows = []
+    for split, entry in splits.items():
+        best = entry["best"]
+        row = [_e(split), _e(f"best: {best['sampler']}, guidance {best['guidance_scale']:g}")]
+        row += accuracy_cells(best["accuracy"]) if has_oracle else []
+        rows.append(row + [_number(best["clip_score"]), _number(best["frechet_distance"])])
+        real = entry["real"]
+        row = [_e(split), "real images (oracle / CLIP sanity check)"]
+        row += accuracy_cells(real["oracle_accuracy"]) if has_oracle else []
+        rows.append(row + [_number(real["clip_score"]), "0"])
+    parts.append("<h2>Headline: the best setting of the sweep per split</h2>")
+    parts.append(_table(header, rows))
+
+    plots = []
+    if has_oracle:
+        plots.append(
+            plot_accuracy_vs_guidance(
+                metrics, os.path.join(output_dir, "plots", "accuracy_vs_guidance.png")
+            )
+        )
+        plots.append(
+            plot_accuracy_vs_steps(
+                metrics, os.path.join(output_dir, "plots", "accuracy_vs_steps.png")
+            )
+        )
+    plots.append(
+        plot_clip_metrics_vs_guidance(
+            metrics, os.path.join(output_dir, "plots", "clip_vs_guidance.png")
+        )
+    )
+    parts.append("<h2>Plots</h2>")
+    for plot in plots:
+        relative = os.path.relpath(plot, output_dir)
+        parts.append(f"<img class='plot' src='{_e(relative)}' alt='{_e(relative)}'>")
+
+    parts.append("<h2>The whole sweep</h2>")
+    header = ["split", "sampler", "guidance"]
+    header += [*(f"{a} acc." for a in ATTRIBUTE_COLUMNS)] if has_oracle else []
+    header += ["CLIP score", "FD (CLIP)", "seconds"]
+    rows, classes = [], []
+    for split, entry in splits.items():
+        best = entry["best"]
+        for sampler, by_scale in entry["samples"].items():
+            for scale, result in by_scale.items():
+                row = [_e(split), _e(sampler), _e(scale)]
+                row += accuracy_cells(result["accuracy"]) if has_oracle else []
+                row += [_number(result["clip_score"]), _number(result["frechet_distance"])]
+                rows.append(row + [f"{result['seconds']:.1f}"])
+                is_best = sampler == best["sampler"] and float(scale) == best["guidance_scale"]
+                classes.append("best" if is_best else "")
+    parts.append(_table(header, rows, classes))
+
+    negative = metrics.get("negative_prompt")
+    if negative:
+        parts.append("<h2>Negative prompt</h2>")
+        parts.append(
+            f"<p>Prompt <b>{_e(negative['prompt'])}</b>, {negative['num_samples']} seeds, "
+            f"{_e(negative['sampler'])}, guidance {negative['guidance_scale']:g}: fraction of "
+            f"images the oracle reads as <b>{_e(negative['negative_prompt'])}</b>.</p>"
+        )
+        rows = [
+            [
+                _e(f"{way} negative prompt {negative['negative_prompt']!r}"),
+                _number(negative[f"{way}_negative"]["color_fraction"], percent=True),
+            ]
+            for way in ("without", "with")
+        ]
+        parts.append(_table(["", f"{negative['negative_prompt']} fraction"], rows))
+        for gallery in galleries:
+            if gallery.get("split") == "negative":
+                parts.append(_gallery_html(gallery))
+
+    parts.append("<h2>Samples</h2>")
+    for split, entry in splits.items():
+        best = entry["best"]
+        parts.append(f"<h3>{_e(split)}</h3>")
+        others = []
+        for gallery in galleries:
+            if gallery.get("split") != split:
+                continue
+            if gallery["sampler"] == best["sampler"] and gallery["scale"] == best["guidance_scale"]:
+                parts.append(_gallery_html(gallery))
+            else:
+                others.append(_gallery_html(gallery))
+        if others:
+            parts.append(
+                f"<details><summary>the other {len(others)} settings</summary>"
+                f"{''.join(others)}</details>"
+            )
+    return parts
+
+
+def _clip_body(metrics: dict, output_dir: str) -> list[str]:
+    parts = ["<h2>Zero-shot attribute classification and retrieval</h2>"]
+    attributes = ("shape", "color", "size", "position", "background", "mean")
+    retrieval_keys = [
+        f"{d}_recall@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)
+    ]
+    header = ["split", "examples", *(f"zero-shot {a}" for a in attributes)]
+    header += [k.replace("_", " ") for k in retrieval_keys] + ["CLIP score"]
+    rows = []
+    for split, entry in metrics["splits"].items():
+        zero_shot = entry.get("zero_shot", {})
+        row = [_e(split), str(entry["num_examples"])]
+        row += [_number(zero_shot.get(a), percent=True) for a in attributes]
+        row += [_number(entry["retrieval"][k], percent=True) for k in retrieval_keys]
+        rows.append(row + [_number(entry["clip_score"])])
+    parts.append(_table(header, rows))
+    if any("zero_shot" in e for e in metrics["splits"].values()):
+        plot = plot_zero_shot(metrics, os.path.join(output_dir, "plots", "zero_shot.png"))
+        parts.append(f"<img class='plot' src='{_e(os.path.relpath(plot, output_dir))}'>")
+    parts.append(
+        "<p class='meta'>Zero-shot: each class is the ensembled embedding of prompts such as "
+        "'a red circle' over every value of the attributes the class does not name (CLIP's prompt "
+        "ensembling). Retrieval: among the split's examples; captions that describe the same "
+        "attributes are near-duplicates, so recall@1 has a ceiling below 100 %.</p>"
+    )
+    return parts
+
+
+def write_report(metrics: dict, galleries: list[dict], output_dir: str) -> str:
+    """Writes OUTPUT_DIR/index.html (and its plots) for a CLIP or DiT metrics dict; returns the
+    path of the page."""
+    title = f"Evaluation of {metrics['checkpoint']}"
+    meta = [f"family: {metrics['family']}", f"checkpoint step: {metrics.get('checkpoint_step')}"]
+    for key in ("resolution", "objective", "clip_checkpoint"):
+        if key in metrics:
+            meta.append(f"{key.replace('_', ' ')}: {metrics[key]}")
+    if metrics["family"] == "dit":
+        body = _dit_body(metrics, galleries, output_dir)
+    else:
+        body = _clip_body(metrics, output_dir)
+    page = (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_e(title)}</title>"
+        f"<style>{_STYLE}</style></head><body><h1>{_e(title)}</h1>"
+        f"<p class='meta'>{' &middot; '.join(_e(m) for m in meta)} &middot; "
+        "numbers: <a href='metrics.json'>metrics.json</a></p>"
+        + "\n".join(body)
+        + "</body></html>\n"
+    )
+    path = os.path.join(output_dir, "index.html")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(page)
+    return path
