@@ -1,0 +1,682 @@
+"""Ahead-of-time compilation for a TPU topology: does a recipe fit, and how fast could it run?
+
+With libtpu installed (the `tpu` extra), `jax.experimental.topologies.get_topology_desc` describes
+the chips of a TPU slice on any machine, this CPU included. The REAL train step of a recipe
+(`training.Trainer.step_fn`: loss, gradients, AdamW, EMA, under the recipe's mesh and logical
+rules) and its sampler (the whole guided `lax.scan`) are lowered with abstract inputs
+(`jax.ShapeDtypeStruct` carrying shardings) and compiled by the TPU compiler. Nothing is
+allocated; the compiled programs report
+
+    memory_analysis()   per-device bytes: arguments, outputs, temporaries, generated code, and
+                        the outputs aliased to donated arguments (counted once)
+    cost_analysis()     per-device FLOPs, bytes accessed and `optimal_seconds`, the compiler's
+                        roofline estimate of the program's run time on that chip
+
+from which the report derives the peak memory per device against the chip's HBM, the step time
+and the implied utilisation (FLOPs / (time x peak)). The FLOPs are the compiler's, so with
+rematerialisation they include the recomputed forward pass (hardware, not model, FLOPs).
+
+    report = compile_for_topology(config, "v5p:2x2x1")
+    python train.py --config=configs/dit_xl2_imagenet.py --aot_topology=v5p:8x8x4 --workdir=W
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from diffusion import guidance, metrics, models, optim, samplers, sharding, training
+from diffusion.errors import UserError
+from diffusion.schedules import DiscreteSchedule, ddpm_levels, flow_levels
+
+GIB = 1024**3
+
+# HBM per chip from the vendors' data sheets, by the chip name a topology string starts with.
+HBM_BYTES_BY_CHIP = {
+    "v4": 32 * GIB,
+    "v5e": 16 * GIB,
+    "v5p": 95 * GIB,
+    "v6e": 32 * GIB,
+}
+
+# HBM bandwidth per chip (data sheets), for the roofline when the compiler gives no time.
+HBM_BANDWIDTH_BY_CHIP = {
+    "v4": 1228e9,
+    "v5e": 819e9,
+    "v5p": 2765e9,
+    "v6e": 1640e9,
+}
+
+# Samplers a recipe may name by a short alias (configs/base_dit.py says "euler").
+SAMPLER_ALIASES = {"euler": "flow_euler", "heun": "flow_heun"}
+
+
+class AOTError(UserError):
+    """A topology that cannot be used, or a recipe that does not fit it."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Topologies
+# ---------------------------------------------------------------------------------------------
+
+
+def libtpu_available() -> bool:
+    """Whether the TPU compiler (the `libtpu` package of the `tpu` extra) is installed."""
+    return importlib.util.find_spec("libtpu") is not None
+
+
+def chip_name(topology: str) -> str:
+    """'v5p:8x8x4' -> 'v5p'; raises AOTError for a chip without an HBM entry."""
+    chip, sep, shape = topology.partition(":")
+    if not sep or chip not in HBM_BYTES_BY_CHIP or not shape:
+        raise AOTError(
+            f"topology {topology!r} is not CHIP:SHAPE with CHIP one of "
+            f"{sorted(HBM_BYTES_BY_CHIP)}, e.g. 'v5e:2x2', 'v5p:2x2x1', 'v4:2x2x1', 'v6e:4x4'."
+        )
+    return chip
+
+
+def topology_devices(topology: str) -> list:
+    """The compile-only devices of a TPU slice such as 'v5e:2x2' or 'v5p:8x8x4'."""
+    chip_name(topology)
+    if not libtpu_available():
+        raise AOTError(
+            "ahead-of-time compilation for TPU needs libtpu: pip install 'jax[tpu]' (the "
+            "project's `tpu` extra)."
+        )
+    # libtpu guards a real TPU with /tmp/libtpu_lockfile; compiling only, several processes
+    # (another job, a test worker) may safely load it at once.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from jax.experimental import topologies
+
+    try:
+        return list(topologies.get_topology_desc(topology, "tpu").devices)
+    except Exception as error:  # libtpu reports bad shapes as JaxRuntimeError(INVALID_ARGUMENT)
+        raise AOTError(f"libtpu cannot describe topology {topology!r}: {error}") from error
+
+
+def devices_per_chip(devices: Sequence[Any]) -> int:
+    """TensorCores exposed as separate devices per chip (2 on v4 here, 1 on v5e/v5p/v6e)."""
+    chips = {tuple(d.coords) for d in devices}
+    return max(1, len(devices) // len(chips))
+
+
+# ---------------------------------------------------------------------------------------------
+# The programs: abstract train step and sampler of a recipe
+# ---------------------------------------------------------------------------------------------
+
+
+def class_conditional_dit_loss(
+    model, frozen, batch, key, *, objective, num_classes: int, cond_dropout: float
+):
+    """Denoising loss of a class-conditional DiT: a label becomes the null class `num_classes`
+    with probability `cond_dropout` (DiT's LabelEmbedder token drop, for guidance)."""
+    del frozen
+    drop_key, loss_key = jax.random.split(key)
+    labels = batch["label"]  # (B,)
+    drop = jax.random.bernoulli(drop_key, cond_dropout, labels.shape)
+    labels = jnp.where(drop, num_classes, labels)  # (B,)
+    model_fn = lambda x, t, cond: model(x, t, labels=cond)
+    loss, aux = objective.loss(model_fn, batch["image"], labels, loss_key)
+    return loss, {"mean_t": jnp.mean(aux["t"])}
+
+
+def diffusion_objective(d) -> training.DiffusionObjective:
+    """The recipe's DiffusionObjective (as diffusion.trainer builds it)."""
+    schedule = None
+    if d.objective == "ddpm":
+        schedule = DiscreteSchedule.from_name(
+            d.schedule, d.num_timesteps, zero_terminal_snr=d.zero_terminal_snr
+        )
+    return training.DiffusionObjective(
+        objective=d.objective,
+        prediction_type=d.prediction_type,
+        schedule=schedule,
+        time_sampling=d.time_sampling,
+        logit_mean=d.logit_normal_mean,
+        logit_std=d.logit_normal_std,
+        shift=d.shift,
+        min_snr_gamma=d.min_snr_gamma or None,
+    )
+
+
+def _image_size(config, default: int) -> int:
+    size = config.data.get("image_size")
+    if size:
+        return int(size)
+    name = config.data.get("builder_config")
+    return int(name) if name and str(name).isdigit() else default
+
+
+def _execution(config) -> dict:
+    m = config.model
+    return dict(
+        dtype=m.dtype,
+        remat_policy=m.remat,
+        scan_layers=m.scan_layers,
+        attention_impl=m.get("attention_impl", "xla"),
+    )
+
+
+def clip_model_config(config, **overrides) -> models.CLIPConfig:
+    """The CLIP of a recipe, with the vocabulary of config.tokenizer (no tokenizer file needed)."""
+    variant = models.CLIP_VARIANTS.get(config.model.variant, {})
+    fields = dict(
+        image_size=_image_size(config, variant.get("image_size", 32)),
+        vocab_size=int(config.tokenizer.vocab_size),
+        context_length=int(config.tokenizer.context_length),
+        **_execution(config),
+    )
+    return models.clip_config(config.model.variant, **{**fields, **overrides})
+
+
+def text_encoder_config(config) -> models.CLIPConfig:
+    """The frozen text tower's CLIP of a text-conditioned DiT recipe, from shapes alone."""
+    te = config.text_encoder
+    if te.get("variant"):
+        return models.clip_config(
+            te.variant,
+            vocab_size=int(config.tokenizer.vocab_size),
+            context_length=int(config.tokenizer.context_length),
+            dtype=config.model.dtype,
+        )
+    if te.checkpoint and os.path.isfile(os.path.join(te.checkpoint, "model.json")):
+        from diffusion import trainer
+
+        family, clip_config = trainer.load_model_config(te.checkpoint)
+        if family == "clip":
+            return clip_config
+    raise AOTError(
+        "a text-conditioned DiT needs the shapes of its CLIP text tower: set "
+        "config.text_encoder.variant (e.g. 'L/14') or config.text_encoder.checkpoint to a CLIP run "
+        "directory of train.py."
+    )
+
+
+def dit_model_config(
+    config, text_config: models.CLIPConfig | None, **overrides
+) -> models.DiTConfig:
+    m = config.model
+    extra = dict(conditioning="class", num_classes=int(m.num_classes))
+    if text_config is not None:
+        extra = dict(
+            conditioning="text",
+            context_dim=text_config.text_width,
+            pooled_dim=text_config.embed_dim,
+        )
+    return models.dit_config(
+        m.variant,
+        in_channels=int(m.get("in_channels", 3)),
+        learn_sigma=bool(m.get("learn_sigma", False)),
+        **{**_execution(config), **extra, **overrides},
+    )
+
+
+@dataclasses.dataclass
+class Programs:
+    """What gets compiled: the trainer (its step_fn) and abstract arguments of each program."""
+
+    family: str
+    model_config: Any
+    trainer: training.Trainer
+    train_args: tuple
+    sample_fn: Any = None
+    sample_args: tuple = ()
+
+
+def _abstract(shape, dtype, sharding_):
+    return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding_)
+
+
+def abstract_batch(config, mesh, model_config, family: str) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch as ShapeDtypeStructs sharded like `sharding.batch_sharding(mesh)`."""
+    batch = int(config.training.global_batch_size)
+    rows = sharding.batch_sharding(mesh)
+    if family == "clip":
+        size, channels = model_config.image_size, model_config.in_channels
+    else:
+        size, channels = _image_size(config, 32), model_config.in_channels
+    out = {"image": _abstract((batch, size, size, channels), jnp.float32, rows)}
+    if family == "clip" or model_config.conditioning == "text":
+        length = int(config.tokenizer.context_length)
+        out["tokens"] = _abstract((batch, length), jnp.int32, rows)
+        out["mask"] = _abstract((batch, length), jnp.int32, rows)
+    else:
+        out["label"] = _abstract((batch,), jnp.int32, rows)
+    return out
+
+
+def _check_batch(config, mesh) -> None:
+    batch = int(config.training.global_batch_size)
+    size = math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh))
+    if batch % size:
+        raise AOTError(
+            f"config.training.global_batch_size={batch} is not divisible by the {size} devices of "
+            f"the mesh's batch axes {dict(mesh.shape)}; use a multiple of {size}."
+        )
+
+
+def build_programs(
+    config, mesh, *, sample_batch: int | None = None, model_overrides: Mapping | None = None
+) -> Programs:
+    """The recipe's real train step (and sampler, for a DiT) over abstract inputs on `mesh`.
+
+    model_overrides: model config fields to change (the depth twins of `extrapolated_cost`).
+    """
+    overrides = dict(model_overrides or {})
+    _check_batch(config, mesh)
+    tx = optim.make_optimizer(config.optimizer, total_steps=config.training.num_steps)
+    trainer_kw = dict(
+        seed=config.seed, ema_decay=config.training.ema_decay, nan_policy=config.training.nan_policy
+    )
+    if config.family == "clip":
+        model_config = clip_model_config(config, **overrides)
+        loss = config.loss
+        loss_fn = lambda model, frozen, batch, key: training.clip_loss(
+            model, frozen, batch, key, kind=loss.kind, mesh=mesh, chunked=loss.chunked
+        )
+        init = lambda: models.CLIP(model_config, rngs=nnx.Rngs(config.seed))
+        trainer = training.Trainer(init, loss_fn, tx, mesh, **trainer_kw)
+        batch = abstract_batch(config, mesh, model_config, "clip")
+        return Programs("clip", model_config, trainer, (trainer.abstract_state, batch, None))
+    if config.family != "dit":
+        raise AOTError(f"config.family={config.family!r}; AOT compiles 'clip' or 'dit' recipes.")
+
+    text_config = text_encoder_config(config) if config.model.num_classes == 0 else None
+    model_config = dit_model_config(config, text_config, **overrides)
+    objective = diffusion_objective(config.diffusion)
+    if text_config is None:
+        loss_fn = lambda model, frozen, batch, key: class_conditional_dit_loss(
+            model,
+            frozen,
+            batch,
+            key,
+            objective=objective,
+            num_classes=model_config.num_classes,
+            cond_dropout=config.diffusion.cond_dropout,
+        )
+    else:
+        length = int(config.tokenizer.context_length)
+        empty_mask = (np.arange(length) < 2).astype(np.int32)[None]  # start + end token
+        loss_fn = lambda model, frozen, batch, key: training.dit_loss(
+            model,
+            frozen,
+            batch,
+            key,
+            objective=objective,
+            empty_tokens=np.zeros((1, length), np.int32),
+            empty_mask=empty_mask,
+            cond_dropout=config.diffusion.cond_dropout,
+        )
+    init = lambda: models.DiT(model_config, rngs=nnx.Rngs(config.seed))
+    trainer = training.Trainer(init, loss_fn, tx, mesh, **trainer_kw)
+    frozen = None
+    if text_config is not None:
+        # The frozen CLIP is abstract too: Trainer would device_put a concrete one, so its two
+        # fields are set here instead, sharded by the same rules as in training.
+        text_init = lambda: models.CLIP(text_config, rngs=nnx.Rngs(0))
+        graphdef, frozen, _ = sharding.abstract_state(text_init, mesh, trainer.rules)
+        trainer.frozen_graphdef, trainer.frozen_state = graphdef, frozen
+    batch = abstract_batch(config, mesh, model_config, "dit")
+    programs = Programs("dit", model_config, trainer, (trainer.abstract_state, batch, frozen))
+    programs.sample_fn, programs.sample_args = sampler_program(
+        config, mesh, trainer, model_config, text_config, sample_batch
+    )
+    return programs
+
+
+def sampler_program(config, mesh, trainer, model_config, text_config, sample_batch):
+    """(jitted sampler, abstract args): the whole guided sampling scan over the EMA weights.
+
+    Text conditioning enters as token states and pooled embeddings (what the frozen text tower
+    returns once per prompt), so the program is the denoising loop alone.
+    """
+    rows = sharding.batch_sharding(mesh)
+    batch = sample_batch or math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh))
+    size = _image_size(config, 32)
+    state = trainer.abstract_state
+    params = state["ema"] if state["ema"] is not None else state["params"]
+    noise = _abstract((batch, size, size, model_config.in_channels), jnp.float32, rows)
+    s = config.sampling
+    name = SAMPLER_ALIASES.get(s.sampler, s.sampler)
+    if name not in samplers.SAMPLERS:
+        raise AOTError(
+            f"config.sampling.sampler={s.sampler!r}; valid: {sorted(samplers.SAMPLERS)} "
+            f"or aliases {sorted(SAMPLER_ALIASES)}."
+        )
+    d = config.diffusion
+    if d.objective == "flow":
+        levels = flow_levels(int(s.steps), float(d.shift))
+        options = {"prediction_type": "flow_velocity"}
+    else:
+        levels = ddpm_levels(diffusion_objective(d).schedule, int(s.steps))
+        options = {"prediction_type": d.prediction_type}
+    if text_config is None:
+        cond = _abstract((batch,), jnp.int32, rows)
+        uncond = _abstract((1,), jnp.int32, NamedSharding(mesh, PartitionSpec()))
+    else:
+        length = int(config.tokenizer.context_length)
+        cond = {
+            "context": _abstract((batch, length, text_config.text_width), jnp.float32, rows),
+            "context_mask": _abstract((batch, length), jnp.int32, rows),
+            "pooled": _abstract((batch, text_config.embed_dim), jnp.float32, rows),
+        }
+        replicated = NamedSharding(mesh, PartitionSpec())
+        uncond = jax.tree.map(lambda a: _abstract((1,) + a.shape[1:], a.dtype, replicated), cond)
+    scale = _abstract((), jnp.float32, NamedSharding(mesh, PartitionSpec()))
+    graphdef = trainer.graphdef
+
+    def sample(params, noise, cond, uncond, scale):
+        def model_fn(x, t, c):
+            # The samplers' loops are jitted themselves: nnx.scan refuses parameters traced at
+            # the outer level, so they enter the inner trace through an (elided) copy.
+            model = nnx.merge(graphdef, jax.tree.map(jnp.copy, params))
+            if text_config is None:
+                return model(x, t, labels=c)
+            return training.dit_model_fn(model)(x, t, c)
+
+        guided = guidance.guided_model_fn(model_fn)
+        condition = guidance.GuidanceCondition(cond=cond, uncond=uncond, scale=scale)
+        key = jax.random.key(config.seed)
+        return samplers.sample(name, guided, noise, levels, key, condition, **options)
+
+    return jax.jit(sample, out_shardings=rows), (params, noise, cond, uncond, scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiling and reading the compiler's analyses
+# ---------------------------------------------------------------------------------------------
+
+
+def memory_report(compiled, hbm_bytes: float) -> dict[str, Any]:
+    """Per-device bytes of a compiled program against the device's HBM.
+
+    total = arguments + outputs - aliased (donated buffers reused) + temporaries + code.
+    """
+    m = compiled.memory_analysis()
+    argument, output = m.argument_size_in_bytes, m.output_size_in_bytes
+    temp, alias, code = m.temp_size_in_bytes, m.alias_size_in_bytes, m.generated_code_size_in_bytes
+    total = argument + output - alias + temp + code
+    return {
+        "argument_bytes": int(argument),
+        "output_bytes": int(output),
+        "alias_bytes": int(alias),
+        "temp_bytes": int(temp),
+        "generated_code_bytes": int(code),
+        "total_bytes": int(total),
+        "hbm_bytes": int(hbm_bytes),
+        "hbm_fraction": total / hbm_bytes,
+        "fits": bool(total <= hbm_bytes),
+    }
+
+
+def cost_report(compiled, peak_flops: float, hbm_bandwidth: float) -> dict[str, Any]:
+    """Per-device FLOPs, bytes and time of a compiled program, and the implied utilisation.
+
+    The time is the compiler's own estimate (`optimal_seconds`) when it gives one; it returns a
+    negative value for many sharded programs (with all-gathers, or loops), and then the time is
+    the roofline max(FLOPs / peak, bytes accessed / HBM bandwidth), collectives not counted.
+    Either way it is a lower bound of the real step time, so the utilisation is an upper bound.
+    Note that XLA counts the body of a loop (a scan over layers) once: see `extrapolated_cost`.
+    """
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list | tuple):
+        analysis = analysis[0] if analysis else {}
+    analysis = analysis or {}
+    flops = float(analysis.get("flops", 0.0))
+    bytes_accessed = float(analysis.get("bytes accessed", 0.0))
+    compiler_seconds = float(analysis.get("optimal_seconds", -1.0))
+    return _cost(flops, bytes_accessed, compiler_seconds, peak_flops, hbm_bandwidth)
+
+
+def _cost(flops, bytes_accessed, compiler_seconds, peak_flops, hbm_bandwidth) -> dict[str, Any]:
+    ideal = flops / peak_flops
+    roofline = max(ideal, bytes_accessed / hbm_bandwidth)
+    if compiler_seconds > 0:
+        step_time, source = compiler_seconds, "compiler optimal_seconds"
+    else:
+        step_time, source = roofline, "roofline: max(flops / peak, bytes / HBM bandwidth)"
+    return {
+        "flops": flops,
+        "bytes_accessed": bytes_accessed,
+        "compiler_seconds": compiler_seconds if compiler_seconds > 0 else None,
+        "ideal_compute_time_s": ideal,
+        "roofline_time_s": roofline,
+        "step_time_s": step_time,
+        "step_time_source": source,
+        "mfu": ideal / step_time if step_time > 0 else None,
+        "peak_flops": peak_flops,
+        "hbm_bandwidth": hbm_bandwidth,
+    }
+
+
+def _compile(jitted, args, mesh, rules) -> tuple[Any, float, float]:
+    start = time.perf_counter()
+    with sharding.activate(mesh, rules):
+        lowered = jitted.lower(*args)
+    lowered_at = time.perf_counter()
+    compiled = lowered.compile()
+    return compiled, lowered_at - start, time.perf_counter() - lowered_at
+
+
+def _is_out_of_memory(error: Exception) -> bool:
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text
+
+
+def _program_report(jitted, args, mesh, rules, hbm, peak, bandwidth) -> dict[str, Any]:
+    try:
+        compiled, lower_s, compile_s = _compile(jitted, args, mesh, rules)
+    except Exception as error:  # the TPU compiler refuses programs that cannot fit HBM
+        if not _is_out_of_memory(error):
+            raise
+        return {"compiled": False, "error": str(error).splitlines()[0][:500], "fits": False}
+    report = {"compiled": True, "lower_seconds": lower_s, "compile_seconds": compile_s}
+    report["memory"] = memory_report(compiled, hbm)
+    report["cost"] = cost_report(compiled, peak, bandwidth)
+    report["fits"] = report["memory"]["fits"]
+    return report
+
+
+def mesh_shape_of(config, num_devices: int, override: Mapping[str, int] | None = None):
+    shape = dict(override) if override else {a: int(config.mesh[a]) for a in sharding.MESH_AXES}
+    return sharding.resolve_mesh_shape(shape, num_devices)
+
+
+def compile_for_topology(
+    config,
+    topology: str,
+    *,
+    mesh_shape: Mapping[str, int] | None = None,
+    sampler: bool = True,
+    sample_batch: int | None = None,
+    check_fit: bool = True,
+    cost_twin: bool = True,
+) -> dict[str, Any]:
+    """Compiles the recipe's train step (and sampler) for a TPU slice; returns the report.
+
+    mesh_shape: {'data': .., 'fsdp': .., 'tensor': ..} instead of config.mesh (one may be -1).
+    check_fit: raise AOTError when the train step does not fit the chips' HBM.
+    cost_twin: when the step scans over layers (XLA then counts one block's FLOPs), take FLOPs,
+      time and utilisation from `extrapolated_cost`; memory always comes from the recipe's own
+      program. The sampler (a loop over steps) gets a memory report only.
+    Every byte, FLOP and second in the report is PER DEVICE (a device is a chip on v5e, v5p and
+    v6e, and one of a v4 chip's two TensorCores here).
+    """
+    chip = chip_name(topology)
+    devices = topology_devices(topology)
+    per_chip = devices_per_chip(devices)
+    hbm = HBM_BYTES_BY_CHIP[chip] / per_chip
+    peak = _peak_per_chip(devices[0]) / per_chip
+    bandwidth = HBM_BANDWIDTH_BY_CHIP[chip] / per_chip
+    shape = mesh_shape_of(config, len(devices), mesh_shape)
+    mesh = sharding.make_mesh(shape, devices=devices)
+    programs = build_programs(config, mesh, sample_batch=sample_batch)
+    rules = programs.trainer.rules
+    limits = (hbm, peak, bandwidth)
+    train = _program_report(programs.trainer.step_fn, programs.train_args, mesh, rules, *limits)
+    if cost_twin and train.get("compiled") and config.model.scan_layers:
+        depths = {f: getattr(programs.model_config, f) for f in DEPTH_FIELDS[programs.family]}
+        train["cost"] = extrapolated_cost(config, mesh, peak, bandwidth, depths)
+    batch = int(config.training.global_batch_size)
+    if train.get("compiled"):
+        train["examples_per_second"] = batch / train["cost"]["step_time_s"]
+    report = {
+        "topology": topology,
+        "chip": chip,
+        "device_kind": devices[0].device_kind,
+        "num_devices": len(devices),
+        "devices_per_chip": per_chip,
+        "mesh": dict(mesh.shape),
+        "family": programs.family,
+        "model": config.model.variant,
+        "dtype": config.model.dtype,
+        "remat": config.model.remat,
+        "scan_layers": bool(config.model.scan_layers),
+        "global_batch_size": batch,
+        "num_parameters": _num_parameters(programs.trainer),
+        "train_step": train,
+    }
+    if sampler and programs.sample_fn is not None:
+        sample = _program_report(programs.sample_fn, programs.sample_args, mesh, rules, *limits)
+        sample.pop("cost", None)  # a loop over steps: XLA counts one step, see cost_report
+        sample["batch"] = int(programs.sample_args[1].shape[0])
+        sample["steps"] = int(config.sampling.steps)
+        sample["sampler"] = SAMPLER_ALIASES.get(config.sampling.sampler, config.sampling.sampler)
+        report["sampler"] = sample
+    if check_fit and not train["fits"]:
+        raise AOTError(not_fitting_message(report))
+    return report
+
+
+DEPTH_FIELDS = {"dit": ("depth",), "clip": ("vision_depth", "text_depth")}
+
+
+def extrapolated_cost(config, mesh, peak, bandwidth, depths: Mapping[str, int]) -> dict:
+    """Cost of the full-depth step from shallow unscanned twins, exact for a stack of identical
+    blocks: cost(D) = cost(1) + (D - 1) (cost(2) - cost(1)), per tower.
+
+    XLA counts a scanned block once, and compiling 28 unrolled blocks takes minutes on a small
+    host; one- and two-block twins compile in seconds and give the per-block increment.
+    """
+    family = "clip" if config.family == "clip" else "dit"
+    twin = config.copy_and_resolve_references()
+    twin.model.scan_layers = False
+    fields = DEPTH_FIELDS[family]
+
+    def cost_at(overrides):
+        programs = build_programs(twin, mesh, model_overrides=overrides)
+        jitted, args = programs.trainer.step_fn, programs.train_args
+        compiled, _, _ = _compile(jitted, args, mesh, programs.trainer.rules)
+        return cost_report(compiled, peak, bandwidth)
+
+    ones = {f: 1 for f in fields}
+    base = cost_at(ones)
+    steps = {f: cost_at({**ones, f: 2}) for f in fields}
+    keys = ("flops", "bytes_accessed", "compiler_seconds")
+    valid = {k: all(c[k] is not None for c in (base, *steps.values())) for k in keys}
+    total = {k: base[k] for k in keys if valid[k]}
+    for field, step in steps.items():
+        for k in total:
+            total[k] += (depths[field] - 1) * (step[k] - base[k])
+    cost = _cost(
+        total["flops"],
+        total["bytes_accessed"],
+        total.get("compiler_seconds", -1.0),
+        peak,
+        bandwidth,
+    )
+    cost["step_time_source"] += ", extrapolated from 1- and 2-block unscanned twins"
+    return cost
+
+
+def _peak_per_chip(device) -> float:
+    for kind, flops in metrics.PEAK_FLOPS_BY_DEVICE_KIND:
+        if kind.lower() in device.device_kind.lower():
+            return flops
+    raise AOTError(f"no peak FLOP/s known for device kind {device.device_kind!r}")
+
+
+def _num_parameters(trainer) -> int:
+    leaves = jax.tree.leaves(sharding.unbox(trainer.abstract_state["params"]))
+    return int(sum(math.prod(x.shape) for x in leaves))
+
+
+def not_fitting_message(report: dict) -> str:
+    train = report["train_step"]
+    where = f"{report['model']} at batch {report['global_batch_size']} on {report['topology']}"
+    if not train.get("compiled"):
+        return f"{where} does not fit: the TPU compiler ran out of memory ({train['error']})."
+    m = train["memory"]
+    return (
+        f"{where} does not fit: the train step needs {m['total_bytes'] / GIB:.2f} GiB per device "
+        f"(arguments {m['argument_bytes'] / GIB:.2f}, temporaries {m['temp_bytes'] / GIB:.2f}, "
+        f"outputs {m['output_bytes'] / GIB:.2f}) but a {report['chip']} device has "
+        f"{m['hbm_bytes'] / GIB:.1f} GiB of HBM. Use a larger slice, more fsdp "
+        "(--config.mesh.fsdp), rematerialisation (--config.model.remat=full), or a smaller "
+        "--config.training.global_batch_size."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Text report (train.py --aot_topology)
+# ---------------------------------------------------------------------------------------------
+
+
+def format_report(report: dict) -> str:
+    """A few readable lines of a compile_for_topology report."""
+    lines = [
+        f"{report['model']} ({report['family']}, {report['num_parameters'] / 1e6:.0f}M params, "
+        f"{report['dtype']}, remat={report['remat']}, scan_layers={report['scan_layers']}) on "
+        f"{report['topology']}: {report['num_devices']} x {report['device_kind']}, "
+        f"mesh {report['mesh']}, global batch {report['global_batch_size']}"
+    ]
+    for name in ("train_step", "sampler"):
+        program = report.get(name)
+        if program is None:
+            continue
+        if not program.get("compiled"):
+            lines.append(f"  {name}: DOES NOT FIT ({program['error']})")
+            continue
+        m, c = program["memory"], program.get("cost")
+        lines.append(
+            f"  {name}: per device {m['total_bytes'] / GIB:.2f} GiB of "
+            f"{m['hbm_bytes'] / GIB:.1f} GiB HBM ({100 * m['hbm_fraction']:.0f}%, "
+            f"{'fits' if m['fits'] else 'DOES NOT FIT'}): arguments "
+            f"{m['argument_bytes'] / GIB:.2f}, outputs {m['output_bytes'] / GIB:.2f} "
+            f"(aliased {m['alias_bytes'] / GIB:.2f}), temporaries {m['temp_bytes'] / GIB:.2f}"
+        )
+        if c is None:
+            lines.append(f"  {name}: compiled in {program['compile_seconds']:.0f} s")
+            continue
+        lines.append(
+            f"  {name}: {c['flops'] / 1e12:.2f} TFLOP per device, est. time "
+            f"{1e3 * c['step_time_s']:.1f} ms ({c['step_time_source']}), utilisation "
+            f"{100 * (c['mfu'] or 0):.0f}% of {c['peak_flops'] / 1e12:.0f} TFLOP/s; compiled in "
+            f"{program['compile_seconds']:.0f} s"
+        )
+    return "\n".join(lines)
+
+
+def run(config, topology: str, workdir: str) -> dict:
+    """train.py --aot_topology: compile, print the report, write WORKDIR/aot.json."""
+    report = compile_for_topology(config, topology, check_fit=False)
+    print(format_report(report), flush=True)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "aot.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+    if not report["train_step"]["fits"]:
+        raise AOTError(not_fitting_message(report))
+    return report

@@ -1,0 +1,163 @@
+"""Ahead-of-time compilation for TPU (diffusion/aot.py): the tiny DiT and CLIP train steps
+compiled for a v5e:2x2 slice on this CPU machine, checked against independent truths.
+
+Needs the TPU compiler (`pip install 'jax[tpu]'`, the project's tpu extra); skipped without it.
+"""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from configs import base_clip, base_dit
+from diffusion import aot, metrics, sharding
+
+pytestmark = pytest.mark.skipif(
+    not aot.libtpu_available(),
+    reason="libtpu is not installed: pip install 'jax[tpu]' (the tpu extra) to run the AOT tests",
+)
+
+TOPOLOGY = "v5e:2x2"  # 4 chips of 16 GiB
+MESH = {"data": 2, "fsdp": 2, "tensor": 1}
+
+
+def tiny_config(kind: str, batch: int = 8):
+    if kind == "clip":
+        config = base_clip.get_config()
+        config.loss.chunked = True  # the 32k recipes' ring loss, under shard_map
+    else:
+        config = base_dit.get_config()
+        if kind == "dit_class":
+            config.model.num_classes = 10
+        else:
+            config.text_encoder.variant = "tiny"  # frozen CLIP tower from shapes alone
+    config.training.global_batch_size = batch
+    if kind != "clip":
+        config.sampling.steps = 4
+    return config
+
+
+def per_device_bytes(tree) -> int:
+    """Bytes one device holds of abstract arrays, from their shardings (the exact truth)."""
+    total = 0
+    for leaf in jax.tree.leaves(sharding.unbox(tree)):
+        shard = leaf.sharding.shard_shape(leaf.shape)
+        total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+@pytest.fixture(scope="module")
+def reports():
+    return {
+        kind: aot.compile_for_topology(tiny_config(kind), TOPOLOGY, mesh_shape=MESH)
+        for kind in ("dit_class", "dit_text", "clip")
+    }
+
+
+@pytest.mark.parametrize("kind", ["dit_class", "dit_text", "clip"])
+def test_tiny_train_step_fits_a_v5e_2x2_with_a_consistent_memory_report(reports, kind):
+    report = reports[kind]
+    assert report["num_devices"] == 4 and report["devices_per_chip"] == 1
+    assert report["mesh"] == MESH
+    train = report["train_step"]
+    m = train["memory"]
+    assert train["fits"] and m["fits"]
+    assert m["hbm_bytes"] == 16 * 1024**3
+    for field in ("argument_bytes", "output_bytes", "temp_bytes", "generated_code_bytes"):
+        assert m[field] > 0, field
+    assert m["total_bytes"] == (
+        m["argument_bytes"] + m["output_bytes"] - m["alias_bytes"] + m["temp_bytes"]
+        + m["generated_code_bytes"]
+    )  # fmt: skip
+    assert m["total_bytes"] < m["hbm_bytes"]
+
+
+def test_arguments_hold_at_least_the_sharded_state_and_outputs_are_donated(reports):
+    """argument bytes >= the exact per-device bytes of (state, batch, frozen tower) computed
+    from the shardings (TPU layouts only pad), and the donated state is aliased, not copied."""
+    devices = aot.topology_devices(TOPOLOGY)
+    mesh = sharding.make_mesh(MESH, devices=devices)
+    programs = aot.build_programs(tiny_config("dit_text"), mesh)  # shapes only, no compile
+    m = reports["dit_text"]["train_step"]["memory"]
+    state, batch, frozen = programs.train_args
+    exact = per_device_bytes(state) + per_device_bytes(batch) + per_device_bytes(frozen)
+    assert exact <= m["argument_bytes"] <= 3 * exact
+    assert m["alias_bytes"] >= per_device_bytes(state["params"])  # params at least are reused
+
+
+def test_compiler_flops_match_the_cpu_cost_analysis_of_the_same_step(reports):
+    """The TPU compiler's per-device FLOPs of the CLIP step agree with XLA:CPU's count of the
+    same program on a CPU mesh of the same shape (independent compiler, same math)."""
+    config = tiny_config("clip")
+    mesh = sharding.make_mesh(MESH, devices=jax.devices()[:4])
+    programs = aot.build_programs(config, mesh)
+    with sharding.activate(mesh, programs.trainer.rules):
+        compiled = programs.trainer.step_fn.lower(*programs.train_args).compile()
+    cpu_flops = metrics.compiled_flops(compiled)
+    tpu_flops = reports["clip"]["train_step"]["cost"]["flops"]
+    assert 0.5 < tpu_flops / cpu_flops < 2.0
+
+
+@pytest.mark.parametrize("kind", ["dit_class", "clip"])
+def test_cost_report_gives_a_time_no_faster_than_the_compute_bound(reports, kind):
+    cost = reports[kind]["train_step"]["cost"]
+    assert cost["flops"] > 0 and cost["bytes_accessed"] > 0
+    assert cost["peak_flops"] == 197e12  # v5e's data-sheet bf16 peak
+    assert cost["ideal_compute_time_s"] == pytest.approx(cost["flops"] / 197e12)
+    # Whatever its source, an estimated time can never beat the compute-bound ideal.
+    assert cost["step_time_s"] >= cost["ideal_compute_time_s"]
+    assert 0 < cost["mfu"] <= 1
+    batch = reports[kind]["global_batch_size"]
+    examples = reports[kind]["train_step"]["examples_per_second"]
+    assert examples == pytest.approx(batch / cost["step_time_s"])
+
+
+def test_sampler_of_the_dit_compiles_and_fits(reports):
+    for kind in ("dit_class", "dit_text"):
+        sample = reports[kind]["sampler"]
+        assert sample["compiled"] and sample["fits"] and sample["steps"] == 4
+        noise_bytes = 4 * 32 * 32 * 3 * 4 // 4  # batch 4 over 4 devices (1 each), float32
+        assert sample["memory"]["argument_bytes"] > noise_bytes
+
+
+def test_a_batch_too_large_for_hbm_raises_naming_memory_and_hbm():
+    config = tiny_config("dit_class", batch=4 * 32768)
+    with pytest.raises(aot.AOTError, match=r"does not fit.*16\.0 GiB|does not fit.*memory"):
+        aot.compile_for_topology(config, TOPOLOGY, mesh_shape=MESH, sampler=False)
+
+
+def test_run_writes_the_report_to_workdir(reports, tmp_path, capsys, monkeypatch):
+    import json
+
+    monkeypatch.setattr(aot, "compile_for_topology", lambda *a, **k: reports["dit_text"])
+    report = aot.run(tiny_config("dit_text"), TOPOLOGY, str(tmp_path))
+    written = json.loads((tmp_path / "aot.json").read_text())
+    assert written["train_step"]["memory"] == report["train_step"]["memory"]
+    printed = capsys.readouterr().out
+    assert "train_step" in printed and "sampler" in printed and "GiB" in printed
+
+
+def test_v4_exposes_two_devices_per_chip_each_with_half_the_hbm():
+    devices = aot.topology_devices("v4:2x2x1")
+    assert len(devices) == 8 and aot.devices_per_chip(devices) == 2
+
+
+@pytest.mark.parametrize("topology", ["v9:2x2", "v5e", "tpu:4x4"])
+def test_unknown_topologies_are_rejected_with_the_valid_chips(topology):
+    with pytest.raises(aot.AOTError, match="v5e"):
+        aot.chip_name(topology)
+
+
+def test_scanned_step_cost_is_extrapolated_from_shallow_twins_to_the_unrolled_cost():
+    """XLA counts a scanned block once; the 1- and 2-block extrapolation must reproduce the
+    FLOPs and compiler time of the same 4-block step compiled unrolled."""
+    scanned = tiny_config("dit_class")
+    scanned.model.scan_layers = True
+    unrolled = tiny_config("dit_class")
+    kw = dict(mesh_shape=MESH, sampler=False)
+    cost = aot.compile_for_topology(scanned, TOPOLOGY, **kw)["train_step"]["cost"]
+    truth = aot.compile_for_topology(unrolled, TOPOLOGY, **kw)["train_step"]["cost"]
+    assert "extrapolated" in cost["step_time_source"]
+    assert cost["flops"] == pytest.approx(truth["flops"], rel=0.02)
+    assert cost["bytes_accessed"] == pytest.approx(truth["bytes_accessed"], rel=0.1)
