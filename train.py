@@ -11,6 +11,10 @@ from diffusion import config as config_lib
 from diffusion.errors import NonFiniteError, UserError, report_user_error
 
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, config, tokenizer, logs.")
+flags.DEFINE_string(
+    "aot_topology", None, "Instead of training, compile for a TPU slice (e.g. v5p:8x8x4) and "
+    "write the memory and cost report to WORKDIR/aot.json (needs the tpu extra)."
+)
 FLAGS = flags.FLAGS
 _CONFIG = {}
 
@@ -30,6 +34,11 @@ def main(argv):
         if not FLAGS.workdir:
             raise UserError("--workdir is required: the run directory, e.g. --workdir=runs/shapes.")
         config = config_lib.load_config(_CONFIG["spec"], _CONFIG["overrides"])
+        if FLAGS.aot_topology:  # compile for a TPU slice instead of training
+            from diffusion import aot
+
+            aot.run(config, FLAGS.aot_topology, FLAGS.workdir)
+            return
         from diffusion import trainer  # after flag parsing: importing jax is slow
 
         trainer.train_and_evaluate(config, FLAGS.workdir)
