@@ -15,6 +15,11 @@ flags.DEFINE_string(
     "aot_topology", None, "Instead of training, compile for a TPU slice (e.g. v5p:8x8x4) and "
     "write the memory and cost report to WORKDIR/aot.json (needs the tpu extra)."
 )
+flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for several processes outside TPU pods."
+)
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 FLAGS = flags.FLAGS
 _CONFIG = {}
 
@@ -39,7 +44,9 @@ def main(argv):
 
             aot.run(config, FLAGS.aot_topology, FLAGS.workdir)
             return
-        from diffusion import trainer  # after flag parsing: importing jax is slow
+        from diffusion import distributed, trainer  # after flag parsing: importing jax is slow
+
+        distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
 
         trainer.train_and_evaluate(config, FLAGS.workdir)
     except UserError as error:

@@ -25,7 +25,7 @@ import numpy as np
 import tqdm
 from flax import nnx
 
-from diffusion import checkpoints, metrics, models, optim, sharding, training
+from diffusion import checkpoints, distributed, metrics, models, optim, sharding, training
 from diffusion import data as data_lib
 from diffusion.errors import NonFiniteError, UserError
 from diffusion.schedules import DiscreteSchedule
@@ -81,7 +81,7 @@ def resolution_of(data_config) -> int | None:
 def prepare_source(data_config, seed: int) -> tuple[data_lib.SourceConfig, Any]:
     """Builds the shapes dataset if missing (other datasets must be prepared) -> source, builder."""
     if data_config.name == "shapes":
-        builder = data_lib.build_dataset(
+        build = lambda: data_lib.build_dataset(
             "shapes",
             data_config.data_dir,
             resolution_of(data_config) or 32,
@@ -90,6 +90,11 @@ def prepare_source(data_config, seed: int) -> tuple[data_lib.SourceConfig, Any]:
             num_test_unseen=data_config.num_eval_examples,
             seed=seed,
         )
+        if jax.process_index() == 0:  # one writer; the others open what it wrote
+            builder = build()
+        distributed.barrier("shapes dataset prepared")
+        if jax.process_index() != 0:
+            builder = build()
         name = data_lib.tfds_name(builder)
     else:
         name = data_config.name
@@ -107,12 +112,8 @@ def prepare_source(data_config, seed: int) -> tuple[data_lib.SourceConfig, Any]:
     return source, builder
 
 
-def prepare_tokenizer(tokenizer_config, source, split: str, directory: str):
-    """The configured tokenizer, or a BPE trained on the split's captions and saved once."""
-    if tokenizer_config.path:
-        return data_lib.load_tokenizer(tokenizer_config.path)
-    if os.path.isfile(os.path.join(directory, "tokenizer_config.json")):
-        return data_lib.load_tokenizer(directory)
+def read_captions(source, split: str) -> list[str]:
+    """Every caption of a split (as the input pipeline makes them), for training a tokenizer."""
     from diffusion.data import pipeline
 
     reader = pipeline.open_source(source, split)
@@ -121,18 +122,22 @@ def prepare_tokenizer(tokenizer_config, source, split: str, directory: str):
     for start in range(0, len(reader), 4096):
         records = reader.read(list(range(start, min(start + 4096, len(reader)))))
         captions.extend(decode.caption(record) for record in records)
-    if jax.process_index() == 0:
+    return captions
+
+
+def prepare_tokenizer(tokenizer_config, source, split: str, directory: str):
+    """The configured tokenizer, or a BPE trained on the split's captions and saved once."""
+    if tokenizer_config.path:
+        return data_lib.load_tokenizer(tokenizer_config.path)
+    saved = os.path.isfile(os.path.join(directory, "tokenizer_config.json"))
+    if jax.process_index() == 0 and not saved:  # the run directory is shared by all processes
+        captions = read_captions(source, split)
         tokenizer = data_lib.train_caption_tokenizer(
             captions, directory, tokenizer_config.vocab_size
         )
-    else:  # every process trains the same BPE; only process 0 writes it
-        import tempfile
-
-        tokenizer = data_lib.train_caption_tokenizer(
-            captions, tempfile.mkdtemp(), tokenizer_config.vocab_size
-        )
-    print(f"trained a {len(tokenizer)}-token BPE on {len(captions)} captions -> {directory}")
-    return tokenizer
+        print(f"trained a {len(tokenizer)}-token BPE on {len(captions)} captions -> {directory}")
+    distributed.barrier("tokenizer ready")
+    return data_lib.load_tokenizer(directory)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,7 +194,10 @@ def load_run_params(run_dir: str, model_config, model_cls) -> nnx.Module:
             f"{run_dir!r} has no exported parameters ({PARAMS_DIR}/): its training has not "
             "finished. Rerun train.py with that --workdir to finish it."
         )
-    return nnx.merge(graphdef, checkpoints.load_params(path, state))
+    # Onto this process's first device, whatever mesh the run was trained on.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state)
+    return nnx.merge(graphdef, checkpoints.load_params(path, target))
 
 
 def load_text_encoder(checkpoint: str, execution: dict) -> models.CLIP:

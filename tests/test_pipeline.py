@@ -110,11 +110,25 @@ def test_two_processes_read_disjoint_shards_that_cover_the_split(shapes_source, 
     assert set(shards[0]) | set(shards[1]) == everything
 
 
-@pytest.mark.parametrize("num_records,process_count", [(100, 2), (101, 3), (7, 4), (3, 3)])
-def test_shard_ranges_partition_the_records(num_records, process_count):
-    shards = [pipeline.shard_range(num_records, i, process_count) for i in range(process_count)]
-    assert [i for shard in shards for i in shard] == list(range(num_records))
-    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+def test_global_batches_do_not_depend_on_the_number_of_processes(shapes_source, caption_tokenizer):
+    single = _pipeline(shapes_source, caption_tokenizer, global_batch_size=12)
+    pair = [
+        _pipeline(
+            shapes_source,
+            caption_tokenizer,
+            global_batch_size=12,
+            process_index=index,
+            process_count=2,
+        )
+        for index in range(2)
+    ]
+    for _ in range(12):  # past the end of the first epoch of 100 records
+        whole = next(single)
+        halves = [next(iterator) for iterator in pair]
+        for key in whole:
+            np.testing.assert_array_equal(
+                np.concatenate([h[key] for h in halves]), whole[key], err_msg=key
+            )
 
 
 def test_same_seed_same_batches_other_seed_other_order(shapes_source, caption_tokenizer):

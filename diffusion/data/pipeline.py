@@ -10,12 +10,20 @@ the record indices first and reading each batch with one `__getitems__` call cos
 record. The iterator is still grain's checkpointable `DatasetIterator` (`get_state` /
 `set_state`), and since every step of the graph is random access its state is just a position.
 
-Order of operations, per process:
-  record indices of this process's shard (contiguous, like grain's ShardByJaxProcess)
+Order of operations, the same on every process:
+  all record indices of the split
   -> shuffle (grain's index shuffle, reseeded every epoch: seed + epoch)
   -> repeat num_epochs (None: forever; batches then run across epoch boundaries)
-  -> batch of global_batch_size / process_count indices, remainder dropped
+  -> batch of global_batch_size indices, remainder dropped
+  -> this process's rows of the global batch (process p owns rows [p b, (p + 1) b))
   -> batched read + decode -> images to [-1, 1] NHWC float32, captions -> token ids and mask.
+
+Why shard each global batch rather than the records: the global batch (the concatenation of the
+processes' rows, which is what `to_global_batch` assembles) is then the same whatever the number
+of processes, so a run on 2 hosts x 4 devices trains on exactly the batches of 1 host x 8
+devices, and a checkpoint's iterator position means the same thing on any host count. Each
+process still reads and decodes only its own rows; over an epoch their rows are disjoint and
+cover the split.
 """
 
 from __future__ import annotations
@@ -336,16 +344,6 @@ class _BatchDecoder:
 # ---------------------------------------------------------------------------------------------
 
 
-def shard_range(num_records: int, process_index: int, process_count: int) -> range:
-    """The contiguous record indices of one process: sizes differ by at most one and the
-    shards of all processes partition range(num_records)."""
-    if not 0 <= process_index < process_count:
-        raise UserError(f"process_index {process_index} not in [0, {process_count})")
-    start = num_records * process_index // process_count
-    stop = num_records * (process_index + 1) // process_count
-    return range(start, stop)
-
-
 def make_input_pipeline(
     source_config: SourceConfig,
     tokenizer: transformers.PreTrainedTokenizerBase,
@@ -370,9 +368,8 @@ def make_input_pipeline(
     `worker_count` > 0 decodes in that many worker processes (grain `mp_prefetch`); the same
     batches come out, but the state format differs, so resume with the same worker_count.
 
-    With num_epochs=None every process yields batches forever. With a finite num_epochs the
-    shards (sizes differ by at most one) can give processes one batch more or less: multi-host
-    evaluation should run a fixed number of steps.
+    Every process yields the same number of batches; the global batch does not depend on the
+    number of processes.
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
@@ -382,22 +379,23 @@ def make_input_pipeline(
             f"{process_count}; use a multiple of {process_count}"
         )
     local_batch_size = global_batch_size // process_count
+    if not 0 <= process_index < process_count:
+        raise UserError(f"process_index {process_index} not in [0, {process_count})")
     reader = open_source(source_config, split)
-    shard = shard_range(len(reader), process_index, process_count)
-    if len(shard) == 0:
-        raise UserError(f"Split {split!r} has no records for process {process_index}")
-    if num_epochs is not None and num_epochs * len(shard) < local_batch_size:
+    if (num_epochs or 1) * len(reader) < global_batch_size:
         raise UserError(
-            f"{num_epochs} epoch(s) of {len(shard)} records cannot fill one batch of "
-            f"{local_batch_size}; lower the batch size or raise num_epochs"
+            f"{num_epochs or 1} epoch(s) of the {len(reader)} records of split {split!r} cannot "
+            f"fill one batch of {global_batch_size}; lower the batch size or raise num_epochs"
         )
     decoder = _BatchDecoder(reader, source_config, tokenizer, context_length)
+    own_rows = slice(process_index * local_batch_size, (process_index + 1) * local_batch_size)
 
-    dataset = grain.MapDataset.range(shard.start, shard.stop)
+    dataset = grain.MapDataset.range(len(reader))
     if shuffle:
         dataset = dataset.shuffle(seed=seed % 2**32)
     dataset = dataset.repeat(num_epochs)
-    dataset = dataset.batch(local_batch_size, drop_remainder=True)
+    dataset = dataset.batch(global_batch_size, drop_remainder=True)
+    dataset = dataset.map(lambda indices: indices[own_rows])  # (b,) this process's rows
     dataset = dataset.map(decoder)
     read_options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4)
     iter_dataset = dataset.to_iter_dataset(read_options)
