@@ -90,20 +90,26 @@ def resolve_sampler(name: str, objective: str) -> str:
     """User-facing sampler name -> the samplers.SAMPLERS entry valid for `objective`."""
     valid = SAMPLERS_BY_OBJECTIVE[objective]
     if name not in valid:
-        every = sorted({n for names in SAMPLERS_BY_OBJECTIVE.values() for n in names})
-        reason = (
-            f"does not apply to a {objective}-trained model"
+        every = {n for names in SAMPLERS_BY_OBJECTIVE.values() for n in names}
+        what = (
+            f"sampler {name!r} does not apply to a {objective}-trained model"
             if name in every
-            else "is not a sampler"
+            else f"unknown sampler {name!r}"
         )
         raise PipelineError(
-            f"sampler {name!r} {reason}; valid samplers for this {objective} model: "
-            f"{', '.join(valid)}"
+            f"{what}; valid samplers for this {objective} model: {', '.join(valid)}"
         )
     return valid[name]
 
 
-def _check_steps(steps) -> int:
+def check_sampler_name(name: str) -> None:
+    """Fails early (before loading a model) on a name that no objective knows."""
+    every = sorted({n for names in SAMPLERS_BY_OBJECTIVE.values() for n in names})
+    if name not in every:
+        raise PipelineError(f"unknown sampler {name!r}; valid samplers: {', '.join(every)}")
+
+
+def check_steps(steps) -> int:
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
         raise PipelineError(f"steps must be an integer >= 1, got {steps!r}")
     return int(steps)
@@ -228,9 +234,16 @@ def _checkpoint_params(run_dir: str, config, model_config, mesh, step, use_ema):
             seed=config.seed,
             ema_decay=config.training.ema_decay,
         ).abstract_state
-        state = checkpoints.restore_checkpoint(
-            manager, abstract, step, restore_data_iterator=False
-        ).train_state
+        try:
+            state = checkpoints.restore_checkpoint(
+                manager, abstract, step, restore_data_iterator=False
+            ).train_state
+        except Exception as error:  # noqa: BLE001 - Orbax raises many kinds; the user needs one
+            raise PipelineError(
+                f"checkpoint {checkpoints.step_path(manager, step)!r} could not be restored "
+                f"({type(error).__name__}: {error}); pass another step of "
+                f"{sorted(manager.all_steps())} or the run directory"
+            ) from error
     finally:
         manager.close()
     if use_ema and state["ema"] is None:
@@ -263,8 +276,9 @@ class TextToImage:
     """A DiT with its tokenizer and text tower, placed on a mesh, ready to sample.
 
     Attributes: checkpoint_step (the training step of the weights; None if unknown), resolution,
-    objective ("flow" or "ddpm"), prediction_type, context_length, mesh, num_compilations
-    (programs traced so far; a new guidance scale or prompt does not add one).
+    objective ("flow" or "ddpm"), prediction_type, context_length, mesh, micro_batch, run_dir,
+    use_ema, num_compilations (programs traced so far; a new guidance scale or prompt does not
+    add one).
     """
 
     def __init__(
@@ -279,7 +293,10 @@ class TextToImage:
         checkpoint_step: int | None = None,
         mesh: Mesh | None = None,
         micro_batch: int = DEFAULT_MICRO_BATCH,
+        run_dir: str | None = None,
+        use_ema: bool = True,
     ):
+        self.run_dir, self.use_ema = run_dir, use_ema
         if isinstance(micro_batch, bool) or not isinstance(micro_batch, numbers.Integral):
             raise PipelineError(f"micro_batch must be an integer >= 1, got {micro_batch!r}")
         if micro_batch < 1:
@@ -311,6 +328,7 @@ class TextToImage:
         self._text_state = jax.device_put(text_state, replicated)
         self._programs: dict[tuple[int, SamplerSettings], Any] = {}
         self.num_compilations = 0
+        self._warned_prompts: set[str] = set()
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -390,6 +408,8 @@ class TextToImage:
             checkpoint_step=step,
             mesh=mesh,
             micro_batch=micro_batch,
+            run_dir=location.run_dir,
+            use_ema=use_ema,
         )
 
     # -- public API -----------------------------------------------------------------------------
@@ -408,7 +428,8 @@ class TextToImage:
             ]
         ]
         for prompt, length in zip(prompts, lengths, strict=True):
-            if length > self.context_length:
+            if length > self.context_length and prompt not in self._warned_prompts:
+                self._warned_prompts.add(prompt)  # once per prompt, not once per image
                 logger.warning(
                     "prompt %r has %d tokens, more than the context of %d: it is truncated",
                     prompt,
@@ -429,7 +450,7 @@ class TextToImage:
     ) -> SamplerSettings:
         """Validates sampler options for this model -> the static settings of a program."""
         name = resolve_sampler(sampler, self.objective)
-        steps = _check_steps(steps)
+        steps = check_steps(steps)
         eta = _check_number(eta, "eta")
         if eta < 0:
             raise PipelineError(f"eta must be >= 0, got {eta}")
@@ -657,3 +678,305 @@ def _pad_rows(array: np.ndarray, size: int) -> np.ndarray:
     if missing <= 0:
         return array
     return np.concatenate([array, np.repeat(array[-1:], missing, axis=0)], axis=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch sampling to a directory (sample.py): prompt files, PNGs, manifest, grid, resume
+# ---------------------------------------------------------------------------------------------
+
+MANIFEST = "manifest.jsonl"
+GRID = "grid.png"
+GRID_MAX_IMAGES = 256
+JSONL_FIELDS = ("prompt", "negative_prompt", "seed", "guidance_scale")
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptItem:
+    """One image to make: the k-th sample (`index`) of the prompt on `line` of the prompt file."""
+
+    line: int  # 1-based line number in the prompt file
+    index: int  # 0..num_per_prompt-1
+    prompt: str
+    negative_prompt: str
+    seed: int
+    guidance_scale: float
+
+    @property
+    def file(self) -> str:
+        """Stable name: the same item always gets the same file, in any run."""
+        return f"{self.line:05d}_{self.index:03d}.png"
+
+
+def _jsonl_entry(text: str, where: str) -> dict:
+    try:
+        entry = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise PipelineError(f"{where}: not valid JSON ({error.msg}): {text[:80]!r}") from error
+    if not isinstance(entry, dict):
+        raise PipelineError(f"{where}: expected a JSON object with a 'prompt', got {text[:80]!r}")
+    unknown = sorted(set(entry) - set(JSONL_FIELDS))
+    if unknown:
+        raise PipelineError(f"{where}: unknown fields {unknown}; valid: {', '.join(JSONL_FIELDS)}")
+    if not isinstance(entry.get("prompt"), str):
+        raise PipelineError(f"{where}: 'prompt' must be a string, got {entry.get('prompt')!r}")
+    negative = entry.get("negative_prompt")
+    if negative is not None and not isinstance(negative, str):
+        raise PipelineError(f"{where}: 'negative_prompt' must be a string, got {negative!r}")
+    if "seed" in entry:
+        seed = entry["seed"]
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < MAX_SEED:
+            raise PipelineError(f"{where}: 'seed' must be an integer in [0, 2**32), got {seed!r}")
+    if "guidance_scale" in entry:
+        scale = entry["guidance_scale"]
+        if isinstance(scale, bool) or not isinstance(scale, int | float):
+            raise PipelineError(f"{where}: 'guidance_scale' must be a number, got {scale!r}")
+    return entry
+
+
+def read_prompt_file(
+    path: str,
+    *,
+    negative_prompt: str = "",
+    seed: int = 0,
+    guidance_scale: float = 3.0,
+    num_per_prompt: int = 1,
+) -> list[PromptItem]:
+    """The images a prompt file asks for, in file order.
+
+    `.jsonl`: one JSON object per line, {"prompt", "negative_prompt", "seed", "guidance_scale"}
+    (all but prompt optional; the keyword arguments are the defaults). Anything else: one prompt
+    per line. Blank lines are skipped. Each prompt gives `num_per_prompt` images with seeds
+    seed, seed + 1, ...
+    """
+    if (
+        isinstance(num_per_prompt, bool)
+        or not isinstance(num_per_prompt, int)
+        or num_per_prompt < 1
+    ):
+        raise PipelineError(f"num_per_prompt must be an integer >= 1, got {num_per_prompt!r}")
+    _check_seed(seed)
+    _check_number(guidance_scale, "guidance_scale")
+    if not os.path.isfile(path):
+        raise PipelineError(f"prompt file {path!r} does not exist")
+    is_jsonl = path.endswith(".jsonl")
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, text in enumerate(f, start=1):
+            text = text.strip()
+            if not text:
+                continue
+            entry = _jsonl_entry(text, f"{path}:{line_number}") if is_jsonl else {"prompt": text}
+            first_seed = entry.get("seed", seed)
+            if first_seed + num_per_prompt > MAX_SEED:
+                raise PipelineError(f"{path}:{line_number}: seeds past 2**32 - 1")
+            for k in range(num_per_prompt):
+                items.append(
+                    PromptItem(
+                        line=line_number,
+                        index=k,
+                        prompt=entry["prompt"],
+                        negative_prompt=entry.get("negative_prompt") or negative_prompt or "",
+                        seed=first_seed + k,
+                        guidance_scale=float(entry.get("guidance_scale", guidance_scale)),
+                    )
+                )
+    if not items:
+        raise PipelineError(f"prompt file {path!r} has no prompts (only blank lines)")
+    return items
+
+
+def manifest_record(
+    item: PromptItem, settings: SamplerSettings, user_sampler: str, pipeline: TextToImage
+) -> dict:
+    """What the manifest says of one image: everything it is a function of, and its file."""
+    return {
+        "file": item.file,
+        "line": item.line,
+        "index": item.index,
+        "prompt": item.prompt,
+        "negative_prompt": item.negative_prompt,
+        "seed": item.seed,
+        "guidance_scale": item.guidance_scale,
+        "sampler": user_sampler,
+        "steps": settings.steps,
+        "eta": settings.eta,
+        "shift": settings.shift,
+        "guidance_rescale": settings.guidance_rescale,
+        "guidance_interval": None
+        if settings.guidance_interval is None
+        else list(settings.guidance_interval),
+        "micro_batch": pipeline.micro_batch,
+        "checkpoint": pipeline.run_dir,
+        "checkpoint_step": pipeline.checkpoint_step,
+        "use_ema": pipeline.use_ema,
+    }
+
+
+def read_manifest(output_dir: str) -> dict[str, dict]:
+    """file -> record of an existing manifest (a record per file; the last one wins)."""
+    path = os.path.join(output_dir, MANIFEST)
+    records = {}
+    if not os.path.isfile(path):
+        return records
+    with open(path, encoding="utf-8") as f:
+        for number, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+                records[record["file"]] = record
+            except (json.JSONDecodeError, KeyError, TypeError):
+                logger.warning("%s:%d is not a manifest record; ignoring it", path, number)
+    return records
+
+
+def _write_atomically(path: str, write) -> None:
+    """write(temp_path), then rename onto `path`: a reader (or a kill) never sees half a file."""
+    temporary = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    write(temporary)
+    os.replace(temporary, path)
+
+
+def write_png(path: str, image: np.ndarray) -> None:
+    from PIL import Image
+
+    _write_atomically(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
+
+
+def write_manifest(output_dir: str, records: dict[str, dict]) -> None:
+    """Rewrites the manifest from the records of finished files, sorted by file name."""
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            for name in sorted(records):
+                f.write(json.dumps(records[name], sort_keys=True) + "\n")
+
+    _write_atomically(os.path.join(output_dir, MANIFEST), write)
+
+
+def write_grid(output_dir: str, files: Sequence[str], columns: int | None = None) -> str | None:
+    """A grid PNG of the first GRID_MAX_IMAGES `files` (row-major, in the given order)."""
+    from PIL import Image
+
+    files = [f for f in files if os.path.isfile(os.path.join(output_dir, f))][:GRID_MAX_IMAGES]
+    if not files:
+        return None
+    images = [np.asarray(Image.open(os.path.join(output_dir, f)).convert("RGB")) for f in files]
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    columns = min(columns, len(images))
+    rows = math.ceil(len(images) / columns)
+    height, width = images[0].shape[:2]
+    grid = np.zeros((rows * height, columns * width, 3), np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[r * height : (r + 1) * height, c * width : (c + 1) * width] = image
+    path = os.path.join(output_dir, GRID)
+    write_png(path, grid)
+    return path
+
+
+def _remove_stale_temporaries(output_dir: str) -> None:
+    for name in os.listdir(output_dir):
+        if name.startswith(".") and ".tmp-" in name:
+            os.remove(os.path.join(output_dir, name))
+
+
+def _agree_across_processes(mask: np.ndarray) -> np.ndarray:
+    """Process 0's view of which items are pending, on every process (they must run together)."""
+    if jax.process_count() == 1:
+        return mask
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.broadcast_one_to_all(mask))
+
+
+def sample_to_directory(
+    pipeline: TextToImage,
+    items: Sequence[PromptItem],
+    output_dir: str,
+    *,
+    sampler: str = "euler",
+    steps: int = 20,
+    eta: float = 0.0,
+    shift: float | None = None,
+    guidance_rescale: float = 0.0,
+    guidance_interval=None,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> dict[str, int]:
+    """Makes the PNG of every item not already finished, with `manifest.jsonl` and `grid.png`.
+
+    Finished = its PNG exists and the manifest has its exact record (same prompt, seed and
+    settings). Each batch's PNGs are renamed into place before the manifest (rewritten whole,
+    atomically) lists them, so a kill at any moment loses at most the batch in flight and never
+    leaves half a file or a duplicate line; a rerun redoes exactly the unfinished items, and the
+    images are bit-identical to an uninterrupted run's (see the module docstring). With several
+    processes, all run the program and process 0 writes. Returns {"generated", "skipped"}.
+    """
+    import tqdm
+
+    settings = pipeline.settings(
+        sampler,
+        steps,
+        eta=eta,
+        shift=shift,
+        guidance_rescale=guidance_rescale,
+        guidance_interval=guidance_interval,
+    )
+    writer = jax.process_index() == 0
+    if writer:
+        os.makedirs(output_dir, exist_ok=True)
+        _remove_stale_temporaries(output_dir)
+    records = read_manifest(output_dir) if os.path.isdir(output_dir) else {}
+    wanted = {item.file: manifest_record(item, settings, sampler, pipeline) for item in items}
+    if len(wanted) != len(items):
+        raise PipelineError("two prompt items map to the same file name; check the prompt file")
+    pending_mask = np.array(
+        [
+            records.get(item.file) != wanted[item.file]
+            or not os.path.isfile(os.path.join(output_dir, item.file))
+            for item in items
+        ],
+        bool,
+    )
+    pending_mask = _agree_across_processes(pending_mask)
+    pending = [item for item, todo in zip(items, pending_mask, strict=True) if todo]
+    size = pipeline.program_batch_size(len(pending), batch_size)
+    bar = tqdm.tqdm(
+        total=len(pending),
+        unit="img",
+        desc="sample",
+        disable=not progress or not writer,
+        dynamic_ncols=True,
+    )
+    for start in range(0, len(pending), size):
+        batch = pending[start : start + size]
+        images = pipeline.generate(
+            [item.prompt for item in batch],
+            [item.negative_prompt for item in batch],
+            [item.seed for item in batch],
+            sampler=sampler,
+            steps=steps,
+            guidance_scale=[item.guidance_scale for item in batch],
+            guidance_rescale=guidance_rescale,
+            eta=eta,
+            shift=shift,
+            guidance_interval=guidance_interval,
+            batch_size=size,
+        )
+        if writer:
+            for item, image in zip(batch, images, strict=True):
+                write_png(os.path.join(output_dir, item.file), image)
+            for item in batch:
+                records[item.file] = wanted[item.file]
+            write_manifest(output_dir, records)
+        bar.update(len(batch))
+    bar.close()
+    if writer:
+        if not pending and not os.path.isfile(os.path.join(output_dir, MANIFEST)):
+            write_manifest(output_dir, records)
+        per_prompt = max(item.index for item in items) + 1 if items else None
+        write_grid(
+            output_dir, [item.file for item in items], per_prompt if per_prompt > 1 else None
+        )
+    return {"generated": len(pending), "skipped": len(items) - len(pending)}

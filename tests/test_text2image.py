@@ -1,0 +1,268 @@
+"""The text-to-image pipeline on a tiny trained run: loading, determinism, guidance, errors.
+
+Truths: an image is a pure function of (checkpoint, prompt, negative prompt, seed, settings),
+so its bytes cannot change with the batch size, the batch position, the batch mates or the
+device count; a plain Python Euler loop over the same DiT gives the same images; at guidance
+scale 1 the guided model is the conditional one bit for bit (so the negative prompt cannot
+matter); the EMA weights of checkpoint N are the exported params/ of a run that ended at N.
+"""
+
+import json
+import logging
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from test_trainer import tiny
+
+from diffusion import checkpoints, models, sharding, text2image, trainer, training
+from diffusion import data as data_lib
+from diffusion.errors import UserError
+
+PROMPTS = [
+    "a large red circle in the center",
+    "a small blue square",
+    "a green star",
+    "a yellow heart",
+    "a red triangle",
+]
+SEEDS = [3, 1, 4, 1, 5]
+
+
+def train_tiny_runs(root) -> dict[str, str]:
+    """Run directories for the tests, from a CLIP and a DiT trained for one step each.
+
+    dit: the trained run. A one-step DiT still has its adaLN-Zero gates at ~0, so its images barely
+    depend on the prompt; `random` is a copy whose exported weights get N(0, 0.05) noise, so that
+    prompts, negative prompts and guidance visibly matter. `ddpm` is `random` read as a DDPM model
+    (v prediction) by its config.json, which is all the sampler path looks at.
+    """
+    data_dir = str(root / "data")
+    clip_dir, dit_dir = str(root / "clip"), str(root / "dit")
+    devices = jax.devices()[:1]  # one device compiles fastest
+    config = tiny("clip", data_dir, steps=1, mesh="1")
+    config.optimizer.warmup_steps = 0
+    trainer.train(config, clip_dir, devices=devices)
+    config = tiny("dit", data_dir, steps=1, mesh="1")
+    config.optimizer.warmup_steps = 0
+    config.text_encoder.checkpoint = clip_dir
+    config.tokenizer.path = os.path.join(clip_dir, "tokenizer")
+    trainer.train(config, dit_dir, devices=devices)
+    random_dir = str(root / "random")
+    shutil.copytree(dit_dir, random_dir)
+    _, dit_config = trainer.load_model_config(dit_dir)
+    state = nnx.state(trainer.load_run_params(dit_dir, dit_config, models.DiT))
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(0), len(leaves))
+    noise = [
+        0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)
+    ]
+    leaves = [x + n for x, n in zip(leaves, noise, strict=True)]
+    checkpoints.export_params(
+        os.path.join(random_dir, "params"), jax.tree.unflatten(treedef, leaves)
+    )
+    ddpm_dir = str(root / "ddpm")
+    shutil.copytree(random_dir, ddpm_dir)
+    with open(os.path.join(ddpm_dir, "config.json")) as f:
+        recipe = json.load(f)
+    recipe["diffusion"].update(objective="ddpm", prediction_type="v_prediction")
+    with open(os.path.join(ddpm_dir, "config.json"), "w") as f:
+        json.dump(recipe, f)
+    return {"clip": clip_dir, "dit": dit_dir, "random": random_dir, "ddpm": ddpm_dir}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return train_tiny_runs(tmp_path_factory.mktemp("runs"))
+
+
+@pytest.fixture(scope="module")
+def pipeline(runs):
+    return text2image.TextToImage.from_run(runs["random"])
+
+
+def one_device_mesh():
+    return sharding.make_mesh({"data": 1}, jax.devices()[:1])
+
+
+def test_loads_a_run_and_returns_uint8_images(pipeline):
+    assert (pipeline.checkpoint_step, pipeline.resolution, pipeline.objective) == (1, 16, "flow")
+    assert pipeline.num_data_devices == 8
+    images = pipeline.generate(PROMPTS[:2], seeds=[0, 1], steps=2)
+    assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
+    assert not np.array_equal(images[0], images[1])  # other prompt and seed, other image
+
+
+def test_same_bytes_for_any_batch_size_position_and_device_count(runs):
+    # Stochastic Euler draws noise at every step as well as at the start. micro_batch=2 so that
+    # the batch sizes below give 1, 2 or 4 micro-batches per device.
+    sampler, eta = "euler_stochastic", 1.0
+    eight = text2image.TextToImage.from_run(runs["random"], micro_batch=2)
+    one = text2image.TextToImage.from_run(runs["random"], micro_batch=2, mesh=one_device_mesh())
+    options = dict(seeds=SEEDS, sampler=sampler, eta=eta, steps=3)
+    reference = one.generate(PROMPTS, batch_size=8, **options)
+    for pipe in (one, eight):
+        for batch_size in (1, 3, 8):
+            images = pipe.generate(PROMPTS, batch_size=batch_size, **options)
+            np.testing.assert_array_equal(images, reference)
+    order = [4, 2, 0, 3, 1]
+    shuffled = one.generate(
+        [PROMPTS[i] for i in order], seeds=[SEEDS[i] for i in order], sampler=sampler,
+        eta=eta, steps=3, batch_size=2,
+    )  # fmt: skip
+    np.testing.assert_array_equal(shuffled, reference[order])
+    # Seeds 1 (prompts 1 and 3) are the same seed with other prompts: the images still differ.
+    assert not np.array_equal(reference[1], reference[3])
+
+
+def test_stochastic_step_noise_comes_from_each_samples_own_seed(pipeline):
+    options = dict(sampler="euler_stochastic", eta=1.0, steps=3, guidance_scale=1.0)
+    alone = pipeline.generate(["a red circle"], seeds=[7], **options)[0]
+    with_mates = pipeline.generate(["a blue square", "a red circle", "a red circle"],
+                                   seeds=[7, 7, 8], **options)  # fmt: skip
+    np.testing.assert_array_equal(with_mates[1], alone)
+    assert not np.array_equal(with_mates[2], alone)  # another seed: other step noise
+
+
+def test_seed_keys_are_jax_random_key_of_each_seed():
+    seeds = [0, 1, 2**31 + 5, 2**32 - 1]
+    keys = text2image.seed_keys(jnp.asarray(seeds, jnp.uint32))
+    for seed, key in zip(seeds, keys, strict=True):
+        np.testing.assert_array_equal(
+            jax.random.key_data(key), jax.random.key_data(jax.random.key(seed))
+        )
+
+
+def reference_euler(runs, prompt, negative, seed, scale, steps):
+    """Classifier-free guided flow Euler written as a plain loop over the DiT, for one sample."""
+    _, dit_config = trainer.load_model_config(runs["random"])
+    dit = trainer.load_run_params(runs["random"], dit_config, models.DiT)
+    clip = trainer.load_text_encoder(runs["clip"], {"dtype": "float32"})
+    tokenizer = data_lib.load_tokenizer(os.path.join(runs["dit"], "tokenizer"))
+    cond = training.text_condition(clip, *data_lib.tokenize(tokenizer, [prompt], 16))
+    uncond = training.text_condition(clip, *data_lib.tokenize(tokenizer, [negative], 16))
+    noise_key, _ = jax.random.split(jax.random.key(seed))
+    x = jax.random.normal(noise_key, (1, 16, 16, 3), jnp.float32)
+    times = np.linspace(1.0, 0.0, steps + 1)
+    for t, t_next in zip(times[:-1], times[1:], strict=True):
+        t_batch = jnp.full((1,), t, jnp.float32)
+        v_cond = dit(x, t_batch, **cond)
+        v_uncond = dit(x, t_batch, **uncond)
+        x = x + (t_next - t) * (v_uncond + scale * (v_cond - v_uncond))
+    return np.asarray(jnp.clip(jnp.round((x[0] + 1) * 127.5), 0, 255)).astype(np.int64)
+
+
+def test_matches_a_plain_guided_euler_loop(runs, pipeline):
+    image = pipeline.generate(["a red circle"], ["a blue square"], seeds=[11], steps=4,
+                              guidance_scale=2.5)[0].astype(np.int64)  # fmt: skip
+    expected = reference_euler(runs, "a red circle", "a blue square", 11, 2.5, 4)
+    # Float32 in another order of operations: at most one level off, almost never.
+    assert np.abs(image - expected).max() <= 1
+    assert np.mean(image == expected) > 0.99
+
+
+def test_new_scales_prompts_and_seeds_reuse_the_compiled_program(runs):
+    pipe = text2image.TextToImage.from_run(runs["random"])
+    weak = pipe.generate(["a red circle"], seeds=[2], steps=3, guidance_scale=1.0)
+    strong = pipe.generate(["a red circle"], seeds=[2], steps=3, guidance_scale=7.0)
+    pipe.generate(["a star", "a heart"], ["red", None], seeds=[5, 6], steps=3,
+                  guidance_scale=[2.0, 4.0])  # fmt: skip
+    assert pipe.num_compilations == 1
+    assert not np.array_equal(weak, strong)  # the traced scale reaches the program
+    pipe.generate(["a red circle"], steps=4)  # another step count is another program
+    assert pipe.num_compilations == 2
+
+
+def test_negative_prompt_acts_only_through_guidance(pipeline):
+    options = dict(seeds=[9], steps=3)
+    plain = pipeline.generate(["a circle"], guidance_scale=1.0, **options)
+    negative = pipeline.generate(["a circle"], ["red"], guidance_scale=1.0, **options)
+    np.testing.assert_array_equal(plain, negative)  # w = 1: the conditional model exactly
+    guided = pipeline.generate(["a circle"], guidance_scale=4.0, **options)
+    guided_negative = pipeline.generate(["a circle"], ["red"], guidance_scale=4.0, **options)
+    assert not np.array_equal(guided, guided_negative)
+    empty = pipeline.generate(["a circle"], [""], guidance_scale=4.0, **options)
+    np.testing.assert_array_equal(empty, guided)  # no negative prompt = the empty prompt
+
+
+def test_checkpoint_step_directory_loads_that_steps_weights(runs):
+    step_dir = os.path.join(runs["dit"], "checkpoints", "1")
+    options = dict(seeds=[4], steps=2)
+    exported = text2image.TextToImage.from_run(runs["dit"]).generate(["a red circle"], **options)
+    ema = text2image.TextToImage.from_run(step_dir)
+    assert ema.checkpoint_step == 1
+    np.testing.assert_array_equal(ema.generate(["a red circle"], **options), exported)
+    raw = text2image.TextToImage.from_run(step_dir, use_ema=False)
+    assert not raw.use_ema
+    assert not np.array_equal(raw.generate(["a red circle"], **options), exported)
+
+
+def test_ddpm_model_samplers(runs):
+    pipe = text2image.TextToImage.from_run(runs["ddpm"], micro_batch=1)
+    one = text2image.TextToImage.from_run(runs["ddpm"], micro_batch=1, mesh=one_device_mesh())
+    assert pipe.objective == "ddpm" and pipe.prediction_type == "v_prediction"
+    for sampler in ("ddpm", "ddim", "dpmpp_2m"):
+        images = pipe.generate(PROMPTS[:3], seeds=SEEDS[:3], sampler=sampler, steps=3)
+        assert images.shape == (3, 16, 16, 3) and images.std() > 0
+    # The ancestral sampler draws fresh noise every step, from each sample's own key.
+    eight = pipe.generate(PROMPTS[:3], seeds=SEEDS[:3], sampler="ddpm", steps=3)
+    np.testing.assert_array_equal(
+        one.generate(PROMPTS[:3], seeds=SEEDS[:3], sampler="ddpm", steps=3, batch_size=1), eight
+    )
+    with pytest.raises(UserError, match=r"'euler' does not apply to a ddpm.*ddpm, ddim, dpmpp_2m"):
+        pipe.generate(PROMPTS[:1], sampler="euler")
+    with pytest.raises(UserError, match="shift applies to flow"):
+        pipe.generate(PROMPTS[:1], sampler="ddim", shift=3.0)
+
+
+def test_long_prompt_is_truncated_with_a_warning_naming_it(pipeline, caplog):
+    long_prompt = "a red circle " * 20
+    with caplog.at_level(logging.WARNING, logger="diffusion.text2image"):
+        images = pipeline.generate([long_prompt, "a star"], steps=2)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(repr(long_prompt) in m and "truncated" in m for m in messages)
+    assert not any("'a star'" in m for m in messages)
+    assert images.shape == (2, 16, 16, 3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            dict(sampler="plms"),
+            r"unknown sampler 'plms'; valid samplers for this flow model: euler",
+        ),
+        (dict(sampler="ddpm"), r"'ddpm' does not apply to a flow.*euler, heun"),
+        (dict(steps=0), r"steps must be an integer >= 1, got 0"),
+        (dict(steps=2.5), r"steps must be an integer >= 1, got 2.5"),
+        (dict(guidance_scale="high"), r"guidance_scale must be a finite number, got 'high'"),
+        (dict(guidance_scale=float("nan")), r"guidance_scale must be a finite number"),
+        (dict(guidance_scale=[1.0, 2.0]), r"guidance_scale has 2 entries for 1 prompts"),
+        (dict(seeds=[-1]), r"seeds must be integers in \[0, 2\*\*32\), got -1"),
+        (dict(eta=0.5), r"eta=0.5 has no effect on sampler 'euler'"),
+        (dict(batch_size=0), r"batch_size must be an integer >= 1"),
+        (dict(negative_prompts=["a", "b"]), r"negative_prompts has 2 entries for 1 prompts"),
+    ],
+)
+def test_bad_settings_are_user_errors(pipeline, kwargs, message):
+    with pytest.raises(UserError, match=message):
+        pipeline.generate(["a red circle"], **kwargs)
+
+
+def test_bad_checkpoints_are_user_errors(runs, tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        text2image.TextToImage.from_run(str(tmp_path / "missing"))
+    with pytest.raises(UserError, match="holds a clip model.*needs a DiT"):
+        text2image.TextToImage.from_run(runs["clip"])
+    with pytest.raises(UserError, match="neither a run directory"):
+        text2image.TextToImage.from_run(str(tmp_path))
+    with pytest.raises(UserError, match=r"checkpoints/7' could not be restored"):
+        os.makedirs(os.path.join(runs["dit"], "checkpoints", "7"), exist_ok=True)
+        try:
+            text2image.TextToImage.from_run(os.path.join(runs["dit"], "checkpoints", "7"))
+        finally:
+            os.rmdir(os.path.join(runs["dit"], "checkpoints", "7"))
