@@ -533,7 +533,14 @@ class AdaLNModulation(nnx.Module):
         )
 
     def __call__(self, c: jax.Array) -> tuple[jax.Array, ...]:
-        return tuple(jnp.split(self.linear(jax.nn.silu(c)), self.num_chunks, axis=-1))
+        chunks = jnp.split(self.linear(jax.nn.silu(c)), self.num_chunks, axis=-1)  # n x (B, D)
+        # Each chunk shifts, scales or gates the residual stream, so it takes the stream's layout:
+        # batch split, width whole. Left free, it inherits the kernel's 'mlp' (tensor) split of
+        # the n * D outputs, and XLA (jax 0.10.2, Shardy and GSPMD alike) then partitions
+        # `gate * attn(h)` / `gate * mlp(h)` wrongly on a data x fsdp x tensor mesh: the dot
+        # before the gate gets a collective-permute that swaps batch shards between devices.
+        # Guarded by tests/test_dit.py::test_gradients_on_a_data_fsdp_tensor_mesh_equal_one_...
+        return tuple(constrain(chunk, ("activation_batch", "activation_embed")) for chunk in chunks)
 
 
 # --------------------------------------------------------------------------------------------
