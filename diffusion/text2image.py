@@ -26,6 +26,7 @@ settings): never of the batch size, the position in the batch or the number of d
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -314,11 +315,10 @@ class TextToImage:
         # Flow matching always regresses the velocity (objectives.flow_matching_loss).
         self.prediction_type = "flow_velocity" if self.objective == "flow" else d.prediction_type
         self.default_shift = float(d.get("shift", 1.0) or 1.0)
-        self.schedule = None
+        self.schedule = self._schedule_key = None
         if self.objective == "ddpm":
-            self.schedule = DiscreteSchedule.from_name(
-                d.schedule, d.num_timesteps, zero_terminal_snr=d.zero_terminal_snr
-            )
+            self._schedule_key = (d.schedule, int(d.num_timesteps), bool(d.zero_terminal_snr))
+            self.schedule = discrete_schedule(self._schedule_key)
         self.dit_config = dit.config
         replicated = NamedSharding(self.mesh, PartitionSpec())
         self._dit_graphdef, dit_state = nnx.split(dit)
@@ -326,7 +326,6 @@ class TextToImage:
         # Sampling is data parallel: the weights are replicated on every device.
         self._dit_state = jax.device_put(dit_state, replicated)
         self._text_state = jax.device_put(text_state, replicated)
-        self._programs: dict[tuple[int, SamplerSettings], Any] = {}
         self.num_compilations = 0
         self._warned_prompts: set[str] = set()
 
@@ -540,13 +539,31 @@ class TextToImage:
             "seeds": np.asarray(seed_list, np.uint32),
             "scales": np.asarray(scales, np.float32),
         }
-        program = self._program(size, settings)
+        spec = self._program_spec(settings)
+        traces_before = _TRACE_COUNT[0]
         chunks = []
         for start in range(0, count, size):
             chunk = {k: _pad_rows(v[start : start + size], size) for k, v in inputs.items()}
-            images = program(self._dit_state, self._text_state, self._to_global(chunk))
+            images = sampling_program(
+                self._dit_state, self._text_state, self._to_global(chunk), spec
+            )
             chunks.append(self._to_host(images)[: min(size, count - start)])
+        self.num_compilations += _TRACE_COUNT[0] - traces_before
         return np.concatenate(chunks, axis=0)
+
+    def _program_spec(self, settings: SamplerSettings) -> ProgramSpec:
+        return ProgramSpec(
+            dit_graphdef=self._dit_graphdef,
+            text_graphdef=self._text_graphdef,
+            in_channels=self.dit_config.in_channels,
+            resolution=self.resolution,
+            objective=self.objective,
+            prediction_type=self.prediction_type,
+            schedule=self._schedule_key,
+            mesh=self.mesh,
+            micro_batch=self.micro_batch,
+            settings=settings,
+        )
 
     def program_batch_size(self, count: int, batch_size: int | None = None) -> int:
         """Samples per program call: `batch_size` (default min(count, 16)) rounded up to a
@@ -560,89 +577,6 @@ class TextToImage:
         requested = min(count, DEFAULT_BATCH_SIZE) if batch_size is None else int(batch_size)
         unit = self.micro_batch * self.num_data_devices
         return max(1, -(-requested // unit)) * unit
-
-    # -- the jitted program ---------------------------------------------------------------------
-
-    def _program(self, size: int, settings: SamplerSettings):
-        key = (size, settings)
-        if key not in self._programs:
-            batch = sharding.batch_sharding(self.mesh)
-            replicated = NamedSharding(self.mesh, PartitionSpec())
-            self._programs[key] = jax.jit(
-                lambda dit_state, text_state, inputs: self._sample(
-                    dit_state, text_state, inputs, settings
-                ),
-                in_shardings=(replicated, replicated, batch),
-                out_shardings=batch,
-            )
-        return self._programs[key]
-
-    def _levels(self, settings: SamplerSettings):
-        if self.objective == "flow":
-            return flow_levels(settings.steps, settings.shift)
-        # Trailing spacing starts at the last training step, the noisiest level (Lin et al. 2023).
-        return ddpm_levels(self.schedule, settings.steps, spacing="trailing")
-
-    def _sample(self, dit_state, text_state, inputs, settings: SamplerSettings):
-        """Tokens, seeds and scales of a global batch -> uint8 images (traced once per program).
-
-        Each device walks through its rows `micro_batch` at a time (`lax.map`), so the arithmetic
-        of a sample has the same shapes whatever the batch size or the number of devices.
-        """
-        self.num_compilations += 1
-        batch_spec = PartitionSpec(sharding.batch_axes(self.mesh) or None)
-        micro = self.micro_batch
-
-        def per_device(dit_state, text_state, inputs):
-            chunks = jax.tree.map(lambda x: x.reshape((-1, micro) + x.shape[1:]), inputs)
-            images = jax.lax.map(
-                lambda chunk: self._sample_micro_batch(dit_state, text_state, chunk, settings),
-                chunks,
-            )  # (chunks, micro, H, W, C)
-            return images.reshape((-1,) + images.shape[2:])
-
-        return jax.shard_map(
-            per_device,
-            mesh=self.mesh,
-            in_specs=(PartitionSpec(), PartitionSpec(), batch_spec),
-            out_specs=batch_spec,
-        )(dit_state, text_state, inputs)
-
-    def _sample_micro_batch(self, dit_state, text_state, inputs, settings: SamplerSettings):
-        """One micro-batch: prompt embeddings once, then each sample's own sampling loop."""
-        text_encoder = nnx.merge(self._text_graphdef, text_state)
-        cond = training.text_condition(text_encoder, inputs["tokens"], inputs["mask"])
-        uncond = training.text_condition(
-            text_encoder, inputs["negative_tokens"], inputs["negative_mask"]
-        )
-        dit = nnx.merge(self._dit_graphdef, dit_state)
-        model_fn = _first_channels(training.dit_model_fn(dit), self.dit_config.in_channels)
-        guided = guidance.guided_model_fn(
-            model_fn,
-            rescale_phi=settings.guidance_rescale,
-            interval=settings.guidance_interval,
-        )
-        levels = self._levels(settings)
-        options = {"prediction_type": self.prediction_type}
-        if settings.sampler in SAMPLERS_WITH_ETA:
-            options["eta"] = settings.eta
-        shape = (1, self.resolution, self.resolution, self.dit_config.in_channels)
-
-        def one_sample(key, cond, uncond, scale):
-            # Batch 1 inside the vmap: the samplers draw step noise from one key per batch, so
-            # this gives every sample noise from its own key only.
-            noise_key, step_key = jax.random.split(key)
-            noise = jax.random.normal(noise_key, shape, jnp.float32)
-            add_batch = lambda tree: jax.tree.map(lambda x: x[None], tree)
-            condition = guidance.GuidanceCondition(add_batch(cond), add_batch(uncond), scale)
-            images = samplers.sample(
-                settings.sampler, guided, noise, levels, step_key, condition, **options
-            )
-            return images[0]
-
-        keys = seed_keys(inputs["seeds"])
-        images = jax.vmap(one_sample)(keys, cond, uncond, inputs["scales"])  # (micro, H, W, C)
-        return to_uint8(images)
 
     # -- host <-> devices -------------------------------------------------------------------------
 
@@ -661,6 +595,101 @@ class TextToImage:
 
             return np.asarray(multihost_utils.process_allgather(images, tiled=True))
         return np.asarray(images)
+
+
+@functools.cache
+def discrete_schedule(key: tuple[str, int, bool]) -> DiscreteSchedule:
+    name, num_timesteps, zero_terminal_snr = key
+    return DiscreteSchedule.from_name(name, num_timesteps, zero_terminal_snr=zero_terminal_snr)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramSpec:
+    """Everything static about a sampling program. Equal specs (e.g. two checkpoints of one
+    model, or pipelines on one mesh) share the compilations of `sampling_program`."""
+
+    dit_graphdef: Any
+    text_graphdef: Any
+    in_channels: int
+    resolution: int
+    objective: str  # "flow" or "ddpm"
+    prediction_type: str
+    schedule: tuple[str, int, bool] | None  # DDPM: (beta schedule, T, zero terminal SNR)
+    mesh: Mesh
+    micro_batch: int
+    settings: SamplerSettings
+
+    def levels(self):
+        s = self.settings
+        if self.objective == "flow":
+            return flow_levels(s.steps, s.shift)
+        # Trailing spacing starts at the last training step, the noisiest level (Lin et al. 2023).
+        return ddpm_levels(discrete_schedule(self.schedule), s.steps, spacing="trailing")
+
+
+_TRACE_COUNT = [0]  # traces of sampling_program (one per compilation), for tests and users
+
+
+@functools.partial(jax.jit, static_argnames="spec")
+def sampling_program(dit_state, text_state, inputs: dict, spec: ProgramSpec) -> jax.Array:
+    """Tokens, seeds and scales of a global batch -> uint8 images (B, H, W, C).
+
+    Each device walks through its rows `micro_batch` at a time (`lax.map`), so the arithmetic of
+    a sample has the same shapes whatever the batch size or the number of devices. The weights
+    come replicated, the inputs sharded over the mesh's batch axes.
+    """
+    _TRACE_COUNT[0] += 1
+    batch_spec = PartitionSpec(sharding.batch_axes(spec.mesh) or None)
+
+    def per_device(dit_state, text_state, inputs):
+        chunks = jax.tree.map(lambda x: x.reshape((-1, spec.micro_batch) + x.shape[1:]), inputs)
+        images = jax.lax.map(
+            lambda chunk: _sample_micro_batch(dit_state, text_state, chunk, spec), chunks
+        )  # (chunks, micro_batch, H, W, C)
+        return images.reshape((-1,) + images.shape[2:])
+
+    return jax.shard_map(
+        per_device,
+        mesh=spec.mesh,
+        in_specs=(PartitionSpec(), PartitionSpec(), batch_spec),
+        out_specs=batch_spec,
+    )(dit_state, text_state, inputs)
+
+
+def _sample_micro_batch(dit_state, text_state, inputs, spec: ProgramSpec):
+    """One micro-batch: prompt embeddings once, then each sample's own sampling loop."""
+    settings = spec.settings
+    text_encoder = nnx.merge(spec.text_graphdef, text_state)
+    cond = training.text_condition(text_encoder, inputs["tokens"], inputs["mask"])
+    uncond = training.text_condition(
+        text_encoder, inputs["negative_tokens"], inputs["negative_mask"]
+    )
+    dit = nnx.merge(spec.dit_graphdef, dit_state)
+    model_fn = _first_channels(training.dit_model_fn(dit), spec.in_channels)
+    guided = guidance.guided_model_fn(
+        model_fn, rescale_phi=settings.guidance_rescale, interval=settings.guidance_interval
+    )
+    levels = spec.levels()
+    options = {"prediction_type": spec.prediction_type}
+    if settings.sampler in SAMPLERS_WITH_ETA:
+        options["eta"] = settings.eta
+    shape = (1, spec.resolution, spec.resolution, spec.in_channels)
+
+    def one_sample(key, cond, uncond, scale):
+        # Batch 1 inside the vmap: the samplers draw step noise from one key per batch, so this
+        # gives every sample noise from its own key only.
+        noise_key, step_key = jax.random.split(key)
+        noise = jax.random.normal(noise_key, shape, jnp.float32)
+        add_batch = lambda tree: jax.tree.map(lambda x: x[None], tree)
+        condition = guidance.GuidanceCondition(add_batch(cond), add_batch(uncond), scale)
+        images = samplers.sample(
+            settings.sampler, guided, noise, levels, step_key, condition, **options
+        )
+        return images[0]
+
+    keys = seed_keys(inputs["seeds"])
+    images = jax.vmap(one_sample)(keys, cond, uncond, inputs["scales"])  # (micro, H, W, C)
+    return to_uint8(images)
 
 
 def _first_channels(model_fn, channels: int):

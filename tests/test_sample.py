@@ -1,0 +1,226 @@
+"""sample.py and the batch sampling behind it: prompt files, outputs, resume after a kill, errors.
+
+Truths: every PNG holds exactly what `TextToImage.generate` returns for its manifest record
+(prompt, negative prompt, seed, settings); an interrupted run, rerun, ends with the files and
+manifest of an uninterrupted one, byte for byte; user mistakes exit with status 2 and one
+message, no traceback.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_text2image import train_tiny_runs
+
+from diffusion import text2image
+from diffusion.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS_TXT = "a red circle\n\na blue square in the top left corner\n  a green star  \n"
+PROMPTS_JSONL = (
+    '{"prompt": "a red circle", "seed": 40}\n'
+    '{"prompt": "a blue square", "negative_prompt": "blue", "guidance_scale": 5.5}\n'
+    "\n"
+    '{"prompt": "a green star", "negative_prompt": null, "seed": 7, "guidance_scale": 1}\n'
+)
+SETTINGS = dict(sampler="euler", steps=3)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return train_tiny_runs(tmp_path_factory.mktemp("runs"), copies=False)["dit"]
+
+
+@pytest.fixture(scope="module")
+def pipeline(run_dir):
+    return text2image.TextToImage.from_run(run_dir)
+
+
+def write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def read_png(path):
+    return np.asarray(Image.open(path))
+
+
+def manifest_lines(output_dir):
+    with open(os.path.join(output_dir, "manifest.jsonl")) as f:
+        return f.read().splitlines()
+
+
+def directory_bytes(output_dir):
+    result = {}
+    for name in sorted(os.listdir(output_dir)):
+        with open(os.path.join(output_dir, name), "rb") as f:
+            result[name] = f.read()
+    return result
+
+
+def test_text_file_gives_named_pngs_manifest_and_grid(pipeline, tmp_path):
+    prompts = write(tmp_path / "prompts.txt", PROMPTS_TXT)
+    items = text2image.read_prompt_file(prompts, seed=10, num_per_prompt=2)
+    out = str(tmp_path / "out")
+    result = text2image.sample_to_directory(pipeline, items, out, batch_size=3, **SETTINGS)
+    assert result == {"generated": 6, "skipped": 0}
+    pngs = [f"{line:05d}_{k:03d}.png" for line in (1, 3, 4) for k in (0, 1)]
+    assert sorted(os.listdir(out)) == sorted(pngs + ["grid.png", "manifest.jsonl"])
+    records = [json.loads(line) for line in manifest_lines(out)]
+    assert [r["file"] for r in records] == pngs
+    expected_prompts = ["a red circle", "a blue square in the top left corner", "a green star"]
+    for record in records:
+        assert record["prompt"] == expected_prompts[(1, 3, 4).index(record["line"])]
+        assert record["seed"] == 10 + record["index"]
+        assert record["negative_prompt"] == ""
+        assert (record["sampler"], record["steps"], record["guidance_scale"]) == ("euler", 3, 3.0)
+        assert (record["eta"], record["shift"], record["guidance_rescale"]) == (0.0, 1.0, 0.0)
+        assert record["checkpoint_step"] == 1 and record["checkpoint"] == pipeline.run_dir
+    images = pipeline.generate(
+        [r["prompt"] for r in records], seeds=[r["seed"] for r in records], **SETTINGS
+    )
+    for record, image in zip(records, images, strict=True):
+        np.testing.assert_array_equal(read_png(os.path.join(out, record["file"])), image)
+    grid = read_png(os.path.join(out, "grid.png"))
+    assert grid.shape == (3 * 16, 2 * 16, 3)  # a row per prompt, a column per seed
+    np.testing.assert_array_equal(grid[16:32, 16:32], images[3])
+
+
+def test_jsonl_fields_override_the_defaults(pipeline, tmp_path):
+    prompts = write(tmp_path / "prompts.jsonl", PROMPTS_JSONL)
+    items = text2image.read_prompt_file(prompts, negative_prompt="red", seed=3, guidance_scale=2.0)
+    assert [(i.line, i.prompt, i.negative_prompt, i.seed, i.guidance_scale) for i in items] == [
+        (1, "a red circle", "red", 40, 2.0),
+        (2, "a blue square", "blue", 3, 5.5),
+        (4, "a green star", "red", 7, 1.0),
+    ]
+    out = str(tmp_path / "out")
+    text2image.sample_to_directory(pipeline, items, out, **SETTINGS)
+    for item in items:
+        expected = pipeline.generate(
+            [item.prompt], [item.negative_prompt], [item.seed],
+            guidance_scale=item.guidance_scale, **SETTINGS,
+        )[0]  # fmt: skip
+        np.testing.assert_array_equal(read_png(os.path.join(out, item.file)), expected)
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_result(pipeline, tmp_path):
+    prompts = write(tmp_path / "prompts.txt", PROMPTS_TXT)
+    items = text2image.read_prompt_file(prompts, num_per_prompt=3)
+    whole = str(tmp_path / "whole")
+    text2image.sample_to_directory(pipeline, items, whole, batch_size=4, **SETTINGS)
+    # The interrupted run finished the first prompt, then died: a PNG renamed into place before
+    # the manifest listed it, and a temporary file of the next one.
+    resumed = str(tmp_path / "resumed")
+    text2image.sample_to_directory(pipeline, items[:3], resumed, batch_size=4, **SETTINGS)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(os.path.join(resumed, items[3].file))
+    with open(os.path.join(resumed, f".{items[4].file}.tmp-12345"), "wb") as f:
+        f.write(b"\x89PNG half")
+    result = text2image.sample_to_directory(pipeline, items, resumed, batch_size=4, **SETTINGS)
+    assert result == {"generated": 6, "skipped": 3}
+    assert directory_bytes(resumed) == directory_bytes(whole)
+    lines = manifest_lines(resumed)
+    assert len(lines) == len(set(lines)) == len(items)
+    again = text2image.sample_to_directory(pipeline, items, resumed, batch_size=4, **SETTINGS)
+    assert again == {"generated": 0, "skipped": 9}
+    assert directory_bytes(resumed) == directory_bytes(whole)
+
+
+def test_other_settings_replace_the_records_without_duplicates(pipeline, tmp_path):
+    prompts = write(tmp_path / "prompts.txt", PROMPTS_TXT)
+    items = text2image.read_prompt_file(prompts)
+    out = str(tmp_path / "out")
+    text2image.sample_to_directory(pipeline, items, out, sampler="euler", steps=3)
+    result = text2image.sample_to_directory(pipeline, items, out, sampler="heun", steps=3)
+    assert result == {"generated": 3, "skipped": 0}
+    records = [json.loads(line) for line in manifest_lines(out)]
+    assert [r["sampler"] for r in records] == ["heun"] * 3
+    heun = pipeline.generate([items[0].prompt], seeds=[0], sampler="heun", steps=3)[0]
+    np.testing.assert_array_equal(read_png(os.path.join(out, items[0].file)), heun)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"prompt": "a"}\n{"prompt": "b",\n', r"prompts.jsonl:2: not valid JSON"),
+        ('{"prompt": "a"}\n\n["a list"]\n', r"prompts.jsonl:3: expected a JSON object"),
+        ('{"promt": "a"}\n', r"prompts.jsonl:1: unknown fields \['promt'\]"),
+        ('{"prompt": "a", "seed": -2}\n', r"prompts.jsonl:1: 'seed' must be an integer"),
+        ('{"prompt": "a", "guidance_scale": "x"}\n', r"prompts.jsonl:1: 'guidance_scale' must"),
+        ("\n\n", r"has no prompts"),
+    ],
+)
+def test_malformed_prompt_files_name_the_line(tmp_path, text, message):
+    path = write(tmp_path / "prompts.jsonl", text)
+    with pytest.raises(UserError, match=message):
+        text2image.read_prompt_file(path)
+
+
+def run_sample_py(*args, **popen):
+    command = [sys.executable, os.path.join(REPO, "sample.py"), *args]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, **popen)
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("malformed", r"prompts.jsonl:2: not valid JSON"),
+        ("sampler", r"unknown sampler 'plms'; valid samplers: ddim, ddpm, dpmpp_2m, euler"),
+        ("steps", r"steps must be an integer >= 1, got 0"),
+        ("checkpoint", r"does not exist; pass a DiT run directory"),
+    ],
+)
+def test_user_errors_exit_2_with_one_message(run_dir, tmp_path, case, message):
+    good = write(tmp_path / "good.txt", "a red circle\n")
+    bad = write(tmp_path / "prompts.jsonl", '{"prompt": "a"}\n{"prompt": \n')
+    args = {
+        "malformed": [f"--checkpoint={run_dir}", f"--prompts={bad}"],
+        "sampler": [f"--checkpoint={run_dir}", f"--prompts={good}", "--sampler=plms"],
+        "steps": [f"--checkpoint={run_dir}", f"--prompts={good}", "--steps=0"],
+        "checkpoint": [f"--checkpoint={tmp_path / 'nowhere'}", f"--prompts={good}"],
+    }[case]
+    result = run_sample_py(*args, f"--output_dir={tmp_path / 'out'}")
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert re.search(message, result.stderr.replace("\n", " ")), result.stderr
+    assert result.stderr.count("sample.py: error:") == 1
+
+
+@pytest.mark.slow
+def test_sigkill_midway_then_rerun_equals_an_uninterrupted_run(run_dir, pipeline, tmp_path):
+    prompts = write(tmp_path / "prompts.txt", "".join(f"shape number {i}\n" for i in range(20)))
+    killed = tmp_path / "killed"
+    # 20 prompts x 4 = 80 images in batches of 32 (8 devices x micro-batch 4): three batches.
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "sample.py"), f"--checkpoint={run_dir}",
+         f"--prompts={prompts}", f"--output_dir={killed}", "--num_per_prompt=4", "--steps=3"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if killed.is_dir() and any(n.endswith(".png") for n in os.listdir(killed)):
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, "sample.py ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    # Killed for real: unfinished, yet every PNG in place is whole (temporaries are dotted).
+    assert len(text2image.read_manifest(str(killed))) < 80
+    assert not os.path.exists(killed / "grid.png")
+    for name in os.listdir(killed):
+        if name.endswith(".png") and not name.startswith("."):
+            Image.open(killed / name).verify()
+    items = text2image.read_prompt_file(prompts, num_per_prompt=4)
+    whole = str(tmp_path / "whole")
+    text2image.sample_to_directory(pipeline, items, whole, steps=3)
+    text2image.sample_to_directory(pipeline, items, str(killed), steps=3)
+    assert directory_bytes(str(killed)) == directory_bytes(whole)
+    lines = manifest_lines(str(killed))
+    assert len(lines) == len(set(lines)) == 80
