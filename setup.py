@@ -28,12 +28,16 @@ setup(
         "pillow>=10,<14",
         "tqdm>=4.66,<5",
         "tensorboardX>=2.6,<3",
+        "scipy>=1.13,<2",  # matrix square root of the Frechet distance
+        "matplotlib>=3.9,<4",  # plots of the evaluation report
     ],
     extras_require={
         "test": [
             "pytest>=8,<10",
             "torch==2.13.0",  # CPU reference for HF CLIP parity and the PyTorch DiT benchmark
             "ruff>=0.8,<0.18",
+            # The TPU compiler: tests compile train steps ahead of time for TPU slices.
+            "jax[tpu]>=0.8,<0.13",
         ],
         "tpu": ["jax[tpu]>=0.8,<0.13"],
     },

@@ -12,8 +12,10 @@ from diffusion.errors import NonFiniteError, UserError, report_user_error
 
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, config, tokenizer, logs.")
 flags.DEFINE_string(
-    "aot_topology", None, "Instead of training, compile for a TPU slice (e.g. v5p:8x8x4) and "
-    "write the memory and cost report to WORKDIR/aot.json (needs the tpu extra)."
+    "aot_topology",
+    None,
+    "Instead of training, compile for a TPU slice (e.g. v5p:8x8x4) and "
+    "write the memory and cost report to WORKDIR/aot.json (needs the tpu extra).",
 )
 flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, for several processes outside TPU pods."

@@ -273,16 +273,16 @@ def test_logical_axes_snapshot(name, overrides):
     snapshot_check(name, layers.logical_axes_of(model))
 
 
-def test_parameters_are_sharded_at_creation_under_a_mesh_and_rules():
-    mesh = jax.make_mesh((2, 4), ("fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-    rules = [(name, None) for name in LOGICAL_AXIS_NAMES]
-    rules = dict(rules) | {"embed": "fsdp", "mlp": "tensor", "heads": "tensor"}
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(tuple(rules.items())):
-        model = nnx.jit(lambda: DiT(tiny(scan_layers=True), rngs=nnx.Rngs(0)))()
+def test_parameters_are_created_sharded_as_the_logical_rules_say():
+    """Each parameter's sharding follows its logical names through the default rules."""
+    mesh = sharding.make_mesh({"fsdp": 2, "tensor": 4})
+    model = sharding.create_sharded(lambda: DiT(tiny(scan_layers=True), rngs=nnx.Rngs(0)), mesh)
     kernel = model.blocks.blocks.mlp.fc1.kernel  # ('layers', 'embed', 'mlp')
     assert kernel.get_value().sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     query = model.blocks.blocks.attn.query_kernel  # ('layers', 'embed', 'heads', 'kv')
-    assert query.get_value().sharding.spec[:3] == (None, "fsdp", "tensor")
+    assert tuple(query.get_value().sharding.spec)[:3] == (None, "fsdp", "tensor")
+    shard_shape = kernel.get_value().addressable_shards[0].data.shape
+    assert shard_shape == (kernel.shape[0], kernel.shape[1] // 2, kernel.shape[2] // 4)
 
 
 def mesh_inputs(batch=8, length=6):
