@@ -19,8 +19,17 @@ $(BIN)/.installed: setup.py
 train: $(BIN)/.installed
 	$(BIN)/python train.py --config=$(CONFIG) --workdir=$(WORKDIR)
 
-test: $(BIN)/.installed
-	$(BIN)/python -m pytest tests
+# The TPU compiler (libtpu, the version jax[tpu] names) for the AOT tests, kept off the import
+# path: with libtpu importable, every CPU run of jax would probe for TPU chips and log errors.
+TPU_COMPILER := $(VENV)/tpu-compiler
+$(TPU_COMPILER)/libtpu/libtpu.so: $(BIN)/.installed
+	$(BIN)/pip install --quiet --no-deps --target $(TPU_COMPILER) "$$($(BIN)/python -c \
+	  'import importlib.metadata as m; print(next(r.split(";")[0] for r in m.requires("jax") \
+	  if r.startswith("libtpu") and "tpu" in r))')"
+	touch $@
+
+test: $(BIN)/.installed $(TPU_COMPILER)/libtpu/libtpu.so
+	TPU_LIBRARY_PATH=$(abspath $(TPU_COMPILER))/libtpu/libtpu.so $(BIN)/python -m pytest tests
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

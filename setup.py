@@ -36,8 +36,6 @@ setup(
             "pytest>=8,<10",
             "torch==2.13.0",  # CPU reference for HF CLIP parity and the PyTorch DiT benchmark
             "ruff>=0.8,<0.18",
-            # The TPU compiler: tests compile train steps ahead of time for TPU slices.
-            "jax[tpu]>=0.8,<0.13",
         ],
         "tpu": ["jax[tpu]>=0.8,<0.13"],
     },

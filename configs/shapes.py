@@ -5,6 +5,7 @@ Each stage writes into its own subdirectory of --workdir and resumes when rerun.
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from configs import base_clip, base_dit, common
 
@@ -12,7 +13,8 @@ from configs import base_clip, base_dit, common
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.family = "pipeline"  # Runs the stages below in order, each in WORKDIR/<stage>.
-    config.stages = ("clip", "dit")  # Stages to run; each resumes from its own checkpoints.
+    # Stages in order; each resumes (training) or skips (finished evaluation, existing images).
+    config.stages = ("clip", "dit", "evaluate", "samples")
     config.seed = 0  # The one seed of the run, shared by all stages.
     config.data = common.data_config()  # One dataset for all stages.
     config.data.builder_config = "32"
@@ -25,6 +27,42 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         stage.data = config.data
         stage.tokenizer = config.tokenizer
         stage.seed = config.get_ref("seed")
+
+    config.evaluate = ml_collections.ConfigDict()  # Stage 3: evaluate.py on both runs.
+    config.evaluate.num_samples = 512  # Captions (and DiT samples) per held-out split.
+    config.evaluate.splits = ("test", "test_unseen")  # Held-out splits to evaluate on.
+    config.evaluate.guidance_scales = (1.0, 3.0, 5.0)  # The DiT's guidance sweep.
+    config.evaluate.samplers = "euler:20"  # NAME:STEPS,... of the DiT sweep.
+    config.evaluate.batch_size = 128  # Samples per sampling program.
+    config.evaluate.negative_prompt = "a large circle in the center"  # Negative-prompt check...
+    config.evaluate.negative_color = "red"  # ... with this colour as the negative prompt.
+
+    config.samples = ml_collections.ConfigDict()  # Stage 4: the prompt grid of the README.
+    config.samples.prompts = (  # Seen and unseen (color, shape) pairs; see data/shapes.py.
+        "a large red circle in the center",
+        "a small blue square in the top left corner",
+        "a large green star at the bottom",
+        "a small yellow heart on the right",
+        "a large purple triangle in the top right corner",
+        "a large cyan square on a white background, in the bottom left corner",
+        "a large red star in the center",  # unseen pair
+        "a small yellow circle at the top",  # unseen pair
+        "a large blue heart on the left",  # unseen pair
+        "a large green triangle in the bottom right corner",  # unseen pair
+    )
+    config.samples.negative_examples = (  # (prompt, negative prompt) pairs.
+        ("a large circle in the center", "red"),
+        ("a large circle in the center", "blue"),
+    )
+    config.samples.num_per_prompt = 8  # Seeds 0..n-1 per prompt (one grid row each).
+    config.samples.sampler = "euler"  # Sampler of the grid.
+    config.samples.steps = 20  # Its steps.
+    config.samples.guidance_scale = placeholder(float)  # None: the evaluation's best scale.
+    config.samples.batch_size = 48  # Images per sampling program.
+
     if arg == "runlocal":
         config.data.num_train_examples = 2_000
+        config.evaluate.num_samples = 16
+        config.evaluate.guidance_scales = (1.0, 3.0)
+        config.samples.num_per_prompt = 2
     return config

@@ -73,8 +73,11 @@ class AOTError(UserError):
 
 
 def libtpu_available() -> bool:
-    """Whether the TPU compiler (the `libtpu` package of the `tpu` extra) is installed."""
-    return importlib.util.find_spec("libtpu") is not None
+    """Whether the TPU compiler is there: the `libtpu` package of the `tpu` extra, or a
+    libtpu.so named by TPU_LIBRARY_PATH (how `make test` provides it without putting libtpu on
+    the import path, where jax would probe for TPU chips in every CPU run)."""
+    path = os.environ.get("TPU_LIBRARY_PATH")
+    return bool(path and os.path.isfile(path)) or importlib.util.find_spec("libtpu") is not None
 
 
 def chip_name(topology: str) -> str:

@@ -52,19 +52,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return train(config, workdir)
 
 
+PIPELINE_STAGES = ("clip", "dit", "evaluate", "samples")
+
+
 def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """CLIP, then the DiT on the frozen CLIP text tower, each in WORKDIR/<stage>."""
-    results = {}
+    """CLIP, then the DiT on the frozen CLIP text tower, each in WORKDIR/<stage>; then evaluation
+    (WORKDIR/eval) and the prompt grid (WORKDIR/samples). Every stage resumes or skips on rerun."""
+    from diffusion import stages
+
+    unknown = [s for s in config.stages if s not in PIPELINE_STAGES]
+    if unknown:
+        raise UserError(f"config.stages names {unknown}; valid stages: {PIPELINE_STAGES}.")
+    results, timings = {}, {}
     tokenizer_dir = os.path.join(workdir, TOKENIZER_DIR)
     for stage in config.stages:
-        if stage not in ("clip", "dit"):
-            raise UserError(f"config.stages names {stage!r}; valid stages: 'clip', 'dit'.")
-        stage_config = config[stage]
-        if stage == "dit" and not stage_config.text_encoder.checkpoint:
-            stage_config.text_encoder.checkpoint = os.path.join(workdir, "clip")
         print(f"== stage {stage}: {os.path.join(workdir, stage)}", flush=True)
-        results[stage] = train(stage_config, os.path.join(workdir, stage), tokenizer_dir)
+        start = time.perf_counter()
+        if stage in ("clip", "dit"):
+            stage_config = config[stage]
+            if stage == "dit" and not stage_config.text_encoder.checkpoint:
+                stage_config.text_encoder.checkpoint = os.path.join(workdir, "clip")
+            results[stage] = train(stage_config, os.path.join(workdir, stage), tokenizer_dir)
+        elif stage == "evaluate":
+            results[stage] = stages.run_evaluate_stage(config, workdir)
+        else:
+            results[stage] = stages.run_samples_stage(config, workdir)
+        timings[stage] = time.perf_counter() - start
+    if jax.process_index() == 0:
+        print(pipeline_summary(workdir, timings), flush=True)
     return results
+
+
+def pipeline_summary(workdir: str, timings: dict[str, float]) -> str:
+    """What a finished pipeline made and where: wall time per stage and the files to open."""
+    lines = ["== done. wall time per stage (this invocation):"]
+    lines += [f"   {stage:9s} {seconds:7.1f} s" for stage, seconds in timings.items()]
+    lines.append(f"   {'total':9s} {sum(timings.values()):7.1f} s")
+    places = (
+        ("prompt grid", os.path.join(workdir, "samples", "prompts.png")),
+        ("DiT report", os.path.join(workdir, "eval", "dit", "index.html")),
+        ("DiT metrics", os.path.join(workdir, "eval", "dit", "metrics.json")),
+        ("CLIP report", os.path.join(workdir, "eval", "clip", "index.html")),
+        ("CLIP metrics", os.path.join(workdir, "eval", "clip", "metrics.json")),
+        ("DiT weights", os.path.join(workdir, "dit", PARAMS_DIR)),
+    )
+    lines += [f"   {name:13s} {path}" for name, path in places if os.path.exists(path)]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -96,15 +96,18 @@ def test_same_losses_on_every_mesh(family, data_dir, clip_run, tmp_path):
 
 
 def test_parameters_are_sharded_as_the_rules_say(data_dir, clip_run, tmp_path):
-    config = dit_config(data_dir, clip_run, steps=1, mesh="2x2x2")
+    config = dit_config(data_dir, clip_run, steps=3, mesh="2x2x2")
     run(config, tmp_path, "2x2x2")
     manager = checkpoints.make_checkpoint_manager(tmp_path / "checkpoints")
     restored = checkpoints.restore_latest(manager, _abstract_state(config, tmp_path))
     manager.close()
     params = restored.train_state["params"]
-    qkv = params["blocks"]["blocks"][0]["attn"]["query"]["kernel"]
-    # ('embed', 'heads', 'kv') -> ('fsdp', 'tensor', None)
-    assert qkv.get_value().sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    query = params["blocks"]["blocks"][0]["attn"]["query_kernel"]
+    # ('embed', 'heads', 'kv') -> ('fsdp', 'tensor', None): each device holds a quarter of it
+    assert tuple(query.get_value().sharding.spec)[:2] == ("fsdp", "tensor")
+    width, heads, head_dim = query.shape
+    shard = query.get_value().addressable_shards[0].data
+    assert shard.shape == (width // 2, heads // 2, head_dim)
 
 
 def _abstract_state(config, workdir):
