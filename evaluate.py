@@ -14,7 +14,7 @@ import sys
 
 from absl import app, flags, logging
 
-from diffusion.errors import UserError, report_user_error
+from diffusion.errors import UserError, parse_flags_or_exit, report_user_error
 
 flags.DEFINE_string("checkpoint", None, "CLIP or DiT run directory (train.py --workdir).")
 flags.DEFINE_string("output_dir", None, "Where metrics.json, index.html and the plots go.")
@@ -77,4 +77,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=lambda argv: parse_flags_or_exit(argv, "evaluate.py"))

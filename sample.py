@@ -13,7 +13,7 @@ import sys
 
 from absl import app, flags, logging
 
-from diffusion.errors import UserError, report_user_error
+from diffusion.errors import UserError, parse_flags_or_exit, report_user_error
 
 flags.DEFINE_string("checkpoint", None, "DiT run directory, or a checkpoints/<step> inside it.")
 flags.DEFINE_string("prompts", None, "Prompt file: .txt (one per line) or .jsonl.")
@@ -72,4 +72,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=lambda argv: parse_flags_or_exit(argv, "sample.py"))

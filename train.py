@@ -8,7 +8,7 @@ import sys
 from absl import app, flags, logging
 
 from diffusion import config as config_lib
-from diffusion.errors import NonFiniteError, UserError, report_user_error
+from diffusion.errors import NonFiniteError, UserError, parse_flags_or_exit, report_user_error
 
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, config, tokenizer, logs.")
 flags.DEFINE_string(
@@ -26,10 +26,14 @@ FLAGS = flags.FLAGS
 _CONFIG = {}
 
 
-def parse_flags(argv):
+def _split_and_parse(argv):
     remaining, spec, overrides = config_lib.split_config_flags(argv)
     _CONFIG.update(spec=spec, overrides=overrides)
     return FLAGS(remaining)
+
+
+def parse_flags(argv):
+    return parse_flags_or_exit(argv, "train.py", _split_and_parse)
 
 
 def main(argv):

@@ -28,6 +28,10 @@ class ConfigError(UserError):
     """A recipe file or override that cannot be used."""
 
 
+# The arguments recipes understand after the colon; a recipe may list others in `ARGS`.
+RECIPE_ARGS = ("runlocal",)
+
+
 def load_config(spec: str, overrides: Sequence[tuple[str, str]] = ()) -> ml_collections.ConfigDict:
     """Loads `PATH[:ARG]` and applies `(dotted_key, raw_value)` overrides in order."""
     path, _, arg = spec.partition(":")
@@ -50,6 +54,12 @@ def _call_get_config(path: str, arg: str | None) -> ml_collections.ConfigDict:
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"Config file {path!r} defines no get_config(arg) function.")
+    valid_args = tuple(getattr(module, "ARGS", RECIPE_ARGS))
+    if arg is not None and arg not in valid_args:
+        raise ConfigError(
+            f"Config argument {arg!r} of {path!r} is not known (it would be silently ignored). "
+            f"Pass --config={path}:ARG with ARG one of {', '.join(valid_args)}, or no argument."
+        )
     config = module.get_config(arg)
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"get_config() in {path!r} must return an ml_collections.ConfigDict.")
@@ -82,8 +92,8 @@ def apply_override(config: ml_collections.ConfigDict, dotted_key: str, raw_value
         node = _child(node, name, walked, dotted_key)
         if not isinstance(node, ml_collections.ConfigDict):
             raise ConfigError(
-                f"--config.{dotted_key}: 'config.{'.'.join(walked)}' is a value, not a section, "
-                "so it has no fields to set."
+                f"--config.{dotted_key}: 'config.{'.'.join([*walked, name])}' is a value, not a "
+                "section, so it has no fields to set."
             )
         walked.append(name)
     _child(node, leaf, walked, dotted_key)  # validates the key

@@ -221,6 +221,14 @@ def _read_chunk(images: np.ndarray) -> OracleReading:
     )
 
 
+def _check_uint8(images: np.ndarray) -> None:
+    if images.dtype != np.uint8:  # a float image would be read as nearly black, silently
+        raise ValueError(
+            f"images must be uint8 in [0, 255], got dtype {images.dtype}; convert [-1, 1] floats "
+            "with np.clip(np.rint((images + 1) * 127.5), 0, 255).astype(np.uint8)"
+        )
+
+
 def read_attributes(images: np.ndarray, chunk_size: int = 256) -> OracleReading:
     """Reads the five attributes of each shapes image: uint8 (N, S, S, 3) -> OracleReading.
 
@@ -235,6 +243,7 @@ def read_attributes(images: np.ndarray, chunk_size: int = 256) -> OracleReading:
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be (N, H, W, 3) uint8, got shape {images.shape}")
+    _check_uint8(images)
     if images.shape[0] == 0:
         empty = np.zeros(0, np.int64)
         return OracleReading(*(empty,) * 5, np.zeros(0), np.zeros((0, 2)), np.zeros(0), np.zeros(0))
@@ -437,12 +446,18 @@ class ClipEncoder:
 
     def encode_images(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, 3) -> (N, E) normalised image embeddings (resized if H differs)."""
-        return self._batched(self._encode_image, [np.asarray(images, np.uint8)])
+        images = np.asarray(images)
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"images must be (N, H, W, 3) uint8, got shape {images.shape}")
+        _check_uint8(images)
+        return self._batched(self._encode_image, [images])
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         """N strings -> (N, E) normalised text embeddings (truncated to the context)."""
         from diffusion.data import tokenize
 
+        if isinstance(texts, str):  # list("a cat") would embed each character
+            raise ValueError(f"texts must be a list of strings, got one string; pass [{texts!r}]")
         tokens, mask = tokenize(self.tokenizer, list(texts), self.context_length)
         return self._batched(self._encode_text, [tokens, mask])
 

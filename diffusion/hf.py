@@ -328,8 +328,14 @@ def load_hf_clip(directory: str, **execution) -> CLIP:
             f"unknown options {sorted(set(execution) - allowed)}; valid: {sorted(allowed)}"
         )
     _check_directory(directory)
-    with open(os.path.join(directory, CONFIG_FILE)) as f:
-        raw = json.load(f)
+    try:
+        with open(os.path.join(directory, CONFIG_FILE)) as f:
+            raw = json.load(f)
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(
+            f"{os.path.join(directory, CONFIG_FILE)} is not valid JSON ({error}); write it again "
+            "with transformers' save_pretrained"
+        ) from error
     if raw.get("model_type") != "clip":
         raise CheckpointError(
             f"{directory!r} holds a {raw.get('model_type')!r} model, not a CLIP model "

@@ -40,6 +40,8 @@ from flax.linen import spmd as linen_spmd
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from diffusion.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")  # Canonical axis order: slowest (DCN-friendly) first.
@@ -193,7 +195,16 @@ def mesh_from_config(mesh_config: Mapping[str, Any], devices: Sequence[Any] | No
     shape = {axis: int(mesh_config[axis]) for axis in MESH_AXES}
     dcn_data = int(mesh_config.get("dcn_data", 1) or 1)
     dcn = {"data": dcn_data} if dcn_data > 1 else None
-    return make_mesh(shape, devices=devices, dcn_mesh_shape=dcn)
+    try:
+        return make_mesh(shape, devices=devices, dcn_mesh_shape=dcn)
+    except ValueError as error:  # the config is where the user can fix it
+        count = len(jax.devices() if devices is None else devices)
+        raise UserError(
+            f"config.mesh {shape} (dcn_data={dcn_data}) does not fit the {count} devices: "
+            f"{error}. Set --config.mesh.data/fsdp/tensor to sizes that multiply to {count}, "
+            "e.g. --config.mesh.data=-1 (all remaining devices) with fsdp and tensor dividing "
+            f"{count}."
+        ) from error
 
 
 # ------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import logging
 import math
@@ -178,12 +179,67 @@ def locate_run(path: str) -> RunLocation:
     )
 
 
+# The fields of a run's config.json that sampling and evaluation read, by family.
+RUN_CONFIG_KEYS = (
+    "family",
+    "seed",
+    "data.name",
+    "data.builder_config",
+    "data.data_dir",
+    "data.image_key",
+    "data.caption_key",
+    "data.label_key",
+    "data.caption_template",
+    "data.num_train_examples",
+    "data.num_eval_examples",
+    "tokenizer.path",
+    "tokenizer.context_length",
+    "model.dtype",
+)
+DIT_RUN_CONFIG_KEYS = (
+    "text_encoder.checkpoint",
+    "diffusion.objective",
+    "diffusion.prediction_type",
+    "optimizer",
+    "training.num_steps",
+    "training.ema_decay",
+)
+
+
 def load_run_config(run_dir: str) -> ml_collections.ConfigDict:
+    """A run directory's config.json, checked to hold every field sampling and evaluation read."""
     path = os.path.join(run_dir, checkpoints.CONFIG_FILENAME)
     if not os.path.isfile(path):
         raise PipelineError(f"run directory {run_dir!r} has no {checkpoints.CONFIG_FILENAME}")
-    with open(path, encoding="utf-8") as f:
-        return ml_collections.ConfigDict(json.load(f))
+    fix = (
+        "It was edited or comes from another version: restore it from a copy, or delete it and "
+        "rerun the train.py command of this run, which writes it again."
+    )
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise PipelineError(
+            f"{path} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})."
+            f" {fix}"
+        ) from error
+    if not isinstance(record, dict):
+        raise PipelineError(f"{path} holds a {type(record).__name__}, not a JSON object. {fix}")
+
+    def has(key: str) -> bool:
+        node = record
+        for name in key.split("."):
+            if not isinstance(node, dict) or name not in node:
+                return False
+            node = node[name]
+        return True
+
+    keys = RUN_CONFIG_KEYS + (DIT_RUN_CONFIG_KEYS if record.get("family") == "dit" else ())
+    missing = [key for key in keys if not has(key)]
+    if missing:
+        raise PipelineError(f"{path} lacks the fields {', '.join(missing)}. {fix}")
+    return ml_collections.ConfigDict(record)
 
 
 def _resolution(config, resolution: int | None) -> int:
@@ -764,9 +820,25 @@ def _jsonl_entry(text: str, where: str) -> dict:
             raise PipelineError(f"{where}: 'seed' must be an integer in [0, 2**32), got {seed!r}")
     if "guidance_scale" in entry:
         scale = entry["guidance_scale"]
-        if isinstance(scale, bool) or not isinstance(scale, int | float):
-            raise PipelineError(f"{where}: 'guidance_scale' must be a number, got {scale!r}")
+        if (
+            isinstance(scale, bool)
+            or not isinstance(scale, int | float)
+            or not math.isfinite(scale)  # json reads NaN and Infinity
+        ):
+            raise PipelineError(f"{where}: 'guidance_scale' must be a finite number, got {scale!r}")
     return entry
+
+
+def _utf8_text(data: bytes, path: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise PipelineError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[error.start]:02x} at column {column}); "
+            "save the prompt file with UTF-8 encoding"
+        ) from None
 
 
 def read_prompt_file(
@@ -796,7 +868,9 @@ def read_prompt_file(
         raise PipelineError(f"prompt file {path!r} does not exist")
     is_jsonl = path.endswith(".jsonl")
     items = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
+        content = _utf8_text(f.read(), path)
+    with io.StringIO(content, newline=None) as f:  # newline=None: as open() splits lines
         for line_number, text in enumerate(f, start=1):
             text = text.strip()
             if not text:

@@ -178,24 +178,36 @@ def prepare_tokenizer(tokenizer_config, source, split: str, directory: str):
 # ---------------------------------------------------------------------------------------------
 
 
-def clip_model_config(config, tokenizer, image_size: int) -> models.CLIPConfig:
-    return models.clip_config(
-        config.model.variant,
-        image_size=image_size,
-        vocab_size=len(tokenizer),
-        context_length=config.tokenizer.context_length,
-        dtype=config.model.dtype,
-        remat_policy=config.model.remat,
-        scan_layers=config.model.scan_layers,
+def _model_config_error(error: ValueError, model_section) -> UserError:
+    return UserError(
+        f"config.model ({', '.join(f'{k}={v!r}' for k, v in model_section.items())}) does not "
+        f"make a model: {error}. Fix the field it names with --config.model.FIELD=VALUE."
     )
+
+
+def clip_model_config(config, tokenizer, image_size: int) -> models.CLIPConfig:
+    try:
+        return models.clip_config(
+            config.model.variant,
+            image_size=image_size,
+            vocab_size=len(tokenizer),
+            context_length=config.tokenizer.context_length,
+            dtype=config.model.dtype,
+            remat_policy=config.model.remat,
+            scan_layers=config.model.scan_layers,
+        )
+    except ValueError as error:
+        raise _model_config_error(error, config.model) from error
 
 
 def save_model_config(workdir: str, family: str, model_config) -> None:
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         record = {"family": family, "config": dataclasses.asdict(model_config)}
-        with open(os.path.join(workdir, MODEL_FILE), "w", encoding="utf-8") as f:
+        path = os.path.join(workdir, MODEL_FILE)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
             json.dump(record, f, indent=2)
+        os.replace(path + ".tmp", path)  # atomic: a kill never leaves half a model.json
 
 
 def load_model_config(run_dir: str) -> tuple[str, Any]:
@@ -206,15 +218,24 @@ def load_model_config(run_dir: str) -> tuple[str, Any]:
             f"{run_dir!r} is not a run directory of this project: it has no {MODEL_FILE}. "
             "Pass the --workdir of a finished train.py run."
         )
-    with open(path, encoding="utf-8") as f:
-        record = json.load(f)
-    fields = record["config"]
-    if record["family"] == "clip":
-        fields["pixel_mean"], fields["pixel_std"] = map(
-            tuple, (fields["pixel_mean"], fields["pixel_std"])
-        )
-        return "clip", models.CLIPConfig(**fields)
-    return "dit", models.DiTConfig(**fields)
+    config_classes = {"clip": models.CLIPConfig, "dit": models.DiTConfig}
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+        family, fields = record["family"], dict(record["config"])
+        if family not in config_classes:
+            raise ValueError(f"family {family!r} is not one of {sorted(config_classes)}")
+        for name in ("pixel_mean", "pixel_std"):
+            if name in fields:
+                fields[name] = tuple(fields[name])
+        return family, config_classes[family](**fields)
+    except (ValueError, KeyError, TypeError) as error:  # JSONDecodeError is a ValueError
+        what = f"missing key {error}" if isinstance(error, KeyError) else str(error)
+        raise UserError(
+            f"{path} does not describe a model of this project ({type(error).__name__}: {what}); "
+            f"it was edited or comes from another version. Restore it from a copy, or delete "
+            f"it and rerun the train.py command of this run, which writes it again."
+        ) from error
 
 
 def load_run_params(run_dir: str, model_config, model_cls) -> nnx.Module:
@@ -262,14 +283,17 @@ def dit_model_config(config, text_encoder: models.CLIP | None) -> models.DiTConf
         )
     else:
         extra = dict(num_classes=config.model.num_classes)
-    return models.dit_config(
-        config.model.variant,
-        conditioning=conditioning,
-        dtype=config.model.dtype,
-        remat_policy=config.model.remat,
-        scan_layers=config.model.scan_layers,
-        **extra,
-    )
+    try:
+        return models.dit_config(
+            config.model.variant,
+            conditioning=conditioning,
+            dtype=config.model.dtype,
+            remat_policy=config.model.remat,
+            scan_layers=config.model.scan_layers,
+            **extra,
+        )
+    except ValueError as error:
+        raise _model_config_error(error, config.model) from error
 
 
 def diffusion_objective(diffusion_config) -> training.DiffusionObjective:
@@ -405,15 +429,21 @@ def train(config, workdir: str, tokenizer_dir: str | None = None, devices=None) 
     own_tokenizer_dir = os.path.join(workdir, TOKENIZER_DIR)
     if jax.process_index() == 0 and not os.path.isdir(own_tokenizer_dir):
         tokenizer.save_pretrained(own_tokenizer_dir)  # a run directory is self-contained
+    if config.data.image_key not in builder.info.features:
+        raise UserError(
+            f"config.data.image_key={config.data.image_key!r} is not a feature of {source.name!r};"
+            f" set it to one of {sorted(builder.info.features)}."
+        )
     image_size = builder.info.features[config.data.image_key].shape[0]
     if config.family == "dit" and config.text_encoder.checkpoint:
         # Absolute, so that config.json still finds it from a sampling job elsewhere.
         config.text_encoder.checkpoint = os.path.abspath(config.text_encoder.checkpoint)
     task = make_task(config, tokenizer, image_size, mesh)
+    tx = optim.make_optimizer(config.optimizer, total_steps=t.num_steps)  # checks, writes nothing
+    check_resumable(workdir, task.family, task.model_config)
     checkpoints.write_config(workdir, config)
     save_model_config(workdir, task.family, task.model_config)
 
-    tx = optim.make_optimizer(config.optimizer, total_steps=t.num_steps)
     trainer = training.Trainer(
         task.init_model,
         task.loss_fn,
@@ -454,15 +484,62 @@ def train(config, workdir: str, tokenizer_dir: str | None = None, devices=None) 
             state, last = _loop(
                 config, trainer, state, start, data_iterator, manager, writer, preemption, mesh
             )
-        manager.wait_until_finished()
-        if int(state["step"]) >= t.num_steps:
-            params = state["ema"] if state["ema"] is not None else state["params"]
-            if jax.process_index() == 0 or jax.process_count() > 1:
-                checkpoints.export_params(os.path.join(workdir, PARAMS_DIR), params)
+        try:
+            manager.wait_until_finished()
+            if int(state["step"]) >= t.num_steps:
+                params = state["ema"] if state["ema"] is not None else state["params"]
+                if jax.process_index() == 0 or jax.process_count() > 1:
+                    checkpoints.export_params(os.path.join(workdir, PARAMS_DIR), params)
+        except OSError as error:
+            raise write_failed(error, manager) from error
     finally:
         manager.close()
         writer.close()
     return last
+
+
+# Model config fields that change how it runs, not its parameters: a run may resume with others.
+EXECUTION_FIELDS = ("dtype", "remat_policy", "attention_impl")
+
+
+def check_resumable(workdir: str, family: str, model_config) -> None:
+    """Refuses, before anything is written, a config whose model differs from the one of the
+    checkpoints in `workdir` (it would fail deep inside the restore, or mix two models)."""
+    steps_dir = os.path.join(workdir, "checkpoints")
+    has_steps = os.path.isdir(steps_dir) and any(n.isdigit() for n in os.listdir(steps_dir))
+    if not has_steps or not os.path.isfile(os.path.join(workdir, MODEL_FILE)):
+        return
+    saved_family, saved = load_model_config(workdir)
+    old, new = dataclasses.asdict(saved), dataclasses.asdict(model_config)
+    changed = [
+        f"{name}: {old.get(name)!r} -> {value!r}"
+        for name, value in new.items()
+        if name not in EXECUTION_FIELDS and old.get(name) != value
+    ]
+    if saved_family != family:
+        changed.insert(0, f"family: {saved_family!r} -> {family!r}")
+    if changed:
+        raise UserError(
+            f"{workdir!r} holds checkpoints of another model than this config makes "
+            f"({'; '.join(changed)}), so it cannot resume them; they are left untouched. Pass a "
+            "new --workdir for this model, or rerun with the config the run started with "
+            f"(saved in {os.path.join(workdir, checkpoints.CONFIG_FILENAME)})."
+        )
+
+
+def write_failed(error: OSError, manager) -> UserError:
+    """A checkpoint that could not be written (disk full, quota, permissions), for a person."""
+    directory = os.fspath(manager.directory)
+    complete = sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+    kept = (
+        f"the last complete checkpoint, {os.path.join(directory, str(complete[-1]))}, is intact"
+        if complete
+        else "there is no complete checkpoint yet"
+    )
+    return UserError(
+        f"could not write a checkpoint: {error}. Training stopped; {kept}. Free disk space (or "
+        f"fix the permissions) under {directory} and rerun the same command to resume from it."
+    )
 
 
 def _loop(config, trainer, state, start, data_iterator, manager, writer, preemption, mesh):
@@ -507,14 +584,17 @@ def _loop(config, trainer, state, start, data_iterator, manager, writer, preempt
             last = {"step": done, **{k: float(v) for k, v in scalars.items()}}
             window_start, window_steps = time.perf_counter(), 0
         if done % t.checkpoint_every == 0 or is_last:
-            checkpoints.save_checkpoint(
-                manager,
-                done,
-                state,
-                data_iterator_state=data_iterator.get_state(),
-                metadata={"family": config.family},
-                force=True,
-            )
+            try:
+                checkpoints.save_checkpoint(
+                    manager,
+                    done,
+                    state,
+                    data_iterator_state=data_iterator.get_state(),
+                    metadata={"family": config.family},
+                    force=True,
+                )
+            except OSError as error:
+                raise write_failed(error, manager) from error
         progress.update(1)
         if stop:
             print(f"preemption requested: saved step {done}, exiting", flush=True)

@@ -187,8 +187,14 @@ def build_dataset(
         num_test_unseen=num_test_unseen,
         seed=seed,
     )
-    builder = tfds.builder("shapes", config=config, data_dir=data_dir)
-    builder.download_and_prepare()
+    try:
+        builder = tfds.builder("shapes", config=config, data_dir=data_dir)
+        builder.download_and_prepare()
+    except OSError as error:  # e.g. data_dir is a file, or not writable
+        raise UserError(
+            f"Cannot prepare the shapes dataset under data_dir={data_dir!r}: {error}. Point "
+            "config.data.data_dir (evaluate.py: --data_dir) at a writable directory."
+        ) from error
     return builder
 
 
