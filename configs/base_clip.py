@@ -4,6 +4,7 @@ Recipes import this and override fields; arg "runlocal" shrinks it to a laptop r
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from configs import common
 
@@ -20,6 +21,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict()
     config.model.variant = "tiny"  # Row of diffusion.models.clip's variant table.
+    config.model.patch_size = placeholder(int)  # Patch side of the image tower; None: the variant's.
+    config.model.vision_width = placeholder(int)  # Width of the image tower; None: the variant's.
+    config.model.vision_depth = placeholder(int)  # Blocks of the image tower; None: the variant's.
+    config.model.text_width = placeholder(int)  # Width of the text tower; None: the variant's.
+    config.model.text_depth = placeholder(int)  # Blocks of the text tower; None: the variant's.
     config.model.dtype = "float32"  # Compute dtype ("bfloat16" on TPU); parameters stay float32.
     config.model.remat = "none"  # Rematerialisation policy of the transformer blocks.
     config.model.scan_layers = (

@@ -21,6 +21,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict()
     config.model.variant = "tiny"  # Row of diffusion.models.dit's variant table (e.g. "S/2").
+    config.model.patch_size = placeholder(int)  # Patch side; None: the variant's.
+    config.model.width = placeholder(int)  # Hidden size D; None: the variant's.
+    config.model.depth = placeholder(int)  # Number of DiT blocks; None: the variant's.
+    config.model.num_heads = placeholder(int)  # Attention heads; None: the variant's.
     config.model.dtype = "float32"  # Compute dtype ("bfloat16" on TPU); parameters stay float32.
     config.model.remat = "none"  # Rematerialisation policy of the DiT blocks.
     config.model.scan_layers = (

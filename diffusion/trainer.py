@@ -185,6 +185,17 @@ def _model_config_error(error: ValueError, model_section) -> UserError:
     )
 
 
+# Size fields a recipe may set on top of its variant (None keeps the variant's value).
+CLIP_SIZE_FIELDS = ("patch_size", "vision_width", "vision_depth", "text_width", "text_depth")
+DIT_SIZE_FIELDS = ("patch_size", "width", "depth", "num_heads")
+
+
+def size_overrides(model_section, fields: tuple[str, ...]) -> dict[str, int]:
+    """The size fields of config.model that are set (recipes written before a field existed
+    simply lack it)."""
+    return {f: model_section.get(f) for f in fields if model_section.get(f) is not None}
+
+
 def clip_model_config(config, tokenizer, image_size: int) -> models.CLIPConfig:
     try:
         return models.clip_config(
@@ -195,6 +206,7 @@ def clip_model_config(config, tokenizer, image_size: int) -> models.CLIPConfig:
             dtype=config.model.dtype,
             remat_policy=config.model.remat,
             scan_layers=config.model.scan_layers,
+            **size_overrides(config.model, CLIP_SIZE_FIELDS),
         )
     except ValueError as error:
         raise _model_config_error(error, config.model) from error
@@ -290,6 +302,7 @@ def dit_model_config(config, text_encoder: models.CLIP | None) -> models.DiTConf
             dtype=config.model.dtype,
             remat_policy=config.model.remat,
             scan_layers=config.model.scan_layers,
+            **size_overrides(config.model, DIT_SIZE_FIELDS),
             **extra,
         )
     except ValueError as error:
