@@ -21,7 +21,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict()
     config.model.variant = "tiny"  # Row of diffusion.models.clip's variant table.
-    config.model.patch_size = placeholder(int)  # Patch side of the image tower; None: the variant's.
+    config.model.patch_size = placeholder(int)  # Patch side (image tower); None: the variant's.
     config.model.vision_width = placeholder(int)  # Width of the image tower; None: the variant's.
     config.model.vision_depth = placeholder(int)  # Blocks of the image tower; None: the variant's.
     config.model.text_width = placeholder(int)  # Width of the text tower; None: the variant's.
