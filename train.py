@@ -54,7 +54,8 @@ def main(argv):
 
         distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
 
-        trainer.train_and_evaluate(config, FLAGS.workdir)
+        with distributed.exit_if_a_peer_is_lost("train.py", FLAGS.workdir):
+            trainer.train_and_evaluate(config, FLAGS.workdir)
     except UserError as error:
         sys.exit(report_user_error(error, "train.py"))
     except NonFiniteError as error:  # a training fault, reported without a traceback

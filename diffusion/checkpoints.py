@@ -14,7 +14,8 @@ Completeness: Orbax writes a step into ``<step>.orbax-checkpoint-tmp-<time>/`` a
 ``commit_success.txt`` instead). ``latest_step()`` / ``all_steps()`` list only finalised steps, so a
 save interrupted by a kill is never offered. A finalised step that still fails to restore (disk
 corruption, a truncated file) is reported with its path by :func:`restore_latest`, which then
-falls back to the previous step; nothing is deleted.
+falls back to the previous step; nothing is deleted (the trainer renames such a step
+``<step>.corrupt``, which Orbax ignores, so that the step can be saved again).
 
 Cross-mesh restore: pass an abstract train state whose leaves are ``jax.ShapeDtypeStruct`` with
 the NEW shardings (``diffusion.sharding.abstract_state`` / ``abstract_with_shardings``); arrays are
@@ -36,6 +37,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
+
+from diffusion import distributed
 
 logger = logging.getLogger(__name__)
 
@@ -314,27 +317,49 @@ def restore_checkpoint(
 
 
 def restore_latest(
-    manager: ocp.CheckpointManager, abstract_train_state: Any
+    manager: ocp.CheckpointManager, abstract_train_state: Any, *, set_aside_unreadable: bool = False
 ) -> RestoredCheckpoint | None:
     """Restores the newest complete checkpoint that loads, or returns None if there is none.
 
     A step that fails to load is logged with its path and skipped for the previous one; if every
-    step fails, raises ``RuntimeError`` naming each path and its error. Nothing is deleted.
+    step fails, raises ``RuntimeError`` naming each path and its error. Nothing is deleted. With
+    ``set_aside_unreadable``, the steps skipped for an older one are renamed ``<step>.corrupt``
+    (kept for a person to inspect), so that training can save those step numbers again.
     """
     manager.wait_until_finished()
-    failures = []
+    failures, failed_steps = [], []
     for step in sorted(manager.all_steps(), reverse=True):
         try:
-            return restore_checkpoint(manager, abstract_train_state, step)
+            restored = restore_checkpoint(manager, abstract_train_state, step)
         except Exception as error:  # noqa: BLE001 - any failure means "try the previous step"
             path = step_path(manager, step)
             logger.error(
                 "checkpoint %s failed to restore (%s); trying an earlier step", path, error
             )
             failures.append(f"{path}: {type(error).__name__}: {error}")
+            failed_steps.append(step)
+            continue
+        if set_aside_unreadable and failed_steps:
+            _set_aside(manager, failed_steps)
+        return restored
     if failures:
         raise RuntimeError("no checkpoint could be restored:\n" + "\n".join(failures))
     return None
+
+
+def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
+    """Renames the step directories to ``<step>.corrupt[-<n>]``, names Orbax does not list."""
+    if jax.process_index() == 0:
+        for step in steps:
+            path = step_path(manager, step)
+            target, n = f"{path}.corrupt", 0
+            while os.path.exists(target):
+                n += 1
+                target = f"{path}.corrupt-{n}"
+            os.rename(path, target)
+            logger.error("moved the unreadable checkpoint %s to %s", path, target)
+    distributed.barrier("unreadable checkpoints set aside")
+    manager.reload()
 
 
 # ------------------------------------------------------------------------------------------------

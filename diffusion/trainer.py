@@ -481,7 +481,9 @@ def train(config, workdir: str, tokenizer_dir: str | None = None, devices=None) 
         max_to_keep=t.keep_checkpoints,
         keep_period=t.keep_period or None,
     )
-    restored = checkpoints.restore_latest(manager, trainer.abstract_state)
+    restored = checkpoints.restore_latest(
+        manager, trainer.abstract_state, set_aside_unreadable=True
+    )
     if restored is not None:
         state, start = restored.train_state, restored.step
         if restored.data_iterator_state is not None:
