@@ -66,7 +66,8 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     results, timings = {}, {}
     tokenizer_dir = os.path.join(workdir, TOKENIZER_DIR)
     for stage in config.stages:
-        print(f"== stage {stage}: {os.path.join(workdir, stage)}", flush=True)
+        where = {"evaluate": "eval"}.get(stage, stage)  # the directory each stage writes
+        print(f"== stage {stage}: {os.path.join(workdir, where)}", flush=True)
         start = time.perf_counter()
         if stage in ("clip", "dit"):
             stage_config = config[stage]
