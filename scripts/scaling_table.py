@@ -138,13 +138,18 @@ def main():
     parser.add_argument("--output", default="docs/scaling.md")
     parser.add_argument("--cache", default="docs/scaling.json")
     parser.add_argument("--fresh", action="store_true", help="ignore cached rows")
+    parser.add_argument(
+        "--first", default="", help="comma-separated row keys (recipe@topology) to compile first"
+    )
     args = parser.parse_args()
     results = {}
     if os.path.isfile(args.cache) and not args.fresh:
         with open(args.cache, encoding="utf-8") as f:
             results = json.load(f)
     only = set(filter(None, args.only.split(",")))
-    for recipe, topology, overrides in ROWS:
+    first = list(filter(None, args.first.split(",")))
+    order = sorted(ROWS, key=lambda row: (row_key(*row) not in first, ROWS.index(row)))
+    for recipe, topology, overrides in order:
         key = row_key(recipe, topology, overrides)
         if (only and recipe not in only) or key in results:
             continue
