@@ -58,7 +58,8 @@ def training_config() -> ml_collections.ConfigDict:
     c.global_batch_size = 64  # Examples per update over all devices and processes.
     c.num_steps = 1000  # Updates to train for.
     c.log_every = 50  # Steps between metric logs (hosts synchronise only here).
-    c.eval_every = 500  # Steps between evaluations (retrieval or sample grids).
+    c.eval_every = 500  # Steps between held-out checks (CLIP retrieval, DiT sample grid); 0: off.
+    c.eval_examples = 256  # CLIP: held-out captions the retrieval check ranks.
     c.checkpoint_every = 500  # Steps between checkpoints.
     c.keep_checkpoints = 2  # Most recent checkpoints kept.
     c.keep_period = 0  # Also keep every K-th step forever (0: none).

@@ -34,6 +34,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.dit.optimizer.learning_rate = 2e-3
     config.dit.optimizer.schedule = "constant"
     config.dit.sampling.guidance_scale = 4.0
+    for stage in (config.clip, config.dit):
+        stage.training.eval_every = 0  # the evaluate stage measures both, on 512 captions
 
     config.evaluate = ml_collections.ConfigDict()  # Stage 3: evaluate.py on both runs.
     config.evaluate.num_samples = 512  # Captions (and DiT samples) per held-out split.

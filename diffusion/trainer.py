@@ -494,12 +494,16 @@ def train(config, workdir: str, tokenizer_dir: str | None = None, devices=None) 
         state, start = trainer.init_state(), 0
 
     writer = metrics.MetricWriter(workdir)
+    from diffusion import stages
+
+    periodic = stages.PeriodicEvaluation(config, task, tokenizer, workdir, image_size)
     last = {}
     try:
         with PreemptionGuard() as preemption:
             state, last = _loop(
-                config, trainer, state, start, data_iterator, manager, writer, preemption, mesh
-            )
+                config, trainer, state, start, data_iterator, manager, writer, preemption, mesh,
+                periodic,
+            )  # fmt: skip
         try:
             manager.wait_until_finished()
             if int(state["step"]) >= t.num_steps:
@@ -558,7 +562,9 @@ def write_failed(error: OSError, manager) -> UserError:
     )
 
 
-def _loop(config, trainer, state, start, data_iterator, manager, writer, preemption, mesh):
+def _loop(
+    config, trainer, state, start, data_iterator, manager, writer, preemption, mesh, periodic
+):
     t = config.training
     num_devices = mesh.devices.size
     step_flops = peak = None
@@ -584,6 +590,9 @@ def _loop(config, trainer, state, start, data_iterator, manager, writer, preempt
         done = step + 1
         stop = preemption.should_stop(done)
         is_last = done == t.num_steps or stop
+        held_out = periodic(trainer, state, done) if periodic.enabled(done) else {}
+        if held_out and not (done % t.log_every == 0 or is_last):
+            writer.write_scalars(done, held_out)
         if done % t.log_every == 0 or is_last:
             scalars = jax.device_get(step_metrics)  # the hosts' only sync point
             elapsed = time.perf_counter() - window_start
@@ -593,6 +602,7 @@ def _loop(config, trainer, state, start, data_iterator, manager, writer, preempt
             scalars["examples_per_second"] = t.global_batch_size * window_steps / elapsed
             if step_flops:
                 scalars["mfu"] = step_flops / scalars["step_time"] / (peak * num_devices)
+            scalars.update(held_out)
             writer.write_scalars(done, scalars)
             progress.set_postfix(
                 loss=f"{scalars['loss']:.4f}", ex_s=f"{scalars['examples_per_second']:.0f}"

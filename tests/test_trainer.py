@@ -225,3 +225,47 @@ def _flat(state):
     from flax import nnx
 
     return [("/".join(map(str, p)), np.asarray(v.get_value())) for p, v in nnx.to_flat_state(state)]
+
+
+def test_periodic_clip_retrieval_is_logged_and_equals_recall_of_the_exported_weights(
+    data_dir, tmp_path
+):
+    from diffusion import evaluation
+
+    config = tiny("clip", data_dir, steps=4, eval_every=2, eval_examples=32)
+    run(config, tmp_path)
+    records = {r["step"]: r for r in metrics.read_metrics(str(tmp_path))}
+    key = "eval/image_to_text_recall@1"
+    assert key in records[2] and key in records[4] and key not in records[3]
+    # Truth: top-1 of the similarity matrix of the exported (EMA) weights, in NumPy.
+    examples = evaluation.load_split_examples(config.data, config.seed, "test", 32)
+    encoder = evaluation.ClipEncoder.load(str(tmp_path))
+    similarity = encoder.encode_images(examples.images) @ encoder.encode_texts(examples.captions).T
+    truth_i2t = np.mean(np.argmax(similarity, axis=1) == np.arange(32))
+    truth_t2i = np.mean(np.argmax(similarity, axis=0) == np.arange(32))
+    assert records[4][key] == pytest.approx(truth_i2t, abs=1e-6)
+    assert records[4]["eval/text_to_image_recall@1"] == pytest.approx(truth_t2i, abs=1e-6)
+
+
+def test_periodic_dit_grid_shows_the_samples_of_the_exported_weights(data_dir, clip_run, tmp_path):
+    from PIL import Image
+
+    from diffusion import report
+    from diffusion.text2image import TextToImage
+
+    config = dit_config(data_dir, clip_run, steps=4, eval_every=2)
+    config.sampling.steps = 3
+    run(config, tmp_path)
+    grids = sorted(os.listdir(tmp_path / "samples"))
+    assert grids == ["step_2.png", "step_4.png"]
+    prompts = list(config.sampling.prompts)
+    images = TextToImage.from_run(str(tmp_path)).generate(
+        [p for p in prompts for _ in range(4)],
+        seeds=[k for _ in prompts for k in range(4)],
+        sampler=config.sampling.sampler,
+        steps=3,
+        guidance_scale=config.sampling.guidance_scale,
+    )
+    expected = report.save_grid(images, str(tmp_path / "expected.png"), columns=4)
+    logged = np.asarray(Image.open(tmp_path / "samples" / "step_4.png"))
+    np.testing.assert_array_equal(logged, np.asarray(Image.open(expected)))
