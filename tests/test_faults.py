@@ -32,8 +32,8 @@ def data_dir(tmp_path_factory):
 
 
 def _train_args(workdir, data_dir, num_steps, checkpoint_every):
-    """train.py on a tiny CLIP. The constant learning rate makes the compiled step independent of
-    num_steps, so every run of this file loads one cached program (per process count)."""
+    """train.py on a tiny CLIP with a constant learning rate (the step does not depend on
+    num_steps, so runs of different lengths are the same computation)."""
     overrides = {
         "data.data_dir": data_dir,
         "data.builder_config": "16",
@@ -59,7 +59,7 @@ def _train_args(workdir, data_dir, num_steps, checkpoint_every):
 
 
 def _env():
-    """One CPU device per process; the session's compilation cache comes with os.environ."""
+    """One CPU device per process."""
     return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
 
 
@@ -163,7 +163,7 @@ def test_sigkill_at_random_moments_then_restarts_equal_the_uninterrupted_run(dat
             kills["training step"] += 1
         else:
             kills["start-up"] += 1
-        if attempt == 0:  # time to the first step, the compilation loaded from the cache
+        if attempt == 0:  # time to the first step (start-up and compilation)
             start_up = time.monotonic() - started
     process = _spawn(args(workdir), tmp_path / "last.log")
     assert process.wait(timeout=300) == 0, _read(tmp_path / "last.log")[-3000:]
