@@ -269,3 +269,17 @@ def test_periodic_dit_grid_shows_the_samples_of_the_exported_weights(data_dir, c
     expected = report.save_grid(images, str(tmp_path / "expected.png"), columns=4)
     logged = np.asarray(Image.open(tmp_path / "samples" / "step_4.png"))
     np.testing.assert_array_equal(logged, np.asarray(Image.open(expected)))
+
+
+def test_sigmoid_loss_trains_a_learnable_siglip_bias(data_dir, tmp_path):
+    from diffusion import models
+
+    config = tiny("clip", data_dir, steps=3)
+    config.loss.kind = "sigmoid"
+    losses = run(config, tmp_path)
+    assert np.all(np.isfinite(losses))
+    family, model_config = trainer.load_model_config(str(tmp_path))
+    assert family == "clip" and model_config.logit_bias_init == -10.0
+    model = trainer.load_run_params(str(tmp_path), model_config, models.CLIP)
+    bias = float(model.logit_bias[...])
+    assert bias != -10.0 and abs(bias + 10.0) < 1.0  # moved by its gradient, a few lr steps

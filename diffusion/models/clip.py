@@ -60,6 +60,7 @@ class CLIPConfig:
     pixel_std: tuple[float, float, float] = (0.5, 0.5, 0.5)  # 0.5/0.5 = identity on [-1, 1]
     logit_scale_init: float = math.log(1 / 0.07)  # CLIP paper sec. 2.5
     logit_scale_max: float = math.log(100.0)  # the clamp applied whenever the scale is used
+    logit_bias_init: float | None = None  # SigLIP's learnable bias b (paper: -10); None: no bias
     # Execution.
     dtype: str = "float32"  # compute dtype ('bfloat16' on TPU); params stay param_dtype
     param_dtype: str = "float32"  # parameter storage dtype
@@ -288,6 +289,10 @@ class CLIP(nnx.Module):
         self.logit_scale = layers.make_param(
             rngs, nnx.initializers.constant(c.logit_scale_init), (), (), param_dtype
         )
+        if c.logit_bias_init is not None:  # only models trained with the sigmoid loss have it
+            self.logit_bias = layers.make_param(
+                rngs, nnx.initializers.constant(c.logit_bias_init), (), (), param_dtype
+            )
 
     # -- input checks (shapes are static even under jit; ids only when concrete) -------------
 
