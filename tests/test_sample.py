@@ -224,3 +224,49 @@ def test_sigkill_midway_then_rerun_equals_an_uninterrupted_run(run_dir, pipeline
     assert directory_bytes(str(killed)) == directory_bytes(whole)
     lines = manifest_lines(str(killed))
     assert len(lines) == len(set(lines)) == 80
+
+
+@pytest.mark.slow
+def test_ten_sigkills_at_random_moments_then_a_rerun_equal_an_uninterrupted_run(
+    run_dir, pipeline, tmp_path
+):
+    """Kills land anywhere: start-up, sampling, PNG or manifest writes (seeded delays scaled by
+    the measured time to the first image); the finished directory is byte for byte the
+    uninterrupted one and the manifest has each image once."""
+    prompts = write(tmp_path / "prompts.txt", "".join(f"shape number {i}\n" for i in range(12)))
+    out = tmp_path / "killed"
+    command = [
+        sys.executable, os.path.join(REPO, "sample.py"), f"--checkpoint={run_dir}",
+        f"--prompts={prompts}", f"--output_dir={out}", "--num_per_prompt=4", "--steps=3",
+        "--batch_size=8",
+    ]  # fmt: skip
+    spawn = lambda: subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    has_image = lambda: out.is_dir() and any(n.endswith(".png") for n in os.listdir(out))
+    started, process = time.time(), spawn()  # measure the time to the first image
+    while process.poll() is None and not has_image():
+        time.sleep(0.02)
+    first_image = time.time() - started
+    rng = np.random.default_rng(0)
+    kills = 0
+    while kills < 10:
+        if process.poll() is not None:  # finished before the kill: start another run
+            process = spawn()
+            time.sleep(rng.uniform(0.0, first_image + 1.0))
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            kills += 1
+        process = spawn()
+        time.sleep(rng.uniform(0.0, first_image + 1.0))
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    result = run_sample_py(*command[2:])
+    assert result.returncode == 0, result.stderr[-2000:]
+    whole = str(tmp_path / "whole")
+    items = text2image.read_prompt_file(prompts, num_per_prompt=4)
+    text2image.sample_to_directory(pipeline, items, whole, steps=3, batch_size=8)
+    assert directory_bytes(str(out)) == directory_bytes(whole)
+    lines = manifest_lines(str(out))
+    assert len(lines) == len(set(lines)) == 48
