@@ -35,6 +35,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.loss = ml_collections.ConfigDict()
     config.loss.kind = "softmax"  # "softmax" (CLIP) or "sigmoid" (SigLIP).
     config.loss.chunked = False  # Ring-of-ppermute loss that never forms the global logit matrix.
+    # ClassLabels for hard negatives: each record is batched with a twin differing in one of them.
+    config.loss.hard_negative_attributes = ()
 
     if arg == "runlocal":
         config.training.num_steps = 20

@@ -14,7 +14,8 @@ Order of operations, the same on every process:
   all record indices of the split
   -> shuffle (grain's index shuffle, reseeded every epoch: seed + epoch)
   -> repeat num_epochs (None: forever; batches then run across epoch boundaries)
-  -> batch of global_batch_size indices, remainder dropped
+  -> batch of global_batch_size indices, remainder dropped (with hard negatives: half as many
+     anchors, each followed by its twin, see `TwinFinder`)
   -> this process's rows of the global batch (process p owns rows [p b, (p + 1) b))
   -> batched read + decode -> images to [-1, 1] NHWC float32, captions -> token ids and mask.
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import re
 import string
 from collections.abc import Mapping, Sequence
@@ -346,6 +348,78 @@ class _BatchDecoder:
 
 
 # ---------------------------------------------------------------------------------------------
+# Hard negatives: batches of twins that differ in one attribute only
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TwinFinder:
+    """Pairs each record with a twin whose ClassLabels equal its own but for one attribute.
+
+    Why: in a contrastive batch of random captioned shapes almost every pair already differs in
+    colour, size, position or background, so the loss is low without ever looking at the shape
+    and CLIP stays at chance on it. A twin that differs only in `attribute` is a hard negative
+    (as in NegCLIP, Yuksekgonul et al. 2023) that only that attribute tells apart.
+    """
+
+    labels: np.ndarray  # (N, K) int: the ClassLabels of every record, columns as `label_keys`
+    label_keys: tuple[str, ...]
+    attributes: tuple[str, ...]  # the attributes a twin may differ in (one drawn per pair)
+    seed: int
+
+    @classmethod
+    def from_source(
+        cls, config: SourceConfig, split: str, attributes: Sequence[str], seed: int
+    ) -> TwinFinder:
+        builder = _builder(config)
+        label_keys = tuple(_label_keys(builder.info.features))
+        unknown = [a for a in attributes if a not in label_keys]
+        if unknown:
+            raise UserError(
+                f"Hard-negative attribute(s) {unknown} are not ClassLabel features of "
+                f"{config.name!r}; valid: {list(label_keys)}"
+            )
+        reader = RecordReader(builder, split, label_keys)
+        records = []
+        for start in range(0, len(reader), 4096):
+            records += reader.read(range(start, min(start + 4096, len(reader))))
+        labels = np.array([[int(r[k]) for k in label_keys] for r in records], np.int64)
+        return cls(
+            labels.reshape(len(records), len(label_keys)), label_keys, tuple(attributes), seed
+        )
+
+    def _groups(self, column: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Records sorted by all labels but `column`: (group of each record, order, starts,
+        counts), so order[starts[g]:starts[g] + counts[g]] are the records of group g."""
+        others = np.delete(self.labels, column, axis=1)
+        _, group, counts = np.unique(others, axis=0, return_inverse=True, return_counts=True)
+        group = group.reshape(-1)
+        order = np.argsort(group, kind="stable")
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        return group, order, starts, counts
+
+    @functools.cached_property
+    def _group_tables(self) -> list[tuple[np.ndarray, ...]]:
+        return [self._groups(self.label_keys.index(a)) for a in self.attributes]
+
+    def __call__(self, anchors: np.ndarray) -> np.ndarray:
+        """(2 n,) indices: each anchor followed by its twin. The twin depends only on the seed
+        and the anchors, so a resumed run draws the same twins."""
+        rng = np.random.default_rng([self.seed, *(int(a) for a in anchors)])
+        twins = np.empty_like(anchors)
+        for row, anchor in enumerate(anchors):
+            which = int(rng.integers(len(self.attributes)))
+            column = self.label_keys.index(self.attributes[which])
+            group, order, starts, counts = self._group_tables[which]
+            g = group[anchor]
+            members = order[starts[g] : starts[g] + counts[g]]
+            candidates = members[self.labels[members, column] != self.labels[anchor, column]]
+            # No twin exists (a lone combination): any other record is still a negative.
+            twins[row] = rng.choice(candidates) if len(candidates) else rng.integers(len(group))
+        return np.stack([anchors, twins], axis=1).reshape(-1)
+
+
+# ---------------------------------------------------------------------------------------------
 # The pipeline
 # ---------------------------------------------------------------------------------------------
 
@@ -364,6 +438,7 @@ def make_input_pipeline(
     process_count: int | None = None,
     worker_count: int = 0,
     read_threads: int = 2,
+    hard_negative_attributes: Sequence[str] = (),
 ) -> grain.DatasetIterator:
     """A checkpointable iterator of this process's batches (see the module docstring).
 
@@ -373,6 +448,9 @@ def make_input_pipeline(
     restore the position, so a resumed run sees exactly the batches of an uninterrupted one.
     `worker_count` > 0 decodes in that many worker processes (grain `mp_prefetch`); the same
     batches come out, but the state format differs, so resume with the same worker_count.
+    `hard_negative_attributes` (ClassLabel names, e.g. ("shape",)): every even row of the global
+    batch is a shuffled record and the row after it its twin differing only in one of these
+    attributes (`TwinFinder`); an epoch then covers each record once as an anchor.
 
     Every process yields the same number of batches; the global batch does not depend on the
     number of processes.
@@ -393,6 +471,11 @@ def make_input_pipeline(
             f"{num_epochs or 1} epoch(s) of the {len(reader)} records of split {split!r} cannot "
             f"fill one batch of {global_batch_size}; lower the batch size or raise num_epochs"
         )
+    if hard_negative_attributes and global_batch_size % (2 * process_count):
+        raise UserError(
+            f"Hard negatives pair up rows, so global_batch_size {global_batch_size} must be a "
+            f"multiple of 2 x process_count = {2 * process_count}"
+        )
     decoder = _BatchDecoder(reader, source_config, tokenizer, context_length)
     own_rows = slice(process_index * local_batch_size, (process_index + 1) * local_batch_size)
 
@@ -400,7 +483,11 @@ def make_input_pipeline(
     if shuffle:
         dataset = dataset.shuffle(seed=seed % 2**32)
     dataset = dataset.repeat(num_epochs)
-    dataset = dataset.batch(global_batch_size, drop_remainder=True)
+    if hard_negative_attributes:
+        twins = TwinFinder.from_source(source_config, split, hard_negative_attributes, seed)
+        dataset = dataset.batch(global_batch_size // 2, drop_remainder=True).map(twins)
+    else:
+        dataset = dataset.batch(global_batch_size, drop_remainder=True)
     dataset = dataset.map(lambda indices: indices[own_rows])  # (b,) this process's rows
     dataset = dataset.map(decoder)
     read_options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4)
