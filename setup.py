@@ -38,5 +38,7 @@ setup(
             "ruff>=0.8,<0.18",
         ],
         "tpu": ["jax[tpu]>=0.8,<0.13"],
+        # scripts/render_report.py: opens evaluate.py's HTML report in headless Chromium.
+        "browser": ["playwright>=1.40,<2"],
     },
 )
