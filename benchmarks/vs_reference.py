@@ -1,6 +1,7 @@
 """Our DiT train step and sampler side by side with plain references, on this CPU.
 
     PYTHONPATH=. python benchmarks/vs_reference.py [--steps=3] [--only=train|sampler]
+        [--sampler_batches=1,8]
 
 1. Train step: the same class-conditional DiT (DiT-S/2 on 32x32x3 and the tiny DiT), the same
    batch, flow-matching loss, AdamW (lr 1e-4, no weight decay), global-norm clipping 1.0 and EMA,
@@ -9,7 +10,8 @@
    (`training.Trainer.step`, jitted, donated state). Ratio = our examples/s / PyTorch's.
 2. Sampler: our flow-Euler sampler (one jitted `lax.scan` over steps) against a diffusers-style
    Python loop that calls the jitted model once per step and applies the Euler update eagerly,
-   at 20 and 50 steps, with classifier-free guidance (scale 4, one batched 2B forward) and without.
+   at 20 and 50 steps, with classifier-free guidance (scale 4, one batched 2B forward) and without,
+   for each batch size of --sampler_batches.
 Every time is best-of-`steps` after a warm-up call; ratios are within this run.
 """
 
@@ -242,7 +244,7 @@ def compare_sampler(steps: int, mesh, batch_size: int = 8) -> list[str]:
             loop_s = best_of(functools.partial(python_loop, num_steps, scale), steps)
             same = np.allclose(scan(scale), python_loop(num_steps, scale), atol=1e-4)
             rows.append(
-                f"| {num_steps} | {'4.0' if scale is not None else 'off'} | "
+                f"| {batch_size} | {num_steps} | {'4.0' if scale is not None else 'off'} | "
                 f"{batch_size / scan_s:.1f} | {batch_size / loop_s:.1f} | "
                 f"{loop_s / scan_s:.2f}x | {same} |"
             )
@@ -254,6 +256,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--only", default="", choices=["", "train", "sampler"])
+    parser.add_argument(
+        "--sampler_batches", default="1,8", help="comma-separated batch sizes of the sampler runs"
+    )
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
@@ -264,10 +269,11 @@ def main():
         compare_train(args.steps, mesh)
     if args.only in ("", "sampler"):
         print(
-            "\n| steps | guidance | scan images/s | Python-loop images/s | scan / loop | "
-            "same images |\n|---|---|---|---|---|---|"
+            "\n| batch | steps | guidance | scan images/s | Python-loop images/s | scan / loop | "
+            "same images |\n|---|---|---|---|---|---|---|"
         )
-        compare_sampler(args.steps, mesh)
+        for batch_size in (int(b) for b in args.sampler_batches.split(",")):
+            compare_sampler(args.steps, mesh, batch_size)
 
 
 if __name__ == "__main__":

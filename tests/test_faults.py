@@ -253,7 +253,10 @@ def test_corrupt_latest_checkpoint_is_reported_kept_aside_and_the_one_before_res
 # notice to one of them, then a rerun that resumes and loses one of its processes
 # ---------------------------------------------------------------------------------------------
 
-TWO_PROCESS_STEPS = 12
+# Far more steps than the test lets run (~0.07 s each here): the preemption notice reaches the
+# other process through the coordination service, and with 12 steps the run sometimes finished
+# before it arrived (a flaky CI failure: exit 0, no save).
+TWO_PROCESS_STEPS = 500
 
 
 def _two_processes(args, log_prefix):
