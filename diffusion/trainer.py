@@ -478,7 +478,7 @@ def train(config, workdir: str, tokenizer_dir: str | None = None, devices=None) 
         seed=config.seed,
         context_length=config.tokenizer.context_length,
         worker_count=config.data.worker_count,
-        hard_negative_attributes=tuple(config.loss.hard_negative_attributes)
+        hard_negative_attributes=tuple(config.loss.get("hard_negative_attributes", ()))
         if task.family == "clip"
         else (),
     )

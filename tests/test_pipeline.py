@@ -302,6 +302,17 @@ def test_hard_negative_rows_are_shuffled_anchors_each_followed_by_a_twin(
     _assert_same_batches(_take(resumed, 4), paired[3:7])
 
 
+def test_a_record_without_a_twin_gets_another_record_never_itself():
+    # Columns (color, shape). Record 0 is the only red one: no record differs from it in shape
+    # alone. Records 1 and 2 are shape twins of each other.
+    labels = np.array([[0, 0], [1, 0], [1, 1]])
+    for seed in range(50):  # many draws of the fallback
+        finder = pipeline.TwinFinder(labels, ("color", "shape"), ("shape",), seed=seed)
+        pairs = finder(np.array([0, 1, 2])).reshape(-1, 2)
+        assert pairs[0, 1] != 0
+        assert pairs[1, 1] == 2 and pairs[2, 1] == 1
+
+
 def test_hard_negative_bad_inputs(twins_source, caption_tokenizer):
     with pytest.raises(ValueError, match=r"\['hue'\] are not ClassLabel.*'shape'"):
         _pipeline(twins_source, caption_tokenizer, hard_negative_attributes=("hue",))

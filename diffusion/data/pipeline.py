@@ -414,8 +414,10 @@ class TwinFinder:
             g = group[anchor]
             members = order[starts[g] : starts[g] + counts[g]]
             candidates = members[self.labels[members, column] != self.labels[anchor, column]]
-            # No twin exists (a lone combination): any other record is still a negative.
-            twins[row] = rng.choice(candidates) if len(candidates) else rng.integers(len(group))
+            if len(candidates):
+                twins[row] = rng.choice(candidates)
+            else:  # no twin exists (a lone combination): any other record is still a negative
+                twins[row] = (anchor + 1 + rng.integers(len(group) - 1)) % len(group)
         return np.stack([anchors, twins], axis=1).reshape(-1)
 
 
