@@ -29,7 +29,8 @@ $(TPU_COMPILER)/libtpu/libtpu.so: $(BIN)/.installed
 	touch $@
 
 test: $(BIN)/.installed $(TPU_COMPILER)/libtpu/libtpu.so
-	TPU_LIBRARY_PATH=$(abspath $(TPU_COMPILER))/libtpu/libtpu.so $(BIN)/python -m pytest tests
+	TPU_LIBRARY_PATH=$(abspath $(TPU_COMPILER))/libtpu/libtpu.so $(BIN)/python -m pytest tests \
+	  --numprocesses=auto --maxprocesses=4 --dist=loadfile
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

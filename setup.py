@@ -34,6 +34,7 @@ setup(
     extras_require={
         "test": [
             "pytest>=8,<10",
+            "pytest-xdist>=3.6,<4",  # make test: files spread over the cores
             "torch==2.13.0",  # CPU reference for HF CLIP parity and the PyTorch DiT benchmark
             "ruff>=0.8,<0.18",
         ],

@@ -10,3 +10,24 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 # No persistent XLA compilation cache: on jax 0.10.2 a train step loaded from it (donated
 # buffers) aborted the process in tests/test_trainer.py's resume test.
+
+
+# `make test` spreads whole files over pytest-xdist workers (--dist loadfile keeps each file's
+# module fixtures in one process). Files are handed out in collection order, so the longest
+# (minutes each: real train.py runs, SIGKILL loops, meshes) go first and the short ones fill in.
+SLOWEST_FILES_FIRST = (
+    "test_trainer.py",
+    "test_faults.py",
+    "test_sample.py",
+    "test_default_pipeline.py",
+    "test_text2image.py",
+    "test_evaluate.py",
+    "test_aot.py",
+    "test_reliability.py",
+    "test_bad_inputs.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: index for index, name in enumerate(SLOWEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
