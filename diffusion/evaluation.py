@@ -298,6 +298,41 @@ def zero_shot_accuracy(
     return float(np.mean(predictions == np.asarray(labels)))
 
 
+def linear_probe_accuracy(
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    test_features: np.ndarray,
+    test_labels: np.ndarray,
+    ridge: float = 1.0,
+) -> float:
+    """Test accuracy of a ridge-regression classifier (one-hot targets, closed form) fitted on
+    standardised train features: is an attribute *linearly* readable from an embedding?"""
+    train_features = np.asarray(train_features, np.float64)
+    mean, std = train_features.mean(axis=0), train_features.std(axis=0) + 1e-6
+
+    def design(features):
+        standardised = (np.asarray(features, np.float64) - mean) / std
+        return np.concatenate([standardised, np.ones((len(standardised), 1))], axis=1)
+
+    a = design(train_features)
+    targets = np.eye(int(np.max(train_labels)) + 1)[np.asarray(train_labels)]
+    weights = np.linalg.solve(a.T @ a + ridge * np.eye(a.shape[1]), a.T @ targets)
+    predictions = np.argmax(design(test_features) @ weights, axis=1)
+    return float(np.mean(predictions == np.asarray(test_labels)))
+
+
+def between_class_variance_share(features: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of the features' total variance explained by their class means (the R^2 of
+    predicting each feature vector by the mean of its class)."""
+    centred = np.asarray(features, np.float64) - np.mean(features, axis=0)
+    labels = np.asarray(labels)
+    between = sum(
+        np.sum(labels == c) * np.sum(centred[labels == c].mean(axis=0) ** 2)
+        for c in np.unique(labels)
+    )
+    return float(between / np.sum(centred**2))
+
+
 def clip_score(image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> float:
     """CLIP score of matched (image, text) rows: mean of 100 * max(cos, 0) (Hessel et al. 2021
     with w = 100, as torchmetrics' CLIPScore)."""

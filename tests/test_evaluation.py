@@ -243,3 +243,40 @@ def test_save_grid_layout(tmp_path):
     # Image 5 (row 1, column 1) sits inside its frame, scaled 3x by pixel repetition.
     tile = grid[cell + 2 : cell + 2 + 48, cell + 2 : cell + 2 + 48]
     np.testing.assert_array_equal(tile, images[5].repeat(3, 0).repeat(3, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear probes (scripts/probe_text_tower.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_between_class_variance_share_is_the_r2_of_the_class_means():
+    features = np.array([[0.0], [1], [3], [4]])  # centred -2 -1 1 2: total 10
+    share = evaluation.between_class_variance_share(features, [0, 0, 1, 1])
+    assert share == pytest.approx(0.9)  # class means -1.5, 1.5: 4 x 2.25 = 9
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, 400)
+    features = rng.normal(size=(5, 3))[labels] + rng.normal(size=(400, 3))
+    one_hot = np.eye(5)[labels]  # least squares on the one-hot design predicts the class means
+    residual = features - one_hot @ np.linalg.lstsq(one_hot, features, rcond=None)[0]
+    centred = features - features.mean(0)
+    r2 = 1 - np.sum(residual**2) / np.sum(centred**2)
+    assert evaluation.between_class_variance_share(features, labels) == pytest.approx(r2)
+
+
+def test_linear_probe_reads_a_small_but_separable_direction_and_not_random_labels():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, 3000)
+    features = rng.normal(size=(3000, 8))
+    # Classes as directions of three tiny columns (1e-3 of the others' scale), little noise.
+    features[:, 5:] = 1e-3 * (np.eye(3)[labels] + 0.1 * rng.normal(size=(3000, 3)))
+    train, test = slice(0, 2000), slice(2000, None)
+    accuracy = evaluation.linear_probe_accuracy(
+        features[train], labels[train], features[test], labels[test]
+    )
+    assert accuracy == 1.0  # standardised, the tiny column is as readable as any other
+    noise_labels = rng.integers(0, 4, 3000)  # independent of the features: chance, 0.25
+    chance = evaluation.linear_probe_accuracy(
+        features[train], noise_labels[train], features[test], noise_labels[test]
+    )
+    assert abs(chance - 0.25) < 0.06

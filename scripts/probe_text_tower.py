@@ -1,0 +1,65 @@
+"""What a frozen CLIP text tower tells the DiT: linear probes of its outputs per attribute.
+
+    .venv/bin/python scripts/probe_text_tower.py runs/shapes/clip [--train=4000] [--test=1000]
+
+For the captions of the first --train examples of the train split and --test of the test split,
+it computes the two things the DiT is conditioned on (training.text_condition): the pooled
+embedding (adaLN) and the token states (cross-attention, here averaged over the caption's
+tokens). For each attribute it prints the test accuracy of a ridge classifier fitted on the
+train captions, and the share of the pooled embedding's variance that the attribute's class
+means explain. A probe near 1.0 means the attribute is in the conditioning, so a DiT that does
+not draw it is limited by what it has learned, not by its text encoder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from diffusion import evaluation, trainer
+from diffusion.data import load_tokenizer, tokenize
+
+
+def caption_features(model, tokenizer, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """-> (token states averaged over each caption's tokens (N, W), pooled embeddings (N, E))."""
+    tokens, mask = tokenize(tokenizer, captions, model.config.context_length)
+    states, pooled = jax.jit(model.text_states)(tokens, mask)
+    weights = np.asarray(mask, np.float64)[..., None]
+    mean_states = (np.asarray(states, np.float64) * weights).sum(1) / weights.sum(1)
+    return mean_states, np.asarray(pooled, np.float64)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir", help="a CLIP run directory of train.py")
+    parser.add_argument("--train", type=int, default=4000, help="train-split captions to fit on")
+    parser.add_argument("--test", type=int, default=1000, help="test-split captions to score")
+    args = parser.parse_args()
+
+    model = trainer.load_text_encoder(args.run_dir, {"dtype": "float32"})
+    tokenizer = load_tokenizer(os.path.join(args.run_dir, trainer.TOKENIZER_DIR))
+    with open(os.path.join(args.run_dir, "config.json")) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    train = evaluation.load_split_examples(config.data, config.seed, "train", args.train)
+    test = evaluation.load_split_examples(config.data, config.seed, "test", args.test)
+    train_states, train_pooled = caption_features(model, tokenizer, train.captions)
+    test_states, test_pooled = caption_features(model, tokenizer, test.captions)
+
+    print(f"{len(train.captions)} train / {len(test.captions)} test captions of {args.run_dir}")
+    print("| attribute | probe: token states | probe: pooled | pooled variance share |")
+    print("|---|---|---|---|")
+    for attribute in evaluation.ATTRIBUTES:
+        y_train, y_test = train.labels[attribute], test.labels[attribute]
+        states = evaluation.linear_probe_accuracy(train_states, y_train, test_states, y_test)
+        pooled = evaluation.linear_probe_accuracy(train_pooled, y_train, test_pooled, y_test)
+        share = evaluation.between_class_variance_share(train_pooled, y_train)
+        print(f"| {attribute} | {states:.3f} | {pooled:.3f} | {share:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
