@@ -481,13 +481,20 @@ class Embed(nnx.Module):
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
+        self.row_axis = row_axis
         self.embedding = make_param(
             rngs, normal(stddev), (num_embeddings, width), (row_axis, "embed"), param_dtype
         )
 
     def __call__(self, ids: jax.Array) -> jax.Array:
+        # Gather from a table whose width is whole (rows may stay split) into batch-sharded
+        # rows: left to itself, XLA's SPMD partitioner keeps the output split like the table's
+        # 'embed' (fsdp) axis and then replicates it in full to reach the batch sharding.
+        table = constrain(self.embedding[...], (self.row_axis, None))
         # Out-of-range ids give NaN rows under jit ("fill" mode) instead of a silent clamp.
-        return jnp.take(self.embedding[...], ids, axis=0, mode="fill", fill_value=jnp.nan)
+        rows = jnp.take(table, ids, axis=0, mode="fill", fill_value=jnp.nan)
+        batch_axes = ("activation_batch",) + ("activation_length",) * (ids.ndim - 1)
+        return constrain(rows, (*batch_axes, "activation_embed"))
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
