@@ -32,7 +32,9 @@ def main():
     clip_def, clip_state = sharding.create_sharded_state(
         lambda: models.CLIP(clip_config, rngs=nnx.Rngs(0)), mesh
     )
-    dit_config = models.dit_config("tiny", context_dim=128, pooled_dim=128)
+    dit_config = models.dit_config(  # conditioned on that CLIP, as trainer.dit_model_config does
+        "tiny", context_dim=clip_config.text_width, pooled_dim=clip_config.embed_dim
+    )
     dit_def, dit_state = sharding.create_sharded_state(
         lambda: models.DiT(dit_config, rngs=nnx.Rngs(0)), mesh
     )

@@ -388,6 +388,6 @@ def test_training_gradients_partition_without_involuntary_full_rematerialization
         [sys.executable, script], env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
-    assert "SPMD" in done.stderr or "pjrt" in done.stderr.lower()  # XLA's log is captured
+    assert "pjrt_client" in done.stderr, "XLA's log did not reach stderr; the check is blind"
     warnings = [line for line in done.stderr.splitlines() if "Involuntary full remat" in line]
     assert not warnings, "\n".join(warnings)
