@@ -30,7 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.scan_layers = (
         False  # Scan over the block stack (compile time independent of depth).
     )
-    config.model.num_classes = 0  # > 0: class-conditional DiT (label embedding) instead of text.
+    config.model.num_classes = 0  # > 0: class-conditional DiT (AOT recipes only, not train.py).
 
     config.text_encoder = ml_collections.ConfigDict()
     config.text_encoder.checkpoint = placeholder(str)  # CLIP run dir of ours, or a HF CLIP dir.

@@ -5,9 +5,10 @@ The paper's setting (Peebles & Xie 2023, sec. 5): 32x32x4 latents, batch 256, Ad
 prediction, label dropout 0.1 for classifier-free guidance. Not reproduced: the learned variance
 (learn_sigma with the VLB term; our DDPM loss is the simple epsilon MSE).
 
-The latent dataset is not part of this project: prepare it as TFDS (image_key "latent", uint8 or
-float latents, a ClassLabel "label") before training. `train.py --aot_topology=v5p:2x2x1` needs
-no data: see docs/scaling.md.
+An ahead-of-time recipe: `train.py --config=configs/dit_xl2_imagenet.py --aot_topology=v5p:2x2x1`
+compiles its real train step and sampler for a TPU slice and reports memory and cost, with no
+data (docs/scaling.md). train.py does not train it: the input pipeline yields captioned RGB
+images, not VAE latents with class ids, and train.py refuses num_classes > 0 with that message.
 """
 
 import ml_collections

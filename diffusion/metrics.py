@@ -48,7 +48,8 @@ def measure_matmul_flops(
     a run slower.
     """
     device = device or jax.devices()[0]
-    a = jax.device_put(jnp.ones((size, size), dtype), device)
+    # Random operands: a GPU multiplies constant or zero matrices measurably faster than real data.
+    a = jax.device_put(jax.random.normal(jax.random.key(0), (size, size), dtype), device)
     matmul = jax.jit(lambda x: x @ x)
     matmul(a).block_until_ready()
     best = math.inf
@@ -60,9 +61,13 @@ def measure_matmul_flops(
     return 2 * size**3 / best
 
 
-def compiled_flops(compiled) -> float | None:
-    """FLOPs of one call of a compiled XLA program, from XLA's own cost analysis."""
-    analysis = compiled.cost_analysis()
+def cost_analysis_flops(program) -> float | None:
+    """FLOPs of one call of a lowered or compiled XLA program, from XLA's own cost analysis.
+
+    A lowered program counts the whole (global) computation; a compiled SPMD program counts one
+    device's share, and on a GPU leaves out the matmuls it hands to cuBLAS.
+    """
+    analysis = program.cost_analysis()
     if isinstance(analysis, list | tuple):  # older jax returns one dict per program
         analysis = analysis[0] if analysis else {}
     flops = (analysis or {}).get("flops")

@@ -12,6 +12,7 @@ complete checkpoint in `workdir`. A run directory holds everything needed to res
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -339,9 +340,39 @@ class Task:
 
     family: str
     model_config: Any
-    init_model: Any
+    model_class: Any  # models.CLIP or models.DiT
     loss_fn: Any
+    seed: int
     frozen: Any = None
+
+    def init_model(self, model_config=None):
+        """A new model of `model_config` (default: the task's own)."""
+        return self.model_class(model_config or self.model_config, rngs=nnx.Rngs(self.seed))
+
+
+def model_flops(task: Task, trainer: training.Trainer, batch) -> float | None:
+    """Model FLOPs of one global train step, the MFU numerator: XLA's cost analysis of the
+    LOWERED step of a twin of the model without scan or remat.
+
+    Lowered, not compiled: the compiled SPMD program counts one device's share, and on a GPU its
+    matmuls become cuBLAS calls that the analysis does not count. The twin: XLA counts a scanned
+    block once, and remat's recomputation is not model work. Costs a trace, not a compile.
+    """
+    plain = dataclasses.replace(task.model_config, scan_layers=False, remat_policy="none")
+    twin = training.Trainer(
+        functools.partial(task.init_model, plain),
+        task.loss_fn,
+        trainer.tx,
+        trainer.mesh,
+        seed=trainer.seed,
+        rules=trainer.rules,
+        ema_decay=trainer.ema_decay,
+        nan_policy=trainer.nan_policy,
+        frozen=task.frozen,
+    )
+    with sharding.activate(twin.mesh, twin.rules):
+        lowered = twin.step_fn.lower(twin.abstract_state, batch, twin.frozen_state)
+    return metrics.cost_analysis_flops(lowered)
 
 
 def make_task(config, tokenizer, image_size: int, mesh) -> Task:
@@ -350,12 +381,18 @@ def make_task(config, tokenizer, image_size: int, mesh) -> Task:
         loss_fn = lambda model, frozen, batch, key: training.clip_loss(
             model, frozen, batch, key, kind=config.loss.kind, mesh=mesh, chunked=config.loss.chunked
         )
-        init = lambda: models.CLIP(model_config, rngs=nnx.Rngs(config.seed))
-        return Task("clip", model_config, init, loss_fn)
+        return Task("clip", model_config, models.CLIP, loss_fn, config.seed)
+    if config.model.num_classes:
+        # The input pipeline yields captions of RGB images, not class ids or VAE latents.
+        raise UserError(
+            f"config.model.num_classes={config.model.num_classes}: train.py trains "
+            "text-conditioned DiTs only; class-conditional recipes (configs/dit_xl2_imagenet.py) "
+            "are for `train.py --aot_topology=...` (compile and cost, no data). Set "
+            "config.model.num_classes=0 and caption the classes (config.data.label_key with "
+            "config.data.caption_template) to train on a labelled dataset."
+        )
     execution = dict(dtype=config.model.dtype)
-    text_encoder = None
-    if config.model.num_classes == 0:
-        text_encoder = load_text_encoder(config.text_encoder.checkpoint, execution)
+    text_encoder = load_text_encoder(config.text_encoder.checkpoint, execution)
     model_config = dit_model_config(config, text_encoder)
     empty_tokens, empty_mask = data_lib.tokenize(tokenizer, [""], config.tokenizer.context_length)
     loss_fn = lambda model, frozen, batch, key: training.dit_loss(
@@ -368,8 +405,7 @@ def make_task(config, tokenizer, image_size: int, mesh) -> Task:
         empty_mask=empty_mask,
         cond_dropout=config.diffusion.cond_dropout,
     )
-    init = lambda: models.DiT(model_config, rngs=nnx.Rngs(config.seed))
-    return Task("dit", model_config, init, loss_fn, frozen=text_encoder)
+    return Task("dit", model_config, models.DiT, loss_fn, config.seed, frozen=text_encoder)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -506,8 +542,8 @@ def train(config, workdir: str, tokenizer_dir: str | None = None, devices=None) 
     try:
         with PreemptionGuard() as preemption:
             state, last = _loop(
-                config, trainer, state, start, data_iterator, manager, writer, preemption, mesh,
-                periodic,
+                config, task, trainer, state, start, data_iterator, manager, writer, preemption,
+                mesh, periodic,
             )  # fmt: skip
         try:
             manager.wait_until_finished()
@@ -568,7 +604,7 @@ def write_failed(error: OSError, manager) -> UserError:
 
 
 def _loop(
-    config, trainer, state, start, data_iterator, manager, writer, preemption, mesh, periodic
+    config, task, trainer, state, start, data_iterator, manager, writer, preemption, mesh, periodic
 ):
     t = config.training
     num_devices = mesh.devices.size
@@ -586,8 +622,7 @@ def _loop(
     for step in range(start, t.num_steps):
         batch = data_lib.to_global_batch(next(data_iterator), mesh)
         if step_flops is None and step == start:
-            compiled = trainer.compiled_step(state, batch)
-            step_flops = metrics.compiled_flops(compiled)
+            step_flops = model_flops(task, trainer, batch)
             peak = metrics.peak_flops_per_device()
             window_start = time.perf_counter()
         state, step_metrics = trainer.step(state, batch)

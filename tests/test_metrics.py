@@ -6,6 +6,7 @@ import types
 import jax
 import jax.numpy as jnp
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
 from diffusion import metrics
 
@@ -42,11 +43,24 @@ def test_peak_table_matches_device_kinds(kind, peak):
     assert metrics.peak_flops_per_device(types.SimpleNamespace(device_kind=kind)) == peak
 
 
-def test_compiled_flops_counts_a_matmul_as_two_flops_per_multiply_add():
+def test_cost_analysis_counts_a_matmul_as_two_flops_per_multiply_add():
     a = jnp.ones((64, 32))
     b = jnp.ones((32, 16))
     compiled = jax.jit(jnp.matmul).lower(a, b).compile()
-    assert metrics.compiled_flops(compiled) == pytest.approx(2 * 64 * 32 * 16, rel=0.01)
+    assert metrics.cost_analysis_flops(compiled) == pytest.approx(2 * 64 * 32 * 16, rel=0.01)
+
+
+def test_lowered_program_counts_the_global_matmul_and_compiled_one_device_share():
+    """Why the MFU numerator comes from the lowered step: on a mesh, the compiled SPMD program's
+    count is one device's share, which divided again by the device count undercounts MFU."""
+    mesh = jax.make_mesh((8,), ("rows",))
+    a = jax.device_put(jnp.ones((1024, 64)), NamedSharding(mesh, PartitionSpec("rows")))
+    lowered = jax.jit(jnp.matmul).lower(a, jnp.ones((64, 32)))
+    global_flops = 2 * 1024 * 64 * 32
+    assert metrics.cost_analysis_flops(lowered) == pytest.approx(global_flops, rel=0.01)
+    assert metrics.cost_analysis_flops(lowered.compile()) == pytest.approx(
+        global_flops / 8, rel=0.01
+    )
 
 
 def test_measured_cpu_peak_is_positive_and_finite():

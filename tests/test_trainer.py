@@ -4,6 +4,7 @@ Truths: the same run on different meshes is the same computation (losses equal u
 reduction order); a resumed run is the uninterrupted run (bitwise on CPU).
 """
 
+import functools
 import json
 import os
 
@@ -13,6 +14,7 @@ import pytest
 
 from configs import base_clip, base_dit
 from diffusion import checkpoints, metrics, trainer
+from diffusion.errors import UserError
 
 MESHES = {
     "1": ({"data": 1, "fsdp": 1, "tensor": 1}, 1),
@@ -122,6 +124,67 @@ def _abstract_state(config, workdir):
         task.init_model, task.loss_fn, tx, mesh, seed=0, ema_decay=0.9, frozen=task.frozen
     )
     return t.abstract_state
+
+
+def _model_flops(config, clip_run, mesh="1"):
+    from diffusion import aot
+    from diffusion import data as data_lib
+
+    tokenizer = data_lib.load_tokenizer(os.path.join(clip_run, "tokenizer"))
+    mesh = trainer.sharding.mesh_from_config(MESHES[mesh][0], jax.devices()[: MESHES[mesh][1]])
+    task = trainer.make_task(config, tokenizer, 16, mesh)
+    tx = trainer.optim.make_optimizer(config.optimizer, total_steps=config.training.num_steps)
+    t = trainer.training.Trainer(
+        task.init_model, task.loss_fn, tx, mesh, seed=0, ema_decay=0.9, frozen=task.frozen
+    )
+    batch = aot.abstract_batch(config, mesh, task.model_config, task.family)
+    return trainer.model_flops(task, t, batch), task.model_config
+
+
+@pytest.mark.parametrize("family", ["clip", "dit"])
+def test_mfu_numerator_counts_the_global_step_with_or_without_scan_and_remat(
+    family, data_dir, clip_run
+):
+    """The logged MFU's FLOPs are the whole step's model work: the same on 1 device and on 8 (a
+    compiled SPMD program counts one device's share) and with the blocks scanned and
+    rematerialised (XLA counts a scanned block once; recomputation is not model work)."""
+    make = lambda: tiny("clip", data_dir) if family == "clip" else dit_config(data_dir, clip_run)
+    one_device, _ = _model_flops(make(), clip_run, "1")
+    assert one_device > 0
+    assert _model_flops(make(), clip_run, "2x2x2")[0] == pytest.approx(one_device, rel=1e-3)
+    scanned = make()
+    scanned.model.update(scan_layers=True, remat="full")
+    assert _model_flops(scanned, clip_run, "1")[0] == pytest.approx(one_device, rel=1e-3)
+
+
+def test_mfu_numerator_of_a_class_conditional_dit_matches_the_closed_form(data_dir, clip_run):
+    """3 x forward matmul FLOPs of DiT (Peebles & Xie): per token and block 24 D^2 (qkv, out,
+    MLP 4x) + 4 T D (scores, values); per example and block the adaLN's 12 D^2; patch embedding
+    and final layer 4 p^2 C D per token; time MLP and final adaLN per example. The rest of the
+    step (norms, GELU, AdamW, EMA) is elementwise and small."""
+    from diffusion import aot, models
+
+    config = dit_config(data_dir, clip_run)
+    config.model.num_classes = 10
+    c = aot.dit_model_config(config, None)
+    loss_fn = functools.partial(
+        aot.class_conditional_dit_loss,
+        objective=aot.diffusion_objective(config.diffusion),
+        num_classes=10,
+        cond_dropout=0.1,
+    )
+    task = trainer.Task("dit", c, models.DiT, loss_fn, seed=0)
+    mesh = trainer.sharding.mesh_from_config(MESHES["1"][0], jax.devices()[:1])
+    tx = trainer.optim.make_optimizer(config.optimizer, total_steps=config.training.num_steps)
+    t = trainer.training.Trainer(task.init_model, loss_fn, tx, mesh, seed=0, ema_decay=0.9)
+    batch = aot.abstract_batch(config, mesh, c, "dit")
+    flops = trainer.model_flops(task, t, batch)
+    D, L, p, C = c.width, c.depth, c.patch_size, c.in_channels
+    T = (batch["image"].shape[1] // p) ** 2  # tokens of the 16x16 images
+    per_token = L * (24 * D * D + 4 * T * D) + 4 * p * p * C * D
+    per_example = L * 12 * D * D + 4 * D * D + 2 * (c.frequency_dim * D + D * D)
+    closed_form = 3 * config.training.global_batch_size * (T * per_token + per_example)
+    assert 1.0 <= flops / closed_form < 1.1
 
 
 @pytest.mark.parametrize("family", ["clip", "dit"])
@@ -283,3 +346,13 @@ def test_sigmoid_loss_trains_a_learnable_siglip_bias(data_dir, tmp_path):
     model = trainer.load_run_params(str(tmp_path), model_config, models.CLIP)
     bias = float(model.logit_bias[...])
     assert bias != -10.0 and abs(bias + 10.0) < 1.0  # moved by its gradient, a few lr steps
+
+
+def test_class_conditional_training_is_refused_with_the_way_out(data_dir, clip_run, tmp_path):
+    """The input pipeline yields captions, not class ids: a class-conditional DiT recipe must not
+    reach the loss (where the missing tokens would surface as a KeyError inside jax)."""
+    config = dit_config(data_dir, clip_run)
+    config.model.num_classes = 10
+    with pytest.raises(UserError, match=r"num_classes=10.*aot_topology.*num_classes=0"):
+        trainer.train(config, str(tmp_path))
+    assert not os.path.exists(tmp_path / "checkpoints")
