@@ -1,13 +1,17 @@
-"""Our DiT train step and sampler side by side with plain references, on this CPU.
+"""Our DiT train step and sampler side by side with plain references, on this CPU or a GPU.
 
     PYTHONPATH=. python benchmarks/vs_reference.py [--steps=3] [--only=train|sampler]
-        [--sampler_batches=1,8]
+        [--sampler_batches=1,8] [--train_cases=dit_s2:256,dit_xl2:64] [--dtypes=float32,bfloat16]
 
-1. Train step: the same class-conditional DiT (DiT-S/2 on 32x32x3 and the tiny DiT), the same
-   batch, flow-matching loss, AdamW (lr 1e-4, no weight decay), global-norm clipping 1.0 and EMA,
-   written plainly in PyTorch after facebookresearch/DiT `models.py` (PatchEmbed conv, adaLN-Zero
-   blocks, FinalLayer; eager mode, fp32, torch threads = this machine's cores) against ours
-   (`training.Trainer.step`, jitted, donated state). Ratio = our examples/s / PyTorch's.
+1. Train step: the same class-conditional DiT (the tiny DiT and DiT-S/2 on 32x32x3 by default;
+   DiT-XL/2 on 32x32x4 with --train_cases), the same batch, flow-matching loss, AdamW (lr 1e-4,
+   no weight decay), global-norm clipping 1.0 and EMA, written plainly in PyTorch after
+   facebookresearch/DiT `models.py` (PatchEmbed conv, adaLN-Zero blocks, FinalLayer; eager mode,
+   torch threads = this machine's cores) against ours (`training.Trainer.step`, jitted, donated
+   state, no scan, no remat). Ratio = our examples/s / PyTorch's. Where JAX runs on a GPU, PyTorch
+   runs on CUDA too, with TF32 matmuls allowed as in DiT's train.py (JAX's default float32
+   precision there is TF32 as well); --dtypes=bfloat16 runs ours with bf16 compute and PyTorch
+   under bf16 autocast, parameters float32 on both sides.
 2. Sampler: our flow-Euler sampler (one jitted `lax.scan` over steps) against a diffusers-style
    Python loop that calls the jitted model once per step and applies the Euler update eagerly,
    at 20 and 50 steps, with classifier-free guidance (scale 4, one batched 2B forward) and without,
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import math
 import os
 import time
@@ -30,7 +35,7 @@ import torch
 from flax import nnx
 from torch import nn
 
-from benchmarks.train_step import build, case_config
+from benchmarks.train_step import build, case_config, parse_cases
 from diffusion import guidance, samplers, sharding
 from diffusion.schedules import flow_levels
 
@@ -53,7 +58,8 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t):
         half = self.frequency_dim // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+        steps = torch.arange(half, dtype=torch.float32, device=t.device)
+        freqs = torch.exp(-math.log(10000) * steps / half)
         args = t[:, None].float() * freqs[None]
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
 
@@ -119,14 +125,16 @@ class TorchDiT(nn.Module):
         return torch.einsum("nhwpqc->nchpwq", x).reshape(n, self.channels, h, w)
 
 
-def torch_train_step(model, ema, opt, x0, labels):
+def torch_train_step(model, ema, opt, x0, labels, null_label, autocast_dtype=None):
     """Flow matching (x_t = (1 - t) x0 + t eps, target eps - x0), logit-normal t, as ours."""
-    t = torch.sigmoid(torch.randn(x0.shape[0]))
+    t = torch.sigmoid(torch.randn(x0.shape[0], device=x0.device))
     eps = torch.randn_like(x0)
     tb = t[:, None, None, None]
-    drop = torch.rand(labels.shape) < 0.1
-    labels = torch.where(drop, torch.full_like(labels, 10), labels)
-    loss = ((model((1 - tb) * x0 + tb * eps, t, labels) - (eps - x0)) ** 2).mean()
+    drop = torch.rand(labels.shape, device=x0.device) < 0.1
+    labels = torch.where(drop, torch.full_like(labels, null_label), labels)
+    with torch.autocast(x0.device.type, autocast_dtype, enabled=autocast_dtype is not None):
+        prediction = model((1 - tb) * x0 + tb * eps, t, labels)
+    loss = ((prediction.float() - (eps - x0)) ** 2).mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -134,6 +142,8 @@ def torch_train_step(model, ema, opt, x0, labels):
     with torch.no_grad():  # DiT train.py update_ema
         for e, p in zip(ema.parameters(), model.parameters(), strict=True):
             e.mul_(0.999).add_(p, alpha=0.001)
+    if x0.is_cuda:  # CUDA runs asynchronously: the step is done when its kernels are
+        torch.cuda.synchronize()
     return loss
 
 
@@ -156,29 +166,63 @@ def best_of(fn, steps: int) -> float:
 # 1. Train step
 # ---------------------------------------------------------------------------------------------
 
-TRAIN_CASES = {"dit_tiny": 32, "dit_s2": 8}  # case -> batch
+TRAIN_CASES = "dit_tiny:32,dit_s2:8"  # case:batch, the CPU default
 
 
-def compare_train(steps: int, mesh) -> list[str]:
-    rows = []
-    for case, batch_size in TRAIN_CASES.items():
-        config = case_config(case, batch_size)
-        config.optimizer.learning_rate, config.optimizer.weight_decay = 1e-4, 0.0
+def torch_device() -> torch.device:
+    """CUDA when JAX itself runs on a GPU (a like-for-like pair), else the CPU."""
+    if jax.default_backend() == "gpu" and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True  # as DiT's train.py; JAX's default on GPU
+        torch.backends.cudnn.allow_tf32 = True
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def plain_flow_config(case: str, batch_size: int, dtype: str):
+    """The case's DiT with the loss and optimizer that the PyTorch step implements."""
+    config = case_config(case, batch_size)
+    config.model.dtype, config.model.remat, config.model.scan_layers = dtype, "none", False
+    config.diffusion.objective, config.diffusion.time_sampling = "flow", "logit_normal"
+    config.diffusion.logit_normal_mean, config.diffusion.logit_normal_std = 0.0, 1.0
+    config.diffusion.shift, config.diffusion.cond_dropout = 1.0, 0.1
+    config.optimizer.learning_rate, config.optimizer.weight_decay = 1e-4, 0.0
+    config.optimizer.grad_clip_norm = 1.0
+    return config
+
+
+def compare_train(steps: int, mesh, cases: dict[str, int], dtypes: list[str]) -> list[str]:
+    rows, device = [], torch_device()
+    for (case, batch_size), dtype in itertools.product(cases.items(), dtypes):
+        config = plain_flow_config(case, batch_size, dtype)
         trainer, state, batch = build(config, mesh)
         c = trainer.model(state["params"]).config
         ours_s = best_of(functools.partial(our_train_step, trainer, {"state": state}, batch), steps)
+        ours_params = sum(x.size for x in jax.tree.leaves(sharding.unbox(state["params"])))
+        x0 = torch.from_numpy(np.array(batch["image"])).permute(0, 3, 1, 2).contiguous()
+        labels = torch.from_numpy(np.array(batch["label"])).long()
+        del trainer, state, batch  # free device memory for PyTorch
         torch.manual_seed(0)
-        model = TorchDiT(32, c.patch_size, c.in_channels, c.width, c.depth, c.num_heads, 10)
-        ema = TorchDiT(32, c.patch_size, c.in_channels, c.width, c.depth, c.num_heads, 10)
+        size, num_classes = x0.shape[-1], c.num_classes
+        dims = (size, c.patch_size, c.in_channels, c.width, c.depth, c.num_heads, num_classes)
+        model, ema = TorchDiT(*dims).to(device), TorchDiT(*dims).to(device)
         ema.load_state_dict(model.state_dict())
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
-        x0 = torch.from_numpy(np.asarray(batch["image"])).permute(0, 3, 1, 2).contiguous()
-        labels = torch.from_numpy(np.asarray(batch["label"])).long()
-        torch_s = best_of(functools.partial(torch_train_step, model, ema, opt, x0, labels), steps)
-        ours_params = sum(x.size for x in jax.tree.leaves(sharding.unbox(state["params"])))
+        autocast = torch.bfloat16 if dtype == "bfloat16" else None
+        step = functools.partial(
+            torch_train_step,
+            model,
+            ema,
+            opt,
+            x0.to(device),
+            labels.to(device),
+            num_classes,
+            autocast,
+        )
+        torch_s = best_of(step, steps)
         torch_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        del model, ema, opt
         rows.append(
-            f"| {case} ({ours_params / 1e6:.1f}M / {torch_params / 1e6:.1f}M params) | "
+            f"| {case} ({ours_params / 1e6:.1f}M / {torch_params / 1e6:.1f}M params) | {dtype} | "
             f"{batch_size} | {batch_size / ours_s:.1f} | {batch_size / torch_s:.1f} | "
             f"{torch_s / ours_s:.2f}x |"
         )
@@ -258,14 +302,18 @@ def main():
     parser.add_argument(
         "--sampler_batches", default="1,8", help="comma-separated batch sizes of the sampler runs"
     )
+    parser.add_argument("--train_cases", default=TRAIN_CASES, help="CASE:BATCH,... to train")
+    parser.add_argument("--dtypes", default="float32", help="compute dtypes of the train step")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    print(f"JAX on {jax.devices()[0].device_kind}; PyTorch on {torch_device()}\n")
     if args.only in ("", "train"):
         print(
-            "| model | batch | ours ex/s | PyTorch ex/s | ours / PyTorch |\n|---|---|---|---|---|"
+            "| model | dtype | batch | ours ex/s | PyTorch ex/s | ours / PyTorch |\n"
+            "|---|---|---|---|---|---|"
         )
-        compare_train(args.steps, mesh)
+        compare_train(args.steps, mesh, parse_cases(args.train_cases), args.dtypes.split(","))
     if args.only in ("", "sampler"):
         print(
             "\n| batch | steps | guidance | scan images/s | Python-loop images/s | scan / loop | "
