@@ -111,6 +111,13 @@ NUM_KILLS = 10
 CHECKPOINT_EVERY = 2  # frequent asynchronous writes: many kills land in one
 
 
+def _sleep_unless(seconds, predicate, poll=0.01):
+    """Sleeps `seconds`, or less if `predicate` comes true first."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not predicate():
+        time.sleep(poll)
+
+
 def _new_tmp_dirs(checkpoint_dir, before):
     if not os.path.isdir(checkpoint_dir):
         return set()
@@ -148,12 +155,16 @@ def test_sigkill_at_random_moments_then_restarts_equal_the_uninterrupted_run(dat
             writing = lambda before=tmp_before: _new_tmp_dirs(checkpoint_dir, before)
             _wait_for(writing, [process], timeout=300, poll=0.002)
         elif where == "start-up":
-            time.sleep(rng.uniform(0.1, 0.9) * start_up)
+            # A restart on a less loaded machine can outrun attempt 0's start-up: never past the
+            # first step it trains (else one attempt may train to the end before kill 10).
+            first_step = lambda before=records: len(_records(workdir)) > len(before)
+            _sleep_unless(rng.uniform(0.1, 0.9) * start_up, first_step)
         else:
             target = len(records) + int(rng.integers(1, 3))
             trained = lambda target=target: len(_records(workdir)) >= target
             _wait_for(trained, [process], timeout=300)
-            time.sleep(rng.uniform(0, 1) * step_time)
+            one_more = lambda target=target: len(_records(workdir)) > target
+            _sleep_unless(rng.uniform(0, 1) * step_time, one_more)
         assert process.poll() is None, _read(log_path)[-3000:]
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=60)
