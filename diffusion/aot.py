@@ -39,6 +39,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from diffusion import guidance, metrics, models, optim, samplers, sharding, training
 from diffusion.errors import UserError
+from diffusion.models import layers
 from diffusion.schedules import DiscreteSchedule, ddpm_levels, flow_levels
 
 GIB = 1024**3
@@ -325,15 +326,12 @@ def build_programs(
         )
     init = lambda: models.DiT(model_config, rngs=nnx.Rngs(config.seed))
     trainer = training.Trainer(init, loss_fn, tx, mesh, **trainer_kw)
-    frozen = None
-    if text_config is not None:
-        # The frozen CLIP is abstract too: Trainer would device_put a concrete one, so its two
-        # fields are set here instead, sharded by the same rules as in training.
-        text_init = lambda: models.CLIP(text_config, rngs=nnx.Rngs(0))
-        graphdef, frozen, _ = sharding.abstract_state(text_init, mesh, trainer.rules)
-        trainer.frozen_graphdef, trainer.frozen_state = graphdef, frozen
+    if text_config is not None:  # abstract too: Trainer(frozen=...) would device_put one
+        trainer.use_abstract_frozen(lambda: models.CLIP(text_config, rngs=nnx.Rngs(0)))
     batch = abstract_batch(config, mesh, model_config, "dit")
-    programs = Programs("dit", model_config, trainer, (trainer.abstract_state, batch, frozen))
+    programs = Programs(
+        "dit", model_config, trainer, (trainer.abstract_state, batch, trainer.frozen_state)
+    )
     programs.sample_fn, programs.sample_args = sampler_program(
         config, mesh, trainer, model_config, text_config, sample_batch
     )
@@ -383,9 +381,7 @@ def sampler_program(config, mesh, trainer, model_config, text_config, sample_bat
 
     def sample(params, noise, cond, uncond, scale):
         def model_fn(x, t, c):
-            # The samplers' loops are jitted themselves: nnx.scan refuses parameters traced at
-            # the outer level, so they enter the inner trace through an (elided) copy.
-            model = nnx.merge(graphdef, jax.tree.map(jnp.copy, params))
+            model = layers.merge_here(graphdef, params)  # in the sampler loop's own trace
             if text_config is None:
                 return model(x, t, labels=c)
             return training.dit_model_fn(model)(x, t, c)

@@ -48,6 +48,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from diffusion import checkpoints, guidance, models, optim, samplers, sharding, trainer, training
 from diffusion import data as data_lib
 from diffusion.errors import UserError
+from diffusion.models import layers
 from diffusion.schedules import DiscreteSchedule, ddpm_levels, flow_levels
 
 logger = logging.getLogger(__name__)
@@ -722,13 +723,18 @@ def sampling_program(dit_state, text_state, inputs: dict, spec: ProgramSpec) -> 
 def _sample_micro_batch(dit_state, text_state, inputs, spec: ProgramSpec):
     """One micro-batch: prompt embeddings once, then each sample's own sampling loop."""
     settings = spec.settings
-    text_encoder = nnx.merge(spec.text_graphdef, text_state)
+    # Models are merged in the trace they run in (see layers.merge_here): the text encoder in
+    # lax.map's, the DiT in the sampler loop's.
+    text_encoder = layers.merge_here(spec.text_graphdef, text_state)
     cond = training.text_condition(text_encoder, inputs["tokens"], inputs["mask"])
     uncond = training.text_condition(
         text_encoder, inputs["negative_tokens"], inputs["negative_mask"]
     )
-    dit = nnx.merge(spec.dit_graphdef, dit_state)
-    model_fn = _first_channels(training.dit_model_fn(dit), spec.in_channels)
+
+    def dit_fn(x, t, cond):
+        return training.dit_model_fn(layers.merge_here(spec.dit_graphdef, dit_state))(x, t, cond)
+
+    model_fn = _first_channels(dit_fn, spec.in_channels)
     guided = guidance.guided_model_fn(
         model_fn, rescale_phi=settings.guidance_rescale, interval=settings.guidance_interval
     )

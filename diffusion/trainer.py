@@ -355,12 +355,13 @@ def model_flops(task: Task, trainer: training.Trainer, batch) -> float | None:
     LOWERED step of a twin of the model without scan or remat.
 
     Lowered, not compiled: the compiled SPMD program counts one device's share, and on a GPU its
-    matmuls become cuBLAS calls that the analysis does not count. The twin: XLA counts a scanned
-    block once, and remat's recomputation is not model work. Costs a trace, not a compile.
+    matmuls become cuBLAS calls that the analysis does not count. The twin (of the frozen text
+    tower too): XLA counts a scanned block once, and remat's recomputation is not model work.
+    Costs a trace, not a compile; the twin's weights are shapes only.
     """
-    plain = dataclasses.replace(task.model_config, scan_layers=False, remat_policy="none")
+    plain = lambda config: dataclasses.replace(config, scan_layers=False, remat_policy="none")
     twin = training.Trainer(
-        functools.partial(task.init_model, plain),
+        functools.partial(task.init_model, plain(task.model_config)),
         task.loss_fn,
         trainer.tx,
         trainer.mesh,
@@ -368,8 +369,10 @@ def model_flops(task: Task, trainer: training.Trainer, batch) -> float | None:
         rules=trainer.rules,
         ema_decay=trainer.ema_decay,
         nan_policy=trainer.nan_policy,
-        frozen=task.frozen,
     )
+    if task.frozen is not None:
+        frozen_config = plain(task.frozen.config)
+        twin.use_abstract_frozen(lambda: type(task.frozen)(frozen_config, rngs=nnx.Rngs(0)))
     with sharding.activate(twin.mesh, twin.rules):
         lowered = twin.step_fn.lower(twin.abstract_state, batch, twin.frozen_state)
     return metrics.cost_analysis_flops(lowered)

@@ -28,6 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from diffusion import contrastive, objectives, optim, sharding
+from diffusion.models import layers
 from diffusion.schedules import DiscreteSchedule
 
 LossFn = Callable[[nnx.Module, Any, dict, jax.Array], tuple[jax.Array, dict]]
@@ -203,6 +204,13 @@ class Trainer:
                 donate_argnums=0,
             )
 
+    def use_abstract_frozen(self, init_frozen: Callable[[], nnx.Module]) -> None:
+        """Make the model `init_frozen` builds the frozen one, from shapes alone (nothing is
+        allocated): for programs that are lowered or compiled, never run."""
+        self.frozen_graphdef, self.frozen_state, _ = sharding.abstract_state(
+            init_frozen, self.mesh, self.rules
+        )
+
     def _state_from_params(self, params) -> dict[str, Any]:
         return {
             "params": params,
@@ -222,14 +230,17 @@ class Trainer:
         return nnx.merge(self.graphdef, params)
 
     def _frozen_model(self, frozen_state):
-        return None if frozen_state is None else nnx.merge(self.frozen_graphdef, frozen_state)
+        """The frozen model, for use in the trace it is merged in (see layers.merge_here)."""
+        if frozen_state is None:
+            return None
+        return layers.merge_here(self.frozen_graphdef, frozen_state)
 
     def _train_step(self, state, batch, frozen_state):
         step = state["step"]
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
-        frozen = self._frozen_model(frozen_state)
 
         def loss_of(params):
+            frozen = self._frozen_model(frozen_state)
             return self.loss_fn(self.model(params), frozen, batch, key)
 
         (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])

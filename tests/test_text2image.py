@@ -7,6 +7,7 @@ scale 1 the guided model is the conditional one bit for bit (so the negative pro
 matter); the EMA weights of checkpoint N are the exported params/ of a run that ended at N.
 """
 
+import dataclasses
 import json
 import logging
 import os
@@ -165,6 +166,43 @@ def test_matches_a_plain_guided_euler_loop(runs, pipeline):
     # Float32 in another order of operations: at most one level off, almost never.
     assert np.abs(image - expected).max() <= 1
     assert np.mean(image == expected) > 0.99
+
+
+def scanned_copy(run_dir, new_dir, model_cls, **config_changes):
+    """A copy of a run whose model.json says scan_layers=True, with the same weights stacked
+    along the scanned 'layers' axis."""
+    from diffusion.models import layers
+
+    shutil.copytree(run_dir, new_dir)
+    family, config = trainer.load_model_config(run_dir)
+    scanned_config = dataclasses.replace(config, scan_layers=True)
+    scanned = model_cls(scanned_config, rngs=nnx.Rngs(0))
+    layers.copy_params_into_scanned(trainer.load_run_params(run_dir, config, model_cls), scanned)
+    shutil.rmtree(os.path.join(new_dir, "params"))
+    checkpoints.export_params(os.path.join(new_dir, "params"), nnx.state(scanned))
+    trainer.save_model_config(new_dir, family, scanned_config)
+    with open(os.path.join(new_dir, "config.json")) as f:
+        recipe = json.load(f)
+    for section, fields in config_changes.items():
+        recipe[section].update(fields)
+    with open(os.path.join(new_dir, "config.json"), "w") as f:
+        json.dump(recipe, f)
+    return new_dir
+
+
+def test_scanned_dit_and_text_tower_sample_the_images_of_unscanned_ones(runs, pipeline, tmp_path):
+    """scan_layers is an execution choice: a run trained with it samples the same images
+    (nnx.scan inside the sampler's own loops must see parameters of its trace)."""
+    clip = scanned_copy(runs["clip"], tmp_path / "clip", models.CLIP)
+    dit = scanned_copy(runs["random"], tmp_path / "dit", models.DiT,
+                       text_encoder={"checkpoint": str(clip)})  # fmt: skip
+    scanned = text2image.TextToImage.from_run(str(dit))
+    options = dict(seeds=SEEDS, steps=3, guidance_scale=3.0)
+    images = scanned.generate(PROMPTS, **options).astype(np.int64)
+    expected = pipeline.generate(PROMPTS, **options).astype(np.int64)
+    # Float32 in another order of operations: at most one level off, almost never.
+    assert np.abs(images - expected).max() <= 1
+    assert np.mean(images == expected) > 0.99
 
 
 def test_new_scales_prompts_and_seeds_reuse_the_compiled_program(pipeline):

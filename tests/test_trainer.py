@@ -157,6 +157,32 @@ def test_mfu_numerator_counts_the_global_step_with_or_without_scan_and_remat(
     assert _model_flops(scanned, clip_run, "1")[0] == pytest.approx(one_device, rel=1e-3)
 
 
+def test_a_dit_on_a_scanned_text_tower_trains_and_counts_like_on_an_unscanned_one(
+    data_dir, clip_run, monkeypatch, tmp_path
+):
+    """The frozen CLIP of a DiT may have been trained with scan_layers. With the same weights,
+    the DiT's losses are those on the unscanned tower, and the MFU numerator counts every block
+    of the tower's forward (XLA counts a scanned block once)."""
+    import dataclasses
+
+    from flax import nnx
+
+    from diffusion import models
+    from diffusion.models import layers
+
+    unscanned = trainer.load_text_encoder(clip_run, {})
+    assert unscanned.config.text_depth >= 2 and not unscanned.config.scan_layers
+    scanned = models.CLIP(dataclasses.replace(unscanned.config, scan_layers=True), rngs=nnx.Rngs(1))
+    layers.copy_params_into_scanned(unscanned, scanned)
+    losses, flops = {}, {}
+    for name, frozen in (("unscanned", unscanned), ("scanned", scanned)):
+        monkeypatch.setattr(trainer, "load_text_encoder", lambda *a, frozen=frozen: frozen)
+        losses[name] = run(dit_config(data_dir, clip_run, steps=3, mesh="1"), tmp_path / name, "1")
+        flops[name] = _model_flops(dit_config(data_dir, clip_run), clip_run)[0]
+    np.testing.assert_allclose(losses["scanned"], losses["unscanned"], rtol=1e-5)
+    assert flops["scanned"] == pytest.approx(flops["unscanned"], rel=1e-4)
+
+
 def test_mfu_numerator_of_a_class_conditional_dit_matches_the_closed_form(data_dir, clip_run):
     """3 x forward matmul FLOPs of DiT (Peebles & Xie): per token and block 24 D^2 (qkv, out,
     MLP 4x) + 4 T D (scores, values); per example and block the adaLN's 12 D^2; patch embedding

@@ -618,6 +618,14 @@ def logical_axes_of(module: nnx.Module) -> dict[str, tuple | None]:
     }
 
 
+def merge_here(graphdef: nnx.GraphDef, state) -> nnx.Module:
+    """`nnx.merge` with variables made anew in the current trace. A module whose state comes
+    from an outer trace (a closure inside value_and_grad, lax.map or a sampler's lax.scan)
+    fails in nnx.scan with "different trace level" when its blocks are scanned; the identity
+    map over the state costs nothing in the compiled program."""
+    return nnx.merge(graphdef, jax.tree.map(lambda value: value, state))
+
+
 def copy_params_into_scanned(unscanned: nnx.Module, scanned: nnx.Module) -> None:
     """Copy the parameters of a model built with scan_layers=False into the same model built
     with scan_layers=True, stacking block i's parameters at index i of the 'layers' axis."""
