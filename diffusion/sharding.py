@@ -180,13 +180,19 @@ def make_mesh(
     else:
         sizes = resolve_mesh_shape(mesh_shape, len(devices))
         shape = [sizes[n] for n in names]
-        try:
-            device_array = mesh_utils.create_device_mesh(
-                shape, devices=devices, allow_split_physical_axes=True
-            )
-        except NotImplementedError:
-            # Device kinds without a topology-aware layout: plain row-major order.
-            device_array = np.asarray(devices, dtype=object).reshape(shape)
+        if len({getattr(d, "core_on_chip", 0) for d in devices}) > 1:
+            # A chip's TensorCores as separate devices (v4's compile-only topology, not its
+            # "megacore" mode), which mesh_utils refuses: chip by chip, a chip's cores adjacent.
+            chip_major = sorted(devices, key=lambda d: (*d.coords[::-1], d.core_on_chip))
+            device_array = np.asarray(chip_major, dtype=object).reshape(shape)
+        else:
+            try:
+                device_array = mesh_utils.create_device_mesh(
+                    shape, devices=devices, allow_split_physical_axes=True
+                )
+            except NotImplementedError:
+                # Device kinds without a topology-aware layout: plain row-major order.
+                device_array = np.asarray(devices, dtype=object).reshape(shape)
     return Mesh(device_array, names, axis_types=(AxisType.Auto,) * len(names))
 
 

@@ -138,9 +138,16 @@ def test_run_writes_the_report_to_workdir(reports, tmp_path, capsys, monkeypatch
     assert "train_step" in printed and "sampler" in printed and "GiB" in printed
 
 
-def test_v4_exposes_two_devices_per_chip_each_with_half_the_hbm():
+def test_v4_exposes_two_devices_per_chip_each_with_half_the_hbm_and_meshes_over_them():
     devices = aot.topology_devices("v4:2x2x1")
     assert len(devices) == 8 and aot.devices_per_chip(devices) == 2
+    for shape in ({"data": 1, "fsdp": 8, "tensor": 1}, {"data": 2, "fsdp": 2, "tensor": 2}):
+        mesh = sharding.make_mesh(shape, devices=devices)
+        assert dict(mesh.shape) == shape
+        assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
+        # The last axis pairs a chip's two TensorCores (on-chip, the fastest link).
+        pairs = mesh.devices.reshape(-1, 2)
+        assert all(a.coords == b.coords for a, b in pairs)
 
 
 @pytest.mark.parametrize("topology", ["v9:2x2", "v5e", "tpu:4x4"])
