@@ -131,6 +131,9 @@ def markdown(results: dict) -> str:
         + ".",
         "",
     ]
+    missing = [row_key(*row) for row in ROWS if row_key(*row) not in results]
+    if missing:  # the script resumes from the cache: rerun it to compile these
+        lines += [f"Not compiled yet (rerun the script to add them): {', '.join(missing)}.", ""]
     return "\n".join(lines)
 
 
@@ -140,6 +143,9 @@ def main():
     parser.add_argument("--output", default="docs/scaling.md")
     parser.add_argument("--cache", default="docs/scaling.json")
     parser.add_argument("--fresh", action="store_true", help="ignore cached rows")
+    parser.add_argument(
+        "--render_only", action="store_true", help="rewrite the markdown from the cache"
+    )
     parser.add_argument(
         "--first", default="", help="comma-separated row keys (recipe@topology) to compile first"
     )
@@ -153,18 +159,21 @@ def main():
     order = sorted(ROWS, key=lambda row: (row_key(*row) not in first, ROWS.index(row)))
     for recipe, topology, overrides in order:
         key = row_key(recipe, topology, overrides)
-        if (only and recipe not in only) or key in results:
+        if (only and recipe not in only) or key in results or args.render_only:
             continue
         print(f"compiling {key} ...", flush=True)
         results[key] = compile_row(recipe, topology, overrides)
         print(aot.format_report(results[key]), flush=True)
         with open(args.cache, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=1)
-        ordered = {
-            row_key(*row): results[row_key(*row)] for row in ROWS if row_key(*row) in results
-        }
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(markdown(ordered))
+        write_markdown(results, args.output)
+    write_markdown(results, args.output)
+
+
+def write_markdown(results: dict, path: str) -> None:
+    ordered = {row_key(*row): results[row_key(*row)] for row in ROWS if row_key(*row) in results}
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(markdown(ordered))
 
 
 if __name__ == "__main__":
