@@ -92,11 +92,19 @@ def markdown(results: dict) -> str:
         "- Scanned layers are counted once by XLA; FLOPs, bytes and times are extrapolated from "
         "1- and 2-block unscanned twins of the same step (exact for identical blocks; checked "
         "in tests/test_aot.py).",
+        "- *TFLOP / step* is TFLOP / device x devices: the whole step as the compiler counts it, "
+        "which should not depend on the slice. The CLIP rows agree within 1 %; the DiT rows do "
+        "not (v5p: the same count on 4 and 64 chips, v5e:2x2 with full remat 4/3 of it, the "
+        "recomputation; but less on v5e:4x4 and v6e:2x4, and the text DiT with remat on v5e:4x4 "
+        "less than without remat on v5p:2x2x1). There the "
+        "compiler counts less than it runs (a loop whose body the analysis counts once, such "
+        "as a collective matmul, would do it; not investigated), so the step time, examples/s "
+        "and MFU of those rows are not comparable with the others.",
         "",
         "| recipe | slice | devices | mesh | remat | fits | memory / device (GiB) | HBM (GiB) "
-        "| TFLOP / device | est. step (ms) | est. examples/s | MFU bound | time source | "
-        "compile (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| TFLOP / device | TFLOP / step | est. step (ms) | est. examples/s | MFU bound | "
+        "time source | compile (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, r in results.items():
         recipe = key.split("@")[0]
@@ -105,7 +113,7 @@ def markdown(results: dict) -> str:
         if not t.get("compiled"):
             lines.append(
                 f"| {recipe} | {r['topology']} | {r['num_devices']} | {mesh} | {r['remat']} | "
-                f"no (compiler: out of memory) | - | - | - | - | - | - | - | - |"
+                f"no (compiler: out of memory) | - | - | - | - | - | - | - | - | - |"
             )
             continue
         m, c = t["memory"], t["cost"]
@@ -114,6 +122,7 @@ def markdown(results: dict) -> str:
             f"| {recipe} | {r['topology']} | {r['num_devices']} | {mesh} | {r['remat']} | "
             f"{'yes' if m['fits'] else '**no**'} | {m['total_bytes'] / GIB:.1f} | "
             f"{m['hbm_bytes'] / GIB:.0f} | {c['flops'] / 1e12:.2f} | "
+            f"{c['flops'] * r['num_devices'] / 1e12:.1f} | "
             f"{1e3 * c['step_time_s']:.0f} | {t['examples_per_second']:.0f} | "
             f"{100 * c['mfu']:.0f}% | {source} | {t['compile_seconds']:.0f} |"
         )
