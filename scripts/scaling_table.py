@@ -71,6 +71,21 @@ def compile_row(recipe, topology, overrides) -> dict:
     return report
 
 
+def flop_spread(results: dict) -> list[str]:
+    """One line per (recipe, remat): the compiler's TFLOP per step over the slices compiled."""
+    per_step = {}
+    for key, r in results.items():
+        if r["train_step"].get("compiled"):
+            flops = r["train_step"]["cost"]["flops"] * r["num_devices"] / 1e12
+            per_step.setdefault((key.split("@")[0], r["remat"]), {})[r["topology"]] = flops
+    return [
+        f"- {recipe}, remat {remat}: "
+        + ", ".join(f"{topology} {flops:.1f}" for topology, flops in slices.items())
+        + f" TFLOP / step (max / min {max(slices.values()) / min(slices.values()):.2f})"
+        for (recipe, remat), slices in per_step.items()
+    ]
+
+
 def markdown(results: dict) -> str:
     lines = [
         "# TPU scaling: the recipes compiled ahead of time",
@@ -93,13 +108,13 @@ def markdown(results: dict) -> str:
         "1- and 2-block unscanned twins of the same step (exact for identical blocks; checked "
         "in tests/test_aot.py).",
         "- *TFLOP / step* is TFLOP / device x devices: the whole step as the compiler counts it, "
-        "which should not depend on the slice. The CLIP rows agree within 1 %; the DiT rows do "
-        "not (v5p: the same count on 4 and 64 chips, v5e:2x2 with full remat 4/3 of it, the "
-        "recomputation; but less on v5e:4x4 and v6e:2x4, and the text DiT with remat on v5e:4x4 "
-        "less than without remat on v5p:2x2x1). There the "
-        "compiler counts less than it runs (a loop whose body the analysis counts once, such "
-        "as a collective matmul, would do it; not investigated), so the step time, examples/s "
-        "and MFU of those rows are not comparable with the others.",
+        "which should not depend on the slice (full remat adds 1/3, the recomputation). Where "
+        "one recipe's rows with the same remat disagree (the spread below), the compiler "
+        "counts less than it runs on some slices (a loop whose body the analysis counts once, "
+        "such as a collective matmul, would do it; not investigated), and the step time, "
+        "examples/s and MFU of the lower rows are not comparable with the others.",
+        "",
+        *flop_spread(results),
         "",
         "| recipe | slice | devices | mesh | remat | fits | memory / device (GiB) | HBM (GiB) "
         "| TFLOP / device | TFLOP / step | est. step (ms) | est. examples/s | MFU bound | "
