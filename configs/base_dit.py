@@ -30,6 +30,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.scan_layers = (
         False  # Scan over the block stack (compile time independent of depth).
     )
+    # Also condition on the text tower's word embeddings (DiTConfig.word_conditioning).
+    config.model.word_conditioning = False
     config.model.num_classes = 0  # > 0: class-conditional DiT (AOT recipes only, not train.py).
 
     config.text_encoder = ml_collections.ConfigDict()

@@ -219,6 +219,7 @@ def dit_model_config(
             conditioning="text",
             context_dim=text_config.text_width,
             pooled_dim=text_config.embed_dim,
+            word_conditioning=bool(m.get("word_conditioning", False)),
         )
     return models.dit_config(
         m.variant,
@@ -374,6 +375,8 @@ def sampler_program(config, mesh, trainer, model_config, text_config, sample_bat
             "context_mask": _abstract((batch, length), jnp.int32, rows),
             "pooled": _abstract((batch, text_config.embed_dim), jnp.float32, rows),
         }
+        if model_config.word_conditioning:
+            cond["words"] = _abstract((batch, length, text_config.text_width), jnp.float32, rows)
         replicated = NamedSharding(mesh, PartitionSpec())
         uncond = jax.tree.map(lambda a: _abstract((1,) + a.shape[1:], a.dtype, replicated), cond)
     scale = _abstract((), jnp.float32, NamedSharding(mesh, PartitionSpec()))

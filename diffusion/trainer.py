@@ -295,7 +295,9 @@ def dit_model_config(config, text_encoder: models.CLIP | None) -> models.DiTConf
     extra = {}
     if conditioning == "text":
         extra = dict(
-            context_dim=text_encoder.config.text_width, pooled_dim=text_encoder.config.embed_dim
+            context_dim=text_encoder.config.text_width,
+            pooled_dim=text_encoder.config.embed_dim,
+            word_conditioning=config.model.word_conditioning,
         )
     else:
         extra = dict(num_classes=config.model.num_classes)

@@ -107,21 +107,30 @@ class DiffusionObjective:
 
 
 def text_condition(text_encoder, tokens, mask) -> dict[str, jax.Array]:
-    """What the DiT sees of a caption: token states for cross-attention, pooled embedding."""
+    """What the DiT may see of a caption: token states for cross-attention, the pooled
+    embedding, and the word embeddings of the tower's input layer (read only by a DiT with
+    `word_conditioning`; XLA drops them otherwise)."""
     states, pooled = text_encoder.text_states(tokens, mask)
     return {
         "context": jax.lax.stop_gradient(states),
         "context_mask": mask,
         "pooled": jax.lax.stop_gradient(pooled),
+        "words": jax.lax.stop_gradient(text_encoder.word_embeddings(tokens)),
     }
 
 
 def dit_model_fn(model):
     """`model_fn(x_t, t, cond)` of the diffusion core, over a text-conditioned DiT."""
+    words = model.config.word_conditioning
 
     def model_fn(x, t, cond):
         return model(
-            x, t, context=cond["context"], context_mask=cond["context_mask"], pooled=cond["pooled"]
+            x,
+            t,
+            context=cond["context"],
+            context_mask=cond["context_mask"],
+            pooled=cond["pooled"],
+            words=cond["words"] if words else None,
         )
 
     return model_fn

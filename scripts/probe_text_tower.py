@@ -3,11 +3,12 @@
     .venv/bin/python scripts/probe_text_tower.py runs/shapes/clip [--train=4000] [--test=1000]
 
 For the captions of the first --train examples of the train split and --test of the test split,
-it computes the two things the DiT is conditioned on (training.text_condition): the pooled
-embedding (adaLN) and the token states (cross-attention, here averaged over the caption's
-tokens). For each attribute it prints the test accuracy of a ridge classifier fitted on the
-train captions, and the share of the pooled embedding's variance that the attribute's class
-means explain. A probe near 1.0 means the attribute is in the conditioning, so a DiT that does
+it computes what the DiT is conditioned on (training.text_condition): the pooled embedding
+(adaLN), the token states (cross-attention, here averaged over the caption's tokens) and the
+word embeddings of the tower's input layer (read with `word_conditioning`; averaged likewise).
+For each attribute it prints the test accuracy of a ridge classifier fitted on the train
+captions, and the share of the pooled embedding's variance that the attribute's class means
+explain. A probe near 1.0 means the attribute is in the conditioning, so a DiT that does
 not draw it is limited by what it has learned, not by its text encoder.
 """
 
@@ -21,17 +22,25 @@ import jax
 import ml_collections
 import numpy as np
 
-from diffusion import evaluation, trainer
+from diffusion import evaluation, trainer, training
 from diffusion.data import load_tokenizer, tokenize
 
 
-def caption_features(model, tokenizer, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """-> (token states averaged over each caption's tokens (N, W), pooled embeddings (N, E))."""
+def caption_features(model, tokenizer, captions: list[str]) -> dict[str, np.ndarray]:
+    """-> {"states": token states averaged over each caption's tokens (N, W), "pooled" (N, E),
+    "words": word embeddings averaged likewise (N, W)}."""
     tokens, mask = tokenize(tokenizer, captions, model.config.context_length)
-    states, pooled = jax.jit(model.text_states)(tokens, mask)
+    cond = jax.jit(lambda t, m: training.text_condition(model, t, m))(tokens, mask)
     weights = np.asarray(mask, np.float64)[..., None]
-    mean_states = (np.asarray(states, np.float64) * weights).sum(1) / weights.sum(1)
-    return mean_states, np.asarray(pooled, np.float64)
+
+    def caption_mean(x):
+        return (np.asarray(x, np.float64) * weights).sum(1) / weights.sum(1)
+
+    return {
+        "states": caption_mean(cond["context"]),
+        "pooled": np.asarray(cond["pooled"], np.float64),
+        "words": caption_mean(cond["words"]),
+    }
 
 
 def main() -> None:
@@ -47,18 +56,26 @@ def main() -> None:
         config = ml_collections.ConfigDict(json.load(f))
     train = evaluation.load_split_examples(config.data, config.seed, "train", args.train)
     test = evaluation.load_split_examples(config.data, config.seed, "test", args.test)
-    train_states, train_pooled = caption_features(model, tokenizer, train.captions)
-    test_states, test_pooled = caption_features(model, tokenizer, test.captions)
+    fit = caption_features(model, tokenizer, train.captions)
+    score = caption_features(model, tokenizer, test.captions)
 
     print(f"{len(train.captions)} train / {len(test.captions)} test captions of {args.run_dir}")
-    print("| attribute | probe: token states | probe: pooled | pooled variance share |")
-    print("|---|---|---|---|")
+    print(
+        "| attribute | probe: token states | probe: pooled | probe: words "
+        "| pooled variance share | words variance share |"
+    )
+    print("|---|---|---|---|---|---|")
     for attribute in evaluation.ATTRIBUTES:
         y_train, y_test = train.labels[attribute], test.labels[attribute]
-        states = evaluation.linear_probe_accuracy(train_states, y_train, test_states, y_test)
-        pooled = evaluation.linear_probe_accuracy(train_pooled, y_train, test_pooled, y_test)
-        share = evaluation.between_class_variance_share(train_pooled, y_train)
-        print(f"| {attribute} | {states:.3f} | {pooled:.3f} | {share:.3f} |")
+        probes = [
+            evaluation.linear_probe_accuracy(fit[name], y_train, score[name], y_test)
+            for name in ("states", "pooled", "words")
+        ]
+        shares = [
+            evaluation.between_class_variance_share(fit[name], y_train)
+            for name in ("pooled", "words")
+        ]
+        print(f"| {attribute} | " + " | ".join(f"{v:.3f}" for v in probes + shares) + " |")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ def tiny_config(kind: str, batch: int = 8):
             config.model.num_classes = 10
         else:
             config.text_encoder.variant = "tiny"  # frozen CLIP tower from shapes alone
+            config.model.word_conditioning = True  # the shapes default's extra inputs too
     config.training.global_batch_size = batch
     if kind != "clip":
         config.sampling.steps = 4

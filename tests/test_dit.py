@@ -157,6 +157,31 @@ def test_text_conditioning_is_used_and_padding_is_ignored():
     )
 
 
+def test_word_conditioning_reads_the_words_as_a_set_and_ignores_their_padding():
+    """With word_conditioning the words enter cross-attention as extra keys and adaLN as their
+    masked mean: both are blind to the order of the words and to padded positions."""
+    model = perturb(DiT(tiny(word_conditioning=True), rngs=nnx.Rngs(0)))
+    x, t, context, mask, pooled = text_inputs()
+    words = jnp.asarray(np.random.default_rng(7).normal(size=context.shape), jnp.float32)
+    base = np.asarray(forward(model, x, t, context, mask, pooled, words=words))
+    other = jnp.asarray(np.random.default_rng(8).normal(size=context.shape), jnp.float32)
+    assert (
+        np.abs(np.asarray(forward(model, x, t, context, mask, pooled, words=other)) - base).max()
+        > 1e-3
+    )
+    # sample 1 has 3 real tokens: reorder them (and sample 0's first three), pad with junk
+    reordered = words.at[:, :3].set(words[:, jnp.array([2, 0, 1])]).at[1, 3:].set(123.0)
+    np.testing.assert_allclose(
+        np.asarray(forward(model, x, t, context, mask, pooled, words=reordered)), base, atol=1e-5
+    )
+    with pytest.raises(
+        ValueError, match=r"needs \['context', 'pooled', 'words'\]; missing \['words'\]"
+    ):
+        forward(model, x, t, context, mask, pooled)
+    with pytest.raises(ValueError, match=r"unexpected \['words'\]"):
+        forward(DiT(tiny(), rngs=nnx.Rngs(0)), x, t, context, mask, pooled, words=words)
+
+
 def test_class_labels_are_used():
     model = perturb(DiT(tiny(conditioning="class", num_classes=10), rngs=nnx.Rngs(0)))
     x, t, *_ = text_inputs()

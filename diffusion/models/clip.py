@@ -241,10 +241,13 @@ class TextTower(nnx.Module):
             c.text_width, eps=c.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
 
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        """tokens (B, L) -> the input layer's word embeddings + positions (B, L, W)."""
+        return self.position(self.token_embed(tokens).astype(self.dtype))
+
     def __call__(self, tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
         """tokens, mask: (B, L) -> (token states (B, L, W), pooled (B, W))."""
-        x = self.position(self.token_embed(tokens).astype(self.dtype))  # (B, L, W)
-        x = self.blocks(x, mask)  # (B, L, W)
+        x = self.blocks(self.embed(tokens), mask)  # (B, L, W)
         x = self.final_norm(x)
         pooled = jnp.take_along_axis(x, last_valid_index(mask)[:, None, None], axis=1)[:, 0]
         return x, pooled  # (B, L, W), (B, W)
@@ -360,6 +363,11 @@ class CLIP(nnx.Module):
         self.check_tokens(tokens, mask)
         states, pooled = self.text(tokens, mask)
         return states, self.text_projection(pooled.astype(jnp.float32))
+
+    def word_embeddings(self, tokens: jax.Array) -> jax.Array:
+        """(B, L) ids -> the text tower's input layer (B, L, text_width): what the DiT's
+        `word_conditioning` reads beside the final states of `text_states`."""
+        return self.text.embed(tokens)
 
     def encode_text(self, tokens: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         """(B, L) ids + mask -> L2-normalised text embeddings (B, E) float32."""

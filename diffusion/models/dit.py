@@ -8,7 +8,8 @@ to the text token states (with the text padding mask), as PixArt-alpha does.
 Time: continuous t in [0, 1] with t = 1 pure noise, embedded as `timestep_embedding(t *
 time_scale)` (time_scale 1000), so DDPM (t = step / (T - 1)) and flow matching share the model.
 
-Conditioning modes: 'text' (context (B, L, context_dim), its mask, pooled (B, pooled_dim)),
+Conditioning modes: 'text' (context (B, L, context_dim), its mask, pooled (B, pooled_dim); with
+`word_conditioning` also the text tower's word embeddings (B, L, context_dim)),
 'class' (labels (B,) in [0, num_classes], num_classes being the null class for classifier-free
 guidance as in DiT's LabelEmbedder) and 'none'.
 """
@@ -48,6 +49,11 @@ class DiTConfig:
     pooled_dim: int = 128  # width of the pooled text embedding (CLIP embed_dim)
     num_classes: int = 1000  # class-conditional mode: labels 0..num_classes-1, +1 null class
     condition_init_std: float = 1.0  # std of conditioning embeddings at init (see below)
+    # Text mode: also condition on the text tower's word embeddings (its input layer), beside
+    # its final states: cross-attention sees both, and their masked mean joins the pooled
+    # embedding in adaLN. A small contrastive tower keeps in its output only what told its
+    # batches apart; its input layer still names every word (docs/default_recipe.md).
+    word_conditioning: bool = False
     time_scale: float = 1000.0  # t in [0, 1] is embedded as t * time_scale
     frequency_dim: int = 256  # sinusoidal frequencies of the timestep embedding
     norm_eps: float = 1e-6  # LayerNorm epsilon (DiT)
@@ -233,7 +239,7 @@ class DiT(nnx.Module):
         self.dtype = dtype
         self.patch_embed = layers.PatchEmbed(c.patch_size, c.in_channels, c.width, **kw)
         self.time_embed = TimestepEmbedder(c, **kw)
-        label_embed = context_embed = pooled_embed = None
+        label_embed = context_embed = pooled_embed = words_embed = words_pooled_embed = None
         if c.conditioning == "class":
             # Row num_classes is the null class for classifier-free guidance (DiT LabelEmbedder).
             label_embed = layers.Embed(
@@ -246,12 +252,21 @@ class DiT(nnx.Module):
             )
         elif c.conditioning == "text":
             context_embed = ConditionProjection(c.context_dim, c.width, c.condition_init_std, **kw)
-            pooled_embed = ConditionProjection(c.pooled_dim, c.width, c.condition_init_std, **kw)
+            # With words, two sums of adaLN's condition: each starts at std / sqrt(2).
+            pooled_std = c.condition_init_std / (2**0.5 if c.word_conditioning else 1.0)
+            pooled_embed = ConditionProjection(c.pooled_dim, c.width, pooled_std, **kw)
+            if c.word_conditioning:
+                words_embed = ConditionProjection(
+                    c.context_dim, c.width, c.condition_init_std, **kw
+                )
+                words_pooled_embed = ConditionProjection(c.context_dim, c.width, pooled_std, **kw)
         self.label_embed, self.context_embed, self.pooled_embed = (
             nnx.data(label_embed),
             nnx.data(context_embed),
             nnx.data(pooled_embed),
         )
+        self.words_embed = nnx.data(words_embed)
+        self.words_pooled_embed = nnx.data(words_pooled_embed)
         self.blocks = layers.BlockStack(
             lambda r: DiTBlock(c, rngs=r),
             c.depth,
@@ -261,11 +276,12 @@ class DiT(nnx.Module):
         )
         self.final_layer = FinalLayer(c, rngs=rngs)
 
-    def _conditioning(self, batch, context, context_mask, pooled, labels):
+    def _conditioning(self, batch, context, context_mask, pooled, words, labels):
         """Validate the conditioning inputs of the configured mode; embed them."""
         c = self.config
-        given = {"context": context, "pooled": pooled, "labels": labels}
-        needed = {"text": ("context", "pooled"), "class": ("labels",), "none": ()}[c.conditioning]
+        given = {"context": context, "pooled": pooled, "words": words, "labels": labels}
+        text = ("context", "pooled", "words") if c.word_conditioning else ("context", "pooled")
+        needed = {"text": text, "class": ("labels",), "none": ()}[c.conditioning]
         missing = [name for name in needed if given[name] is None]
         unexpected = [name for name, v in given.items() if v is not None and name not in needed]
         if missing or unexpected:
@@ -292,7 +308,16 @@ class DiT(nnx.Module):
             raise ValueError(
                 f"context_mask {context_mask.shape} must match context {context.shape[:2]}"
             )
-        return self.pooled_embed(pooled), self.context_embed(context), context_mask
+        extra, context_tokens = self.pooled_embed(pooled), self.context_embed(context)
+        if c.word_conditioning:
+            if words.shape != context.shape:
+                raise ValueError(f"words {words.shape} must match context {context.shape}")
+            weights = context_mask.astype(jnp.float32)[..., None]  # (B, L, 1)
+            mean_words = (words * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)  # (B, Dc)
+            extra = extra + self.words_pooled_embed(mean_words)
+            context_tokens = jnp.concatenate([context_tokens, self.words_embed(words)], axis=1)
+            context_mask = jnp.concatenate([context_mask, context_mask], axis=1)  # (B, 2L)
+        return extra, context_tokens, context_mask
 
     def __call__(
         self,
@@ -302,6 +327,7 @@ class DiT(nnx.Module):
         context_mask: jax.Array | None = None,
         pooled: jax.Array | None = None,
         labels: jax.Array | None = None,
+        words: jax.Array | None = None,
     ) -> jax.Array:
         cfg = self.config
         b, h, w, ch = x.shape
@@ -315,7 +341,7 @@ class DiT(nnx.Module):
         tokens = tokens + jnp.asarray(positions, self.dtype)[None]  # (B, T, D)
         cond = self.time_embed(t)  # (B, D)
         extra, context_tokens, context_mask = self._conditioning(
-            b, context, context_mask, pooled, labels
+            b, context, context_mask, pooled, words, labels
         )
         if extra is not None:
             cond = cond + extra  # (B, D)
