@@ -73,11 +73,18 @@ def run_evaluate_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return results
 
 
-def sample_items(samples_config: ml_collections.ConfigDict, guidance_scale: float):
+def sample_items(
+    samples_config: ml_collections.ConfigDict,
+    guidance_scale: float,
+    negative_guidance_scale: float | None = None,
+):
     """The prompt grid's images: `num_per_prompt` seeds for each prompt, then for each
-    (prompt, negative prompt) example. Line numbers follow the config's order."""
+    (prompt, negative prompt) example. Line numbers follow the config's order. The negative
+    examples use `negative_guidance_scale` (default: `guidance_scale`)."""
     from diffusion.text2image import PromptItem
 
+    if negative_guidance_scale is None:
+        negative_guidance_scale = guidance_scale
     entries = [(p, "") for p in samples_config.prompts]
     entries += [(p, n) for p, n in samples_config.negative_examples]
     return [
@@ -87,21 +94,44 @@ def sample_items(samples_config: ml_collections.ConfigDict, guidance_scale: floa
             prompt=prompt,
             negative_prompt=negative,
             seed=k,
-            guidance_scale=float(guidance_scale),
+            guidance_scale=float(negative_guidance_scale if negative else guidance_scale),
         )
         for line, (prompt, negative) in enumerate(entries, start=1)
         for k in range(samples_config.num_per_prompt)
     ]
 
 
-def best_guidance_scale(workdir: str, fallback: float) -> float:
-    """The guidance scale the evaluation found best on `test`, else `fallback`."""
+def _dit_metrics(workdir: str) -> dict:
+    """WORKDIR/eval/dit/metrics.json, or {} before the evaluation."""
     path = os.path.join(workdir, "eval", "dit", "metrics.json")
     if not os.path.isfile(path):
-        return fallback
+        return {}
     with open(path, encoding="utf-8") as f:
-        best = json.load(f)["splits"].get("test", {}).get("best", {})
+        return json.load(f)
+
+
+def best_guidance_scale(workdir: str, fallback: float) -> float:
+    """The guidance scale the evaluation found best on `test`, else `fallback`."""
+    best = _dit_metrics(workdir).get("splits", {}).get("test", {}).get("best", {})
     return float(best.get("guidance_scale", fallback))
+
+
+def grid_guidance_scales(config: ml_collections.ConfigDict, workdir: str) -> tuple[float, float]:
+    """(scale of the grid's prompts, scale of its negative examples). The first is
+    `config.samples.guidance_scale`, else the evaluation's best. At a scale <= 1 the
+    unconditional branch, where a negative prompt sits, cancels out of uncond + w (cond -
+    uncond); the negative examples then take the scale of evaluate.py's negative-prompt check
+    (before an evaluation: the same rule over the configured scale)."""
+    from diffusion.evaluation import negative_check_scale
+
+    fallback = config.dit.sampling.guidance_scale
+    scale = config.samples.guidance_scale
+    if scale is None:
+        scale = best_guidance_scale(workdir, fallback=fallback)
+    if scale > 1:
+        return scale, scale
+    checked = _dit_metrics(workdir).get("negative_prompt", {}).get("guidance_scale")
+    return scale, float(checked) if checked else negative_check_scale(scale, (fallback,))
 
 
 def run_samples_stage(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -114,10 +144,7 @@ def run_samples_stage(config: ml_collections.ConfigDict, workdir: str) -> str:
     from diffusion.text2image import TextToImage, sample_to_directory
 
     s = config.samples
-    scale = s.guidance_scale
-    if scale is None:
-        scale = best_guidance_scale(workdir, fallback=config.dit.sampling.guidance_scale)
-    items = sample_items(s, scale)
+    items = sample_items(s, *grid_guidance_scales(config, workdir))
     output_dir = os.path.join(workdir, "samples")
     pipeline = TextToImage.from_run(os.path.join(workdir, "dit"))
     sample_to_directory(

@@ -9,6 +9,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from diffusion import config as config_lib
@@ -59,7 +60,9 @@ def test_default_pipeline_runs_every_stage_and_a_rerun_redoes_nothing(tmp_path, 
         manifest = [json.loads(line) for line in f]
     assert len(manifest) == rows * 2
     best = metrics["splits"]["test"]["best"]["guidance_scale"]
-    assert {r["guidance_scale"] for r in manifest} == {best}  # the sweep's best scale
+    negative = metrics["negative_prompt"]["guidance_scale"] if best <= 1 else best
+    assert {r["guidance_scale"] for r in manifest if not r["negative_prompt"]} == {best}
+    assert {r["guidance_scale"] for r in manifest if r["negative_prompt"]} == {negative}
     assert {r["negative_prompt"] for r in manifest} == {"", "red", "blue"}
 
     written = os.path.getmtime(dit_metrics)
@@ -95,3 +98,33 @@ def test_sample_items_cover_prompts_and_negative_examples_with_stable_lines():
         config.samples.negative_examples
     )
     assert {i.seed for i in items} == set(range(per))
+    assert {i.guidance_scale for i in items} == {4.0}
+
+
+@pytest.mark.parametrize(
+    "best, checked, expected",
+    [
+        (1.0, 3.0, (1.0, 3.0)),
+        (1.0, None, (1.0, 4.0)),
+        (3.0, 6.0, (3.0, 3.0)),
+        (None, None, (4.0, 4.0)),
+    ],
+)
+def test_negative_examples_of_the_grid_are_guided_where_the_best_scale_is_one(
+    tmp_path, best, checked, expected
+):
+    """At scale 1 the unconditional branch, where the negative prompt sits, cancels out of
+    uncond + w (cond - uncond), so the grid's negative rows would equal the plain prompt's:
+    they take the scale of the evaluation's negative-prompt check, or else the configured
+    one (4). Above 1 the grid's scale serves both; no evaluation: the configured scale."""
+    config = config_lib.load_config(os.path.join(REPO, "configs", "shapes.py"))
+    if best is not None:
+        os.makedirs(tmp_path / "eval" / "dit")
+        metrics = {"splits": {"test": {"best": {"guidance_scale": best}}}}
+        if checked is not None:
+            metrics["negative_prompt"] = {"guidance_scale": checked}
+        (tmp_path / "eval" / "dit" / "metrics.json").write_text(json.dumps(metrics))
+    assert stages.grid_guidance_scales(config, str(tmp_path)) == expected
+    items = stages.sample_items(config.samples, *expected)
+    assert {i.guidance_scale for i in items if i.negative_prompt} == {expected[1]}
+    assert {i.guidance_scale for i in items if not i.negative_prompt} == {expected[0]}
