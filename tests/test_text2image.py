@@ -151,10 +151,11 @@ def reference_euler(runs, prompt, negative, seed, scale, steps):
     noise_key, _ = jax.random.split(jax.random.key(seed))
     x = jax.random.normal(noise_key, (1, 16, 16, 3), jnp.float32)
     times = np.linspace(1.0, 0.0, steps + 1)
+    model_fn = training.dit_model_fn(dit)  # the condition's fields as the DiT's arguments
     for t, t_next in zip(times[:-1], times[1:], strict=True):
         t_batch = jnp.full((1,), t, jnp.float32)
-        v_cond = dit(x, t_batch, **cond)
-        v_uncond = dit(x, t_batch, **uncond)
+        v_cond = model_fn(x, t_batch, cond)
+        v_uncond = model_fn(x, t_batch, uncond)
         x = x + (t_next - t) * (v_uncond + scale * (v_cond - v_uncond))
     return np.asarray(jnp.clip(jnp.round((x[0] + 1) * 127.5), 0, 255)).astype(np.int64)
 
