@@ -128,10 +128,8 @@ def grid_guidance_scales(config: ml_collections.ConfigDict, workdir: str) -> tup
     scale = config.samples.guidance_scale
     if scale is None:
         scale = best_guidance_scale(workdir, fallback=fallback)
-    if scale > 1:
-        return scale, scale
     checked = _dit_metrics(workdir).get("negative_prompt", {}).get("guidance_scale")
-    return scale, float(checked) if checked else negative_check_scale(scale, (fallback,))
+    return scale, negative_check_scale(scale, (float(checked),) if checked else (fallback,))
 
 
 def run_samples_stage(config: ml_collections.ConfigDict, workdir: str) -> str:

@@ -620,6 +620,7 @@ class TextToImage:
             dit_graphdef=self._dit_graphdef,
             text_graphdef=self._text_graphdef,
             in_channels=self.dit_config.in_channels,
+            word_conditioning=self.dit_config.word_conditioning,
             resolution=self.resolution,
             objective=self.objective,
             prediction_type=self.prediction_type,
@@ -675,6 +676,7 @@ class ProgramSpec:
     dit_graphdef: Any
     text_graphdef: Any
     in_channels: int
+    word_conditioning: bool  # the DiT also reads the text tower's word embeddings
     resolution: int
     objective: str  # "flow" or "ddpm"
     prediction_type: str
@@ -726,9 +728,10 @@ def _sample_micro_batch(dit_state, text_state, inputs, spec: ProgramSpec):
     # Models are merged in the trace they run in (see layers.merge_here): the text encoder in
     # lax.map's, the DiT in the sampler loop's.
     text_encoder = layers.merge_here(spec.text_graphdef, text_state)
-    cond = training.text_condition(text_encoder, inputs["tokens"], inputs["mask"])
+    words = spec.word_conditioning
+    cond = training.text_condition(text_encoder, inputs["tokens"], inputs["mask"], words=words)
     uncond = training.text_condition(
-        text_encoder, inputs["negative_tokens"], inputs["negative_mask"]
+        text_encoder, inputs["negative_tokens"], inputs["negative_mask"], words=words
     )
 
     def dit_fn(x, t, cond):

@@ -106,22 +106,22 @@ class DiffusionObjective:
         )
 
 
-def text_condition(text_encoder, tokens, mask) -> dict[str, jax.Array]:
-    """What the DiT may see of a caption: token states for cross-attention, the pooled
-    embedding, and the word embeddings of the tower's input layer (read only by a DiT with
-    `word_conditioning`; XLA drops them otherwise)."""
+def text_condition(text_encoder, tokens, mask, *, words: bool = False) -> dict[str, jax.Array]:
+    """What the DiT sees of a caption: token states for cross-attention, the pooled embedding
+    and, with `words` (a DiT with `word_conditioning`), the tower's input-layer word embeddings."""
     states, pooled = text_encoder.text_states(tokens, mask)
-    return {
+    cond = {
         "context": jax.lax.stop_gradient(states),
         "context_mask": mask,
         "pooled": jax.lax.stop_gradient(pooled),
-        "words": jax.lax.stop_gradient(text_encoder.word_embeddings(tokens)),
     }
+    if words:
+        cond["words"] = jax.lax.stop_gradient(text_encoder.word_embeddings(tokens))
+    return cond
 
 
 def dit_model_fn(model):
     """`model_fn(x_t, t, cond)` of the diffusion core, over a text-conditioned DiT."""
-    words = model.config.word_conditioning
 
     def model_fn(x, t, cond):
         return model(
@@ -130,7 +130,7 @@ def dit_model_fn(model):
             context=cond["context"],
             context_mask=cond["context_mask"],
             pooled=cond["pooled"],
-            words=cond["words"] if words else None,
+            words=cond.get("words"),  # the DiT names a missing or unexpected one
         )
 
     return model_fn
@@ -154,7 +154,7 @@ def dit_loss(
     drop = jax.random.bernoulli(drop_key, cond_dropout, (tokens.shape[0], 1))
     tokens = jnp.where(drop, jnp.asarray(empty_tokens, tokens.dtype), tokens)  # (B, L)
     mask = jnp.where(drop, jnp.asarray(empty_mask, mask.dtype), mask)  # (B, L)
-    cond = text_condition(text_encoder, tokens, mask)
+    cond = text_condition(text_encoder, tokens, mask, words=model.config.word_conditioning)
     loss, aux = objective.loss(dit_model_fn(model), batch["image"], cond, loss_key)
     return loss, {"mean_t": jnp.mean(aux["t"])}
 

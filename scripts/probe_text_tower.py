@@ -30,7 +30,7 @@ def caption_features(model, tokenizer, captions: list[str]) -> dict[str, np.ndar
     """-> {"states": token states averaged over each caption's tokens (N, W), "pooled" (N, E),
     "words": word embeddings averaged likewise (N, W)}."""
     tokens, mask = tokenize(tokenizer, captions, model.config.context_length)
-    cond = jax.jit(lambda t, m: training.text_condition(model, t, m))(tokens, mask)
+    cond = jax.jit(lambda t, m: training.text_condition(model, t, m, words=True))(tokens, mask)
     weights = np.asarray(mask, np.float64)[..., None]
 
     def caption_mean(x):

@@ -146,8 +146,11 @@ def reference_euler(runs, prompt, negative, seed, scale, steps):
     dit = trainer.load_run_params(runs["random"], dit_config, models.DiT)
     clip = trainer.load_text_encoder(runs["clip"], {"dtype": "float32"})
     tokenizer = data_lib.load_tokenizer(os.path.join(runs["dit"], "tokenizer"))
-    cond = training.text_condition(clip, *data_lib.tokenize(tokenizer, [prompt], 16))
-    uncond = training.text_condition(clip, *data_lib.tokenize(tokenizer, [negative], 16))
+    words = dit_config.word_conditioning
+    cond = training.text_condition(clip, *data_lib.tokenize(tokenizer, [prompt], 16), words=words)
+    uncond = training.text_condition(
+        clip, *data_lib.tokenize(tokenizer, [negative], 16), words=words
+    )
     noise_key, _ = jax.random.split(jax.random.key(seed))
     x = jax.random.normal(noise_key, (1, 16, 16, 3), jnp.float32)
     times = np.linspace(1.0, 0.0, steps + 1)

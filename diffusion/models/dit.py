@@ -252,7 +252,7 @@ class DiT(nnx.Module):
             )
         elif c.conditioning == "text":
             context_embed = ConditionProjection(c.context_dim, c.width, c.condition_init_std, **kw)
-            # With words, two sums of adaLN's condition: each starts at std / sqrt(2).
+            # With words, adaLN's condition adds two projections: each starts at std / sqrt(2).
             pooled_std = c.condition_init_std / (2**0.5 if c.word_conditioning else 1.0)
             pooled_embed = ConditionProjection(c.pooled_dim, c.width, pooled_std, **kw)
             if c.word_conditioning:
