@@ -40,6 +40,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.diffusion = ml_collections.ConfigDict()
     config.diffusion.objective = "flow"  # "flow" (rectified flow) or "ddpm" (discrete VP).
     config.diffusion.prediction_type = "epsilon"  # DDPM only: "epsilon", "v_prediction", "sample".
+    # Flow only: the DiT predicts "flow_velocity" (eps - x0) or "sample" (x0); MSE on that.
+    config.diffusion.flow_prediction_type = "flow_velocity"
     config.diffusion.schedule = "linear"  # DDPM only: "linear", "scaled_linear" or "cosine".
     config.diffusion.num_timesteps = 1000  # DDPM only: discrete training timesteps T.
     config.diffusion.zero_terminal_snr = False  # DDPM only: rescale betas to SNR(T) = 0.

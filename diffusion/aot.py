@@ -40,7 +40,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from diffusion import guidance, metrics, models, optim, samplers, sharding, training
 from diffusion.errors import UserError
 from diffusion.models import layers
-from diffusion.schedules import DiscreteSchedule, ddpm_levels, flow_levels
+from diffusion.schedules import ddpm_levels, flow_levels
 
 GIB = 1024**3
 
@@ -135,25 +135,6 @@ def class_conditional_dit_loss(
     model_fn = lambda x, t, cond: model(x, t, labels=cond)
     loss, aux = objective.loss(model_fn, batch["image"], labels, loss_key)
     return loss, {"mean_t": jnp.mean(aux["t"])}
-
-
-def diffusion_objective(d) -> training.DiffusionObjective:
-    """The recipe's DiffusionObjective (as diffusion.trainer builds it)."""
-    schedule = None
-    if d.objective == "ddpm":
-        schedule = DiscreteSchedule.from_name(
-            d.schedule, d.num_timesteps, zero_terminal_snr=d.zero_terminal_snr
-        )
-    return training.DiffusionObjective(
-        objective=d.objective,
-        prediction_type=d.prediction_type,
-        schedule=schedule,
-        time_sampling=d.time_sampling,
-        logit_mean=d.logit_normal_mean,
-        logit_std=d.logit_normal_std,
-        shift=d.shift,
-        min_snr_gamma=d.min_snr_gamma or None,
-    )
 
 
 def _image_size(config, default: int) -> int:
@@ -301,7 +282,7 @@ def build_programs(
 
     text_config = text_encoder_config(config) if config.model.num_classes == 0 else None
     model_config = dit_model_config(config, text_config, **overrides)
-    objective = diffusion_objective(config.diffusion)
+    objective = training.DiffusionObjective.from_config(config.diffusion)
     if text_config is None:
         loss_fn = lambda model, frozen, batch, key: class_conditional_dit_loss(
             model,
@@ -359,12 +340,12 @@ def sampler_program(config, mesh, trainer, model_config, text_config, sample_bat
             f"or aliases {sorted(SAMPLER_ALIASES)}."
         )
     d = config.diffusion
+    objective = training.DiffusionObjective.from_config(d)
     if d.objective == "flow":
         levels = flow_levels(int(s.steps), float(d.shift))
-        options = {"prediction_type": "flow_velocity"}
     else:
-        levels = ddpm_levels(diffusion_objective(d).schedule, int(s.steps))
-        options = {"prediction_type": d.prediction_type}
+        levels = ddpm_levels(objective.schedule, int(s.steps))
+    options = {"prediction_type": objective.prediction_type}
     if text_config is None:
         cond = _abstract((batch,), jnp.int32, rows)
         uncond = _abstract((1,), jnp.int32, NamedSharding(mesh, PartitionSpec()))

@@ -193,6 +193,9 @@ def diffusion_loss(
     return jnp.mean(weight * per_example), {"t": t, "per_example_loss": per_example}
 
 
+FLOW_PREDICTION_TYPES = ("flow_velocity", "sample")
+
+
 def flow_matching_loss(
     model_fn,
     x0,
@@ -203,12 +206,21 @@ def flow_matching_loss(
     logit_mean: float = 0.0,
     logit_std: float = 1.0,
     shift: float = 1.0,
+    prediction_type: str = "flow_velocity",
 ):
     """Conditional flow matching loss (Lipman et al. 2023; SD3 eq. 3): E |u(x_t, t) - (eps - x0)|^2.
 
-    x_t = (1 - t) x0 + t eps with t from `sample_flow_time`. Returns (loss, aux) like
-    `diffusion_loss`.
+    x_t = (1 - t) x0 + t eps with t from `sample_flow_time`. With prediction_type "sample" the
+    model predicts x0 instead and the loss is E |x0_hat - x0|^2: the same minimiser, but each
+    time weighs t^2 as much as in the velocity loss (|u_hat - u| = |x0_hat - x0| / t), which
+    moves the weight from nearly clean inputs to noisy ones, where only the condition says what
+    to draw. Returns (loss, aux) like `diffusion_loss`.
     """
+    if prediction_type not in FLOW_PREDICTION_TYPES:
+        raise ObjectiveError(
+            f"flow matching predicts one of {', '.join(FLOW_PREDICTION_TYPES)}, "
+            f"not {prediction_type!r}"
+        )
     time_key, noise_key = jax.random.split(key)
     t = sample_flow_time(time_key, x0.shape[0], time_sampling, logit_mean, logit_std, shift).astype(
         x0.dtype
@@ -217,5 +229,6 @@ def flow_matching_loss(
     t_b = expand_like(t, x0)
     x_t = (1 - t_b) * x0 + t_b * eps
     prediction = model_fn(x_t, t, cond)
-    per_example = _per_example_mse(prediction, eps - x0)
+    target = prediction_from_x0_eps(x0, eps, 1 - t_b, t_b, prediction_type)
+    per_example = _per_example_mse(prediction, target)
     return jnp.mean(per_example), {"t": t, "per_example_loss": per_example}

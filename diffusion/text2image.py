@@ -371,8 +371,7 @@ class TextToImage:
         self.objective = d.objective
         if self.objective not in SAMPLERS_BY_OBJECTIVE:
             raise PipelineError(f"unknown diffusion objective {d.objective!r}; valid: flow, ddpm")
-        # Flow matching always regresses the velocity (objectives.flow_matching_loss).
-        self.prediction_type = "flow_velocity" if self.objective == "flow" else d.prediction_type
+        self.prediction_type = training.prediction_type_of(d)
         self.default_shift = float(d.get("shift", 1.0) or 1.0)
         self.schedule = self._schedule_key = None
         if self.objective == "ddpm":

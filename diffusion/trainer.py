@@ -29,7 +29,6 @@ from flax import nnx
 from diffusion import checkpoints, distributed, metrics, models, optim, sharding, training
 from diffusion import data as data_lib
 from diffusion.errors import NonFiniteError, UserError
-from diffusion.schedules import DiscreteSchedule
 
 logger = logging.getLogger(__name__)
 
@@ -315,27 +314,6 @@ def dit_model_config(config, text_encoder: models.CLIP | None) -> models.DiTConf
         raise _model_config_error(error, config.model) from error
 
 
-def diffusion_objective(diffusion_config) -> training.DiffusionObjective:
-    d = diffusion_config
-    schedule = None
-    if d.objective == "ddpm":
-        schedule = DiscreteSchedule.from_name(
-            d.schedule, d.num_timesteps, zero_terminal_snr=d.zero_terminal_snr
-        )
-    elif d.objective != "flow":
-        raise UserError(f"config.diffusion.objective={d.objective!r}; valid: 'flow', 'ddpm'.")
-    return training.DiffusionObjective(
-        objective=d.objective,
-        prediction_type=d.prediction_type,
-        schedule=schedule,
-        time_sampling=d.time_sampling,
-        logit_mean=d.logit_normal_mean,
-        logit_std=d.logit_normal_std,
-        shift=d.shift,
-        min_snr_gamma=d.min_snr_gamma or None,
-    )
-
-
 @dataclasses.dataclass
 class Task:
     """What one family needs from the loop."""
@@ -405,7 +383,7 @@ def make_task(config, tokenizer, image_size: int, mesh) -> Task:
         frozen,
         batch,
         key,
-        objective=diffusion_objective(config.diffusion),
+        objective=training.DiffusionObjective.from_config(config.diffusion),
         empty_tokens=empty_tokens,
         empty_mask=empty_mask,
         cond_dropout=config.diffusion.cond_dropout,

@@ -28,6 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from diffusion import contrastive, objectives, optim, sharding
+from diffusion.errors import UserError
 from diffusion.models import layers
 from diffusion.schedules import DiscreteSchedule
 
@@ -70,18 +71,58 @@ def clip_loss(
     return loss, {"logit_scale": scale}
 
 
+def prediction_type_of(diffusion_config) -> str:
+    """What the DiT of a recipe's config.diffusion predicts (objectives.PREDICTION_TYPES).
+
+    Flow models predict config.diffusion.flow_prediction_type (runs written before that field
+    existed predict the velocity); DDPM models config.diffusion.prediction_type.
+    """
+    d = diffusion_config
+    if d.objective == "flow":
+        return d.get("flow_prediction_type", "flow_velocity")
+    return d.prediction_type
+
+
 @dataclasses.dataclass(frozen=True)
 class DiffusionObjective:
     """How the DiT is trained: flow matching or a DDPM-style loss, from config.diffusion."""
 
     objective: str = "flow"
-    prediction_type: str = "epsilon"
+    prediction_type: str = "flow_velocity"  # see objectives.PREDICTION_TYPES
     schedule: DiscreteSchedule | None = None
     time_sampling: str = "logit_normal"
     logit_mean: float = 0.0
     logit_std: float = 1.0
     shift: float = 1.0
     min_snr_gamma: float | None = None
+
+    @classmethod
+    def from_config(cls, diffusion_config) -> DiffusionObjective:
+        """The objective of a recipe's config.diffusion section."""
+        d = diffusion_config
+        if d.objective not in ("flow", "ddpm"):
+            raise UserError(f"config.diffusion.objective={d.objective!r}; valid: 'flow', 'ddpm'.")
+        prediction_type = prediction_type_of(d)
+        if d.objective == "flow" and prediction_type not in objectives.FLOW_PREDICTION_TYPES:
+            raise UserError(
+                f"config.diffusion.flow_prediction_type={prediction_type!r}; valid: "
+                f"{', '.join(objectives.FLOW_PREDICTION_TYPES)}."
+            )
+        schedule = None
+        if d.objective == "ddpm":
+            schedule = DiscreteSchedule.from_name(
+                d.schedule, d.num_timesteps, zero_terminal_snr=d.zero_terminal_snr
+            )
+        return cls(
+            objective=d.objective,
+            prediction_type=prediction_type,
+            schedule=schedule,
+            time_sampling=d.time_sampling,
+            logit_mean=d.logit_normal_mean,
+            logit_std=d.logit_normal_std,
+            shift=d.shift,
+            min_snr_gamma=d.min_snr_gamma or None,
+        )
 
     def loss(self, model_fn, x0, cond, key):
         if self.objective == "flow":
@@ -94,6 +135,7 @@ class DiffusionObjective:
                 logit_mean=self.logit_mean,
                 logit_std=self.logit_std,
                 shift=self.shift,
+                prediction_type=self.prediction_type,
             )
         return objectives.diffusion_loss(
             model_fn,

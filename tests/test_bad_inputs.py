@@ -13,8 +13,9 @@ Categories of the table:
                 a value's field, unknown or non-Python --config files, a file without
                 get_config, unknown recipe arguments, a flag without a value
   setup         mesh shapes that do not fit 8 devices, a batch the data axis does not divide,
-                unknown family / nan policy / model variant / dtype, warmup >= steps (and no
-                stale config.json after it), a text encoder that is not there
+                unknown family / flow prediction type / nan policy / model variant / dtype,
+                warmup >= steps (and no stale config.json after it), a text encoder that is not
+                there
   run dirs      missing checkpoint, a directory that is no run, a CLIP run given to sampling,
                 malformed or incomplete config.json / model.json, a DiT whose text encoder
                 moved, an unfinished run, resuming a run with a model of another width (the
@@ -65,7 +66,7 @@ from flax import nnx
 from test_evaluate import _tiny
 
 from configs import base_dit
-from diffusion import checkpoints, evaluation, hf, models, sharding, text2image, trainer
+from diffusion import checkpoints, evaluation, hf, models, sharding, text2image, trainer, training
 from diffusion import config as config_lib
 from diffusion.data import load_tokenizer
 from diffusion.errors import UserError
@@ -459,6 +460,15 @@ CASES = [
         "unknown-family",
         lambda e, t: trainer.train_and_evaluate(e.clip_config(family="gan"), str(t)),
         ("config.family='gan'", "('clip', 'dit', 'pipeline')"),
+    ),
+    Case(
+        "unknown-flow-prediction-type",
+        lambda e, t: training.DiffusionObjective.from_config(
+            ml_collections.ConfigDict(
+                base_dit.get_config().diffusion.to_dict() | {"flow_prediction_type": "x0"}
+            )
+        ),
+        ("flow_prediction_type='x0'", "valid: flow_velocity, sample"),
     ),
     Case(
         "unknown-nan-policy",

@@ -12,6 +12,7 @@ from diffusion.objectives import (
     ObjectiveError,
     convert_prediction,
     diffusion_loss,
+    expand_like,
     flow_matching_loss,
     min_snr_weight,
     prediction_from_x0_eps,
@@ -100,6 +101,37 @@ def test_flow_matching_loss_is_zero_for_the_exact_velocity():
     model_fn = single_point_model(point, FlowPath(), "flow_velocity")
     loss, _ = flow_matching_loss(model_fn, x0, None, jax.random.PRNGKey(0))
     assert float(loss) < 1e-8
+
+
+def test_flow_sample_prediction_loss_is_the_velocity_loss_times_t_squared():
+    """x0_hat = x_t - t u_hat, so |x0_hat - x0|^2 = t^2 |u_hat - u|^2 for any model, per example."""
+    x0 = jax.random.normal(jax.random.PRNGKey(2), (512, 6)) + 1.0
+    key = jax.random.PRNGKey(3)
+
+    def velocity_model(x_t, t, cond):  # an arbitrary, wrong velocity
+        return jnp.sin(3 * x_t) + expand_like(t, x_t)
+
+    def sample_model(x_t, t, cond):  # the x0 that velocity_model implies
+        return x_t - expand_like(t, x_t) * velocity_model(x_t, t, cond)
+
+    _, velocity = flow_matching_loss(velocity_model, x0, None, key, time_sampling="logit_normal")
+    _, sample = flow_matching_loss(
+        sample_model, x0, None, key, time_sampling="logit_normal", prediction_type="sample"
+    )
+    np.testing.assert_array_equal(np.asarray(velocity["t"]), np.asarray(sample["t"]))
+    t = np.asarray(velocity["t"], np.float64)
+    np.testing.assert_allclose(
+        np.asarray(sample["per_example_loss"]),
+        t**2 * np.asarray(velocity["per_example_loss"]),
+        rtol=2e-4,
+        atol=1e-6,
+    )
+    point = jnp.array([0.3, -0.7])
+    exact = single_point_model(point, FlowPath(), "sample")
+    loss, _ = flow_matching_loss(
+        exact, jnp.broadcast_to(point, (64, 2)), None, key, prediction_type="sample"
+    )
+    assert float(loss) < 1e-10
 
 
 def zero_model(x_t, t, cond):
@@ -201,6 +233,16 @@ def test_a_train_step_can_bind_settings_and_differentiate():
                 min_snr_gamma=0.0,
             ),
             "positive",
+        ),
+        (
+            lambda: flow_matching_loss(
+                zero_model,
+                jnp.zeros((2, 2)),
+                None,
+                jax.random.PRNGKey(0),
+                prediction_type="epsilon",
+            ),
+            "flow_velocity, sample",
         ),
         (lambda: sample_flow_time(jax.random.PRNGKey(0), 4, "beta"), "uniform, logit_normal"),
         (lambda: sample_flow_time(jax.random.PRNGKey(0), 4, "logit_normal", 0, -1), "logit_std"),

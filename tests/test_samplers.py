@@ -90,6 +90,9 @@ ORDER_CASES = {
     # name: (sampler, path, prediction type, levels(n), step counts, expected order)
     "flow_euler": ("flow_euler", FlowPath(), "flow_velocity", flow_levels, (8, 16, 32, 64), 1),
     "flow_heun": ("flow_heun", FlowPath(), "flow_velocity", flow_levels, (8, 16, 32, 64), 2),
+    # A flow model that predicts x0 (config.diffusion.flow_prediction_type="sample").
+    "flow_euler_sample": ("flow_euler", FlowPath(), "sample", flow_levels, (8, 16, 32, 64), 1),
+    "flow_heun_sample": ("flow_heun", FlowPath(), "sample", flow_levels, (8, 16, 32, 64), 2),
     "ddim_cosine": ("ddim", CosinePath(), "v_prediction", log_snr_grid_cosine, (8, 16, 32, 64), 1),
     "ddim_discrete_trailing": (
         "ddim",

@@ -140,8 +140,10 @@ def test_seed_keys_are_jax_random_key_of_each_seed():
         )
 
 
-def reference_euler(runs, prompt, negative, seed, scale, steps):
-    """Classifier-free guided flow Euler written as a plain loop over the DiT, for one sample."""
+def reference_euler(runs, prompt, negative, seed, scale, steps, predicts_x0=False):
+    """Classifier-free guided flow Euler written as a plain loop over the DiT, for one sample.
+
+    predicts_x0: read the DiT's output as x0, whose velocity at x_t is (x_t - x0) / t."""
     _, dit_config = trainer.load_model_config(runs["random"])
     dit = trainer.load_run_params(runs["random"], dit_config, models.DiT)
     clip = trainer.load_text_encoder(runs["clip"], {"dtype": "float32"})
@@ -157,8 +159,9 @@ def reference_euler(runs, prompt, negative, seed, scale, steps):
     model_fn = training.dit_model_fn(dit)  # the condition's fields as the DiT's arguments
     for t, t_next in zip(times[:-1], times[1:], strict=True):
         t_batch = jnp.full((1,), t, jnp.float32)
-        v_cond = model_fn(x, t_batch, cond)
-        v_uncond = model_fn(x, t_batch, uncond)
+        v_cond, v_uncond = model_fn(x, t_batch, cond), model_fn(x, t_batch, uncond)
+        if predicts_x0:
+            v_cond, v_uncond = (x - v_cond) / t, (x - v_uncond) / t
         x = x + (t_next - t) * (v_uncond + scale * (v_cond - v_uncond))
     return np.asarray(jnp.clip(jnp.round((x[0] + 1) * 127.5), 0, 255)).astype(np.int64)
 
@@ -170,6 +173,26 @@ def test_matches_a_plain_guided_euler_loop(runs, pipeline):
     # Float32 in another order of operations: at most one level off, almost never.
     assert np.abs(image - expected).max() <= 1
     assert np.mean(image == expected) > 0.99
+
+
+def test_a_flow_model_that_predicts_x0_samples_as_a_plain_loop_over_its_x0(runs, tmp_path):
+    """config.diffusion.flow_prediction_type="sample": the sampler reads the output as x0."""
+    run = tmp_path / "sample"
+    shutil.copytree(runs["random"], run)
+    with open(run / "config.json") as f:
+        recipe = json.load(f)
+    recipe["diffusion"]["flow_prediction_type"] = "sample"
+    with open(run / "config.json", "w") as f:
+        json.dump(recipe, f)
+    pipe = text2image.TextToImage.from_run(str(run))
+    assert pipe.prediction_type == "sample"
+    image = pipe.generate(["a red circle"], ["a blue square"], seeds=[11], steps=4,
+                          guidance_scale=2.5)[0].astype(np.int64)  # fmt: skip
+    expected = reference_euler(runs, "a red circle", "a blue square", 11, 2.5, 4, predicts_x0=True)
+    assert np.abs(image - expected).max() <= 1
+    assert np.mean(image == expected) > 0.99
+    as_velocity = reference_euler(runs, "a red circle", "a blue square", 11, 2.5, 4)
+    assert np.abs(image - as_velocity).max() > 8  # the output really is read another way
 
 
 def scanned_copy(run_dir, new_dir, model_cls, **config_changes):

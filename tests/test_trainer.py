@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import base_clip, base_dit
-from diffusion import checkpoints, metrics, trainer
+from diffusion import checkpoints, metrics, trainer, training
 from diffusion.errors import UserError
 
 MESHES = {
@@ -195,7 +195,7 @@ def test_mfu_numerator_of_a_class_conditional_dit_matches_the_closed_form(data_d
     c = aot.dit_model_config(config, None)
     loss_fn = functools.partial(
         aot.class_conditional_dit_loss,
-        objective=aot.diffusion_objective(config.diffusion),
+        objective=training.DiffusionObjective.from_config(config.diffusion),
         num_classes=10,
         cond_dropout=0.1,
     )
