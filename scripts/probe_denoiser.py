@@ -14,6 +14,7 @@ attribute that the model gets only from x_t is left to chance in its samples.
 from __future__ import annotations
 
 import argparse
+import os
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +48,7 @@ def main() -> None:
     dit = trainer.load_run_params(run_dir, model_config, models.DiT)  # the EMA weights
     prediction_type = training.prediction_type_of(config.diffusion)
     text_encoder = trainer.load_text_encoder(config.text_encoder.checkpoint, {"dtype": "float32"})
-    tokenizer = load_tokenizer(f"{run_dir}/tokenizer")
+    tokenizer = load_tokenizer(os.path.join(run_dir, trainer.TOKENIZER_DIR))  # saved with the run
     examples = evaluation.load_split_examples(config.data, config.seed, "test", args.num)
     if not examples.labels:
         raise SystemExit(f"{args.run}: its dataset has no attribute labels for the oracle")
