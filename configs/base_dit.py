@@ -32,6 +32,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     # Also condition on the text tower's word embeddings (DiTConfig.word_conditioning).
     config.model.word_conditioning = False
+    # A 3x3 convolution after the patch decoder (U-ViT; DiTConfig.output_conv).
+    config.model.output_conv = False
     config.model.num_classes = 0  # > 0: class-conditional DiT (AOT recipes only, not train.py).
 
     config.text_encoder = ml_collections.ConfigDict()

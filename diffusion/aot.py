@@ -206,6 +206,7 @@ def dit_model_config(
         m.variant,
         in_channels=int(m.get("in_channels", 3)),
         learn_sigma=bool(m.get("learn_sigma", False)),
+        output_conv=bool(m.get("output_conv", False)),
         **{**_execution(config), **extra, **overrides},
     )
 

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import pathlib
+import types
 
 import jax
 import jax.numpy as jnp
@@ -140,6 +141,42 @@ def test_learned_sigma_doubles_output_channels():
     assert forward(model, x, t, context, mask, pooled).shape == (2, 16, 16, 6)
 
 
+def test_output_conv_is_a_convolution_of_the_plain_dit_output():
+    """With the same weights, the output_conv model's output is the plain model's output passed
+    through its 3x3 convolution: the identity at init, a neighbour mix once trained."""
+    from test_layers import numpy_same_convolution
+
+    plain = perturb(DiT(tiny(), rngs=nnx.Rngs(0)))
+    with_conv = DiT(tiny(output_conv=True), rngs=nnx.Rngs(0))
+    nnx.update(with_conv, nnx.state(plain, nnx.Param))
+    x, t, context, mask, pooled = text_inputs()
+    reference = forward(plain, x, t, context, mask, pooled)
+    np.testing.assert_array_equal(np.asarray(forward(with_conv, x, t, context, mask, pooled)),
+                                  np.asarray(reference))  # fmt: skip
+    rng = np.random.default_rng(3)
+    with_conv.output_conv.kernel[...] = jnp.asarray(rng.normal(size=(3, 3, 3, 3)), jnp.float32)
+    with_conv.output_conv.bias[...] = jnp.asarray(rng.normal(size=(3,)), jnp.float32)
+    expected = numpy_same_convolution(
+        reference, with_conv.output_conv.kernel[...], with_conv.output_conv.bias[...]
+    )
+    out = forward(with_conv, x, t, context, mask, pooled)
+    np.testing.assert_allclose(np.asarray(out), expected, atol=1e-4)
+
+
+def test_config_model_output_conv_reaches_both_model_builders():
+    from configs import base_dit
+    from diffusion import aot, trainer
+
+    # What trainer.dit_model_config reads of a frozen CLIP text tower: its two widths.
+    tower = types.SimpleNamespace(config=types.SimpleNamespace(text_width=24, embed_dim=16))
+    config = base_dit.get_config()
+    assert not trainer.dit_model_config(config, tower).output_conv
+    config.model.output_conv = True
+    assert trainer.dit_model_config(config, tower).output_conv
+    config.model.num_classes = 10  # aot.py's class-conditional recipes
+    assert aot.dit_model_config(config, None).output_conv
+
+
 def test_text_conditioning_is_used_and_padding_is_ignored():
     model = perturb(DiT(tiny(), rngs=nnx.Rngs(0)))
     x, t, context, mask, pooled = text_inputs()
@@ -261,10 +298,11 @@ def test_bfloat16_compute_keeps_float32_params():
 @pytest.mark.parametrize("scan_layers", [False, True])
 @pytest.mark.parametrize("conditioning", ["text", "class"])
 def test_every_parameter_has_logical_axes(scan_layers, conditioning):
-    model = nnx.eval_shape(
-        lambda: DiT(dit_config("tiny", scan_layers=scan_layers, conditioning=conditioning),
-                    rngs=nnx.Rngs(0))
+    config = dit_config(
+        "tiny", scan_layers=scan_layers, conditioning=conditioning, output_conv=True,
+        word_conditioning=conditioning == "text",
     )  # fmt: skip
+    model = nnx.eval_shape(lambda: DiT(config, rngs=nnx.Rngs(0)))
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
     assert len(flat) > 20
     for path, variable in flat:

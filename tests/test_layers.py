@@ -116,6 +116,33 @@ def test_patchify_is_a_stride_p_convolution():
         layers.patchify(jnp.zeros((1, 10, 12, 3)), 4)
 
 
+def numpy_same_convolution(images, kernel, bias):
+    """float64 reference: zero-padded 'SAME' cross-correlation, NHWC images, HWIO kernel."""
+    images, kernel = np.asarray(images, np.float64), np.asarray(kernel, np.float64)
+    k = kernel.shape[0]
+    pad = k // 2
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    out = np.zeros(images.shape[:3] + (kernel.shape[-1],))
+    for dy in range(k):
+        for dx in range(k):
+            window = padded[:, dy : dy + images.shape[1], dx : dx + images.shape[2]]
+            out += window @ kernel[dy, dx]
+    return out + np.asarray(bias, np.float64)
+
+
+def test_pixel_conv_is_the_identity_at_init_and_a_same_convolution():
+    rng = np.random.default_rng(5)
+    images = jnp.asarray(rng.normal(size=(2, 8, 12, 3)), jnp.float32)
+    conv = layers.PixelConv(3, rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(np.asarray(conv(images)), np.asarray(images))
+    conv.kernel[...] = jnp.asarray(rng.normal(size=(3, 3, 3, 3)), jnp.float32)
+    conv.bias[...] = jnp.asarray(rng.normal(size=(3,)), jnp.float32)
+    expected = numpy_same_convolution(images, conv.kernel[...], conv.bias[...])
+    np.testing.assert_allclose(np.asarray(conv(images)), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="kernel_size must be odd"):
+        layers.PixelConv(3, kernel_size=2, rngs=nnx.Rngs(0))
+
+
 def test_sincos_2d_depends_only_on_relative_position():
     emb = layers.sincos_2d(32, 5, 5).reshape(5, 5, 32)
     # first token (row 0, col 0): sin(0) = 0 then cos(0) = 1 for both halves

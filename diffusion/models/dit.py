@@ -2,8 +2,9 @@
 
 Follows facebookresearch/DiT `models.py`: patchify -> fixed 2-D sin-cos positions -> adaLN-Zero
 blocks conditioned on c = time embedding (+ pooled text or class embedding) -> final adaLN
-layer -> unpatchify. For text conditioning every block also cross-attends from the image tokens
-to the text token states (with the text padding mask), as PixArt-alpha does.
+layer -> unpatchify (-> optionally U-ViT's 3x3 convolution). For text conditioning every block
+also cross-attends from the image tokens to the text token states (with the text padding mask),
+as PixArt-alpha does.
 
 Time: continuous t in [0, 1] with t = 1 pure noise, embedded as `timestep_embedding(t *
 time_scale)` (time_scale 1000), so DDPM (t = step / (T - 1)) and flow matching share the model.
@@ -54,6 +55,9 @@ class DiTConfig:
     # embedding in adaLN. A small contrastive tower keeps in its output only what told its
     # batches apart; its input layer still names every word (docs/default_recipe.md).
     word_conditioning: bool = False
+    # A 3x3 convolution on the unpatchified output (U-ViT), identity at init: output pixels
+    # mix across patch borders, which the per-patch linear decoder cannot (seams, outlines).
+    output_conv: bool = False
     time_scale: float = 1000.0  # t in [0, 1] is embedded as t * time_scale
     frequency_dim: int = 256  # sinusoidal frequencies of the timestep embedding
     norm_eps: float = 1e-6  # LayerNorm epsilon (DiT)
@@ -275,6 +279,9 @@ class DiT(nnx.Module):
             rngs=rngs,
         )
         self.final_layer = FinalLayer(c, rngs=rngs)
+        self.output_conv = nnx.data(
+            layers.PixelConv(c.out_channels, **kw) if c.output_conv else None
+        )
 
     def _conditioning(self, batch, context, context_mask, pooled, words, labels):
         """Validate the conditioning inputs of the configured mode; embed them."""
@@ -347,4 +354,7 @@ class DiT(nnx.Module):
             cond = cond + extra  # (B, D)
         tokens = self.blocks(tokens, cond, context_tokens, context_mask)  # (B, T, D)
         out = self.final_layer(tokens, cond)  # (B, T, p*p*C_out)
-        return layers.unpatchify(out, p, h, w).astype(jnp.float32)  # (B, H, W, C_out)
+        images = layers.unpatchify(out, p, h, w)  # (B, H, W, C_out)
+        if self.output_conv is not None:
+            images = self.output_conv(images)
+        return images.astype(jnp.float32)

@@ -33,6 +33,10 @@ LOGICAL_AXIS_NAMES = (
     "projection",  # CLIP's shared image-text embedding space
     "norm",  # LayerNorm scale and bias
     "layers",  # the stacked-block axis added by scan_layers
+    "height",  # spatial rows of a convolution kernel
+    "width",  # spatial columns of a convolution kernel
+    "conv_in",  # input channels of a pixel-space convolution
+    "channels",  # image channels (a pixel-space convolution's outputs)
 )
 # Logical names of activation dimensions (used only in `constrain`).
 ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
@@ -423,6 +427,46 @@ class PatchEmbed(nnx.Module):
 
     def __call__(self, images: jax.Array) -> jax.Array:
         return self.proj(patchify(images, self.patch_size))  # (B, T, width)
+
+
+class PixelConv(nnx.Module):
+    """A k x k 'SAME' convolution on images (B, H, W, C) -> (B, H, W, C), identity at init.
+
+    U-ViT (Bao et al. 2023) puts a 3x3 convolution after the patch decoder: each output pixel
+    then mixes its neighbours across patch borders, which a per-patch linear decoder cannot.
+    Initialised to the identity (centre tap 1, the rest 0) so a model starts as it would
+    without it.
+    """
+
+    def __init__(
+        self, channels: int, kernel_size: int = 3, *, dtype=jnp.float32, param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):  # fmt: skip
+        if kernel_size % 2 != 1:
+            raise ValueError(
+                f"kernel_size must be odd (a centred 'SAME' kernel), got {kernel_size}"
+            )
+        centre = kernel_size // 2
+
+        def identity(key, shape, dtype):
+            del key
+            return jnp.zeros(shape, dtype).at[centre, centre].set(jnp.eye(channels, dtype=dtype))
+
+        self.dtype = dtype
+        shape = (kernel_size, kernel_size, channels, channels)
+        axes = ("height", "width", "conv_in", "channels")
+        self.kernel = make_param(rngs, identity, shape, axes, param_dtype)
+        self.bias = make_param(rngs, zeros, (channels,), ("channels",), param_dtype)
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        out = jax.lax.conv_general_dilated(
+            images.astype(self.dtype),
+            self.kernel[...].astype(self.dtype),
+            window_strides=(1, 1),
+            padding="SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        return out + self.bias[...].astype(self.dtype)
 
 
 def sincos_1d(embed_dim: int, positions: np.ndarray) -> np.ndarray:
