@@ -207,7 +207,6 @@ def clip_model_config(config, tokenizer, image_size: int) -> models.CLIPConfig:
             dtype=config.model.dtype,
             remat_policy=config.model.remat,
             scan_layers=config.model.scan_layers,
-            output_conv=config.model.output_conv,
             # SigLIP learns a bias b in sigmoid(t x.y + b), initialised at -10 (Zhai et al. 2023).
             logit_bias_init=-10.0 if config.loss.kind == "sigmoid" else None,
             **size_overrides(config.model, CLIP_SIZE_FIELDS),
