@@ -28,10 +28,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         stage.tokenizer = config.tokenizer
         stage.seed = config.get_ref("seed")
     # Tuned for at most 15 minutes on a 2-core CPU; the evidence is in docs/default_recipe.md.
-    # The DiT's steps buy the most (docs: T3-2k, 2000 steps: all four 0.47 -> 0.65), CLIP's
-    # the least once the DiT reads the tower's word embeddings: 300 + 1400 steps cost what
-    # 1000 + 1000 did, and lift all four 0.44 -> 0.59 (test_unseen 0.37 -> 0.59); CLIP's
-    # zero-shot position falls 0.47 -> 0.24 (docs: run R14).
+    # DiT steps buy the most (docs: T3-2k, 2000 steps: all four 0.47 -> 0.65). CLIP 300 + DiT
+    # 1400 steps cost what 1000 + 1000 did and lift all four 0.44 -> 0.59 (test_unseen
+    # 0.37 -> 0.59), while CLIP's zero-shot position falls 0.47 -> 0.24 (docs: run R14).
     config.clip.training.num_steps = 300
     config.clip.optimizer.learning_rate = 2e-3
     config.dit.training.num_steps = 1400
