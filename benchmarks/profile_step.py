@@ -70,7 +70,10 @@ def dot_flops_per_instruction(hlo_text: str) -> dict[str, int]:
 
 def op_times(trace_dir: str) -> dict[str, float]:
     """Summed microseconds per op name over the trace (runtime bookkeeping events left out)."""
-    (path,) = glob.glob(os.path.join(trace_dir, "plugins/profile/*/*.trace.json.gz"))
+    paths = glob.glob(os.path.join(trace_dir, "plugins/profile/*/*.trace.json.gz"))
+    if len(paths) != 1:
+        raise SystemExit(f"expected one *.trace.json.gz under {trace_dir}, found {paths}")
+    (path,) = paths
     with gzip.open(path) as f:
         events = json.load(f)["traceEvents"]
     times = collections.Counter()
