@@ -4,7 +4,9 @@
         [--cases=dit_s2:256,dit_xl2:64] [--peak_size=8192]
 
 Cases: the tiny DiT and CLIP of the CPU recipes, DiT-S/2 on 32x32x3 and DiT-XL/2 on 32x32x4
-latents (configs/dit_xl2_imagenet.py), class-conditional. Each runs `training.Trainer.step`
+latents (configs/dit_xl2_imagenet.py), class-conditional; `dit_text` is the DiT step of
+`make train` itself (configs/shapes.py: text conditioning with word embeddings, on a frozen tiny
+CLIP text tower, randomly initialised here). Each runs `training.Trainer.step`
 (loss, gradients, AdamW, EMA) on one device, compiled once, timed best-of-`steps`. FLOPs come
 from XLA's cost analysis of the same step LOWERED without remat or scan: model FLOPs (remat's
 recomputation is not useful work, and XLA counts a scanned block once), counted before XLA's GPU
@@ -21,9 +23,10 @@ import time
 
 import jax
 import numpy as np
+from flax import nnx
 
-from configs import base_clip, base_dit, dit_xl2_imagenet
-from diffusion import aot, metrics, sharding
+from configs import base_clip, base_dit, dit_xl2_imagenet, shapes
+from diffusion import aot, metrics, models, sharding
 
 VARIANTS = {  # name -> (dtype, remat, scan_layers)
     "f32": ("float32", "none", False),
@@ -36,6 +39,9 @@ VARIANTS = {  # name -> (dtype, remat, scan_layers)
 def case_config(case: str, batch: int):
     if case == "clip_tiny":
         config = base_clip.get_config()
+    elif case == "dit_text":
+        config = shapes.get_config().dit
+        config.text_encoder.variant = "tiny"  # the shapes alone; weights random (build below)
     elif case == "dit_xl2":
         config = dit_xl2_imagenet.get_config()  # 32x32x4 latents, 1000 classes
     else:
@@ -67,6 +73,11 @@ def concrete_batch(abstract: dict, num_classes: int, seed: int = 0) -> dict:
 def build(config, mesh):
     programs = aot.build_programs(config, mesh)
     trainer = programs.trainer
+    if trainer.frozen_state is not None:  # AOT's frozen text tower is abstract: initialise it
+        text_config = aot.text_encoder_config(config)
+        _, trainer.frozen_state = sharding.create_sharded_state(
+            lambda: models.CLIP(text_config, rngs=nnx.Rngs(0)), mesh, trainer.rules
+        )
     batch = concrete_batch(programs.train_args[1], int(config.model.get("num_classes", 10)))
     return trainer, trainer.init_state(), batch
 
@@ -106,7 +117,7 @@ def time_steps(compiled, state, batch, frozen, steps: int) -> float:
 
 
 # case -> global batch: the CPU defaults (--cases overrides both, e.g. dit_s2:256,dit_xl2:64).
-CASES = {"dit_tiny": 64, "clip_tiny": 64, "dit_s2": 8}
+CASES = {"dit_tiny": 64, "dit_text": 64, "clip_tiny": 64, "dit_s2": 8}
 KNOWN_CASES = (*CASES, "dit_xl2")
 
 
