@@ -76,6 +76,45 @@ def test_causal_attention_cannot_see_the_future(implementation):
     assert np.all(influence[~future] > 0.0)
 
 
+@pytest.mark.parametrize(
+    "x_shape, kernel_shape, contracting, spec",
+    [
+        ((2, 5, 8), (8, 6), 1, "btd,dn->btn"),  # Dense on tokens
+        ((2, 5, 8), (8, 3, 4), 1, "btd,dhk->bthk"),  # attention's q/k/v projection
+        ((2, 5, 3, 4), (3, 4, 8), 2, "bthk,hkd->btd"),  # attention's output projection
+        ((7, 8), (8, 6), 1, "bd,dn->bn"),  # a plain 2-D matmul (adaLN modulation)
+    ],
+)
+def test_matmul_is_the_einsum_and_so_is_its_gradient(x_shape, kernel_shape, contracting, spec):
+    rng = np.random.default_rng(0)
+    x, kernel = rng.normal(size=x_shape), rng.normal(size=kernel_shape)
+    cotangent = rng.normal(size=np.einsum(spec, x, kernel).shape)
+    out = layers.matmul(jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32), contracting)
+    np.testing.assert_allclose(np.asarray(out), np.einsum(spec, x, kernel), rtol=1e-5, atol=1e-5)
+
+    # Gradients of <cotangent, x . kernel> in float64 numpy: the weight gradient contracts the
+    # leading dims (the product's reason to exist), the input gradient the kernel's outputs.
+    def pullback(x, kernel):
+        y = layers.matmul(x, kernel, contracting)
+        return jnp.sum(y * jnp.asarray(cotangent, jnp.float32))
+
+    dx, dkernel = jax.grad(pullback, argnums=(0, 1))(
+        jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32)
+    )
+    lhs, rhs = spec.split("->")[0].split(","), spec.split("->")[1]
+    np.testing.assert_allclose(
+        np.asarray(dkernel), np.einsum(f"{lhs[0]},{rhs}->{lhs[1]}", x, cotangent), atol=1e-4
+    )
+    np.testing.assert_allclose(
+        np.asarray(dx), np.einsum(f"{rhs},{lhs[1]}->{lhs[0]}", cotangent, kernel), atol=1e-4
+    )
+
+
+def test_matmul_names_shapes_that_do_not_contract():
+    with pytest.raises(ValueError, match=r"x \(2, 5, 8\) and kernel \(6, 4\) do not contract"):
+        layers.matmul(jnp.zeros((2, 5, 8)), jnp.zeros((6, 4)))
+
+
 def test_mlp_activations():
     x = jnp.linspace(-4, 4, 33)
     np.testing.assert_allclose(
