@@ -121,7 +121,8 @@ def matmul(x: jax.Array, kernel: jax.Array, contracting: int = 1) -> jax.Array:
     the einsum, but XLA:CPU lowers the einsum's weight gradient (a contraction over B and T) by
     transposing the fused elementwise backward pass into a (D, B * T) copy, which cost up to 60 %
     of the DiT's train step at batch 32 (docs/performance.md); over the flattened rows it needs
-    no such copy. Reshapes of the leading and of the kernel's dims keep their shardings.
+    no such copy. The reshapes merge a sharded leading dim with unsharded ones, which GSPMD
+    keeps sharded (tests/test_sharding.py and tests/test_aot.py compile the sharded steps).
     """
     inner = x.shape[x.ndim - contracting :]
     if tuple(kernel.shape[:contracting]) != tuple(inner):
