@@ -12,6 +12,7 @@ import pytest
 
 from configs import base_clip, base_dit
 from diffusion import aot, metrics, sharding
+from diffusion.models import layers
 
 pytestmark = pytest.mark.skipif(
     not aot.libtpu_available(),
@@ -149,6 +150,16 @@ def test_v4_exposes_two_devices_per_chip_each_with_half_the_hbm_and_meshes_over_
         # The last axis pairs a chip's two TensorCores (on-chip, the fastest link).
         pairs = mesh.devices.reshape(-1, 2)
         assert all(a.coords == b.coords for a, b in pairs)
+
+
+def test_tpu_programs_contract_without_flattening_the_rows():
+    # layers.matmul flattens rows for XLA:CPU only; a TPU mesh, even on this CPU host, must not.
+    mesh = sharding.make_mesh(MESH, devices=aot.topology_devices(TOPOLOGY))
+    x = jax.ShapeDtypeStruct((2, 5, 8), np.float32)
+    kernel = jax.ShapeDtypeStruct((8, 6), np.float32)
+    with sharding.activate(mesh):
+        assert not layers.flatten_rows_here()
+        assert "reshape" not in str(jax.make_jaxpr(layers.matmul)(x, kernel))
 
 
 @pytest.mark.parametrize("topology", ["v9:2x2", "v5e", "tpu:4x4"])

@@ -85,17 +85,22 @@ def test_causal_attention_cannot_see_the_future(implementation):
         ((7, 8), (8, 6), 1, "bd,dn->bn"),  # a plain 2-D matmul (adaLN modulation)
     ],
 )
-def test_matmul_is_the_einsum_and_so_is_its_gradient(x_shape, kernel_shape, contracting, spec):
+@pytest.mark.parametrize("flatten", [True, False])  # CPU's form and TPU / GPU's
+def test_matmul_is_the_einsum_and_so_is_its_gradient(
+    x_shape, kernel_shape, contracting, spec, flatten
+):
     rng = np.random.default_rng(0)
     x, kernel = rng.normal(size=x_shape), rng.normal(size=kernel_shape)
     cotangent = rng.normal(size=np.einsum(spec, x, kernel).shape)
-    out = layers.matmul(jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32), contracting)
+    out = layers.matmul(
+        jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32), contracting, flatten
+    )
     np.testing.assert_allclose(np.asarray(out), np.einsum(spec, x, kernel), rtol=1e-5, atol=1e-5)
 
     # Gradients of <cotangent, x . kernel> in float64 numpy: the weight gradient contracts the
     # leading dims (the product's reason to exist), the input gradient the kernel's outputs.
     def pullback(x, kernel):
-        y = layers.matmul(x, kernel, contracting)
+        y = layers.matmul(x, kernel, contracting, flatten)
         return jnp.sum(y * jnp.asarray(cotangent, jnp.float32))
 
     dx, dkernel = jax.grad(pullback, argnums=(0, 1))(
@@ -108,6 +113,18 @@ def test_matmul_is_the_einsum_and_so_is_its_gradient(x_shape, kernel_shape, cont
     np.testing.assert_allclose(
         np.asarray(dx), np.einsum(f"{rhs},{lhs[1]}->{lhs[0]}", cotangent, kernel), atol=1e-4
     )
+
+
+def test_matmul_flattens_rows_in_cpu_programs_only():
+    x, kernel = jnp.ones((2, 5, 8)), jnp.ones((8, 6))
+
+    def has_reshape(fn):
+        return "reshape" in str(jax.make_jaxpr(fn)(x, kernel))
+
+    assert layers.flatten_rows_here()  # the tests run on CPU, with no mesh active
+    assert has_reshape(layers.matmul)
+    assert not has_reshape(lambda x, kernel: layers.matmul(x, kernel, flatten=False))
+    # tests/test_aot.py checks the other side: a TPU topology's mesh picks the plain contraction.
 
 
 def test_matmul_names_shapes_that_do_not_contract():

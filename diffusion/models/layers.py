@@ -114,19 +114,37 @@ def normal(stddev: float) -> Callable:
 # --------------------------------------------------------------------------------------------
 
 
-def matmul(x: jax.Array, kernel: jax.Array, contracting: int = 1) -> jax.Array:
-    """Contracts the last `contracting` dims of x with the first of `kernel`, as one 2-D matmul.
+def flatten_rows_here() -> bool:
+    """Whether `matmul` flattens its rows in the current trace: only for CPU programs.
 
-    (B, T, D) x (D, N) -> (B, T, N), (B, T, H, K) x (H, K, D) -> (B, T, D). The same product as
-    the einsum, but XLA:CPU lowers the einsum's weight gradient (a contraction over B and T) by
-    transposing the fused elementwise backward pass into a (D, B * T) copy, which cost up to 60 %
-    of the DiT's train step at batch 32 (docs/performance.md); over the flattened rows it needs
-    no such copy. The reshapes merge a sharded leading dim with unsharded ones, which GSPMD
-    keeps sharded (tests/test_sharding.py and tests/test_aot.py compile the sharded steps).
+    The platform is the active mesh's (so a TPU program compiled ahead of time on a CPU host
+    counts as TPU), else jax's default backend.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else mesh.abstract_device
+    platform = device.platform if device is not None else jax.default_backend()
+    return platform == "cpu"
+
+
+def matmul(
+    x: jax.Array, kernel: jax.Array, contracting: int = 1, flatten: bool | None = None
+) -> jax.Array:
+    """Contracts the last `contracting` dims of x with the first of `kernel`.
+
+    (B, T, D) x (D, N) -> (B, T, N), (B, T, H, K) x (H, K, D) -> (B, T, D). On CPU
+    (`flatten=None` -> `flatten_rows_here()`) as one 2-D matmul over the flattened B * T rows:
+    XLA:CPU lowers the einsum's weight gradient (a contraction over B and T) by transposing the
+    fused elementwise backward pass into a (D, B * T) copy, which cost up to 60 % of the DiT's
+    train step at batch 32 (docs/performance.md); the flattened form needs no such copy. On TPU
+    and GPU as the plain contraction: there the flattened form made the TPU compiler's estimate
+    of DiT-XL/2's step 13 % more HBM traffic (docs/performance.md), and their compilers need no
+    such help.
     """
     inner = x.shape[x.ndim - contracting :]
     if tuple(kernel.shape[:contracting]) != tuple(inner):
         raise ValueError(f"matmul: x {x.shape} and kernel {kernel.shape} do not contract")
+    if not (flatten_rows_here() if flatten is None else flatten):
+        return jnp.tensordot(x, kernel, axes=contracting)
     size = math.prod(inner)
     y = jnp.dot(x.reshape(-1, size), kernel.reshape(size, -1))
     return y.reshape(*x.shape[: x.ndim - contracting], *kernel.shape[contracting:])
