@@ -136,9 +136,9 @@ def matmul(
     XLA:CPU lowers the einsum's weight gradient (a contraction over B and T) by transposing the
     fused elementwise backward pass into a (D, B * T) copy, which cost up to 60 % of the DiT's
     train step at batch 32 (docs/performance.md); the flattened form needs no such copy. On TPU
-    and GPU as the plain contraction: there the flattened form made the TPU compiler's estimate
-    of DiT-XL/2's step 13 % more HBM traffic (docs/performance.md), and their compilers need no
-    such help.
+    and GPU as the plain contraction: on TPU the flattened form made the compiler's count of
+    DiT-XL/2's HBM traffic 12.7 % larger (docs/performance.md); GPU, not measured, keeps the
+    form it always had.
     """
     inner = x.shape[x.ndim - contracting :]
     if tuple(kernel.shape[:contracting]) != tuple(inner):
