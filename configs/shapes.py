@@ -27,7 +27,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         stage.data = config.data
         stage.tokenizer = config.tokenizer
         stage.seed = config.get_ref("seed")
-    # Tuned for at most 15 minutes on a 2-core CPU; the evidence is in docs/default_recipe.md.
+    # Tuned for a 2-core CPU against a 15-minute budget, which the 1800 DiT steps overrun (28 min
+    # on 2026-12-01's slow machine, run R18): a trade for quality; see docs/default_recipe.md.
     # DiT steps buy the most (docs: T3-2k, 2000 steps: all four 0.47 -> 0.65). CLIP 300 + DiT
     # 1400 steps cost what 1000 + 1000 did and lift all four 0.44 -> 0.59 (test_unseen
     # 0.37 -> 0.59), while CLIP's zero-shot position falls 0.47 -> 0.24 (docs: run R14); 1800
