@@ -30,13 +30,19 @@ PEAK_FLOPS_BY_DEVICE_KIND = (
 )
 
 
+_MEASURED_PEAKS: dict[jax.Device, float] = {}
+
+
 def peak_flops_per_device(device: jax.Device | None = None) -> float:
-    """The device's peak FLOP/s: the data-sheet value, or a measured matmul rate on CPU."""
+    """The device's peak FLOP/s: the data-sheet value, or a measured matmul rate on CPU (measured
+    once per process: the next run in the same process logs against the same denominator)."""
     device = device or jax.devices()[0]
     for kind, flops in PEAK_FLOPS_BY_DEVICE_KIND:
         if kind.lower() in device.device_kind.lower():
             return flops
-    return measure_matmul_flops(device)
+    if device not in _MEASURED_PEAKS:
+        _MEASURED_PEAKS[device] = measure_matmul_flops(device)
+    return _MEASURED_PEAKS[device]
 
 
 def measure_matmul_flops(

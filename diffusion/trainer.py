@@ -338,9 +338,16 @@ def model_flops(task: Task, trainer: training.Trainer, batch) -> float | None:
     Lowered, not compiled: the compiled SPMD program counts one device's share, and on a GPU its
     matmuls become cuBLAS calls that the analysis does not count. The twin (of the frozen text
     tower too): XLA counts a scanned block once, and remat's recomputation is not model work.
-    Costs a trace, not a compile; the twin's weights are shapes only.
+    Costs a trace, not a compile; the twin's weights are shapes only. A model that neither scans
+    nor remats is its own twin: its step is lowered as it is, and that trace is the one the first
+    step then compiles (jit caches it), so counting costs nothing extra.
     """
     plain = lambda config: dataclasses.replace(config, scan_layers=False, remat_policy="none")
+    is_plain = lambda config: config == plain(config)
+    if is_plain(task.model_config) and (task.frozen is None or is_plain(task.frozen.config)):
+        with sharding.activate(trainer.mesh, trainer.rules):
+            lowered = trainer.step_fn.lower(trainer.abstract_state, batch, trainer.frozen_state)
+        return metrics.cost_analysis_flops(lowered)
     twin = training.Trainer(
         functools.partial(task.init_model, plain(task.model_config)),
         task.loss_fn,
