@@ -385,12 +385,15 @@ def sharded_initializer(
     :func:`create_sharded_state`.
     """
     graphdef, _, shardings = abstract_state(init_fn, mesh, rules)
+    jitted_init = jax.jit(lambda: split_state_of(init_fn), out_shardings=shardings)
+    return jitted_init, graphdef, shardings
 
-    def init_split_state():
-        with nnx.use_eager_sharding(False):
-            return nnx.split(init_fn())[1]
 
-    return jax.jit(init_split_state, out_shardings=shardings), graphdef, shardings
+def split_state_of(init_fn: Callable[[], Any]) -> Any:
+    """The state of ``init_fn()``, for tracing under a jit whose out_shardings place it (eager
+    sharding at creation would bypass the rules' divisibility fallback)."""
+    with nnx.use_eager_sharding(False):
+        return nnx.split(init_fn())[1]
 
 
 def create_sharded_state(

@@ -272,10 +272,11 @@ class Trainer:
         }
 
     def init_state(self) -> dict[str, Any]:
-        """The whole train state, every array created directly in its sharding."""
-        _, params = sharding.create_sharded_state(self.init_model, self.mesh, self.rules)
+        """The whole train state, every array created directly in its sharding: one program
+        (the model's parameters, then the optimizer and EMA states from them)."""
+        create = lambda: self._state_from_params(sharding.split_state_of(self.init_model))
         with sharding.activate(self.mesh, self.rules):
-            return jax.jit(self._state_from_params, out_shardings=self.state_shardings)(params)
+            return jax.jit(create, out_shardings=self.state_shardings)()
 
     def model(self, params) -> nnx.Module:
         return nnx.merge(self.graphdef, params)
