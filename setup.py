@@ -15,7 +15,7 @@ setup(
         "jax>=0.8,<0.13",
         "flax>=0.12,<0.13",
         "optax>=0.2.5,<0.3",
-        "orbax-checkpoint>=0.11.20,<0.13",
+        "orbax-checkpoint>=0.11.21,<0.13",  # 0.11.21: min_slice_bytes_for_replica_parallel
         "tensorflow-datasets>=4.9.8,<5",
         "grain>=0.2.12,<0.3",
         "array-record>=0.7,<0.9",

@@ -42,6 +42,28 @@ from diffusion import distributed
 
 logger = logging.getLogger(__name__)
 
+# Orbax writes an array whose shards are replicated (data parallelism) cooperatively: each
+# replica slices off its part of every shard. Each distinct slice is an eager program compiled on
+# the first save, which for the hundreds of small arrays of a train state (biases, norms, Adam's
+# moments of them) costs more than writing them: 13 s of a 90 s tiny DiT run on a 2x2x2 mesh.
+# Arrays whose per-replica slice would be under this many bytes are written whole by one replica.
+MIN_REPLICA_SLICE_BYTES = 1 << 20
+
+
+def _register_array_handler() -> None:
+    """Orbax's default jax.Array handler (with its array metadata store), but replica-parallel
+    only above MIN_REPLICA_SLICE_BYTES per slice. Process-wide, like Orbax's registry itself."""
+    from orbax.checkpoint._src.metadata import array_metadata_store  # as Orbax's own default
+
+    handler = ocp.type_handlers.ArrayHandler(
+        array_metadata_store=array_metadata_store.Store(),
+        min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES,
+    )
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+
+
+_register_array_handler()
+
 STATE_ITEM = "state"
 DATA_ITERATOR_ITEM = "data_iterator"
 METADATA_ITEM = "metadata"
