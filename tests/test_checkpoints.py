@@ -227,6 +227,31 @@ def test_export_and_load_ema_params_on_another_mesh(tmp_path):
         checkpoints.load_params(tmp_path / "missing", abstract)
 
 
+def test_replicated_arrays_above_and_below_the_replica_slice_threshold_round_trip(tmp_path):
+    """On 8 data-parallel replicas Orbax writes an array cooperatively (each replica a slice)
+    only when a slice holds MIN_REPLICA_SLICE_BYTES; smaller ones come whole from one replica.
+    Both kinds, and one just at the threshold, restore bit for bit onto another mesh."""
+    mesh = _mesh({"data": 8})
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    rng = np.random.default_rng(0)
+    at_threshold = 8 * checkpoints.MIN_REPLICA_SLICE_BYTES // 4  # float32 values, 8 slices
+    state = {
+        name: jax.device_put(rng.standard_normal(n).astype(np.float32), replicated)
+        for name, n in (("bias", 7), ("just_below", at_threshold - 8), ("at", at_threshold))
+    }
+    manager = checkpoints.make_checkpoint_manager(tmp_path / "ckpt")
+    checkpoints.save_checkpoint(manager, 1, state)
+    target_mesh = _mesh({"data": 2}, 2)
+    target = {
+        name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.NamedSharding(
+            target_mesh, jax.sharding.PartitionSpec()))
+        for name, x in state.items()
+    }  # fmt: skip
+    restored = checkpoints.restore_checkpoint(manager, target, restore_data_iterator=False)
+    manager.close()
+    _assert_trees_equal(restored.train_state, state)
+
+
 def test_write_config_once(tmp_path):
     config = ml_collections.ConfigDict({"seed": 3, "optimizer": {"learning_rate": 1e-3}})
     path = checkpoints.write_config(tmp_path / "run", config)
