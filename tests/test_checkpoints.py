@@ -241,12 +241,8 @@ def test_replicated_arrays_above_and_below_the_replica_slice_threshold_round_tri
     }
     manager = checkpoints.make_checkpoint_manager(tmp_path / "ckpt")
     checkpoints.save_checkpoint(manager, 1, state)
-    target_mesh = _mesh({"data": 2}, 2)
-    target = {
-        name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.NamedSharding(
-            target_mesh, jax.sharding.PartitionSpec()))
-        for name, x in state.items()
-    }  # fmt: skip
+    on_two = jax.sharding.NamedSharding(_mesh({"data": 2}, 2), jax.sharding.PartitionSpec())
+    target = {n: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_two) for n, x in state.items()}
     restored = checkpoints.restore_checkpoint(manager, target, restore_data_iterator=False)
     manager.close()
     _assert_trees_equal(restored.train_state, state)
