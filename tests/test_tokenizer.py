@@ -1,5 +1,8 @@
 """The caption tokenizer (diffusion/data/tokenizer.py), checked against transformers/tokenizers."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import tokenizers
@@ -36,6 +39,29 @@ def test_round_trip_through_autotokenizer(tokenizer_dir, caption_tokenizer):
     assert loaded.decode(ids, skip_special_tokens=True) == text
     # The trained merges make every caption word a single token.
     assert len(ids) == len(text.replace(",", " ,").split()) + 2
+
+
+def test_direct_load_equals_autotokenizer_and_does_not_import_torch(tokenizer_dir):
+    """load_tokenizer skips AutoTokenizer for a plain tokenizer.json directory (AutoTokenizer
+    imports torch, where installed: seconds per process); the result must be what it gives."""
+    direct = tokenizer.load_tokenizer(tokenizer_dir)
+    auto = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    assert type(direct) is type(auto)
+    assert direct.special_tokens_map == auto.special_tokens_map
+    assert direct.model_max_length == auto.model_max_length
+    for text in [LONG_CAPTION, *UNUSUAL_TEXTS]:
+        assert direct(text)["input_ids"] == auto(text)["input_ids"]
+        want = tokenizer.tokenize(auto, [text], context_length=16)
+        got = tokenizer.tokenize(direct, [text], context_length=16)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+    probe = (
+        "import sys; from diffusion.data import tokenizer; "
+        f"tokenizer.load_tokenizer({str(tokenizer_dir)!r}); print('torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
 
 
 def test_tokenize_matches_the_transformers_call(caption_tokenizer):

@@ -1,13 +1,16 @@
 """Text side of the data: any Hugging Face tokenizer, and a small BPE trained on the captions.
 
 `load_tokenizer` goes through `transformers.AutoTokenizer`, so a user with hub access can name
-`openai/clip-vit-base-patch32`; `train_caption_tokenizer` trains a CLIP-like byte-level BPE
-offline with `tokenizers` and saves it as a directory that `AutoTokenizer` loads. `tokenize`
-turns texts into fixed-length int32 ids plus a mask, keeping the end token on truncation.
+`openai/clip-vit-base-patch32` (a directory holding a plain `tokenizer.json` skips the auto
+machinery and loads straight into the class it names); `train_caption_tokenizer` trains a
+CLIP-like byte-level BPE offline with `tokenizers` and saves it as a directory that
+`AutoTokenizer` loads. `tokenize` turns texts into fixed-length int32 ids plus a mask, keeping
+the end token on truncation.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Sequence
 
@@ -33,13 +36,34 @@ END_TOKEN = "<|endoftext|>"
 DEFAULT_VOCAB_SIZE = 1024
 
 
+# Tokenizer classes that are just a `tokenizer.json` (what `train_caption_tokenizer` saves).
+# AutoTokenizer resolves such a directory to the same class, but first imports transformers'
+# configuration machinery and through it torch, where installed: 3-4 s per process here.
+_PLAIN_FAST_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def _is_plain_fast_tokenizer_dir(path: str) -> bool:
+    config_path = os.path.join(path, "tokenizer_config.json")
+    if not (os.path.isfile(config_path) and os.path.isfile(os.path.join(path, "tokenizer.json"))):
+        return False
+    try:
+        with open(config_path) as f:
+            tokenizer_class = json.load(f).get("tokenizer_class")
+    except (OSError, ValueError):
+        return False  # AutoTokenizer reports what is wrong with it
+    return tokenizer_class in _PLAIN_FAST_TOKENIZER_CLASSES
+
+
 def load_tokenizer(path_or_name: str | os.PathLike) -> transformers.PreTrainedTokenizerBase:
     """Any tokenizer `transformers.AutoTokenizer` can load: a local directory or a hub name."""
+    path = os.fspath(path_or_name)
     try:
-        return transformers.AutoTokenizer.from_pretrained(os.fspath(path_or_name))
+        if _is_plain_fast_tokenizer_dir(path):
+            return transformers.PreTrainedTokenizerFast.from_pretrained(path)
+        return transformers.AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as error:
         raise UserError(
-            f"Cannot load a tokenizer from {os.fspath(path_or_name)!r}: give a directory saved by "
+            f"Cannot load a tokenizer from {path!r}: give a directory saved by "
             "train_caption_tokenizer / save_pretrained, or a Hugging Face hub name such as "
             f"'openai/clip-vit-base-patch32' (needs hub access). Cause: {error}"
         ) from error
@@ -70,7 +94,7 @@ def train_caption_tokenizer(
     model_max_length: int = 77,
 ) -> transformers.PreTrainedTokenizerBase:
     """Trains a byte-level BPE on `captions`, saves it to `out_dir` and returns it loaded back
-    through `AutoTokenizer` (so what callers use is exactly what a later run will load).
+    through `load_tokenizer` (so what callers use is exactly what a later run will load).
 
     Every text is wrapped as `<|startoftext|> ... <|endoftext|>` like CLIP. The vocabulary stops
     growing before `vocab_size` once no pair of tokens occurs twice.
