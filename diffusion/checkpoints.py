@@ -59,7 +59,17 @@ def _register_array_handler() -> None:
         array_metadata_store=array_metadata_store.Store(),
         min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES,
     )
-    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    # Orbax warns on every override (absl logging): expected here, so not shown at each start.
+    absl_logger = logging.getLogger("absl")
+
+    def not_the_override_warning(record: logging.LogRecord) -> bool:
+        return "Type handler registry" not in record.getMessage()
+
+    absl_logger.addFilter(not_the_override_warning)
+    try:
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    finally:
+        absl_logger.removeFilter(not_the_override_warning)
 
 
 _register_array_handler()

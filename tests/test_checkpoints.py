@@ -3,6 +3,8 @@
 import json
 import logging
 import os
+import subprocess
+import sys
 
 import grain
 import jax
@@ -225,6 +227,23 @@ def test_export_and_load_ema_params_on_another_mesh(tmp_path):
     assert all(len(x.sharding.device_set) == 2 for x in jax.tree.leaves(sharding.unbox(loaded)))
     with pytest.raises(FileNotFoundError, match="no exported parameters"):
         checkpoints.load_params(tmp_path / "missing", abstract)
+
+
+def test_our_array_handler_is_registered_without_orbax_override_warning():
+    """The handler swap is expected, so Orbax's 'overriding' warning must not greet each run;
+    the handler Orbax uses for jax.Array must be ours."""
+    probe = (
+        "import jax, orbax.checkpoint as ocp; from diffusion import checkpoints; "
+        "h = ocp.type_handlers.get_type_handler(jax.Array); "
+        "print(h._min_slice_bytes_for_replica_parallel == checkpoints.MIN_REPLICA_SLICE_BYTES)"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "True"
+    assert "Type handler registry" not in result.stderr
 
 
 def test_replicated_arrays_above_and_below_the_replica_slice_threshold_round_trip(tmp_path):
