@@ -40,7 +40,8 @@ def mesh_config() -> ml_collections.ConfigDict:
 
 def optimizer_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.learning_rate = 1e-3  # Peak learning rate of AdamW.
+    c.name = "adamw"  # "adamw", or "muon": Muon on hidden matrices, AdamW on the rest.
+    c.learning_rate = 1e-3  # Peak learning rate (Muon's updates are scaled to AdamW's RMS).
     c.schedule = "cosine"  # "cosine" (decay to end_lr_fraction) or "constant" after warmup.
     c.warmup_steps = 100  # Linear warmup from 0 to the peak learning rate.
     c.end_lr_fraction = 0.0  # Final learning rate as a fraction of the peak (cosine only).

@@ -218,6 +218,8 @@ def _from_storable(stored: Mapping[str, Any], abstract_train_state: Any) -> Any:
 
     def refill(x):
         if _is_variable(x):
+            if not jax.tree.leaves(x.get_value()):  # optax.MaskedNode: nothing was stored
+                return x
             return x.replace(next(leaves_iter))
         return next(leaves_iter)
 

@@ -1,6 +1,7 @@
-"""Optimizer from config: AdamW with masked decoupled weight decay, schedules, clipping, EMA.
+"""Optimizer from config: AdamW or Muon, masked decoupled weight decay, schedules, clipping, EMA.
 
-Config fields (``configs/common.py: optimizer_config``): ``learning_rate``, ``schedule``
+Config fields (``configs/common.py: optimizer_config``): ``name`` (``'adamw'`` | ``'muon'``),
+``learning_rate``, ``schedule``
 (``'cosine'`` | ``'constant'``), ``warmup_steps``, ``total_steps`` (or the ``total_steps``
 argument), ``end_lr_fraction``, ``weight_decay``, ``b1``, ``b2``, ``eps``, ``grad_clip_norm``
 (0 disables clipping), ``accumulation_steps`` (> 1 wraps everything in ``optax.MultiSteps``).
@@ -16,10 +17,19 @@ convolution kernels of ``nnx.Linear``/``LinearGeneral``/``Conv``/``Einsum``) AND
 scale and bias are NOT decayed, whatever their shape. A patch-embedding convolution is a
 ``kernel`` and IS decayed (it is a linear projection, not a lookup table). Custom parameters that
 should be decayed must be named ``kernel`` (or passed in ``decay_names``).
+
+Muon (Jordan et al. 2024, "Muon: an optimizer for hidden layers"): the hidden weight matrices
+follow the Newton-Schulz orthogonalised Nesterov momentum, scaled to AdamW's update RMS of 0.2
+(Liu et al. 2025, "Muon is scalable for LLM training", sec. 2.2), so the learning rate and
+weight decay of an AdamW recipe carry over; every other parameter keeps AdamW. Hidden matrices
+are the ``kernel``s of Dense layers and attention projections, told apart from the layers that
+meet pixels, tokens, classes or the shared embedding space by their logical axis names
+(``MUON_ADAMW_AXES``), as Muon's authors keep the embedding and output layers on AdamW.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,8 +41,10 @@ from flax import nnx
 from diffusion.errors import UserError
 
 SCHEDULES = ("cosine", "constant")
+OPTIMIZERS = ("adamw", "muon")
 
 _DEFAULTS = {
+    "name": "adamw",
     "schedule": "cosine",
     "warmup_steps": 0,
     "end_lr_fraction": 0.0,
@@ -142,7 +154,8 @@ def weight_decay_mask(
         value = leaf.get_value() if _is_variable(leaf) else leaf
         names = [_key_name(k) for k in path]
         name = names[-1] if names else ""
-        decayed = name in decay_names and jnp.ndim(value) >= min_ndim
+        masked_out = isinstance(value, optax.MaskedNode)  # another optimizer's (Muon's partition)
+        decayed = not masked_out and name in decay_names and jnp.ndim(value) >= min_ndim
         return leaf.replace(decayed) if _is_variable(leaf) else decayed
 
     return jax.tree_util.tree_map_with_path(decide, params, is_leaf=_is_variable)
@@ -153,18 +166,98 @@ def weight_decay_mask(
 # ------------------------------------------------------------------------------------------------
 
 
+# Logical axes of the layers that stay on AdamW under Muon: the patch embedding and the pixel
+# decoder ('patch'), a pixel-space output convolution ('channels'), token and class embeddings
+# ('vocab', 'classes'), CLIP's projections into the shared space ('projection').
+MUON_ADAMW_AXES = ("patch", "channels", "vocab", "classes", "projection")
+MUON_UPDATE_RMS = 0.2  # AdamW's typical update RMS (Liu et al. 2025)
+MUON_MOMENTUM = 0.95  # Nesterov momentum of Muon's reference implementation
+# Leading axes a parameter's kernel contracts in `layers.matmul`, by parameter name; a
+# convolution or Dense `kernel` contracts all but its last axis.
+_CONTRACTED_AXES = {"query_kernel": 1, "key_kernel": 1, "value_kernel": 1, "out_kernel": 2}
+
+
+def muon_dimension_numbers(params: Any) -> Any:
+    """Which parameters Muon orthogonalises, and as which matrix: a tree like ``params``.
+
+    A leaf is ``optax.contrib.MuonDimensionNumbers(reduction_axes, output_axes)`` for a hidden
+    weight matrix, None for a parameter that stays on AdamW, and optax's ``MaskedNode`` where
+    ``optax.partition`` has masked the parameter out (NNX Variables keep wrapping the leaves,
+    so the tree matches ``params`` node for node). A leading 'layers' axis (scanned blocks) is a
+    batch axis: each layer is orthogonalised on its own.
+    """
+
+    def dimension_numbers(name, value, axes):
+        if any(a in MUON_ADAMW_AXES for a in axes):
+            return None
+        first = 1 if axes[:1] == ("layers",) else 0  # scanned blocks: one matrix per layer
+        matrix_ndim = jnp.ndim(value) - first
+        contracted = matrix_ndim - 1 if name == "kernel" else _CONTRACTED_AXES.get(name, 0)
+        if matrix_ndim < 2 or not 1 <= contracted < matrix_ndim:
+            return None
+        return optax.contrib.MuonDimensionNumbers(
+            reduction_axis=tuple(range(first, first + contracted)),
+            output_axis=tuple(range(first + contracted, first + matrix_ndim)),
+        )
+
+    def decide(path, leaf):
+        value = leaf.get_value() if _is_variable(leaf) else leaf
+        if isinstance(value, optax.MaskedNode):
+            return leaf
+        axes = leaf.get_metadata().get("out_sharding") if _is_variable(leaf) else None
+        axes = tuple(axes) if axes is not None else (None,) * jnp.ndim(value)
+        name = _key_name(path[-1]) if path else ""
+        dims = dimension_numbers(name, value, axes)
+        return leaf.replace(dims) if _is_variable(leaf) else dims
+
+    return jax.tree_util.tree_map_with_path(decide, params, is_leaf=_is_variable)
+
+
+def _is_dimension_numbers(x: Any) -> bool:
+    return x is None or isinstance(x, optax.contrib.MuonDimensionNumbers | optax.MaskedNode)
+
+
+def scale_to_update_rms(rms: float) -> optax.GradientTransformation:
+    """Scales each orthogonalised update (all singular values ~1, so an RMS of
+    1 / sqrt(max(fan_in, fan_out))) to the RMS ``rms``."""
+
+    def update_fn(updates, state, params=None):
+        del params
+
+        def scale(dims, update):
+            if not isinstance(dims, optax.contrib.MuonDimensionNumbers):
+                return update
+            fan_in = math.prod(update.shape[a] for a in _as_tuple(dims.reduction_axis))
+            fan_out = math.prod(update.shape[a] for a in _as_tuple(dims.output_axis))
+            return update * (rms * max(fan_in, fan_out) ** 0.5)
+
+        dims = muon_dimension_numbers(updates)
+        return jax.tree.map(scale, dims, updates, is_leaf=_is_dimension_numbers), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def _as_tuple(axes: int | Sequence[int]) -> tuple[int, ...]:
+    return (axes,) if isinstance(axes, int) else tuple(axes)
+
+
 def make_optimizer(
     config: Any,
     total_steps: int | None = None,
     decay_names: Sequence[str] = ("kernel",),
 ) -> optax.GradientTransformation:
-    """AdamW from an optimizer config (dict / ConfigDict / object with the module's fields).
+    """AdamW or Muon from an optimizer config (dict / ConfigDict / object with the module's
+    fields).
 
-    Chain: global-norm clipping -> Adam moments -> decoupled weight decay (masked) -> ``-lr(step)``,
-    wrapped in ``optax.MultiSteps`` (gradient mean over micro-batches) when
+    Chain: global-norm clipping -> the optimizer -> ``-lr(step)``; AdamW: Adam moments ->
+    decoupled weight decay (masked); Muon: hidden matrices as in the module docstring, the rest
+    as AdamW. Wrapped in ``optax.MultiSteps`` (gradient mean over micro-batches) when
     ``accumulation_steps > 1``. The learning rate is injected as a hyperparameter, so
     ``learning_rate_from_state`` can read the current value for logging.
     """
+    name = str(_field(config, "name"))
+    if name not in OPTIMIZERS:
+        raise UserError(f"unknown optimizer name {name!r}; valid: {OPTIMIZERS}")
     accumulation_steps = int(_field(config, "accumulation_steps"))
     if accumulation_steps < 1:
         raise UserError(f"accumulation_steps must be >= 1; got {accumulation_steps}")
@@ -172,20 +265,35 @@ def make_optimizer(
     if clip < 0:
         raise UserError(f"grad_clip_norm must be >= 0 (0 disables clipping); got {clip}")
     schedule = learning_rate_schedule_from_config(config, total_steps)
+    b1, b2, eps = (float(_field(config, k)) for k in ("b1", "b2", "eps"))
+    weight_decay = float(_field(config, "weight_decay"))
+    decay_mask = lambda params: weight_decay_mask(params, decay_names)
 
-    @optax.inject_hyperparams
     def adamw(learning_rate):
         return optax.adamw(
-            learning_rate=learning_rate,
-            b1=float(_field(config, "b1")),
-            b2=float(_field(config, "b2")),
-            eps=float(_field(config, "eps")),
-            weight_decay=float(_field(config, "weight_decay")),
-            mask=lambda params: weight_decay_mask(params, decay_names),
+            learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask
         )
 
+    def muon(learning_rate):
+        hidden_matrices = optax.chain(
+            optax.contrib.scale_by_muon(
+                beta=MUON_MOMENTUM, eps=eps, weight_dimension_numbers=muon_dimension_numbers
+            ),
+            scale_to_update_rms(MUON_UPDATE_RMS),
+            optax.add_decayed_weights(weight_decay, decay_mask),
+            optax.scale_by_learning_rate(learning_rate),
+        )
+        label = lambda dims: "adamw" if dims is None else "muon"
+        return optax.partition(
+            {"muon": hidden_matrices, "adamw": adamw(learning_rate)},
+            lambda params: jax.tree.map(
+                label, muon_dimension_numbers(params), is_leaf=_is_dimension_numbers
+            ),
+        )
+
+    optimizer = optax.inject_hyperparams({"adamw": adamw, "muon": muon}[name])
     parts = [optax.clip_by_global_norm(clip)] if clip > 0 else []
-    tx = optax.chain(*parts, adamw(learning_rate=schedule))
+    tx = optax.chain(*parts, optimizer(learning_rate=schedule))
     if accumulation_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=accumulation_steps).gradient_transformation()
     return tx

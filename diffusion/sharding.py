@@ -314,6 +314,8 @@ def state_shardings(tree: Any, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) 
         where = jax.tree_util.keystr(path)
         if _is_variable(leaf):
             value = leaf.get_value()
+            if not jax.tree.leaves(value):  # optax.MaskedNode (optax.partition): no array
+                return leaf
             names = variable_logical_names(leaf)
             shape = getattr(value, "shape", None)
             spec = logical_to_spec(names, rules, shape=shape, mesh=mesh) if names else None
@@ -350,7 +352,10 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
 
     def one(x, s):
         if _is_variable(x):
-            return x.replace(one(x.get_value(), s.get_value() if _is_variable(s) else s))
+            value = x.get_value()
+            if not jax.tree.leaves(value):  # optax.MaskedNode (optax.partition): no array
+                return x
+            return x.replace(one(value, s.get_value() if _is_variable(s) else s))
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
 
     return jax.tree.map(one, tree, shardings, is_leaf=_is_variable)

@@ -76,9 +76,10 @@ def global_batch(step: int, batch_size: int) -> dict[str, np.ndarray]:
     }
 
 
-def make_tx(accumulation_steps: int = 1) -> optax.GradientTransformation:
+def make_tx(accumulation_steps: int = 1, name: str = "adamw") -> optax.GradientTransformation:
     return optim.make_optimizer(
         {
+            "name": name,
             "learning_rate": 1e-2,
             "schedule": "cosine",
             "warmup_steps": 2,

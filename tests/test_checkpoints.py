@@ -135,22 +135,24 @@ MESHES = {
 
 
 @pytest.mark.parametrize(
-    "source, targets",
+    "source, targets, optimizer",
     [
-        ("8: 2 data x 4 fsdp", ["2: 2 fsdp", "4: 2 fsdp x 2 tensor", "1"]),
-        ("2: 2 fsdp", ["8: 2x2x2"]),
-        ("1", ["8: 2 data x 4 fsdp"]),
+        ("8: 2 data x 4 fsdp", ["2: 2 fsdp", "4: 2 fsdp x 2 tensor", "1"], "adamw"),
+        ("2: 2 fsdp", ["8: 2x2x2"], "adamw"),
+        ("1", ["8: 2 data x 4 fsdp"], "adamw"),
+        ("8: 2 data x 4 fsdp", ["4: 2 fsdp x 2 tensor"], "muon"),
     ],
 )
-def test_restore_onto_a_different_mesh(tmp_path, source, targets):
+def test_restore_onto_a_different_mesh(tmp_path, source, targets, optimizer):
     shape, count = MESHES[source]
-    state = _trained_state(worker.ToyTrainer(_mesh(shape, count)))
+    make_trainer = lambda mesh: worker.ToyTrainer(mesh, tx=worker.make_tx(name=optimizer))
+    state = _trained_state(make_trainer(_mesh(shape, count)))
     manager = checkpoints.make_checkpoint_manager(tmp_path)
     checkpoints.save_checkpoint(manager, 2, state)
     manager.wait_until_finished()
     for target in targets:
         target_shape, target_count = MESHES[target]
-        trainer = worker.ToyTrainer(_mesh(target_shape, target_count))
+        trainer = make_trainer(_mesh(target_shape, target_count))
         restored = checkpoints.restore_checkpoint(manager, trainer.abstract_state)
         _assert_trees_equal(restored.train_state, state)
         for array, want in zip(
@@ -165,9 +167,11 @@ def test_restore_onto_a_different_mesh(tmp_path, source, targets):
     manager.close()
 
 
-def test_resume_gives_bitwise_the_same_losses_and_parameters(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_gives_bitwise_the_same_losses_and_parameters(tmp_path, optimizer):
+    """Muon's state holds optax.partition's masked (empty) nodes inside NNX Variables."""
     mesh = _mesh({"data": 2, "fsdp": 4})
-    trainer = worker.ToyTrainer(mesh)
+    trainer = worker.ToyTrainer(mesh, tx=worker.make_tx(name=optimizer))
     final, uninterrupted = trainer.run(trainer.init_state(), 0, 6, batch_size=16)
     final = _plain(final)
 
@@ -179,7 +183,7 @@ def test_resume_gives_bitwise_the_same_losses_and_parameters(tmp_path):
     trainer.run(state, 3, 2, batch_size=16)
     manager.close()
 
-    fresh = worker.ToyTrainer(mesh)  # a new process would rebuild everything
+    fresh = worker.ToyTrainer(mesh, tx=worker.make_tx(name=optimizer))  # as a new process would
     resumed_manager = checkpoints.make_checkpoint_manager(tmp_path)
     restored = checkpoints.restore_latest(resumed_manager, fresh.abstract_state)
     next_step = restored.data_iterator_state["next_step"]

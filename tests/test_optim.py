@@ -197,3 +197,109 @@ def test_ema_decay_warmup():
     assert float(optim.ema_decay_at(0, 0.999, warmup=False)) == pytest.approx(0.999)
     with pytest.raises(ValueError, match="EMA decay must be in"):
         optim.ema_decay_at(0, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Muon
+# ------------------------------------------------------------------------------------------------
+
+MUON = dict(BASE, name="muon", schedule="constant", warmup_steps=0, grad_clip_norm=0.0)
+
+
+def _normal_like(tree, seed):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: jnp.asarray(rng.normal(size=np.shape(x)), jnp.float32), tree)
+
+
+def test_muon_is_optax_muon_on_a_matrix_and_adamw_elsewhere():
+    """References: optax.contrib.muon with the consistent update RMS 0.2 of Liu et al. (2025)
+    for the matrix, optax.adamw for the bias (weight decay on the matrix only, as AdamW's)."""
+    params = {"kernel": _normal_like(jnp.zeros((8, 16)), 0), "bias": jnp.ones(16)}
+    tx = optim.make_optimizer(dict(MUON, weight_decay=0.0))
+    matrix_reference = optax.contrib.muon(1e-2, beta=0.95, consistent_rms=0.2)
+    rest_reference = optax.adamw(1e-2, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0)
+    state = tx.init(params)
+    matrix_state = matrix_reference.init({"kernel": params["kernel"]})
+    rest_state = rest_reference.init({"bias": params["bias"]})
+    for step in range(3):
+        grads = _normal_like(params, 10 + step)
+        updates, state = tx.update(grads, state, params)
+        want_matrix, matrix_state = matrix_reference.update(
+            {"kernel": grads["kernel"]}, matrix_state, {"kernel": params["kernel"]}
+        )
+        want_rest, rest_state = rest_reference.update(
+            {"bias": grads["bias"]}, rest_state, {"bias": params["bias"]}
+        )
+        np.testing.assert_allclose(updates["kernel"], want_matrix["kernel"], rtol=1e-5, atol=1e-8)
+        np.testing.assert_allclose(updates["bias"], want_rest["bias"], rtol=1e-6, atol=1e-9)
+        # An orthogonalised update at AdamW's RMS: about 0.2 lr, whatever the gradient's scale.
+        rms = float(jnp.sqrt(jnp.mean(updates["kernel"] ** 2)))
+        assert 0.1 * 1e-2 < rms < 0.3 * 1e-2
+        params = optax.apply_updates(params, updates)
+
+
+def _dit_params(scan_layers: bool, output_conv: bool = False):
+    from diffusion.models import dit
+
+    config = dit.DiTConfig(
+        width=32, depth=2, num_heads=2, context_dim=16, pooled_dim=16,
+        word_conditioning=True, scan_layers=scan_layers, output_conv=output_conv,
+    )  # fmt: skip
+    with nnx.use_eager_sharding(False):
+        return nnx.state(dit.DiT(config, rngs=nnx.Rngs(0)), nnx.Param)
+
+
+def _muon_leaves(params):
+    """{path: MuonDimensionNumbers} of the parameters Muon orthogonalises."""
+    dims = optim.muon_dimension_numbers(params)
+    return {name: d for name, d in _flat(dims).items() if d is not None}
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_muon_orthogonalises_each_hidden_projection_as_one_matrix(scan_layers):
+    """Attention's (width, heads, head_dim) input kernels and (heads, head_dim, width) output
+    kernels are the matrices Dense layers would be; scanned blocks are one matrix per layer. The
+    reference: optax's Muon on each parameter reshaped to that 2-D matrix, one layer at a time."""
+    params = _dit_params(scan_layers)
+    grads = _normal_like(params, 0)
+    updates, _ = optim.make_optimizer(dict(MUON, weight_decay=0.0)).update(
+        grads, optim.make_optimizer(MUON).init(params), params
+    )
+    muon = optax.contrib.muon(1e-2, beta=0.95, consistent_rms=0.2)
+    reference = jax.jit(lambda g: muon.update(g, muon.init(g), jax.tree.map(jnp.zeros_like, g))[0])
+    muon_leaves = _muon_leaves(params)
+    assert muon_leaves, "no parameter is on Muon"
+    for name, dims in muon_leaves.items():
+        grad, update = _flat(grads)[name], _flat(updates)[name]
+        layers = grad.shape[0] if scan_layers and "blocks" in name else None
+        per_layer = [grad[i] for i in range(layers)] if layers else [grad]
+        offset = 1 if layers else 0
+        assert dims.reduction_axis[0] == offset, name
+        contracted = len(dims.reduction_axis)
+        want = []
+        for g in per_layer:
+            matrix = g.reshape(math.prod(g.shape[:contracted]), -1)
+            want.append(reference({"m": matrix})["m"].reshape(g.shape))
+        want = np.stack(want) if layers else want[0]
+        np.testing.assert_allclose(update, want, rtol=1e-4, atol=1e-7, err_msg=name)
+
+
+def test_muon_keeps_pixel_token_and_projection_layers_on_adamw():
+    from diffusion.models import clip
+
+    params = _dit_params(scan_layers=False, output_conv=True)
+    # Every 'kernel' of the DiT but the patch embedding, the pixel decoder and its convolution.
+    dit_kernels = {n for n in _flat(params) if n.endswith("kernel")}
+    pixel_layers = {"patch_embed/proj/kernel", "final_layer/linear/kernel", "output_conv/kernel"}
+    assert pixel_layers <= dit_kernels
+    assert set(_muon_leaves(params)) == dit_kernels - pixel_layers
+    with nnx.use_eager_sharding(False):
+        clip_params = nnx.state(clip.CLIP(clip.CLIPConfig(), rngs=nnx.Rngs(0)), nnx.Param)
+    # The towers' blocks: not the token, position and patch embeddings, nor the projections.
+    block_kernels = {n for n in _flat(clip_params) if "/blocks/" in n and n.endswith("kernel")}
+    assert block_kernels and set(_muon_leaves(clip_params)) == block_kernels
+
+
+def test_unknown_optimizer_is_rejected():
+    with pytest.raises(ValueError, match="unknown optimizer name 'lion'; valid"):
+        optim.make_optimizer(dict(BASE, name="lion"))
