@@ -6,8 +6,8 @@
 Cases: the tiny DiT and CLIP of the CPU recipes, DiT-S/2 on 32x32x3 and DiT-XL/2 on 32x32x4
 latents (configs/dit_xl2_imagenet.py), class-conditional; `dit_text` is the DiT step of
 `make train` itself (configs/shapes.py: text conditioning with word embeddings, on a frozen tiny
-CLIP text tower, randomly initialised here). Each runs `training.Trainer.step`
-(loss, gradients, AdamW, EMA) on one device, compiled once, timed best-of-`steps`. FLOPs come
+CLIP text tower, randomly initialised here). Each runs `training.Trainer.step` (loss,
+gradients, AdamW or Muon, EMA) on one device, compiled once, timed best-of-`steps`. FLOPs come
 from XLA's cost analysis of the same step LOWERED without remat or scan: model FLOPs (remat's
 recomputation is not useful work, and XLA counts a scanned block once), counted before XLA's GPU
 passes turn the matmuls into cuBLAS calls that its analysis does not count. MFU is given against
@@ -28,11 +28,12 @@ from flax import nnx
 from configs import base_clip, base_dit, dit_xl2_imagenet, shapes
 from diffusion import aot, metrics, models, sharding
 
-VARIANTS = {  # name -> (dtype, remat, scan_layers)
-    "f32": ("float32", "none", False),
-    "f32 remat=full": ("float32", "full", False),
-    "f32 scan": ("float32", "none", True),
-    "bf16": ("bfloat16", "none", False),
+VARIANTS = {  # name -> (dtype, remat, scan_layers, optimizer)
+    "f32": ("float32", "none", False, "adamw"),
+    "f32 remat=full": ("float32", "full", False, "adamw"),
+    "f32 scan": ("float32", "none", True, "adamw"),
+    "bf16": ("bfloat16", "none", False, "adamw"),
+    "f32 muon": ("float32", "none", False, "muon"),
 }
 
 
@@ -82,9 +83,10 @@ def build(config, mesh):
     return trainer, trainer.init_state(), batch
 
 
-def with_variant(config, dtype: str, remat: str, scan: bool):
+def with_variant(config, dtype: str, remat: str, scan: bool, optimizer: str = "adamw"):
     variant = config.copy_and_resolve_references()
     variant.model.dtype, variant.model.remat, variant.model.scan_layers = dtype, remat, scan
+    variant.optimizer.name = optimizer
     return variant
 
 
@@ -161,9 +163,9 @@ def main():
         config = case_config(case, batch_size)
         flops, base = step_flops(config, mesh), None
         for name in args.variants.split(","):
-            dtype, remat, scan = VARIANTS[name]
+            dtype, remat, scan, optimizer = VARIANTS[name]
             compiled, state, batch, frozen, compile_seconds = compile_step(
-                with_variant(config, dtype, remat, scan), mesh
+                with_variant(config, dtype, remat, scan, optimizer), mesh
             )
             seconds = time_steps(compiled, state, batch, frozen, args.steps)
             del compiled, state, batch  # free device memory before the next variant
