@@ -27,8 +27,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         stage.data = config.data
         stage.tokenizer = config.tokenizer
         stage.seed = config.get_ref("seed")
-    # Tuned for a 2-core CPU against the 15-minute budget of the whole pipeline (about 14 min on
-    # 2026-12-02; docs/default_recipe.md, run M). Muon on the hidden matrices (AdamW on the
+    # Tuned for a 2-core CPU against the 15-minute budget of the whole pipeline (13 min 19 s on
+    # 2026-12-02; docs/default_recipe.md, run M2). Muon on the hidden matrices (AdamW on the
     # rest) learns faster per step than AdamW alone: at 1000 DiT steps all four 0.47 -> 0.62
     # (runs E0, E1), CLIP's zero-shot position 0.25 -> 0.59 and recall@1 0.24 -> 0.48 at 300
     # steps (run C1), for 8-12 % more time per step. DiT steps buy the most (runs T3-2k,
