@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import base_clip, base_dit
-from diffusion import aot, metrics, sharding
+from diffusion import aot, metrics, optim, sharding
 from diffusion.models import layers
 
 pytestmark = pytest.mark.skipif(
@@ -86,6 +86,35 @@ def test_arguments_hold_at_least_the_sharded_state_and_outputs_are_donated(repor
     exact = per_device_bytes(state) + per_device_bytes(batch) + per_device_bytes(frozen)
     assert exact <= m["argument_bytes"] <= 3 * exact
     assert m["alias_bytes"] >= per_device_bytes(state["params"])  # params at least are reused
+
+
+def muon_matrix_bytes(params) -> int:
+    """Per-device bytes of the parameters Muon orthogonalises (optim.muon_dimension_numbers)."""
+    is_leaf = lambda x: x is None or optim._is_dimension_numbers(x)
+    dims = jax.tree.leaves(optim.muon_dimension_numbers(params), is_leaf=is_leaf)
+    leaves = jax.tree.leaves(sharding.unbox(params))
+    pairs = zip(dims, leaves, strict=True)
+    return sum(per_device_bytes(leaf) for d, leaf in pairs if d is not None)
+
+
+def test_a_muon_step_fits_with_one_moment_fewer_and_pays_flops_for_newton_schulz(reports):
+    """Muon keeps one moment for each hidden matrix where AdamW keeps two: the sharded state
+    shrinks by exactly those matrices' bytes (up to the optimizers' step counters), the
+    compiled arguments shrink, and the Newton-Schulz matmuls add FLOPs."""
+    mesh = sharding.make_mesh(MESH, devices=aot.topology_devices(TOPOLOGY))
+    config = tiny_config("dit_text")
+    config.optimizer.name = "muon"
+    muon_state = aot.build_programs(config, mesh).train_args[0]
+    adamw_state = aot.build_programs(tiny_config("dit_text"), mesh).train_args[0]
+    saved = per_device_bytes(adamw_state) - per_device_bytes(muon_state)
+    matrices = muon_matrix_bytes(muon_state["params"])
+    assert matrices > 0 and 0 <= matrices - saved <= 64
+
+    muon = aot.compile_for_topology(config, TOPOLOGY, mesh_shape=MESH, sampler=False)
+    adamw = reports["dit_text"]["train_step"]
+    assert muon["train_step"]["fits"]
+    assert muon["train_step"]["memory"]["argument_bytes"] < adamw["memory"]["argument_bytes"]
+    assert muon["train_step"]["cost"]["flops"] > adamw["cost"]["flops"]
 
 
 def test_compiler_flops_match_the_cpu_cost_analysis_of_the_same_step(reports):
