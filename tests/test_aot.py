@@ -90,8 +90,8 @@ def test_arguments_hold_at_least_the_sharded_state_and_outputs_are_donated(repor
 
 def muon_matrix_bytes(params) -> int:
     """Per-device bytes of the parameters Muon orthogonalises (optim.muon_dimension_numbers)."""
-    is_leaf = lambda x: x is None or optim._is_dimension_numbers(x)
-    dims = jax.tree.leaves(optim.muon_dimension_numbers(params), is_leaf=is_leaf)
+    dims = optim.muon_dimension_numbers(params)
+    dims = jax.tree.leaves(dims, is_leaf=optim._is_dimension_numbers)  # None kept as a leaf
     leaves = jax.tree.leaves(sharding.unbox(params))
     pairs = zip(dims, leaves, strict=True)
     return sum(per_device_bytes(leaf) for d, leaf in pairs if d is not None)
