@@ -145,16 +145,6 @@ def _image_size(config, default: int) -> int:
     return int(name) if name and str(name).isdigit() else default
 
 
-def _execution(config) -> dict:
-    m = config.model
-    return dict(
-        dtype=m.dtype,
-        remat_policy=m.remat,
-        scan_layers=m.scan_layers,
-        attention_impl=m.get("attention_impl", "xla"),
-    )
-
-
 def clip_model_config(config, **overrides) -> models.CLIPConfig:
     """The CLIP of a recipe, with the vocabulary of config.tokenizer (no tokenizer file needed)."""
     variant = models.CLIP_VARIANTS.get(config.model.variant, {})
@@ -162,7 +152,9 @@ def clip_model_config(config, **overrides) -> models.CLIPConfig:
         image_size=_image_size(config, variant.get("image_size", 32)),
         vocab_size=int(config.tokenizer.vocab_size),
         context_length=int(config.tokenizer.context_length),
-        **_execution(config),
+        # SigLIP learns a bias b in sigmoid(t x.y + b) (as trainer.clip_model_config).
+        logit_bias_init=-10.0 if config.get("loss", {}).get("kind") == "sigmoid" else None,
+        **models.recipe_fields(config.model, "clip"),
     )
     return models.clip_config(config.model.variant, **{**fields, **overrides})
 
@@ -207,7 +199,7 @@ def dit_model_config(
         in_channels=int(m.get("in_channels", 3)),
         learn_sigma=bool(m.get("learn_sigma", False)),
         output_conv=bool(m.get("output_conv", False)),
-        **{**_execution(config), **extra, **overrides},
+        **{**models.recipe_fields(config.model, "dit"), **extra, **overrides},
     )
 
 

@@ -186,17 +186,6 @@ def _model_config_error(error: ValueError, model_section) -> UserError:
     )
 
 
-# Size fields a recipe may set on top of its variant (None keeps the variant's value).
-CLIP_SIZE_FIELDS = ("patch_size", "vision_width", "vision_depth", "text_width", "text_depth")
-DIT_SIZE_FIELDS = ("patch_size", "width", "depth", "num_heads")
-
-
-def size_overrides(model_section, fields: tuple[str, ...]) -> dict[str, int]:
-    """The size fields of config.model that are set (recipes written before a field existed
-    simply lack it)."""
-    return {f: model_section.get(f) for f in fields if model_section.get(f) is not None}
-
-
 def clip_model_config(config, tokenizer, image_size: int) -> models.CLIPConfig:
     try:
         return models.clip_config(
@@ -204,12 +193,9 @@ def clip_model_config(config, tokenizer, image_size: int) -> models.CLIPConfig:
             image_size=image_size,
             vocab_size=len(tokenizer),
             context_length=config.tokenizer.context_length,
-            dtype=config.model.dtype,
-            remat_policy=config.model.remat,
-            scan_layers=config.model.scan_layers,
             # SigLIP learns a bias b in sigmoid(t x.y + b), initialised at -10 (Zhai et al. 2023).
             logit_bias_init=-10.0 if config.loss.kind == "sigmoid" else None,
-            **size_overrides(config.model, CLIP_SIZE_FIELDS),
+            **models.recipe_fields(config.model, "clip"),
         )
     except ValueError as error:
         raise _model_config_error(error, config.model) from error
@@ -304,11 +290,8 @@ def dit_model_config(config, text_encoder: models.CLIP | None) -> models.DiTConf
         return models.dit_config(
             config.model.variant,
             conditioning=conditioning,
-            dtype=config.model.dtype,
-            remat_policy=config.model.remat,
-            scan_layers=config.model.scan_layers,
             output_conv=config.model.output_conv,
-            **size_overrides(config.model, DIT_SIZE_FIELDS),
+            **models.recipe_fields(config.model, "dit"),
             **extra,
         )
     except ValueError as error:

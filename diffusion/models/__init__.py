@@ -24,6 +24,7 @@ __all__ = [
     "REMAT_POLICIES",
     "clip_config",
     "dit_config",
+    "recipe_fields",
 ]
 
 
@@ -47,3 +48,26 @@ def clip_config(variant: str = "tiny", **overrides) -> CLIPConfig:
 def dit_config(variant: str = "tiny", **overrides) -> DiTConfig:
     """The DiTConfig of a DIT_VARIANTS entry ('tiny', 'DiT-S/2' ... 'DiT-XL/8'), with overrides."""
     return _config_from_table(DiTConfig, DIT_VARIANTS, "DiT", variant, overrides)
+
+
+# Size fields a recipe's config.model may set on top of its variant (None keeps the variant's).
+SIZE_FIELDS = {
+    "clip": ("patch_size", "vision_width", "vision_depth", "text_width", "text_depth"),
+    "dit": ("patch_size", "width", "depth", "num_heads"),
+}
+
+
+def recipe_fields(model_section, family: str) -> dict:
+    """The CLIPConfig / DiTConfig fields that a recipe's config.model sets: how the model runs
+    (dtype, remat, scan, attention) and the size fields it overrides. train.py and the AOT
+    compiler both build their model from these, so `--config.model.depth=...` changes both."""
+    fields = dict(
+        dtype=model_section.dtype,
+        remat_policy=model_section.remat,
+        scan_layers=model_section.scan_layers,
+        attention_impl=model_section.get("attention_impl", "xla"),
+    )
+    for name in SIZE_FIELDS[family]:  # recipes written before a field existed simply lack it
+        if model_section.get(name) is not None:
+            fields[name] = model_section.get(name)
+    return fields
