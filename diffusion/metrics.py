@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 
 import jax
@@ -80,6 +81,27 @@ def cost_analysis_flops(program) -> float | None:
     return float(flops) if flops and flops > 0 else None
 
 
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without torch.
+
+    tensorboardX's writer module imports torch whenever it is installed, only to accept torch
+    tensors too (2-3 s and ~300 MB in every train.py, sample.py and evaluate.py start). We pass
+    it floats and numpy arrays, so torch is hidden while that module loads (an entry of None in
+    sys.modules makes `import torch` raise ImportError, which tensorboardX falls back on), then
+    left importable as before. A process that has already imported torch keeps it.
+    """
+    if "tensorboardX.writer" in sys.modules or "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricWriter:
     """Writes scalars to metrics.jsonl and TensorBoard, and images to TensorBoard (process 0)."""
 
@@ -90,9 +112,7 @@ class MetricWriter:
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
             self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
-            from tensorboardX import SummaryWriter
-
-            self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tensorboard = _summary_writer_class()(os.path.join(workdir, "tensorboard"))
 
     def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:

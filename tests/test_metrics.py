@@ -1,6 +1,10 @@
 """metrics.jsonl and TensorBoard events get every scalar; FLOPs come from XLA's cost analysis."""
 
 import glob
+import os
+import struct
+import subprocess
+import sys
 import types
 
 import jax
@@ -9,6 +13,8 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from diffusion import metrics
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_writer_appends_one_json_object_per_step_and_tensorboard_events(tmp_path):
@@ -22,6 +28,45 @@ def test_writer_appends_one_json_object_per_step_and_tensorboard_events(tmp_path
         {"step": 2, "loss": 1.5, "grad_norm": None},  # JSON has no NaN: null says "not finite"
     ]
     assert glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
+
+
+def _event_scalars(directory) -> dict[tuple[str, int], float]:
+    """{(tag, step): value} of the TensorBoard event files under `directory`: TFRecord framing
+    (u64 length, u32 CRC, the Event proto, u32 CRC) read by hand."""
+    from tensorboardX.proto import event_pb2
+
+    scalars = {}
+    for path in glob.glob(os.path.join(directory, "events.out.tfevents.*")):
+        data = open(path, "rb").read()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    scalars[(value.tag, event.step)] = value.simple_value
+    return scalars
+
+
+def test_writer_does_not_import_torch_and_its_events_hold_the_scalars(tmp_path):
+    """tensorboardX's writer would import torch (installed with the test extra): seconds at every
+    start of train.py. A fresh process writes scalars and an image without it, torch stays
+    importable afterwards, and TensorBoard's files hold the values."""
+    script = f"""
+import sys
+import numpy as np
+from diffusion import metrics
+writer = metrics.MetricWriter({str(tmp_path)!r}, enabled=True)
+writer.write_scalars(3, {{"loss": 0.25, "learning_rate": 1e-3}})
+writer.write_image(3, "grid", np.zeros((8, 8, 3), np.uint8))
+writer.close()
+assert "torch" not in sys.modules, "torch was imported"
+import torch  # still importable
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=_ROOT)
+    scalars = _event_scalars(str(tmp_path / "tensorboard"))
+    assert scalars == {("loss", 3): 0.25, ("learning_rate", 3): pytest.approx(1e-3)}
 
 
 def test_writer_on_other_processes_writes_nothing(tmp_path):
