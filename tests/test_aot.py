@@ -209,31 +209,3 @@ def test_scanned_step_cost_is_extrapolated_from_shallow_twins_to_the_unrolled_co
     assert "extrapolated" in cost["step_time_source"]
     assert cost["flops"] == pytest.approx(truth["flops"], rel=0.02)
     assert cost["bytes_accessed"] == pytest.approx(truth["bytes_accessed"], rel=0.1)
-
-
-@pytest.mark.parametrize("family", ["clip", "dit"])
-def test_aot_builds_the_model_train_py_builds_size_overrides_included(family):
-    """A recipe's size and execution fields (--config.model.depth=2 ...) reach the compiled model
-    exactly as they reach train.py's: the report is about the model that would train."""
-    from types import SimpleNamespace
-
-    from configs import shapes
-    from diffusion import trainer
-
-    recipe = shapes.get_config()
-    if family == "clip":
-        config = recipe.clip
-        config.model.update(patch_size=8, vision_depth=1, text_width=64, remat="full")
-        expected = trainer.clip_model_config(config, [None] * config.tokenizer.vocab_size, 32)
-        built = aot.clip_model_config(config)
-    else:
-        config = recipe.dit
-        config.model.update(patch_size=8, width=64, depth=2, num_heads=2, scan_layers=True)
-        config.text_encoder.variant = "tiny"
-        text_config = aot.text_encoder_config(config)
-        expected = trainer.dit_model_config(config, SimpleNamespace(config=text_config))
-        built = aot.dit_model_config(config, text_config)
-    assert built == expected
-    assert (built.patch_size, built.remat_policy if family == "clip" else built.depth) == (
-        (8, "full") if family == "clip" else (8, 2)
-    )

@@ -3,9 +3,12 @@
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
+from configs import shapes
+from diffusion import aot, trainer
 from diffusion import config as config_lib
 from diffusion.config import ConfigError
 
@@ -91,3 +94,26 @@ def test_train_py_reports_an_unknown_key_without_a_traceback(tmp_path):
     assert result.returncode == 2
     assert "Unknown config key 'trainig.x'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("family", ["clip", "dit"])
+def test_aot_builds_the_model_train_py_builds_size_overrides_included(family):
+    """A recipe's size and execution fields (--config.model.depth=2 ...) reach the compiled model
+    exactly as they reach train.py's: the report is about the model that would train."""
+    recipe = shapes.get_config()
+    if family == "clip":
+        config = recipe.clip
+        config.model.update(patch_size=8, vision_depth=1, text_width=64, remat="full")
+        expected = trainer.clip_model_config(config, [None] * config.tokenizer.vocab_size, 32)
+        built = aot.clip_model_config(config)
+    else:
+        config = recipe.dit
+        config.model.update(patch_size=8, width=64, depth=2, num_heads=2, scan_layers=True)
+        config.text_encoder.variant = "tiny"
+        text_config = aot.text_encoder_config(config)
+        expected = trainer.dit_model_config(config, SimpleNamespace(config=text_config))
+        built = aot.dit_model_config(config, text_config)
+    assert built == expected
+    assert (built.patch_size, built.remat_policy if family == "clip" else built.depth) == (
+        (8, "full") if family == "clip" else (8, 2)
+    )
