@@ -152,9 +152,7 @@ def clip_model_config(config, **overrides) -> models.CLIPConfig:
         image_size=_image_size(config, variant.get("image_size", 32)),
         vocab_size=int(config.tokenizer.vocab_size),
         context_length=int(config.tokenizer.context_length),
-        # SigLIP learns a bias b in sigmoid(t x.y + b) (as trainer.clip_model_config).
-        logit_bias_init=-10.0 if config.get("loss", {}).get("kind") == "sigmoid" else None,
-        **models.recipe_fields(config.model, "clip"),
+        **models.recipe_fields(config, "clip"),
     )
     return models.clip_config(config.model.variant, **{**fields, **overrides})
 
@@ -199,7 +197,7 @@ def dit_model_config(
         in_channels=int(m.get("in_channels", 3)),
         learn_sigma=bool(m.get("learn_sigma", False)),
         output_conv=bool(m.get("output_conv", False)),
-        **{**models.recipe_fields(config.model, "dit"), **extra, **overrides},
+        **{**models.recipe_fields(config, "dit"), **extra, **overrides},
     )
 
 

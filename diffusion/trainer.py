@@ -193,9 +193,7 @@ def clip_model_config(config, tokenizer, image_size: int) -> models.CLIPConfig:
             image_size=image_size,
             vocab_size=len(tokenizer),
             context_length=config.tokenizer.context_length,
-            # SigLIP learns a bias b in sigmoid(t x.y + b), initialised at -10 (Zhai et al. 2023).
-            logit_bias_init=-10.0 if config.loss.kind == "sigmoid" else None,
-            **models.recipe_fields(config.model, "clip"),
+            **models.recipe_fields(config, "clip"),
         )
     except ValueError as error:
         raise _model_config_error(error, config.model) from error
@@ -291,7 +289,7 @@ def dit_model_config(config, text_encoder: models.CLIP | None) -> models.DiTConf
             config.model.variant,
             conditioning=conditioning,
             output_conv=config.model.output_conv,
-            **models.recipe_fields(config.model, "dit"),
+            **models.recipe_fields(config, "dit"),
             **extra,
         )
     except ValueError as error:

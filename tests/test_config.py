@@ -101,19 +101,21 @@ def test_aot_builds_the_model_train_py_builds_size_overrides_included(family):
     """A recipe's size and execution fields (--config.model.depth=2 ...) reach the compiled model
     exactly as they reach train.py's: the report is about the model that would train."""
     recipe = shapes.get_config()
+    config = recipe.clip if family == "clip" else recipe.dit
     if family == "clip":
-        config = recipe.clip
-        config.model.update(patch_size=8, vision_depth=1, text_width=64, remat="full")
+        sizes = dict(patch_size=8, vision_depth=1, text_width=64)
+        config.model.update(remat="full", **sizes)
+        config.loss.kind = "sigmoid"
         expected = trainer.clip_model_config(config, [None] * config.tokenizer.vocab_size, 32)
         built = aot.clip_model_config(config)
+        assert (built.remat_policy, built.logit_bias_init) == ("full", -10.0)
     else:
-        config = recipe.dit
-        config.model.update(patch_size=8, width=64, depth=2, num_heads=2, scan_layers=True)
+        sizes = dict(patch_size=8, width=64, depth=2, num_heads=2)
+        config.model.update(scan_layers=True, **sizes)
         config.text_encoder.variant = "tiny"
         text_config = aot.text_encoder_config(config)
         expected = trainer.dit_model_config(config, SimpleNamespace(config=text_config))
         built = aot.dit_model_config(config, text_config)
+        assert built.scan_layers
     assert built == expected
-    assert (built.patch_size, built.remat_policy if family == "clip" else built.depth) == (
-        (8, "full") if family == "clip" else (8, 2)
-    )
+    assert {name: getattr(built, name) for name in sizes} == sizes

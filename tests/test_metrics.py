@@ -37,7 +37,8 @@ def _event_scalars(directory) -> dict[tuple[str, int], float]:
 
     scalars = {}
     for path in glob.glob(os.path.join(directory, "events.out.tfevents.*")):
-        data = open(path, "rb").read()
+        with open(path, "rb") as f:
+            data = f.read()
         offset = 0
         while offset < len(data):
             (length,) = struct.unpack("<Q", data[offset : offset + 8])

@@ -57,10 +57,12 @@ SIZE_FIELDS = {
 }
 
 
-def recipe_fields(model_section, family: str) -> dict:
-    """The CLIPConfig / DiTConfig fields that a recipe's config.model sets: how the model runs
-    (dtype, remat, scan, attention) and the size fields it overrides. train.py and the AOT
-    compiler both build their model from these, so `--config.model.depth=...` changes both."""
+def recipe_fields(config, family: str) -> dict:
+    """The CLIPConfig / DiTConfig fields that a recipe sets: how the model runs (dtype, remat,
+    scan, attention), the size fields its config.model overrides, and for CLIP the SigLIP bias
+    its loss needs. train.py and the AOT compiler both build their model from these, so
+    `--config.model.depth=...` changes both."""
+    model_section = config.model
     fields = dict(
         dtype=model_section.dtype,
         remat_policy=model_section.remat,
@@ -70,4 +72,8 @@ def recipe_fields(model_section, family: str) -> dict:
     for name in SIZE_FIELDS[family]:  # recipes written before a field existed simply lack it
         if model_section.get(name) is not None:
             fields[name] = model_section.get(name)
+    if family == "clip":
+        # SigLIP learns a bias b in sigmoid(t x.y + b), initialised at -10 (Zhai et al. 2023).
+        sigmoid = config.get("loss") is not None and config.loss.get("kind") == "sigmoid"
+        fields["logit_bias_init"] = -10.0 if sigmoid else None
     return fields
