@@ -85,7 +85,7 @@ def _summary_writer_class():
     """tensorboardX's SummaryWriter, imported without torch.
 
     tensorboardX's writer module imports torch whenever it is installed, only to accept torch
-    tensors too (2-3 s and ~300 MB in every train.py, sample.py and evaluate.py start). We pass
+    tensors too (about 2 s and 180 MB at every train.py, sample.py and evaluate.py start). We pass
     it floats and numpy arrays, so torch is hidden while that module loads (an entry of None in
     sys.modules makes `import torch` raise ImportError, which tensorboardX falls back on), then
     left importable as before. A process that has already imported torch keeps it.
