@@ -42,8 +42,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.diffusion = ml_collections.ConfigDict()
     config.diffusion.objective = "flow"  # "flow" (rectified flow) or "ddpm" (discrete VP).
     config.diffusion.prediction_type = "epsilon"  # DDPM only: "epsilon", "v_prediction", "sample".
-    # Flow only: the DiT predicts "flow_velocity" (eps - x0) or "sample" (x0); MSE on that.
+    # Flow only: the DiT predicts "flow_velocity" (eps - x0) or "sample" (x0).
     config.diffusion.flow_prediction_type = "flow_velocity"
+    # Flow only: the MSE on what the DiT predicts ("prediction") or, for "sample", on the
+    # velocity that x0_hat implies ("velocity": JiT's x-prediction with a v-loss).
+    config.diffusion.flow_loss_space = "prediction"
     config.diffusion.schedule = "linear"  # DDPM only: "linear", "scaled_linear" or "cosine".
     config.diffusion.num_timesteps = 1000  # DDPM only: discrete training timesteps T.
     config.diffusion.zero_terminal_snr = False  # DDPM only: rescale betas to SNR(T) = 0.

@@ -194,6 +194,10 @@ def diffusion_loss(
 
 
 FLOW_PREDICTION_TYPES = ("flow_velocity", "sample")
+FLOW_LOSS_SPACES = ("prediction", "velocity")
+# JiT's floor on t when an x0 prediction is turned into a velocity, u_hat = (x_t - x0_hat) / t:
+# it bounds the velocity loss's weight 1 / t^2 on nearly clean inputs (Li & He 2025, sec. 3).
+VELOCITY_MIN_T = 0.05
 
 
 def flow_matching_loss(
@@ -207,19 +211,29 @@ def flow_matching_loss(
     logit_std: float = 1.0,
     shift: float = 1.0,
     prediction_type: str = "flow_velocity",
+    loss_space: str = "prediction",
 ):
     """Conditional flow matching loss (Lipman et al. 2023; SD3 eq. 3): E |u(x_t, t) - (eps - x0)|^2.
 
     x_t = (1 - t) x0 + t eps with t from `sample_flow_time`. With prediction_type "sample" the
-    model predicts x0 instead and the loss is E |x0_hat - x0|^2: the same minimiser, but each
-    time weighs t^2 as much as in the velocity loss (|u_hat - u| = |x0_hat - x0| / t), which
-    moves the weight from nearly clean inputs to noisy ones, where only the condition says what
-    to draw. Returns (loss, aux) like `diffusion_loss`.
+    model predicts x0 instead. With loss_space "prediction" the loss is E |x0_hat - x0|^2: the
+    same minimiser, but each time weighs t^2 as much as in the velocity loss (|u_hat - u| =
+    |x0_hat - x0| / t), which moves the weight from nearly clean inputs to noisy ones. With
+    loss_space "velocity" the x0 prediction is turned into a velocity, u_hat = (x_t - x0_hat) /
+    max(t, 0.05), and the loss is the velocity loss (JiT: x-prediction, v-loss; Li & He 2025):
+    the velocity loss's weighting, while the network outputs an image, which is low-dimensional
+    where the velocity (holding every pixel's noise) is not, so a patch of more values than
+    the token's width can still be predicted. Returns (loss, aux) like `diffusion_loss`.
     """
     if prediction_type not in FLOW_PREDICTION_TYPES:
         raise ObjectiveError(
             f"flow matching predicts one of {', '.join(FLOW_PREDICTION_TYPES)}, "
             f"not {prediction_type!r}"
+        )
+    if loss_space not in FLOW_LOSS_SPACES:
+        raise ObjectiveError(
+            f"the flow matching loss is taken in one of {', '.join(FLOW_LOSS_SPACES)}, "
+            f"not {loss_space!r}"
         )
     time_key, noise_key = jax.random.split(key)
     t = sample_flow_time(time_key, x0.shape[0], time_sampling, logit_mean, logit_std, shift).astype(
@@ -230,5 +244,9 @@ def flow_matching_loss(
     x_t = (1 - t_b) * x0 + t_b * eps
     prediction = model_fn(x_t, t, cond)
     target = prediction_from_x0_eps(x0, eps, 1 - t_b, t_b, prediction_type)
+    if loss_space == "velocity" and prediction_type == "sample":
+        # (x_t - x0_hat) / t - (x_t - x0) / t = (x0 - x0_hat) / t, t floored as in JiT.
+        floor = jnp.maximum(t_b, VELOCITY_MIN_T)
+        prediction, target = prediction / floor, target / floor
     per_example = _per_example_mse(prediction, target)
     return jnp.mean(per_example), {"t": t, "per_example_loss": per_example}

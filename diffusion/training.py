@@ -94,6 +94,7 @@ class DiffusionObjective:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     shift: float = 1.0
+    flow_loss_space: str = "prediction"  # see objectives.FLOW_LOSS_SPACES
     min_snr_gamma: float | None = None
 
     @classmethod
@@ -108,6 +109,12 @@ class DiffusionObjective:
                 f"config.diffusion.flow_prediction_type={prediction_type!r}; valid: "
                 f"{', '.join(objectives.FLOW_PREDICTION_TYPES)}."
             )
+        flow_loss_space = d.get("flow_loss_space", "prediction")
+        if d.objective == "flow" and flow_loss_space not in objectives.FLOW_LOSS_SPACES:
+            raise UserError(
+                f"config.diffusion.flow_loss_space={flow_loss_space!r}; valid: "
+                f"{', '.join(objectives.FLOW_LOSS_SPACES)}."
+            )
         schedule = None
         if d.objective == "ddpm":
             schedule = DiscreteSchedule.from_name(
@@ -121,6 +128,7 @@ class DiffusionObjective:
             logit_mean=d.logit_normal_mean,
             logit_std=d.logit_normal_std,
             shift=d.shift,
+            flow_loss_space=flow_loss_space,
             min_snr_gamma=d.min_snr_gamma or None,
         )
 
@@ -136,6 +144,7 @@ class DiffusionObjective:
                 logit_std=self.logit_std,
                 shift=self.shift,
                 prediction_type=self.prediction_type,
+                loss_space=self.flow_loss_space,
             )
         return objectives.diffusion_loss(
             model_fn,

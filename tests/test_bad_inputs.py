@@ -471,6 +471,15 @@ CASES = [
         ("flow_prediction_type='x0'", "valid: flow_velocity, sample"),
     ),
     Case(
+        "unknown-flow-loss-space",
+        lambda e, t: training.DiffusionObjective.from_config(
+            ml_collections.ConfigDict(
+                base_dit.get_config().diffusion.to_dict() | {"flow_loss_space": "x0"}
+            )
+        ),
+        ("flow_loss_space='x0'", "valid: prediction, velocity"),
+    ),
+    Case(
         "unknown-nan-policy",
         lambda e, t: train_with(e, t, training__nan_policy="ignore"),
         ("nan_policy='ignore'", "valid: stop, skip"),

@@ -134,6 +134,36 @@ def test_flow_sample_prediction_loss_is_the_velocity_loss_times_t_squared():
     assert float(loss) < 1e-10
 
 
+def test_flow_sample_prediction_with_velocity_loss_is_the_velocity_loss_jit():
+    """x-prediction, v-loss (JiT): the loss of an x0 model is that of the velocity it implies,
+    u_hat = (x_t - x0_hat) / t; below t = 0.05 the division is by 0.05, which scales the
+    velocity loss by (t / 0.05)^2."""
+    x0 = jax.random.normal(jax.random.PRNGKey(4), (2048, 6)) + 1.0
+    key = jax.random.PRNGKey(5)
+
+    def velocity_model(x_t, t, cond):  # an arbitrary, wrong velocity
+        return jnp.cos(2 * x_t) - expand_like(t, x_t)
+
+    def sample_model(x_t, t, cond):
+        return x_t - expand_like(t, x_t) * velocity_model(x_t, t, cond)
+
+    options = {"time_sampling": "uniform"}
+    _, velocity = flow_matching_loss(velocity_model, x0, None, key, **options)
+    loss, sample = flow_matching_loss(
+        sample_model, x0, None, key, prediction_type="sample", loss_space="velocity", **options
+    )
+    t = np.asarray(velocity["t"], np.float64)
+    assert (t < 0.05).sum() > 20 and (t >= 0.05).sum() > 1000  # both regimes are exercised
+    expected = np.asarray(velocity["per_example_loss"], np.float64) * np.minimum(t / 0.05, 1) ** 2
+    np.testing.assert_allclose(np.asarray(sample["per_example_loss"]), expected, rtol=2e-3)
+    assert float(loss) == pytest.approx(float(np.mean(np.asarray(sample["per_example_loss"]))))
+    # With a velocity model the loss space changes nothing: it is already the velocity loss.
+    _, same = flow_matching_loss(velocity_model, x0, None, key, loss_space="velocity", **options)
+    np.testing.assert_array_equal(
+        np.asarray(same["per_example_loss"]), np.asarray(velocity["per_example_loss"])
+    )
+
+
 def zero_model(x_t, t, cond):
     return jnp.zeros_like(x_t)
 
@@ -243,6 +273,12 @@ def test_a_train_step_can_bind_settings_and_differentiate():
                 prediction_type="epsilon",
             ),
             "flow_velocity, sample",
+        ),
+        (
+            lambda: flow_matching_loss(
+                zero_model, jnp.zeros((2, 2)), None, jax.random.PRNGKey(0), loss_space="x0"
+            ),
+            "prediction, velocity",
         ),
         (lambda: sample_flow_time(jax.random.PRNGKey(0), 4, "beta"), "uniform, logit_normal"),
         (lambda: sample_flow_time(jax.random.PRNGKey(0), 4, "logit_normal", 0, -1), "logit_std"),
