@@ -1,7 +1,7 @@
 """Examples/s and MFU of the real train step on one device (CPU by default, or a GPU).
 
     PYTHONPATH=. python benchmarks/train_step.py [--steps=3] [--only=dit_s2]
-        [--cases=dit_s2:256,dit_xl2:64] [--peak_size=8192]
+        [--cases=dit_s2:256,dit_xl2:64] [--peak_size=8192] [--set model.patch_size=8]
 
 Cases: the tiny DiT and CLIP of the CPU recipes, DiT-S/2 on 32x32x3 and DiT-XL/2 on 32x32x4
 latents (configs/dit_xl2_imagenet.py), class-conditional; `dit_text` is the DiT step of
@@ -19,6 +19,7 @@ default float32 matmul there runs as TF32, and so does the float32 peak).
 from __future__ import annotations
 
 import argparse
+import ast
 import time
 
 import jax
@@ -52,6 +53,24 @@ def case_config(case: str, batch: int):
             config.model.variant = "DiT-S/2"
             config.data.image_size = 32
     config.training.global_batch_size = batch
+    return config
+
+
+def apply_overrides(config, overrides: list[str]):
+    """`--set model.patch_size=8`: a recipe field set as train.py's --config.FIELD would."""
+    for item in overrides:
+        path, sep, text = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE, e.g. model.patch_size=8")
+        *parents, field = path.split(".")
+        section = config
+        for name in parents:
+            section = section[name]
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text  # a bare string, like --config.FIELD=VALUE
+        section[field] = value
     return config
 
 
@@ -140,6 +159,14 @@ def main():
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--cases", default="", help="CASE:BATCH,... instead of the CPU defaults")
     parser.add_argument("--peak_size", type=int, default=1024, help="side of the peak's matmul")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a recipe field of every case, as train.py's --config.FIELD (repeatable), e.g. "
+        "--set model.patch_size=8 --set diffusion.flow_prediction_type=sample",
+    )
     args = parser.parse_args()
     device = jax.devices()[0]
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=[device])
@@ -160,7 +187,7 @@ def main():
     for case, batch_size in cases.items():
         if args.only and case not in args.only.split(","):
             continue
-        config = case_config(case, batch_size)
+        config = apply_overrides(case_config(case, batch_size), args.set)
         flops, base = step_flops(config, mesh), None
         for name in args.variants.split(","):
             dtype, remat, scan, optimizer = VARIANTS[name]
