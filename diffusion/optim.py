@@ -4,7 +4,8 @@ Config fields (``configs/common.py: optimizer_config``): ``name`` (``'adamw'`` |
 ``learning_rate``, ``schedule``
 (``'cosine'`` | ``'constant'``), ``warmup_steps``, ``total_steps`` (or the ``total_steps``
 argument), ``end_lr_fraction``, ``weight_decay``, ``b1``, ``b2``, ``eps``, ``grad_clip_norm``
-(0 disables clipping), ``accumulation_steps`` (> 1 wraps everything in ``optax.MultiSteps``).
+(0 disables clipping), ``accumulation_steps`` (> 1 wraps everything in ``optax.MultiSteps``),
+``muon_ns_steps`` (Muon's Newton-Schulz iterations).
 
 Schedule steps count OPTIMIZER UPDATES: with accumulation, the schedule advances once per
 ``accumulation_steps`` micro-batches, and ``total_steps`` is the number of updates.
@@ -54,6 +55,7 @@ _DEFAULTS = {
     "eps": 1e-8,
     "grad_clip_norm": 0.0,
     "accumulation_steps": 1,
+    "muon_ns_steps": 5,
 }
 
 
@@ -267,6 +269,9 @@ def make_optimizer(
     schedule = learning_rate_schedule_from_config(config, total_steps)
     b1, b2, eps = (float(_field(config, k)) for k in ("b1", "b2", "eps"))
     weight_decay = float(_field(config, "weight_decay"))
+    ns_steps = int(_field(config, "muon_ns_steps"))
+    if ns_steps < 1:
+        raise UserError(f"muon_ns_steps must be >= 1 (5 in Muon's reference); got {ns_steps}")
     decay_mask = lambda params: weight_decay_mask(params, decay_names)
 
     def adamw(learning_rate):
@@ -277,7 +282,10 @@ def make_optimizer(
     def muon(learning_rate):
         hidden_matrices = optax.chain(
             optax.contrib.scale_by_muon(
-                beta=MUON_MOMENTUM, eps=eps, weight_dimension_numbers=muon_dimension_numbers
+                ns_steps=ns_steps,
+                beta=MUON_MOMENTUM,
+                eps=eps,
+                weight_dimension_numbers=muon_dimension_numbers,
             ),
             scale_to_update_rms(MUON_UPDATE_RMS),
             optax.add_decayed_weights(weight_decay, decay_mask),

@@ -211,12 +211,14 @@ def _normal_like(tree, seed):
     return jax.tree.map(lambda x: jnp.asarray(rng.normal(size=np.shape(x)), jnp.float32), tree)
 
 
-def test_muon_is_optax_muon_on_a_matrix_and_adamw_elsewhere():
+@pytest.mark.parametrize("ns_steps", [5, 3])
+def test_muon_is_optax_muon_on_a_matrix_and_adamw_elsewhere(ns_steps):
     """References: optax.contrib.muon with the consistent update RMS 0.2 of Liu et al. (2025)
-    for the matrix, optax.adamw for the bias (weight decay on the matrix only, as AdamW's)."""
+    and `muon_ns_steps` Newton-Schulz iterations for the matrix, optax.adamw for the bias
+    (weight decay on the matrix only, as AdamW's)."""
     params = {"kernel": _normal_like(jnp.zeros((8, 16)), 0), "bias": jnp.ones(16)}
-    tx = optim.make_optimizer(dict(MUON, weight_decay=0.0))
-    matrix_reference = optax.contrib.muon(1e-2, beta=0.95, consistent_rms=0.2)
+    tx = optim.make_optimizer(dict(MUON, weight_decay=0.0, muon_ns_steps=ns_steps))
+    matrix_reference = optax.contrib.muon(1e-2, beta=0.95, consistent_rms=0.2, ns_steps=ns_steps)
     rest_reference = optax.adamw(1e-2, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0)
     state = tx.init(params)
     matrix_state = matrix_reference.init({"kernel": params["kernel"]})
@@ -298,6 +300,19 @@ def test_muon_keeps_pixel_token_and_projection_layers_on_adamw():
     # The towers' blocks: not the token, position and patch embeddings, nor the projections.
     block_kernels = {n for n in _flat(clip_params) if "/blocks/" in n and n.endswith("kernel")}
     assert block_kernels and set(_muon_leaves(clip_params)) == block_kernels
+
+
+def test_muon_ns_steps_changes_the_update_and_must_be_positive():
+    params = {"kernel": _normal_like(jnp.zeros((8, 16)), 0)}
+    grads = _normal_like(params, 1)
+
+    def update(ns_steps):
+        tx = optim.make_optimizer(dict(MUON, muon_ns_steps=ns_steps))
+        return tx.update(grads, tx.init(params), params)[0]["kernel"]
+
+    assert not np.allclose(update(3), update(5), atol=1e-5)
+    with pytest.raises(ValueError, match="muon_ns_steps must be >= 1"):
+        optim.make_optimizer(dict(MUON, muon_ns_steps=0))
 
 
 def test_unknown_optimizer_is_rejected():
