@@ -37,16 +37,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         stage.optimizer.name = "muon"
         stage.optimizer.learning_rate = 2e-3
     config.clip.training.num_steps = 300
-    config.dit.training.num_steps = 800
+    config.dit.training.num_steps = 2600
     # Constant after a short warmup: decaying it (cosine) costs the DiT a fifth of its "all
     # four" at this length, 0.555 -> 0.434 (docs: run E6).
     config.dit.optimizer.schedule = "constant"
     config.dit.optimizer.warmup_steps = 30
+    config.dit.optimizer.muon_ns_steps = 3  # 5 -> 3: the step 14 % cheaper (docs: run J2)
     config.dit.sampling.guidance_scale = 4.0
     config.dit.model.word_conditioning = True  # position 0.62 -> 0.99 (docs: run W)
     # Training and sampling times toward noise, where only the prompt says what to draw:
     # shape 0.26 -> 0.48, all four 0.24 -> 0.47 at guidance 4 (docs: run T3).
     config.dit.diffusion.shift = 3.0
+    # Patch 8 (16 tokens, 2.7x cheaper steps than patch 4) with JiT's x-prediction and velocity
+    # loss: a token of width 128 cannot carry the noise of 8x8x3 = 192 pixel values, which a
+    # velocity holds, but can carry the clean patch. All four 0.52 -> 0.74 on `test` in the
+    # same time (docs: runs E15, P8X).
+    config.dit.model.patch_size = 8
+    config.dit.diffusion.flow_prediction_type = "sample"
+    config.dit.diffusion.flow_loss_space = "velocity"
     for stage in (config.clip, config.dit):
         stage.training.eval_every = 0  # the evaluate stage measures both, on 512 captions
 
