@@ -341,6 +341,12 @@ def long_prompt(env: Env, tmp):
     assert tokens.shape == (1, 32) and mask.all()  # the context is full, nothing more
 
 
+def objective_with(**diffusion_fields):
+    """The DiT objective of base_dit's config.diffusion with some fields changed."""
+    fields = base_dit.get_config().diffusion.to_dict() | diffusion_fields
+    return training.DiffusionObjective.from_config(ml_collections.ConfigDict(fields))
+
+
 def no_stale_config(env: Env, tmp):
     """A run refused by validation writes no config.json a fixed rerun would keep."""
     assert not os.path.exists(tmp / "run" / "config.json")
@@ -463,20 +469,12 @@ CASES = [
     ),
     Case(
         "unknown-flow-prediction-type",
-        lambda e, t: training.DiffusionObjective.from_config(
-            ml_collections.ConfigDict(
-                base_dit.get_config().diffusion.to_dict() | {"flow_prediction_type": "x0"}
-            )
-        ),
+        lambda e, t: objective_with(flow_prediction_type="x0"),
         ("flow_prediction_type='x0'", "valid: flow_velocity, sample"),
     ),
     Case(
         "unknown-flow-loss-space",
-        lambda e, t: training.DiffusionObjective.from_config(
-            ml_collections.ConfigDict(
-                base_dit.get_config().diffusion.to_dict() | {"flow_loss_space": "x0"}
-            )
-        ),
+        lambda e, t: objective_with(flow_loss_space="x0"),
         ("flow_loss_space='x0'", "valid: prediction, velocity"),
     ),
     Case(
