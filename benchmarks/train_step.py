@@ -19,7 +19,6 @@ default float32 matmul there runs as TF32, and so does the float32 peak).
 from __future__ import annotations
 
 import argparse
-import ast
 import time
 
 import jax
@@ -28,6 +27,7 @@ from flax import nnx
 
 from configs import base_clip, base_dit, dit_xl2_imagenet, shapes
 from diffusion import aot, metrics, models, sharding
+from diffusion import config as config_lib
 
 VARIANTS = {  # name -> (dtype, remat, scan_layers, optimizer)
     "f32": ("float32", "none", False, "adamw"),
@@ -57,20 +57,15 @@ def case_config(case: str, batch: int):
 
 
 def apply_overrides(config, overrides: list[str]):
-    """`--set model.patch_size=8`: a recipe field set as train.py's --config.FIELD would."""
+    """`--set model.patch_size=8`: a recipe field set exactly as train.py's --config.FIELD."""
     for item in overrides:
-        path, sep, text = item.partition("=")
+        field, sep, raw = item.partition("=")
         if not sep:
             raise SystemExit(f"--set {item!r}: expected FIELD=VALUE, e.g. model.patch_size=8")
-        *parents, field = path.split(".")
-        section = config
-        for name in parents:
-            section = section[name]
         try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text  # a bare string, like --config.FIELD=VALUE
-        section[field] = value
+            config_lib.apply_override(config, field, raw)
+        except config_lib.ConfigError as error:
+            raise SystemExit(f"--set {item!r}: {error}") from None
     return config
 
 

@@ -47,13 +47,13 @@ def optimizer_config() -> ml_collections.ConfigDict:
     c.end_lr_fraction = 0.0  # Final learning rate as a fraction of the peak (cosine only).
     c.weight_decay = 0.0  # Decoupled weight decay on matrices (not norms, biases, embeddings).
     c.b1 = 0.9  # AdamW first-moment decay.
-    # Muon's Newton-Schulz iterations (5 in its reference; each costs matmuls of every hidden
-    # matrix, a large part of a tiny model's step).
-    c.muon_ns_steps = 5
     c.b2 = 0.999  # AdamW second-moment decay.
     c.eps = 1e-8  # AdamW epsilon.
     c.grad_clip_norm = 1.0  # Global-norm gradient clipping (0 disables it).
     c.accumulation_steps = 1  # Micro-batches per update (optax.MultiSteps) when > 1.
+    # Muon's Newton-Schulz iterations (5 in its reference; each costs matmuls of every hidden
+    # matrix, a large part of a tiny model's step).
+    c.muon_ns_steps = 5
     return c
 
 

@@ -196,7 +196,7 @@ def diffusion_loss(
 FLOW_PREDICTION_TYPES = ("flow_velocity", "sample")
 FLOW_LOSS_SPACES = ("prediction", "velocity")
 # JiT's floor on t when an x0 prediction is turned into a velocity, u_hat = (x_t - x0_hat) / t:
-# it bounds the velocity loss's weight 1 / t^2 on nearly clean inputs (Li & He 2025, sec. 3).
+# it bounds the velocity loss's weight 1 / t^2 on nearly clean inputs (Li & He 2025).
 VELOCITY_MIN_T = 0.05
 
 
