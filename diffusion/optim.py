@@ -219,6 +219,90 @@ def _is_dimension_numbers(x: Any) -> bool:
     return x is None or isinstance(x, optax.contrib.MuonDimensionNumbers | optax.MaskedNode)
 
 
+def scale_by_muon(
+    ns_steps: int, beta: float, eps: float, weight_dimension_numbers
+) -> optax.GradientTransformation:
+    """``optax.contrib.scale_by_muon`` (Nesterov momentum, then Newton-Schulz), with the matrices
+    of one shape orthogonalised together: one batched product per iteration and shape instead of
+    one per parameter (the default DiT's 51 hidden matrices in 8 groups: its compiled step has
+    2552 XLA ops instead of 3578). Optax's update to float rounding and optax's state
+    (``MuonState``), so checkpoints of either restore into the other.
+
+    Only parameters of equal shape and equal ``MuonDimensionNumbers`` share a group: they carry
+    the same logical axes, hence the same sharding, so stacking them moves no data on a mesh.
+    """
+    reference = optax.contrib.scale_by_muon(
+        ns_steps=ns_steps, beta=beta, eps=eps, weight_dimension_numbers=weight_dimension_numbers
+    )
+
+    def update_fn(updates, state, params=None):
+        del params
+        mu = optax.tree.update_moment(updates, state.mu, beta, 1)
+        count = optax.safe_increment(state.count)
+        nesterov = jax.tree.map(
+            lambda m, g: beta * m + (1 - beta) * g,
+            optax.tree.bias_correction(mu, beta, optax.safe_increment(count)),
+            optax.tree.bias_correction(updates, beta, count),
+        )
+        coeffs = state.ns_coeffs
+        if coeffs.ndim == 1:  # one set of coefficients for every iteration
+            coeffs = jnp.broadcast_to(coeffs, (ns_steps, 3))
+        orthogonal = _orthogonalize_by_shape(
+            nesterov, weight_dimension_numbers(updates), coeffs, eps
+        )
+        return orthogonal, state._replace(count=count, mu=mu)
+
+    return optax.GradientTransformation(reference.init, update_fn)
+
+
+def _orthogonalize_by_shape(updates: Any, dims: Any, coeffs: jax.Array, eps: float) -> Any:
+    """Newton-Schulz on every leaf of ``updates`` that ``dims`` names a matrix, one batch per
+    (shape, dtype, dimension numbers); other leaves (optax's MaskedNode) pass through."""
+    dim_leaves, treedef = jax.tree.flatten(dims, is_leaf=_is_dimension_numbers)
+    leaves = treedef.flatten_up_to(updates)
+    groups: dict[tuple, list[int]] = {}
+    for index, (dim, leaf) in enumerate(zip(dim_leaves, leaves, strict=True)):
+        if isinstance(dim, optax.contrib.MuonDimensionNumbers):
+            groups.setdefault((leaf.shape, leaf.dtype, dim), []).append(index)
+    out = list(leaves)
+    for (shape, _, dim), indices in groups.items():
+        to_matrices, from_matrices = _matrix_view(shape, dim)
+        stacked = jnp.concatenate([to_matrices(leaves[i]) for i in indices])  # (n * batch, r, o)
+        orthogonal = _newton_schulz(stacked, coeffs, eps)
+        for index, part in zip(indices, jnp.split(orthogonal, len(indices)), strict=True):
+            out[index] = from_matrices(part)
+    return treedef.unflatten(out)
+
+
+def _matrix_view(shape: tuple[int, ...], dims) -> tuple[Any, Any]:
+    """Functions between an array of ``shape`` and its (batch, reduction, output) matrices."""
+    ndim = len(shape)
+    reduction = tuple(a % ndim for a in _as_tuple(dims.reduction_axis))
+    output = tuple(a % ndim for a in _as_tuple(dims.output_axis))
+    batch = tuple(a for a in range(ndim) if a not in reduction + output)
+    order = batch + reduction + output
+    inverse_order = tuple(order.index(a) for a in range(ndim))
+    size = lambda axes: math.prod(shape[a] for a in axes)
+    flat = (size(batch), size(reduction), size(output))
+    ordered_shape = tuple(shape[a] for a in order)
+    to_matrices = lambda x: x.transpose(order).reshape(flat)
+    from_matrices = lambda m: m.reshape(ordered_shape).transpose(inverse_order)
+    return to_matrices, from_matrices
+
+
+def _newton_schulz(x: jax.Array, coeffs: jax.Array, eps: float) -> jax.Array:
+    """Muon's quintic Newton-Schulz iteration on a batch of matrices (b, m, n): each scaled to
+    Frobenius norm 1, then X <- a X + (b A + c A^2) X with A = X X^T, one row of ``coeffs``
+    (iterations, 3) per iteration, on the wider side (as optax: the result transposes)."""
+    wide = x.shape[1] <= x.shape[2]
+    x = x if wide else x.mT
+    x = x / (jnp.linalg.norm(x, axis=(1, 2), keepdims=True) + eps)
+    for a, b, c in coeffs.astype(x.dtype):
+        gram = x @ x.mT  # (batch, m, m)
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x if wide else x.mT
+
+
 def scale_to_update_rms(rms: float) -> optax.GradientTransformation:
     """Scales each orthogonalised update (all singular values ~1, so an RMS of
     1 / sqrt(max(fan_in, fan_out))) to the RMS ``rms``."""
@@ -281,7 +365,7 @@ def make_optimizer(
 
     def muon(learning_rate):
         hidden_matrices = optax.chain(
-            optax.contrib.scale_by_muon(
+            scale_by_muon(
                 ns_steps=ns_steps,
                 beta=MUON_MOMENTUM,
                 eps=eps,

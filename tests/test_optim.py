@@ -318,3 +318,21 @@ def test_muon_ns_steps_changes_the_update_and_must_be_positive():
 def test_unknown_optimizer_is_rejected():
     with pytest.raises(ValueError, match="unknown optimizer name 'lion'; valid"):
         optim.make_optimizer(dict(BASE, name="lion"))
+
+
+def test_muon_orthogonalises_equal_shapes_in_one_batch():
+    """The DiT's hidden matrices share a few shapes; Newton-Schulz runs once per shape (three
+    products per iteration), not once per parameter as in optax.contrib.scale_by_muon."""
+    params = _dit_params(scan_layers=False)
+    tx = optim.make_optimizer(dict(MUON, muon_ns_steps=3))
+    jaxpr = jax.make_jaxpr(lambda g: tx.update(g, tx.init(params), params))(params)
+    products = sum(e.primitive.name == "dot_general" for e in jaxpr.jaxpr.eqns)
+    shapes = {(leaf.shape, dims) for leaf, dims in _muon_matrices(params)}
+    assert len(shapes) < len(_muon_leaves(params)) / 3  # grouping has something to do
+    assert products == 3 * 3 * len(shapes)
+
+
+def _muon_matrices(params):
+    dims = optim.muon_dimension_numbers(params)
+    pairs = zip(_flat(params).values(), _flat(dims).values(), strict=True)
+    return [(leaf, d) for leaf, d in pairs if d is not None]
