@@ -170,6 +170,15 @@ def prepare_tokenizer(tokenizer_config, source, split: str, directory: str):
             captions, directory, tokenizer_config.vocab_size
         )
         print(f"trained a {len(tokenizer)}-token BPE on {len(captions)} captions -> {directory}")
+        context = tokenizer_config.context_length
+        longest, distinct, cut = data_lib.longest_caption(tokenizer, captions, context)
+        if cut:  # a context sized to the data (configs/shapes.py) must not silently cut captions
+            print(
+                f"warning: {cut} of {distinct} distinct captions are longer than "
+                f"config.tokenizer.context_length={context} tokens (the longest has {longest}) "
+                f"and are cut; --config.tokenizer.context_length={longest} keeps them whole.",
+                flush=True,
+            )
     distributed.barrier("tokenizer ready")
     return data_lib.load_tokenizer(directory)
 

@@ -83,6 +83,16 @@ def test_truncation_keeps_the_end_token(caption_tokenizer):
     assert mask.all()
 
 
+def test_longest_caption_counts_the_captions_a_context_would_cut(caption_tokenizer):
+    captions = ["a red circle", "a small blue star on the left", LONG_CAPTION, "a red circle"]
+    lengths = {text: len(caption_tokenizer(text)["input_ids"]) for text in set(captions)}
+    longest = max(lengths.values())
+    assert tokenizer.longest_caption(caption_tokenizer, captions, longest) == (longest, 3, 0)
+    short = lengths["a small blue star on the left"]  # cuts only the long caption
+    assert tokenizer.longest_caption(caption_tokenizer, captions, short) == (longest, 3, 1)
+    assert tokenizer.longest_caption(caption_tokenizer, captions, 2) == (longest, 3, 3)
+
+
 def test_unknown_characters_do_not_crash_and_round_trip(caption_tokenizer):
     ids, mask = tokenizer.tokenize(caption_tokenizer, UNUSUAL_TEXTS, context_length=64)
     assert ids.max() < len(caption_tokenizer)

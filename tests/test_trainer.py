@@ -14,6 +14,7 @@ import pytest
 
 from configs import base_clip, base_dit
 from diffusion import checkpoints, metrics, trainer, training
+from diffusion import data as data_lib
 from diffusion.errors import UserError
 
 MESHES = {
@@ -382,3 +383,20 @@ def test_class_conditional_training_is_refused_with_the_way_out(data_dir, clip_r
     with pytest.raises(UserError, match=r"num_classes=10.*aot_topology.*num_classes=0"):
         trainer.train(config, str(tmp_path))
     assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_a_trained_tokenizer_warns_about_the_captions_its_context_cuts(data_dir, tmp_path, capsys):
+    config = tiny("clip", data_dir)
+    source, _ = trainer.prepare_source(config.data, config.seed)
+    captions = trainer.read_captions(source, "train")
+    config.tokenizer.context_length = 8
+    tokenizer = trainer.prepare_tokenizer(config.tokenizer, source, "train", str(tmp_path / "a"))
+    longest, distinct, cut = data_lib.longest_caption(tokenizer, captions, 8)
+    assert cut > 0
+    assert (
+        f"warning: {cut} of {distinct} distinct captions are longer than "
+        f"config.tokenizer.context_length=8 tokens (the longest has {longest})"
+    ) in capsys.readouterr().out
+    config.tokenizer.context_length = longest  # every caption whole: no warning
+    trainer.prepare_tokenizer(config.tokenizer, source, "train", str(tmp_path / "b"))
+    assert "warning" not in capsys.readouterr().out

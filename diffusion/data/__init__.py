@@ -12,12 +12,18 @@ from diffusion.data.pipeline import (
     tfds_name,
     to_global_batch,
 )
-from diffusion.data.tokenizer import load_tokenizer, tokenize, train_caption_tokenizer
+from diffusion.data.tokenizer import (
+    load_tokenizer,
+    longest_caption,
+    tokenize,
+    train_caption_tokenizer,
+)
 
 __all__ = [
     "SourceConfig",
     "build_dataset",
     "load_tokenizer",
+    "longest_caption",
     "make_input_pipeline",
     "tfds_name",
     "to_global_batch",

@@ -136,6 +136,16 @@ def _pad_id(tokenizer: transformers.PreTrainedTokenizerBase) -> int:
     return 0
 
 
+def longest_caption(
+    tokenizer: transformers.PreTrainedTokenizerBase, captions: Iterable[str], context_length: int
+) -> tuple[int, int, int]:
+    """(tokens of the longest caption, start and end tokens included; distinct captions; how
+    many of them `tokenize` would cut at `context_length`)."""
+    distinct = sorted(set(captions))
+    lengths = [len(ids) for ids in _encode_with_special_tokens(tokenizer, distinct)]
+    return max(lengths, default=0), len(distinct), sum(n > context_length for n in lengths)
+
+
 def _encode_with_special_tokens(
     tokenizer: transformers.PreTrainedTokenizerBase, texts: list[str]
 ) -> list[list[int]]:
