@@ -1,0 +1,97 @@
+"""Step time of `make train`'s DiT step under recipe overrides, interleaved in one process.
+
+    PYTHONPATH=. python benchmarks/recipe_variants.py [--rounds=4] [--steps=25] \
+        'default:' 'context 32:tokenizer.context_length=32' 'ns 3:optimizer.muon_ns_steps=3' \
+        'optax muon:@optax_muon'
+
+Each argument is NAME:FIELD=VALUE,FIELD=VALUE (fields of configs/shapes.py's `dit` section, set
+as train.py's --config.dit.FIELD), or NAME:@optax_muon for the default step with
+optax.contrib.scale_by_muon (one Newton-Schulz per matrix) in place of `optim.scale_by_muon`
+(batched by shape). All variants are compiled first; then each runs `--steps` steps back to
+back (dispatched asynchronously, as in train.py's loop), in turn, for `--rounds` rounds. The
+table gives the mean step time and its ratio to the first variant: round-robin means, not a
+best-of-N, because this machine's speed drifts by 10 % within minutes and the loop runs at the
+mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import train_step  # noqa: E402  (the benchmark beside this one builds the same step)
+
+from diffusion import optim, sharding  # noqa: E402
+
+OPTAX_MUON = "@optax_muon"
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    name, sep, fields = text.partition(":")
+    if not sep or not name:
+        raise SystemExit(f"{text!r}: expected NAME:FIELD=VALUE,... (or NAME: for the default)")
+    return name, [f for f in fields.split(",") if f]
+
+
+def compile_variant(overrides: list[str], mesh):
+    """(compiled step, state, batch, frozen state, global batch) of the dit_text case."""
+    config = train_step.case_config("dit_text", 64)
+    use_optax = OPTAX_MUON in overrides
+    train_step.apply_overrides(config, [o for o in overrides if o != OPTAX_MUON])
+    grouped = optim.scale_by_muon
+    if use_optax:  # make_optimizer looks the function up when it builds the chain
+        optim.scale_by_muon = optax.contrib.scale_by_muon
+    try:
+        trainer, state, batch = train_step.build(config, mesh)
+        compiled = trainer.compiled_step(state, batch)
+    finally:
+        optim.scale_by_muon = grouped
+    return [compiled, state, batch, trainer.frozen_state, config.training.global_batch_size]
+
+
+def run_steps(variant: list, steps: int) -> float:
+    """Mean seconds per step over `steps` steps dispatched back to back; keeps the new state."""
+    compiled, state, batch, frozen, _ = variant
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, out = compiled(state, batch, frozen)
+    jax.block_until_ready(out)
+    variant[1] = state
+    return (time.perf_counter() - start) / steps
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("variants", nargs="+", help="NAME:FIELD=VALUE,... (first: baseline)")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=25)
+    args = parser.parse_args()
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    variants = {}
+    for text in args.variants:
+        name, overrides = parse_variant(text)
+        variants[name] = compile_variant(overrides, mesh)
+    for variant in variants.values():
+        run_steps(variant, 3)  # warm-up
+    times = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, variant in variants.items():
+            times[name].append(run_steps(variant, args.steps))
+    baseline = np.mean(next(iter(times.values())))
+    print(f"{'variant':24s} {'step (s)':>9s} {'vs first':>9s} {'examples/s':>11s}  rounds")
+    for name, values in times.items():
+        mean = float(np.mean(values))
+        examples = variants[name][4] / mean
+        rounds = " ".join(f"{v:.3f}" for v in values)
+        print(f"{name:24s} {mean:9.4f} {baseline / mean:8.2f}x {examples:11.1f}  {rounds}")
+
+
+if __name__ == "__main__":
+    main()
