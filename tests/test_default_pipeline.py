@@ -105,9 +105,9 @@ def test_sample_items_cover_prompts_and_negative_examples_with_stable_lines():
     "best, checked, expected",
     [
         (1.0, 3.0, (1.0, 3.0)),
-        (1.0, None, (1.0, 4.0)),
+        (1.0, None, (1.0, 3.0)),
         (3.0, 6.0, (3.0, 3.0)),
-        (None, None, (4.0, 4.0)),
+        (None, None, (3.0, 3.0)),
     ],
 )
 def test_negative_examples_of_the_grid_are_guided_where_the_best_scale_is_one(
@@ -116,7 +116,7 @@ def test_negative_examples_of_the_grid_are_guided_where_the_best_scale_is_one(
     """At scale 1 the unconditional branch, where the negative prompt sits, cancels out of
     uncond + w (cond - uncond), so the grid's negative rows would equal the plain prompt's:
     they take the scale of the evaluation's negative-prompt check, or else the configured
-    one (4). Above 1 the grid's scale serves both; no evaluation: the configured scale."""
+    one (3). Above 1 the grid's scale serves both; no evaluation: the configured scale."""
     config = config_lib.load_config(os.path.join(REPO, "configs", "shapes.py"))
     if best is not None:
         os.makedirs(tmp_path / "eval" / "dit")
