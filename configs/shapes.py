@@ -21,8 +21,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.tokenizer = common.tokenizer_config()  # One tokenizer for all stages.
     # The longest caption of the shapes data is 19 tokens (start and end included; train.py warns
     # when a context cuts captions). 32 -> 20: the DiT's cross-attention keys (caption states and
-    # words) 64 -> 40 per image, the DiT step 12 % cheaper; CLIP's metrics are unchanged to the
-    # digit (its causal text tower never attends to padding). Docs: run K1.
+    # words) 64 -> 40 per image, the DiT step 7-12 % cheaper (docs/performance.md); CLIP's
+    # metrics are unchanged to the digit (its causal text tower never attends to padding).
+    # Docs: run K1.
     config.tokenizer.context_length = 20
 
     config.clip = base_clip.get_config(arg)  # Stage 1: contrastive text and image towers.
@@ -33,7 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         stage.tokenizer = config.tokenizer
         stage.seed = config.get_ref("seed")
     # Tuned for a 2-core CPU against the 15-minute budget of the whole pipeline (docs/
-    # default_recipe.md, run K2). Muon on the hidden matrices (AdamW on the
+    # default_recipe.md, run K3). Muon on the hidden matrices (AdamW on the
     # rest) learns faster per step than AdamW alone: at 1000 DiT steps all four 0.47 -> 0.62
     # (runs E0, E1), CLIP's zero-shot position 0.25 -> 0.59 and recall@1 0.24 -> 0.48 at 300
     # steps (run C1), for 8-12 % more time per step. DiT steps buy the most (runs T3-2k,
@@ -48,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.dit.optimizer.schedule = "constant"
     config.dit.optimizer.warmup_steps = 30
     # Muon's usual 5 Newton-Schulz iterations (3 in run J2): since they run batched by shape, 5
-    # cost 7 % more than 3, and 3000 steps at 3 reach less than 2700 at 5 (docs: runs S1, J1x).
+    # cost 7-16 % more than 3, and 3000 steps at 3 reach less than 2700 at 5 (docs: runs S1, J1x).
     config.dit.sampling.guidance_scale = 3.0  # the sweep's best (docs: run K2)
     config.dit.model.word_conditioning = True  # position 0.62 -> 0.99 (docs: run W)
     # Training and sampling times toward noise, where only the prompt says what to draw:
