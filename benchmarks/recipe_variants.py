@@ -49,11 +49,10 @@ def compile_variant(overrides: list[str], mesh):
     if use_optax:  # make_optimizer looks the function up when it builds the chain
         optim.scale_by_muon = optax.contrib.scale_by_muon
     try:
-        trainer, state, batch = train_step.build(config, mesh)
-        compiled = trainer.compiled_step(state, batch)
+        compiled, state, batch, frozen, _ = train_step.compile_step(config, mesh)
     finally:
         optim.scale_by_muon = grouped
-    return [compiled, state, batch, trainer.frozen_state, config.training.global_batch_size]
+    return [compiled, state, batch, frozen, config.training.global_batch_size]
 
 
 def run_steps(variant: list, steps: int) -> float:
