@@ -2,8 +2,12 @@
 
 import os
 
+# The tests run tiny models, whose time goes to XLA compiling them, not to running them: LLVM's
+# optimisation level 0 compiles a tiny DiT train step about 40 % faster (and is inherited by the
+# train.py / sample.py processes the tests spawn). Real runs keep XLA's default level.
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
