@@ -6,7 +6,9 @@ that the test can read what XLA's SPMD partitioner logs while partitioning the r
 
 import os
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+from conftest import xla_flags  # this script runs from tests/, so conftest is importable
+
+os.environ["XLA_FLAGS"] = xla_flags(8)
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
 

@@ -20,6 +20,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import xla_flags
 from test_trainer import _load_params
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +61,7 @@ def _train_args(workdir, data_dir, num_steps, checkpoint_every):
 
 def _env():
     """One CPU device per process."""
-    return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    return {**os.environ, "XLA_FLAGS": xla_flags(1)}
 
 
 def _spawn(args, log_path):

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import multiprocess_worker as worker
 import numpy as np
 import pytest
+from conftest import xla_flags
 from flax import nnx
 from jax.sharding import AxisType, PartitionSpec
 
@@ -312,7 +313,7 @@ def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ)
     env.update(
-        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        XLA_FLAGS=xla_flags(4),
         JAX_PLATFORMS="cpu",
         PYTHONPATH=os.pathsep.join([repo, os.path.join(repo, "tests")]),
     )

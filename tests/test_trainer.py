@@ -11,6 +11,7 @@ import os
 import jax
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 from configs import base_clip, base_dit
 from diffusion import checkpoints, metrics, trainer, training
@@ -284,7 +285,7 @@ def test_two_processes_of_four_devices_train_like_one_process_of_eight(data_dir,
         "--config.optimizer.learning_rate=1e-3", "--config.mesh.data=8",
         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
     ]  # fmt: skip
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(4)}
     processes = [
         subprocess.Popen(
             [*args, f"--process_id={i}"],
