@@ -24,6 +24,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.patch_size = placeholder(int)  # Patch side (image tower); None: the variant's.
     config.model.vision_width = placeholder(int)  # Width of the image tower; None: the variant's.
     config.model.vision_depth = placeholder(int)  # Blocks of the image tower; None: the variant's.
+    config.model.vision_stem = placeholder(str)  # "patch" or "conv"; None: the variant's.
     config.model.text_width = placeholder(int)  # Width of the text tower; None: the variant's.
     config.model.text_depth = placeholder(int)  # Blocks of the text tower; None: the variant's.
     config.model.dtype = "float32"  # Compute dtype ("bfloat16" on TPU); parameters stay float32.

@@ -34,6 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.word_conditioning = False
     # A 3x3 convolution after the patch decoder (U-ViT; DiTConfig.output_conv).
     config.model.output_conv = False
+    config.model.input_stem = placeholder(str)  # "patch" or "conv" (ConvStem); None: the variant's.
     config.model.num_classes = 0  # > 0: class-conditional DiT (AOT recipes only, not train.py).
 
     config.text_encoder = ml_collections.ConfigDict()

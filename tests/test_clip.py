@@ -59,6 +59,10 @@ def test_variant_table_and_config_errors():
         clip_config("tiny", depth=3)
     with pytest.raises(ValueError, match="image_size 30 is not divisible by patch_size 4"):
         clip_config("tiny", image_size=30)
+    with pytest.raises(ValueError, match="unknown vision_stem 'hybrid'"):
+        clip_config("tiny", vision_stem="hybrid")
+    with pytest.raises(ValueError, match="power of two.*got 6"):
+        clip_config("tiny", vision_stem="conv", image_size=36, patch_size=6)
 
 
 @pytest.fixture(scope="module")
@@ -141,11 +145,11 @@ def test_scan_layers_gives_the_same_embeddings_for_the_same_weights(model):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
-def test_every_parameter_has_logical_axes(scan_layers):
-    model = nnx.eval_shape(
-        lambda: CLIP(clip_config("tiny", scan_layers=scan_layers), rngs=nnx.Rngs(0))
-    )
+@pytest.mark.parametrize(
+    "overrides", [{}, {"scan_layers": True}, {"vision_stem": "conv"}], ids=["", "scan", "conv"]
+)
+def test_every_parameter_has_logical_axes(overrides):
+    model = nnx.eval_shape(lambda: CLIP(clip_config("tiny", **overrides), rngs=nnx.Rngs(0)))
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
     assert len(flat) > 30
     for path, variable in flat:
@@ -156,7 +160,12 @@ def test_every_parameter_has_logical_axes(scan_layers):
 
 
 @pytest.mark.parametrize(
-    "name, overrides", [("clip_tiny", {}), ("clip_tiny_scan", {"scan_layers": True})]
+    "name, overrides",
+    [
+        ("clip_tiny", {}),
+        ("clip_tiny_scan", {"scan_layers": True}),
+        ("clip_tiny_conv_stem", {"vision_stem": "conv"}),
+    ],
 )
 def test_logical_axes_snapshot(name, overrides):
     model = nnx.eval_shape(lambda: CLIP(clip_config("tiny", **overrides), rngs=nnx.Rngs(0)))

@@ -66,6 +66,10 @@ def test_variant_table_and_config_errors():
         dit_config("tiny", hidden=3)
     with pytest.raises(ValueError, match="unknown conditioning 'audio'"):
         dit_config("tiny", conditioning="audio")
+    with pytest.raises(ValueError, match="unknown input_stem 'hybrid'"):
+        dit_config("tiny", input_stem="hybrid")
+    with pytest.raises(ValueError, match="power of two.*got 6"):
+        dit_config("tiny", input_stem="conv", patch_size=6)
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,7 +167,7 @@ def test_output_conv_is_a_convolution_of_the_plain_dit_output():
     np.testing.assert_allclose(np.asarray(out), expected, atol=1e-4)
 
 
-def test_config_model_output_conv_reaches_both_model_builders():
+def test_config_model_output_conv_and_input_stem_reach_both_model_builders():
     from configs import base_dit
     from diffusion import aot, trainer
 
@@ -173,8 +177,12 @@ def test_config_model_output_conv_reaches_both_model_builders():
     assert not trainer.dit_model_config(config, tower).output_conv
     config.model.output_conv = True
     assert trainer.dit_model_config(config, tower).output_conv
+    assert trainer.dit_model_config(config, tower).input_stem == "patch"
+    config.model.input_stem = "conv"
+    assert trainer.dit_model_config(config, tower).input_stem == "conv"
     config.model.num_classes = 10  # aot.py's class-conditional recipes
     assert aot.dit_model_config(config, None).output_conv
+    assert aot.dit_model_config(config, None).input_stem == "conv"
 
 
 def test_text_conditioning_is_used_and_padding_is_ignored():
@@ -300,7 +308,7 @@ def test_bfloat16_compute_keeps_float32_params():
 def test_every_parameter_has_logical_axes(scan_layers, conditioning):
     config = dit_config(
         "tiny", scan_layers=scan_layers, conditioning=conditioning, output_conv=True,
-        word_conditioning=conditioning == "text",
+        word_conditioning=conditioning == "text", input_stem="conv" if scan_layers else "patch",
     )  # fmt: skip
     model = nnx.eval_shape(lambda: DiT(config, rngs=nnx.Rngs(0)))
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))

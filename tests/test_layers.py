@@ -245,3 +245,55 @@ def test_make_param_rejects_unknown_axis_names():
         layers.make_param(nnx.Rngs(0), layers.zeros, (2, 2), ("embed", "data"))
     with pytest.raises(ValueError, match="unknown remat policy 'most'"):
         layers.resolve_remat_policy("most")
+
+
+def numpy_stride2_convolution(images, kernel, bias):
+    """float64 reference: a 3x3 stride-2 cross-correlation, one pixel of zero padding per side
+    (PyTorch's Conv2d(kernel_size=3, stride=2, padding=1)), NHWC images, HWIO kernel."""
+    images, kernel = np.asarray(images, np.float64), np.asarray(kernel, np.float64)
+    padded = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    height, width = images.shape[1] // 2, images.shape[2] // 2
+    out = np.zeros((images.shape[0], height, width, kernel.shape[-1]))
+    for dy in range(3):
+        for dx in range(3):
+            out += padded[:, dy : dy + 2 * height : 2, dx : dx + 2 * width : 2] @ kernel[dy, dx]
+    return out + np.asarray(bias, np.float64)
+
+
+def numpy_gelu(x):
+    """The tanh approximation of GELU (jax.nn.gelu's default), in float64."""
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def test_conv_stem_matches_a_float64_reference_and_keeps_the_patch_grid():
+    rng = np.random.default_rng(6)
+    images = jnp.asarray(rng.normal(size=(2, 8, 12, 3)), jnp.float32)
+    stem = layers.ConvStem(4, 3, 16, rngs=nnx.Rngs(0))
+    # Xiao et al.'s channels: doubling up to width / 2 (here 4, 8), then the projection.
+    assert [k.shape for k in stem.kernels] == [(3, 3, 3, 4), (3, 3, 4, 8)]
+    x = np.asarray(images, np.float64)
+    for kernel, bias in zip(stem.kernels, stem.biases, strict=True):
+        x = numpy_gelu(numpy_stride2_convolution(x, kernel[...], bias[...]))
+    proj = np.asarray(stem.proj.kernel[...], np.float64), np.asarray(stem.proj.bias[...])
+    expected = x.reshape(2, 2 * 3, 8) @ proj[0] + proj[1]  # one token per 4x4 cell, row-major
+    tokens = stem(images)
+    assert tokens.shape == layers.PatchEmbed(4, 3, 16, rngs=nnx.Rngs(0))(images).shape
+    np.testing.assert_allclose(np.asarray(tokens), expected, atol=1e-4)
+
+
+def test_conv_stem_tokens_see_their_cell_and_its_neighbours_only():
+    images = jnp.zeros((1, 32, 32, 3))
+    stem = layers.ConvStem(4, 3, 16, rngs=nnx.Rngs(1))
+    row, col = 13, 22  # in cell (3, 5) of the 8x8 grid of 4x4 cells
+    changed = np.any(stem(images.at[0, row, col].set(1.0)) != stem(images), axis=-1)
+    changed_cells = {divmod(int(t), 8) for t in np.flatnonzero(changed[0])}
+    assert (3, 5) in changed_cells
+    assert all(abs(r - 3) <= 1 and abs(c - 5) <= 1 for r, c in changed_cells), changed_cells
+
+
+def test_conv_stem_needs_a_power_of_two_patch():
+    assert layers.conv_stem_depth(16) == 4  # ViT-B/16: Xiao's four stride-2 convolutions
+    with pytest.raises(ValueError, match="power of two"):
+        layers.ConvStem(6, 3, 16, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="not divisible by 4"):
+        layers.ConvStem(4, 3, 18, rngs=nnx.Rngs(0))

@@ -300,6 +300,12 @@ def test_muon_keeps_pixel_token_and_projection_layers_on_adamw():
     # The towers' blocks: not the token, position and patch embeddings, nor the projections.
     block_kernels = {n for n in _flat(clip_params) if "/blocks/" in n and n.endswith("kernel")}
     assert block_kernels and set(_muon_leaves(clip_params)) == block_kernels
+    # A convolutional stem is the patch embedding's replacement: it stays on AdamW too.
+    with nnx.use_eager_sharding(False):
+        conv_stem = clip.CLIP(clip.CLIPConfig(vision_stem="conv"), rngs=nnx.Rngs(0))
+    conv_params = nnx.state(conv_stem, nnx.Param)
+    assert any("/patch_embed/kernels/" in n for n in _flat(conv_params))
+    assert set(_muon_leaves(conv_params)) == block_kernels
 
 
 def test_muon_ns_steps_changes_the_update_and_must_be_positive():

@@ -50,10 +50,18 @@ def dit_config(variant: str = "tiny", **overrides) -> DiTConfig:
     return _config_from_table(DiTConfig, DIT_VARIANTS, "DiT", variant, overrides)
 
 
-# Size fields a recipe's config.model may set on top of its variant (None keeps the variant's).
+# Size and stem fields a recipe's config.model may set on top of its variant (None keeps the
+# variant's).
 SIZE_FIELDS = {
-    "clip": ("patch_size", "vision_width", "vision_depth", "text_width", "text_depth"),
-    "dit": ("patch_size", "width", "depth", "num_heads"),
+    "clip": (
+        "patch_size",
+        "vision_width",
+        "vision_depth",
+        "vision_stem",
+        "text_width",
+        "text_depth",
+    ),
+    "dit": ("patch_size", "width", "depth", "num_heads", "input_stem"),
 }
 
 

@@ -30,6 +30,9 @@ from diffusion.models.layers import ACTIVATION_AXES, constrain
 # ============================================================================================
 
 VISION_POOLING = ("class", "mean")
+# How the image tower turns pixels into tokens: a linear map of each patch (ViT), or 3x3
+# stride-2 convolutions first (Xiao et al. 2021; layers.ConvStem).
+VISION_STEMS = ("patch", "conv")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +48,7 @@ class CLIPConfig:
     vision_heads: int = 4  # attention heads of the image tower
     vision_mlp_dim: int = 512  # hidden units of the image MLPs
     vision_pooling: str = "class"  # 'class' token (OpenAI) or 'mean' of the patch tokens
+    vision_stem: str = "patch"  # 'patch' (linear patchify, OpenAI) or 'conv' (layers.ConvStem)
     # Text tower (causal transformer).
     vocab_size: int = 1000  # token vocabulary size
     context_length: int = 32  # maximum tokens per caption (position table rows)
@@ -83,6 +87,10 @@ class CLIPConfig:
             raise ValueError(
                 f"unknown vision_pooling {self.vision_pooling!r}; valid: {VISION_POOLING}"
             )
+        if self.vision_stem not in VISION_STEMS:
+            raise ValueError(f"unknown vision_stem {self.vision_stem!r}; valid: {VISION_STEMS}")
+        if self.vision_stem == "conv":
+            layers.conv_stem_depth(self.patch_size)
         if len(self.pixel_mean) != self.in_channels or len(self.pixel_std) != self.in_channels:
             raise ValueError(
                 f"pixel_mean {self.pixel_mean} / pixel_std {self.pixel_std} need "
@@ -180,9 +188,12 @@ class VisionTower(nnx.Module):
         self.config = c
         self.dtype = dtype
         scale = c.vision_width**-0.5  # OpenAI's init scale for class and position embeddings
-        self.patch_embed = layers.PatchEmbed(
-            c.patch_size, c.in_channels, c.vision_width, use_bias=False, **kw
-        )
+        if c.vision_stem == "conv":
+            self.patch_embed = layers.ConvStem(c.patch_size, c.in_channels, c.vision_width, **kw)
+        else:
+            self.patch_embed = layers.PatchEmbed(
+                c.patch_size, c.in_channels, c.vision_width, use_bias=False, **kw
+            )
         num_tokens = c.num_patches
         class_embedding = None
         if c.vision_pooling == "class":

@@ -27,6 +27,7 @@ from diffusion.models import layers
 from diffusion.models.layers import ACTIVATION_AXES, constrain
 
 CONDITIONING = ("text", "class", "none")
+INPUT_STEMS = ("patch", "conv")  # DiTConfig.input_stem
 
 
 # ============================================================================================
@@ -58,6 +59,9 @@ class DiTConfig:
     # A 3x3 convolution on the unpatchified output (U-ViT), identity at init: output pixels
     # mix across patch borders, which the per-patch linear decoder cannot (seams, outlines).
     output_conv: bool = False
+    # How noisy pixels become tokens: 'patch' (DiT's linear patchify) or 'conv' (3x3 stride-2
+    # convolutions first, layers.ConvStem; tokens then see across patch borders).
+    input_stem: str = "patch"
     time_scale: float = 1000.0  # t in [0, 1] is embedded as t * time_scale
     frequency_dim: int = 256  # sinusoidal frequencies of the timestep embedding
     norm_eps: float = 1e-6  # LayerNorm epsilon (DiT)
@@ -72,6 +76,10 @@ class DiTConfig:
             raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
         if self.width % 4:
             raise ValueError(f"width {self.width} must be divisible by 4 (2-D sin-cos positions)")
+        if self.input_stem not in INPUT_STEMS:
+            raise ValueError(f"unknown input_stem {self.input_stem!r}; valid: {INPUT_STEMS}")
+        if self.input_stem == "conv":
+            layers.conv_stem_depth(self.patch_size)
         if self.conditioning not in CONDITIONING:
             raise ValueError(f"unknown conditioning {self.conditioning!r}; valid: {CONDITIONING}")
         layers.resolve_dtype(self.dtype)
@@ -241,7 +249,8 @@ class DiT(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.config = c
         self.dtype = dtype
-        self.patch_embed = layers.PatchEmbed(c.patch_size, c.in_channels, c.width, **kw)
+        stem = layers.ConvStem if c.input_stem == "conv" else layers.PatchEmbed
+        self.patch_embed = stem(c.patch_size, c.in_channels, c.width, **kw)
         self.time_embed = TimestepEmbedder(c, **kw)
         label_embed = context_embed = pooled_embed = words_embed = words_pooled_embed = None
         if c.conditioning == "class":

@@ -102,6 +102,7 @@ def resolve_remat_policy(name: str):
 
 xavier_uniform = nnx.initializers.xavier_uniform()
 zeros = nnx.initializers.zeros_init()
+he_normal = nnx.initializers.he_normal()  # ReLU/GELU convolutions
 ones = nnx.initializers.ones_init()
 
 
@@ -463,6 +464,73 @@ class PatchEmbed(nnx.Module):
 
     def __call__(self, images: jax.Array) -> jax.Array:
         return self.proj(patchify(images, self.patch_size))  # (B, T, width)
+
+
+class ConvStem(nnx.Module):
+    """Early convolutions in place of a p x p patchify (Xiao et al. 2021, "Early Convolutions
+    Help Transformers See Better"): log2(p) 3x3 stride-2 convolutions, each followed by GELU,
+    with channels doubling up to width / 2, then a linear projection to the width. The tokens
+    are the patchify's (one per p x p cell, row-major), but each sees a 3x3-convolved
+    neighbourhood, so edges and outlines that cross patch borders reach the transformer.
+    For ViT-B/16 (width 768) the channels are Xiao's 48, 96, 192, 384.
+    """
+
+    def __init__(
+        self,
+        patch_size: int,
+        in_channels: int,
+        width: int,
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        num_convs = conv_stem_depth(patch_size)
+        if width % 2**num_convs:
+            raise ValueError(
+                f"a conv stem for patch {patch_size} halves the width {num_convs} times; "
+                f"width {width} is not divisible by {2**num_convs}"
+            )
+        channels = [in_channels] + [width >> (num_convs - i) for i in range(num_convs)]
+        self.dtype = dtype
+        axes = ("height", "width", "conv_in", "channels")
+        self.kernels = nnx.List(
+            [
+                make_param(rngs, he_normal, (3, 3, c_in, c_out), axes, param_dtype)
+                for c_in, c_out in zip(channels[:-1], channels[1:], strict=True)
+            ]
+        )
+        self.biases = nnx.List(
+            [make_param(rngs, zeros, (c,), ("channels",), param_dtype) for c in channels[1:]]
+        )
+        self.proj = Dense(
+            channels[-1], width, ("patch", "embed"), dtype=dtype, param_dtype=param_dtype,
+            rngs=rngs,
+        )  # fmt: skip
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        x = images.astype(self.dtype)
+        for kernel, bias in zip(self.kernels, self.biases, strict=True):
+            x = jax.lax.conv_general_dilated(
+                x,
+                kernel[...].astype(self.dtype),
+                window_strides=(2, 2),
+                padding=((1, 1), (1, 1)),  # PyTorch's padding=1: kernels centred on pixels
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            )
+            x = jax.nn.gelu(x + bias[...].astype(self.dtype))
+        b, h, w, c = x.shape
+        return self.proj(x.reshape(b, h * w, c))  # (B, T, width), T = (H/p) * (W/p)
+
+
+def conv_stem_depth(patch_size: int) -> int:
+    """Stride-2 convolutions of a ConvStem for ``patch_size`` (a power of two, at least 2)."""
+    if patch_size < 2 or patch_size & (patch_size - 1):
+        raise ValueError(
+            f"a conv stem needs a patch size that is a power of two (2, 4, 8, ...), got "
+            f"{patch_size}; use the 'patch' stem or change the patch size"
+        )
+    return patch_size.bit_length() - 1
 
 
 class PixelConv(nnx.Module):
