@@ -1,11 +1,13 @@
-"""Step time of `make train`'s DiT step under recipe overrides, interleaved in one process.
+"""Step time of `make train`'s DiT or CLIP step under recipe overrides, interleaved in one process.
 
-    PYTHONPATH=. python benchmarks/recipe_variants.py [--rounds=4] [--steps=25] \
+    PYTHONPATH=. python benchmarks/recipe_variants.py [--rounds=4] [--steps=25] [--stage=dit] \
         'default:' 'context 32:tokenizer.context_length=32' 'ns 3:optimizer.muon_ns_steps=3' \
         'optax muon:@optax_muon'
+    PYTHONPATH=. python benchmarks/recipe_variants.py --stage=clip 'patch:' \
+        'conv stem:model.vision_stem=conv'
 
-Each argument is NAME:FIELD=VALUE,FIELD=VALUE (fields of configs/shapes.py's `dit` section, set
-as train.py's --config.dit.FIELD), or NAME:@optax_muon for the default step with
+Each argument is NAME:FIELD=VALUE,FIELD=VALUE (fields of configs/shapes.py's `dit` or `clip`
+section, set as train.py's --config.dit.FIELD / --config.clip.FIELD), or NAME:@optax_muon for the default step with
 optax.contrib.scale_by_muon (one Newton-Schulz per matrix) in place of `optim.scale_by_muon`
 (batched by shape). All variants are compiled first; then each runs `--steps` steps back to
 back (dispatched asynchronously, as in train.py's loop), in turn, for `--rounds` rounds. The
@@ -28,6 +30,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_step  # noqa: E402  (the benchmark beside this one builds the same step)
 
+from configs import shapes  # noqa: E402
 from diffusion import optim, sharding  # noqa: E402
 
 OPTAX_MUON = "@optax_muon"
@@ -40,9 +43,18 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     return name, [f for f in fields.split(",") if f]
 
 
-def compile_variant(overrides: list[str], mesh):
-    """(compiled step, state, batch, frozen state, global batch) of the dit_text case."""
-    config = train_step.case_config("dit_text", 64)
+def stage_config(stage: str):
+    """The `make train` recipe's section of a stage (random weights and batches, no data)."""
+    if stage == "dit":
+        return train_step.case_config("dit_text", 64)  # shapes.py's dit, tiny text tower
+    config = shapes.get_config().clip
+    config.training.global_batch_size = 64
+    return config
+
+
+def compile_variant(overrides: list[str], mesh, stage: str = "dit"):
+    """(compiled step, state, batch, frozen state, global batch) of the stage's step."""
+    config = stage_config(stage)
     use_optax = OPTAX_MUON in overrides
     train_step.apply_overrides(config, [o for o in overrides if o != OPTAX_MUON])
     grouped = optim.scale_by_muon
@@ -71,12 +83,13 @@ def main():
     parser.add_argument("variants", nargs="+", help="NAME:FIELD=VALUE,... (first: baseline)")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--stage", choices=("dit", "clip"), default="dit")
     args = parser.parse_args()
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     variants = {}
     for text in args.variants:
         name, overrides = parse_variant(text)
-        variants[name] = compile_variant(overrides, mesh)
+        variants[name] = compile_variant(overrides, mesh, args.stage)
     for variant in variants.values():
         run_steps(variant, 3)  # warm-up
     times = {name: [] for name in variants}
