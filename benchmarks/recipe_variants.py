@@ -7,13 +7,13 @@
         'conv stem:model.vision_stem=conv'
 
 Each argument is NAME:FIELD=VALUE,FIELD=VALUE (fields of configs/shapes.py's `dit` or `clip`
-section, set as train.py's --config.dit.FIELD / --config.clip.FIELD), or NAME:@optax_muon for the default step with
-optax.contrib.scale_by_muon (one Newton-Schulz per matrix) in place of `optim.scale_by_muon`
-(batched by shape). All variants are compiled first; then each runs `--steps` steps back to
-back (dispatched asynchronously, as in train.py's loop), in turn, for `--rounds` rounds. The
-table gives the mean step time and its ratio to the first variant: round-robin means, not a
-best-of-N, because this machine's speed drifts by 10 % within minutes and the loop runs at the
-mean.
+section, set as train.py's --config.dit.FIELD / --config.clip.FIELD), or NAME:@optax_muon for
+the default step with optax.contrib.scale_by_muon (one Newton-Schulz per matrix) in place of
+`optim.scale_by_muon` (batched by shape). All variants are compiled first; then each runs
+`--steps` steps back to back (dispatched asynchronously, as in train.py's loop), in turn, for
+`--rounds` rounds. The table gives the mean step time and its ratio to the first variant:
+round-robin means, not a best-of-N, because this machine's speed drifts by 10 % within minutes
+and the loop runs at the mean.
 """
 
 from __future__ import annotations
