@@ -63,6 +63,8 @@ def test_variant_table_and_config_errors():
         clip_config("tiny", vision_stem="hybrid")
     with pytest.raises(ValueError, match="power of two.*got 6"):
         clip_config("tiny", vision_stem="conv", image_size=36, patch_size=6)
+    with pytest.raises(ValueError, match="width 130 is not divisible by 4"):
+        clip_config("tiny", vision_stem="conv", vision_width=130, vision_heads=2)
 
 
 @pytest.fixture(scope="module")

@@ -292,7 +292,7 @@ def test_conv_stem_tokens_see_their_cell_and_its_neighbours_only():
 
 
 def test_conv_stem_needs_a_power_of_two_patch():
-    assert layers.conv_stem_depth(16) == 4  # ViT-B/16: Xiao's four stride-2 convolutions
+    assert layers.conv_stem_depth(16, 768) == 4  # ViT-B/16: Xiao's four stride-2 convolutions
     with pytest.raises(ValueError, match="power of two"):
         layers.ConvStem(6, 3, 16, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="not divisible by 4"):

@@ -90,7 +90,7 @@ class CLIPConfig:
         if self.vision_stem not in VISION_STEMS:
             raise ValueError(f"unknown vision_stem {self.vision_stem!r}; valid: {VISION_STEMS}")
         if self.vision_stem == "conv":
-            layers.conv_stem_depth(self.patch_size)
+            layers.conv_stem_depth(self.patch_size, self.vision_width)
         if len(self.pixel_mean) != self.in_channels or len(self.pixel_std) != self.in_channels:
             raise ValueError(
                 f"pixel_mean {self.pixel_mean} / pixel_std {self.pixel_std} need "

@@ -79,7 +79,7 @@ class DiTConfig:
         if self.input_stem not in INPUT_STEMS:
             raise ValueError(f"unknown input_stem {self.input_stem!r}; valid: {INPUT_STEMS}")
         if self.input_stem == "conv":
-            layers.conv_stem_depth(self.patch_size)
+            layers.conv_stem_depth(self.patch_size, self.width)
         if self.conditioning not in CONDITIONING:
             raise ValueError(f"unknown conditioning {self.conditioning!r}; valid: {CONDITIONING}")
         layers.resolve_dtype(self.dtype)

@@ -485,12 +485,7 @@ class ConvStem(nnx.Module):
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
-        num_convs = conv_stem_depth(patch_size)
-        if width % 2**num_convs:
-            raise ValueError(
-                f"a conv stem for patch {patch_size} halves the width {num_convs} times; "
-                f"width {width} is not divisible by {2**num_convs}"
-            )
+        num_convs = conv_stem_depth(patch_size, width)
         channels = [in_channels] + [width >> (num_convs - i) for i in range(num_convs)]
         self.dtype = dtype
         axes = ("height", "width", "conv_in", "channels")
@@ -523,14 +518,21 @@ class ConvStem(nnx.Module):
         return self.proj(x.reshape(b, h * w, c))  # (B, T, width), T = (H/p) * (W/p)
 
 
-def conv_stem_depth(patch_size: int) -> int:
-    """Stride-2 convolutions of a ConvStem for ``patch_size`` (a power of two, at least 2)."""
+def conv_stem_depth(patch_size: int, width: int) -> int:
+    """Stride-2 convolutions of a ConvStem for ``patch_size`` (a power of two, at least 2) and
+    a model ``width`` that the stem's channels (width / 2^k ... width / 2) divide."""
     if patch_size < 2 or patch_size & (patch_size - 1):
         raise ValueError(
             f"a conv stem needs a patch size that is a power of two (2, 4, 8, ...), got "
             f"{patch_size}; use the 'patch' stem or change the patch size"
         )
-    return patch_size.bit_length() - 1
+    num_convs = patch_size.bit_length() - 1
+    if width % 2**num_convs:
+        raise ValueError(
+            f"a conv stem for patch {patch_size} halves the width {num_convs} times; width "
+            f"{width} is not divisible by {2**num_convs}: use a multiple of {2**num_convs}"
+        )
+    return num_convs
 
 
 class PixelConv(nnx.Module):
