@@ -38,6 +38,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.loss.chunked = False  # Ring-of-ppermute loss that never forms the global logit matrix.
     # ClassLabels for hard negatives: each record is batched with a twin differing in one of them.
     config.loss.hard_negative_attributes = ()
+    # ClassLabels whose words are swapped in each caption to make one hard negative caption per
+    # image (NegCLIP; the words must appear verbatim in the captions, as in the shapes data).
+    config.loss.negative_caption_attributes = ()
 
     if arg == "runlocal":
         config.training.num_steps = 20

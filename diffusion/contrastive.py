@@ -4,6 +4,12 @@ Conventions: ``image_embeddings`` and ``text_embeddings`` are ``(N, D)`` and L2-
 towers normalise); row ``i`` of each is a matching pair. ``logit_scale`` is the LOG temperature
 (a learnable scalar); the temperature used is ``exp(min(logit_scale, ln 100))``.
 
+Hard negative captions (NegCLIP, Yuksekgonul et al. 2023): ``negative_text_embeddings`` ``(N, D)``
+holds, in row ``i``, a caption that must NOT match image ``i`` (its own caption with one word
+swapped). Each image is scored against it as one more candidate beside the ``N`` captions (an
+extra column of its own row, so the term stays local to the image's device); the captions'
+side of the loss is unchanged, since a swapped caption has no image of its own.
+
 Global batch: under ``jax.jit`` a jax.Array sharded over the batch axes IS the global batch, so
 the plain formulas below already compare every image with every caption on every device, and
 ``jax.grad`` of them is the exact gradient. No all-gather with extra averaging or gradient scaling
@@ -43,12 +49,34 @@ def _temperature(logit_scale: jax.Array) -> jax.Array:
     return jnp.exp(clamp_logit_scale(jnp.asarray(logit_scale, jnp.float32)))
 
 
-def _check_pair(image_embeddings: jax.Array, text_embeddings: jax.Array) -> None:
+def _check_pair(
+    image_embeddings: jax.Array,
+    text_embeddings: jax.Array,
+    negative_text_embeddings: jax.Array | None = None,
+) -> None:
     if image_embeddings.ndim != 2 or image_embeddings.shape != text_embeddings.shape:
         raise UserError(
             "image and text embeddings must both be (batch, dim) with equal shapes; got "
             f"{image_embeddings.shape} and {text_embeddings.shape}"
         )
+    if (
+        negative_text_embeddings is not None
+        and negative_text_embeddings.shape != text_embeddings.shape
+    ):
+        raise UserError(
+            "negative text embeddings must be (batch, dim) like the text embeddings, one hard "
+            f"negative caption per image; got {negative_text_embeddings.shape} and "
+            f"{text_embeddings.shape}"
+        )
+
+
+def _own_negative_logits(
+    image_embeddings: jax.Array, negative_text_embeddings: jax.Array, logit_scale: jax.Array
+) -> jax.Array:
+    """``exp(logit_scale) * img_i . neg_i`` in float32, ``(N,)``: each image's own negative."""
+    img = image_embeddings.astype(jnp.float32)
+    neg = negative_text_embeddings.astype(jnp.float32)
+    return _temperature(logit_scale) * jnp.sum(img * neg, axis=-1)
 
 
 def pairwise_logits(
@@ -61,16 +89,24 @@ def pairwise_logits(
 
 
 def clip_softmax_loss(
-    image_embeddings: jax.Array, text_embeddings: jax.Array, logit_scale: jax.Array
+    image_embeddings: jax.Array,
+    text_embeddings: jax.Array,
+    logit_scale: jax.Array,
+    negative_text_embeddings: jax.Array | None = None,
 ) -> jax.Array:
     """Symmetric cross entropy of CLIP (Radford et al. 2021, Fig. 3 pseudo-code).
 
-    ``L = (CE(logits, diag) + CE(logits.T, diag)) / 2`` with mean over the N rows.
+    ``L = (CE(logits, diag) + CE(logits.T, diag)) / 2`` with mean over the N rows; with hard
+    negatives, row ``i`` of the image side has the extra logit ``t img_i . neg_i``.
     """
-    _check_pair(image_embeddings, text_embeddings)
+    _check_pair(image_embeddings, text_embeddings, negative_text_embeddings)
     logits = pairwise_logits(image_embeddings, text_embeddings, logit_scale)  # (N, N)
     positives = jnp.diagonal(logits)  # (N,)
-    image_to_text = jax.nn.logsumexp(logits, axis=1) - positives
+    image_lse = jax.nn.logsumexp(logits, axis=1)
+    if negative_text_embeddings is not None:
+        negatives = _own_negative_logits(image_embeddings, negative_text_embeddings, logit_scale)
+        image_lse = jnp.logaddexp(image_lse, negatives)
+    image_to_text = image_lse - positives
     text_to_image = jax.nn.logsumexp(logits, axis=0) - positives
     return 0.5 * (jnp.mean(image_to_text) + jnp.mean(text_to_image))
 
@@ -80,17 +116,23 @@ def siglip_sigmoid_loss(
     text_embeddings: jax.Array,
     logit_scale: jax.Array,
     logit_bias: jax.Array,
+    negative_text_embeddings: jax.Array | None = None,
 ) -> jax.Array:
     """Pairwise sigmoid loss of SigLIP (Zhai et al. 2023, eq. 1 / Algorithm 1).
 
     ``L = -(1/N) sum_i sum_j log sigmoid(z_ij (t x_i . y_j + b))``, ``z_ij = 1`` if ``i == j``
-    else ``-1``, ``t = exp(logit_scale)``.
+    else ``-1``, ``t = exp(logit_scale)``; with hard negatives, each image adds the negative
+    pair ``-log sigmoid(-(t x_i . neg_i + b))``.
     """
-    _check_pair(image_embeddings, text_embeddings)
+    _check_pair(image_embeddings, text_embeddings, negative_text_embeddings)
     logits = pairwise_logits(image_embeddings, text_embeddings, logit_scale) + logit_bias
     n = logits.shape[0]
     signs = 2.0 * jnp.eye(n, dtype=logits.dtype) - 1.0  # +1 on pairs, -1 elsewhere
-    return -jnp.sum(jax.nn.log_sigmoid(signs * logits)) / n
+    total = -jnp.sum(jax.nn.log_sigmoid(signs * logits))
+    if negative_text_embeddings is not None:
+        negatives = _own_negative_logits(image_embeddings, negative_text_embeddings, logit_scale)
+        total = total - jnp.sum(jax.nn.log_sigmoid(-(negatives + logit_bias)))
+    return total / n
 
 
 def contrastive_loss(
@@ -99,14 +141,18 @@ def contrastive_loss(
     text_embeddings: jax.Array,
     logit_scale: jax.Array,
     logit_bias: jax.Array | None = None,
+    negative_text_embeddings: jax.Array | None = None,
 ) -> jax.Array:
     """Dispatches to :func:`clip_softmax_loss` (``'softmax'``) or :func:`siglip_sigmoid_loss`."""
+    negatives = negative_text_embeddings
     if kind == "softmax":
-        return clip_softmax_loss(image_embeddings, text_embeddings, logit_scale)
+        return clip_softmax_loss(image_embeddings, text_embeddings, logit_scale, negatives)
     if kind == "sigmoid":
         if logit_bias is None:
             raise UserError("the 'sigmoid' (SigLIP) loss needs logit_bias; got None")
-        return siglip_sigmoid_loss(image_embeddings, text_embeddings, logit_scale, logit_bias)
+        return siglip_sigmoid_loss(
+            image_embeddings, text_embeddings, logit_scale, logit_bias, negatives
+        )
     raise UserError(f"unknown contrastive loss kind {kind!r}; valid: {LOSS_KINDS}")
 
 
@@ -115,8 +161,9 @@ def contrastive_loss(
 # ------------------------------------------------------------------------------------------------
 
 
-def _ring_softmax_partial_sum(img, txt, scale, axis_name, num_devices):
-    """Local sum over this device's rows of both CE terms; text chunks travel the ring."""
+def _ring_softmax_partial_sum(img, txt, neg, scale, axis_name, num_devices):
+    """Local sum over this device's rows of both CE terms; text chunks travel the ring. The own
+    hard negatives ``neg`` (or None) sit beside their images and never travel."""
     perm = [(i, (i + 1) % num_devices) for i in range(num_devices)]
     positives = scale * jnp.sum(img * txt, axis=-1)  # (n,)
 
@@ -141,11 +188,14 @@ def _ring_softmax_partial_sum(img, txt, scale, axis_name, num_devices):
     )
     # After P-1 hops device k holds chunk k+1's log-sum-exp: one more hop sends it home.
     text_lse = jax.lax.ppermute(text_lse, axis_name, perm)
+    if neg is not None:
+        image_lse = jnp.logaddexp(image_lse, scale * jnp.sum(img * neg, axis=-1))
     return jnp.sum(image_lse - positives) + jnp.sum(text_lse - positives)
 
 
-def _ring_sigmoid_partial_sum(img, txt, scale, bias, axis_name, num_devices):
-    """Local sum of -log sigmoid(z * logit) over this device's images and all texts."""
+def _ring_sigmoid_partial_sum(img, txt, neg, scale, bias, axis_name, num_devices):
+    """Local sum of -log sigmoid(z * logit) over this device's images and all texts (and each
+    image's own hard negative ``neg``, or None)."""
     perm = [(i, (i + 1) % num_devices) for i in range(num_devices)]
     n = img.shape[0]
 
@@ -163,6 +213,8 @@ def _ring_sigmoid_partial_sum(img, txt, scale, bias, axis_name, num_devices):
         return (txt_chunk, total), None
 
     (_, total), _ = jax.lax.scan(ring_step, (txt, total), None, length=num_devices - 1)
+    if neg is not None:
+        total = total - jnp.sum(jax.nn.log_sigmoid(-(scale * jnp.sum(img * neg, axis=-1) + bias)))
     return total
 
 
@@ -172,6 +224,7 @@ def ring_contrastive_loss(
     text_embeddings: jax.Array,
     logit_scale: jax.Array,
     logit_bias: jax.Array | None = None,
+    negative_text_embeddings: jax.Array | None = None,
     *,
     mesh: Mesh,
     batch_axes: Sequence[str] = ("data", "fsdp"),
@@ -182,7 +235,7 @@ def ring_contrastive_loss(
     skipped); each device only ever holds ``(N/P) x (N/P)`` logits. Call it under ``jax.jit``.
     The batch size must be divisible by the number of devices on the batch axes.
     """
-    _check_pair(image_embeddings, text_embeddings)
+    _check_pair(image_embeddings, text_embeddings, negative_text_embeddings)
     if kind not in LOSS_KINDS:
         raise UserError(f"unknown contrastive loss kind {kind!r}; valid: {LOSS_KINDS}")
     if kind == "sigmoid" and logit_bias is None:
@@ -196,29 +249,40 @@ def ring_contrastive_loss(
             f"{axes}; use a multiple of {num_devices}"
         )
     if num_devices == 1:
-        return contrastive_loss(kind, image_embeddings, text_embeddings, logit_scale, logit_bias)
+        return contrastive_loss(
+            kind,
+            image_embeddings,
+            text_embeddings,
+            logit_scale,
+            logit_bias,
+            negative_text_embeddings,
+        )
 
     scale = _temperature(logit_scale)
     bias = (
         jnp.zeros((), jnp.float32) if logit_bias is None else jnp.asarray(logit_bias, jnp.float32)
     )
     rows = PartitionSpec(axes, None)
+    texts = (text_embeddings,)
+    if negative_text_embeddings is not None:
+        texts += (negative_text_embeddings,)
 
     @functools.partial(
         jax.shard_map,
         mesh=mesh,
-        in_specs=(rows, rows, PartitionSpec(), PartitionSpec()),
+        in_specs=(rows, (rows,) * len(texts), PartitionSpec(), PartitionSpec()),
         out_specs=PartitionSpec(),
     )
-    def sharded_loss(img, txt, scale, bias):
-        img, txt = img.astype(jnp.float32), txt.astype(jnp.float32)
+    def sharded_loss(img, texts, scale, bias):
+        img, txt = img.astype(jnp.float32), texts[0].astype(jnp.float32)
+        neg = texts[1].astype(jnp.float32) if len(texts) > 1 else None
         if kind == "softmax":
-            partial = _ring_softmax_partial_sum(img, txt, scale, axes, num_devices)
+            partial = _ring_softmax_partial_sum(img, txt, neg, scale, axes, num_devices)
             return jax.lax.psum(partial, axes) / (2 * batch)
-        partial = _ring_sigmoid_partial_sum(img, txt, scale, bias, axes, num_devices)
+        partial = _ring_sigmoid_partial_sum(img, txt, neg, scale, bias, axes, num_devices)
         return jax.lax.psum(partial, axes) / batch
 
-    return sharded_loss(image_embeddings, text_embeddings, scale, bias)
+    return sharded_loss(image_embeddings, texts, scale, bias)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -498,6 +498,9 @@ def train(config, workdir: str, tokenizer_dir: str | None = None, devices=None) 
         hard_negative_attributes=tuple(config.loss.get("hard_negative_attributes", ()))
         if task.family == "clip"
         else (),
+        negative_caption_attributes=tuple(config.loss.get("negative_caption_attributes", ()))
+        if task.family == "clip"
+        else (),
     )
     manager = checkpoints.make_checkpoint_manager(
         os.path.join(workdir, "checkpoints"),

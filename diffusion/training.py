@@ -55,18 +55,25 @@ def clip_loss(
 
     Under jit with the batch sharded over devices the plain formula already is global; the chunked
     variant (a ring of ppermutes) gives the same loss and gradients without the B x B matrix.
+    A batch with 'hard_negative_tokens' / 'hard_negative_mask' (each caption with one word
+    swapped, data.pipeline) also scores every image against its own swapped caption.
     """
     del frozen, key
     image_emb = model.encode_image(batch["image"])  # (B, E), L2-normalised
     text_emb = model.encode_text(batch["tokens"], batch["mask"])  # (B, E)
+    negative_emb = None
+    if "hard_negative_tokens" in batch:
+        negative_emb = model.encode_text(batch["hard_negative_tokens"], batch["hard_negative_mask"])
     log_scale = model.logit_scale[...]  # clamped at ln(100) inside the losses
     bias = model.logit_bias[...] if kind == "sigmoid" else None
     if chunked:
         loss = contrastive.ring_contrastive_loss(
-            kind, image_emb, text_emb, log_scale, bias, mesh=mesh
+            kind, image_emb, text_emb, log_scale, bias, negative_emb, mesh=mesh
         )
     else:
-        loss = contrastive.contrastive_loss(kind, image_emb, text_emb, log_scale, bias)
+        loss = contrastive.contrastive_loss(
+            kind, image_emb, text_emb, log_scale, bias, negative_emb
+        )
     scale = jnp.exp(contrastive.clamp_logit_scale(log_scale))
     return loss, {"logit_scale": scale}
 

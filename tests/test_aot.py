@@ -117,6 +117,26 @@ def test_a_muon_step_fits_with_one_moment_fewer_and_pays_flops_for_newton_schulz
     assert muon["train_step"]["cost"]["flops"] > adamw["cost"]["flops"]
 
 
+def test_hard_negative_captions_add_their_tokens_and_a_text_tower_pass(reports):
+    """NegCLIP's swapped captions (config.loss.negative_caption_attributes) are two more
+    (batch, context) int32 inputs, sharded like the batch, and one more text-tower forward and
+    backward: the arguments grow by at least their exact bytes and the FLOPs grow."""
+    config = tiny_config("clip")
+    config.loss.negative_caption_attributes = ("shape",)
+    mesh = sharding.make_mesh(MESH, devices=aot.topology_devices(TOPOLOGY))
+    batch = aot.build_programs(config, mesh).train_args[1]
+    extra = {k: v for k, v in batch.items() if k.startswith("hard_negative")}
+    assert set(extra) == {"hard_negative_tokens", "hard_negative_mask"}
+    assert all(v.shape == batch["tokens"].shape for v in extra.values())
+    report = aot.compile_for_topology(config, TOPOLOGY, mesh_shape=MESH, sampler=False)
+    plain = reports["clip"]["train_step"]
+    step = report["train_step"]
+    assert step["fits"]
+    grown = step["memory"]["argument_bytes"] - plain["memory"]["argument_bytes"]
+    assert grown >= per_device_bytes(extra) > 0
+    assert step["cost"]["flops"] > plain["cost"]["flops"]
+
+
 def test_compiler_flops_match_the_cpu_cost_analysis_of_the_same_step(reports):
     """The TPU compiler's per-device FLOPs of the CLIP step agree with XLA:CPU's count of the
     same program on a CPU mesh of the same shape (independent compiler, same math)."""

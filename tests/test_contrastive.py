@@ -98,6 +98,55 @@ def test_sigmoid_loss_and_gradients_match_float64(logit_scale, logit_bias):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
+def _hard_negatives(img, seed):
+    """Unit-norm captions close to each image (as a one-word swap is), row i for image i."""
+    neg = img + 0.5 * np.random.default_rng(seed).normal(size=img.shape)
+    return (neg / np.linalg.norm(neg, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def hard_negative_reference(kind, img, txt, neg, logit_scale, logit_bias):
+    """Float64 loss with each image's own hard negative caption (NegCLIP), and d/dneg by hand:
+    the negative is one more column of its image's row only."""
+    img, txt, neg = (x.astype(np.float64) for x in (img, txt, neg))
+    t = math.exp(min(logit_scale, math.log(100)))
+    logits = t * img @ txt.T
+    own = t * np.sum(img * neg, axis=1)  # (n,)
+    n = len(img)
+    if kind == "softmax":
+        rows = np.concatenate([logits, own[:, None]], axis=1)  # (n, n + 1)
+        image_side = np.mean(_logsumexp(rows, 1) - np.diag(logits))
+        text_side = np.mean(_logsumexp(logits, 0) - np.diag(logits))
+        d_own = 0.5 / n * _softmax(rows, 1)[:, -1]
+        return 0.5 * (image_side + text_side), t * d_own[:, None] * img
+    z = 2 * np.eye(n) - 1
+    pairs = np.sum(np.log1p(np.exp(-z * (logits + logit_bias))))
+    negatives = np.sum(np.log1p(np.exp(own + logit_bias)))  # -log sigmoid(-(l))
+    d_own = 1 / (1 + np.exp(-(own + logit_bias))) / n
+    return (pairs + negatives) / n, t * d_own[:, None] * img
+
+
+@pytest.mark.parametrize(
+    "kind, logit_scale", [("softmax", 2.5), ("softmax", 6.0), ("sigmoid", 1.5)]
+)
+def test_hard_negative_captions_match_float64(kind, logit_scale):
+    img, txt = _embeddings(16, 6, seed=5)
+    neg = _hard_negatives(img, seed=6)
+    bias = -2.0 if kind == "sigmoid" else None
+    f = lambda n: contrastive.contrastive_loss(kind, img, txt, jnp.float32(logit_scale), bias, n)
+    loss, g_neg = jax.jit(jax.value_and_grad(f))(neg)
+    ref_loss, ref_g_neg = hard_negative_reference(kind, img, txt, neg, logit_scale, bias or 0.0)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(g_neg, ref_g_neg, rtol=1e-4, atol=1e-7)
+    # A negative can only add to the loss: one more wrong candidate per image.
+    assert loss > contrastive.contrastive_loss(kind, img, txt, jnp.float32(logit_scale), bias)
+
+
+def test_hard_negatives_must_pair_one_per_image():
+    img, txt = _embeddings(8, 4, seed=7)
+    with pytest.raises(ValueError, match="one hard negative caption per image"):
+        contrastive.contrastive_loss("softmax", img, txt, 1.0, None, txt[:4])
+
+
 def test_identical_embeddings_give_chance_loss_ln_n():
     n = 8
     same = np.tile(np.eye(4, dtype=np.float32)[:1], (n, 1))  # every logit equal
@@ -130,19 +179,34 @@ def test_invalid_arguments_are_rejected():
 
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
 @pytest.mark.parametrize(
-    "mesh_shape",
-    [{"data": 8}, {"data": 2, "fsdp": 4}, {"data": 2, "fsdp": 2, "tensor": 2}],
+    "mesh_shape, with_negatives",
+    [
+        ({"data": 8}, False),
+        ({"data": 2, "fsdp": 4}, False),
+        ({"data": 2, "fsdp": 2, "tensor": 2}, False),
+        ({"data": 2, "fsdp": 4}, True),
+    ],
 )
-def test_ring_loss_equals_global_loss_in_value_and_gradient(kind, mesh_shape):
+def test_ring_loss_equals_global_loss_in_value_and_gradient(kind, mesh_shape, with_negatives):
     mesh = sharding.make_mesh(mesh_shape)
     img, txt = _embeddings(32, 8, seed=4)
-    img, txt = (jax.device_put(x, sharding.batch_sharding(mesh)) for x in (img, txt))
+    neg = _hard_negatives(img, seed=8) if with_negatives else None
+    img, txt, neg = (
+        None if x is None else jax.device_put(x, sharding.batch_sharding(mesh))
+        for x in (img, txt, neg)
+    )
     scale, bias = jnp.float32(2.3), jnp.float32(-1.5)
-    ring = lambda i, t, s, b: contrastive.ring_contrastive_loss(kind, i, t, s, b, mesh=mesh)
+
+    def ring(i, t, s, b):
+        return contrastive.ring_contrastive_loss(kind, i, t, s, b, neg, mesh=mesh)
+
+    def plain(i, t, s, b):
+        return contrastive.contrastive_loss(kind, i, t, s, b, neg)
+
     ring_loss, ring_grads = jax.jit(jax.value_and_grad(ring, argnums=(0, 1, 2, 3)))(
         img, txt, scale, bias
     )
-    loss, grads = _grads(kind, img, txt, scale, bias)
+    loss, grads = jax.jit(jax.value_and_grad(plain, argnums=(0, 1, 2, 3)))(img, txt, scale, bias)
     np.testing.assert_allclose(ring_loss, loss, rtol=1e-5)
     for got, want in zip(ring_grads, grads, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)

@@ -1,5 +1,6 @@
 """The grain input pipeline over TFDS data sources (diffusion/data/pipeline.py)."""
 
+import dataclasses
 import json
 
 import jax
@@ -324,6 +325,60 @@ def test_hard_negative_bad_inputs(twins_source, caption_tokenizer):
             process_count=2,
             hard_negative_attributes=("shape",),
         )
+
+
+def _decoded(tok, tokens):
+    return [tok.decode(row, skip_special_tokens=True) for row in tokens]
+
+
+def test_hard_negative_captions_swap_one_attribute_word(twins_source, caption_tokenizer):
+    attributes = ("shape", "position")
+    batches = _take(
+        _pipeline(twins_source, caption_tokenizer, negative_caption_attributes=attributes), 6
+    )
+    plain = _take(_pipeline(twins_source, caption_tokenizer), 6)
+    for key in ("image", "tokens", "mask", "shape"):  # the batch itself is unchanged
+        np.testing.assert_array_equal(batches[0][key], plain[0][key])
+    names = {"shape": shapes.SHAPES, "position": shapes.POSITIONS}
+    swapped = {"shape": 0, "position": 0}
+    for batch in batches:
+        positives = _decoded(caption_tokenizer, batch["tokens"])
+        negatives = _decoded(caption_tokenizer, batch["hard_negative_tokens"])
+        for row, (positive, negative) in enumerate(zip(positives, negatives, strict=True)):
+            assert positive != negative
+            kind = []
+            for attribute, vocabulary in names.items():
+                own = vocabulary[batch[attribute][row]]
+                others = [v for v in vocabulary if v != own]
+                if negative in [positive.replace(own, v, 1) for v in others]:
+                    kind.append(attribute)
+            assert len(kind) == 1, (positive, negative)  # exactly one attribute swapped
+            swapped[kind[0]] += 1
+    assert min(swapped.values()) > 0, swapped  # both attributes are drawn
+    # Resuming mid-run gives the same negatives.
+    interrupted = _pipeline(twins_source, caption_tokenizer, negative_caption_attributes=attributes)
+    _take(interrupted, 2)
+    resumed = _pipeline(twins_source, caption_tokenizer, negative_caption_attributes=attributes)
+    resumed.set_state(json.loads(json.dumps(interrupted.get_state())))
+    _assert_same_batches(_take(resumed, 3), batches[2:5])
+
+
+def test_swap_attribute_word_takes_the_first_whole_word():
+    caption = "a white star on a white background"
+    assert (
+        pipeline.swap_attribute_word(caption, "white", "red") == "a red star on a white background"
+    )
+    assert pipeline.swap_attribute_word("at the top", "top", "left") == "at the left"
+    with pytest.raises(ValueError, match="'star' is not a word of the caption 'a starry sky'"):
+        pipeline.swap_attribute_word("a starry sky", "star", "heart")
+
+
+def test_hard_negative_caption_bad_inputs(twins_source, caption_tokenizer):
+    with pytest.raises(ValueError, match=r"\['hue'\] are not ClassLabel.*'shape'"):
+        _pipeline(twins_source, caption_tokenizer, negative_caption_attributes=("hue",))
+    shape_only = dataclasses.replace(twins_source, caption_template="a photo of a {shape}")
+    with pytest.raises(ValueError, match="is not a word of the caption 'a photo of a "):
+        _pipeline(shape_only, caption_tokenizer, negative_caption_attributes=("color",))
 
 
 def test_to_global_batch_shards_the_batch_over_data_axes():

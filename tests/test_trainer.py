@@ -376,6 +376,19 @@ def test_sigmoid_loss_trains_a_learnable_siglip_bias(data_dir, tmp_path):
     assert bias != -10.0 and abs(bias + 10.0) < 1.0  # moved by its gradient, a few lr steps
 
 
+def test_hard_negative_captions_train_the_same_with_the_chunked_loss(data_dir, clip_run, tmp_path):
+    losses = {}
+    for chunked in (False, True):
+        config = tiny("clip", data_dir, steps=3)
+        config.loss.negative_caption_attributes = ("shape", "color")
+        config.loss.chunked = chunked
+        losses[chunked] = run(config, tmp_path / str(chunked))
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
+    # Same initial weights and batch as clip_run's first step, plus one wrong caption per
+    # image: the first loss can only be higher.
+    assert losses[False][0] > metrics.read_metrics(clip_run)[0]["loss"]
+
+
 def test_class_conditional_training_is_refused_with_the_way_out(data_dir, clip_run, tmp_path):
     """The input pipeline yields captions, not class ids: a class-conditional DiT recipe must not
     reach the loss (where the missing tokens would surface as a KeyError inside jax)."""

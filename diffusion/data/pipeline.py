@@ -17,7 +17,9 @@ Order of operations, the same on every process:
   -> batch of global_batch_size indices, remainder dropped (with hard negatives: half as many
      anchors, each followed by its twin, see `TwinFinder`)
   -> this process's rows of the global batch (process p owns rows [p b, (p + 1) b))
-  -> batched read + decode -> images to [-1, 1] NHWC float32, captions -> token ids and mask.
+  -> batched read + decode -> images to [-1, 1] NHWC float32, captions -> token ids and mask
+     (with hard negative captions, also each caption with one attribute's word swapped, see
+     `swap_attribute_word`).
 
 Why shard each global batch rather than the records: the global batch (the concatenation of the
 processes' rows, which is what `to_global_batch` assembles) is then the same whatever the number
@@ -295,6 +297,22 @@ def needed_keys(config: SourceConfig, features: Mapping[str, Any]) -> list[str]:
     return list(dict.fromkeys(keys))
 
 
+def swap_attribute_word(caption: str, word: str, replacement: str) -> str:
+    """`caption` with the first whole-word occurrence of `word` replaced by `replacement`.
+
+    The first, because an attribute's own word comes before any other use of the same word in
+    the shapes captions ("a white star on a white background": colour, then background).
+    """
+    swapped, count = re.subn(rf"\b{re.escape(word)}\b", replacement, caption, count=1)
+    if not count:
+        raise UserError(
+            f"Hard negative captions swap an attribute's word, but {word!r} is not a word of "
+            f"the caption {caption!r}; use attributes whose ClassLabel names appear verbatim "
+            "in the captions (config.loss.negative_caption_attributes)"
+        )
+    return swapped
+
+
 @dataclasses.dataclass
 class _BatchDecoder:
     """Reads a batch of record indices in one call and turns it into model inputs."""
@@ -303,10 +321,18 @@ class _BatchDecoder:
     config: SourceConfig
     tokenizer: transformers.PreTrainedTokenizerBase
     context_length: int
+    negative_caption_attributes: tuple[str, ...] = ()
+    seed: int = 0
 
     def __post_init__(self):
         self.features = self.reader.features
         self.label_keys = _label_keys(self.features)
+        unknown = [a for a in self.negative_caption_attributes if a not in self.label_keys]
+        if unknown:
+            raise UserError(
+                f"Hard negative caption attribute(s) {unknown} are not ClassLabel features of "
+                f"{self.config.name!r}; valid: {self.label_keys}"
+            )
         self.template = None
         if self.config.caption_template is not None or self.config.label_key is not None:
             self.template = self.config.caption_template or DEFAULT_CAPTION_TEMPLATE
@@ -324,6 +350,24 @@ class _BatchDecoder:
         fields = {f: self._field_text(record, f) for f in template_fields(self.template)}
         return self.template.format(**fields)
 
+    def negative_captions(
+        self, records: Sequence[Mapping[str, Any]], captions: Sequence[str], indices: np.ndarray
+    ) -> list[str]:
+        """Each caption with one of `negative_caption_attributes` (drawn per record) swapped to
+        another of its values: NegCLIP's hard negatives (Yuksekgonul et al. 2023). The draw
+        depends only on the seed and the indices, so a resumed run sees the same negatives."""
+        rng = np.random.default_rng([self.seed, *(int(i) for i in indices)])
+        negatives = []
+        for record, caption in zip(records, captions, strict=True):
+            attribute = self.negative_caption_attributes[
+                int(rng.integers(len(self.negative_caption_attributes)))
+            ]
+            names = self.features[attribute].names
+            own = int(record[attribute])
+            other = (own + 1 + int(rng.integers(len(names) - 1))) % len(names)
+            negatives.append(swap_attribute_word(caption, names[own], names[other]))
+        return negatives
+
     def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         records = self.reader.read([int(i) for i in indices])
         images = np.stack([np.asarray(r[self.config.image_key]) for r in records])
@@ -334,14 +378,18 @@ class _BatchDecoder:
             )
         if images.shape[-1] == 1:  # grayscale datasets (e.g. mnist) as RGB
             images = np.repeat(images, 3, axis=-1)
-        tokens, mask = tokenize(
-            self.tokenizer, [self.caption(r) for r in records], self.context_length
-        )
+        captions = [self.caption(r) for r in records]
+        tokens, mask = tokenize(self.tokenizer, captions, self.context_length)
         batch = {
             "image": images.astype(np.float32) / 127.5 - 1.0,  # (b, H, W, 3) in [-1, 1]
             "tokens": tokens,  # (b, L) int32
             "mask": mask,  # (b, L) int32, 1 on real tokens
         }
+        if self.negative_caption_attributes:
+            negatives = self.negative_captions(records, captions, indices)
+            batch["hard_negative_tokens"], batch["hard_negative_mask"] = tokenize(
+                self.tokenizer, negatives, self.context_length
+            )
         for key in self.label_keys:
             batch[key] = np.array([int(r[key]) for r in records], np.int32)  # (b,)
         return batch
@@ -441,6 +489,7 @@ def make_input_pipeline(
     worker_count: int = 0,
     read_threads: int = 2,
     hard_negative_attributes: Sequence[str] = (),
+    negative_caption_attributes: Sequence[str] = (),
 ) -> grain.DatasetIterator:
     """A checkpointable iterator of this process's batches (see the module docstring).
 
@@ -453,6 +502,9 @@ def make_input_pipeline(
     `hard_negative_attributes` (ClassLabel names, e.g. ("shape",)): every even row of the global
     batch is a shuffled record and the row after it its twin differing only in one of these
     attributes (`TwinFinder`); an epoch then covers each record once as an anchor.
+    `negative_caption_attributes` (ClassLabel names whose words appear in the captions): each
+    batch also holds 'hard_negative_tokens' and 'hard_negative_mask', every caption with one of
+    these attributes' words swapped for another value (NegCLIP), for the contrastive loss.
 
     Every process yields the same number of batches; the global batch does not depend on the
     number of processes.
@@ -478,7 +530,11 @@ def make_input_pipeline(
             f"Hard negatives pair up rows, so global_batch_size {global_batch_size} must be a "
             f"multiple of 2 x process_count = {2 * process_count}"
         )
-    decoder = _BatchDecoder(reader, source_config, tokenizer, context_length)
+    decoder = _BatchDecoder(
+        reader, source_config, tokenizer, context_length, tuple(negative_caption_attributes), seed
+    )
+    if negative_caption_attributes:
+        decoder(np.arange(1))  # a caption without the words fails here, not in a grain thread
     own_rows = slice(process_index * local_batch_size, (process_index + 1) * local_batch_size)
 
     dataset = grain.MapDataset.range(len(reader))
