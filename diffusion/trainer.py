@@ -16,6 +16,7 @@ import functools
 import json
 import logging
 import os
+import re
 import signal
 import time
 from typing import Any
@@ -73,7 +74,11 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
             stage_config = config[stage]
             if stage == "dit" and not stage_config.text_encoder.checkpoint:
                 stage_config.text_encoder.checkpoint = os.path.join(workdir, "clip")
-            results[stage] = train(stage_config, os.path.join(workdir, stage), tokenizer_dir)
+            try:
+                results[stage] = train(stage_config, os.path.join(workdir, stage), tokenizer_dir)
+            except UserError as error:  # same type and traceback, the hint spelled for here
+                error.args = (stage_flags(str(error), stage),)
+                raise
         elif stage == "evaluate":
             results[stage] = stages.run_evaluate_stage(config, workdir)
         else:
@@ -82,6 +87,12 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     if jax.process_index() == 0:
         print(pipeline_summary(workdir, timings), flush=True)
     return results
+
+
+def stage_flags(message: str, stage: str) -> str:
+    """A training error's flag hints (`--config.model.X`) as the pipeline spells them
+    (`--config.clip.model.X`); the sections all stages share (data, tokenizer, seed) stay."""
+    return re.sub(r"--config\.(?!(data|tokenizer|seed)\b)", f"--config.{stage}.", message)
 
 
 def pipeline_summary(workdir: str, timings: dict[str, float]) -> str:

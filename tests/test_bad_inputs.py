@@ -15,7 +15,8 @@ Categories of the table:
   setup         mesh shapes that do not fit 8 devices, a batch the data axis does not divide,
                 unknown family / flow prediction type / nan policy / model variant / dtype,
                 warmup >= steps (and no stale config.json after it), a text encoder that is not
-                there
+                there, a bad model field in a stage of the default pipeline (the hint names
+                --config.clip.model)
   run dirs      missing checkpoint, a directory that is no run, a CLIP run given to sampling,
                 malformed or incomplete config.json / model.json, a DiT whose text encoder
                 moved, an unfinished run, resuming a run with a model of another width (the
@@ -66,6 +67,7 @@ from flax import nnx
 from test_evaluate import _tiny
 
 from configs import base_dit
+from configs import shapes as shapes_recipe
 from diffusion import checkpoints, evaluation, hf, models, sharding, text2image, trainer, training
 from diffusion import config as config_lib
 from diffusion.data import load_tokenizer
@@ -203,6 +205,14 @@ def train_with(env: Env, tmp, devices: int = 1, **changes):
     workdir, on the first `devices` devices."""
     config = env.clip_config(**changes)
     return trainer.train(config, str(tmp / "run"), devices=jax.devices()[:devices])
+
+
+def pipeline_with(env: Env, tmp, **changes):
+    """The default pipeline's CLIP stage alone, on the run's config with `changes`."""
+    config = shapes_recipe.get_config("runlocal")
+    config.clip = env.clip_config(mesh__data=-1, **changes)  # the pipeline takes all devices
+    config.stages = ("clip",)
+    return trainer.train_and_evaluate(config, str(tmp / "pipeline"))
 
 
 def small_run_copy(env: Env, tmp, edit_config=None, model_json: str | None = None) -> str:
@@ -487,6 +497,11 @@ CASES = [
         lambda e, t: train_with(e, t, model__variant="huge"),
         ("variant='huge'", "unknown CLIP variant 'huge'", "'tiny'", "--config.model.FIELD"),
         after=no_stale_config,
+    ),
+    Case(
+        "pipeline-stage-model-field",  # fixed: the hint said --config.model.FIELD
+        lambda e, t: pipeline_with(e, t, model__variant="huge"),
+        ("unknown CLIP variant 'huge'", "--config.clip.model.FIELD=VALUE"),
     ),
     Case(
         "unknown-model-dtype",  # fixed
