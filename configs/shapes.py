@@ -9,6 +9,11 @@ from ml_collections.config_dict import placeholder
 
 from configs import base_clip, base_dit, common
 
+# `--config=configs/shapes.py:ARG`: "runlocal" shrinks every stage to a seconds-long smoke run;
+# "long" trains the DiT twice as long (6400 steps), which meets every DiT target of the issue
+# but takes about 25-35 minutes here, not 15 (docs/default_recipe.md: run K4x).
+ARGS = ("runlocal", "long")
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
@@ -101,6 +106,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.samples.guidance_scale = placeholder(float)  # None: the evaluation's best scale.
     config.samples.batch_size = 48  # Images per sampling program.
 
+    if arg == "long":
+        config.dit.training.num_steps = 6400
+        config.evaluate.guidance_scales = (1.0, 2.5, 3.0)  # K4x's best: 2.5 (3 within 0.004)
     if arg == "runlocal":
         config.data.num_train_examples = 2_000
         for stage in (config.clip, config.dit):

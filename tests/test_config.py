@@ -65,6 +65,25 @@ def test_bad_overrides_name_the_key(key, value, words):
         assert word in str(error.value)
 
 
+def test_the_long_default_changes_only_the_dit_length_and_the_guidance_sweep():
+    def flat(config):
+        return dict(_leaves(config.to_dict()))
+
+    default = flat(config_lib.load_config("configs/shapes.py"))
+    long = flat(config_lib.load_config("configs/shapes.py:long"))
+    changed = {k for k in default.keys() | long.keys() if default.get(k) != long.get(k)}
+    assert changed == {"dit.training.num_steps", "evaluate.guidance_scales"}
+    assert long["dit.training.num_steps"] == 2 * default["dit.training.num_steps"]
+
+
+def _leaves(tree, prefix=""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
 def test_missing_recipe_lists_the_available_ones():
     with pytest.raises(ConfigError, match="configs/shapes.py"):
         config_lib.load_config("configs/does_not_exist.py")
