@@ -11,7 +11,7 @@ from configs import base_clip, base_dit, common
 
 # `--config=configs/shapes.py:ARG`: "runlocal" shrinks every stage to a seconds-long smoke run;
 # "long" trains the DiT twice as long (6400 steps), which meets every DiT target of the issue
-# but takes about 23-33 minutes here, not 15 (docs/default_recipe.md: run K4x).
+# but takes about 30 minutes here, not 15 (docs/default_recipe.md: runs K4x, LONG).
 ARGS = ("runlocal", "long")
 
 
