@@ -231,8 +231,8 @@ def abstract_batch(config, mesh, model_config, family: str) -> dict[str, jax.Sha
         out["tokens"] = _abstract((batch, length), jnp.int32, rows)
         out["mask"] = _abstract((batch, length), jnp.int32, rows)
         if family == "clip" and config.loss.get("negative_caption_attributes"):
-            out["hard_negative_tokens"] = _abstract((batch, length), jnp.int32, rows)
-            out["hard_negative_mask"] = _abstract((batch, length), jnp.int32, rows)
+            out["negative_caption_tokens"] = _abstract((batch, length), jnp.int32, rows)
+            out["negative_caption_mask"] = _abstract((batch, length), jnp.int32, rows)
     else:
         out["label"] = _abstract((batch,), jnp.int32, rows)
     return out

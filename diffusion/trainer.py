@@ -498,6 +498,7 @@ def train(config, workdir: str, tokenizer_dir: str | None = None, devices=None) 
         nan_policy=t.nan_policy,
         frozen=task.frozen,
     )
+    clip_loss = config.loss if task.family == "clip" else {}  # hard negatives are CLIP's
     data_iterator = data_lib.make_input_pipeline(
         source,
         tokenizer,
@@ -506,12 +507,8 @@ def train(config, workdir: str, tokenizer_dir: str | None = None, devices=None) 
         seed=config.seed,
         context_length=config.tokenizer.context_length,
         worker_count=config.data.worker_count,
-        hard_negative_attributes=tuple(config.loss.get("hard_negative_attributes", ()))
-        if task.family == "clip"
-        else (),
-        negative_caption_attributes=tuple(config.loss.get("negative_caption_attributes", ()))
-        if task.family == "clip"
-        else (),
+        hard_negative_attributes=tuple(clip_loss.get("hard_negative_attributes", ())),
+        negative_caption_attributes=tuple(clip_loss.get("negative_caption_attributes", ())),
     )
     manager = checkpoints.make_checkpoint_manager(
         os.path.join(workdir, "checkpoints"),

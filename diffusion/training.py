@@ -55,15 +55,17 @@ def clip_loss(
 
     Under jit with the batch sharded over devices the plain formula already is global; the chunked
     variant (a ring of ppermutes) gives the same loss and gradients without the B x B matrix.
-    A batch with 'hard_negative_tokens' / 'hard_negative_mask' (each caption with one word
+    A batch with 'negative_caption_tokens' / 'negative_caption_mask' (each caption with one word
     swapped, data.pipeline) also scores every image against its own swapped caption.
     """
     del frozen, key
     image_emb = model.encode_image(batch["image"])  # (B, E), L2-normalised
     text_emb = model.encode_text(batch["tokens"], batch["mask"])  # (B, E)
     negative_emb = None
-    if "hard_negative_tokens" in batch:
-        negative_emb = model.encode_text(batch["hard_negative_tokens"], batch["hard_negative_mask"])
+    if "negative_caption_tokens" in batch:
+        negative_emb = model.encode_text(
+            batch["negative_caption_tokens"], batch["negative_caption_mask"]
+        )
     log_scale = model.logit_scale[...]  # clamped at ln(100) inside the losses
     bias = model.logit_bias[...] if kind == "sigmoid" else None
     if chunked:

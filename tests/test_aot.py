@@ -125,8 +125,8 @@ def test_hard_negative_captions_add_their_tokens_and_a_text_tower_pass(reports):
     config.loss.negative_caption_attributes = ("shape",)
     mesh = sharding.make_mesh(MESH, devices=aot.topology_devices(TOPOLOGY))
     batch = aot.build_programs(config, mesh).train_args[1]
-    extra = {k: v for k, v in batch.items() if k.startswith("hard_negative")}
-    assert set(extra) == {"hard_negative_tokens", "hard_negative_mask"}
+    extra = {k: v for k, v in batch.items() if k.startswith("negative_caption")}
+    assert set(extra) == {"negative_caption_tokens", "negative_caption_mask"}
     assert all(v.shape == batch["tokens"].shape for v in extra.values())
     report = aot.compile_for_topology(config, TOPOLOGY, mesh_shape=MESH, sampler=False)
     plain = reports["clip"]["train_step"]

@@ -357,10 +357,11 @@ def objective_with(**diffusion_fields):
     return training.DiffusionObjective.from_config(ml_collections.ConfigDict(fields))
 
 
-def no_stale_config(env: Env, tmp):
+def no_stale_config(env: Env, tmp, *, run=None):
     """A run refused by validation writes no config.json a fixed rerun would keep."""
-    assert not os.path.exists(tmp / "run" / "config.json")
-    assert not os.path.exists(tmp / "run" / "model.json")
+    run = tmp / "run" if run is None else run
+    assert not os.path.exists(run / "config.json")
+    assert not os.path.exists(run / "model.json")
 
 
 def float_images():
@@ -502,6 +503,7 @@ CASES = [
         "pipeline-stage-model-field",  # fixed: the hint said --config.model.FIELD
         lambda e, t: pipeline_with(e, t, model__variant="huge"),
         ("unknown CLIP variant 'huge'", "--config.clip.model.FIELD=VALUE"),
+        after=lambda e, t: no_stale_config(e, t, run=t / "pipeline" / "clip"),
     ),
     Case(
         "unknown-model-dtype",  # fixed

@@ -84,6 +84,16 @@ def _leaves(tree, prefix=""):
             yield f"{prefix}{key}", value
 
 
+def test_a_stage_error_names_the_flags_the_pipeline_takes():
+    message = (
+        "Fix --config.model.width, --config.mesh.data or --config.data.data_dir (--config.seed)"
+    )
+    assert trainer.stage_flags(message, "dit") == (
+        "Fix --config.dit.model.width, --config.dit.mesh.data or --config.data.data_dir "
+        "(--config.seed)"  # data, tokenizer and seed are one section shared by every stage
+    )
+
+
 def test_missing_recipe_lists_the_available_ones():
     with pytest.raises(ConfigError, match="configs/shapes.py"):
         config_lib.load_config("configs/does_not_exist.py")

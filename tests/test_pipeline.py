@@ -343,7 +343,7 @@ def test_hard_negative_captions_swap_one_attribute_word(twins_source, caption_to
     swapped = {"shape": 0, "position": 0}
     for batch in batches:
         positives = _decoded(caption_tokenizer, batch["tokens"])
-        negatives = _decoded(caption_tokenizer, batch["hard_negative_tokens"])
+        negatives = _decoded(caption_tokenizer, batch["negative_caption_tokens"])
         for row, (positive, negative) in enumerate(zip(positives, negatives, strict=True)):
             assert positive != negative
             kind = []

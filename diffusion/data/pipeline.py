@@ -387,7 +387,7 @@ class _BatchDecoder:
         }
         if self.negative_caption_attributes:
             negatives = self.negative_captions(records, captions, indices)
-            batch["hard_negative_tokens"], batch["hard_negative_mask"] = tokenize(
+            batch["negative_caption_tokens"], batch["negative_caption_mask"] = tokenize(
                 self.tokenizer, negatives, self.context_length
             )
         for key in self.label_keys:
@@ -503,7 +503,7 @@ def make_input_pipeline(
     batch is a shuffled record and the row after it its twin differing only in one of these
     attributes (`TwinFinder`); an epoch then covers each record once as an anchor.
     `negative_caption_attributes` (ClassLabel names whose words appear in the captions): each
-    batch also holds 'hard_negative_tokens' and 'hard_negative_mask', every caption with one of
+    batch also holds 'negative_caption_tokens' and 'negative_caption_mask', every caption with one of
     these attributes' words swapped for another value (NegCLIP), for the contrastive loss.
 
     Every process yields the same number of batches; the global batch does not depend on the
