@@ -3,6 +3,8 @@
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from diffusion import sharding
+
 
 def data_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -35,6 +37,9 @@ def mesh_config() -> ml_collections.ConfigDict:
     c.fsdp = 1  # Devices along the axis that shards parameters and the batch (ZeRO-3 style).
     c.tensor = 1  # Devices along the tensor-parallel axis (heads and MLP hidden units).
     c.dcn_data = 1  # Slices along the data axis over the data-center network (multi-slice).
+    # (logical axis name, mesh axes) pairs, first match wins; every name in
+    # sharding.LOGICAL_AXIS_NAMES needs one (e.g. ('heads', None) turns off tensor-parallel heads).
+    c.rules = sharding.DEFAULT_RULES
     return c
 
 

@@ -1,22 +1,26 @@
-"""Device meshes, logical-axis rules, and directly-sharded creation of model and train states.
+"""Device meshes, logical axis names and their rules, and directly-sharded creation of states.
 
-The only module (with the configs) that names mesh axes. Model code annotates parameters with
-logical names (``nnx.with_partitioning(init, ("embed", "mlp"))``) and activations with
-:func:`with_logical_constraint`; a rule list maps those names to the mesh axes
+The only module (with the configs) that names mesh axes. It declares every logical axis name
+(:data:`PARAMETER_AXIS_NAMES`, :data:`ACTIVATION_AXIS_NAMES`); model code annotates parameters
+with them (the ``out_sharding`` metadata of an ``nnx.Param``, which
+``diffusion.models.layers.make_param`` sets) and constrains activations with
+:func:`with_logical_constraint`. A rule list (``config.mesh.rules``, read by
+:func:`rules_from_config`; :data:`DEFAULT_RULES` by default) maps those names to the mesh axes
 ``data`` (pure data parallelism), ``fsdp`` (batch + parameter sharding, ZeRO-3 style) and
 ``tensor`` (heads / MLP hidden units), in the style of MaxText and big_vision.
 
 Rules are a sequence of ``(logical_name, mesh_axes)`` pairs, where ``mesh_axes`` is a mesh axis
 name, a tuple of them, or ``None`` (replicated). They are applied with Flax linen's priority
 semantics (``flax.linen.logical_to_mesh_axes``): the first rule for a name wins, and a mesh axis
-already used by an earlier dimension of the same array is not used twice (so an activation
-``('batch', 'seq', 'embed')`` gets ``('data', 'fsdp')`` on the batch and leaves ``embed``
-unsharded, while a ``('embed', 'mlp')`` kernel gets ``('fsdp', 'tensor')``).
+already used by an earlier dimension of the same array is not used twice (so an array named
+``('activation_batch', 'embed')`` gets ``('data', 'fsdp')`` on the batch and leaves ``embed``
+unsharded, while an ``('embed', 'mlp')`` kernel gets ``('fsdp', 'tensor')``).
 
 Divisibility: when a dimension is not divisible by the product of its mesh axes, the longest
 prefix of those axes whose size divides it is used (``('data', 'fsdp')`` -> ``('data',)`` ->
-replicated). The array is never padded; the fallback is logged at WARNING level because it costs
-memory. Mesh axes named by a rule but absent from the mesh are ignored.
+replicated), for parameters and activations alike. The array is never padded; the fallback is
+logged at WARNING level because it costs memory. Mesh axes named by a rule but absent from the
+mesh are ignored.
 
 Eager sharding: Flax 0.12 shards a Variable with ``out_sharding`` metadata as it is created, which
 needs a mesh in context and ignores our divisibility fallback. :func:`create_sharded` turns it off
@@ -50,10 +54,40 @@ BATCH_AXES = ("data", "fsdp")  # Mesh axes the batch dimension is split over.
 MeshAxes = str | tuple[str, ...] | None
 LogicalRules = Sequence[tuple[str, MeshAxes]]
 
-# Logical name -> mesh axes. Parameters: 'embed' is the FSDP-sharded model width; 'mlp', 'heads'
-# and 'vocab' are tensor-parallel; 'kv' (head dim), 'layers' (scan axis) and the rest replicate.
+# Every logical axis name a parameter may carry. The declared names are the whole vocabulary:
+# `diffusion.models.layers.make_param` refuses others, and `rules_from_config` asks rules to cover
+# each of them.
+PARAMETER_AXIS_NAMES = (
+    "embed",  # model width (residual stream)
+    "mlp",  # hidden units of MLPs and other wide intermediate layers
+    "heads",  # attention heads
+    "kv",  # per-head feature dimension
+    "vocab",  # token-embedding rows
+    "classes",  # class-label embedding rows
+    "length",  # rows of a learned position table
+    "patch",  # flattened patch pixels (p * p * channels)
+    "projection",  # CLIP's shared image-text embedding space
+    "norm",  # LayerNorm scale and bias
+    "layers",  # the stacked-block axis that scanned block stacks add
+    "height",  # spatial rows of a convolution kernel
+    "width",  # spatial columns of a convolution kernel
+    "conv_in",  # input channels of a pixel-space convolution
+    "channels",  # output channels of a pixel-space convolution
+)
+# Every logical axis name an activation may carry (with_logical_constraint); prefixed so that a
+# rule can shard an activation differently from the parameters of the same width.
+ACTIVATION_AXIS_NAMES = (
+    "activation_batch",  # examples of the batch
+    "activation_length",  # tokens of a sequence
+    "activation_embed",  # model width of the residual stream
+    "activation_mlp",  # hidden units of an MLP
+)
+LOGICAL_AXIS_NAMES = PARAMETER_AXIS_NAMES + ACTIVATION_AXIS_NAMES
+
+# Logical name -> mesh axes, the default of config.mesh.rules. The batch is split over
+# ('data', 'fsdp'); 'embed' is the FSDP-sharded parameter width; 'mlp', 'heads' and 'vocab' (and
+# an MLP's hidden activations) are tensor-parallel; the rest replicate.
 DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
-    ("batch", BATCH_AXES),
     ("activation_batch", BATCH_AXES),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
@@ -65,20 +99,65 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("projection", None),
     ("norm", None),
     ("layers", None),
-    ("seq", None),
-    ("activation_seq", None),
     ("activation_length", None),
     ("activation_embed", None),
     ("activation_mlp", "tensor"),
-    ("activation_heads", "tensor"),
     ("height", None),
     ("width", None),
     ("channels", None),
     ("patch", None),
     ("conv_in", None),
-    ("conv_out", "fsdp"),
-    ("time_embed", None),
 )
+
+
+def rules_from_config(mesh_config: Mapping[str, Any]) -> tuple[tuple[str, MeshAxes], ...]:
+    """The logical-axis rules of ``config.mesh.rules``, checked and as tuples.
+
+    The field is a sequence of ``(logical_name, mesh_axes)`` pairs (lists, as a config.json
+    holds them, are accepted); a config section without it gets :data:`DEFAULT_RULES`.
+
+    Raises:
+      UserError: naming ``config.mesh.rules``, the bad entry and the valid names, when an entry is
+        not a pair, names an undeclared logical name or a mesh axis outside :data:`MESH_AXES`, or
+        when a declared logical name has no rule.
+    """
+    raw = mesh_config.get("rules")
+    if raw is None:
+        return DEFAULT_RULES
+
+    def bad(what: str) -> UserError:
+        return UserError(
+            f"config.mesh.rules: {what}. Each rule is a (logical_name, mesh_axes) pair: "
+            f"logical_name one of {', '.join(LOGICAL_AXIS_NAMES)}; mesh_axes one of "
+            f"{', '.join(MESH_AXES)}, a tuple of them, or None (replicated). Example: "
+            "--config.mesh.rules=\"(('activation_batch', ('data', 'fsdp')), ('embed', 'fsdp'), "
+            "('mlp', 'tensor'), ('kv', None), ...)\" with one or more rules for every name."
+        )
+
+    if isinstance(raw, str | bytes) or not isinstance(raw, Sequence):
+        raise bad(f"{raw!r} is not a sequence of rules")
+    rules = []
+    for entry in raw:
+        if isinstance(entry, str | bytes) or not isinstance(entry, Sequence) or len(entry) != 2:
+            raise bad(f"entry {entry!r} is not a (logical_name, mesh_axes) pair")
+        name, axes = entry
+        if name not in LOGICAL_AXIS_NAMES:
+            raise bad(f"entry {tuple(entry)!r} names the unknown logical axis {name!r}")
+        if axes is not None and not isinstance(axes, str):
+            if not isinstance(axes, Sequence) or not all(isinstance(a, str) for a in axes):
+                raise bad(f"entry {tuple(entry)!r} has mesh axes {axes!r}")
+            axes = tuple(axes)
+        unknown = [a for a in _axes_tuple(axes) if a not in MESH_AXES]
+        if unknown:
+            raise bad(f"entry {(name, axes)!r} names the unknown mesh axis {unknown[0]!r}")
+        rules.append((name, axes))
+    missing = [name for name in LOGICAL_AXIS_NAMES if name not in {n for n, _ in rules}]
+    if missing:
+        raise bad(
+            f"no rule for the logical axis name(s) {', '.join(missing)} (every declared name "
+            "needs one; use None to replicate)"
+        )
+    return tuple(rules)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -493,9 +572,8 @@ def process_batch_rows(mesh: Mesh, global_batch_size: int) -> slice:
 def activate(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Iterator[None]:
     """Sets ``mesh`` and the logical ``rules`` for tracing: wrap ``jax.jit`` calls / tracing in it.
 
-    :func:`with_logical_constraint` (and Flax's ``nn.with_logical_constraint``) read both. The rules
-    are read at TRACE time; jit's cache does not see them, so build one step function per
-    (mesh, rules) pair.
+    :func:`with_logical_constraint` reads both. The rules are read at TRACE time; jit's cache does
+    not see them, so build one step function per (mesh, rules) pair.
     """
     with jax.set_mesh(mesh), flax_spmd.logical_axis_rules(tuple(rules)):
         yield
@@ -504,7 +582,9 @@ def activate(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Iterator[None]:
 def with_logical_constraint(x: jax.Array, logical_names: Sequence[str | None]) -> jax.Array:
     """Constrains an activation's sharding by logical names under the active rules and mesh.
 
-    A no-op outside :func:`activate` (no rules or no mesh), so model code can always call it.
+    The one way model code constrains activations. A dimension that its mesh axes do not divide
+    falls back to fewer axes (see the module docstring) instead of failing to compile. A no-op
+    outside :func:`activate` (no rules or no mesh), so model code can always call it.
     """
     rules = flax_spmd.get_logical_axis_rules()
     mesh = jax.sharding.get_abstract_mesh()

@@ -62,7 +62,9 @@ class ToyModel(nnx.Module):
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         h = self.embed(tokens)  # (B, L, D)
-        h = sharding.with_logical_constraint(h, ("batch", "seq", "embed"))
+        h = sharding.with_logical_constraint(
+            h, ("activation_batch", "activation_length", "activation_embed")
+        )
         h = h + self.down(jax.nn.gelu(self.up(h)))  # (B, L, D)
         return self.norm(h)
 

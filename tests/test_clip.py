@@ -14,7 +14,8 @@ import torch
 import transformers
 from flax import nnx
 
-from diffusion.models import CLIP, CLIP_VARIANTS, LOGICAL_AXIS_NAMES, clip_config, layers
+from diffusion import sharding
+from diffusion.models import CLIP, CLIP_VARIANTS, clip_config, layers
 
 SNAPSHOTS = pathlib.Path(__file__).parent / "snapshots"
 
@@ -157,7 +158,7 @@ def test_every_parameter_has_logical_axes(overrides):
     for path, variable in flat:
         axes = variable.get_metadata().get("out_sharding")
         assert axes is not None and len(axes) == variable.get_value().ndim, path
-        assert set(axes) <= set(LOGICAL_AXIS_NAMES), (path, axes)
+        assert set(axes) <= set(sharding.PARAMETER_AXIS_NAMES), (path, axes)
         assert len(set(axes)) == len(axes), (path, axes)
 
 
@@ -178,6 +179,30 @@ def test_logical_axes_snapshot(name, overrides):
         path.write_text(json.dumps(table, indent=1) + "\n")
     assert path.exists(), f"no snapshot {path}; run with UPDATE_SNAPSHOTS=1 to record it"
     assert json.loads(path.read_text()) == table
+
+
+def test_activations_constrained_with_the_divisibility_fallback(model, caplog):
+    """Both towers constrain their activations through sharding.with_logical_constraint: a batch
+    of 6 on a 2 x 4 data x fsdp mesh falls back to 'data' alone, and the embeddings do not move."""
+    graphdef, state = nnx.split(model)
+    images = jnp.asarray(np.random.default_rng(3).uniform(-1, 1, (6, 32, 32, 3)), jnp.float32)
+    ids, mask = tokens_and_mask(lengths=(5, 3, 8, 1, 2, 7))
+    apply = lambda state, *inputs: nnx.merge(graphdef, state)(*inputs)[:2]
+    reference = jax.jit(apply)(state, images, ids, mask)
+    with sharding.activate(sharding.make_mesh({"data": 2, "fsdp": 4})):
+        jaxpr = jax.make_jaxpr(apply)(state, images, ids, mask)
+        out = jax.jit(apply)(state, images, ids, mask)
+    specs = [
+        e.params["sharding"].spec for e in jaxpr.eqns if e.primitive.name == "sharding_constraint"
+    ]
+    batch_specs = [spec for spec in specs if len(spec) == 3]  # (B, T, D) tokens, (B, T, hidden)
+    # Per block: input, MLP hidden units, output; then the token embedding's rows.
+    depth = model.config.vision_depth + model.config.text_depth
+    assert len(batch_specs) == 3 * depth + 1, specs
+    assert all(spec[0] == "data" for spec in batch_specs), specs
+    assert "dimension 6 is not divisible by mesh axes ('data', 'fsdp')" in caplog.text
+    for got, want in zip(out, reference, strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
 
 
 def test_bad_inputs_raise_clear_errors(model):

@@ -1,4 +1,6 @@
-"""Shared layers: attention masks, attention numerics, embeddings, patches, norms, constraints."""
+"""The shared building blocks of diffusion.models: layers (matmul, norms, MLP, parameters and
+their activation constraints), attention (masks, numerics), patches (patchify, stems, pixel
+convolution) and embeddings (positions, timesteps)."""
 
 import math
 
@@ -8,7 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from diffusion.models import layers
+from diffusion import sharding
+from diffusion.models import attention, blocks, embeddings, layers, patches
 
 
 def numpy_attention(q, k, v, mask):
@@ -28,13 +31,13 @@ def qkv():
     return tuple(jnp.asarray(rng.normal(size=shape), jnp.float32) for _ in range(3))
 
 
-@pytest.mark.parametrize("implementation", layers.ATTENTION_IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", attention.ATTENTION_IMPLEMENTATIONS)
 @pytest.mark.parametrize("causal", [False, True])
 def test_attention_matches_float64_reference(qkv, implementation, causal):
     q, k, v = qkv
     key_mask = jnp.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
-    mask = layers.make_attention_mask(5, key_mask, causal)
-    out = layers.dot_product_attention(q, k, v, mask, implementation)
+    mask = attention.make_attention_mask(5, key_mask, causal)
+    out = attention.dot_product_attention(q, k, v, mask, implementation)
     expected, _ = numpy_attention(q, k, v, np.asarray(mask))
     np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5)
 
@@ -42,14 +45,16 @@ def test_attention_matches_float64_reference(qkv, implementation, causal):
 def test_padded_keys_get_exactly_zero_weight(qkv):
     q, k, _ = qkv
     key_mask = jnp.array([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
-    weights = np.asarray(layers.attention_weights(q, k, layers.make_attention_mask(5, key_mask)))
+    weights = np.asarray(
+        attention.attention_weights(q, k, attention.make_attention_mask(5, key_mask))
+    )
     padded = ~np.asarray(key_mask, bool)[:, None, None, :]  # (B, 1, 1, S)
     assert np.all(weights[np.broadcast_to(padded, weights.shape)] == 0.0)
     np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-6)
 
 
 def test_padded_keys_do_not_change_attention_output():
-    attn = layers.Attention(16, 4, rngs=nnx.Rngs(0))
+    attn = attention.Attention(16, 4, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=(2, 3, 16)), jnp.float32)
     context = rng.normal(size=(2, 6, 16)).astype(np.float32)
@@ -64,9 +69,9 @@ def test_padded_keys_do_not_change_attention_output():
     assert not np.allclose(np.asarray(a), np.asarray(c), atol=1e-3)
 
 
-@pytest.mark.parametrize("implementation", layers.ATTENTION_IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", attention.ATTENTION_IMPLEMENTATIONS)
 def test_causal_attention_cannot_see_the_future(implementation):
-    attn = layers.Attention(8, 2, implementation=implementation, rngs=nnx.Rngs(0))
+    attn = attention.Attention(8, 2, implementation=implementation, rngs=nnx.Rngs(0))
     x = jnp.asarray(np.random.default_rng(2).normal(size=(1, 6, 8)), jnp.float32)
     # d out[i] / d in[j] over all features: (T, W, T, W) -> (T, T) norms
     jac = jax.jacobian(lambda x: attn(x, causal=True)[0])(x)[:, :, 0]
@@ -159,17 +164,17 @@ def test_layer_norm_uses_float32_statistics():
 def test_patchify_is_a_stride_p_convolution():
     rng = np.random.default_rng(4)
     images = jnp.asarray(rng.normal(size=(2, 8, 12, 3)), jnp.float32)
-    embed = layers.PatchEmbed(4, 3, 5, rngs=nnx.Rngs(0))
+    embed = patches.PatchEmbed(4, 3, 5, rngs=nnx.Rngs(0))
     conv_kernel = embed.proj.kernel[...].reshape(4, 4, 3, 5)  # (p, p, C, D) = HWIO
     conv = jax.lax.conv_general_dilated(
         images, conv_kernel, (4, 4), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
     expected = conv.reshape(2, -1, 5) + embed.proj.bias[...]
     np.testing.assert_allclose(np.asarray(embed(images)), np.asarray(expected), atol=1e-5)
-    tokens = layers.patchify(images, 4)
-    np.testing.assert_array_equal(np.asarray(layers.unpatchify(tokens, 4, 8, 12)), images)
+    tokens = patches.patchify(images, 4)
+    np.testing.assert_array_equal(np.asarray(patches.unpatchify(tokens, 4, 8, 12)), images)
     with pytest.raises(ValueError, match="10x12 is not divisible by the patch size 4"):
-        layers.patchify(jnp.zeros((1, 10, 12, 3)), 4)
+        patches.patchify(jnp.zeros((1, 10, 12, 3)), 4)
 
 
 def numpy_same_convolution(images, kernel, bias):
@@ -189,18 +194,18 @@ def numpy_same_convolution(images, kernel, bias):
 def test_pixel_conv_is_the_identity_at_init_and_a_same_convolution():
     rng = np.random.default_rng(5)
     images = jnp.asarray(rng.normal(size=(2, 8, 12, 3)), jnp.float32)
-    conv = layers.PixelConv(3, rngs=nnx.Rngs(0))
+    conv = patches.PixelConv(3, rngs=nnx.Rngs(0))
     np.testing.assert_array_equal(np.asarray(conv(images)), np.asarray(images))
     conv.kernel[...] = jnp.asarray(rng.normal(size=(3, 3, 3, 3)), jnp.float32)
     conv.bias[...] = jnp.asarray(rng.normal(size=(3,)), jnp.float32)
     expected = numpy_same_convolution(images, conv.kernel[...], conv.bias[...])
     np.testing.assert_allclose(np.asarray(conv(images)), expected, atol=1e-5)
     with pytest.raises(ValueError, match="kernel_size must be odd"):
-        layers.PixelConv(3, kernel_size=2, rngs=nnx.Rngs(0))
+        patches.PixelConv(3, kernel_size=2, rngs=nnx.Rngs(0))
 
 
 def test_sincos_2d_depends_only_on_relative_position():
-    emb = layers.sincos_2d(32, 5, 5).reshape(5, 5, 32)
+    emb = embeddings.sincos_2d(32, 5, 5).reshape(5, 5, 32)
     # first token (row 0, col 0): sin(0) = 0 then cos(0) = 1 for both halves
     np.testing.assert_array_equal(emb[0, 0], np.tile(np.repeat([0.0, 1.0], 8), 2))
     # sin a sin b + cos a cos b = cos(a - b): dot products depend only on the offset
@@ -214,7 +219,7 @@ def test_sincos_2d_depends_only_on_relative_position():
 
 def test_timestep_embedding_formula():
     t = jnp.array([0.0, 1.0, 250.5])
-    emb = np.asarray(layers.timestep_embedding(t, 8))
+    emb = np.asarray(embeddings.timestep_embedding(t, 8))
     freqs = np.exp(-math.log(10000.0) * np.arange(4) / 4)
     expected = np.concatenate(
         [np.cos(np.outer([0.0, 1.0, 250.5], freqs)), np.sin(np.outer([0.0, 1.0, 250.5], freqs))], 1
@@ -222,29 +227,41 @@ def test_timestep_embedding_formula():
     np.testing.assert_allclose(emb, expected, atol=1e-4)
 
 
-def test_modulate_and_zero_adaln():
-    x = jnp.ones((2, 3, 4))
-    shift, scale = jnp.full((2, 4), 0.5), jnp.full((2, 4), 1.0)
-    np.testing.assert_allclose(np.asarray(layers.modulate(x, shift, scale)), 2.5)
-    chunks = layers.AdaLNModulation(4, 6, rngs=nnx.Rngs(0))(jnp.ones((2, 4)))
-    assert len(chunks) == 6 and all(np.all(np.asarray(c) == 0) for c in chunks)
+def constraint_specs(jaxpr):
+    """The PartitionSpec of every sharding constraint in a jaxpr, nested jaxprs included."""
+    specs = []
+    for equation in jaxpr.eqns:
+        if equation.primitive.name == "sharding_constraint":
+            specs.append(equation.params["sharding"].spec)
+        for value in equation.params.values():
+            for inner in value if isinstance(value, tuple | list) else (value,):
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    specs.extend(constraint_specs(inner))
+    return specs
 
 
-def test_constrain_is_a_noop_without_rules_and_shards_with_them():
-    x = jnp.arange(16.0).reshape(8, 2)
-    assert layers.constrain(x, ("activation_batch", None)) is x
-    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    with jax.set_mesh(mesh), nnx.logical_axis_rules([("activation_batch", "data")]):
-        y = jax.jit(lambda x: layers.constrain(x * 2, ("activation_batch", None)))(x)
-    assert y.sharding.spec[0] == "data"
-    np.testing.assert_array_equal(np.asarray(y), np.asarray(x) * 2)
+def test_mlp_constrains_its_hidden_units_only_under_active_rules():
+    mlp = layers.MLP(4, 16, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(7).normal(size=(8, 3, 4)), jnp.float32)
+    assert constraint_specs(jax.make_jaxpr(mlp)(x).jaxpr) == []  # no mesh, no rules: a no-op
+    mesh = sharding.make_mesh({"data": 2, "tensor": 4})
+    with sharding.activate(mesh):
+        specs = constraint_specs(jax.make_jaxpr(mlp)(x).jaxpr)
+        y = nnx.jit(lambda mlp, x: mlp(x))(mlp, x)
+    # (B, T, hidden) named (activation_batch, activation_length, activation_mlp) by the rules.
+    assert specs == [jax.sharding.PartitionSpec("data", None, "tensor")]
+    np.testing.assert_allclose(np.asarray(y), np.asarray(mlp(x)), rtol=1e-6, atol=1e-6)
 
 
 def test_make_param_rejects_unknown_axis_names():
     with pytest.raises(ValueError, match="unknown logical axis names \\['data'\\]"):
         layers.make_param(nnx.Rngs(0), layers.zeros, (2, 2), ("embed", "data"))
+    # Activation names are not parameter names.
+    with pytest.raises(ValueError, match="unknown logical axis names \\['activation_embed'\\]"):
+        layers.make_param(nnx.Rngs(0), layers.zeros, (2, 2), ("embed", "activation_embed"))
     with pytest.raises(ValueError, match="unknown remat policy 'most'"):
-        layers.resolve_remat_policy("most")
+        blocks.resolve_remat_policy("most")
 
 
 def numpy_stride2_convolution(images, kernel, bias):
@@ -268,7 +285,7 @@ def numpy_gelu(x):
 def test_conv_stem_matches_a_float64_reference_and_keeps_the_patch_grid():
     rng = np.random.default_rng(6)
     images = jnp.asarray(rng.normal(size=(2, 8, 12, 3)), jnp.float32)
-    stem = layers.ConvStem(4, 3, 16, rngs=nnx.Rngs(0))
+    stem = patches.ConvStem(4, 3, 16, rngs=nnx.Rngs(0))
     # Xiao et al.'s channels: doubling up to width / 2 (here 4, 8), then the projection.
     assert [k.shape for k in stem.kernels] == [(3, 3, 3, 4), (3, 3, 4, 8)]
     x = np.asarray(images, np.float64)
@@ -277,13 +294,13 @@ def test_conv_stem_matches_a_float64_reference_and_keeps_the_patch_grid():
     proj = np.asarray(stem.proj.kernel[...], np.float64), np.asarray(stem.proj.bias[...])
     expected = x.reshape(2, 2 * 3, 8) @ proj[0] + proj[1]  # one token per 4x4 cell, row-major
     tokens = stem(images)
-    assert tokens.shape == layers.PatchEmbed(4, 3, 16, rngs=nnx.Rngs(0))(images).shape
+    assert tokens.shape == patches.PatchEmbed(4, 3, 16, rngs=nnx.Rngs(0))(images).shape
     np.testing.assert_allclose(np.asarray(tokens), expected, atol=1e-4)
 
 
 def test_conv_stem_tokens_see_their_cell_and_its_neighbours_only():
     images = jnp.zeros((1, 32, 32, 3))
-    stem = layers.ConvStem(4, 3, 16, rngs=nnx.Rngs(1))
+    stem = patches.ConvStem(4, 3, 16, rngs=nnx.Rngs(1))
     row, col = 13, 22  # in cell (3, 5) of the 8x8 grid of 4x4 cells
     changed = np.any(stem(images.at[0, row, col].set(1.0)) != stem(images), axis=-1)
     changed_cells = {divmod(int(t), 8) for t in np.flatnonzero(changed[0])}
@@ -292,8 +309,8 @@ def test_conv_stem_tokens_see_their_cell_and_its_neighbours_only():
 
 
 def test_conv_stem_needs_a_power_of_two_patch():
-    assert layers.conv_stem_depth(16, 768) == 4  # ViT-B/16: Xiao's four stride-2 convolutions
+    assert patches.conv_stem_depth(16, 768) == 4  # ViT-B/16: Xiao's four stride-2 convolutions
     with pytest.raises(ValueError, match="power of two"):
-        layers.ConvStem(6, 3, 16, rngs=nnx.Rngs(0))
+        patches.ConvStem(6, 3, 16, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="not divisible by 4"):
-        layers.ConvStem(4, 3, 18, rngs=nnx.Rngs(0))
+        patches.ConvStem(4, 3, 18, rngs=nnx.Rngs(0))

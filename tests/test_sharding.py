@@ -1,4 +1,5 @@
-"""Meshes, logical-axis rules, directly-sharded state, and mesh-independent training."""
+"""Meshes, logical axis names and their rules (config.mesh.rules), directly-sharded state,
+activation constraints, and mesh-independent training."""
 
 import json
 import math
@@ -16,7 +17,11 @@ from conftest import xla_flags
 from flax import nnx
 from jax.sharding import AxisType, PartitionSpec
 
-from diffusion import checkpoints, sharding
+from configs import common
+from diffusion import checkpoints, models, sharding
+from diffusion import config as config_lib
+from diffusion.errors import UserError
+from diffusion.models import layers
 
 P = PartitionSpec
 
@@ -86,7 +91,7 @@ def test_mesh_from_config_uses_the_config_fields():
 def test_rules_give_each_mesh_axis_once_in_rule_order():
     rules = sharding.DEFAULT_RULES
     # The batch takes ('data', 'fsdp'), so 'embed' -> 'fsdp' must not reuse 'fsdp'.
-    assert sharding.logical_to_spec(("batch", "seq", "embed"), rules) == P(
+    assert sharding.logical_to_spec(("activation_batch", "activation_length", "embed"), rules) == P(
         ("data", "fsdp"), None, None
     )
     assert sharding.logical_to_spec(("embed", "mlp"), rules) == P("fsdp", "tensor")
@@ -99,9 +104,9 @@ def test_non_divisible_dimensions_fall_back_to_fewer_axes_then_replication():
     mesh = _mesh("2data4fsdp")
     rules = sharding.DEFAULT_RULES
     spec = lambda names, shape: sharding.logical_to_spec(names, rules, shape=shape, mesh=mesh)
-    assert spec(("batch", None), (16, 3)) == P(("data", "fsdp"), None)
-    assert spec(("batch", None), (6, 3)) == P("data", None)  # 6 % 8 != 0, 6 % 2 == 0
-    assert spec(("batch", None), (3, 3)) == P(None, None)
+    assert spec(("activation_batch", None), (16, 3)) == P(("data", "fsdp"), None)
+    assert spec(("activation_batch", None), (6, 3)) == P("data", None)  # 6 % 8 != 0, 6 % 2 == 0
+    assert spec(("activation_batch", None), (3, 3)) == P(None, None)
     assert spec(("embed", "mlp"), (10, 8)) == P(None, None)  # 10 % 4 != 0; no tensor axis
 
 
@@ -115,6 +120,124 @@ def test_axes_missing_from_the_mesh_are_dropped():
 def test_rank_mismatch_is_an_error():
     with pytest.raises(ValueError, match="do not match the array rank"):
         sharding.logical_to_spec(("embed",), sharding.DEFAULT_RULES, shape=(4, 4))
+
+
+# ------------------------------------------------------------------------------------------------
+# Logical axis names and config.mesh.rules
+# ------------------------------------------------------------------------------------------------
+
+
+def test_default_rules_cover_every_declared_name_and_are_the_config_default():
+    names = [name for name, _ in sharding.DEFAULT_RULES]
+    assert sorted(names) == sorted(sharding.LOGICAL_AXIS_NAMES)  # one rule each, none undeclared
+    assert common.mesh_config().rules == sharding.DEFAULT_RULES
+    assert sharding.rules_from_config(common.mesh_config()) == sharding.DEFAULT_RULES
+    # A config.json written before the field existed gets the defaults.
+    assert sharding.rules_from_config({"data": -1, "fsdp": 1, "tensor": 1}) == (
+        sharding.DEFAULT_RULES
+    )
+
+
+def test_every_declared_name_is_used_by_the_models(monkeypatch):
+    """No dead names: each declared parameter name annotates a parameter of some CLIP or DiT
+    variant, and each activation name reaches sharding.with_logical_constraint in a forward."""
+    clip_config = models.clip_config("tiny", vision_stem="conv", scan_layers=True)
+    dit_config = models.dit_config("tiny", conditioning="class", output_conv=True)
+    parameter_names = set()
+    for init in (
+        lambda: models.CLIP(clip_config, rngs=nnx.Rngs(0)),
+        lambda: models.DiT(dit_config, rngs=nnx.Rngs(0)),
+    ):
+        for axes in layers.logical_axes_of(nnx.eval_shape(init)).values():
+            parameter_names.update(axes)
+    assert parameter_names == set(sharding.PARAMETER_AXIS_NAMES)
+
+    constrained = set()
+    original = sharding.with_logical_constraint
+
+    def spy(x, logical_names):
+        constrained.update(name for name in logical_names if name is not None)
+        return original(x, logical_names)
+
+    monkeypatch.setattr(sharding, "with_logical_constraint", spy)
+    clip = models.CLIP(models.clip_config("tiny"), rngs=nnx.Rngs(0))
+    tokens = jnp.ones((2, 8), jnp.int32)
+    jax.eval_shape(lambda: clip(jnp.zeros((2, 32, 32, 3)), tokens, jnp.ones_like(tokens)))
+    dit = models.DiT(models.dit_config("tiny", conditioning="class"), rngs=nnx.Rngs(0))
+    jax.eval_shape(lambda: dit(jnp.zeros((2, 16, 16, 3)), jnp.zeros((2,)), labels=jnp.ones(2, int)))
+    activation_names = constrained - set(sharding.PARAMETER_AXIS_NAMES)
+    assert activation_names == set(sharding.ACTIVATION_AXIS_NAMES)
+
+
+CLIP_RECIPE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "base_clip.py"
+)
+RULES_OVERRIDE = (
+    "(('activation_batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('mlp', 'tensor'),"
+    " ('heads', None), ('vocab', 'tensor'), ('kv', None), ('classes', None), ('length', None),"
+    " ('projection', None), ('norm', None), ('layers', None), ('activation_length', None),"
+    " ('activation_embed', None), ('activation_mlp', 'tensor'), ('height', None),"
+    " ('width', None), ('channels', None), ('patch', None), ('conv_in', None))"
+)
+
+
+def test_a_command_line_override_of_the_rules_parses_and_applies():
+    config = config_lib.load_config(CLIP_RECIPE, [("mesh.rules", RULES_OVERRIDE)])
+    rules = sharding.rules_from_config(config.mesh)
+    assert ("heads", None) in rules and ("heads", "tensor") not in rules
+    assert sharding.logical_to_spec(("embed", "heads", "kv"), rules) == P("fsdp", None, None)
+    assert sharding.logical_to_spec(("embed", "heads", "kv"), sharding.DEFAULT_RULES) == P(
+        "fsdp", "tensor", None
+    )
+    # As a run directory's config.json holds it (lists): the same rules.
+    as_json = json.loads(config.to_json_best_effort())["mesh"]
+    assert isinstance(as_json["rules"][0], list)
+    assert sharding.rules_from_config(as_json) == rules
+
+
+def _rules_without(name):
+    return tuple(rule for rule in sharding.DEFAULT_RULES if rule[0] != name)
+
+
+@pytest.mark.parametrize(
+    "rules, message",
+    [
+        (
+            (*sharding.DEFAULT_RULES, ("batch", "data")),
+            r"entry \('batch', 'data'\) names the unknown logical axis 'batch'",
+        ),
+        (
+            (*_rules_without("mlp"), ("mlp", "model")),
+            r"entry \('mlp', 'model'\) names the unknown mesh axis 'model'",
+        ),
+        (
+            (*_rules_without("mlp"), ("mlp", ("tensor", "pipeline"))),
+            r"names the unknown mesh axis 'pipeline'",
+        ),
+        (_rules_without("heads"), r"no rule for the logical axis name\(s\) heads"),
+        ((*sharding.DEFAULT_RULES, "embed"), r"entry 'embed' is not a \(logical_name, mesh_axes\)"),
+        ((*sharding.DEFAULT_RULES, ("embed", 3)), r"entry \('embed', 3\) has mesh axes 3"),
+        ("embed=fsdp", r"'embed=fsdp' is not a sequence of rules"),
+    ],
+)
+def test_bad_rules_name_the_key_the_entry_and_the_valid_names(rules, message):
+    with pytest.raises(UserError, match=message) as error:
+        sharding.rules_from_config({"rules": rules})
+    text = str(error.value)
+    assert text.startswith("config.mesh.rules: ")
+    assert "activation_batch, activation_length" in text  # the valid logical names
+    assert "data, fsdp, tensor" in text  # the valid mesh axes
+
+
+def test_a_bad_command_line_override_gives_the_clear_error():
+    bad = RULES_OVERRIDE.replace("('heads', None)", "('heads', 'model')")
+    config = config_lib.load_config(CLIP_RECIPE, [("mesh.rules", bad)])
+    with pytest.raises(UserError, match=r"config.mesh.rules: entry \('heads', 'model'\)"):
+        sharding.rules_from_config(config.mesh)
+    # Without parentheses the override is split at commas: entries that are not pairs.
+    config = config_lib.load_config(CLIP_RECIPE, [("mesh.rules", "embed,fsdp")])
+    with pytest.raises(UserError, match=r"entry 'embed' is not a \(logical_name, mesh_axes\)"):
+        sharding.rules_from_config(config.mesh)
 
 
 # Written out by hand from DEFAULT_RULES and the ToyModel's annotations (the independent truth).
@@ -274,11 +397,26 @@ def test_batch_sharding_splits_the_batch_over_data_and_fsdp():
 def test_with_logical_constraint_applies_under_activate_only():
     mesh = _mesh("2x2x2")
     x = jnp.ones((8, 4, 16))
-    constrain = lambda x: sharding.with_logical_constraint(x, ("batch", "seq", "mlp"))
+    names = ("activation_batch", "activation_length", "activation_mlp")
+    constrain = lambda x: sharding.with_logical_constraint(x, names)
     assert constrain(x) is x  # no rules, no mesh: a no-op
     with sharding.activate(mesh):
         y = jax.jit(constrain)(x)
     assert y.sharding.spec == P(("data", "fsdp"), None, "tensor")
+
+
+def test_with_logical_constraint_falls_back_when_the_mesh_axes_do_not_divide(caplog):
+    mesh = _mesh("2data4fsdp")
+    x = jnp.arange(6 * 4.0).reshape(6, 4)
+    constrain = lambda x: sharding.with_logical_constraint(x * 2, ("activation_batch", None))
+    with sharding.activate(mesh):
+        jaxpr = jax.make_jaxpr(constrain)(x)
+        y = jax.jit(constrain)(x)
+    (equation,) = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "sharding_constraint"]
+    assert equation.params["sharding"].spec == P("data", None)  # 6 rows: not 8, but 2 divide
+    assert y.sharding.spec == P("data")
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(x) * 2)
+    assert "dimension 6 is not divisible by mesh axes ('data', 'fsdp')" in caplog.text
 
 
 # ------------------------------------------------------------------------------------------------

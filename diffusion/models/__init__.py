@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 
+from diffusion.models.blocks import REMAT_POLICIES
 from diffusion.models.clip import CLIP, CLIP_VARIANTS, CLIPConfig
 from diffusion.models.dit import DIT_VARIANTS, DiT, DiTConfig
-from diffusion.models.layers import ACTIVATION_AXES, LOGICAL_AXIS_NAMES, REMAT_POLICIES
 
 __all__ = [
-    "ACTIVATION_AXES",
     "CLIP",
     "CLIP_VARIANTS",
     "CLIPConfig",
     "DIT_VARIANTS",
     "DiT",
     "DiTConfig",
-    "LOGICAL_AXIS_NAMES",
     "REMAT_POLICIES",
     "clip_config",
     "dit_config",

@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from diffusion.models import layers
-from diffusion.models.layers import ACTIVATION_AXES, constrain
+from diffusion import sharding
+from diffusion.models import attention, blocks, embeddings, layers, patches
 
 # ============================================================================================
 # Config and variants
@@ -31,7 +31,7 @@ from diffusion.models.layers import ACTIVATION_AXES, constrain
 
 VISION_POOLING = ("class", "mean")
 # How the image tower turns pixels into tokens: a linear map of each patch (ViT), or 3x3
-# stride-2 convolutions first (Xiao et al. 2021; layers.ConvStem).
+# stride-2 convolutions first (Xiao et al. 2021; patches.ConvStem).
 VISION_STEMS = ("patch", "conv")
 
 
@@ -48,7 +48,7 @@ class CLIPConfig:
     vision_heads: int = 4  # attention heads of the image tower
     vision_mlp_dim: int = 512  # hidden units of the image MLPs
     vision_pooling: str = "class"  # 'class' token (OpenAI) or 'mean' of the patch tokens
-    vision_stem: str = "patch"  # 'patch' (linear patchify, OpenAI) or 'conv' (layers.ConvStem)
+    vision_stem: str = "patch"  # 'patch' (linear patchify, OpenAI) or 'conv' (patches.ConvStem)
     # Text tower (causal transformer).
     vocab_size: int = 1000  # token vocabulary size
     context_length: int = 32  # maximum tokens per caption (position table rows)
@@ -69,7 +69,7 @@ class CLIPConfig:
     dtype: str = "float32"  # compute dtype ('bfloat16' on TPU); params stay param_dtype
     param_dtype: str = "float32"  # parameter storage dtype
     attention_impl: str = "xla"  # 'xla' einsum softmax or 'fused' jax.nn.dot_product_attention
-    remat_policy: str = "none"  # per-block rematerialisation, see layers.REMAT_POLICIES
+    remat_policy: str = "none"  # per-block rematerialisation, see blocks.REMAT_POLICIES
     scan_layers: bool = False  # nnx.scan over blocks (params get a leading 'layers' axis)
 
     def __post_init__(self):
@@ -90,7 +90,7 @@ class CLIPConfig:
         if self.vision_stem not in VISION_STEMS:
             raise ValueError(f"unknown vision_stem {self.vision_stem!r}; valid: {VISION_STEMS}")
         if self.vision_stem == "conv":
-            layers.conv_stem_depth(self.patch_size, self.vision_width)
+            patches.conv_stem_depth(self.patch_size, self.vision_width)
         if len(self.pixel_mean) != self.in_channels or len(self.pixel_std) != self.in_channels:
             raise ValueError(
                 f"pixel_mean {self.pixel_mean} / pixel_std {self.pixel_std} need "
@@ -99,11 +99,11 @@ class CLIPConfig:
         layers.resolve_activation(self.activation)
         layers.resolve_dtype(self.dtype)
         layers.resolve_dtype(self.param_dtype)
-        layers.resolve_remat_policy(self.remat_policy)
-        if self.attention_impl not in layers.ATTENTION_IMPLEMENTATIONS:
+        blocks.resolve_remat_policy(self.remat_policy)
+        if self.attention_impl not in attention.ATTENTION_IMPLEMENTATIONS:
             raise ValueError(
                 f"unknown attention_impl {self.attention_impl!r}; "
-                f"valid: {layers.ATTENTION_IMPLEMENTATIONS}"
+                f"valid: {attention.ATTENTION_IMPLEMENTATIONS}"
             )
 
     @property
@@ -157,19 +157,19 @@ class ResidualAttentionBlock(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=layers.resolve_dtype(config.param_dtype), rngs=rngs)
         self.causal = causal
         self.ln1 = layers.LayerNorm(width, eps=config.layer_norm_eps, **kw)
-        self.attn = layers.Attention(width, heads, implementation=config.attention_impl, **kw)
+        self.attn = attention.Attention(width, heads, implementation=config.attention_impl, **kw)
         self.ln2 = layers.LayerNorm(width, eps=config.layer_norm_eps, **kw)
         self.mlp = layers.MLP(width, mlp_dim, config.activation, **kw)
 
     def __call__(self, x: jax.Array, key_mask: jax.Array | None) -> jax.Array:
-        x = constrain(x, ACTIVATION_AXES)
+        x = sharding.with_logical_constraint(x, layers.TOKEN_AXES)
         x = x + self.attn(self.ln1(x), key_mask=key_mask, causal=self.causal)  # (B, T, W)
         x = x + self.mlp(self.ln2(x))  # (B, T, W)
-        return constrain(x, ACTIVATION_AXES)
+        return sharding.with_logical_constraint(x, layers.TOKEN_AXES)
 
 
 def _blocks(width, heads, mlp_dim, depth, config: CLIPConfig, *, causal, rngs):
-    return layers.BlockStack(
+    return blocks.BlockStack(
         lambda r: ResidualAttentionBlock(width, heads, mlp_dim, config, causal=causal, rngs=r),
         depth,
         scan_layers=config.scan_layers,
@@ -189,9 +189,9 @@ class VisionTower(nnx.Module):
         self.dtype = dtype
         scale = c.vision_width**-0.5  # OpenAI's init scale for class and position embeddings
         if c.vision_stem == "conv":
-            self.patch_embed = layers.ConvStem(c.patch_size, c.in_channels, c.vision_width, **kw)
+            self.patch_embed = patches.ConvStem(c.patch_size, c.in_channels, c.vision_width, **kw)
         else:
-            self.patch_embed = layers.PatchEmbed(
+            self.patch_embed = patches.PatchEmbed(
                 c.patch_size, c.in_channels, c.vision_width, use_bias=False, **kw
             )
         num_tokens = c.num_patches
@@ -202,7 +202,7 @@ class VisionTower(nnx.Module):
                 rngs, layers.normal(scale), (c.vision_width,), ("embed",), param_dtype
             )
         self.class_embedding = nnx.data(class_embedding)
-        self.position = layers.LearnedPositionEmbedding(
+        self.position = embeddings.LearnedPositionEmbedding(
             num_tokens, c.vision_width, stddev=scale, param_dtype=param_dtype, rngs=rngs
         )
         self.pre_norm = layers.LayerNorm(c.vision_width, eps=c.layer_norm_eps, **kw)
@@ -239,10 +239,10 @@ class TextTower(nnx.Module):
         c = config
         dtype, param_dtype = layers.resolve_dtype(c.dtype), layers.resolve_dtype(c.param_dtype)
         self.dtype = dtype
-        self.token_embed = layers.Embed(
+        self.token_embed = embeddings.Embed(
             c.vocab_size, c.text_width, stddev=0.02, param_dtype=param_dtype, rngs=rngs
         )
-        self.position = layers.LearnedPositionEmbedding(
+        self.position = embeddings.LearnedPositionEmbedding(
             c.context_length, c.text_width, stddev=0.01, param_dtype=param_dtype, rngs=rngs
         )
         self.blocks = _blocks(

@@ -1,7 +1,7 @@
 """DiT: Scalable Diffusion Models with Transformers (Peebles & Xie 2023), text-conditioned.
 
 Follows facebookresearch/DiT `models.py`: patchify -> fixed 2-D sin-cos positions -> adaLN-Zero
-blocks conditioned on c = time embedding (+ pooled text or class embedding) -> final adaLN
+blocks conditioned on the time embedding (+ pooled text or class embedding) -> final adaLN
 layer -> unpatchify (-> optionally U-ViT's 3x3 convolution). For text conditioning every block
 also cross-attends from the image tokens to the text token states (with the text padding mask),
 as PixArt-alpha does.
@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from diffusion.models import layers
-from diffusion.models.layers import ACTIVATION_AXES, constrain
+from diffusion import sharding
+from diffusion.models import attention, blocks, embeddings, layers, patches
 
 CONDITIONING = ("text", "class", "none")
 INPUT_STEMS = ("patch", "conv")  # DiTConfig.input_stem
@@ -60,7 +60,7 @@ class DiTConfig:
     # mix across patch borders, which the per-patch linear decoder cannot (seams, outlines).
     output_conv: bool = False
     # How noisy pixels become tokens: 'patch' (DiT's linear patchify) or 'conv' (3x3 stride-2
-    # convolutions first, layers.ConvStem; tokens then see across patch borders).
+    # convolutions first, patches.ConvStem; tokens then see across patch borders).
     input_stem: str = "patch"
     time_scale: float = 1000.0  # t in [0, 1] is embedded as t * time_scale
     frequency_dim: int = 256  # sinusoidal frequencies of the timestep embedding
@@ -68,7 +68,7 @@ class DiTConfig:
     dtype: str = "float32"  # compute dtype ('bfloat16' on TPU); params stay param_dtype
     param_dtype: str = "float32"  # parameter storage dtype
     attention_impl: str = "xla"  # 'xla' einsum softmax or 'fused' jax.nn.dot_product_attention
-    remat_policy: str = "none"  # per-block rematerialisation, see layers.REMAT_POLICIES
+    remat_policy: str = "none"  # per-block rematerialisation, see blocks.REMAT_POLICIES
     scan_layers: bool = False  # nnx.scan over blocks (params get a leading 'layers' axis)
 
     def __post_init__(self):
@@ -79,16 +79,16 @@ class DiTConfig:
         if self.input_stem not in INPUT_STEMS:
             raise ValueError(f"unknown input_stem {self.input_stem!r}; valid: {INPUT_STEMS}")
         if self.input_stem == "conv":
-            layers.conv_stem_depth(self.patch_size, self.width)
+            patches.conv_stem_depth(self.patch_size, self.width)
         if self.conditioning not in CONDITIONING:
             raise ValueError(f"unknown conditioning {self.conditioning!r}; valid: {CONDITIONING}")
         layers.resolve_dtype(self.dtype)
         layers.resolve_dtype(self.param_dtype)
-        layers.resolve_remat_policy(self.remat_policy)
-        if self.attention_impl not in layers.ATTENTION_IMPLEMENTATIONS:
+        blocks.resolve_remat_policy(self.remat_policy)
+        if self.attention_impl not in attention.ATTENTION_IMPLEMENTATIONS:
             raise ValueError(
                 f"unknown attention_impl {self.attention_impl!r}; "
-                f"valid: {layers.ATTENTION_IMPLEMENTATIONS}"
+                f"valid: {attention.ATTENTION_IMPLEMENTATIONS}"
             )
 
     @property
@@ -131,16 +131,16 @@ class TimestepEmbedder(nnx.Module):
         self.fc2 = layers.Dense(config.width, config.width, ("mlp", "embed"), **kw)
 
     def __call__(self, t: jax.Array) -> jax.Array:
-        freqs = layers.timestep_embedding(t * self.time_scale, self.frequency_dim)  # (B, F)
+        freqs = embeddings.timestep_embedding(t * self.time_scale, self.frequency_dim)  # (B, F)
         return self.fc2(jax.nn.silu(self.fc1(freqs)))  # (B, D)
 
 
 class ConditionProjection(nnx.Module):
     """Parameter-free LayerNorm then Dense(in -> D) whose outputs start with std ~ target_std.
 
-    Normalising first makes the scale independent of which text tower produced the input;
-    the prototype (REFERENCES.md) showed conditioning drowned by the time embedding when its
-    embeddings started small, hence std ~ 1 rather than DiT's 0.02.
+    Normalising first makes the scale independent of which text tower produced the input.
+    The target std is ~ 1 rather than DiT's 0.02: embeddings that started small left the
+    conditioning drowned by the time embedding it is added to (seen in this project's prototype).
     """
 
     def __init__(self, in_features, width, target_std, *, dtype, param_dtype, rngs):
@@ -160,6 +160,48 @@ class ConditionProjection(nnx.Module):
 
 
 # ============================================================================================
+# adaLN modulation (DiT sec. 3.2)
+# ============================================================================================
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    """adaLN: x * (1 + scale) + shift, with (B, D) shift/scale broadcast over tokens."""
+    return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+class AdaLNModulation(nnx.Module):
+    """SiLU -> Dense(width -> n * width), zero-initialised (adaLN-Zero): returns n (B, width)."""
+
+    def __init__(
+        self, width: int, num_chunks: int, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs
+    ):
+        self.num_chunks = num_chunks
+        self.linear = layers.Dense(
+            width,
+            num_chunks * width,
+            ("embed", "mlp"),
+            kernel_init=layers.zeros,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+
+    def __call__(self, condition: jax.Array) -> tuple[jax.Array, ...]:
+        """condition: (B, width) -> num_chunks arrays (B, width)."""
+        chunks = jnp.split(self.linear(jax.nn.silu(condition)), self.num_chunks, axis=-1)
+        # Each chunk shifts, scales or gates the residual stream, so it takes the stream's layout:
+        # batch split, width whole. Left free, it inherits the kernel's 'mlp' (tensor) split of
+        # the n * D outputs, and XLA (seen with jax 0.10.2, Shardy and GSPMD alike) then
+        # partitions `gate * attn(h)` / `gate * mlp(h)` wrongly on a data x fsdp x tensor mesh:
+        # the dot before the gate gets a collective-permute that swaps batch shards between
+        # devices. Guarded by tests/test_dit.py::test_gradients_on_a_data_fsdp_tensor_mesh_equal_...
+        return tuple(
+            sharding.with_logical_constraint(chunk, ("activation_batch", "activation_embed"))
+            for chunk in chunks
+        )
+
+
+# ============================================================================================
 # Blocks
 # ============================================================================================
 
@@ -173,66 +215,74 @@ class DiTBlock(nnx.Module):
     """
 
     def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs):
-        c = config
-        dtype, param_dtype = layers.resolve_dtype(c.dtype), layers.resolve_dtype(c.param_dtype)
-        kw = dict(dtype=dtype, param_dtype=param_dtype)
-        self.norm1 = layers.LayerNorm(c.width, eps=c.norm_eps, affine=False, **kw)
-        self.attn = layers.Attention(
-            c.width, c.num_heads, implementation=c.attention_impl, rngs=rngs, **kw
+        dtype = layers.resolve_dtype(config.dtype)
+        kw = dict(dtype=dtype, param_dtype=layers.resolve_dtype(config.param_dtype))
+        width, heads = config.width, config.num_heads
+        self.norm1 = layers.LayerNorm(width, eps=config.norm_eps, affine=False, **kw)
+        self.attn = attention.Attention(
+            width, heads, implementation=config.attention_impl, rngs=rngs, **kw
         )
         norm_cross = cross_attn = None
-        if c.conditioning == "text":
-            norm_cross = layers.LayerNorm(c.width, eps=c.norm_eps, rngs=rngs, **kw)
-            cross_attn = layers.Attention(
-                c.width,
-                c.num_heads,
+        if config.conditioning == "text":
+            norm_cross = layers.LayerNorm(width, eps=config.norm_eps, rngs=rngs, **kw)
+            cross_attn = attention.Attention(
+                width,
+                heads,
                 zero_output=True,  # the block starts as the identity (adaLN-Zero spirit)
-                implementation=c.attention_impl,
+                implementation=config.attention_impl,
                 rngs=rngs,
                 **kw,
             )
         self.norm_cross, self.cross_attn = nnx.data(norm_cross), nnx.data(cross_attn)
-        self.norm2 = layers.LayerNorm(c.width, eps=c.norm_eps, affine=False, **kw)
-        self.mlp = layers.MLP(c.width, int(c.width * c.mlp_ratio), "gelu_tanh", rngs=rngs, **kw)
-        self.modulation = layers.AdaLNModulation(c.width, 6, rngs=rngs, **kw)
+        self.norm2 = layers.LayerNorm(width, eps=config.norm_eps, affine=False, **kw)
+        hidden = int(width * config.mlp_ratio)
+        self.mlp = layers.MLP(width, hidden, "gelu_tanh", rngs=rngs, **kw)
+        self.modulation = AdaLNModulation(width, 6, rngs=rngs, **kw)
 
     def __call__(
-        self, x: jax.Array, c: jax.Array, context: jax.Array | None, context_mask
+        self,
+        x: jax.Array,
+        condition: jax.Array,
+        context: jax.Array | None,
+        context_mask: jax.Array | None,
     ) -> jax.Array:
-        """x: (B, T, D) image tokens; c: (B, D) conditioning; context: (B, L, D) or None."""
-        x = constrain(x, ACTIVATION_AXES)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c)
-        h = layers.modulate(self.norm1(x), shift_msa, scale_msa)
+        """x: (B, T, D) image tokens; condition: (B, D) time (+ pooled text or class) embedding;
+        context: (B, L, D) text token states or None; context_mask: (B, L) or None."""
+        x = sharding.with_logical_constraint(x, layers.TOKEN_AXES)
+        modulation = self.modulation(condition)  # 6 x (B, D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
+        h = modulate(self.norm1(x), shift_msa, scale_msa)  # (B, T, D)
         x = x + gate_msa[:, None] * self.attn(h)  # (B, T, D)
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.norm_cross(x), context, key_mask=context_mask)
-        h = layers.modulate(self.norm2(x), shift_mlp, scale_mlp)
+        h = modulate(self.norm2(x), shift_mlp, scale_mlp)  # (B, T, D)
         x = x + gate_mlp[:, None] * self.mlp(h)  # (B, T, D)
-        return constrain(x, ACTIVATION_AXES)
+        return sharding.with_logical_constraint(x, layers.TOKEN_AXES)
 
 
 class FinalLayer(nnx.Module):
     """adaLN (shift, scale) on a parameter-free LayerNorm, then Dense(D -> p*p*C_out), zero-init."""
 
     def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs):
-        c = config
         kw = dict(
-            dtype=layers.resolve_dtype(c.dtype), param_dtype=layers.resolve_dtype(c.param_dtype)
+            dtype=layers.resolve_dtype(config.dtype),
+            param_dtype=layers.resolve_dtype(config.param_dtype),
         )
-        self.norm = layers.LayerNorm(c.width, eps=c.norm_eps, affine=False, **kw)
-        self.modulation = layers.AdaLNModulation(c.width, 2, rngs=rngs, **kw)
+        self.norm = layers.LayerNorm(config.width, eps=config.norm_eps, affine=False, **kw)
+        self.modulation = AdaLNModulation(config.width, 2, rngs=rngs, **kw)
         self.linear = layers.Dense(
-            c.width,
-            c.patch_size * c.patch_size * c.out_channels,
+            config.width,
+            config.patch_size * config.patch_size * config.out_channels,
             ("embed", "patch"),
             kernel_init=layers.zeros,
             rngs=rngs,
             **kw,
         )
 
-    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
-        shift, scale = self.modulation(c)
-        return self.linear(layers.modulate(self.norm(x), shift, scale))  # (B, T, p*p*C_out)
+    def __call__(self, x: jax.Array, condition: jax.Array) -> jax.Array:
+        """x: (B, T, D) tokens; condition: (B, D) -> (B, T, p*p*C_out)."""
+        shift, scale = self.modulation(condition)  # 2 x (B, D)
+        return self.linear(modulate(self.norm(x), shift, scale))  # (B, T, p*p*C_out)
 
 
 # ============================================================================================
@@ -244,35 +294,41 @@ class DiT(nnx.Module):
     """Diffusion transformer: (x (B, H, W, C), t (B,), conditioning) -> (B, H, W, C_out)."""
 
     def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs):
-        c = config
-        dtype, param_dtype = layers.resolve_dtype(c.dtype), layers.resolve_dtype(c.param_dtype)
+        dtype, param_dtype = (
+            layers.resolve_dtype(config.dtype),
+            layers.resolve_dtype(config.param_dtype),
+        )
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.config = c
+        self.config = config
         self.dtype = dtype
-        stem = layers.ConvStem if c.input_stem == "conv" else layers.PatchEmbed
-        self.patch_embed = stem(c.patch_size, c.in_channels, c.width, **kw)
-        self.time_embed = TimestepEmbedder(c, **kw)
+        stem = patches.ConvStem if config.input_stem == "conv" else patches.PatchEmbed
+        self.patch_embed = stem(config.patch_size, config.in_channels, config.width, **kw)
+        self.time_embed = TimestepEmbedder(config, **kw)
         label_embed = context_embed = pooled_embed = words_embed = words_pooled_embed = None
-        if c.conditioning == "class":
+        if config.conditioning == "class":
             # Row num_classes is the null class for classifier-free guidance (DiT LabelEmbedder).
-            label_embed = layers.Embed(
-                c.num_classes + 1,
-                c.width,
+            label_embed = embeddings.Embed(
+                config.num_classes + 1,
+                config.width,
                 row_axis="classes",
-                stddev=c.condition_init_std,
+                stddev=config.condition_init_std,
                 param_dtype=param_dtype,
                 rngs=rngs,
             )
-        elif c.conditioning == "text":
-            context_embed = ConditionProjection(c.context_dim, c.width, c.condition_init_std, **kw)
+        elif config.conditioning == "text":
+            context_embed = ConditionProjection(
+                config.context_dim, config.width, config.condition_init_std, **kw
+            )
             # With words, adaLN's condition adds two projections: each starts at std / sqrt(2).
-            pooled_std = c.condition_init_std / (2**0.5 if c.word_conditioning else 1.0)
-            pooled_embed = ConditionProjection(c.pooled_dim, c.width, pooled_std, **kw)
-            if c.word_conditioning:
+            pooled_std = config.condition_init_std / (2**0.5 if config.word_conditioning else 1.0)
+            pooled_embed = ConditionProjection(config.pooled_dim, config.width, pooled_std, **kw)
+            if config.word_conditioning:
                 words_embed = ConditionProjection(
-                    c.context_dim, c.width, c.condition_init_std, **kw
+                    config.context_dim, config.width, config.condition_init_std, **kw
                 )
-                words_pooled_embed = ConditionProjection(c.context_dim, c.width, pooled_std, **kw)
+                words_pooled_embed = ConditionProjection(
+                    config.context_dim, config.width, pooled_std, **kw
+                )
         self.label_embed, self.context_embed, self.pooled_embed = (
             nnx.data(label_embed),
             nnx.data(context_embed),
@@ -280,43 +336,48 @@ class DiT(nnx.Module):
         )
         self.words_embed = nnx.data(words_embed)
         self.words_pooled_embed = nnx.data(words_pooled_embed)
-        self.blocks = layers.BlockStack(
-            lambda r: DiTBlock(c, rngs=r),
-            c.depth,
-            scan_layers=c.scan_layers,
-            remat_policy=c.remat_policy,
+        self.blocks = blocks.BlockStack(
+            lambda r: DiTBlock(config, rngs=r),
+            config.depth,
+            scan_layers=config.scan_layers,
+            remat_policy=config.remat_policy,
             rngs=rngs,
         )
-        self.final_layer = FinalLayer(c, rngs=rngs)
+        self.final_layer = FinalLayer(config, rngs=rngs)
         self.output_conv = nnx.data(
-            layers.PixelConv(c.out_channels, **kw) if c.output_conv else None
+            patches.PixelConv(config.out_channels, **kw) if config.output_conv else None
         )
 
     def _conditioning(self, batch, context, context_mask, pooled, words, labels):
         """Validate the conditioning inputs of the configured mode; embed them."""
-        c = self.config
+        config = self.config
         given = {"context": context, "pooled": pooled, "words": words, "labels": labels}
-        text = ("context", "pooled", "words") if c.word_conditioning else ("context", "pooled")
-        needed = {"text": text, "class": ("labels",), "none": ()}[c.conditioning]
+        text = ("context", "pooled", "words") if config.word_conditioning else ("context", "pooled")
+        needed = {"text": text, "class": ("labels",), "none": ()}[config.conditioning]
         missing = [name for name in needed if given[name] is None]
         unexpected = [name for name, v in given.items() if v is not None and name not in needed]
         if missing or unexpected:
             raise ValueError(
-                f"conditioning={c.conditioning!r} needs {list(needed)}; "
+                f"conditioning={config.conditioning!r} needs {list(needed)}; "
                 f"missing {missing}, unexpected {unexpected}"
             )
-        if c.conditioning == "class":
+        if config.conditioning == "class":
             return self.label_embed(labels).astype(self.dtype), None, None  # (B, D)
-        if c.conditioning == "none":
+        if config.conditioning == "none":
             return None, None, None
-        if context.ndim != 3 or context.shape[-1] != c.context_dim or context.shape[0] != batch:
+        if (
+            context.ndim != 3
+            or context.shape[-1] != config.context_dim
+            or context.shape[0] != batch
+        ):
             raise ValueError(
-                f"context must be (batch={batch}, length, context_dim={c.context_dim}), "
+                f"context must be (batch={batch}, length, context_dim={config.context_dim}), "
                 f"got {context.shape}"
             )
-        if pooled.shape != (batch, c.pooled_dim):
+        if pooled.shape != (batch, config.pooled_dim):
             raise ValueError(
-                f"pooled must be (batch={batch}, pooled_dim={c.pooled_dim}), got {pooled.shape}"
+                f"pooled must be (batch={batch}, pooled_dim={config.pooled_dim}), "
+                f"got {pooled.shape}"
             )
         if context_mask is None:
             context_mask = jnp.ones(context.shape[:2], bool)
@@ -325,7 +386,7 @@ class DiT(nnx.Module):
                 f"context_mask {context_mask.shape} must match context {context.shape[:2]}"
             )
         extra, context_tokens = self.pooled_embed(pooled), self.context_embed(context)
-        if c.word_conditioning:
+        if config.word_conditioning:
             if words.shape != context.shape:
                 raise ValueError(f"words {words.shape} must match context {context.shape}")
             weights = context_mask.astype(jnp.float32)[..., None]  # (B, L, 1)
@@ -345,25 +406,25 @@ class DiT(nnx.Module):
         labels: jax.Array | None = None,
         words: jax.Array | None = None,
     ) -> jax.Array:
-        cfg = self.config
+        config = self.config
         b, h, w, ch = x.shape
-        if ch != cfg.in_channels:
-            raise ValueError(f"x has {ch} channels, the model expects {cfg.in_channels}")
+        if ch != config.in_channels:
+            raise ValueError(f"x has {ch} channels, the model expects {config.in_channels}")
         if t.shape != (b,):
             raise ValueError(f"t must have shape (batch,) = ({b},), got {t.shape}")
-        p = cfg.patch_size
-        positions = layers.sincos_2d(cfg.width, h // p, w // p)  # (T, D) constant
+        p = config.patch_size
+        positions = embeddings.sincos_2d(config.width, h // p, w // p)  # (T, D) constant
         tokens = self.patch_embed(x.astype(self.dtype))  # (B, T, D); checks divisibility by p
         tokens = tokens + jnp.asarray(positions, self.dtype)[None]  # (B, T, D)
-        cond = self.time_embed(t)  # (B, D)
+        condition = self.time_embed(t)  # (B, D)
         extra, context_tokens, context_mask = self._conditioning(
             b, context, context_mask, pooled, words, labels
         )
         if extra is not None:
-            cond = cond + extra  # (B, D)
-        tokens = self.blocks(tokens, cond, context_tokens, context_mask)  # (B, T, D)
-        out = self.final_layer(tokens, cond)  # (B, T, p*p*C_out)
-        images = layers.unpatchify(out, p, h, w)  # (B, H, W, C_out)
+            condition = condition + extra  # (B, D)
+        tokens = self.blocks(tokens, condition, context_tokens, context_mask)  # (B, T, D)
+        out = self.final_layer(tokens, condition)  # (B, T, p*p*C_out)
+        images = patches.unpatchify(out, p, h, w)  # (B, H, W, C_out)
         if self.output_conv is not None:
             images = self.output_conv(images)
         return images.astype(jnp.float32)
