@@ -17,6 +17,12 @@ corruption, a truncated file) is reported with its path by :func:`restore_latest
 falls back to the previous step; nothing is deleted (the trainer renames such a step
 ``<step>.corrupt``, which Orbax ignores, so that the step can be saved again).
 
+Failed writes: :func:`save_checkpoint` and :func:`finish_writes` turn a write that fails (disk
+full, permissions; Orbax reports the failure of a background write at the next save or wait, as
+TensorStore's ValueError) into one :class:`CheckpointWriteError`, after removing the failed step's
+temporary directory. Orbax deletes old steps only after a new one is finalised, so the previous
+checkpoints are intact and the error names the newest of them.
+
 Cross-mesh restore: pass an abstract train state whose leaves are ``jax.ShapeDtypeStruct`` with
 the NEW shardings (``diffusion.sharding.abstract_state`` / ``abstract_with_shardings``); arrays are
 read straight into those shardings. ``nnx.eval_shape`` alone may drop shardings (flax#5110).
@@ -25,20 +31,27 @@ read straight into those shardings. ``nnx.eval_shape`` alone may drop shardings 
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
+import glob
+import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping
+import re
+import shutil
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from diffusion import distributed
+from diffusion import distributed, errors
 
 logger = logging.getLogger(__name__)
 
@@ -302,7 +315,124 @@ def save_checkpoint(
     }
     if data_iterator_state is not None:
         items[DATA_ITERATOR_ITEM] = ProcessLocalJsonSave(data_iterator_state)
-    return manager.save(step, args=ocp.args.Composite(**items), force=force)
+    try:
+        return manager.save(step, args=ocp.args.Composite(**items), force=force)
+    except (OSError, ValueError, RuntimeError) as error:
+        failure = _write_failed(manager, error, step)
+        if failure is None:
+            raise
+        raise failure from error
+
+
+def finish_writes(manager: ocp.CheckpointManager) -> None:
+    """Waits for the checkpoint being written in the background (``manager.wait_until_finished``).
+
+    Raises:
+      CheckpointWriteError: that write failed (Orbax raises it here, or at the next save, as
+        TensorStore's ValueError); its temporary directory is removed, earlier steps are intact.
+    """
+    try:
+        manager.wait_until_finished()
+    except (OSError, ValueError, RuntimeError) as error:
+        failure = _write_failed(manager, error, None)
+        if failure is None:
+            raise
+        raise failure from error
+
+
+def close_manager(manager: ocp.CheckpointManager) -> None:
+    """:func:`finish_writes`, then ``manager.close()`` even when the write failed."""
+    try:
+        finish_writes(manager)
+    finally:
+        manager.close()
+
+
+class CheckpointWriteError(errors.UserError):
+    """A checkpoint or the exported parameters could not be written (disk full, permissions).
+
+    Nothing complete was lost: ``intact`` is the newest complete checkpoint (None if there is
+    none yet), from which rerunning the same command resumes. ``failed_steps`` were not written.
+    """
+
+    def __init__(self, message: str, *, failed_steps=(), intact: str | None = None):
+        super().__init__(message)
+        self.failed_steps = tuple(failed_steps)
+        self.intact = intact
+
+
+# Orbax writes step N into `N.orbax-checkpoint-tmp-<time>/` and renames it when complete.
+_TEMPORARY_STEP = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
+
+
+def _listdir(directory: str) -> list[str]:
+    try:
+        return os.listdir(directory)
+    except OSError:
+        return []
+
+
+def _temporary_steps(directory: str) -> dict[str, int]:
+    """{path: step} of the unfinished step directories under ``directory``."""
+    return {
+        os.path.join(directory, name): int(match.group(1))
+        for name in _listdir(directory)
+        if (match := _TEMPORARY_STEP.match(name))
+    }
+
+
+def _remove_until_settled(
+    list_paths: Callable[[], list[str]], settle_seconds: float = 0.3, limit_seconds: float = 10.0
+) -> None:
+    """Removes the directories `list_paths()` names until none reappears for `settle_seconds`.
+
+    When one write of a save fails, TensorStore may still be finishing the others it was given
+    (they create their directories as they go), so one removal could be undone a moment later.
+    """
+    deadline = time.monotonic() + limit_seconds
+    while True:
+        for path in list_paths():
+            shutil.rmtree(path, ignore_errors=True)
+        time.sleep(settle_seconds)
+        if not list_paths() or time.monotonic() > deadline:
+            return
+
+
+def _write_failed(
+    manager: ocp.CheckpointManager, error: BaseException, step: int | None
+) -> CheckpointWriteError | None:
+    """The CheckpointWriteError of a failed save (None when `error` is no write failure), after
+    removing the failed step's temporary directory.
+
+    When this is called no write is in flight in this process (the failed one has ended), so
+    every ``<step>.orbax-checkpoint-tmp-*`` directory is a leftover of a failed or killed save.
+    """
+    os_error = errors.os_error_of(error)
+    if os_error is None:
+        return None
+    directory = os.fspath(manager.directory)
+    leftovers = _temporary_steps(directory)
+    _remove_until_settled(lambda: list(_temporary_steps(directory)))
+    failed = sorted(set(leftovers.values())) or ([step] if step is not None else [])
+    with contextlib.suppress(OSError, ValueError):
+        manager.reload()  # Orbax forgot the old steps it meant to delete after the failed one
+    complete = [int(n) for n in _listdir(directory) if n.isdigit()]  # finalised: renamed
+    intact = step_path(manager, max(complete)) if complete else None
+    kept = (
+        f"the last complete checkpoint, {intact}, is intact"
+        if intact
+        else "there is no complete checkpoint yet"
+    )
+    cause, fix = errors.describe_os_error(os_error)
+    which = f" (step {', '.join(map(str, failed))})" if failed else ""
+    at = f" writing {os_error.filename}" if os_error.filename else ""
+    then = "then resumes from it" if intact else "then starts the run again"
+    message = (
+        f"could not write a checkpoint{which} under {directory}: {cause}{at}. Training stopped; "
+        f"{kept}, and the partial write was removed. {fix}; the same command {then}."
+    )
+    logger.error("%s", message)
+    return CheckpointWriteError(message, failed_steps=failed, intact=intact)
 
 
 def step_path(manager: ocp.CheckpointManager, step: int) -> str:
@@ -401,17 +531,154 @@ def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def export_params(path: str | os.PathLike, params: Any) -> str:
-    """Writes ``params`` (e.g. the EMA weights) alone to ``path`` for sampling; overwrites it.
+# Written into an export once Orbax has finalised it: which step and values the directory holds.
+EXPORT_RECORD = "export.json"
+_ORBAX_FINALISED = "_CHECKPOINT_METADATA"  # written by Orbax's finalisation of a checkpoint
 
-    Synchronous. Returns the absolute path.
+
+def export_params(path: str | os.PathLike, params: Any, *, step: int | None = None) -> str:
+    """Writes ``params`` (e.g. the EMA weights) alone to ``path`` for sampling. Synchronous;
+    every process calls it. Returns the absolute path.
+
+    A complete export of the same values (``export.json`` naming ``step`` and a fingerprint of
+    the values, written after Orbax finalised the directory) is left as it is: rerunning a
+    finished run does not rewrite files that a sampler may be reading. Other values are written
+    beside it (``<path>.new``) and renamed into place, so ``path`` never holds a half export.
+
+    Raises:
+      CheckpointWriteError: the export could not be written (disk full, permissions); the
+        partial export is removed and what ``path`` held before is unchanged.
     """
     path = os.path.abspath(os.fspath(path))
+    record = {"step": None if step is None else int(step), "fingerprint": fingerprint(params)}
+    if read_export_record(path) == record:
+        return path
+    staging = path + ".new"
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(path, _to_storable(params), force=True)
-    checkpointer.wait_until_finished()
-    checkpointer.close()
+    try:
+        checkpointer.save(staging, _to_storable(params), force=True)
+        checkpointer.wait_until_finished()
+        if jax.process_index() == 0:
+            _write_json_atomically(os.path.join(staging, EXPORT_RECORD), record)
+            _replace_directory(staging, path)
+    except (OSError, ValueError, RuntimeError) as error:
+        os_error = errors.os_error_of(error)
+        if os_error is None:
+            raise
+        with contextlib.suppress(Exception):  # let the writes already under way end first
+            checkpointer.wait_until_finished()
+        _remove_until_settled(lambda: _partial_exports(staging))
+        cause, fix = errors.describe_os_error(os_error)
+        at = f" writing {os_error.filename}" if os_error.filename else ""
+        before = "is unchanged" if os.path.isdir(path) else "does not exist yet"
+        raise CheckpointWriteError(
+            f"could not export the parameters to {path}: {cause}{at}. The partial export was "
+            f"removed; {path} {before}, and the checkpoints are intact. {fix}; the same command "
+            "then writes the export again."
+        ) from error
+    finally:
+        checkpointer.close()
+    distributed.barrier("parameters exported")
     return path
+
+
+def read_export_record(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``export.json`` of a complete export at ``path``; None when there is none."""
+    path = os.fspath(path)
+    if not os.path.isfile(os.path.join(path, _ORBAX_FINALISED)):
+        return None
+    try:
+        with open(os.path.join(path, EXPORT_RECORD), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def fingerprint(tree: Any) -> str:
+    """A digest of a pytree's names, shapes, dtypes and values, the same on every process.
+
+    Arrays with a full copy on this process are hashed on the host (SHA-256 of their bytes);
+    trees with arrays sharded over processes get a position-weighted 32-bit sum of their bits,
+    computed as one global program, since no process holds all of their values.
+    """
+    named, _ = _leaves_with_names(tree)
+    named = [
+        (names, leaf if isinstance(leaf, jax.Array) else np.asarray(leaf))
+        for names, leaf in ((n, _storable_leaf(x)) for n, x in named)
+    ]
+    local = all(_has_local_copy(leaf) for _, leaf in named)
+    digest = hashlib.sha256()
+    for names, leaf in named:
+        digest.update(f"{'/'.join(names)}:{np.dtype(leaf.dtype).name}:{np.shape(leaf)};".encode())
+        if local:
+            digest.update(np.ascontiguousarray(_local_copy(leaf)).tobytes())
+    if not local:
+        sums = _local_copy(_bit_sums([leaf for _, leaf in named]))  # replicated
+        digest.update(sums.astype(np.uint32).tobytes())
+    return ("sha256:" if local else "bitsum32:") + digest.hexdigest()
+
+
+def _has_local_copy(x: Any) -> bool:
+    if not isinstance(x, jax.Array):
+        return True
+    return x.is_fully_addressable or x.is_fully_replicated
+
+
+def _local_copy(x: Any) -> np.ndarray:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = x.addressable_data(0)  # a full replica
+    return np.asarray(jax.device_get(x))
+
+
+@jax.jit
+def _bit_sums(leaves: list[jax.Array]) -> jax.Array:
+    """Per leaf: sum over elements of (bits of the element) * (1 + flat index mod 65521), mod
+    2^32. Integer sums do not depend on the order of reduction, hence not on the mesh."""
+
+    def bits(x):
+        if x.dtype == jnp.bool_ or x.dtype.itemsize == 1:
+            return x.astype(jnp.uint32)
+        if x.dtype.itemsize == 2:
+            return jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+        b = jax.lax.bitcast_convert_type(x, jnp.uint32)  # 8-byte types: a trailing axis of 2
+        return b if x.dtype.itemsize == 4 else b[..., 0] * jnp.uint32(31) + b[..., 1]
+
+    sums = []
+    for x in leaves:
+        b = bits(x)
+        index = jnp.zeros(b.shape, jnp.uint32)
+        stride = 1
+        for axis in reversed(range(b.ndim)):
+            index = index + jax.lax.broadcasted_iota(jnp.uint32, b.shape, axis) * jnp.uint32(
+                stride % 2**32
+            )
+            stride *= b.shape[axis]
+        sums.append(jnp.sum(b * (index % jnp.uint32(65521) + 1), dtype=jnp.uint32))
+    return jnp.stack(sums) if sums else jnp.zeros((0,), jnp.uint32)
+
+
+def _write_json_atomically(path: str, value: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _replace_directory(new: str, path: str) -> None:
+    """Puts the directory ``new`` at ``path``: the old one is renamed aside, then removed."""
+    old = path + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(path):
+        os.rename(path, old)
+    os.rename(new, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _partial_exports(staging: str) -> list[str]:
+    """``staging`` and Orbax's ``<staging>.orbax-checkpoint-tmp-<time>`` directories, if there."""
+    temporaries = glob.glob(glob.escape(staging) + ".orbax-checkpoint-tmp*")
+    return [staging, *temporaries] if os.path.exists(staging) else temporaries
 
 
 def load_params(path: str | os.PathLike, abstract_params: Any) -> Any:

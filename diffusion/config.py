@@ -38,7 +38,74 @@ def load_config(spec: str, overrides: Sequence[tuple[str, str]] = ()) -> ml_coll
     config = _call_get_config(path, arg or None)
     for key, raw_value in overrides:
         apply_override(config, key, raw_value)
+    validate_config(config)
     return config
+
+
+# ---------------------------------------------------------------------------------------------
+# Values checked before any work: a bad one would otherwise surface after a tokenizer was trained
+# and files were written, or not at all (num_steps=-5 "finished" at once and exported init params)
+# ---------------------------------------------------------------------------------------------
+
+# (section, field, smallest valid value) of each training stage.
+_AT_LEAST = (
+    ("training", "num_steps", 1),
+    ("training", "global_batch_size", 1),
+    ("training", "log_every", 1),
+    ("training", "checkpoint_every", 1),
+    ("training", "keep_checkpoints", 1),  # None keeps them all
+    ("training", "eval_every", 0),
+    ("optimizer", "warmup_steps", 0),
+)
+
+
+def training_sections(config: ml_collections.ConfigDict) -> list[tuple[str, Any]]:
+    """(prefix, stage config) of every stage that trains: the config itself for the "clip" and
+    "dit" families, `config.clip` / `config.dit` of a pipeline (those among its stages)."""
+    if config.get("family") == "pipeline":
+        stages = tuple(config.get("stages") or ("clip", "dit"))
+        return [
+            (f"config.{name}", config[name])
+            for name in ("clip", "dit")
+            if name in stages and isinstance(config.get(name), ml_collections.ConfigDict)
+        ]
+    trains = isinstance(config.get("training"), ml_collections.ConfigDict)
+    return [("config", config)] if trains else []
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Checks the step counts and sizes of every training stage; raises ConfigError naming the
+    key (e.g. `config.dit.training.num_steps`), the value and what would be valid."""
+    for prefix, stage in training_sections(config):
+        for section, field, minimum in _AT_LEAST:
+            if section not in stage or field not in stage[section]:
+                continue
+            value = stage[section][field]
+            key = f"{prefix}.{section}.{field}"
+            if value is None and field == "keep_checkpoints":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ConfigError(
+                    f"{key}={value!r} must be an integer >= {minimum}; pass --{key}=N with N an "
+                    f"integer >= {minimum}."
+                )
+        _check_warmup(prefix, stage)
+
+
+def _check_warmup(prefix: str, stage: ml_collections.ConfigDict) -> None:
+    """The cosine schedule decays over the steps after the warmup, so it needs some."""
+    optimizer, training = stage.get("optimizer"), stage.get("training")
+    if optimizer is None or training is None or optimizer.get("schedule", "cosine") != "cosine":
+        return
+    warmup, num_steps = optimizer.get("warmup_steps", 0), training.get("num_steps")
+    if num_steps is not None and warmup >= num_steps:
+        raise ConfigError(
+            f"{prefix}.optimizer.warmup_steps={warmup} must be < {prefix}.training.num_steps="
+            f"{num_steps}: the cosine schedule decays the learning rate over the steps after the "
+            f"warmup. Pass --{prefix}.optimizer.warmup_steps=N with N < {num_steps} (e.g. "
+            f"{num_steps // 10}), raise --{prefix}.training.num_steps, or pass "
+            f"--{prefix}.optimizer.schedule=constant."
+        )
 
 
 def _call_get_config(path: str, arg: str | None) -> ml_collections.ConfigDict:

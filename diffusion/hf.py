@@ -72,7 +72,7 @@ def _check_directory(directory: str) -> None:
 
 def read_safetensors(directory: str) -> dict[str, np.ndarray]:
     """All tensors of model.safetensors (or the shards of its index) as float32/int numpy."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     index_path = os.path.join(directory, WEIGHTS_INDEX_FILE)
     if os.path.exists(os.path.join(directory, WEIGHTS_FILE)):
@@ -82,13 +82,26 @@ def read_safetensors(directory: str) -> dict[str, np.ndarray]:
             shards = sorted(set(json.load(f)["weight_map"].values()))
     tensors = {}
     for shard in shards:
-        # The flax framework reads bfloat16 too (numpy has no bfloat16).
-        with safe_open(os.path.join(directory, shard), framework="flax") as f:
-            for name in f.keys():
-                value = np.asarray(f.get_tensor(name))
-                if np.issubdtype(value.dtype, np.floating) or value.dtype.name == "bfloat16":
-                    value = value.astype(np.float32)
-                tensors[name] = value
+        path = os.path.join(directory, shard)
+        try:
+            # The flax framework reads bfloat16 too (numpy has no bfloat16).
+            with safe_open(path, framework="flax") as f:
+                for name in f.keys():
+                    value = np.asarray(f.get_tensor(name))
+                    if np.issubdtype(value.dtype, np.floating) or value.dtype.name == "bfloat16":
+                        value = value.astype(np.float32)
+                    tensors[name] = value
+        except (SafetensorError, OSError) as error:
+            state = (
+                f"is truncated or damaged ({os.path.getsize(path)} bytes; an interrupted "
+                "download or copy)"
+                if os.path.isfile(path)
+                else f"is missing ({WEIGHTS_INDEX_FILE} names it)"
+            )
+            raise CheckpointError(
+                f"cannot read the weights file {path!r}: {error}. The file {state}; download it "
+                "again, or re-save the model with save_pretrained(dir, safe_serialization=True)"
+            ) from error
     return tensors
 
 

@@ -31,6 +31,7 @@ PEAK_FLOPS_BY_DEVICE_KIND = (
 )
 
 
+METRICS_FILENAME = "metrics.jsonl"
 _MEASURED_PEAKS: dict[jax.Device, float] = {}
 
 
@@ -103,16 +104,30 @@ def _summary_writer_class():
 
 
 class MetricWriter:
-    """Writes scalars to metrics.jsonl and TensorBoard, and images to TensorBoard (process 0)."""
+    """Writes scalars to metrics.jsonl and TensorBoard, and images to TensorBoard (process 0).
 
-    def __init__(self, workdir: str, enabled: bool | None = None):
+    `resume_step`: the step a run resumes from (0 for a fresh start). The records a killed run
+    logged after its last checkpoint are logged again by the resumed run, so metrics.jsonl is
+    first rewritten (atomically) without the records of later steps, and TensorBoard is told to
+    hide its events from `resume_step + 1` on (tensorboardX's `purge_step`). None appends to
+    whatever is there (e.g. evaluation, which logs its own steps).
+    """
+
+    def __init__(self, workdir: str, enabled: bool | None = None, resume_step: int | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self._jsonl = None
         self._tensorboard = None
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
-            self._tensorboard = _summary_writer_class()(os.path.join(workdir, "tensorboard"))
+            path = os.path.join(workdir, METRICS_FILENAME)
+            purge_step = None
+            if resume_step is not None:
+                drop_records_after(path, resume_step)
+                purge_step = int(resume_step) + 1
+            self._jsonl = open(path, "a", encoding="utf-8")
+            self._tensorboard = _summary_writer_class()(
+                os.path.join(workdir, "tensorboard"), purge_step=purge_step
+            )
 
     def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
@@ -146,6 +161,37 @@ def _to_float(value) -> float | None:
 
 def read_metrics(workdir: str) -> list[dict]:
     """The records of WORKDIR/metrics.jsonl, in order."""
-    path = os.path.join(workdir, "metrics.jsonl")
+    path = os.path.join(workdir, METRICS_FILENAME)
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def drop_records_after(path: str, step: int) -> int:
+    """Rewrites the metrics.jsonl at `path` keeping the records with "step" <= `step`, in order,
+    and returns how many were dropped. A line that does not parse (the last one, cut by a kill)
+    is dropped too. The new file replaces the old one in one rename: a crash leaves either."""
+    if not os.path.exists(path):
+        return 0
+    kept, dropped, unterminated = [], 0, False
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                keep = int(record["step"]) <= step
+            except (ValueError, KeyError, TypeError):
+                keep = False
+            if keep:
+                unterminated = not line.endswith("\n")  # the next record would join it
+                kept.append(line if not unterminated else line + "\n")
+            else:
+                dropped += 1
+    if dropped or unterminated:
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return dropped

@@ -1,5 +1,6 @@
 """Orbax checkpoints: round trip, retention, cross-mesh restore, resume equality, fallback."""
 
+import errno
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from diffusion import checkpoints, sharding
+from diffusion import checkpoints, errors, sharding
 
 
 def _mesh(shape, num_devices=8):
@@ -278,3 +279,198 @@ def test_write_config_once(tmp_path):
     config.seed = 4
     assert checkpoints.write_config(tmp_path / "run", config) is None  # written once
     assert json.loads(open(path).read())["seed"] == 3
+
+
+# ------------------------------------------------------------------------------------------------
+# Failed writes leave the earlier checkpoints intact and no temporaries
+# ------------------------------------------------------------------------------------------------
+
+DISK_FULL = errno.ENOSPC, os.strerror(errno.ENOSPC)
+
+
+def _saved_steps_then_failure(tmp_path, inject, monkeypatch):
+    """Steps 1 and 2 saved (asynchronously, keeping 2); `inject` makes the save of 3 fail."""
+    trainer = worker.ToyTrainer(_mesh({"data": 8}))
+    state = trainer.init_state()
+    manager = checkpoints.make_checkpoint_manager(tmp_path / "ckpt", max_to_keep=2)
+    for step in (1, 2):
+        checkpoints.save_checkpoint(manager, step, state, data_iterator_state={"next": step})
+    checkpoints.finish_writes(manager)
+    inject(monkeypatch, tmp_path)
+    return trainer, state, manager
+
+
+def _fail_data_iterator_write(monkeypatch, tmp_path):
+    """Writing the data-iterator file raises OSError(ENOSPC) in the calling thread."""
+
+    def disk_full(self, directory, args):
+        raise OSError(*DISK_FULL, os.path.join(os.fspath(directory), "process_0-of-1.json"))
+
+    monkeypatch.setattr(checkpoints.ProcessLocalJsonHandler, "save", disk_full)
+
+
+def _fail_in_the_background(monkeypatch, tmp_path):
+    """The arrays are written, then the background commit fails as TensorStore reports a full
+    disk (a ValueError): Orbax raises it at the next save or wait."""
+    from orbax.checkpoint._src.checkpointers import async_checkpointer
+
+    def disk_full(directory, commit_futures, on_commit_callback, **kwargs):
+        for commit in commit_futures:
+            commit.result()
+        raise ValueError(
+            f'RESOURCE_EXHAUSTED: Error writing local file "{directory}/state/d/0a1b": '
+            "No space left on device [os_error_code='28']"
+        )
+
+    monkeypatch.setattr(async_checkpointer, "_background_wait_for_commit_futures", disk_full)
+
+
+@pytest.mark.parametrize(
+    "inject, surfaces",
+    [
+        (_fail_data_iterator_write, "at-save"),
+        (_fail_in_the_background, "at-next-save"),
+        (_fail_in_the_background, "at-finish-writes"),
+    ],
+)
+def test_a_failed_save_keeps_earlier_steps_and_removes_its_temporaries(
+    tmp_path, monkeypatch, inject, surfaces
+):
+    trainer, state, manager = _saved_steps_then_failure(tmp_path, inject, monkeypatch)
+    directory = tmp_path / "ckpt"
+    with pytest.raises(checkpoints.CheckpointWriteError) as raised:
+        started = checkpoints.save_checkpoint(manager, 3, state, data_iterator_state={"next": 3})
+        assert started and surfaces != "at-save"
+        if surfaces == "at-next-save":
+            checkpoints.save_checkpoint(manager, 4, state, data_iterator_state={"next": 4})
+        else:
+            checkpoints.finish_writes(manager)
+    message = str(raised.value)
+    for words in (
+        "could not write a checkpoint (step 3)",
+        "the disk is full (No space left on device",
+        f"the last complete checkpoint, {directory / '2'}, is intact",
+        "the partial write was removed",
+    ):
+        assert words in message, message
+    assert raised.value.failed_steps == (3,) and raised.value.intact == str(directory / "2")
+    assert isinstance(raised.value, errors.UserError)  # one paragraph at the entry points
+    checkpoints.close_manager(manager)  # the failure is reported once, not again at close
+    monkeypatch.undo()
+
+    # Step 1 too: Orbax deletes old steps only after the new one is finalised.
+    assert sorted(os.listdir(directory)) == ["1", "2"]  # no *.orbax-checkpoint-tmp* left
+    manager = checkpoints.make_checkpoint_manager(directory, max_to_keep=2)
+    assert checkpoints.restore_latest(manager, trainer.abstract_state).step == 2
+    restored = checkpoints.restore_checkpoint(manager, trainer.abstract_state, 1)
+    assert restored.data_iterator_state == {"next": 1}
+    _assert_trees_equal(restored.train_state, state)
+    # With space again, the same step saves.
+    checkpoints.save_checkpoint(manager, 3, state, data_iterator_state={"next": 3})
+    checkpoints.close_manager(manager)
+    assert sorted(os.listdir(directory)) == ["2", "3"]
+
+
+def test_an_error_that_is_no_write_failure_passes_through(tmp_path, monkeypatch):
+    manager = checkpoints.make_checkpoint_manager(tmp_path / "ckpt")
+
+    def broken(self, directory, args):
+        raise ValueError("a bug, not a disk")
+
+    monkeypatch.setattr(checkpoints.ProcessLocalJsonHandler, "save", broken)
+    with pytest.raises(ValueError, match="a bug, not a disk") as raised:
+        checkpoints.save_checkpoint(manager, 1, {"x": np.zeros(2)}, data_iterator_state={})
+    assert not isinstance(raised.value, checkpoints.CheckpointWriteError)
+    monkeypatch.undo()
+    checkpoints.close_manager(manager)
+
+
+# ------------------------------------------------------------------------------------------------
+# Exported parameters: a complete export of the same values is not rewritten
+# ------------------------------------------------------------------------------------------------
+
+
+def _file_identities(directory):
+    """{relative path: (inode, mtime_ns)} of every file and directory under `directory`."""
+    identities = {".": (os.stat(directory).st_ino, os.stat(directory).st_mtime_ns)}
+    for root, dirs, files in os.walk(directory):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            stat = os.stat(path)
+            identities[os.path.relpath(path, directory)] = (stat.st_ino, stat.st_mtime_ns)
+    return identities
+
+
+def test_export_of_the_same_values_leaves_the_files_alone_and_new_values_replace_them(tmp_path):
+    trainer = worker.ToyTrainer(_mesh({"data": 2, "fsdp": 4}))
+    state = _trained_state(trainer)
+    path = checkpoints.export_params(tmp_path / "params", state["ema"], step=2)
+    record = checkpoints.read_export_record(path)
+    assert record["step"] == 2 and record["fingerprint"].startswith("sha256:")
+    before = _file_identities(path)
+    # Rerunning a finished run: the same values (also on another mesh) keep every file.
+    again = jax.device_put(state["ema"], jax.tree.map(lambda x: x.sharding, state["ema"]))
+    assert checkpoints.export_params(tmp_path / "params", again, step=2) == path
+    assert _file_identities(path) == before
+    # Other values are swapped in whole; nothing staged is left beside them.
+    state, _ = trainer.run(state, 2, 1, batch_size=16)
+    checkpoints.export_params(tmp_path / "params", state["ema"], step=3)
+    assert checkpoints.read_export_record(path)["step"] == 3
+    assert sorted(os.listdir(tmp_path)) == ["params"]
+    _, abstract, _ = sharding.abstract_state(lambda: worker.ToyModel(nnx.Rngs(0)), trainer.mesh)
+    _assert_trees_equal(checkpoints.load_params(path, abstract), state["ema"])
+    # An export without its record (written before records existed, or cut short) is redone.
+    os.remove(os.path.join(path, checkpoints.EXPORT_RECORD))
+    checkpoints.export_params(tmp_path / "params", state["ema"], step=3)
+    assert checkpoints.read_export_record(path)["step"] == 3
+
+
+def test_fingerprint_sees_values_names_and_dtypes():
+    base = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(2, np.int32)}
+    same = {"a": base["a"].copy(), "b": base["b"].copy()}
+    assert checkpoints.fingerprint(base) == checkpoints.fingerprint(same)
+    changed = {"a": base["a"].copy(), "b": base["b"]}
+    changed["a"][1, 2] = np.nextafter(np.float32(5), np.float32(6))  # one bit of one value
+    assert checkpoints.fingerprint(changed) != checkpoints.fingerprint(base)
+    assert checkpoints.fingerprint({"c": base["a"], "b": base["b"]}) != checkpoints.fingerprint(
+        base
+    )
+    assert checkpoints.fingerprint({"a": base["a"].astype(np.int32), "b": base["b"]}) != (
+        checkpoints.fingerprint(base)
+    )
+
+
+def test_global_bit_sums_do_not_depend_on_the_mesh():
+    """The fingerprint of arrays sharded over processes: integer sums, the same on any mesh."""
+    values = np.random.default_rng(0).standard_normal((8, 6)).astype(np.float32)
+    sums = []
+    for shape in ({"data": 8}, {"data": 2, "fsdp": 4}):
+        mesh = _mesh(shape)
+        spec = jax.sharding.PartitionSpec(tuple(shape))
+        x = jax.device_put(values, jax.sharding.NamedSharding(mesh, spec))
+        sums.append(np.asarray(checkpoints._bit_sums([x, x.astype(jax.numpy.bfloat16)])))
+    np.testing.assert_array_equal(sums[0], sums[1])
+    moved = values.copy()
+    moved[[0, 1]] = moved[[1, 0]]  # the same values elsewhere
+    assert np.asarray(checkpoints._bit_sums([jax.numpy.asarray(moved)]))[0] != sums[0][0]
+
+
+def test_a_failed_export_keeps_the_previous_one_and_removes_the_partial(tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    state = _trained_state(worker.ToyTrainer(_mesh({"data": 8})))
+    path = checkpoints.export_params(tmp_path / "params", state["params"], step=2)
+    before = _file_identities(path)
+    original = ocp.StandardCheckpointer.save
+
+    def disk_full(self, directory, *args, **kwargs):
+        original(self, directory, *args, **kwargs)  # leaves a partial write, then fails
+        raise OSError(*DISK_FULL, os.fspath(directory))
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", disk_full)
+    with pytest.raises(checkpoints.CheckpointWriteError) as raised:
+        checkpoints.export_params(tmp_path / "params", state["ema"], step=2)
+    assert "could not export the parameters" in str(raised.value)
+    assert "the disk is full" in str(raised.value) and f"{path} is unchanged" in str(raised.value)
+    assert _file_identities(path) == before
+    assert sorted(os.listdir(tmp_path)) == ["params"]

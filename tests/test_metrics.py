@@ -112,3 +112,62 @@ def test_lowered_program_counts_the_global_matmul_and_compiled_one_device_share(
 def test_measured_cpu_peak_is_positive_and_finite():
     flops = metrics.measure_matmul_flops(size=128, seconds=0.05)
     assert 1e6 < flops < 1e15
+
+
+def _purge_steps(directory) -> list[int]:
+    """Steps of the SessionLog START events (tensorboardX's purge_step) in `directory`."""
+    from tensorboardX.proto import event_pb2
+
+    steps = []
+    for path in glob.glob(os.path.join(directory, "events.out.tfevents.*")):
+        with open(path, "rb") as f:
+            data = f.read()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4
+            if event.HasField("session_log") and event.session_log.status == 1:  # START
+                steps.append(event.step)
+    return steps
+
+
+def test_a_resumed_writer_drops_the_records_after_the_restored_step(tmp_path):
+    """A run killed at step 5 after its checkpoint at 3 logs 4 and 5 again when it resumes:
+    each step is in metrics.jsonl once, in order, and TensorBoard hides the old 4 and 5."""
+    writer = metrics.MetricWriter(str(tmp_path))
+    for step in range(1, 6):
+        writer.write_scalars(step, {"loss": 10.0 - step})
+    writer.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')  # the line being written when the process was killed
+    resumed = metrics.MetricWriter(str(tmp_path), resume_step=3)
+    assert [r["step"] for r in metrics.read_metrics(str(tmp_path))] == [1, 2, 3]
+    for step in (4, 5, 6):
+        resumed.write_scalars(step, {"loss": 1.0})
+    resumed.close()
+    records = metrics.read_metrics(str(tmp_path))
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in records] == [9.0, 8.0, 7.0, 1.0, 1.0, 1.0]
+    assert not os.path.exists(tmp_path / "metrics.jsonl.tmp")
+    assert 4 in _purge_steps(str(tmp_path / "tensorboard"))
+
+
+def test_resume_keeps_a_whole_file_and_a_fresh_start_empties_it(tmp_path):
+    writer = metrics.MetricWriter(str(tmp_path))
+    writer.write_scalars(1, {"loss": 1.0})
+    writer.close()
+    before = os.stat(tmp_path / "metrics.jsonl")
+    metrics.MetricWriter(str(tmp_path), resume_step=1).close()  # nothing to drop: not rewritten
+    assert os.stat(tmp_path / "metrics.jsonl").st_ino == before.st_ino
+    # A last record without its newline is kept and ended, so the next one starts a new line.
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 2, "loss": 0.5}')
+    writer = metrics.MetricWriter(str(tmp_path), resume_step=2)
+    writer.write_scalars(3, {"loss": 0.25})
+    writer.close()
+    assert [r["step"] for r in metrics.read_metrics(str(tmp_path))] == [1, 2, 3]
+    # No checkpoint to resume from (killed before the first): step 0, nothing kept.
+    metrics.MetricWriter(str(tmp_path), resume_step=0).close()
+    assert metrics.read_metrics(str(tmp_path)) == []
+    assert metrics.drop_records_after(str(tmp_path / "missing.jsonl"), 3) == 0

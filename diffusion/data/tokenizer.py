@@ -125,8 +125,21 @@ def train_caption_tokenizer(
         unk_token=END_TOKEN,
         model_max_length=model_max_length,
     )
-    wrapped.save_pretrained(os.fspath(out_dir))
+    save_tokenizer(wrapped, out_dir)
     return load_tokenizer(out_dir)
+
+
+def save_tokenizer(tokenizer: transformers.PreTrainedTokenizerBase, directory) -> str:
+    """`tokenizer.save_pretrained(directory)`, creating the directory first.
+
+    Raises the OSError (with the path) of a directory that cannot be made or written: a file in
+    its place (which save_pretrained would only log, leaving nothing saved), permissions, a full
+    disk. The entry points report it as one paragraph naming the path.
+    """
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    tokenizer.save_pretrained(directory)
+    return directory
 
 
 def _pad_id(tokenizer: transformers.PreTrainedTokenizerBase) -> int:
