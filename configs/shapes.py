@@ -11,7 +11,7 @@ from configs import base_clip, base_dit, common
 
 # `--config=configs/shapes.py:ARG`: "runlocal" shrinks every stage to a seconds-long smoke run;
 # "long" trains the DiT twice as long (6400 steps), which meets every DiT target of the issue
-# but takes about 30 minutes here, not 15 (docs/default_recipe.md: runs K4x, LONG).
+# but takes about 30 minutes here, not 15 (docs/default_recipe.md).
 ARGS = ("runlocal", "long")
 
 
@@ -26,9 +26,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.tokenizer = common.tokenizer_config()  # One tokenizer for all stages.
     # The longest caption of the shapes data is 19 tokens (start and end included; train.py warns
     # when a context cuts captions). 32 -> 20: the DiT's cross-attention keys (caption states and
-    # words) 64 -> 40 per image, the DiT step 7-12 % cheaper (docs/performance.md); CLIP's
-    # metrics are unchanged to the digit (its causal text tower never attends to padding).
-    # Docs: run K1.
+    # words) 64 -> 40 per image, the DiT step 7-12 % cheaper; CLIP's metrics are unchanged to the
+    # digit (its causal text tower never attends to padding). Evidence: docs/default_recipe.md.
     config.tokenizer.context_length = 20
 
     config.clip = base_clip.get_config(arg)  # Stage 1: contrastive text and image towers.
@@ -38,36 +37,41 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         stage.data = config.data
         stage.tokenizer = config.tokenizer
         stage.seed = config.get_ref("seed")
-    # Tuned for a 2-core CPU against the 15-minute budget of the whole pipeline (docs/
-    # default_recipe.md, run K3). Muon on the hidden matrices (AdamW on the
-    # rest) learns faster per step than AdamW alone: at 1000 DiT steps all four 0.47 -> 0.62
-    # (runs E0, E1), CLIP's zero-shot position 0.25 -> 0.59 and recall@1 0.24 -> 0.48 at 300
-    # steps (run C1), for 8-12 % more time per step. DiT steps buy the most (runs T3-2k,
-    # R14-1800, R18x), so the DiT gets what the other stages leave of the budget.
+    # Tuned for a 2-core CPU against the 15-minute budget of the whole pipeline. Muon on the
+    # hidden matrices (AdamW on the rest) learns more per step than AdamW alone: at 1000 DiT
+    # steps all four 0.47 -> 0.62, CLIP's zero-shot position 0.25 -> 0.59 and recall@1
+    # 0.24 -> 0.48 at 300 steps, for 8-12 % more time a step. DiT steps are what the images
+    # need most, so CLIP gets 300 (about 2 minutes) and the DiT what the other stages leave of
+    # the budget. Evidence: docs/default_recipe.md.
     for stage in (config.clip, config.dit):
         stage.optimizer.name = "muon"
         stage.optimizer.learning_rate = 2e-3
     config.clip.training.num_steps = 300
-    # 3x3 stride-2 convolutions before the image tower's transformer (Xiao et al. 2021): zero-
-    # shot position 0.586 -> 0.713 and 0.469 -> 0.943 (seeds 0 and 1), image-to-text recall@1
-    # 0.48 -> 0.57 and 0.40 -> 0.66, for 8 % more time a CLIP step (docs: runs CS).
+    # 3x3 stride-2 convolutions before the image tower's transformer (Xiao et al. 2021) let
+    # edges that cross patch borders reach it: zero-shot position 0.586 -> 0.713 and
+    # 0.469 -> 0.943 (seeds 0 and 1), image-to-text recall@1 0.48 -> 0.57 and 0.40 -> 0.66, for
+    # 8 % more time a CLIP step (docs/default_recipe.md).
     config.clip.model.vision_stem = "conv"
     config.dit.training.num_steps = 3200
-    # Constant after a short warmup: decaying it (cosine) costs the DiT a fifth of its "all
-    # four" at this length, 0.555 -> 0.434 (docs: run E6).
+    # Constant after a short warmup: the DiT is far from converged at this length, so every
+    # step at the full rate counts; decaying it (cosine) costs a fifth of its "all four",
+    # 0.555 -> 0.434 (docs/default_recipe.md).
     config.dit.optimizer.schedule = "constant"
     config.dit.optimizer.warmup_steps = 30
-    # Muon's usual 5 Newton-Schulz iterations (3 in run J2): since they run batched by shape, 5
-    # cost 7-16 % more than 3, and 3000 steps at 3 reach less than 2700 at 5 (docs: runs S1, J1x).
-    config.dit.sampling.guidance_scale = 3.0  # the sweep's best (docs: run K2)
-    config.dit.model.word_conditioning = True  # position 0.62 -> 0.99 (docs: run W)
-    # Training and sampling times toward noise, where only the prompt says what to draw:
-    # shape 0.26 -> 0.48, all four 0.24 -> 0.47 at guidance 4 (docs: run T3).
+    # Muon keeps its usual 5 Newton-Schulz iterations (configs/common.py): batched by shape, 5
+    # cost 7-16 % more a step than 3, and 3000 steps at 3 reach less than 2700 at 5.
+    config.dit.sampling.guidance_scale = 3.0  # the best of the sweep 1-5 on both splits
+    # A contrastive tower's output keeps only what told its batches apart; its input layer
+    # names every word.
+    config.dit.model.word_conditioning = True  # position 0.62 -> 0.99
+    # Training and sampling times toward noise, where only the prompt says what to draw (the
+    # shape is decided in the first sampling steps): shape 0.26 -> 0.48, all four 0.24 -> 0.47
+    # at guidance 4.
     config.dit.diffusion.shift = 3.0
     # Patch 8 (16 tokens, 2.7x cheaper steps than patch 4) with JiT's x-prediction and velocity
     # loss: a token of width 128 cannot carry the noise of 8x8x3 = 192 pixel values, which a
     # velocity holds, but can carry the clean patch. All four 0.52 -> 0.74 on `test` in the
-    # same time (docs: runs E15, P8X).
+    # same time as patch 4; a velocity-predicting patch-8 DiT does not learn (0.02).
     config.dit.model.patch_size = 8
     config.dit.diffusion.flow_prediction_type = "sample"
     config.dit.diffusion.flow_loss_space = "velocity"
@@ -77,7 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.evaluate = ml_collections.ConfigDict()  # Stage 3: evaluate.py on both runs.
     config.evaluate.num_samples = 512  # Captions (and DiT samples) per held-out split.
     config.evaluate.splits = ("test", "test_unseen")  # Held-out splits to evaluate on.
-    config.evaluate.guidance_scales = (1.0, 3.0)  # The DiT's guidance sweep (docs: a wider one).
+    config.evaluate.guidance_scales = (1.0, 3.0)  # The DiT's guidance sweep (docs: 1 to 5).
     config.evaluate.samplers = "euler:8"  # NAME:STEPS,... of the DiT sweep (6, 8, 10, 20 alike).
     config.evaluate.batch_size = 128  # Samples per sampling program.
     config.evaluate.negative_prompt = "a large circle in the center"  # Negative-prompt check...
@@ -108,7 +112,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     if arg == "long":
         config.dit.training.num_steps = 6400
-        config.evaluate.guidance_scales = (1.0, 2.5, 3.0)  # K4x's best: 2.5 (3 within 0.004)
+        config.evaluate.guidance_scales = (1.0, 2.5, 3.0)  # 6400 steps: best 2.5, 3 within 0.004
     if arg == "runlocal":
         config.data.num_train_examples = 2_000
         for stage in (config.clip, config.dit):

@@ -7,7 +7,7 @@ The tower of the run's CLIPConfig (fresh random weights; --set overrides its fie
 linear head on its pooled output, trained with AdamW 1e-3 on batches of 64 `train` images to
 name the shape (cross entropy); prints the `test` accuracy of the 5 shapes. The contrastive loss
 asks for shape only through captions, so CLIP's zero-shot shape accuracy after N steps cannot be
-expected above this figure for the same tower and N steps (docs/default_recipe.md, runs NEG).
+expected above this figure for the same tower and N steps (docs/default_recipe.md).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from diffusion import evaluation, models, trainer
-from diffusion.text2image import load_run_config
+from diffusion import evaluation, models, rundir
+from diffusion.rundir import load_run_config
 
 
 class ShapeProbe(nnx.Module):
@@ -55,7 +55,7 @@ def main():
     parser.add_argument("--set", action="append", default=[], help="CLIPConfig FIELD=VALUE")
     args = parser.parse_args()
 
-    _, model_config = trainer.load_model_config(args.clip_run)
+    _, model_config = rundir.load_model_config(args.clip_run)
     fields = dict(item.split("=", 1) for item in args.set)
     model_config = dataclasses.replace(
         model_config, **{k: parse_value(v) for k, v in fields.items()}
