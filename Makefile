@@ -32,8 +32,9 @@ test: $(BIN)/.installed $(TPU_COMPILER)/libtpu/libtpu.so
 	TPU_LIBRARY_PATH=$(abspath $(TPU_COMPILER))/libtpu/libtpu.so $(BIN)/python -m pytest tests \
 	  --numprocesses=auto --maxprocesses=4 --dist=loadfile
 
+# ruff, and the import-linter contracts in pyproject.toml (the package's layers, no cycles).
 lint: $(BIN)/.installed
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports
 
 format: $(BIN)/.installed
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .

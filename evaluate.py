@@ -10,11 +10,9 @@ oracle (attribute accuracy), CLIP score and the Frechet distance in CLIP space; 
 negative-prompt check. Key layout: `diffusion.evaluation.evaluate_checkpoint`.
 """
 
-import sys
-
 from absl import app, flags, logging
 
-from diffusion.errors import UserError, parse_flags_or_exit, report_user_error
+from diffusion.errors import UserError, error_boundary, parse_flags_or_exit
 
 flags.DEFINE_string("checkpoint", None, "CLIP or DiT run directory (train.py --workdir).")
 flags.DEFINE_string("output_dir", None, "Where metrics.json, index.html and the plots go.")
@@ -62,7 +60,7 @@ def options_from_flags():
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax and TFDS log every file at INFO
-    try:
+    with error_boundary("evaluate.py"):
         if not FLAGS.checkpoint:
             raise UserError("--checkpoint is required: a CLIP or DiT run directory.")
         if not FLAGS.output_dir:
@@ -71,8 +69,6 @@ def main(argv):
         from diffusion import evaluation  # after flag checks: importing jax is slow
 
         evaluation.evaluate_checkpoint(FLAGS.checkpoint, FLAGS.output_dir, options)
-    except UserError as error:
-        sys.exit(report_user_error(error, "evaluate.py"))
     print(f"metrics: {FLAGS.output_dir}/metrics.json  report: {FLAGS.output_dir}/index.html")
 
 

@@ -9,11 +9,9 @@ python sample.py --checkpoint=runs/shapes/dit --prompts=prompts.txt --output_dir
 arguments skips finished images; each image depends only on its prompt, seed and settings.
 """
 
-import sys
-
 from absl import app, flags, logging
 
-from diffusion.errors import UserError, parse_flags_or_exit, report_user_error
+from diffusion.errors import UserError, error_boundary, parse_flags_or_exit
 
 flags.DEFINE_string("checkpoint", None, "DiT run directory, or a checkpoints/<step> inside it.")
 flags.DEFINE_string("prompts", None, "Prompt file: .txt (one per line) or .jsonl.")
@@ -35,40 +33,37 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file at INFO
-    try:
+    with error_boundary("sample.py"):
         for name in ("checkpoint", "prompts", "output_dir"):
             if not FLAGS[name].value:
                 raise UserError(f"--{name} is required; see python sample.py --help.")
-        from diffusion import text2image  # after flag parsing: importing jax is slow
+        from diffusion import inference  # after flag parsing: importing jax is slow
 
-        items = text2image.read_prompt_file(
+        items = inference.read_prompt_file(
             FLAGS.prompts,
             negative_prompt=FLAGS.negative_prompt,
             seed=FLAGS.seed,
             guidance_scale=FLAGS.guidance_scale,
             num_per_prompt=FLAGS.num_per_prompt,
         )
-        text2image.check_sampler_name(FLAGS.sampler)
-        text2image.check_steps(FLAGS.steps)
-        pipeline = text2image.TextToImage.from_run(FLAGS.checkpoint, use_ema=FLAGS.use_ema)
-        result = text2image.sample_to_directory(
-            pipeline,
-            items,
-            FLAGS.output_dir,
+        inference.check_sampler_name(FLAGS.sampler)
+        inference.check_steps(FLAGS.steps)
+        pipe = inference.TextToImage.from_run(FLAGS.checkpoint, use_ema=FLAGS.use_ema)
+        settings = pipe.settings(
             sampler=FLAGS.sampler,
             steps=FLAGS.steps,
             eta=FLAGS.eta,
             shift=FLAGS.shift,
             guidance_rescale=FLAGS.guidance_rescale,
-            batch_size=FLAGS.batch_size,
+        )
+        result = inference.sample_to_directory(
+            pipe, items, FLAGS.output_dir, settings=settings, batch_size=FLAGS.batch_size
         )
         print(
             f"{result['generated']} images made, {result['skipped']} already there -> "
             f"{FLAGS.output_dir}",
             flush=True,
         )
-    except UserError as error:
-        sys.exit(report_user_error(error, "sample.py"))
 
 
 if __name__ == "__main__":

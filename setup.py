@@ -37,6 +37,7 @@ setup(
             "pytest-xdist>=3.6,<4",  # make test: files spread over the cores
             "torch==2.13.0",  # CPU reference for HF CLIP parity and the PyTorch DiT benchmark
             "ruff>=0.8,<0.18",
+            "import-linter>=2.1,<3",  # make lint: the package's layers (pyproject.toml)
         ],
         "tpu": ["jax[tpu]>=0.8,<0.13"],
         # scripts/render_report.py: opens evaluate.py's HTML report in headless Chromium.

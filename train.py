@@ -3,12 +3,10 @@
 python train.py --config=configs/shapes.py[:ARGS] [--config.a.b=value ...] --workdir=runs/x
 """
 
-import sys
-
 from absl import app, flags, logging
 
 from diffusion import config as config_lib
-from diffusion.errors import NonFiniteError, UserError, parse_flags_or_exit, report_user_error
+from diffusion.errors import UserError, error_boundary, parse_flags_or_exit
 
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, config, tokenizer, logs.")
 flags.DEFINE_string(
@@ -39,7 +37,7 @@ def parse_flags(argv):
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax and TFDS log every file at INFO
-    try:
+    with error_boundary("train.py"):
         if _CONFIG["spec"] is None:
             raise UserError("--config is required, e.g. --config=configs/shapes.py.")
         if not FLAGS.workdir:
@@ -50,17 +48,12 @@ def main(argv):
 
             aot.run(config, FLAGS.aot_topology, FLAGS.workdir)
             return
-        from diffusion import distributed, trainer  # after flag parsing: importing jax is slow
+        from diffusion import distributed, pipeline  # after flag parsing: importing jax is slow
 
         distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
 
         with distributed.exit_if_a_peer_is_lost("train.py", FLAGS.workdir):
-            trainer.train_and_evaluate(config, FLAGS.workdir)
-    except UserError as error:
-        sys.exit(report_user_error(error, "train.py"))
-    except NonFiniteError as error:  # a training fault, reported without a traceback
-        print(f"train.py: stopped: {error}", file=sys.stderr)
-        sys.exit(1)
+            pipeline.train_and_evaluate(config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from diffusion import data as data_lib
-from diffusion import models, sharding, text2image
+from diffusion import inference, models, sharding
 
 RESOLUTION = 32
 CONTEXT_LENGTH = 16
@@ -90,7 +90,7 @@ def perturbed(module, key, std: float = 0.05):
     return nnx.merge(graphdef, jax.tree.unflatten(treedef, noisy))
 
 
-def build_pipelines(tokenizer_dir: str) -> dict[str, text2image.TextToImage]:
+def build_pipelines(tokenizer_dir: str) -> dict[str, inference.TextToImage]:
     """objective -> a TextToImage over one random-weight tiny DiT and CLIP text tower."""
     captions = [
         f"a {size} {color} {shape}"
@@ -117,7 +117,7 @@ def build_pipelines(tokenizer_dir: str) -> dict[str, text2image.TextToImage]:
         ),
     }
     return {
-        objective: text2image.TextToImage(
+        objective: inference.TextToImage(
             dit=dit,
             text_encoder=clip,
             tokenizer=tokenizer,
@@ -206,7 +206,7 @@ def main():
         pipelines = build_pipelines(tokenizer_dir)
     print(
         f"tiny DiT ({RESOLUTION}x{RESOLUTION}x3, patch 4) + tiny CLIP text tower, RANDOM weights; "
-        f"batch {args.batch}, micro_batch {text2image.DEFAULT_MICRO_BATCH}, "
+        f"batch {args.batch}, micro_batch {inference.settings.DEFAULT_MICRO_BATCH}, "
         f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
         f"load average {os.getloadavg()[0]:.1f} at start\n"
     )

@@ -2,8 +2,9 @@
 
 With libtpu installed (the `tpu` extra), `jax.experimental.topologies.get_topology_desc` describes
 the chips of a TPU slice on any machine, this CPU included. The REAL train step of a recipe
-(`training.Trainer.step_fn`: loss, gradients, AdamW, EMA, under the recipe's mesh and logical
-rules) and its sampler (the whole guided `lax.scan`) are lowered with abstract inputs
+(`train_step.TrainStep.step_fn`: loss, gradients, AdamW, EMA, under the recipe's mesh and logical
+rules) and its sampling program (`inference.program.sampling_program`, the very program sample.py
+runs: text tower, guidance, the sampler's `lax.scan`) are lowered with abstract inputs
 (`jax.ShapeDtypeStruct` carrying shardings) and compiled by the TPU compiler. Nothing is
 allocated; the compiled programs report
 
@@ -33,14 +34,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from diffusion import guidance, metrics, models, optim, samplers, sharding, training
+from diffusion import families, inference, metrics, models, optim, rundir, sharding
 from diffusion.errors import UserError
-from diffusion.models import layers
-from diffusion.schedules import ddpm_levels, flow_levels
+from diffusion.inference.program import program_spec, sampling_program
+from diffusion.inference.settings import DEFAULT_MICRO_BATCH
+from diffusion.train_step import TrainStep
 
 GIB = 1024**3
 
@@ -59,9 +59,6 @@ HBM_BANDWIDTH_BY_CHIP = {
     "v5p": 2765e9,
     "v6e": 1640e9,
 }
-
-# Samplers a recipe may name by a short alias (configs/base_dit.py says "euler").
-SAMPLER_ALIASES = {"euler": "flow_euler", "heun": "flow_heun"}
 
 
 class AOTError(UserError):
@@ -122,39 +119,13 @@ def devices_per_chip(devices: Sequence[Any]) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def class_conditional_dit_loss(
-    model, frozen, batch, key, *, objective, num_classes: int, cond_dropout: float
-):
-    """Denoising loss of a class-conditional DiT: a label becomes the null class `num_classes`
-    with probability `cond_dropout` (DiT's LabelEmbedder token drop, for guidance)."""
-    del frozen
-    drop_key, loss_key = jax.random.split(key)
-    labels = batch["label"]  # (B,)
-    drop = jax.random.bernoulli(drop_key, cond_dropout, labels.shape)
-    labels = jnp.where(drop, num_classes, labels)  # (B,)
-    model_fn = lambda x, t, cond: model(x, t, labels=cond)
-    loss, aux = objective.loss(model_fn, batch["image"], labels, loss_key)
-    return loss, {"mean_t": jnp.mean(aux["t"])}
-
-
-def _image_size(config, default: int) -> int:
+def recipe_image_size(config, default: int) -> int:
+    """The image side a recipe trains at: config.data.image_size, a shapes builder config such as
+    "32", else `default` (the recipe compiles without its dataset)."""
     size = config.data.get("image_size")
     if size:
         return int(size)
-    name = config.data.get("builder_config")
-    return int(name) if name and str(name).isdigit() else default
-
-
-def clip_model_config(config, **overrides) -> models.CLIPConfig:
-    """The CLIP of a recipe, with the vocabulary of config.tokenizer (no tokenizer file needed)."""
-    variant = models.CLIP_VARIANTS.get(config.model.variant, {})
-    fields = dict(
-        image_size=_image_size(config, variant.get("image_size", 32)),
-        vocab_size=int(config.tokenizer.vocab_size),
-        context_length=int(config.tokenizer.context_length),
-        **models.recipe_fields(config, "clip"),
-    )
-    return models.clip_config(config.model.variant, **{**fields, **overrides})
+    return rundir.builder_resolution(config.data) or default
 
 
 def text_encoder_config(config) -> models.CLIPConfig:
@@ -167,10 +138,8 @@ def text_encoder_config(config) -> models.CLIPConfig:
             context_length=int(config.tokenizer.context_length),
             dtype=config.model.dtype,
         )
-    if te.checkpoint and os.path.isfile(os.path.join(te.checkpoint, "model.json")):
-        from diffusion import trainer
-
-        family, clip_config = trainer.load_model_config(te.checkpoint)
+    if te.checkpoint and os.path.isfile(os.path.join(te.checkpoint, rundir.MODEL_FILE)):
+        family, clip_config = rundir.load_model_config(te.checkpoint)
         if family == "clip":
             return clip_config
     raise AOTError(
@@ -180,196 +149,127 @@ def text_encoder_config(config) -> models.CLIPConfig:
     )
 
 
-def dit_model_config(
-    config, text_config: models.CLIPConfig | None, **overrides
-) -> models.DiTConfig:
-    m = config.model
-    extra = dict(conditioning="class", num_classes=int(m.num_classes))
-    if text_config is not None:
-        extra = dict(
-            conditioning="text",
-            context_dim=text_config.text_width,
-            pooled_dim=text_config.embed_dim,
-            word_conditioning=bool(m.get("word_conditioning", False)),
-        )
-    return models.dit_config(
-        m.variant,
-        in_channels=int(m.get("in_channels", 3)),
-        learn_sigma=bool(m.get("learn_sigma", False)),
-        output_conv=bool(m.get("output_conv", False)),
-        **{**models.recipe_fields(config, "dit"), **extra, **overrides},
-    )
-
-
 @dataclasses.dataclass
 class Programs:
-    """What gets compiled: the trainer (its step_fn) and abstract arguments of each program."""
+    """What gets compiled: the train step (and, for a DiT, the sampling program that sample.py
+    runs) with abstract arguments."""
 
-    family: str
-    model_config: Any
-    trainer: training.Trainer
+    build: families.ModelBuild
+    train_step: TrainStep
     train_args: tuple
     sample_fn: Any = None
     sample_args: tuple = ()
 
+    @property
+    def family(self) -> str:
+        return self.build.family
 
-def _abstract(shape, dtype, sharding_):
-    return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding_)
-
-
-def abstract_batch(config, mesh, model_config, family: str) -> dict[str, jax.ShapeDtypeStruct]:
-    """The global batch as ShapeDtypeStructs sharded like `sharding.batch_sharding(mesh)`."""
-    batch = int(config.training.global_batch_size)
-    rows = sharding.batch_sharding(mesh)
-    if family == "clip":
-        size, channels = model_config.image_size, model_config.in_channels
-    else:
-        size, channels = _image_size(config, 32), model_config.in_channels
-    out = {"image": _abstract((batch, size, size, channels), jnp.float32, rows)}
-    if family == "clip" or model_config.conditioning == "text":
-        length = int(config.tokenizer.context_length)
-        out["tokens"] = _abstract((batch, length), jnp.int32, rows)
-        out["mask"] = _abstract((batch, length), jnp.int32, rows)
-        if family == "clip" and config.loss.get("negative_caption_attributes"):
-            out["negative_caption_tokens"] = _abstract((batch, length), jnp.int32, rows)
-            out["negative_caption_mask"] = _abstract((batch, length), jnp.int32, rows)
-    else:
-        out["label"] = _abstract((batch,), jnp.int32, rows)
-    return out
+    @property
+    def model_config(self):
+        return self.build.model_config
 
 
-def _check_batch(config, mesh) -> None:
-    batch = int(config.training.global_batch_size)
-    size = math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh))
-    if batch % size:
-        raise AOTError(
-            f"config.training.global_batch_size={batch} is not divisible by the {size} devices of "
-            f"the mesh's batch axes {dict(mesh.shape)}; use a multiple of {size}."
-        )
+def recipe_facts(config) -> families.DataFacts:
+    """What the data would tell the model builder, from the recipe alone."""
+    default = 32
+    if config.family == "clip":
+        default = models.CLIP_VARIANTS.get(config.model.variant, {}).get("image_size", 32)
+    return families.DataFacts.from_config(config, recipe_image_size(config, default))
 
 
 def build_programs(
     config, mesh, *, sample_batch: int | None = None, model_overrides: Mapping | None = None
 ) -> Programs:
-    """The recipe's real train step (and sampler, for a DiT) over abstract inputs on `mesh`.
+    """The recipe's real train step (and sampler, for a DiT) over abstract inputs on `mesh`,
+    built through the family registry as train.py builds it.
 
     model_overrides: model config fields to change (the depth twins of `extrapolated_cost`).
     """
+    if config.family not in families.FAMILIES:
+        raise AOTError(
+            f"config.family={config.family!r}; AOT compiles one of {sorted(families.FAMILIES)}."
+        )
+    families.check_global_batch(int(config.training.global_batch_size), mesh)
+    family = families.get(config.family)
+    facts = recipe_facts(config)
     overrides = dict(model_overrides or {})
-    _check_batch(config, mesh)
-    tx = optim.make_optimizer(config.optimizer, total_steps=config.training.num_steps)
-    trainer_kw = dict(
-        seed=config.seed, ema_decay=config.training.ema_decay, nan_policy=config.training.nan_policy
-    )
-    if config.family == "clip":
-        model_config = clip_model_config(config, **overrides)
-        loss = config.loss
-        loss_fn = lambda model, frozen, batch, key: training.clip_loss(
-            model, frozen, batch, key, kind=loss.kind, mesh=mesh, chunked=loss.chunked
-        )
-        init = lambda: models.CLIP(model_config, rngs=nnx.Rngs(config.seed))
-        trainer = training.Trainer(init, loss_fn, tx, mesh, **trainer_kw)
-        batch = abstract_batch(config, mesh, model_config, "clip")
-        return Programs("clip", model_config, trainer, (trainer.abstract_state, batch, None))
-    if config.family != "dit":
-        raise AOTError(f"config.family={config.family!r}; AOT compiles 'clip' or 'dit' recipes.")
-
-    text_config = text_encoder_config(config) if config.model.num_classes == 0 else None
-    model_config = dit_model_config(config, text_config, **overrides)
-    objective = training.DiffusionObjective.from_config(config.diffusion)
-    if text_config is None:
-        loss_fn = lambda model, frozen, batch, key: class_conditional_dit_loss(
-            model,
-            frozen,
-            batch,
-            key,
-            objective=objective,
-            num_classes=model_config.num_classes,
-            cond_dropout=config.diffusion.cond_dropout,
-        )
+    if config.family == "dit":
+        text_config = text_encoder_config(config) if family.is_text_conditional(config) else None
+        build = family.build(config, facts, mesh, text_config, **overrides)
     else:
-        length = int(config.tokenizer.context_length)
-        empty_mask = (np.arange(length) < 2).astype(np.int32)[None]  # start + end token
-        loss_fn = lambda model, frozen, batch, key: training.dit_loss(
-            model,
-            frozen,
-            batch,
-            key,
-            objective=objective,
-            empty_tokens=np.zeros((1, length), np.int32),
-            empty_mask=empty_mask,
-            cond_dropout=config.diffusion.cond_dropout,
-        )
-    init = lambda: models.DiT(model_config, rngs=nnx.Rngs(config.seed))
-    trainer = training.Trainer(init, loss_fn, tx, mesh, **trainer_kw)
-    if text_config is not None:  # abstract too: Trainer(frozen=...) would device_put one
-        trainer.use_abstract_frozen(lambda: models.CLIP(text_config, rngs=nnx.Rngs(0)))
-    batch = abstract_batch(config, mesh, model_config, "dit")
+        build = family.build(config, facts, mesh, **overrides)
+    tx = optim.make_optimizer(config.optimizer, total_steps=config.training.num_steps)
+    train_step = TrainStep(
+        build.init_model,
+        build.loss_fn,
+        tx,
+        mesh,
+        seed=config.seed,
+        rules=sharding.rules_from_config(config.mesh),
+        ema_decay=config.training.ema_decay,
+        nan_policy=config.training.nan_policy,
+    )
+    if build.frozen_config is not None:  # abstract: TrainStep(frozen=...) would device_put one
+        train_step.use_abstract_frozen(build.init_frozen)
+    batch = family.abstract_batch(config, mesh, build, facts)
     programs = Programs(
-        "dit", model_config, trainer, (trainer.abstract_state, batch, trainer.frozen_state)
+        build, train_step, (train_step.abstract_state, batch, train_step.frozen_state)
     )
-    programs.sample_fn, programs.sample_args = sampler_program(
-        config, mesh, trainer, model_config, text_config, sample_batch
-    )
+    if config.family == "dit":
+        programs.sample_fn, programs.sample_args = sampler_program(
+            config, mesh, train_step, build, facts, sample_batch
+        )
     return programs
 
 
-def sampler_program(config, mesh, trainer, model_config, text_config, sample_batch):
-    """(jitted sampler, abstract args): the whole guided sampling scan over the EMA weights.
-
-    Text conditioning enters as token states and pooled embeddings (what the frozen text tower
-    returns once per prompt), so the program is the denoising loop alone.
-    """
-    rows = sharding.batch_sharding(mesh)
-    batch = sample_batch or math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh))
-    size = _image_size(config, 32)
-    state = trainer.abstract_state
-    params = state["ema"] if state["ema"] is not None else state["params"]
-    noise = _abstract((batch, size, size, model_config.in_channels), jnp.float32, rows)
-    s = config.sampling
-    name = SAMPLER_ALIASES.get(s.sampler, s.sampler)
-    if name not in samplers.SAMPLERS:
-        raise AOTError(
-            f"config.sampling.sampler={s.sampler!r}; valid: {sorted(samplers.SAMPLERS)} "
-            f"or aliases {sorted(SAMPLER_ALIASES)}."
-        )
+def sampler_settings(config) -> inference.SamplerSettings:
+    """config.sampling as sample.py would resolve it for this recipe's model."""
     d = config.diffusion
-    objective = training.DiffusionObjective.from_config(d)
-    if d.objective == "flow":
-        levels = flow_levels(int(s.steps), float(d.shift))
+    return inference.make_settings(
+        d.objective,
+        sampler=config.sampling.sampler,
+        steps=int(config.sampling.steps),
+        default_shift=float(d.get("shift", 1.0) or 1.0),
+        num_timesteps=int(d.num_timesteps) if d.objective == "ddpm" else None,
+    )
+
+
+def sampler_program(config, mesh, train_step, build, facts, sample_batch):
+    """(the sampling program, its abstract arguments): `inference.program.sampling_program`, the
+    one sample.py and evaluate.py run, over the EMA weights replicated on every device as
+    TextToImage places them."""
+    settings = sampler_settings(config)
+    micro_batch = DEFAULT_MICRO_BATCH
+    unit = micro_batch * math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh))
+    batch = -(-(sample_batch or unit) // unit) * unit  # whole micro-batches on every device
+    text_graphdef = train_step.frozen_graphdef
+    spec = program_spec(
+        train_step.graphdef,
+        text_graphdef,
+        build.model_config,
+        config.diffusion,
+        resolution=facts.image_size,
+        mesh=mesh,
+        micro_batch=micro_batch,
+        settings=settings,
+    )
+    replicated = NamedSharding(mesh, PartitionSpec())
+    rows = sharding.batch_sharding(mesh)
+    state = train_step.abstract_state
+    params = state["ema"] if state["ema"] is not None else state["params"]
+    as_replicated = lambda tree: jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), tree
+    )
+    per_sample = lambda dtype, *shape: families.base.abstract_array((batch, *shape), dtype, rows)
+    inputs = {"seeds": per_sample(jnp.uint32), "scales": per_sample(jnp.float32)}
+    if text_graphdef is None:
+        inputs.update(labels=per_sample(jnp.int32), uncond_labels=per_sample(jnp.int32))
     else:
-        levels = ddpm_levels(objective.schedule, int(s.steps))
-    options = {"prediction_type": objective.prediction_type}
-    if text_config is None:
-        cond = _abstract((batch,), jnp.int32, rows)
-        uncond = _abstract((1,), jnp.int32, NamedSharding(mesh, PartitionSpec()))
-    else:
-        length = int(config.tokenizer.context_length)
-        cond = {
-            "context": _abstract((batch, length, text_config.text_width), jnp.float32, rows),
-            "context_mask": _abstract((batch, length), jnp.int32, rows),
-            "pooled": _abstract((batch, text_config.embed_dim), jnp.float32, rows),
-        }
-        if model_config.word_conditioning:
-            cond["words"] = _abstract((batch, length, text_config.text_width), jnp.float32, rows)
-        replicated = NamedSharding(mesh, PartitionSpec())
-        uncond = jax.tree.map(lambda a: _abstract((1,) + a.shape[1:], a.dtype, replicated), cond)
-    scale = _abstract((), jnp.float32, NamedSharding(mesh, PartitionSpec()))
-    graphdef = trainer.graphdef
-
-    def sample(params, noise, cond, uncond, scale):
-        def model_fn(x, t, c):
-            model = layers.merge_here(graphdef, params)  # in the sampler loop's own trace
-            if text_config is None:
-                return model(x, t, labels=c)
-            return training.dit_model_fn(model)(x, t, c)
-
-        guided = guidance.guided_model_fn(model_fn)
-        condition = guidance.GuidanceCondition(cond=cond, uncond=uncond, scale=scale)
-        key = jax.random.key(config.seed)
-        return samplers.sample(name, guided, noise, levels, key, condition, **options)
-
-    return jax.jit(sample, out_shardings=rows), (params, noise, cond, uncond, scale)
+        length = facts.context_length
+        for name in ("tokens", "mask", "negative_tokens", "negative_mask"):
+            inputs[name] = per_sample(jnp.int32, length)
+    text_state = None if text_graphdef is None else as_replicated(train_step.frozen_state)
+    return sampling_program, (as_replicated(params), text_state, inputs, spec)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -501,9 +401,9 @@ def compile_for_topology(
     shape = mesh_shape_of(config, len(devices), mesh_shape)
     mesh = sharding.make_mesh(shape, devices=devices)
     programs = build_programs(config, mesh, sample_batch=sample_batch)
-    rules = programs.trainer.rules
+    rules = programs.train_step.rules
     limits = (hbm, peak, bandwidth)
-    train = _program_report(programs.trainer.step_fn, programs.train_args, mesh, rules, *limits)
+    train = _program_report(programs.train_step.step_fn, programs.train_args, mesh, rules, *limits)
     if cost_twin and train.get("compiled") and config.model.scan_layers:
         depths = {f: getattr(programs.model_config, f) for f in DEPTH_FIELDS[programs.family]}
         train["cost"] = extrapolated_cost(config, mesh, peak, bandwidth, depths)
@@ -523,15 +423,16 @@ def compile_for_topology(
         "remat": config.model.remat,
         "scan_layers": bool(config.model.scan_layers),
         "global_batch_size": batch,
-        "num_parameters": _num_parameters(programs.trainer),
+        "num_parameters": _num_parameters(programs.train_step),
         "train_step": train,
     }
     if sampler and programs.sample_fn is not None:
         sample = _program_report(programs.sample_fn, programs.sample_args, mesh, rules, *limits)
         sample.pop("cost", None)  # a loop over steps: XLA counts one step, see cost_report
-        sample["batch"] = int(programs.sample_args[1].shape[0])
-        sample["steps"] = int(config.sampling.steps)
-        sample["sampler"] = SAMPLER_ALIASES.get(config.sampling.sampler, config.sampling.sampler)
+        spec = programs.sample_args[-1]
+        sample["batch"] = int(programs.sample_args[2]["seeds"].shape[0])
+        sample["steps"] = spec.settings.steps
+        sample["sampler"] = spec.settings.sampler
         report["sampler"] = sample
     if check_fit and not train["fits"]:
         raise AOTError(not_fitting_message(report))
@@ -548,15 +449,14 @@ def extrapolated_cost(config, mesh, peak, bandwidth, depths: Mapping[str, int]) 
     XLA counts a scanned block once, and compiling 28 unrolled blocks takes minutes on a small
     host; one- and two-block twins compile in seconds and give the per-block increment.
     """
-    family = "clip" if config.family == "clip" else "dit"
     twin = config.copy_and_resolve_references()
     twin.model.scan_layers = False
-    fields = DEPTH_FIELDS[family]
+    fields = DEPTH_FIELDS[config.family]
 
     def cost_at(overrides):
         programs = build_programs(twin, mesh, model_overrides=overrides)
-        jitted, args = programs.trainer.step_fn, programs.train_args
-        compiled, _, _ = _compile(jitted, args, mesh, programs.trainer.rules)
+        jitted, args = programs.train_step.step_fn, programs.train_args
+        compiled, _, _ = _compile(jitted, args, mesh, programs.train_step.rules)
         return cost_report(compiled, peak, bandwidth)
 
     ones = {f: 1 for f in fields}
@@ -586,8 +486,8 @@ def _peak_per_chip(device) -> float:
     raise AOTError(f"no peak FLOP/s known for device kind {device.device_kind!r}")
 
 
-def _num_parameters(trainer) -> int:
-    leaves = jax.tree.leaves(sharding.unbox(trainer.abstract_state["params"]))
+def _num_parameters(train_step) -> int:
+    leaves = jax.tree.leaves(sharding.unbox(train_step.abstract_state["params"]))
     return int(sum(math.prod(x.shape) for x in leaves))
 
 

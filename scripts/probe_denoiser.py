@@ -20,16 +20,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion import evaluation, models, objectives, trainer, training
+from diffusion import evaluation, models, objectives, rundir
 from diffusion.data import load_tokenizer, tokenize
-from diffusion.text2image import load_run_config, locate_run, to_uint8
+from diffusion.families import dit as dit_family
+from diffusion.inference.program import to_uint8
+from diffusion.rundir import load_run_config, locate_run
 
 
 def predicted_x0(dit, prediction_type, text_encoder, tokens, mask, images, t, noise):
     """x0_hat of the DiT at time t for clean `images` in [-1, 1] noised with `noise`."""
-    cond = training.text_condition(text_encoder, tokens, mask, words=dit.config.word_conditioning)
+    cond = dit_family.text_condition(text_encoder, tokens, mask, words=dit.config.word_conditioning)
     x_t = (1 - t) * images + t * noise  # (B, H, W, C)
-    output = training.dit_model_fn(dit)(x_t, jnp.full((images.shape[0],), t), cond)
+    output = dit_family.dit_model_fn(dit)(x_t, jnp.full((images.shape[0],), t), cond)
     x0, _ = objectives.x0_eps_from_prediction(output, x_t, 1 - t, t, prediction_type)
     return x0
 
@@ -44,11 +46,11 @@ def main() -> None:
 
     run_dir = locate_run(args.run).run_dir
     config = load_run_config(run_dir)
-    _, model_config = trainer.load_model_config(run_dir)
-    dit = trainer.load_run_params(run_dir, model_config, models.DiT)  # the EMA weights
-    prediction_type = training.prediction_type_of(config.diffusion)
-    text_encoder = trainer.load_text_encoder(config.text_encoder.checkpoint, {"dtype": "float32"})
-    tokenizer = load_tokenizer(os.path.join(run_dir, trainer.TOKENIZER_DIR))  # saved with the run
+    _, model_config = rundir.load_model_config(run_dir)
+    dit = rundir.load_run_params(run_dir, model_config, models.DiT)  # the EMA weights
+    prediction_type = dit_family.prediction_type_of(config.diffusion)
+    text_encoder = rundir.load_text_encoder(config.text_encoder.checkpoint, {"dtype": "float32"})
+    tokenizer = load_tokenizer(os.path.join(run_dir, rundir.TOKENIZER_DIR))  # saved with the run
     examples = evaluation.load_split_examples(config.data, config.seed, "test", args.num)
     if not examples.labels:
         raise SystemExit(f"{args.run}: its dataset has no attribute labels for the oracle")

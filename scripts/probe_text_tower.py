@@ -3,7 +3,7 @@
     .venv/bin/python scripts/probe_text_tower.py runs/shapes/clip [--train=4000] [--test=1000]
 
 For the captions of the first --train examples of the train split and --test of the test split,
-it computes what the DiT is conditioned on (training.text_condition): the pooled embedding
+it computes what the DiT is conditioned on (dit_family.text_condition): the pooled embedding
 (adaLN), the token states (cross-attention, here averaged over the caption's tokens) and the
 word embeddings of the tower's input layer (read with `word_conditioning`; averaged likewise).
 For each attribute it prints the test accuracy of a ridge classifier fitted on the train
@@ -22,15 +22,16 @@ import jax
 import ml_collections
 import numpy as np
 
-from diffusion import evaluation, trainer, training
+from diffusion import evaluation, rundir
 from diffusion.data import load_tokenizer, tokenize
+from diffusion.families import dit as dit_family
 
 
 def caption_features(model, tokenizer, captions: list[str]) -> dict[str, np.ndarray]:
     """-> {"states": token states averaged over each caption's tokens (N, W), "pooled" (N, E),
     "words": word embeddings averaged likewise (N, W)}."""
     tokens, mask = tokenize(tokenizer, captions, model.config.context_length)
-    cond = jax.jit(lambda t, m: training.text_condition(model, t, m, words=True))(tokens, mask)
+    cond = jax.jit(lambda t, m: dit_family.text_condition(model, t, m, words=True))(tokens, mask)
     weights = np.asarray(mask, np.float64)[..., None]
 
     def caption_mean(x):
@@ -50,8 +51,8 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=1000, help="test-split captions to score")
     args = parser.parse_args()
 
-    model = trainer.load_text_encoder(args.run_dir, {"dtype": "float32"})
-    tokenizer = load_tokenizer(os.path.join(args.run_dir, trainer.TOKENIZER_DIR))
+    model = rundir.load_text_encoder(args.run_dir, {"dtype": "float32"})
+    tokenizer = load_tokenizer(os.path.join(args.run_dir, rundir.TOKENIZER_DIR))
     with open(os.path.join(args.run_dir, "config.json")) as f:
         config = ml_collections.ConfigDict(json.load(f))
     train = evaluation.load_split_examples(config.data, config.seed, "train", args.train)

@@ -16,7 +16,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from diffusion import models, sharding, training  # noqa: E402
+from diffusion import models, sharding  # noqa: E402
+from diffusion.families import clip as clip_family
+from diffusion.families import dit as dit_family
 
 BATCH, LENGTH, SIZE = 16, 8, 16
 
@@ -34,7 +36,7 @@ def main():
     clip_def, clip_state = sharding.create_sharded_state(
         lambda: models.CLIP(clip_config, rngs=nnx.Rngs(0)), mesh
     )
-    dit_config = models.dit_config(  # conditioned on that CLIP, as trainer.dit_model_config does
+    dit_config = models.dit_config(  # conditioned on that CLIP, as families.dit.model_config does
         "tiny", context_dim=clip_config.text_width, pooled_dim=clip_config.embed_dim
     )
     dit_def, dit_state = sharding.create_sharded_state(
@@ -43,13 +45,13 @@ def main():
     empty = np.zeros((1, LENGTH), np.int32), np.ones((1, LENGTH), bool)
 
     def clip_loss(state):
-        return training.clip_loss(nnx.merge(clip_def, state), None, batch, None)[0]
+        return clip_family.clip_loss(nnx.merge(clip_def, state), None, batch, None)[0]
 
     def dit_loss(state, text_state):
         dit, text_encoder = nnx.merge(dit_def, state), nnx.merge(clip_def, text_state)
-        objective = training.DiffusionObjective()
+        objective = dit_family.DiffusionObjective()
         key = jax.random.key(0)
-        return training.dit_loss(
+        return dit_family.text_conditional_loss(
             dit,
             text_encoder,
             batch,

@@ -68,10 +68,21 @@ from test_evaluate import _tiny
 
 from configs import base_dit
 from configs import shapes as shapes_recipe
-from diffusion import checkpoints, evaluation, hf, models, sharding, text2image, trainer, training
+from diffusion import (
+    checkpoints,
+    evaluation,
+    hf,
+    inference,
+    models,
+    pipeline,
+    rundir,
+    sharding,
+    training,
+)
 from diffusion import config as config_lib
 from diffusion.data import load_tokenizer
 from diffusion.errors import UserError
+from diffusion.families import dit as dit_family
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO, "configs", "base_clip.py")
@@ -103,8 +114,8 @@ class Env:
 
     @functools.cached_property
     def text_encoder(self) -> models.CLIP:
-        _, clip_config = trainer.load_model_config(self.clip_dir)
-        return trainer.load_run_params(self.clip_dir, clip_config, models.CLIP)
+        _, clip_config = rundir.load_model_config(self.clip_dir)
+        return rundir.load_run_params(self.clip_dir, clip_config, models.CLIP)
 
     @functools.cached_property
     def tokenizer(self):
@@ -118,9 +129,9 @@ class Env:
         return nnx.merge(graphdef, jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), state))
 
     @functools.cached_property
-    def pipeline(self) -> text2image.TextToImage:
+    def pipeline(self) -> inference.TextToImage:
         """A flow DiT (zero weights) on the run's text tower: for the sampling API's checks."""
-        return text2image.TextToImage(
+        return inference.TextToImage(
             dit=self.dit,
             text_encoder=self.text_encoder,
             tokenizer=self.tokenizer,
@@ -149,7 +160,7 @@ def env(tmp_path_factory) -> Env:
     futures = {c.id: pool.submit(run_cli, c, None, tmps[c.id]) for c in rows if not c.needs_run}
     config = _tiny("clip", data_dir)
     config.training.checkpoint_every = 1  # steps 1 and 2: the disk-full row resumes from 1
-    trainer.train(config, clip_dir, devices=jax.devices()[:1])
+    training.train(config, clip_dir, devices=jax.devices()[:1])
     env = Env(str(root), clip_dir, data_dir)
     env.run_state = tree_state(clip_dir)
     for case in rows:
@@ -204,7 +215,7 @@ def train_with(env: Env, tmp, devices: int = 1, **changes):
     """trainer.train of the run's config with `changes` (section__field=value), in a fresh
     workdir, on the first `devices` devices."""
     config = env.clip_config(**changes)
-    return trainer.train(config, str(tmp / "run"), devices=jax.devices()[:devices])
+    return training.train(config, str(tmp / "run"), devices=jax.devices()[:devices])
 
 
 def pipeline_with(env: Env, tmp, **changes):
@@ -212,7 +223,7 @@ def pipeline_with(env: Env, tmp, **changes):
     config = shapes_recipe.get_config("runlocal")
     config.clip = env.clip_config(mesh__data=-1, **changes)  # the pipeline takes all devices
     config.stages = ("clip",)
-    return trainer.train_and_evaluate(config, str(tmp / "pipeline"))
+    return pipeline.train_and_evaluate(config, str(tmp / "pipeline"))
 
 
 def small_run_copy(env: Env, tmp, edit_config=None, model_json: str | None = None) -> str:
@@ -252,7 +263,7 @@ def dit_run(env: Env, tmp, **config_changes) -> str:
     its text encoder is the module's CLIP run. `config_changes`: dotted key -> value, or None to
     delete the key."""
     run = str(tmp / "dit")
-    trainer.save_model_config(run, "dit", env.dit.config)
+    rundir.save_model_config(run, "dit", env.dit.config)
     config = base_dit.get_config()
     config.text_encoder.checkpoint = env.clip_dir
     config.tokenizer.path = os.path.join(env.clip_dir, "tokenizer")
@@ -287,7 +298,7 @@ HF_CONFIG = json.dumps({"model_type": "clip", "text_config": {}, "vision_config"
 
 
 def prompts(tmp, name: str, content: str | bytes, **kwargs):
-    return text2image.read_prompt_file(write(tmp / name, content), **kwargs)
+    return inference.read_prompt_file(write(tmp / name, content), **kwargs)
 
 
 def generate(env: Env, **kwargs):
@@ -300,7 +311,7 @@ def resume_with_another_width(env: Env, tmp):
     shutil.copytree(env.clip_dir, run)
     before = tree_hashes(run)
     try:
-        trainer.train(env.clip_config(model__variant="B/16"), run, devices=jax.devices()[:1])
+        training.train(env.clip_config(model__variant="B/16"), run, devices=jax.devices()[:1])
     finally:
         assert tree_hashes(run) == before  # checkpoints, params, model.json: byte for byte
 
@@ -315,7 +326,7 @@ def disk_full_on_save(env: Env, tmp, monkeypatch):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(directory))
 
     monkeypatch.setattr(checkpoints.ProcessLocalJsonHandler, "save", disk_full)
-    trainer.train(env.clip_config(), run, devices=jax.devices()[:1])
+    training.train(env.clip_config(), run, devices=jax.devices()[:1])
 
 
 def disk_full_after(env: Env, tmp, monkeypatch, capsys):
@@ -325,7 +336,7 @@ def disk_full_after(env: Env, tmp, monkeypatch, capsys):
     assert tree_hashes(step_1) == tree_hashes(os.path.join(env.clip_dir, "checkpoints", "1"))
     monkeypatch.undo()
     capsys.readouterr()
-    trainer.train(env.clip_config(), run, devices=jax.devices()[:1])
+    training.train(env.clip_config(), run, devices=jax.devices()[:1])
     assert f"resumed from {step_1} (step 1)" in capsys.readouterr().out
     assert {"1", "2"} <= set(os.listdir(os.path.join(run, "checkpoints")))
 
@@ -339,7 +350,7 @@ def samples_kept(env: Env, tmp):
     before = tree_hashes(str(out))
     items = prompts(tmp, "p.txt", "a red circle\n")
     try:
-        text2image.sample_to_directory(env.pipeline, items, str(out), steps=0)
+        inference.sample_to_directory(env.pipeline, items, str(out), steps=0)
     finally:
         assert tree_hashes(str(out)) == before
 
@@ -354,7 +365,7 @@ def long_prompt(env: Env, tmp):
 def objective_with(**diffusion_fields):
     """The DiT objective of base_dit's config.diffusion with some fields changed."""
     fields = base_dit.get_config().diffusion.to_dict() | diffusion_fields
-    return training.DiffusionObjective.from_config(ml_collections.ConfigDict(fields))
+    return dit_family.DiffusionObjective.from_config(ml_collections.ConfigDict(fields))
 
 
 def no_stale_config(env: Env, tmp, *, run=None):
@@ -420,7 +431,7 @@ CASES = [
     Case(
         "config-sets-a-section",
         lambda e, t: config_lib.load_config(RECIPE, [("mesh", "4")]),
-        ("--config.mesh names a whole section", "data, dcn_data, fsdp, tensor"),
+        ("--config.mesh names a whole section", "data, dcn_data, fsdp, rules, tensor"),
     ),
     Case(
         "config-field-of-a-value",
@@ -475,7 +486,7 @@ CASES = [
     ),
     Case(
         "unknown-family",
-        lambda e, t: trainer.train_and_evaluate(e.clip_config(family="gan"), str(t)),
+        lambda e, t: pipeline.train_and_evaluate(e.clip_config(family="gan"), str(t)),
         ("config.family='gan'", "('clip', 'dit', 'pipeline')"),
     ),
     Case(
@@ -519,23 +530,23 @@ CASES = [
     ),
     Case(
         "text-encoder-missing",
-        lambda e, t: trainer.load_text_encoder(str(t / "moved"), {}),
+        lambda e, t: rundir.load_text_encoder(str(t / "moved"), {}),
         ("is not a directory", "Name a CLIP run directory"),
     ),
     # -- run directories -------------------------------------------------------------------------
     Case(
         "checkpoint-missing",
-        lambda e, t: text2image.TextToImage.from_run(str(t / "nope")),
+        lambda e, t: inference.TextToImage.from_run(str(t / "nope")),
         ("nope' does not exist", "pass a DiT run directory"),
     ),
     Case(
         "checkpoint-not-a-run",
-        lambda e, t: text2image.TextToImage.from_run(str(t)),
+        lambda e, t: inference.TextToImage.from_run(str(t)),
         ("is neither a run directory (it has no model.json)", "--workdir of a train.py DiT run"),
     ),
     Case(
         "checkpoint-of-another-family",
-        lambda e, t: text2image.TextToImage.from_run(e.clip_dir),
+        lambda e, t: inference.TextToImage.from_run(e.clip_dir),
         ("holds a clip model", "needs a DiT run directory"),
     ),
     Case(
@@ -550,7 +561,7 @@ CASES = [
     ),
     Case(
         "dit-run-config-missing-keys",  # fixed: was AttributeError deep in from_run
-        lambda e, t: text2image.TextToImage.from_run(dit_run(e, t, diffusion=None)),
+        lambda e, t: inference.TextToImage.from_run(dit_run(e, t, diffusion=None)),
         ("lacks the fields diffusion.objective, diffusion.prediction_type", "restore it"),
     ),
     Case(
@@ -560,19 +571,19 @@ CASES = [
     ),
     Case(
         "model-json-missing-keys",  # fixed: was KeyError 'config'
-        lambda e, t: text2image.TextToImage.from_run(small_run_copy(e, t, model_json="{}")),
+        lambda e, t: inference.TextToImage.from_run(small_run_copy(e, t, model_json="{}")),
         ("model.json does not describe a model", "missing key 'family'", "Restore it"),
     ),
     Case(
         "model-json-unknown-field",  # fixed: was KeyError 'pixel_mean'
-        lambda e, t: trainer.load_model_config(
+        lambda e, t: rundir.load_model_config(
             small_run_copy(e, t, model_json='{"family": "clip", "config": {"widht": 3}}')
         ),
         ("model.json does not describe a model", "'widht'", "Restore it"),
     ),
     Case(
         "dit-text-encoder-moved",
-        lambda e, t: text2image.TextToImage.from_run(
+        lambda e, t: inference.TextToImage.from_run(
             dit_run(e, t, **{"text_encoder.checkpoint": str(t / "moved")})
         ),
         ("text_encoder.checkpoint=", "moved' is not a directory", "Name a CLIP run directory"),
@@ -603,7 +614,7 @@ CASES = [
     ),
     Case(
         "hf-pickle-only-as-text-encoder",
-        lambda e, t: trainer.load_text_encoder(
+        lambda e, t: rundir.load_text_encoder(
             hf_dir(t, {"config.json": HF_CONFIG, "pytorch_model.bin.index.json": "{}"}), {}
         ),
         ("pytorch_model.bin.index.json", "refused because unpickling can run arbitrary code"),
@@ -628,7 +639,7 @@ CASES = [
     # -- sampling settings ---------------------------------------------------------------------
     Case(
         "sampler-unknown",
-        lambda e, t: text2image.check_sampler_name("eulr"),
+        lambda e, t: inference.check_sampler_name("eulr"),
         ("unknown sampler 'eulr'", "valid samplers: ddim, ddpm, dpmpp_2m, euler"),
     ),
     Case(
@@ -638,7 +649,7 @@ CASES = [
     ),
     Case(
         "steps-zero",
-        lambda e, t: text2image.check_steps(0),
+        lambda e, t: inference.check_steps(0),
         ("steps must be an integer >= 1, got 0",),
     ),
     Case(
@@ -719,7 +730,7 @@ CASES = [
     ),
     Case(
         "prompts-file-missing",
-        lambda e, t: text2image.read_prompt_file(str(t / "nope.txt")),
+        lambda e, t: inference.read_prompt_file(str(t / "nope.txt")),
         ("nope.txt' does not exist",),
     ),
     Case(

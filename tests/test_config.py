@@ -3,12 +3,11 @@
 import json
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 
 from configs import shapes
-from diffusion import aot, trainer
+from diffusion import aot, pipeline
 from diffusion import config as config_lib
 from diffusion.config import ConfigError
 
@@ -88,7 +87,7 @@ def test_a_stage_error_names_the_flags_the_pipeline_takes():
     message = (
         "Fix --config.model.width, --config.mesh.data or --config.data.data_dir (--config.seed)"
     )
-    assert trainer.stage_flags(message, "dit") == (
+    assert pipeline.runner.stage_flags(message, "dit") == (
         "Fix --config.dit.model.width, --config.dit.mesh.data or --config.data.data_dir "
         "(--config.seed)"  # data, tokenizer and seed are one section shared by every stage
     )
@@ -128,23 +127,42 @@ def test_train_py_reports_an_unknown_key_without_a_traceback(tmp_path):
 @pytest.mark.parametrize("family", ["clip", "dit"])
 def test_aot_builds_the_model_train_py_builds_size_overrides_included(family):
     """A recipe's size and execution fields (--config.model.depth=2 ...) reach the compiled model
-    exactly as they reach train.py's: the report is about the model that would train."""
+    exactly as they reach train.py's (`training.build_model`: the tokenizer's vocabulary and the
+    dataset's image size, here those the recipe names): the report is about the model that
+    would train."""
+    import jax
+    import numpy as np
+
+    from diffusion import families, sharding
+
     recipe = shapes.get_config()
     config = recipe.clip if family == "clip" else recipe.dit
+    text_config = None
     if family == "clip":
         sizes = dict(patch_size=8, vision_depth=1, text_width=64)
         config.model.update(remat="full", **sizes)
         config.loss.kind = "sigmoid"
-        expected = trainer.clip_model_config(config, [None] * config.tokenizer.vocab_size, 32)
-        built = aot.clip_model_config(config)
-        assert (built.remat_policy, built.logit_bias_init) == ("full", -10.0)
     else:
         sizes = dict(patch_size=8, width=64, depth=2, num_heads=2)
         config.model.update(scan_layers=True, **sizes)
         config.text_encoder.variant = "tiny"
         text_config = aot.text_encoder_config(config)
-        expected = trainer.dit_model_config(config, SimpleNamespace(config=text_config))
-        built = aot.dit_model_config(config, text_config)
-        assert built.scan_layers
+    mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    config.training.global_batch_size = 2
+    built = aot.build_programs(config, mesh).model_config
+    length = config.tokenizer.context_length
+    data = families.DataFacts(
+        image_size=32,
+        vocab_size=config.tokenizer.vocab_size,
+        context_length=length,
+        empty_tokens=np.zeros((1, length), np.int32),
+        empty_mask=np.zeros((1, length), np.int32),
+    )
+    extra = (text_config,) if family == "dit" else ()
+    expected = families.get(family).build(config, data, mesh, *extra).model_config
+    if family == "clip":
+        assert (built.remat_policy, built.logit_bias_init) == ("full", -10.0)
+    else:
+        assert built.scan_layers and built.context_dim == text_config.text_width
     assert built == expected
     assert {name: getattr(built, name) for name in sizes} == sizes

@@ -13,7 +13,9 @@ import pytest
 from PIL import Image
 
 from diffusion import config as config_lib
-from diffusion import report, stages, trainer
+from diffusion import pipeline
+from diffusion.evaluation import report
+from diffusion.pipeline import stages
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,11 +36,23 @@ def tiny_default(data_dir):
     return config
 
 
-def test_default_pipeline_runs_every_stage_and_a_rerun_redoes_nothing(tmp_path, capsys):
-    workdir = str(tmp_path / "run")
-    config = tiny_default(str(tmp_path / "data"))
-    trainer.train_and_evaluate(config, workdir)  # on all 8 test devices, data parallel
-    out = capsys.readouterr().out
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """The tiny default pipeline, run once without interruption: (workdir, data_dir, stdout)."""
+    root = tmp_path_factory.mktemp("default")
+    workdir, data_dir = str(root / "run"), str(root / "data")
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        pipeline.train_and_evaluate(tiny_default(data_dir), workdir)  # all 8 devices
+    return workdir, data_dir, out.getvalue()
+
+
+def test_default_pipeline_runs_every_stage_and_a_rerun_redoes_nothing(default_run, capsys):
+    workdir, data_dir, out = default_run
+    config = tiny_default(data_dir)
     for stage in ("clip", "dit", "evaluate", "samples"):
         assert f"== stage {stage}" in out
     prompts_png = os.path.join(workdir, "samples", "prompts.png")
@@ -66,12 +80,93 @@ def test_default_pipeline_runs_every_stage_and_a_rerun_redoes_nothing(tmp_path, 
     assert {r["negative_prompt"] for r in manifest} == {"", "red", "blue"}
 
     written = os.path.getmtime(dit_metrics)
-    trainer.train_and_evaluate(tiny_default(str(tmp_path / "data")), workdir)
+    pipeline.train_and_evaluate(tiny_default(data_dir), workdir)
     out = capsys.readouterr().out
     assert "is up to date" in out
     assert os.path.getmtime(dit_metrics) == written
     with open(os.path.join(workdir, "samples", "manifest.jsonl")) as f:
         assert [json.loads(line) for line in f] == manifest
+
+
+def _without_timings(tree):
+    """metrics.json without its wall-clock fields (they differ between any two runs)."""
+    if isinstance(tree, dict):
+        return {k: _without_timings(v) for k, v in tree.items() if k != "seconds"}
+    return tree
+
+
+def test_sigterm_in_each_stage_stops_the_pipeline_there_and_reruns_finish_it_equal(
+    default_run, tmp_path, monkeypatch, capsys
+):
+    """A SIGTERM during any stage (here: as the stage starts) saves that stage, returns normally
+    (train.py exits 0) and starts no later stage; each rerun goes one stage further, and the
+    last one ends with the uninterrupted run's parameters, metrics and images."""
+    import signal
+
+    from diffusion.pipeline import runner
+
+    reference, data_dir, _ = default_run
+    workdir = str(tmp_path / "run")
+    order = ("clip", "dit", "evaluate", "samples")
+    run_stage = runner._run_stage
+    for index, stage in enumerate(order):
+
+        def signalled(config, workdir_, name, preemption, stage=stage):
+            if name == stage:
+                os.kill(os.getpid(), signal.SIGTERM)  # the guard turns it into a stop request
+            return run_stage(config, workdir_, name, preemption)
+
+        monkeypatch.setattr(runner, "_run_stage", signalled)
+        results = pipeline.train_and_evaluate(tiny_default(data_dir), workdir)
+        assert list(results)[-1] == stage  # ran up to the signalled stage, then stopped
+        assert f"preempted during stage {stage}" in capsys.readouterr().out
+        for later in order[index + 1 :]:
+            assert not os.path.exists(os.path.join(workdir, stages_dir(later)))
+        if stage in ("clip", "dit"):  # saved where it stopped: after its first step of two
+            assert _checkpoint_steps(os.path.join(workdir, stage)) == [1]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the guard restored the handler
+    monkeypatch.setattr(runner, "_run_stage", run_stage)
+    pipeline.train_and_evaluate(tiny_default(data_dir), workdir)  # the last stage's rerun
+    for run in ("clip", "dit"):
+        a, b = (_exported(os.path.join(root, run)) for root in (reference, workdir))
+        assert a.keys() == b.keys()
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    for run in ("clip", "dit"):
+        paths = [os.path.join(root, "eval", run, "metrics.json") for root in (reference, workdir)]
+        expected, got = (_without_timings(json.load(open(p))) for p in paths)
+        assert got == expected
+    for name in sorted(os.listdir(os.path.join(reference, "samples"))):
+        if name.endswith(".png"):
+            paths = [os.path.join(root, "samples", name) for root in (reference, workdir)]
+            np.testing.assert_array_equal(*(np.asarray(Image.open(p)) for p in paths))
+
+
+def stages_dir(stage: str) -> str:
+    return runner_directories().get(stage, stage)
+
+
+def runner_directories() -> dict:
+    from diffusion.pipeline import runner
+
+    return runner.STAGE_DIRECTORIES
+
+
+def _checkpoint_steps(run_dir: str) -> list[int]:
+    directory = os.path.join(run_dir, "checkpoints")
+    return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+
+
+def _exported(run_dir: str) -> dict:
+    """A run's exported parameters as {path: array}."""
+    from flax import nnx
+
+    from diffusion import models, rundir
+
+    family, model_config = rundir.load_model_config(run_dir)
+    model_class = models.CLIP if family == "clip" else models.DiT
+    state = nnx.state(rundir.load_run_params(run_dir, model_config, model_class))
+    return {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state)}
 
 
 def test_labelled_rows_show_each_row_of_images_in_order(tmp_path):

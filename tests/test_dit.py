@@ -15,8 +15,8 @@ import pytest
 from flax import nnx
 
 from diffusion import sharding
-from diffusion.models import DIT_VARIANTS, LOGICAL_AXIS_NAMES, DiT, dit_config, layers
-from diffusion.models.dit import DiTBlock
+from diffusion.models import DIT_VARIANTS, DiT, blocks, dit_config, layers
+from diffusion.models.dit import AdaLNModulation, DiTBlock, modulate
 
 SNAPSHOTS = pathlib.Path(__file__).parent / "snapshots"
 
@@ -133,10 +133,18 @@ def test_each_block_is_the_identity_at_init():
     block = DiTBlock(tiny(), rngs=nnx.Rngs(0))
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=(2, 16, 32)), jnp.float32)
-    c = jnp.asarray(rng.normal(size=(2, 32)), jnp.float32)
+    condition = jnp.asarray(rng.normal(size=(2, 32)), jnp.float32)
     context = jnp.asarray(rng.normal(size=(2, 5, 32)), jnp.float32)
-    out = block(x, c, context, jnp.ones((2, 5)))
+    out = block(x, condition, context, jnp.ones((2, 5)))
     np.testing.assert_array_equal(np.asarray(out), np.asarray(x))
+
+
+def test_modulate_and_zero_adaln():
+    x = jnp.ones((2, 3, 4))
+    shift, scale = jnp.full((2, 4), 0.5), jnp.full((2, 4), 1.0)
+    np.testing.assert_allclose(np.asarray(modulate(x, shift, scale)), 2.5)
+    chunks = AdaLNModulation(4, 6, rngs=nnx.Rngs(0))(jnp.ones((2, 4)))
+    assert len(chunks) == 6 and all(np.all(np.asarray(c) == 0) for c in chunks)
 
 
 def test_learned_sigma_doubles_output_channels():
@@ -167,22 +175,24 @@ def test_output_conv_is_a_convolution_of_the_plain_dit_output():
     np.testing.assert_allclose(np.asarray(out), expected, atol=1e-4)
 
 
-def test_config_model_output_conv_and_input_stem_reach_both_model_builders():
+def test_config_model_output_conv_and_input_stem_reach_the_model_builder():
     from configs import base_dit
-    from diffusion import aot, trainer
+    from diffusion import families
+    from diffusion.families import dit as dit_family
 
-    # What trainer.dit_model_config reads of a frozen CLIP text tower: its two widths.
-    tower = types.SimpleNamespace(config=types.SimpleNamespace(text_width=24, embed_dim=16))
+    # What the builder reads of a frozen CLIP text tower: its two widths.
+    tower = types.SimpleNamespace(text_width=24, embed_dim=16)
     config = base_dit.get_config()
-    assert not trainer.dit_model_config(config, tower).output_conv
+    data = families.DataFacts.from_config(config, 16)
+    assert not dit_family.model_config(config, data, tower).output_conv
     config.model.output_conv = True
-    assert trainer.dit_model_config(config, tower).output_conv
-    assert trainer.dit_model_config(config, tower).input_stem == "patch"
+    assert dit_family.model_config(config, data, tower).output_conv
+    assert dit_family.model_config(config, data, tower).input_stem == "patch"
     config.model.input_stem = "conv"
-    assert trainer.dit_model_config(config, tower).input_stem == "conv"
-    config.model.num_classes = 10  # aot.py's class-conditional recipes
-    assert aot.dit_model_config(config, None).output_conv
-    assert aot.dit_model_config(config, None).input_stem == "conv"
+    assert dit_family.model_config(config, data, tower).input_stem == "conv"
+    config.model.num_classes = 10  # the class-conditional recipes
+    assert dit_family.model_config(config, data, None).output_conv
+    assert dit_family.model_config(config, data, None).input_stem == "conv"
 
 
 def test_text_conditioning_is_used_and_padding_is_ignored():
@@ -245,7 +255,7 @@ def test_scan_layers_gives_the_same_outputs_for_the_same_weights():
     unscanned = perturb(DiT(tiny(), rngs=nnx.Rngs(0)))
     scanned = DiT(tiny(scan_layers=True), rngs=nnx.Rngs(1))
     assert count_params(scanned) == count_params(unscanned)
-    layers.copy_params_into_scanned(unscanned, scanned)
+    blocks.copy_params_into_scanned(unscanned, scanned)
     inputs = text_inputs()
     np.testing.assert_allclose(
         np.asarray(forward(scanned, *inputs)),
@@ -316,7 +326,7 @@ def test_every_parameter_has_logical_axes(scan_layers, conditioning):
     for path, variable in flat:
         axes = variable.get_metadata().get("out_sharding")
         assert axes is not None and len(axes) == variable.get_value().ndim, path
-        assert set(axes) <= set(LOGICAL_AXIS_NAMES), (path, axes)
+        assert set(axes) <= set(sharding.PARAMETER_AXIS_NAMES), (path, axes)
         assert len(set(axes)) == len(axes), (path, axes)  # one mesh axis per dimension at most
         assert (axes[0] == "layers") == (scan_layers and "blocks" in path), (path, axes)
 
@@ -386,7 +396,7 @@ def grads_on_mesh(mesh_shape):
 def test_gradients_on_a_data_fsdp_tensor_mesh_equal_one_device_gradients():
     """Sharding must not change the maths: with random (non-zero) weights, the loss and every
     gradient on a 2 x 2 x 2 data x fsdp x tensor mesh equal those on one device. Guards the
-    constraint on the adaLN chunks (layers.AdaLNModulation): without it XLA (jax 0.10.2) swapped
+    constraint on the adaLN chunks (dit.AdaLNModulation): without it XLA (jax 0.10.2) swapped
     batch shards in `gate * attn(h)` / `gate * mlp(h)` and the gate gradients changed sign."""
     one = {"data": 1, "fsdp": 1, "tensor": 1}
     reference_value, reference, _ = grads_on_mesh(one)
@@ -396,6 +406,42 @@ def test_gradients_on_a_data_fsdp_tensor_mesh_equal_one_device_gradients():
     assert grads.keys() == reference.keys()
     for path, grad in grads.items():
         np.testing.assert_allclose(grad, reference[path], rtol=1e-4, atol=1e-6, err_msg=str(path))
+
+
+def constraint_specs(jaxpr):
+    """The PartitionSpec of every sharding constraint in a jaxpr, nested jaxprs included."""
+    specs = []
+    for equation in jaxpr.eqns:
+        if equation.primitive.name == "sharding_constraint":
+            specs.append(equation.params["sharding"].spec)
+        for value in equation.params.values():
+            for inner in value if isinstance(value, tuple | list) else (value,):
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    specs.extend(constraint_specs(inner))
+    return specs
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_activations_constrained_with_the_divisibility_fallback(scan_layers, caplog):
+    """The blocks' activations are constrained through sharding.with_logical_constraint: with a
+    batch of 6 on a 2 x 4 data x fsdp mesh (8 does not divide 6) every constraint splits the batch
+    over 'data' alone instead of ('data', 'fsdp'), and the forward pass runs and is unchanged."""
+    model = perturb(DiT(tiny(scan_layers=scan_layers), rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    inputs = mesh_inputs(batch=6)
+    apply = lambda state, *inputs: nnx.merge(graphdef, state)(*inputs)
+    reference = jax.jit(apply)(state, *inputs)
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
+    with sharding.activate(mesh):
+        specs = constraint_specs(jax.make_jaxpr(apply)(state, *inputs).jaxpr)
+        out = jax.jit(apply)(state, *inputs)
+    # Two per block (input, output), the MLP's hidden units, six adaLN chunks, two final chunks.
+    num_blocks = 1 if scan_layers else tiny().depth
+    assert len(specs) == num_blocks * (2 + 1 + 6) + 2, specs
+    assert all(spec[0] == "data" for spec in specs), specs
+    assert "dimension 6 is not divisible by mesh axes ('data', 'fsdp')" in caplog.text
+    np.testing.assert_allclose(np.asarray(out), np.asarray(reference), rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from configs import base_clip, base_dit
-from diffusion import evaluation, metrics, trainer
+from diffusion import evaluation, metrics, training
 from diffusion.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,11 +44,11 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     data_dir = str(root / "data")
     clip_dir, dit_dir = str(root / "clip"), str(root / "dit")
-    trainer.train(_tiny("clip", data_dir), clip_dir, devices=jax.devices()[:1])
+    training.train(_tiny("clip", data_dir), clip_dir, devices=jax.devices()[:1])
     dit = _tiny("dit", data_dir)
     dit.text_encoder.checkpoint = clip_dir
     dit.tokenizer.path = os.path.join(clip_dir, "tokenizer")
-    trainer.train(dit, dit_dir, devices=jax.devices()[:1])
+    training.train(dit, dit_dir, devices=jax.devices()[:1])
     return {"clip": clip_dir, "dit": dit_dir}
 
 
@@ -105,7 +105,7 @@ def test_clip_run(runs, tmp_path):
     from diffusion.contrastive import retrieval_metrics
 
     encoder = evaluation.ClipEncoder.load(runs["clip"])
-    from diffusion.text2image import load_run_config
+    from diffusion.rundir import load_run_config
 
     run_config = load_run_config(runs["clip"])
     examples = evaluation.load_split_examples(run_config.data, run_config.seed, "test", 24)

@@ -9,9 +9,10 @@ import itertools
 import numpy as np
 import pytest
 
-from diffusion import evaluation, report
+from diffusion import evaluation
 from diffusion.data import shapes
 from diffusion.errors import UserError
+from diffusion.evaluation import report
 
 # ---------------------------------------------------------------------------------------------
 # Oracle

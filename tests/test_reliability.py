@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from test_trainer import run, tiny
 
-from diffusion import checkpoints, metrics, trainer
+from diffusion import checkpoints, errors, metrics
+from diffusion import data as data_lib
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,7 @@ def data_dir(tmp_path_factory):
 def _poison_batch(monkeypatch, at_step: int):
     """Makes the images of the `at_step`-th batch (1-based) NaN: a fault from the data."""
     calls = {"n": 0}
-    original = trainer.data_lib.to_global_batch
+    original = data_lib.to_global_batch
 
     def poisoned(batch, mesh):
         calls["n"] += 1
@@ -29,7 +30,7 @@ def _poison_batch(monkeypatch, at_step: int):
             batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
         return original(batch, mesh)
 
-    monkeypatch.setattr(trainer.data_lib, "to_global_batch", poisoned)
+    monkeypatch.setattr(data_lib, "to_global_batch", poisoned)
 
 
 def test_non_finite_loss_stops_naming_the_step_and_the_last_good_checkpoint(
@@ -37,7 +38,7 @@ def test_non_finite_loss_stops_naming_the_step_and_the_last_good_checkpoint(
 ):
     _poison_batch(monkeypatch, at_step=3)
     config = tiny("clip", data_dir, steps=6, checkpoint_every=2)
-    with pytest.raises(trainer.NonFiniteError) as error:
+    with pytest.raises(errors.NonFiniteError) as error:
         run(config, tmp_path)
     message = str(error.value)
     assert "step 3" in message

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 from test_text2image import train_tiny_runs
 
-from diffusion import text2image
+from diffusion import inference
 from diffusion.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +40,7 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipeline(run_dir):
-    return text2image.TextToImage.from_run(run_dir)
+    return inference.TextToImage.from_run(run_dir)
 
 
 def write(path, text):
@@ -67,9 +67,9 @@ def directory_bytes(output_dir):
 
 def test_text_file_gives_named_pngs_manifest_and_grid(pipeline, tmp_path):
     prompts = write(tmp_path / "prompts.txt", PROMPTS_TXT)
-    items = text2image.read_prompt_file(prompts, seed=10, num_per_prompt=2)
+    items = inference.read_prompt_file(prompts, seed=10, num_per_prompt=2)
     out = str(tmp_path / "out")
-    result = text2image.sample_to_directory(pipeline, items, out, batch_size=3, **SETTINGS)
+    result = inference.sample_to_directory(pipeline, items, out, batch_size=3, **SETTINGS)
     assert result == {"generated": 6, "skipped": 0}
     pngs = [f"{line:05d}_{k:03d}.png" for line in (1, 3, 4) for k in (0, 1)]
     assert sorted(os.listdir(out)) == sorted(pngs + ["grid.png", "manifest.jsonl"])
@@ -95,14 +95,14 @@ def test_text_file_gives_named_pngs_manifest_and_grid(pipeline, tmp_path):
 
 def test_jsonl_fields_override_the_defaults(pipeline, tmp_path):
     prompts = write(tmp_path / "prompts.jsonl", PROMPTS_JSONL)
-    items = text2image.read_prompt_file(prompts, negative_prompt="red", seed=3, guidance_scale=2.0)
+    items = inference.read_prompt_file(prompts, negative_prompt="red", seed=3, guidance_scale=2.0)
     assert [(i.line, i.prompt, i.negative_prompt, i.seed, i.guidance_scale) for i in items] == [
         (1, "a red circle", "red", 40, 2.0),
         (2, "a blue square", "blue", 3, 5.5),
         (4, "a green star", "red", 7, 1.0),
     ]
     out = str(tmp_path / "out")
-    text2image.sample_to_directory(pipeline, items, out, **SETTINGS)
+    inference.sample_to_directory(pipeline, items, out, **SETTINGS)
     for item in items:
         expected = pipeline.generate(
             [item.prompt], [item.negative_prompt], [item.seed],
@@ -113,32 +113,32 @@ def test_jsonl_fields_override_the_defaults(pipeline, tmp_path):
 
 def test_interrupted_run_resumes_to_the_uninterrupted_result(pipeline, tmp_path):
     prompts = write(tmp_path / "prompts.txt", PROMPTS_TXT)
-    items = text2image.read_prompt_file(prompts, num_per_prompt=3)
+    items = inference.read_prompt_file(prompts, num_per_prompt=3)
     whole = str(tmp_path / "whole")
-    text2image.sample_to_directory(pipeline, items, whole, batch_size=4, **SETTINGS)
+    inference.sample_to_directory(pipeline, items, whole, batch_size=4, **SETTINGS)
     # The interrupted run finished the first prompt, then died: a PNG renamed into place before
     # the manifest listed it, and a temporary file of the next one.
     resumed = str(tmp_path / "resumed")
-    text2image.sample_to_directory(pipeline, items[:3], resumed, batch_size=4, **SETTINGS)
+    inference.sample_to_directory(pipeline, items[:3], resumed, batch_size=4, **SETTINGS)
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(os.path.join(resumed, items[3].file))
     with open(os.path.join(resumed, f".{items[4].file}.tmp-12345"), "wb") as f:
         f.write(b"\x89PNG half")
-    result = text2image.sample_to_directory(pipeline, items, resumed, batch_size=4, **SETTINGS)
+    result = inference.sample_to_directory(pipeline, items, resumed, batch_size=4, **SETTINGS)
     assert result == {"generated": 6, "skipped": 3}
     assert directory_bytes(resumed) == directory_bytes(whole)
     lines = manifest_lines(resumed)
     assert len(lines) == len(set(lines)) == len(items)
-    again = text2image.sample_to_directory(pipeline, items, resumed, batch_size=4, **SETTINGS)
+    again = inference.sample_to_directory(pipeline, items, resumed, batch_size=4, **SETTINGS)
     assert again == {"generated": 0, "skipped": 9}
     assert directory_bytes(resumed) == directory_bytes(whole)
 
 
 def test_other_settings_replace_the_records_without_duplicates(pipeline, tmp_path):
     prompts = write(tmp_path / "prompts.txt", PROMPTS_TXT)
-    items = text2image.read_prompt_file(prompts)
+    items = inference.read_prompt_file(prompts)
     out = str(tmp_path / "out")
-    text2image.sample_to_directory(pipeline, items, out, sampler="euler", steps=3)
-    result = text2image.sample_to_directory(pipeline, items, out, sampler="heun", steps=3)
+    inference.sample_to_directory(pipeline, items, out, sampler="euler", steps=3)
+    result = inference.sample_to_directory(pipeline, items, out, sampler="heun", steps=3)
     assert result == {"generated": 3, "skipped": 0}
     records = [json.loads(line) for line in manifest_lines(out)]
     assert [r["sampler"] for r in records] == ["heun"] * 3
@@ -160,7 +160,7 @@ def test_other_settings_replace_the_records_without_duplicates(pipeline, tmp_pat
 def test_malformed_prompt_files_name_the_line(tmp_path, text, message):
     path = write(tmp_path / "prompts.jsonl", text)
     with pytest.raises(UserError, match=message):
-        text2image.read_prompt_file(path)
+        inference.read_prompt_file(path)
 
 
 def run_sample_py(*args, **popen):
@@ -212,15 +212,15 @@ def test_sigkill_midway_then_rerun_equals_an_uninterrupted_run(run_dir, pipeline
     process.send_signal(signal.SIGKILL)
     process.wait()
     # Killed for real: unfinished, yet every PNG in place is whole (temporaries are dotted).
-    assert len(text2image.read_manifest(str(killed))) < 80
+    assert len(inference.batch_io.read_manifest(str(killed))) < 80
     assert not os.path.exists(killed / "grid.png")
     for name in os.listdir(killed):
         if name.endswith(".png") and not name.startswith("."):
             Image.open(killed / name).verify()
-    items = text2image.read_prompt_file(prompts, num_per_prompt=4)
+    items = inference.read_prompt_file(prompts, num_per_prompt=4)
     whole = str(tmp_path / "whole")
-    text2image.sample_to_directory(pipeline, items, whole, steps=3)
-    text2image.sample_to_directory(pipeline, items, str(killed), steps=3)
+    inference.sample_to_directory(pipeline, items, whole, steps=3)
+    inference.sample_to_directory(pipeline, items, str(killed), steps=3)
     assert directory_bytes(str(killed)) == directory_bytes(whole)
     lines = manifest_lines(str(killed))
     assert len(lines) == len(set(lines)) == 80
@@ -265,8 +265,8 @@ def test_ten_sigkills_at_random_moments_then_a_rerun_equal_an_uninterrupted_run(
     result = run_sample_py(*command[2:])
     assert result.returncode == 0, result.stderr[-2000:]
     whole = str(tmp_path / "whole")
-    items = text2image.read_prompt_file(prompts, num_per_prompt=4)
-    text2image.sample_to_directory(pipeline, items, whole, steps=3, batch_size=8)
+    items = inference.read_prompt_file(prompts, num_per_prompt=4)
+    inference.sample_to_directory(pipeline, items, whole, steps=3, batch_size=8)
     assert directory_bytes(str(out)) == directory_bytes(whole)
     lines = manifest_lines(str(out))
     assert len(lines) == len(set(lines)) == 48

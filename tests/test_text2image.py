@@ -20,9 +20,10 @@ import pytest
 from flax import nnx
 from test_trainer import tiny
 
-from diffusion import checkpoints, models, sharding, text2image, trainer, training
+from diffusion import checkpoints, inference, models, rundir, sharding, training
 from diffusion import data as data_lib
 from diffusion.errors import UserError
+from diffusion.families import dit as dit_family
 
 PROMPTS = [
     "a large red circle in the center",
@@ -47,18 +48,18 @@ def train_tiny_runs(root, copies: bool = True) -> dict[str, str]:
     devices = jax.devices()[:1]  # one device compiles fastest
     config = tiny("clip", data_dir, steps=1, mesh="1")
     config.optimizer.warmup_steps = 0
-    trainer.train(config, clip_dir, devices=devices)
+    training.train(config, clip_dir, devices=devices)
     config = tiny("dit", data_dir, steps=1, mesh="1")
     config.optimizer.warmup_steps = 0
     config.text_encoder.checkpoint = clip_dir
     config.tokenizer.path = os.path.join(clip_dir, "tokenizer")
-    trainer.train(config, dit_dir, devices=devices)
+    training.train(config, dit_dir, devices=devices)
     if not copies:
         return {"clip": clip_dir, "dit": dit_dir}
     random_dir = str(root / "random")
     shutil.copytree(dit_dir, random_dir)
-    _, dit_config = trainer.load_model_config(dit_dir)
-    state = nnx.state(trainer.load_run_params(dit_dir, dit_config, models.DiT))
+    _, dit_config = rundir.load_model_config(dit_dir)
+    state = nnx.state(rundir.load_run_params(dit_dir, dit_config, models.DiT))
     leaves, treedef = jax.tree.flatten(state)
     keys = jax.random.split(jax.random.key(0), len(leaves))
     noise = [
@@ -85,7 +86,7 @@ def runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipeline(runs):
-    return text2image.TextToImage.from_run(runs["random"])
+    return inference.TextToImage.from_run(runs["random"])
 
 
 def one_device_mesh():
@@ -104,8 +105,8 @@ def test_same_bytes_for_any_batch_size_position_and_device_count(runs):
     # Stochastic Euler draws noise at every step as well as at the start. micro_batch=2 so that
     # the batch sizes below give 1, 2 or 4 micro-batches per device.
     sampler, eta = "euler_stochastic", 1.0
-    eight = text2image.TextToImage.from_run(runs["random"], micro_batch=2)
-    one = text2image.TextToImage.from_run(runs["random"], micro_batch=2, mesh=one_device_mesh())
+    eight = inference.TextToImage.from_run(runs["random"], micro_batch=2)
+    one = inference.TextToImage.from_run(runs["random"], micro_batch=2, mesh=one_device_mesh())
     options = dict(seeds=SEEDS, sampler=sampler, eta=eta, steps=3)
     reference = one.generate(PROMPTS, batch_size=8, **options)
     for pipe in (one, eight):
@@ -133,7 +134,7 @@ def test_stochastic_step_noise_comes_from_each_samples_own_seed(pipeline):
 
 def test_seed_keys_are_jax_random_key_of_each_seed():
     seeds = [0, 1, 2**31 + 5, 2**32 - 1]
-    keys = text2image.seed_keys(jnp.asarray(seeds, jnp.uint32))
+    keys = inference.program.seed_keys(jnp.asarray(seeds, jnp.uint32))
     for seed, key in zip(seeds, keys, strict=True):
         np.testing.assert_array_equal(
             jax.random.key_data(key), jax.random.key_data(jax.random.key(seed))
@@ -144,19 +145,19 @@ def reference_euler(runs, prompt, negative, seed, scale, steps, predicts_x0=Fals
     """Classifier-free guided flow Euler written as a plain loop over the DiT, for one sample.
 
     predicts_x0: read the DiT's output as x0, whose velocity at x_t is (x_t - x0) / t."""
-    _, dit_config = trainer.load_model_config(runs["random"])
-    dit = trainer.load_run_params(runs["random"], dit_config, models.DiT)
-    clip = trainer.load_text_encoder(runs["clip"], {"dtype": "float32"})
+    _, dit_config = rundir.load_model_config(runs["random"])
+    dit = rundir.load_run_params(runs["random"], dit_config, models.DiT)
+    clip = rundir.load_text_encoder(runs["clip"], {"dtype": "float32"})
     tokenizer = data_lib.load_tokenizer(os.path.join(runs["dit"], "tokenizer"))
     words = dit_config.word_conditioning
-    cond = training.text_condition(clip, *data_lib.tokenize(tokenizer, [prompt], 16), words=words)
-    uncond = training.text_condition(
+    cond = dit_family.text_condition(clip, *data_lib.tokenize(tokenizer, [prompt], 16), words=words)
+    uncond = dit_family.text_condition(
         clip, *data_lib.tokenize(tokenizer, [negative], 16), words=words
     )
     noise_key, _ = jax.random.split(jax.random.key(seed))
     x = jax.random.normal(noise_key, (1, 16, 16, 3), jnp.float32)
     times = np.linspace(1.0, 0.0, steps + 1)
-    model_fn = training.dit_model_fn(dit)  # the condition's fields as the DiT's arguments
+    model_fn = dit_family.dit_model_fn(dit)  # the condition's fields as the DiT's arguments
     for t, t_next in zip(times[:-1], times[1:], strict=True):
         t_batch = jnp.full((1,), t, jnp.float32)
         v_cond, v_uncond = model_fn(x, t_batch, cond), model_fn(x, t_batch, uncond)
@@ -184,7 +185,7 @@ def test_a_flow_model_that_predicts_x0_samples_as_a_plain_loop_over_its_x0(runs,
     recipe["diffusion"]["flow_prediction_type"] = "sample"
     with open(run / "config.json", "w") as f:
         json.dump(recipe, f)
-    pipe = text2image.TextToImage.from_run(str(run))
+    pipe = inference.TextToImage.from_run(str(run))
     assert pipe.prediction_type == "sample"
     image = pipe.generate(["a red circle"], ["a blue square"], seeds=[11], steps=4,
                           guidance_scale=2.5)[0].astype(np.int64)  # fmt: skip
@@ -201,13 +202,13 @@ def scanned_copy(run_dir, new_dir, model_cls, **config_changes):
     from diffusion.models import layers
 
     shutil.copytree(run_dir, new_dir)
-    family, config = trainer.load_model_config(run_dir)
+    family, config = rundir.load_model_config(run_dir)
     scanned_config = dataclasses.replace(config, scan_layers=True)
     scanned = model_cls(scanned_config, rngs=nnx.Rngs(0))
-    layers.copy_params_into_scanned(trainer.load_run_params(run_dir, config, model_cls), scanned)
+    layers.copy_params_into_scanned(rundir.load_run_params(run_dir, config, model_cls), scanned)
     shutil.rmtree(os.path.join(new_dir, "params"))
     checkpoints.export_params(os.path.join(new_dir, "params"), nnx.state(scanned))
-    trainer.save_model_config(new_dir, family, scanned_config)
+    rundir.save_model_config(new_dir, family, scanned_config)
     with open(os.path.join(new_dir, "config.json")) as f:
         recipe = json.load(f)
     for section, fields in config_changes.items():
@@ -223,7 +224,7 @@ def test_scanned_dit_and_text_tower_sample_the_images_of_unscanned_ones(runs, pi
     clip = scanned_copy(runs["clip"], tmp_path / "clip", models.CLIP)
     dit = scanned_copy(runs["random"], tmp_path / "dit", models.DiT,
                        text_encoder={"checkpoint": str(clip)})  # fmt: skip
-    scanned = text2image.TextToImage.from_run(str(dit))
+    scanned = inference.TextToImage.from_run(str(dit))
     options = dict(seeds=SEEDS, steps=3, guidance_scale=3.0)
     images = scanned.generate(PROMPTS, **options).astype(np.int64)
     expected = pipeline.generate(PROMPTS, **options).astype(np.int64)
@@ -261,18 +262,18 @@ def test_negative_prompt_acts_only_through_guidance(pipeline):
 def test_checkpoint_step_directory_loads_that_steps_weights(runs):
     step_dir = os.path.join(runs["dit"], "checkpoints", "1")
     options = dict(seeds=[4], steps=2)
-    exported = text2image.TextToImage.from_run(runs["dit"]).generate(["a red circle"], **options)
-    ema = text2image.TextToImage.from_run(step_dir)
+    exported = inference.TextToImage.from_run(runs["dit"]).generate(["a red circle"], **options)
+    ema = inference.TextToImage.from_run(step_dir)
     assert ema.checkpoint_step == 1
     np.testing.assert_array_equal(ema.generate(["a red circle"], **options), exported)
-    raw = text2image.TextToImage.from_run(step_dir, use_ema=False)
+    raw = inference.TextToImage.from_run(step_dir, use_ema=False)
     assert not raw.use_ema
     assert not np.array_equal(raw.generate(["a red circle"], **options), exported)
 
 
 def test_ddpm_model_samplers(runs):
-    pipe = text2image.TextToImage.from_run(runs["ddpm"], micro_batch=1)
-    one = text2image.TextToImage.from_run(runs["ddpm"], micro_batch=1, mesh=one_device_mesh())
+    pipe = inference.TextToImage.from_run(runs["ddpm"], micro_batch=1)
+    one = inference.TextToImage.from_run(runs["ddpm"], micro_batch=1, mesh=one_device_mesh())
     assert pipe.objective == "ddpm" and pipe.prediction_type == "v_prediction"
     for sampler in ("ddpm", "ddim", "dpmpp_2m"):
         images = pipe.generate(PROMPTS[:3], seeds=SEEDS[:3], sampler=sampler, steps=3)
@@ -290,7 +291,7 @@ def test_ddpm_model_samplers(runs):
 
 def test_long_prompt_is_truncated_with_a_warning_naming_it(pipeline, caplog):
     long_prompt = "a red circle " * 20
-    with caplog.at_level(logging.WARNING, logger="diffusion.text2image"):
+    with caplog.at_level(logging.WARNING, logger="diffusion.inference.text2image"):
         images = pipeline.generate([long_prompt, "a star"], steps=2)
     messages = [r.getMessage() for r in caplog.records]
     assert any(repr(long_prompt) in m and "truncated" in m for m in messages)
@@ -324,14 +325,43 @@ def test_bad_settings_are_user_errors(pipeline, kwargs, message):
 
 def test_bad_checkpoints_are_user_errors(runs, tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        text2image.TextToImage.from_run(str(tmp_path / "missing"))
+        inference.TextToImage.from_run(str(tmp_path / "missing"))
     with pytest.raises(UserError, match="holds a clip model.*needs a DiT"):
-        text2image.TextToImage.from_run(runs["clip"])
+        inference.TextToImage.from_run(runs["clip"])
     with pytest.raises(UserError, match="neither a run directory"):
-        text2image.TextToImage.from_run(str(tmp_path))
+        inference.TextToImage.from_run(str(tmp_path))
     with pytest.raises(UserError, match=r"checkpoints/7' could not be restored"):
         os.makedirs(os.path.join(runs["dit"], "checkpoints", "7"), exist_ok=True)
         try:
-            text2image.TextToImage.from_run(os.path.join(runs["dit"], "checkpoints", "7"))
+            inference.TextToImage.from_run(os.path.join(runs["dit"], "checkpoints", "7"))
         finally:
             os.rmdir(os.path.join(runs["dit"], "checkpoints", "7"))
+
+
+def test_the_ahead_of_time_sampling_program_is_the_one_sample_py_runs(pipeline, runs):
+    """aot.py compiles for TPU the very program TextToImage (sample.py, evaluate.py) runs: the
+    same static spec (so the same jit entry), arguments of the same shapes and shardings, and
+    on real weights the same images."""
+    from diffusion import aot
+
+    config = rundir.load_run_config(runs["random"])
+    config.sampling.update(sampler="euler", steps=3)
+    count = pipeline.program_batch_size(8)  # whole micro-batches on each of the 8 devices
+    programs = aot.build_programs(config, pipeline.mesh, sample_batch=count)
+    program, (params, text_state, inputs, spec) = programs.sample_fn, programs.sample_args
+    settings = pipeline.settings(sampler="euler", steps=3)
+    assert spec == pipeline.spec_for(settings)
+    assert program is inference.program.sampling_program
+    prompts, seeds = [PROMPTS[k % 5] for k in range(count)], list(range(count))
+    host = pipeline.program_inputs(prompts, [""] * count, seeds, [3.0] * count)
+    concrete = pipeline.to_global(host)
+    shapes = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), tree)
+    for abstract, real in (
+        (params, pipeline._dit_state),
+        (text_state, pipeline._text_state),
+        (inputs, concrete),
+    ):
+        assert shapes(abstract) == shapes(real)
+    images = np.asarray(program(pipeline._dit_state, pipeline._text_state, concrete, spec))
+    expected = pipeline.generate(prompts, seeds=seeds, guidance_scale=3.0, settings=settings)
+    np.testing.assert_array_equal(images, expected)

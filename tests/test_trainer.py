@@ -4,7 +4,6 @@ Truths: the same run on different meshes is the same computation (losses equal u
 reduction order); a resumed run is the uninterrupted run (bitwise on CPU).
 """
 
-import functools
 import json
 import os
 
@@ -14,9 +13,13 @@ import pytest
 from conftest import xla_flags
 
 from configs import base_clip, base_dit
-from diffusion import checkpoints, metrics, trainer, training
+from diffusion import checkpoints, families, metrics, optim, rundir, sharding, training
 from diffusion import data as data_lib
 from diffusion.errors import UserError
+from diffusion.families import dit as dit_family
+from diffusion.pipeline.periodic import PeriodicEvaluation
+from diffusion.train_step import TrainStep
+from diffusion.training import flops, inputs
 
 MESHES = {
     "1": ({"data": 1, "fsdp": 1, "tensor": 1}, 1),
@@ -52,8 +55,10 @@ def tiny(family, data_dir, steps=4, mesh="8data", **training):
 
 
 def run(config, workdir, mesh="8data"):
+    """train.py's training of one family (with its periodic checks) on the mesh's devices."""
     devices = jax.devices()[: MESHES[mesh][1]]
-    trainer.train(config, str(workdir), devices=devices)
+    callbacks = [PeriodicEvaluation(config)]
+    training.train(config, str(workdir), devices=devices, callbacks=callbacks)
     return [r["loss"] for r in metrics.read_metrics(str(workdir))]
 
 
@@ -117,30 +122,26 @@ def test_parameters_are_sharded_as_the_rules_say(data_dir, clip_run, tmp_path):
 def _abstract_state(config, workdir):
     from diffusion import data as data_lib
 
-    source, builder = trainer.prepare_source(config.data, config.seed)
+    source, builder = inputs.prepare_source(config.data, config.seed)
     tokenizer = data_lib.load_tokenizer(os.path.join(config.tokenizer.path))
-    mesh = trainer.sharding.mesh_from_config(config.mesh, jax.devices()[:8])
-    task = trainer.make_task(config, tokenizer, 16, mesh)
-    tx = trainer.optim.make_optimizer(config.optimizer, total_steps=config.training.num_steps)
-    t = trainer.training.Trainer(
-        task.init_model, task.loss_fn, tx, mesh, seed=0, ema_decay=0.9, frozen=task.frozen
-    )
+    mesh = sharding.mesh_from_config(config.mesh, jax.devices()[:8])
+    build, frozen = training.build_model(config, inputs.data_facts(config, tokenizer, 16), mesh)
+    tx = optim.make_optimizer(config.optimizer, total_steps=config.training.num_steps)
+    t = TrainStep(build.init_model, build.loss_fn, tx, mesh, seed=0, ema_decay=0.9, frozen=frozen)
     return t.abstract_state
 
 
 def _model_flops(config, clip_run, mesh="1"):
-    from diffusion import aot
     from diffusion import data as data_lib
 
     tokenizer = data_lib.load_tokenizer(os.path.join(clip_run, "tokenizer"))
-    mesh = trainer.sharding.mesh_from_config(MESHES[mesh][0], jax.devices()[: MESHES[mesh][1]])
-    task = trainer.make_task(config, tokenizer, 16, mesh)
-    tx = trainer.optim.make_optimizer(config.optimizer, total_steps=config.training.num_steps)
-    t = trainer.training.Trainer(
-        task.init_model, task.loss_fn, tx, mesh, seed=0, ema_decay=0.9, frozen=task.frozen
-    )
-    batch = aot.abstract_batch(config, mesh, task.model_config, task.family)
-    return trainer.model_flops(task, t, batch), task.model_config
+    mesh = sharding.mesh_from_config(MESHES[mesh][0], jax.devices()[: MESHES[mesh][1]])
+    facts = inputs.data_facts(config, tokenizer, 16)
+    build, frozen = training.build_model(config, facts, mesh)
+    tx = optim.make_optimizer(config.optimizer, total_steps=config.training.num_steps)
+    t = TrainStep(build.init_model, build.loss_fn, tx, mesh, seed=0, ema_decay=0.9, frozen=frozen)
+    batch = families.get(config.family).abstract_batch(config, mesh, build, facts)
+    return flops.model_flops(build, t, batch), build.model_config
 
 
 @pytest.mark.parametrize("family", ["clip", "dit"])
@@ -172,13 +173,13 @@ def test_a_dit_on_a_scanned_text_tower_trains_and_counts_like_on_an_unscanned_on
     from diffusion import models
     from diffusion.models import layers
 
-    unscanned = trainer.load_text_encoder(clip_run, {})
+    unscanned = rundir.load_text_encoder(clip_run, {})
     assert unscanned.config.text_depth >= 2 and not unscanned.config.scan_layers
     scanned = models.CLIP(dataclasses.replace(unscanned.config, scan_layers=True), rngs=nnx.Rngs(1))
     layers.copy_params_into_scanned(unscanned, scanned)
     losses, flops = {}, {}
     for name, frozen in (("unscanned", unscanned), ("scanned", scanned)):
-        monkeypatch.setattr(trainer, "load_text_encoder", lambda *a, frozen=frozen: frozen)
+        monkeypatch.setattr(rundir, "load_text_encoder", lambda *a, frozen=frozen: frozen)
         losses[name] = run(dit_config(data_dir, clip_run, steps=3, mesh="1"), tmp_path / name, "1")
         flops[name] = _model_flops(dit_config(data_dir, clip_run), clip_run)[0]
     np.testing.assert_allclose(losses["scanned"], losses["unscanned"], rtol=1e-5)
@@ -190,29 +191,22 @@ def test_mfu_numerator_of_a_class_conditional_dit_matches_the_closed_form(data_d
     MLP 4x) + 4 T D (scores, values); per example and block the adaLN's 12 D^2; patch embedding
     and final layer 4 p^2 C D per token; time MLP and final adaLN per example. The rest of the
     step (norms, GELU, AdamW, EMA) is elementwise and small."""
-    from diffusion import aot, models
-
     config = dit_config(data_dir, clip_run)
     config.model.num_classes = 10
-    c = aot.dit_model_config(config, None)
-    loss_fn = functools.partial(
-        aot.class_conditional_dit_loss,
-        objective=training.DiffusionObjective.from_config(config.diffusion),
-        num_classes=10,
-        cond_dropout=0.1,
-    )
-    task = trainer.Task("dit", c, models.DiT, loss_fn, seed=0)
-    mesh = trainer.sharding.mesh_from_config(MESHES["1"][0], jax.devices()[:1])
-    tx = trainer.optim.make_optimizer(config.optimizer, total_steps=config.training.num_steps)
-    t = trainer.training.Trainer(task.init_model, loss_fn, tx, mesh, seed=0, ema_decay=0.9)
-    batch = aot.abstract_batch(config, mesh, c, "dit")
-    flops = trainer.model_flops(task, t, batch)
+    mesh = sharding.mesh_from_config(MESHES["1"][0], jax.devices()[:1])
+    facts = families.DataFacts.from_config(config, 16)
+    build = dit_family.build(config, facts, mesh, None)
+    c = build.model_config
+    tx = optim.make_optimizer(config.optimizer, total_steps=config.training.num_steps)
+    t = TrainStep(build.init_model, build.loss_fn, tx, mesh, seed=0, ema_decay=0.9)
+    batch = dit_family.abstract_batch(config, mesh, build, facts)
+    step_flops = flops.model_flops(build, t, batch)
     D, L, p, C = c.width, c.depth, c.patch_size, c.in_channels
     T = (batch["image"].shape[1] // p) ** 2  # tokens of the 16x16 images
     per_token = L * (24 * D * D + 4 * T * D) + 4 * p * p * C * D
     per_example = L * 12 * D * D + 4 * D * D + 2 * (c.frequency_dim * D + D * D)
     closed_form = 3 * config.training.global_batch_size * (T * per_token + per_example)
-    assert 1.0 <= flops / closed_form < 1.1
+    assert 1.0 <= step_flops / closed_form < 1.1
 
 
 @pytest.mark.parametrize("family", ["clip", "dit"])
@@ -234,13 +228,13 @@ def test_resumed_run_equals_uninterrupted_run_bitwise(family, data_dir, clip_run
 
 
 def _load_params(workdir):
-    family, model_config = trainer.load_model_config(str(workdir))
+    family, model_config = rundir.load_model_config(str(workdir))
     from flax import nnx
 
     from diffusion import models
 
     cls = models.CLIP if family == "clip" else models.DiT
-    return nnx.state(trainer.load_run_params(str(workdir), model_config, cls))
+    return nnx.state(rundir.load_run_params(str(workdir), model_config, cls))
 
 
 def test_checkpoint_from_8_devices_continues_on_2_with_the_same_losses(data_dir, tmp_path):
@@ -248,7 +242,7 @@ def test_checkpoint_from_8_devices_continues_on_2_with_the_same_losses(data_dir,
     run(tiny("clip", data_dir, steps=3), tmp_path / "b")
     config = tiny("clip", data_dir, steps=5)
     config.mesh.update(data=2)
-    trainer.train(config, str(tmp_path / "b"), devices=jax.devices()[:2])
+    training.train(config, str(tmp_path / "b"), devices=jax.devices()[:2])
     resumed = [r["loss"] for r in metrics.read_metrics(str(tmp_path / "b"))]
     np.testing.assert_allclose(resumed, uninterrupted, rtol=1e-5)
 
@@ -342,7 +336,7 @@ def test_periodic_dit_grid_shows_the_samples_of_the_exported_weights(data_dir, c
     from PIL import Image
 
     from diffusion import report
-    from diffusion.text2image import TextToImage
+    from diffusion.inference import TextToImage
 
     config = dit_config(data_dir, clip_run, steps=4, eval_every=2)
     config.sampling.steps = 3
@@ -369,9 +363,9 @@ def test_sigmoid_loss_trains_a_learnable_siglip_bias(data_dir, tmp_path):
     config.loss.kind = "sigmoid"
     losses = run(config, tmp_path)
     assert np.all(np.isfinite(losses))
-    family, model_config = trainer.load_model_config(str(tmp_path))
+    family, model_config = rundir.load_model_config(str(tmp_path))
     assert family == "clip" and model_config.logit_bias_init == -10.0
-    model = trainer.load_run_params(str(tmp_path), model_config, models.CLIP)
+    model = rundir.load_run_params(str(tmp_path), model_config, models.CLIP)
     bias = float(model.logit_bias[...])
     assert bias != -10.0 and abs(bias + 10.0) < 1.0  # moved by its gradient, a few lr steps
 
@@ -395,16 +389,16 @@ def test_class_conditional_training_is_refused_with_the_way_out(data_dir, clip_r
     config = dit_config(data_dir, clip_run)
     config.model.num_classes = 10
     with pytest.raises(UserError, match=r"num_classes=10.*aot_topology.*num_classes=0"):
-        trainer.train(config, str(tmp_path))
+        training.train(config, str(tmp_path))
     assert not os.path.exists(tmp_path / "checkpoints")
 
 
 def test_a_trained_tokenizer_warns_about_the_captions_its_context_cuts(data_dir, tmp_path, capsys):
     config = tiny("clip", data_dir)
-    source, _ = trainer.prepare_source(config.data, config.seed)
-    captions = trainer.read_captions(source, "train")
+    source, _ = inputs.prepare_source(config.data, config.seed)
+    captions = inputs.read_captions(source, "train")
     config.tokenizer.context_length = 8
-    tokenizer = trainer.prepare_tokenizer(config.tokenizer, source, "train", str(tmp_path / "a"))
+    tokenizer = inputs.prepare_tokenizer(config.tokenizer, source, "train", str(tmp_path / "a"))
     longest, distinct, cut = data_lib.longest_caption(tokenizer, captions, 8)
     assert cut > 0
     assert (
@@ -412,5 +406,5 @@ def test_a_trained_tokenizer_warns_about_the_captions_its_context_cuts(data_dir,
         f"config.tokenizer.context_length=8 tokens (the longest has {longest})"
     ) in capsys.readouterr().out
     config.tokenizer.context_length = longest  # every caption whole: no warning
-    trainer.prepare_tokenizer(config.tokenizer, source, "train", str(tmp_path / "b"))
+    inputs.prepare_tokenizer(config.tokenizer, source, "train", str(tmp_path / "b"))
     assert "warning" not in capsys.readouterr().out

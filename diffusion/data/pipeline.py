@@ -31,9 +31,11 @@ cover the split.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import functools
+import os
 import re
 import string
 from collections.abc import Mapping, Sequence
@@ -250,9 +252,11 @@ class RecordReader:
     def __init__(self, builder: tfds.core.DatasetBuilder, split: str, keys: Sequence[str]):
         self.features = builder.info.features
         self.keys = tuple(keys)
-        self.source = builder.as_data_source(split=split)
-        self.raw_source = self._raw_source(builder, split)
-        self.batched_reads = _has_batched_reads(self.source)
+        self.builder, self.split = builder, split
+        with self._naming_damaged_shards():
+            self.source = builder.as_data_source(split=split)
+            self.raw_source = self._raw_source(builder, split)
+            self.batched_reads = _has_batched_reads(self.source)
 
     def _raw_source(self, builder: tfds.core.DatasetBuilder, split: str) -> Any | None:
         serialized = self.features.get_serialized_info()
@@ -278,11 +282,76 @@ class RecordReader:
         return example
 
     def read(self, indices: Sequence[int]) -> list[Mapping[str, Any]]:
-        if self.raw_source is not None:
-            return [self._decode_raw(r) for r in self.raw_source.__getitems__(indices)]
-        if self.batched_reads:
-            return list(self.source.__getitems__(indices))
-        return [self.source[i] for i in indices]
+        with self._naming_damaged_shards():
+            if self.raw_source is not None:
+                return [self._decode_raw(r) for r in self.raw_source.__getitems__(indices)]
+            if self.batched_reads:
+                return list(self.source.__getitems__(indices))
+            return [self.source[i] for i in indices]
+
+    @contextlib.contextmanager
+    def _naming_damaged_shards(self):
+        """A failed read of a truncated or corrupt shard becomes a UserError naming the file.
+
+        array_record reports such a file without its path ("Invalid Riegeli/records file",
+        RuntimeError), or returns no records at all (a ValueError or TypeError when decoding);
+        only then are the split's shards checked, one by one.
+        """
+        try:
+            yield
+        except UserError:
+            raise
+        except (RuntimeError, ValueError, TypeError) as error:
+            damaged = damaged_shards(self.builder, self.split)
+            riegeli = any(word in str(error) for word in ("Riegeli", "ArrayRecord"))
+            if not damaged and not riegeli:
+                raise
+            files = "; ".join(damaged) or f"a file under {self.builder.data_dir} ({error})"
+            raise UserError(
+                f"Dataset {tfds_name(self.builder)!r} has damaged files in split "
+                f"{self.split!r}: {files}. They are truncated or corrupt (a copy or download cut "
+                "short, or a disk that filled up while the dataset was prepared). Delete "
+                f"{self.builder.data_dir} and prepare the dataset again: the shapes dataset is "
+                "generated again by the next run; others with "
+                "download_and_prepare(file_format='array_record')."
+            ) from error
+
+
+def damaged_shards(builder: tfds.core.DatasetBuilder, split: str) -> list[str]:
+    """'<path> (what is wrong)' for each ArrayRecord file of the split that is missing, does not
+    open, holds another number of records than the dataset info says, or cannot read its first
+    and last record. Empty for other file formats and mocked datasets."""
+    from array_record.python import array_record_module
+
+    if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+        return []
+    damaged = []
+    for name in _split_names(split):
+        try:
+            info = builder.info.splits[name]
+            shards = list(zip(info.filepaths, info.shard_lengths, strict=True))
+        except (KeyError, ValueError, AttributeError):
+            continue
+        for path, expected in shards:
+            path = os.fspath(path)
+            if not os.path.isfile(path):
+                damaged.append(f"{path} (missing)")
+                continue
+            try:
+                reader = array_record_module.ArrayRecordReader(path)
+                try:
+                    count = reader.num_records()
+                    if count == expected and count:
+                        reader.read([0, count - 1])
+                finally:
+                    reader.close()
+            except (RuntimeError, ValueError, OSError) as error:
+                reason = (str(error).splitlines() or [type(error).__name__])[0].split("; ")[0]
+                damaged.append(f"{path} ({reason})")
+                continue
+            if count != expected:
+                damaged.append(f"{path} (holds {count} of its {expected} records)")
+    return damaged
 
 
 def needed_keys(config: SourceConfig, features: Mapping[str, Any]) -> list[str]:
@@ -314,7 +383,7 @@ def swap_attribute_word(caption: str, word: str, replacement: str) -> str:
 
 
 @dataclasses.dataclass
-class _BatchDecoder:
+class BatchDecoder:
     """Reads a batch of record indices in one call and turns it into model inputs."""
 
     reader: RecordReader
@@ -530,7 +599,7 @@ def make_input_pipeline(
             f"Hard negatives pair up rows, so global_batch_size {global_batch_size} must be a "
             f"multiple of 2 x process_count = {2 * process_count}"
         )
-    decoder = _BatchDecoder(
+    decoder = BatchDecoder(
         reader, source_config, tokenizer, context_length, tuple(negative_caption_attributes), seed
     )
     if negative_caption_attributes:

@@ -284,7 +284,7 @@ def render(
 # ---------------------------------------------------------------------------------------------
 
 _PREFIXES = ("", "a photo of ", "an image of ", "a picture of ", "a drawing of ", "a render of ")
-_POSITION_PHRASES = {
+POSITION_PHRASES = {
     "top left": "in the top left corner",
     "top right": "in the top right corner",
     "bottom left": "in the bottom left corner",
@@ -329,7 +329,7 @@ def make_caption(
         color=color,
         shape=shape,
         bg=background,
-        where=_POSITION_PHRASES[position],
+        where=POSITION_PHRASES[position],
         pos=position,
     )
     return _with_articles(text)

@@ -1,4 +1,4 @@
-"""The stages of the default pipeline that come after training: evaluation and the prompt grid.
+"""The stages of a pipeline that come after training: evaluation and the prompt grid.
 
 `make train` (configs/shapes.py, family "pipeline") runs clip -> dit -> evaluate -> samples, each
 in its own subdirectory of the work directory. These two stages are pure consumers of the trained
@@ -12,33 +12,35 @@ import json
 import os
 from typing import Any
 
-import jax
 import ml_collections
+import numpy as np
+from PIL import Image
 
+from diffusion import rundir
 from diffusion.errors import UserError
+from diffusion.evaluation import report
+from diffusion.evaluation.evaluator import (
+    EvaluationOptions,
+    evaluate_checkpoint,
+    negative_check_scale,
+    parse_samplers,
+)
+from diffusion.inference import PromptItem, TextToImage, sample_to_directory
 
 
 def evaluation_options(config: ml_collections.ConfigDict, data_dir: str | None):
     """evaluate.py's options from the pipeline's `config.evaluate` section."""
-    from diffusion import evaluation
-
     e = config.evaluate
-    return evaluation.EvaluationOptions(
+    return EvaluationOptions(
         num_samples=e.num_samples,
         splits=tuple(e.splits),
         guidance_scales=tuple(float(s) for s in e.guidance_scales),
-        samplers=evaluation.parse_samplers(e.samplers),
+        samplers=parse_samplers(e.samplers),
         batch_size=e.batch_size,
         negative_prompt=e.negative_prompt,
         negative_color=e.negative_color,
         data_dir=data_dir,
     )
-
-
-def _final_step(run_dir: str) -> int | None:
-    from diffusion.evaluation import _latest_step
-
-    return _latest_step(run_dir)
 
 
 def _up_to_date(metrics_path: str, step: int | None) -> bool:
@@ -54,8 +56,6 @@ def _up_to_date(metrics_path: str, step: int | None) -> bool:
 
 def run_evaluate_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """evaluate.py on both runs: WORKDIR/eval/{clip,dit}/{metrics.json,index.html}."""
-    from diffusion import evaluation
-
     options = evaluation_options(config, config.data.data_dir)
     results = {}
     for run in ("clip", "dit"):
@@ -64,10 +64,10 @@ def run_evaluate_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[
             raise UserError(f"stage evaluate needs the {run} run in {run_dir}; train it first.")
         output_dir = os.path.join(workdir, "eval", run)
         metrics_path = os.path.join(output_dir, "metrics.json")
-        if _up_to_date(metrics_path, _final_step(run_dir)):
+        if _up_to_date(metrics_path, rundir.latest_step(run_dir)):
             print(f"   {run}: {metrics_path} is up to date", flush=True)
         else:
-            evaluation.evaluate_checkpoint(run_dir, output_dir, options)
+            evaluate_checkpoint(run_dir, output_dir, options)
         with open(metrics_path, encoding="utf-8") as f:
             results[run] = json.load(f)
     return results
@@ -81,8 +81,6 @@ def sample_items(
     """The prompt grid's images: `num_per_prompt` seeds for each prompt, then for each
     (prompt, negative prompt) example. Line numbers follow the config's order. The negative
     examples use `negative_guidance_scale` (default: `guidance_scale`)."""
-    from diffusion.text2image import PromptItem
-
     if negative_guidance_scale is None:
         negative_guidance_scale = guidance_scale
     entries = [(p, "") for p in samples_config.prompts]
@@ -122,8 +120,6 @@ def grid_guidance_scales(config: ml_collections.ConfigDict, workdir: str) -> tup
     unconditional branch, where a negative prompt sits, cancels out of uncond + w (cond -
     uncond); the negative examples then take the scale of evaluate.py's negative-prompt check
     (before an evaluation: the same rule over the configured scale)."""
-    from diffusion.evaluation import negative_check_scale
-
     fallback = config.dit.sampling.guidance_scale
     scale = config.samples.guidance_scale
     if scale is None:
@@ -135,18 +131,12 @@ def grid_guidance_scales(config: ml_collections.ConfigDict, workdir: str) -> tup
 def run_samples_stage(config: ml_collections.ConfigDict, workdir: str) -> str:
     """The fixed prompts of `config.samples` -> WORKDIR/samples (PNGs, manifest.jsonl, grid.png)
     and WORKDIR/samples/prompts.png (one labelled row per prompt). Returns the latter's path."""
-    import numpy as np
-    from PIL import Image
-
-    from diffusion import report
-    from diffusion.text2image import TextToImage, sample_to_directory
-
     s = config.samples
     items = sample_items(s, *grid_guidance_scales(config, workdir))
     output_dir = os.path.join(workdir, "samples")
-    pipeline = TextToImage.from_run(os.path.join(workdir, "dit"))
+    pipe = TextToImage.from_run(os.path.join(workdir, "dit"))
     sample_to_directory(
-        pipeline, items, output_dir, sampler=s.sampler, steps=s.steps, batch_size=s.batch_size
+        pipe, items, output_dir, sampler=s.sampler, steps=s.steps, batch_size=s.batch_size
     )
     rows = []
     for line in sorted({item.line for item in items}):
@@ -159,73 +149,3 @@ def run_samples_stage(config: ml_collections.ConfigDict, workdir: str) -> str:
         )
         rows.append((label, images))
     return report.save_labelled_rows(rows, os.path.join(output_dir, "prompts.png"))
-
-
-# ---------------------------------------------------------------------------------------------
-# Held-out checks during training (config.training.eval_every)
-# ---------------------------------------------------------------------------------------------
-
-
-class PeriodicEvaluation:
-    """What train.py measures every `config.training.eval_every` steps, on the weights sampling
-    would use (EMA when kept): CLIP -> image/text recall@1 and @5 among the first
-    `config.training.eval_examples` captions of the first held-out split (scalars `eval/...`);
-    DiT -> a grid of `config.sampling.prompts` x 4 seeds in WORKDIR/samples/step_<N>.png.
-
-    Runs on single-process jobs (evaluate.py covers multi-host runs after training)."""
-
-    SEEDS_PER_PROMPT = 4
-
-    def __init__(self, config, task, tokenizer, workdir: str, image_size: int):
-        self.config, self.task, self.tokenizer = config, task, tokenizer
-        self.workdir, self.image_size = workdir, image_size
-        self._examples = None
-
-    def enabled(self, step: int) -> bool:
-        every = self.config.training.get("eval_every", 0)
-        return bool(every) and step % every == 0 and jax.process_count() == 1
-
-    def __call__(self, trainer, state, step: int) -> dict[str, float]:
-        params = state["ema"] if state["ema"] is not None else state["params"]
-        model = trainer.model(params)
-        if self.task.family == "clip":
-            return self._clip_retrieval(model)
-        self._dit_grid(model, step)
-        return {}
-
-    def _clip_retrieval(self, model) -> dict[str, float]:
-        from diffusion import contrastive, evaluation
-
-        if self._examples is None:
-            split = self.config.data.eval_splits[0]
-            count = self.config.training.get("eval_examples", 256)
-            self._examples = evaluation.load_split_examples(
-                self.config.data, self.config.seed, split, count
-            )
-        encoder = evaluation.ClipEncoder(model, self.tokenizer, batch_size=256)
-        images = encoder.encode_images(self._examples.images)
-        texts = encoder.encode_texts(self._examples.captions)
-        recalls = contrastive.retrieval_metrics(images, texts, ks=(1, 5))
-        return {f"eval/{name}": float(value) for name, value in recalls.items()}
-
-    def _dit_grid(self, model, step: int) -> str:
-        from diffusion import report
-        from diffusion.text2image import TextToImage
-
-        s = self.config.sampling
-        pipe = TextToImage(
-            dit=model,
-            text_encoder=self.task.frozen,
-            tokenizer=self.tokenizer,
-            diffusion_config=self.config.diffusion,
-            context_length=self.config.tokenizer.context_length,
-            resolution=self.image_size,
-            checkpoint_step=step,
-        )
-        prompts = [p for p in s.prompts for _ in range(self.SEEDS_PER_PROMPT)]
-        seeds = [k for _ in s.prompts for k in range(self.SEEDS_PER_PROMPT)]
-        images = pipe.generate(
-            prompts, seeds=seeds, sampler=s.sampler, steps=s.steps, guidance_scale=s.guidance_scale
-        )
-        path = os.path.join(self.workdir, "samples", f"step_{step}.png")
-        return report.save_grid(images, path, columns=self.SEEDS_PER_PROMPT)

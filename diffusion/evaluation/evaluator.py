@@ -1,0 +1,410 @@
+"""evaluate.py's library: `evaluate_checkpoint(run_dir, output_dir, options)` measures a CLIP run
+(zero-shot attributes, retrieval) or a DiT run (samples of every held-out caption over a guidance
+and sampler sweep, read back by the shapes oracle, CLIP score, Frechet distance, the
+negative-prompt check) and writes metrics.json, TensorBoard scalars and an HTML report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+import tqdm
+
+from diffusion import metrics as metrics_lib
+from diffusion import rundir
+from diffusion.contrastive import retrieval_metrics
+from diffusion.data import shapes as shapes_lib
+from diffusion.errors import UserError
+from diffusion.evaluation import report
+from diffusion.evaluation.clip_metrics import (
+    ClipEncoder,
+    clip_score,
+    frechet_distance_of_features,
+    zero_shot_accuracy,
+)
+from diffusion.evaluation.held_out import load_split_examples
+from diffusion.evaluation.shapes_oracle import (
+    ATTRIBUTES,
+    PROMPTED_ATTRIBUTES,
+    attribute_accuracy,
+    read_attributes,
+)
+from diffusion.inference import SAMPLERS_BY_OBJECTIVE, TextToImage
+
+DEFAULT_SAMPLER = {"flow": ("euler", 20), "ddpm": ("ddim", 20)}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationOptions:
+    """What evaluate.py measures; the defaults are the flags' defaults."""
+
+    num_samples: int = 512  # examples (captions) per split
+    splits: tuple[str, ...] = ("test", "test_unseen")
+    guidance_scales: tuple[float, ...] = (1.0, 2.0, 4.0, 6.0)
+    samplers: tuple[tuple[str, int], ...] = ()  # (name, steps); () = euler:20 or ddim:20 (ddpm)
+    clip_checkpoint: str | None = None  # None: the DiT's own text encoder run
+    batch_size: int = 64  # samples per sampling program / embedding call
+    grid_size: int = 16  # samples shown per grid in the report
+    negative_prompt: str = "a large circle in the center"  # the negative-prompt check ...
+    negative_color: str = "red"  # ... with this color as the negative prompt ("" skips it)
+    data_dir: str | None = None  # overrides the run's config.data.data_dir
+
+
+def parse_guidance_scales(text: str) -> tuple[float, ...]:
+    """ "1,2,4.5" -> (1.0, 2.0, 4.5); every scale a finite number >= 0."""
+    scales = []
+    for item in (text or "").split(","):
+        try:
+            value = float(item)
+        except ValueError:
+            value = float("nan")
+        if not np.isfinite(value) or value < 0:
+            raise UserError(
+                f"--guidance_scales={text!r}: {item.strip()!r} is not a finite number >= 0; give "
+                "comma-separated scales such as 1,2,4,6"
+            )
+        scales.append(value)
+    return tuple(dict.fromkeys(scales))
+
+
+def parse_samplers(text: str) -> tuple[tuple[str, int], ...]:
+    """ "euler:20,ddim:50" -> (("euler", 20), ("ddim", 50)); "" -> () (the objective's default)."""
+    known = sorted({name for names in SAMPLERS_BY_OBJECTIVE.values() for name in names})
+    result = []
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        name, _, steps = item.partition(":")
+        if name not in known:
+            raise UserError(
+                f"--samplers={text!r}: unknown sampler {name!r}; valid: {', '.join(known)} "
+                "(each as NAME:STEPS, e.g. euler:20)"
+            )
+        if not steps.isdigit() or int(steps) < 1:
+            raise UserError(
+                f"--samplers={text!r}: {item!r} needs a step count >= 1 after the colon, "
+                "e.g. euler:20"
+            )
+        result.append((name, int(steps)))
+    return tuple(dict.fromkeys(result))
+
+
+def scale_key(scale: float) -> str:
+    """How a guidance scale names its entry in metrics.json: 4.0 -> "4", 1.5 -> "1.5"."""
+    return f"{scale:g}"
+
+
+def sampler_key(sampler: str, steps: int) -> str:
+    return f"{sampler}:{steps}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The two families
+# ---------------------------------------------------------------------------------------------
+
+
+def _data_config(config, options: EvaluationOptions):
+    data = config.data
+    if options.data_dir:
+        data = data.copy_and_resolve_references()
+        data.data_dir = options.data_dir
+    return data
+
+
+def evaluate_clip_run(run_dir: str, config, options: EvaluationOptions) -> dict:
+    """Zero-shot attribute accuracy and retrieval recall@1/5/10 on each split."""
+    encoder = ClipEncoder.load(run_dir, options.batch_size)
+    classifiers = {}
+    result = {"splits": {}}
+    for split in options.splits:
+        examples = load_split_examples(
+            _data_config(config, options), config.seed, split, options.num_samples
+        )
+        image_embeddings = encoder.encode_images(examples.images)
+        text_embeddings = encoder.encode_texts(examples.captions)
+        entry = {
+            "num_examples": len(examples.captions),
+            "clip_score": clip_score(image_embeddings, text_embeddings),
+            "retrieval": {
+                k: float(v)
+                for k, v in retrieval_metrics(
+                    image_embeddings, text_embeddings, ks=(1, 5, 10)
+                ).items()
+            },
+        }
+        if examples.labels:
+            zero_shot = {}
+            for attribute in ATTRIBUTES:
+                if attribute not in classifiers:
+                    classifiers[attribute] = encoder.zero_shot_classifier(attribute)
+                zero_shot[attribute] = zero_shot_accuracy(
+                    image_embeddings, classifiers[attribute], examples.labels[attribute]
+                )
+            zero_shot["mean"] = float(np.mean([zero_shot[a] for a in PROMPTED_ATTRIBUTES]))
+            entry["zero_shot"] = zero_shot
+        result["splits"][split] = entry
+    return result
+
+
+def _gallery(title, grid_path, captions, reading, labels, count) -> dict:
+    """What the report shows under a grid: each prompt and, with an oracle, what it read."""
+    items = []
+    for i in range(min(count, len(captions))):
+        item = {"prompt": captions[i]}
+        if reading is not None:
+            item["read"] = reading.names(i)
+            item["correct"] = {
+                a: bool(getattr(reading, a)[i] == labels[a][i]) for a in PROMPTED_ATTRIBUTES
+            }
+        items.append(item)
+    return {"title": title, "image": grid_path, "items": items}
+
+
+def _frame_colors(reading, labels, count):
+    if reading is None:
+        return None
+    right = np.all([getattr(reading, a) == labels[a] for a in PROMPTED_ATTRIBUTES], axis=0)
+    return [(40, 170, 60) if ok else (210, 40, 40) for ok in right[:count]]
+
+
+def evaluate_dit_run(checkpoint: str, config, options: EvaluationOptions, output_dir: str):
+    """Samples for each split's captions over the sweep; scores them. -> (metrics, galleries)."""
+    pipe = TextToImage.from_run(checkpoint)
+    samplers = options.samplers or (DEFAULT_SAMPLER[pipe.objective],)
+    for name, steps in samplers:  # unknown names for this objective fail before any work
+        pipe.settings(sampler=name, steps=steps)
+    clip_checkpoint = options.clip_checkpoint or config.text_encoder.checkpoint
+    encoder = ClipEncoder.load(clip_checkpoint, options.batch_size)
+    metrics = {
+        "checkpoint_step": pipe.checkpoint_step,
+        "resolution": pipe.resolution,
+        "objective": pipe.objective,
+        "clip_checkpoint": os.path.abspath(clip_checkpoint),
+        "guidance_scales": list(options.guidance_scales),
+        "samplers": [sampler_key(*s) for s in samplers],
+        "splits": {},
+    }
+    galleries = []
+    os.makedirs(os.path.join(output_dir, "grids"), exist_ok=True)
+    progress = tqdm.tqdm(
+        total=len(options.splits) * len(samplers) * len(options.guidance_scales),
+        desc="evaluate",
+        unit="setting",
+        dynamic_ncols=True,
+    )
+    for split in options.splits:
+        examples = load_split_examples(
+            _data_config(config, options), config.seed, split, options.num_samples
+        )
+        labels, captions = examples.labels, examples.captions
+        seeds = list(range(len(captions)))  # sample i always uses seed i: paired comparisons
+        real_embeddings = encoder.encode_images(examples.images)
+        text_embeddings = encoder.encode_texts(captions)
+        real = {"clip_score": clip_score(real_embeddings, text_embeddings)}
+        if labels:
+            real["oracle_accuracy"] = attribute_accuracy(read_attributes(examples.images), labels)
+        entry = {"num_samples": len(captions), "real": real, "samples": {}}
+        for sampler, steps in samplers:
+            by_scale = entry["samples"].setdefault(sampler_key(sampler, steps), {})
+            for scale in options.guidance_scales:
+                start = time.perf_counter()
+                images = pipe.generate(
+                    captions,
+                    seeds=seeds,
+                    sampler=sampler,
+                    steps=steps,
+                    guidance_scale=scale,
+                    batch_size=options.batch_size,
+                )
+                seconds = time.perf_counter() - start
+                embeddings = encoder.encode_images(images)
+                result = {
+                    "clip_score": clip_score(embeddings, text_embeddings),
+                    "frechet_distance": (
+                        frechet_distance_of_features(real_embeddings, embeddings)
+                        if len(captions) >= 2
+                        else None
+                    ),
+                    "seconds": seconds,
+                }
+                reading = read_attributes(images) if labels else None
+                if reading is not None:
+                    result["accuracy"] = attribute_accuracy(reading, labels)
+                name = f"{split}_{sampler}-{steps}_cfg{scale_key(scale)}.png"
+                count = min(options.grid_size, len(captions))
+                report.save_grid(
+                    images[:count],
+                    os.path.join(output_dir, "grids", name),
+                    frame_colors=_frame_colors(reading, labels, count),
+                )
+                result["grid"] = f"grids/{name}"
+                by_scale[scale_key(scale)] = result
+                title = f"{split}: {sampler} {steps} steps, guidance {scale_key(scale)}"
+                galleries.append(
+                    _gallery(title, result["grid"], captions, reading, labels, count)
+                    | {"split": split, "sampler": sampler_key(sampler, steps), "scale": scale}
+                )
+                progress.update(1)
+        entry["best"] = _best_setting(entry["samples"])
+        metrics["splits"][split] = entry
+    progress.close()
+    if options.negative_color and all("accuracy" in s["best"] for s in metrics["splits"].values()):
+        first = metrics["splits"][options.splits[0]]["best"]
+        metrics["negative_prompt"], extra = negative_prompt_check(
+            pipe,
+            options,
+            first["sampler"],
+            negative_check_scale(first["guidance_scale"], options.guidance_scales),
+            output_dir,
+        )
+        galleries.extend(extra)
+    return metrics, galleries
+
+
+def _best_setting(samples: dict) -> dict:
+    """The (sampler, scale) with the highest all-four accuracy; ties go to the higher mean
+    attribute accuracy, then the higher CLIP score (the CLIP score alone without an oracle)."""
+    candidates = []
+    for sampler, by_scale in samples.items():
+        for scale, result in by_scale.items():
+            accuracy = result.get("accuracy")
+            score = (
+                (accuracy["all"], np.mean([accuracy[a] for a in PROMPTED_ATTRIBUTES]))
+                if accuracy
+                else ()
+            )
+            candidates.append((score + (result["clip_score"],), sampler, float(scale), result))
+    _, sampler, scale, result = max(candidates, key=lambda c: c[0])
+    best = {"sampler": sampler, "guidance_scale": scale}
+    best.update({k: v for k, v in result.items() if k != "grid"})
+    return best
+
+
+def negative_check_scale(best_scale: float, scales: tuple[float, ...]) -> float:
+    """Guidance scale of the negative-prompt check: the sweep's best, unless that is <= 1, where
+    the negative prompt (the unconditional branch) has no effect; then the sweep's largest scale,
+    or 3 if none is above 1."""
+    if best_scale > 1:
+        return best_scale
+    return max((s for s in scales if s > 1), default=3.0)
+
+
+def negative_prompt_check(pipe, options, sampler_name: str, scale: float, output_dir: str):
+    """The same prompt sampled with and without a colour as negative prompt (same seeds): the
+    fraction of images the oracle reads in that colour, each way. -> (metrics, galleries)."""
+    sampler, steps = sampler_name.split(":")
+    count = options.num_samples
+    prompts = [options.negative_prompt] * count
+    result = {
+        "prompt": options.negative_prompt,
+        "negative_prompt": options.negative_color,
+        "sampler": sampler_name,
+        "guidance_scale": scale,
+        "num_samples": count,
+    }
+    galleries = []
+    for name, negatives in (("without", None), ("with", [options.negative_color] * count)):
+        images = pipe.generate(
+            prompts,
+            negative_prompts=negatives,
+            seeds=list(range(count)),
+            sampler=sampler,
+            steps=int(steps),
+            guidance_scale=scale,
+            batch_size=options.batch_size,
+        )
+        reading = read_attributes(images)
+        colors = np.bincount(reading.color, minlength=len(shapes_lib.COLOR_NAMES)) / count
+        result[f"{name}_negative"] = {
+            "color_fraction": float(colors[shapes_lib.COLOR_NAMES.index(options.negative_color)]),
+            "color_histogram": dict(zip(shapes_lib.COLOR_NAMES, map(float, colors), strict=True)),
+        }
+        shown = min(options.grid_size, count)
+        path = f"grids/negative_{name}.png"
+        report.save_grid(images[:shown], os.path.join(output_dir, path))
+        title = f'"{options.negative_prompt}" {name} negative prompt "{options.negative_color}"'
+        items = [
+            {"prompt": options.negative_prompt, "read": reading.names(i)} for i in range(shown)
+        ]
+        galleries.append({"title": title, "image": path, "items": items, "split": "negative"})
+    return result, galleries
+
+
+# ---------------------------------------------------------------------------------------------
+# The entry point's library function
+# ---------------------------------------------------------------------------------------------
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, float]:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            flat[name] = float(value)
+    return flat
+
+
+def evaluate_checkpoint(checkpoint: str, output_dir: str, options: EvaluationOptions) -> dict:
+    """Evaluates a CLIP or DiT run directory; writes OUTPUT_DIR/metrics.json, TensorBoard
+    scalars (OUTPUT_DIR/tensorboard, step = the checkpoint step) and OUTPUT_DIR/index.html.
+
+    metrics.json, common keys: family ("clip" | "dit"), checkpoint (absolute path),
+    checkpoint_step, splits: {split: ...}.
+      CLIP:  splits[split] = {num_examples, clip_score (real pairs),
+               zero_shot: {shape, color, size, position, background, mean (of the first four)},
+               retrieval: {image_to_text_recall@1|5|10, text_to_image_recall@1|5|10}}
+      DiT:   resolution, objective, clip_checkpoint, guidance_scales, samplers ["euler:20", ...],
+             splits[split] = {num_samples,
+               real: {clip_score, oracle_accuracy: {<attribute>..., all}},
+               samples: {"<sampler>:<steps>": {"<scale>": {accuracy: {shape, color, size,
+                   position, background, all}, clip_score, frechet_distance, seconds, grid}}},
+               best: {sampler, guidance_scale, accuracy, clip_score, frechet_distance, seconds}},
+             negative_prompt: {prompt, negative_prompt, sampler, guidance_scale, num_samples,
+               without_negative: {color_fraction, color_histogram}, with_negative: {...}}
+    Fractions are in [0, 1]; "all" = shape, color, size and position all right.
+    """
+    if not os.path.exists(checkpoint):
+        raise UserError(
+            f"--checkpoint={checkpoint!r} does not exist; pass a CLIP or DiT run directory "
+            "(the --workdir of train.py)"
+        )
+    if options.num_samples < 1:
+        raise UserError(f"--num_samples must be >= 1, got {options.num_samples}")
+    if not options.guidance_scales:
+        raise UserError("--guidance_scales is empty; give at least one scale, e.g. 1,2,4,6")
+    if options.negative_color and options.negative_color not in shapes_lib.COLORS:
+        raise UserError(
+            f"--negative_color={options.negative_color!r} is not a shapes color; valid: "
+            f"{', '.join(shapes_lib.COLOR_NAMES)} (or '' to skip the check)"
+        )
+    run_dir = rundir.locate_run(checkpoint).run_dir if os.path.isdir(checkpoint) else checkpoint
+    family, _ = rundir.load_model_config(run_dir)
+    config = rundir.load_run_config(run_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    galleries = []
+    if family == "clip":
+        metrics = {"family": "clip", "checkpoint": os.path.abspath(checkpoint)}
+        metrics["checkpoint_step"] = rundir.latest_step(run_dir)
+        metrics.update(evaluate_clip_run(run_dir, config, options))
+    else:
+        metrics = {"family": "dit", "checkpoint": os.path.abspath(checkpoint)}
+        dit_metrics, galleries = evaluate_dit_run(checkpoint, config, options, output_dir)
+        metrics.update(dit_metrics)
+    with open(os.path.join(output_dir, "metrics.json"), "w", encoding="utf-8") as f:
+        json.dump(metrics, f, indent=2)
+    writer = metrics_lib.MetricWriter(output_dir, enabled=True)
+    scalars = {
+        k: v
+        for k, v in _flatten(
+            metrics["splits"] | {"negative": metrics.get("negative_prompt", {})}
+        ).items()
+        if not k.endswith("checkpoint_step")
+    }
+    writer.write_scalars(metrics.get("checkpoint_step") or 0, scalars)
+    writer.close()
+    report.write_report(metrics, galleries, output_dir)
+    return metrics

@@ -1,0 +1,36 @@
+"""Held-out examples of a run's dataset: images, captions and (for shapes) attribute labels."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from diffusion.data import pipeline as input_pipeline
+from diffusion.evaluation.shapes_oracle import ATTRIBUTES
+from diffusion.training.inputs import prepare_source
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitExamples:
+    """The first N examples of a split: images, captions and (for shapes) attribute labels."""
+
+    images: np.ndarray  # (N, S, S, 3) uint8
+    captions: list[str]
+    labels: dict[str, np.ndarray]  # attribute -> (N,) int; empty when the dataset has none
+
+
+def load_split_examples(data_config, seed: int, split: str, count: int) -> SplitExamples:
+    """Reads `count` examples (fewer if the split is smaller) in record order, building the
+    shapes dataset first if it is missing (the same call as training)."""
+    source, _ = prepare_source(data_config, seed)
+    reader = input_pipeline.open_source(source, split)
+    decoder = input_pipeline.BatchDecoder(reader, source, tokenizer=None, context_length=2)
+    records = reader.read(list(range(min(count, len(reader)))))
+    images = np.stack([np.asarray(r[source.image_key], np.uint8) for r in records])
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    labels = {}
+    if all(a in reader.features for a in ATTRIBUTES):
+        labels = {a: np.array([int(r[a]) for r in records]) for a in ATTRIBUTES if a in records[0]}
+    return SplitExamples(images, [decoder.caption(r) for r in records], labels)

@@ -1,0 +1,92 @@
+"""What every model family gives the layers above it: a `ModelBuild` from a recipe.
+
+A family turns a recipe (`config`) and the facts only the data knows (`DataFacts`: image size,
+vocabulary, the empty caption's tokens) into the model config, the model class, the loss and,
+for a DiT, the frozen text encoder's config. Training, ahead-of-time compilation and inference
+all build through it, so a recipe means one model and one loss everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from diffusion import sharding
+from diffusion.errors import UserError
+from diffusion.train_step import LossFn
+
+
+@dataclasses.dataclass(frozen=True)
+class DataFacts:
+    """What a recipe's model depends on that the dataset and tokenizer decide."""
+
+    image_size: int
+    vocab_size: int
+    context_length: int
+    empty_tokens: np.ndarray  # (1, L) int32: the empty caption, the unconditional input
+    empty_mask: np.ndarray  # (1, L) int32
+
+    @classmethod
+    def from_config(cls, config, image_size: int) -> DataFacts:
+        """Facts from the recipe alone (no tokenizer file): the configured vocabulary size, and
+        an empty caption of a start and an end token, as every CLIP-style tokenizer writes it."""
+        length = int(config.tokenizer.context_length)
+        return cls(
+            image_size=int(image_size),
+            vocab_size=int(config.tokenizer.vocab_size),
+            context_length=length,
+            empty_tokens=np.zeros((1, length), np.int32),
+            empty_mask=(np.arange(length) < 2).astype(np.int32)[None],
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelBuild:
+    """One family's model and loss for a recipe."""
+
+    family: str
+    model_config: Any
+    model_class: type
+    loss_fn: LossFn
+    seed: int
+    frozen_config: Any = None  # the read-only model the loss gets (a DiT's text tower), if any
+    frozen_class: type | None = None
+
+    def init_frozen(self) -> nnx.Module:
+        """The read-only model from shapes alone (for programs that are lowered, never run)."""
+        return self.frozen_class(self.frozen_config, rngs=nnx.Rngs(0))
+
+    def init_model(self, model_config=None) -> nnx.Module:
+        """A new model of `model_config` (default: the build's own), seeded by the recipe."""
+        return self.model_class(model_config or self.model_config, rngs=nnx.Rngs(self.seed))
+
+
+def model_config_error(error: ValueError, model_section, prefix: str = "config.model") -> UserError:
+    """A model config that the model code refused, as a user error naming the recipe's fields."""
+    fields = ", ".join(f"{k}={v!r}" for k, v in model_section.items())
+    return UserError(
+        f"{prefix} ({fields}) does not make a model: {error}. Fix the field it names with "
+        f"--{prefix}.FIELD=VALUE."
+    )
+
+
+def check_global_batch(global_batch_size: int, mesh) -> None:
+    """The global batch must split evenly over the mesh's batch axes and the processes."""
+    axes = sharding.batch_axes(mesh)
+    size = math.prod(mesh.shape[a] for a in axes)
+    processes = jax.process_count()
+    if global_batch_size < 1 or global_batch_size % size or global_batch_size % processes:
+        raise UserError(
+            f"config.training.global_batch_size={global_batch_size} is not a positive multiple "
+            f"of the {size} devices of the mesh's batch axes {axes} (and the {processes} "
+            f"processes); use a multiple of {math.lcm(size, processes)}."
+        )
+
+
+def abstract_array(shape, dtype, array_sharding) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=array_sharding)

@@ -1,0 +1,302 @@
+"""The DiT family: a recipe -> DiTConfig (text- or class-conditional), the denoising objective of
+config.diffusion (flow matching or DDPM) with condition dropout for guidance, and the batch its
+train step reads.
+
+A text-conditional DiT reads a frozen CLIP text tower's token states and pooled embedding (and,
+with `word_conditioning`, its word embeddings); a class-conditional one reads integer labels, the
+null class `num_classes` standing for "no label" (DiT's LabelEmbedder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from diffusion import models, objectives, sharding
+from diffusion.errors import UserError
+from diffusion.families.base import (
+    DataFacts,
+    ModelBuild,
+    abstract_array,
+    model_config_error,
+)
+from diffusion.schedules import DiscreteSchedule
+
+NAME = "dit"
+
+
+# ---------------------------------------------------------------------------------------------
+# The objective and the losses
+# ---------------------------------------------------------------------------------------------
+
+
+def prediction_type_of(diffusion_config) -> str:
+    """What the DiT of a recipe's config.diffusion predicts (objectives.PREDICTION_TYPES).
+
+    Flow models predict config.diffusion.flow_prediction_type (runs written before that field
+    existed predict the velocity); DDPM models config.diffusion.prediction_type.
+    """
+    d = diffusion_config
+    if d.objective == "flow":
+        return d.get("flow_prediction_type", "flow_velocity")
+    return d.prediction_type
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionObjective:
+    """How the DiT is trained: flow matching or a DDPM-style loss, from config.diffusion."""
+
+    objective: str = "flow"
+    prediction_type: str = "flow_velocity"  # see objectives.PREDICTION_TYPES
+    schedule: DiscreteSchedule | None = None
+    time_sampling: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: float = 1.0
+    flow_loss_space: str = "prediction"  # see objectives.FLOW_LOSS_SPACES
+    min_snr_gamma: float | None = None
+
+    @classmethod
+    def from_config(cls, diffusion_config) -> DiffusionObjective:
+        """The objective of a recipe's config.diffusion section."""
+        d = diffusion_config
+        if d.objective not in ("flow", "ddpm"):
+            raise UserError(f"config.diffusion.objective={d.objective!r}; valid: 'flow', 'ddpm'.")
+        prediction_type = prediction_type_of(d)
+        if d.objective == "flow" and prediction_type not in objectives.FLOW_PREDICTION_TYPES:
+            raise UserError(
+                f"config.diffusion.flow_prediction_type={prediction_type!r}; valid: "
+                f"{', '.join(objectives.FLOW_PREDICTION_TYPES)}."
+            )
+        flow_loss_space = d.get("flow_loss_space", "prediction")
+        if d.objective == "flow" and flow_loss_space not in objectives.FLOW_LOSS_SPACES:
+            raise UserError(
+                f"config.diffusion.flow_loss_space={flow_loss_space!r}; valid: "
+                f"{', '.join(objectives.FLOW_LOSS_SPACES)}."
+            )
+        schedule = None
+        if d.objective == "ddpm":
+            schedule = DiscreteSchedule.from_name(
+                d.schedule, d.num_timesteps, zero_terminal_snr=d.zero_terminal_snr
+            )
+        return cls(
+            objective=d.objective,
+            prediction_type=prediction_type,
+            schedule=schedule,
+            time_sampling=d.time_sampling,
+            logit_mean=d.logit_normal_mean,
+            logit_std=d.logit_normal_std,
+            shift=d.shift,
+            flow_loss_space=flow_loss_space,
+            min_snr_gamma=d.min_snr_gamma or None,
+        )
+
+    def loss(self, model_fn, x0, cond, key):
+        if self.objective == "flow":
+            return objectives.flow_matching_loss(
+                model_fn,
+                x0,
+                cond,
+                key,
+                time_sampling=self.time_sampling,
+                logit_mean=self.logit_mean,
+                logit_std=self.logit_std,
+                shift=self.shift,
+                prediction_type=self.prediction_type,
+                loss_space=self.flow_loss_space,
+            )
+        return objectives.diffusion_loss(
+            model_fn,
+            x0,
+            cond,
+            key,
+            schedule=self.schedule,
+            prediction_type=self.prediction_type,
+            min_snr_gamma=self.min_snr_gamma,
+        )
+
+
+def text_condition(text_encoder, tokens, mask, *, words: bool = False) -> dict[str, jax.Array]:
+    """What the DiT sees of a caption: token states for cross-attention, the pooled embedding
+    and, with `words` (a DiT with `word_conditioning`), the tower's input-layer word embeddings."""
+    states, pooled = text_encoder.text_states(tokens, mask)
+    cond = {
+        "context": jax.lax.stop_gradient(states),
+        "context_mask": mask,
+        "pooled": jax.lax.stop_gradient(pooled),
+    }
+    if words:
+        cond["words"] = jax.lax.stop_gradient(text_encoder.word_embeddings(tokens))
+    return cond
+
+
+def dit_model_fn(model):
+    """`model_fn(x_t, t, cond)` of the diffusion core, over a text-conditioned DiT."""
+
+    def model_fn(x, t, cond):
+        return model(
+            x,
+            t,
+            context=cond["context"],
+            context_mask=cond["context_mask"],
+            pooled=cond["pooled"],
+            words=cond.get("words"),  # the DiT names a missing or unexpected one
+        )
+
+    return model_fn
+
+
+def text_conditional_loss(
+    model,
+    text_encoder,
+    batch,
+    key,
+    *,
+    objective: DiffusionObjective,
+    empty_tokens: np.ndarray,
+    empty_mask: np.ndarray,
+    cond_dropout: float,
+):
+    """Denoising loss with condition dropout: a caption becomes the empty prompt with probability
+    `cond_dropout`, which teaches the unconditional model that guidance needs (Ho & Salimans)."""
+    drop_key, loss_key = jax.random.split(key)
+    tokens, mask = batch["tokens"], batch["mask"]
+    drop = jax.random.bernoulli(drop_key, cond_dropout, (tokens.shape[0], 1))
+    tokens = jnp.where(drop, jnp.asarray(empty_tokens, tokens.dtype), tokens)  # (B, L)
+    mask = jnp.where(drop, jnp.asarray(empty_mask, mask.dtype), mask)  # (B, L)
+    cond = text_condition(text_encoder, tokens, mask, words=model.config.word_conditioning)
+    loss, aux = objective.loss(dit_model_fn(model), batch["image"], cond, loss_key)
+    return loss, {"mean_t": jnp.mean(aux["t"])}
+
+
+def class_conditional_loss(
+    model,
+    frozen,
+    batch,
+    key,
+    *,
+    objective: DiffusionObjective,
+    num_classes: int,
+    cond_dropout: float,
+):
+    """Denoising loss of a class-conditional DiT: a label becomes the null class `num_classes`
+    with probability `cond_dropout` (DiT's LabelEmbedder token drop, for guidance)."""
+    del frozen
+    drop_key, loss_key = jax.random.split(key)
+    labels = batch["label"]  # (B,)
+    drop = jax.random.bernoulli(drop_key, cond_dropout, labels.shape)
+    labels = jnp.where(drop, num_classes, labels)  # (B,)
+    model_fn = lambda x, t, cond: model(x, t, labels=cond)
+    loss, aux = objective.loss(model_fn, batch["image"], labels, loss_key)
+    return loss, {"mean_t": jnp.mean(aux["t"])}
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe's model and loss
+# ---------------------------------------------------------------------------------------------
+
+
+def is_text_conditional(config) -> bool:
+    return int(config.model.num_classes) == 0
+
+
+def model_config(
+    config, data: DataFacts, text_config: models.CLIPConfig | None, **overrides
+) -> models.DiTConfig:
+    """The DiT of a recipe: its variant and the fields config.model sets, conditioned on the text
+    tower of `text_config` (a text-conditional recipe) or on config.model.num_classes labels."""
+    m = config.model
+    if text_config is not None:
+        conditioning = dict(
+            conditioning="text",
+            context_dim=text_config.text_width,
+            pooled_dim=text_config.embed_dim,
+            word_conditioning=bool(m.get("word_conditioning", False)),
+        )
+    else:
+        conditioning = dict(conditioning="class", num_classes=int(m.num_classes))
+    fields = dict(
+        in_channels=int(m.get("in_channels", 3)),
+        learn_sigma=bool(m.get("learn_sigma", False)),
+        output_conv=bool(m.get("output_conv", False)),
+        **models.recipe_fields(config, "dit"),
+        **conditioning,
+    )
+    try:
+        return models.dit_config(m.variant, **{**fields, **overrides})
+    except ValueError as error:
+        raise model_config_error(error, m) from error
+
+
+def build(
+    config,
+    data: DataFacts,
+    mesh: Mesh,
+    text_config: models.CLIPConfig | None,
+    **model_overrides,
+) -> ModelBuild:
+    """The recipe's DiT and its denoising loss. `text_config`: the frozen text tower's config (a
+    text-conditional recipe) or None (class-conditional)."""
+    del mesh  # the DiT's loss is per example: no collective of its own
+    if is_text_conditional(config) != (text_config is not None):
+        raise ValueError("a text-conditional DiT needs text_config, a class-conditional one not")
+    model_config_ = model_config(config, data, text_config, **model_overrides)
+    objective = DiffusionObjective.from_config(config.diffusion)
+    cond_dropout = float(config.diffusion.cond_dropout)
+    if text_config is None:
+        loss_fn = lambda model, frozen, batch, key: class_conditional_loss(
+            model,
+            frozen,
+            batch,
+            key,
+            objective=objective,
+            num_classes=model_config_.num_classes,
+            cond_dropout=cond_dropout,
+        )
+    else:
+        empty_tokens, empty_mask = data.empty_tokens, data.empty_mask
+        loss_fn = lambda model, frozen, batch, key: text_conditional_loss(
+            model,
+            frozen,
+            batch,
+            key,
+            objective=objective,
+            empty_tokens=empty_tokens,
+            empty_mask=empty_mask,
+            cond_dropout=cond_dropout,
+        )
+    return ModelBuild(
+        NAME,
+        model_config_,
+        models.DiT,
+        loss_fn,
+        config.seed,
+        frozen_config=text_config,
+        frozen_class=models.CLIP if text_config is not None else None,
+    )
+
+
+def abstract_batch(config, mesh: Mesh, build_: ModelBuild, data: DataFacts) -> dict:
+    """The global batch the train step reads, as ShapeDtypeStructs sharded over the batch axes."""
+    rows = sharding.batch_sharding(mesh)
+    batch = int(config.training.global_batch_size)
+    m = build_.model_config
+    size = data.image_size
+    out = {"image": abstract_array((batch, size, size, m.in_channels), jnp.float32, rows)}
+    if m.conditioning == "text":
+        length = data.context_length
+        out["tokens"] = abstract_array((batch, length), jnp.int32, rows)
+        out["mask"] = abstract_array((batch, length), jnp.int32, rows)
+    else:
+        out["label"] = abstract_array((batch,), jnp.int32, rows)
+    return out
+
+
+def input_options(config) -> dict:
+    """The input pipeline's options this family's loss needs: none beyond images and captions."""
+    del config
+    return {}

@@ -1,0 +1,325 @@
+"""Batch sampling to a directory (sample.py): prompt files in, PNGs with stable names, a
+manifest and a grid out; a rerun makes only what is missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+import tqdm
+
+from diffusion.inference.settings import (
+    MAX_SEED,
+    SamplerSettings,
+    SamplingError,
+    check_number,
+    check_seed,
+)
+from diffusion.inference.text2image import TextToImage
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.jsonl"
+GRID = "grid.png"
+GRID_MAX_IMAGES = 256
+JSONL_FIELDS = ("prompt", "negative_prompt", "seed", "guidance_scale")
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptItem:
+    """One image to make: the k-th sample (`index`) of the prompt on `line` of the prompt file."""
+
+    line: int  # 1-based line number in the prompt file
+    index: int  # 0..num_per_prompt-1
+    prompt: str
+    negative_prompt: str
+    seed: int
+    guidance_scale: float
+
+    @property
+    def file(self) -> str:
+        """Stable name: the same item always gets the same file, in any run."""
+        return f"{self.line:05d}_{self.index:03d}.png"
+
+
+def _jsonl_entry(text: str, where: str) -> dict:
+    try:
+        entry = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SamplingError(f"{where}: not valid JSON ({error.msg}): {text[:80]!r}") from error
+    if not isinstance(entry, dict):
+        raise SamplingError(f"{where}: expected a JSON object with a 'prompt', got {text[:80]!r}")
+    unknown = sorted(set(entry) - set(JSONL_FIELDS))
+    if unknown:
+        raise SamplingError(f"{where}: unknown fields {unknown}; valid: {', '.join(JSONL_FIELDS)}")
+    if not isinstance(entry.get("prompt"), str):
+        raise SamplingError(f"{where}: 'prompt' must be a string, got {entry.get('prompt')!r}")
+    negative = entry.get("negative_prompt")
+    if negative is not None and not isinstance(negative, str):
+        raise SamplingError(f"{where}: 'negative_prompt' must be a string, got {negative!r}")
+    if "seed" in entry:
+        seed = entry["seed"]
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < MAX_SEED:
+            raise SamplingError(f"{where}: 'seed' must be an integer in [0, 2**32), got {seed!r}")
+    if "guidance_scale" in entry:
+        scale = entry["guidance_scale"]
+        if (
+            isinstance(scale, bool)
+            or not isinstance(scale, int | float)
+            or not math.isfinite(scale)  # json reads NaN and Infinity
+        ):
+            raise SamplingError(f"{where}: 'guidance_scale' must be a finite number, got {scale!r}")
+    return entry
+
+
+def _utf8_text(data: bytes, path: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise SamplingError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[error.start]:02x} at column {column}); "
+            "save the prompt file with UTF-8 encoding"
+        ) from None
+
+
+def read_prompt_file(
+    path: str,
+    *,
+    negative_prompt: str = "",
+    seed: int = 0,
+    guidance_scale: float = 3.0,
+    num_per_prompt: int = 1,
+) -> list[PromptItem]:
+    """The images a prompt file asks for, in file order.
+
+    `.jsonl`: one JSON object per line, {"prompt", "negative_prompt", "seed", "guidance_scale"}
+    (all but prompt optional; the keyword arguments are the defaults). Anything else: one prompt
+    per line. Blank lines are skipped. Each prompt gives `num_per_prompt` images with seeds
+    seed, seed + 1, ...
+    """
+    if (
+        isinstance(num_per_prompt, bool)
+        or not isinstance(num_per_prompt, int)
+        or num_per_prompt < 1
+    ):
+        raise SamplingError(f"num_per_prompt must be an integer >= 1, got {num_per_prompt!r}")
+    check_seed(seed)
+    check_number(guidance_scale, "guidance_scale")
+    if not os.path.isfile(path):
+        raise SamplingError(f"prompt file {path!r} does not exist")
+    is_jsonl = path.endswith(".jsonl")
+    items = []
+    with open(path, "rb") as f:
+        content = _utf8_text(f.read(), path)
+    with io.StringIO(content, newline=None) as f:  # newline=None: as open() splits lines
+        for line_number, text in enumerate(f, start=1):
+            text = text.strip()
+            if not text:
+                continue
+            entry = _jsonl_entry(text, f"{path}:{line_number}") if is_jsonl else {"prompt": text}
+            first_seed = entry.get("seed", seed)
+            if first_seed + num_per_prompt > MAX_SEED:
+                raise SamplingError(f"{path}:{line_number}: seeds past 2**32 - 1")
+            for k in range(num_per_prompt):
+                items.append(
+                    PromptItem(
+                        line=line_number,
+                        index=k,
+                        prompt=entry["prompt"],
+                        negative_prompt=entry.get("negative_prompt") or negative_prompt or "",
+                        seed=first_seed + k,
+                        guidance_scale=float(entry.get("guidance_scale", guidance_scale)),
+                    )
+                )
+    if not items:
+        raise SamplingError(f"prompt file {path!r} has no prompts (only blank lines)")
+    return items
+
+
+def manifest_record(item: PromptItem, settings: SamplerSettings, pipeline: TextToImage) -> dict:
+    """What the manifest says of one image: everything it is a function of, and its file."""
+    return {
+        "file": item.file,
+        "line": item.line,
+        "index": item.index,
+        "prompt": item.prompt,
+        "negative_prompt": item.negative_prompt,
+        "seed": item.seed,
+        "guidance_scale": item.guidance_scale,
+        "sampler": settings.name,
+        "steps": settings.steps,
+        "eta": settings.eta,
+        "shift": settings.shift,
+        "guidance_rescale": settings.guidance_rescale,
+        "guidance_interval": None
+        if settings.guidance_interval is None
+        else list(settings.guidance_interval),
+        "micro_batch": pipeline.micro_batch,
+        "checkpoint": pipeline.run_dir,
+        "checkpoint_step": pipeline.checkpoint_step,
+        "use_ema": pipeline.use_ema,
+    }
+
+
+def read_manifest(output_dir: str) -> dict[str, dict]:
+    """file -> record of an existing manifest (a record per file; the last one wins)."""
+    path = os.path.join(output_dir, MANIFEST)
+    records = {}
+    if not os.path.isfile(path):
+        return records
+    with open(path, encoding="utf-8") as f:
+        for number, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+                records[record["file"]] = record
+            except (json.JSONDecodeError, KeyError, TypeError):
+                logger.warning("%s:%d is not a manifest record; ignoring it", path, number)
+    return records
+
+
+def _write_atomically(path: str, write) -> None:
+    """write(temp_path), then rename onto `path`: a reader (or a kill) never sees half a file."""
+    temporary = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    write(temporary)
+    os.replace(temporary, path)
+
+
+def write_png(path: str, image: np.ndarray) -> None:
+    from PIL import Image
+
+    _write_atomically(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
+
+
+def write_manifest(output_dir: str, records: dict[str, dict]) -> None:
+    """Rewrites the manifest from the records of finished files, sorted by file name."""
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            for name in sorted(records):
+                f.write(json.dumps(records[name], sort_keys=True) + "\n")
+
+    _write_atomically(os.path.join(output_dir, MANIFEST), write)
+
+
+def write_grid(output_dir: str, files: Sequence[str], columns: int | None = None) -> str | None:
+    """A grid PNG of the first GRID_MAX_IMAGES `files` (row-major, in the given order)."""
+    from PIL import Image
+
+    files = [f for f in files if os.path.isfile(os.path.join(output_dir, f))][:GRID_MAX_IMAGES]
+    if not files:
+        return None
+    images = [np.asarray(Image.open(os.path.join(output_dir, f)).convert("RGB")) for f in files]
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    columns = min(columns, len(images))
+    rows = math.ceil(len(images) / columns)
+    height, width = images[0].shape[:2]
+    grid = np.zeros((rows * height, columns * width, 3), np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[r * height : (r + 1) * height, c * width : (c + 1) * width] = image
+    path = os.path.join(output_dir, GRID)
+    write_png(path, grid)
+    return path
+
+
+def _remove_stale_temporaries(output_dir: str) -> None:
+    for name in os.listdir(output_dir):
+        if name.startswith(".") and ".tmp-" in name:
+            os.remove(os.path.join(output_dir, name))
+
+
+def _agree_across_processes(mask: np.ndarray) -> np.ndarray:
+    """Process 0's view of which items are pending, on every process (they must run together)."""
+    if jax.process_count() == 1:
+        return mask
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.broadcast_one_to_all(mask))
+
+
+def sample_to_directory(
+    pipeline: TextToImage,
+    items: Sequence[PromptItem],
+    output_dir: str,
+    *,
+    batch_size: int | None = None,
+    progress: bool = True,
+    settings: SamplerSettings | None = None,
+    **sampler_options,
+) -> dict[str, int]:
+    """Makes the PNG of every item not already finished, with `manifest.jsonl` and `grid.png`.
+
+    Finished = its PNG exists and the manifest has its exact record (same prompt, seed and
+    settings). Each batch's PNGs are renamed into place before the manifest (rewritten whole,
+    atomically) lists them, so a kill at any moment loses at most the batch in flight and never
+    leaves half a file or a duplicate line; a rerun redoes exactly the unfinished items, and the
+    images are bit-identical to an uninterrupted run's (see the module docstring). With several
+    processes, all run the program and process 0 writes. Returns {"generated", "skipped"}.
+    settings / sampler_options: as in `TextToImage.generate`.
+    """
+    if settings is None:
+        settings = pipeline.settings(**sampler_options)
+    writer = jax.process_index() == 0
+    if writer:
+        os.makedirs(output_dir, exist_ok=True)
+        _remove_stale_temporaries(output_dir)
+    records = read_manifest(output_dir) if os.path.isdir(output_dir) else {}
+    wanted = {item.file: manifest_record(item, settings, pipeline) for item in items}
+    if len(wanted) != len(items):
+        raise SamplingError("two prompt items map to the same file name; check the prompt file")
+    pending_mask = np.array(
+        [
+            records.get(item.file) != wanted[item.file]
+            or not os.path.isfile(os.path.join(output_dir, item.file))
+            for item in items
+        ],
+        bool,
+    )
+    pending_mask = _agree_across_processes(pending_mask)
+    pending = [item for item, todo in zip(items, pending_mask, strict=True) if todo]
+    size = pipeline.program_batch_size(len(pending), batch_size)
+    bar = tqdm.tqdm(
+        total=len(pending),
+        unit="img",
+        desc="sample",
+        disable=not progress or not writer,
+        dynamic_ncols=True,
+    )
+    for start in range(0, len(pending), size):
+        batch = pending[start : start + size]
+        images = pipeline.generate(
+            [item.prompt for item in batch],
+            [item.negative_prompt for item in batch],
+            [item.seed for item in batch],
+            guidance_scale=[item.guidance_scale for item in batch],
+            batch_size=size,
+            settings=settings,
+        )
+        if writer:
+            for item, image in zip(batch, images, strict=True):
+                write_png(os.path.join(output_dir, item.file), image)
+            for item in batch:
+                records[item.file] = wanted[item.file]
+            write_manifest(output_dir, records)
+        bar.update(len(batch))
+    bar.close()
+    if writer:
+        if not pending and not os.path.isfile(os.path.join(output_dir, MANIFEST)):
+            write_manifest(output_dir, records)
+        per_prompt = max(item.index for item in items) + 1 if items else None
+        write_grid(
+            output_dir, [item.file for item in items], per_prompt if per_prompt > 1 else None
+        )
+    return {"generated": len(pending), "skipped": len(items) - len(pending)}

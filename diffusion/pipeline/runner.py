@@ -1,0 +1,109 @@
+"""The pipeline runner: what train.py calls. A recipe of one family trains that model; a
+"pipeline" recipe (configs/shapes.py) chains stages, each in its own subdirectory of the work
+directory: clip -> dit (on the frozen CLIP text tower) -> evaluate -> samples.
+
+The runner owns preemption: one SIGTERM guard spans all stages, so a SIGTERM during any stage
+saves the stage in flight and exits without starting another; rerunning the same command
+continues where it stopped (training resumes, a finished evaluation is skipped, existing
+images are kept).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from typing import Any
+
+import jax
+import ml_collections
+
+from diffusion import families, rundir
+from diffusion.errors import UserError
+from diffusion.pipeline import stages
+from diffusion.pipeline.periodic import PeriodicEvaluation
+from diffusion.training import PreemptionGuard, train
+
+PIPELINE_STAGES = ("clip", "dit", "evaluate", "samples")
+TRAINING_STAGES = ("clip", "dit")
+STAGE_DIRECTORIES = {"evaluate": "eval"}  # the directory a stage writes, where not its name
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains what `config.family` names in `workdir` (a family of `diffusion.families`, or a
+    "pipeline" of stages); returns the last logged metrics (per stage, for a pipeline)."""
+    if config.family == "pipeline":
+        return run_pipeline(config, workdir)
+    families.get(config.family)  # a clear error for an unknown family
+    with PreemptionGuard() as preemption:
+        return train(config, workdir, callbacks=[PeriodicEvaluation(config)], preemption=preemption)
+
+
+def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Runs config.stages in order, each in WORKDIR/<stage>; every stage resumes or skips on
+    rerun. A SIGTERM stops after the stage in flight has saved: no later stage starts."""
+    unknown = [s for s in config.stages if s not in PIPELINE_STAGES]
+    if unknown:
+        raise UserError(f"config.stages names {unknown}; valid stages: {PIPELINE_STAGES}.")
+    results, timings = {}, {}
+    with PreemptionGuard() as preemption:
+        for stage in config.stages:
+            where = os.path.join(workdir, STAGE_DIRECTORIES.get(stage, stage))
+            print(f"== stage {stage}: {where}", flush=True)
+            start = time.perf_counter()
+            results[stage] = _run_stage(config, workdir, stage, preemption)
+            timings[stage] = time.perf_counter() - start
+            if preemption.requested:
+                print(
+                    f"== preempted during stage {stage}: it is saved; rerun the same command "
+                    "to continue",
+                    flush=True,
+                )
+                return results
+    if jax.process_index() == 0:
+        print(pipeline_summary(workdir, timings), flush=True)
+    return results
+
+
+def _run_stage(config, workdir: str, stage: str, preemption: PreemptionGuard):
+    if stage in TRAINING_STAGES:
+        stage_config = config[stage]
+        if stage == "dit" and not stage_config.text_encoder.checkpoint:
+            stage_config.text_encoder.checkpoint = os.path.join(workdir, "clip")
+        try:
+            return train(
+                stage_config,
+                os.path.join(workdir, stage),
+                rundir.tokenizer_dir(workdir),
+                callbacks=[PeriodicEvaluation(stage_config)],
+                preemption=preemption,
+            )
+        except UserError as error:  # same type and traceback, the hint spelled for here
+            error.args = (stage_flags(str(error), stage),)
+            raise
+    if stage == "evaluate":
+        return stages.run_evaluate_stage(config, workdir)
+    return stages.run_samples_stage(config, workdir)
+
+
+def stage_flags(message: str, stage: str) -> str:
+    """A training error's flag hints (`--config.model.X`) as the pipeline spells them
+    (`--config.clip.model.X`); the sections all stages share (data, tokenizer, seed) stay."""
+    return re.sub(r"--config\.(?!(data|tokenizer|seed)\b)", f"--config.{stage}.", message)
+
+
+def pipeline_summary(workdir: str, timings: dict[str, float]) -> str:
+    """What a finished pipeline made and where: wall time per stage and the files to open."""
+    lines = ["== done. wall time per stage (this invocation):"]
+    lines += [f"   {stage:9s} {seconds:7.1f} s" for stage, seconds in timings.items()]
+    lines.append(f"   {'total':9s} {sum(timings.values()):7.1f} s")
+    places = (
+        ("prompt grid", os.path.join(workdir, "samples", "prompts.png")),
+        ("DiT report", os.path.join(workdir, "eval", "dit", "index.html")),
+        ("DiT metrics", os.path.join(workdir, "eval", "dit", "metrics.json")),
+        ("CLIP report", os.path.join(workdir, "eval", "clip", "index.html")),
+        ("CLIP metrics", os.path.join(workdir, "eval", "clip", "metrics.json")),
+        ("DiT weights", os.path.join(workdir, "dit", rundir.PARAMS_DIR)),
+    )
+    lines += [f"   {name:13s} {path}" for name, path in places if os.path.exists(path)]
+    return "\n".join(lines)

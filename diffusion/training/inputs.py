@@ -1,0 +1,112 @@
+"""A training run's inputs: the dataset (built when it is the embedded shapes), the tokenizer
+(trained on the captions when the recipe names none) and what they tell the model builder."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+
+from diffusion import data as data_lib
+from diffusion import distributed, rundir
+from diffusion.data import pipeline as input_pipeline
+from diffusion.errors import UserError
+from diffusion.families import DataFacts
+
+
+def prepare_source(data_config, seed: int) -> tuple[data_lib.SourceConfig, Any]:
+    """Builds the shapes dataset if missing (other datasets must be prepared) -> source, builder."""
+    if data_config.name == "shapes":
+        build = lambda: data_lib.build_dataset(
+            "shapes",
+            data_config.data_dir,
+            rundir.builder_resolution(data_config) or 32,
+            num_train=data_config.num_train_examples,
+            num_test=data_config.num_eval_examples,
+            num_test_unseen=data_config.num_eval_examples,
+            seed=seed,
+        )
+        if jax.process_index() == 0:  # one writer; the others open what it wrote
+            builder = build()
+        distributed.barrier("shapes dataset prepared")
+        if jax.process_index() != 0:
+            builder = build()
+        name = data_lib.tfds_name(builder)
+    else:
+        name = data_config.name
+        if data_config.builder_config:
+            name = f"{name}/{data_config.builder_config}"
+        builder = data_lib.build_dataset(name, data_config.data_dir)
+    source = data_lib.SourceConfig(
+        name=name,
+        data_dir=data_config.data_dir,
+        image_key=data_config.image_key,
+        caption_key=data_config.caption_key,
+        label_key=data_config.label_key,
+        caption_template=data_config.caption_template,
+    )
+    return source, builder
+
+
+def read_captions(source, split: str) -> list[str]:
+    """Every caption of a split (as the input pipeline makes them), for training a tokenizer."""
+    reader = input_pipeline.open_source(source, split)
+    decode = input_pipeline.BatchDecoder(reader, source, tokenizer=None, context_length=2)
+    captions = []
+    for start in range(0, len(reader), 4096):
+        records = reader.read(list(range(start, min(start + 4096, len(reader)))))
+        captions.extend(decode.caption(record) for record in records)
+    return captions
+
+
+def prepare_tokenizer(tokenizer_config, source, split: str, directory: str):
+    """The configured tokenizer, or a BPE trained on the split's captions and saved once."""
+    if tokenizer_config.path:
+        return data_lib.load_tokenizer(tokenizer_config.path)
+    saved = os.path.isfile(os.path.join(directory, "tokenizer_config.json"))
+    if jax.process_index() == 0 and not saved:  # the run directory is shared by all processes
+        captions = read_captions(source, split)
+        tokenizer = data_lib.train_caption_tokenizer(
+            captions, directory, tokenizer_config.vocab_size
+        )
+        print(f"trained a {len(tokenizer)}-token BPE on {len(captions)} captions -> {directory}")
+        context = tokenizer_config.context_length
+        longest, distinct, cut = data_lib.longest_caption(tokenizer, captions, context)
+        if cut:  # a context sized to the data (configs/shapes.py) must not silently cut captions
+            print(
+                f"warning: {cut} of {distinct} distinct captions are longer than "
+                f"config.tokenizer.context_length={context} tokens (the longest has {longest}) "
+                f"and are cut; --config.tokenizer.context_length={longest} keeps them whole.",
+                flush=True,
+            )
+    distributed.barrier("tokenizer ready")
+    return data_lib.load_tokenizer(directory)
+
+
+def image_size_of(config, builder, source_name: str) -> int:
+    """The side of the dataset's images, checked to be a feature of the dataset."""
+    features = builder.info.features
+    if config.data.image_key not in features:
+        raise UserError(
+            f"config.data.image_key={config.data.image_key!r} is not a feature of {source_name!r};"
+            f" set it to one of {sorted(features)}."
+        )
+    return features[config.data.image_key].shape[0]
+
+
+def data_facts(config, tokenizer, image_size: int) -> DataFacts:
+    """What the model builder needs of the data and tokenizer."""
+    length = config.tokenizer.context_length
+    empty_tokens, empty_mask = data_lib.tokenize(tokenizer, [""], length)
+    return DataFacts(
+        image_size=int(image_size),
+        vocab_size=len(tokenizer),
+        context_length=int(length),
+        empty_tokens=empty_tokens,
+        empty_mask=empty_mask,
+    )
+
+
+def tokenizer_dir_of(workdir: str) -> str:
+    return rundir.tokenizer_dir(workdir)

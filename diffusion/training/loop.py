@@ -1,0 +1,249 @@
+"""The training loop behind train.py: data, model, sharded state, checkpoints, logs, preemption.
+
+`train(config, workdir)` trains the model family that `config.family` names (the registry of
+`diffusion.families`), resuming from the latest complete checkpoint in `workdir`, and writes the
+run directory (`diffusion.rundir`). Periodic work during training (held-out metrics, sample
+grids) comes in as callbacks, so this layer never imports evaluation or sampling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+import tqdm
+from flax import nnx
+
+from diffusion import checkpoints, families, metrics, optim, rundir, sharding
+from diffusion import data as data_lib
+from diffusion.data.tokenizer import save_tokenizer
+from diffusion.errors import NonFiniteError, UserError
+from diffusion.train_step import NAN_POLICIES, TrainStep
+from diffusion.training import inputs
+from diffusion.training.flops import model_flops
+from diffusion.training.preemption import PreemptionGuard
+
+
+@dataclasses.dataclass(frozen=True)
+class RunContext:
+    """What a callback may read of the run it is called from."""
+
+    config: Any
+    workdir: str
+    build: families.ModelBuild
+    train_step: TrainStep
+    tokenizer: Any
+    image_size: int
+    frozen: nnx.Module | None  # the loss's read-only model (a DiT's text encoder), if any
+
+
+class Callback(Protocol):
+    """Periodic work during training: `enabled(step)` says when; the call returns scalars to log
+    (or none) after the update of step `step`."""
+
+    def enabled(self, step: int) -> bool: ...
+
+    def __call__(self, context: RunContext, state: dict, step: int) -> dict[str, float]: ...
+
+
+def build_model(config, facts: families.DataFacts, mesh) -> tuple[families.ModelBuild, Any]:
+    """(the family's build of the recipe, the loaded frozen model or None)."""
+    family = families.get(config.family)
+    if config.family != "dit":
+        return family.build(config, facts, mesh), None
+    if not family.is_text_conditional(config):
+        # The input pipeline yields captions of RGB images, not class ids or latents.
+        raise UserError(
+            f"config.model.num_classes={config.model.num_classes}: train.py trains "
+            "text-conditioned DiTs only; class-conditional recipes (configs/dit_xl2_imagenet.py) "
+            "are for `train.py --aot_topology=...` (compile and cost, no data). Set "
+            "config.model.num_classes=0 and caption the classes (config.data.label_key with "
+            "config.data.caption_template) to train on a labelled dataset."
+        )
+    text_encoder = rundir.load_text_encoder(
+        config.text_encoder.checkpoint, dict(dtype=config.model.dtype)
+    )
+    return family.build(config, facts, mesh, text_encoder.config), text_encoder
+
+
+def train(
+    config,
+    workdir: str,
+    tokenizer_dir: str | None = None,
+    devices=None,
+    *,
+    callbacks: Sequence[Callback] = (),
+    preemption: PreemptionGuard | None = None,
+) -> dict[str, Any]:
+    """Trains one model (config.family "clip" or "dit") in `workdir`, resuming if possible;
+    returns the last logged metrics.
+
+    tokenizer_dir: where the tokenizer is trained or read (default WORKDIR/tokenizer).
+    devices: the devices of the mesh (default: all of them).
+    preemption: the guard whose SIGTERM stops the run after a step, saved (default: a new one).
+    """
+    os.makedirs(workdir, exist_ok=True)
+    t = config.training
+    if t.nan_policy not in NAN_POLICIES:
+        raise UserError(f"config.training.nan_policy={t.nan_policy!r}; valid: stop, skip.")
+    family = families.get(config.family)
+    mesh = sharding.mesh_from_config(config.mesh, devices)
+    rules = sharding.rules_from_config(config.mesh)
+    families.check_global_batch(t.global_batch_size, mesh)
+    source, builder = inputs.prepare_source(config.data, config.seed)
+    own_tokenizer_dir = inputs.tokenizer_dir_of(workdir)
+    tokenizer = inputs.prepare_tokenizer(
+        config.tokenizer, source, config.data.train_split, tokenizer_dir or own_tokenizer_dir
+    )
+    if jax.process_index() == 0 and not os.path.isdir(own_tokenizer_dir):
+        save_tokenizer(tokenizer, own_tokenizer_dir)  # a run directory is self-contained
+    image_size = inputs.image_size_of(config, builder, source.name)
+    if config.family == "dit" and config.text_encoder.checkpoint:
+        # Absolute, so that config.json still finds it from a sampling job elsewhere.
+        config.text_encoder.checkpoint = os.path.abspath(config.text_encoder.checkpoint)
+    build, frozen = build_model(config, inputs.data_facts(config, tokenizer, image_size), mesh)
+    tx = optim.make_optimizer(config.optimizer, total_steps=t.num_steps)  # checks, writes nothing
+    rundir.check_resumable(workdir, build.family, build.model_config)
+    checkpoints.write_config(workdir, config)
+    rundir.save_model_config(workdir, build.family, build.model_config)
+
+    train_step = TrainStep(
+        build.init_model,
+        build.loss_fn,
+        tx,
+        mesh,
+        seed=config.seed,
+        rules=rules,
+        ema_decay=t.ema_decay,
+        nan_policy=t.nan_policy,
+        frozen=frozen,
+    )
+    data_iterator = data_lib.make_input_pipeline(
+        source,
+        tokenizer,
+        split=config.data.train_split,
+        global_batch_size=t.global_batch_size,
+        seed=config.seed,
+        context_length=config.tokenizer.context_length,
+        worker_count=config.data.worker_count,
+        **family.input_options(config),
+    )
+    manager = checkpoints.make_checkpoint_manager(
+        os.path.join(workdir, rundir.CHECKPOINTS_DIR),
+        max_to_keep=t.keep_checkpoints,
+        keep_period=t.keep_period or None,
+    )
+    restored = checkpoints.restore_latest(
+        manager, train_step.abstract_state, set_aside_unreadable=True
+    )
+    if restored is not None:
+        state, start = restored.train_state, restored.step
+        if restored.data_iterator_state is not None:
+            data_iterator.set_state(restored.data_iterator_state)
+        print(f"resumed from {restored.path} (step {start})", flush=True)
+    else:
+        state, start = train_step.init_state(), 0
+
+    context = RunContext(config, workdir, build, train_step, tokenizer, image_size, frozen)
+    writer = metrics.MetricWriter(workdir, resume_step=start)  # drops records a kill left
+    last = {}
+    guard = preemption if preemption is not None else PreemptionGuard()
+    try:
+        with guard:
+            state, last = _loop(
+                context, state, start, data_iterator, manager, writer, guard, callbacks
+            )
+        checkpoints.finish_writes(manager)
+        step = int(state["step"])
+        if step >= t.num_steps and (jax.process_index() == 0 or jax.process_count() > 1):
+            params = state["ema"] if state["ema"] is not None else state["params"]
+            # A finished run's rerun finds the same export and leaves its files untouched.
+            checkpoints.export_params(os.path.join(workdir, rundir.PARAMS_DIR), params, step=step)
+    finally:
+        checkpoints.close_manager(manager)
+        writer.close()
+    return last
+
+
+def _loop(context: RunContext, state, start, data_iterator, manager, writer, preemption, callbacks):
+    config, train_step = context.config, context.train_step
+    t = config.training
+    mesh = train_step.mesh
+    num_devices = mesh.devices.size
+    step_flops = peak = None
+    last = {}
+    window_start, window_steps = time.perf_counter(), 0
+    progress = tqdm.tqdm(
+        total=t.num_steps,
+        initial=start,
+        desc=f"train {config.family}",
+        unit="step",
+        disable=jax.process_index() != 0,
+        dynamic_ncols=True,
+    )
+    for step in range(start, t.num_steps):
+        batch = data_lib.to_global_batch(next(data_iterator), mesh)
+        if step_flops is None and step == start:
+            step_flops = model_flops(context.build, train_step, batch)
+            peak = metrics.peak_flops_per_device()
+            window_start = time.perf_counter()
+        state, step_metrics = train_step.step(state, batch)
+        window_steps += 1
+        done = step + 1
+        stop = preemption.should_stop(done)
+        is_last = done == t.num_steps or stop
+        held_out = {}
+        for callback in callbacks:
+            if callback.enabled(done):
+                held_out.update(callback(context, state, done))
+        if held_out and not (done % t.log_every == 0 or is_last):
+            writer.write_scalars(done, held_out)
+        if done % t.log_every == 0 or is_last:
+            scalars = jax.device_get(step_metrics)  # the hosts' only sync point
+            elapsed = time.perf_counter() - window_start
+            _check_finite(config, scalars, done, manager)
+            scalars = {k: v for k, v in scalars.items() if k != "finite"}
+            scalars["step_time"] = elapsed / window_steps
+            scalars["examples_per_second"] = t.global_batch_size * window_steps / elapsed
+            if step_flops:
+                scalars["mfu"] = step_flops / scalars["step_time"] / (peak * num_devices)
+            scalars.update(held_out)
+            writer.write_scalars(done, scalars)
+            progress.set_postfix(
+                loss=f"{scalars['loss']:.4f}", ex_s=f"{scalars['examples_per_second']:.0f}"
+            )
+            last = {"step": done, **{k: float(v) for k, v in scalars.items()}}
+            window_start, window_steps = time.perf_counter(), 0
+        if done % t.checkpoint_every == 0 or is_last:
+            checkpoints.save_checkpoint(  # a failed write says which checkpoint is intact
+                manager,
+                done,
+                state,
+                data_iterator_state=data_iterator.get_state(),
+                metadata={"family": config.family},
+                force=True,
+            )
+        progress.update(1)
+        if stop:
+            print(f"preemption requested: saved step {done}, exiting", flush=True)
+            break
+    progress.close()
+    return state, last
+
+
+def _check_finite(config, scalars, step: int, manager) -> None:
+    if config.training.nan_policy == "skip":
+        return
+    if not (bool(scalars["finite"]) and np.isfinite(scalars["param_norm"])):
+        latest = manager.latest_step()
+        where = checkpoints.step_path(manager, latest) if latest is not None else "none yet"
+        raise NonFiniteError(
+            f"non-finite loss or gradients by step {step} (loss={float(scalars['loss'])}, "
+            f"grad_norm={float(scalars['grad_norm'])}). Last good checkpoint: {where}. Lower the "
+            "learning rate or set --config.training.nan_policy=skip to skip such updates."
+        )
