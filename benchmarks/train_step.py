@@ -23,10 +23,9 @@ import time
 
 import jax
 import numpy as np
-from flax import nnx
 
 from configs import base_clip, base_dit, dit_xl2_imagenet, shapes
-from diffusion import aot, metrics, models, sharding
+from diffusion import aot, metrics, sharding
 from diffusion import config as config_lib
 
 VARIANTS = {  # name -> (dtype, remat, scan_layers, optimizer)
@@ -87,14 +86,13 @@ def concrete_batch(abstract: dict, num_classes: int, seed: int = 0) -> dict:
 
 def build(config, mesh):
     programs = aot.build_programs(config, mesh)
-    trainer = programs.trainer
-    if trainer.frozen_state is not None:  # AOT's frozen text tower is abstract: initialise it
-        text_config = aot.text_encoder_config(config)
-        _, trainer.frozen_state = sharding.create_sharded_state(
-            lambda: models.CLIP(text_config, rngs=nnx.Rngs(0)), mesh, trainer.rules
+    train_step = programs.train_step
+    if train_step.frozen_state is not None:  # AOT's frozen text tower is abstract: initialise it
+        _, train_step.frozen_state = sharding.create_sharded_state(
+            programs.build.init_frozen, mesh, train_step.rules
         )
     batch = concrete_batch(programs.train_args[1], int(config.model.get("num_classes", 10)))
-    return trainer, trainer.init_state(), batch
+    return train_step, train_step.init_state(), batch
 
 
 def with_variant(config, dtype: str, remat: str, scan: bool, optimizer: str = "adamw"):
@@ -106,17 +104,17 @@ def with_variant(config, dtype: str, remat: str, scan: bool, optimizer: str = "a
 
 def compile_step(config, mesh):
     """(compiled step, state, batch, frozen state, compile seconds); one XLA compile per variant."""
-    trainer, state, batch = build(config, mesh)
+    train_step, state, batch = build(config, mesh)
     start = time.perf_counter()
-    compiled = trainer.compiled_step(state, batch)
-    return compiled, state, batch, trainer.frozen_state, time.perf_counter() - start
+    compiled = train_step.compiled_step(state, batch)
+    return compiled, state, batch, train_step.frozen_state, time.perf_counter() - start
 
 
 def step_flops(config, mesh) -> float | None:
     """Model FLOPs of one step: the lowered f32 step without remat or scan (a trace, no compile)."""
     programs = aot.build_programs(with_variant(config, "float32", "none", False), mesh)
-    with sharding.activate(mesh, programs.trainer.rules):
-        lowered = programs.trainer.step_fn.lower(*programs.train_args)
+    with sharding.activate(mesh, programs.train_step.rules):
+        lowered = programs.train_step.step_fn.lower(*programs.train_args)
     return metrics.cost_analysis_flops(lowered)
 
 

@@ -87,7 +87,8 @@ def load_model_config(run_dir: str) -> tuple[str, Any]:
         what = f"missing key {error}" if isinstance(error, KeyError) else str(error)
         raise UserError(
             f"{path} does not describe a model of this project ({type(error).__name__}: {what}); "
-            f"{REWRITE_HINT}"
+            "it was edited or comes from another version. Restore it from a copy, or delete it "
+            "and rerun the train.py command of this run, which writes it again."
         ) from error
 
 
@@ -228,12 +229,15 @@ class RunLocation:
     step: int | None  # None: the run's exported params/
 
 
-def locate_run(path: str) -> RunLocation:
-    """A run directory or one of its `checkpoints/<step>` directories -> RunLocation."""
+def locate_run(path: str, what: str = "run") -> RunLocation:
+    """A run directory or one of its `checkpoints/<step>` directories -> RunLocation.
+
+    what: the kind of run the caller needs, as its errors name it (e.g. "DiT run").
+    """
     path = os.path.abspath(os.fspath(path))
     if not os.path.isdir(path):
         raise UserError(
-            f"checkpoint {path!r} does not exist; pass a run directory (train.py --workdir) "
+            f"checkpoint {path!r} does not exist; pass a {what} directory (train.py --workdir) "
             f"or one of its {CHECKPOINTS_DIR}/<step> directories"
         )
     if os.path.isfile(os.path.join(path, MODEL_FILE)):
@@ -249,7 +253,7 @@ def locate_run(path: str) -> RunLocation:
         return RunLocation(run_dir, int(name))
     raise UserError(
         f"{path!r} is neither a run directory (it has no {MODEL_FILE}) nor a "
-        f"{CHECKPOINTS_DIR}/<step> directory inside one; pass the --workdir of a train.py run"
+        f"{CHECKPOINTS_DIR}/<step> directory inside one; pass the --workdir of a train.py {what}"
     )
 
 

@@ -584,11 +584,12 @@ def with_logical_constraint(x: jax.Array, logical_names: Sequence[str | None]) -
 
     The one way model code constrains activations. A dimension that its mesh axes do not divide
     falls back to fewer axes (see the module docstring) instead of failing to compile. A no-op
-    outside :func:`activate` (no rules or no mesh), so model code can always call it.
+    outside :func:`activate` (no rules or no mesh), so model code can always call it, and inside
+    `jax.shard_map` (manual mesh axes: the code there is per device, as in the sampling program).
     """
     rules = flax_spmd.get_logical_axis_rules()
     mesh = jax.sharding.get_abstract_mesh()
-    if not rules or mesh.empty:
+    if not rules or mesh.empty or AxisType.Manual in mesh.axis_types:
         return x
     spec = logical_to_spec(logical_names, rules, shape=x.shape, mesh=mesh)
     return jax.lax.with_sharding_constraint(x, spec)

@@ -143,8 +143,8 @@ def test_compiler_flops_match_the_cpu_cost_analysis_of_the_same_step(reports):
     config = tiny_config("clip")
     mesh = sharding.make_mesh(MESH, devices=jax.devices()[:4])
     programs = aot.build_programs(config, mesh)
-    with sharding.activate(mesh, programs.trainer.rules):
-        compiled = programs.trainer.step_fn.lower(*programs.train_args).compile()
+    with sharding.activate(mesh, programs.train_step.rules):
+        compiled = programs.train_step.step_fn.lower(*programs.train_args).compile()
     cpu_flops = metrics.cost_analysis_flops(compiled)
     tpu_flops = reports["clip"]["train_step"]["cost"]["flops"]
     assert 0.5 < tpu_flops / cpu_flops < 2.0

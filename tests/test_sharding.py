@@ -530,3 +530,23 @@ def test_training_gradients_partition_without_involuntary_full_rematerialization
     assert "pjrt_client" in done.stderr, "XLA's log did not reach stderr; the check is blind"
     warnings = [line for line in done.stderr.splitlines() if "Involuntary full remat" in line]
     assert not warnings, "\n".join(warnings)
+
+
+def test_logical_constraint_is_a_no_op_inside_shard_map():
+    """Inside jax.shard_map (the sampling program's per-device code) the mesh axes are manual:
+    the model's activation constraints must step aside, not fail to trace."""
+    from jax.sharding import PartitionSpec
+
+    mesh = sharding.make_mesh({"data": 8}, devices=jax.devices())
+
+    def per_device(x):
+        return sharding.with_logical_constraint(x, ("activation_batch", None)) * 2
+
+    program = jax.jit(
+        jax.shard_map(
+            per_device, mesh=mesh, in_specs=PartitionSpec("data"), out_specs=PartitionSpec("data")
+        )
+    )
+    with sharding.activate(mesh):
+        out = program(np.ones((8, 4), np.float32))
+    np.testing.assert_array_equal(np.asarray(out), np.full((8, 4), 2.0))

@@ -335,7 +335,7 @@ def test_periodic_clip_retrieval_is_logged_and_equals_recall_of_the_exported_wei
 def test_periodic_dit_grid_shows_the_samples_of_the_exported_weights(data_dir, clip_run, tmp_path):
     from PIL import Image
 
-    from diffusion import report
+    from diffusion.evaluation import report
     from diffusion.inference import TextToImage
 
     config = dit_config(data_dir, clip_run, steps=4, eval_every=2)

@@ -572,8 +572,8 @@ def make_input_pipeline(
     batch is a shuffled record and the row after it its twin differing only in one of these
     attributes (`TwinFinder`); an epoch then covers each record once as an anchor.
     `negative_caption_attributes` (ClassLabel names whose words appear in the captions): each
-    batch also holds 'negative_caption_tokens' and 'negative_caption_mask', every caption with one of
-    these attributes' words swapped for another value (NegCLIP), for the contrastive loss.
+    batch also holds 'negative_caption_tokens' and 'negative_caption_mask', every caption with
+    one of these attributes' words swapped for another value (NegCLIP), for the contrastive loss.
 
     Every process yields the same number of batches; the global batch does not depend on the
     number of processes.

@@ -82,9 +82,9 @@ def check_global_batch(global_batch_size: int, mesh) -> None:
     processes = jax.process_count()
     if global_batch_size < 1 or global_batch_size % size or global_batch_size % processes:
         raise UserError(
-            f"config.training.global_batch_size={global_batch_size} is not a positive multiple "
-            f"of the {size} devices of the mesh's batch axes {axes} (and the {processes} "
-            f"processes); use a multiple of {math.lcm(size, processes)}."
+            f"config.training.global_batch_size={global_batch_size} is not divisible by the "
+            f"{size} devices of the mesh's batch axes {axes} (and the {processes} processes); "
+            f"use a multiple of {math.lcm(size, processes)}."
         )
 
 

@@ -131,7 +131,7 @@ class TextToImage:
         micro_batch: samples each device computes at once. Images are identical for any batch
           size and device count only between pipelines with the same micro_batch.
         """
-        location = rundir.locate_run(run_dir)
+        location = rundir.locate_run(run_dir, what="DiT run")
         family, model_config = rundir.load_model_config(location.run_dir)
         if family != "dit":
             raise SamplingError(

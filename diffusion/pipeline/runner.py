@@ -34,7 +34,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     "pipeline" of stages); returns the last logged metrics (per stage, for a pipeline)."""
     if config.family == "pipeline":
         return run_pipeline(config, workdir)
-    families.get(config.family)  # a clear error for an unknown family
+    if config.family not in families.FAMILIES:
+        valid = (*families.FAMILIES, "pipeline")
+        raise UserError(f"config.family={config.family!r} is not one of {valid}.")
     with PreemptionGuard() as preemption:
         return train(config, workdir, callbacks=[PeriodicEvaluation(config)], preemption=preemption)
 
