@@ -27,6 +27,9 @@ flags.DEFINE_float("eta", 0.0, "DDIM / stochastic Euler noise (0: deterministic)
 flags.DEFINE_float("shift", None, "Flow time shift of the sampling grid (default: training's).")
 flags.DEFINE_float("guidance_rescale", 0.0, "Guidance rescale phi (Lin et al. 2023).")
 flags.DEFINE_bool("use_ema", True, "Sample the EMA weights (else the raw trained ones).")
+flags.DEFINE_string(
+    "text_encoder", None, "The DiT's CLIP run where it is now (default: the path the run recorded)."
+)
 FLAGS = flags.FLAGS
 
 
@@ -48,7 +51,9 @@ def main(argv):
         )
         inference.check_sampler_name(FLAGS.sampler)
         inference.check_steps(FLAGS.steps)
-        pipe = inference.TextToImage.from_run(FLAGS.checkpoint, use_ema=FLAGS.use_ema)
+        pipe = inference.TextToImage.from_run(
+            FLAGS.checkpoint, use_ema=FLAGS.use_ema, text_encoder=FLAGS.text_encoder
+        )
         settings = pipe.settings(
             sampler=FLAGS.sampler,
             steps=FLAGS.steps,

@@ -14,7 +14,7 @@ import os
 import tempfile
 import time
 
-from diffusion.data import pipeline, shapes, tokenizer
+from diffusion.data import input_pipeline, shapes, sources, tokenizer
 
 
 def main() -> None:
@@ -36,13 +36,13 @@ def main() -> None:
     args = parser.parse_args()
 
     start = time.perf_counter()
-    builder = pipeline.build_dataset(data_dir=args.data_dir, resolution=args.resolution)
+    builder = sources.build_dataset(data_dir=args.data_dir, resolution=args.resolution)
     print(f"dataset {builder.info.full_name} ready in {time.perf_counter() - start:.1f} s")
-    source = pipeline.SourceConfig(name=pipeline.tfds_name(builder), data_dir=args.data_dir)
+    source = sources.SourceConfig(name=sources.tfds_name(builder), data_dir=args.data_dir)
     captions = (ex["caption"] for _, ex in shapes.generate_examples("train", 5000, 16, seed=0))
     with tempfile.TemporaryDirectory() as tokenizer_dir:
         caption_tokenizer = tokenizer.train_caption_tokenizer(captions, tokenizer_dir)
-    iterator = pipeline.make_input_pipeline(
+    iterator = input_pipeline.make_input_pipeline(
         source,
         caption_tokenizer,
         split="train",

@@ -3,7 +3,7 @@
 Layout of ``<workdir>/checkpoints/<step>/`` (one ``ocp.args.Composite`` per step):
   ``state/``          the train state (params, optimizer state, EMA, step, RNG key, ...) as a
                       nested dict of arrays (``ocp.args.StandardSave``); typed PRNG keys are stored
-                      as their ``jax.random.key_data`` and re-wrapped on restore.
+                      as their ``jax.random.key_data`` (see ``diffusion.storable_state``).
   ``data_iterator/``  the input pipeline's opaque, JSON-able state, ONE FILE PER PROCESS
                       (``process_<i>-of-<n>.json``, like grain's own handler) because every
                       process reads its own data shard. Restoring needs the same process count.
@@ -26,6 +26,8 @@ checkpoints are intact and the error names the newest of them.
 Cross-mesh restore: pass an abstract train state whose leaves are ``jax.ShapeDtypeStruct`` with
 the NEW shardings (``diffusion.sharding.abstract_state`` / ``abstract_with_shardings``); arrays are
 read straight into those shardings. ``nnx.eval_shape`` alone may drop shardings (flax#5110).
+
+The parameters a sampler loads are exported apart from the checkpoints (``diffusion.param_export``).
 """
 
 from __future__ import annotations
@@ -33,8 +35,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
-import glob
-import hashlib
 import json
 import logging
 import os
@@ -45,13 +45,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from flax import nnx
 
-from diffusion import distributed, errors
+from diffusion import distributed, errors, storable_state
 
 logger = logging.getLogger(__name__)
 
@@ -155,98 +152,6 @@ class ProcessLocalJsonRestore(ocp.args.CheckpointArgs):
 
 
 # ------------------------------------------------------------------------------------------------
-# Train state <-> storable nested dict
-# ------------------------------------------------------------------------------------------------
-
-
-def _is_variable(x: Any) -> bool:
-    return isinstance(x, nnx.Variable)
-
-
-def _is_key(x: Any) -> bool:
-    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
-def _path_name(key: Any) -> str:
-    for attribute in ("key", "name", "idx"):
-        if hasattr(key, attribute):
-            return str(getattr(key, attribute))
-    return str(key)
-
-
-def _leaves_with_names(tree: Any) -> tuple[list[tuple[tuple[str, ...], Any]], Any]:
-    """Array leaves (Variables unwrapped) with their path names, and the tree's structure."""
-    unboxed = jax.tree.map(
-        lambda x: x.get_value() if _is_variable(x) else x, tree, is_leaf=_is_variable
-    )
-    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(unboxed)
-    named = [(tuple(_path_name(k) for k in path), leaf) for path, leaf in leaves_with_path]
-    return named, (jax.tree.structure(tree, is_leaf=_is_variable), treedef)
-
-
-def _nest(named_leaves: list[tuple[tuple[str, ...], Any]]) -> dict[str, Any]:
-    nested: dict[str, Any] = {}
-    for names, leaf in named_leaves:
-        node = nested
-        for name in names[:-1]:
-            node = node.setdefault(name, {})
-        node[names[-1] if names else "value"] = leaf
-    return nested
-
-
-def _unnest(nested: Mapping[str, Any], names: tuple[str, ...]) -> Any:
-    node: Any = nested
-    for name in names or ("value",):
-        node = node[name]
-    return node
-
-
-def _storable_leaf(x: Any) -> Any:
-    return jax.random.key_data(x) if _is_key(x) else x
-
-
-def _storable_target(x: Any) -> Any:
-    """Restore target of one leaf; typed keys become their uint32 key data."""
-    if not _is_key(x):
-        return x
-    data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
-    return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=getattr(x, "sharding", None))
-
-
-def _to_storable(train_state: Any) -> dict[str, Any]:
-    named, _ = _leaves_with_names(train_state)
-    return _nest([(names, _storable_leaf(leaf)) for names, leaf in named])
-
-
-def _from_storable(stored: Mapping[str, Any], abstract_train_state: Any) -> Any:
-    named, (outer, _) = _leaves_with_names(abstract_train_state)
-    values = []
-    for names, target in named:
-        value = _unnest(stored, names)
-        if _is_key(target):
-            value = jax.random.wrap_key_data(value, impl=target.dtype._impl)  # noqa: SLF001
-        values.append(value)
-    # Rebuild with Variables where the target had them.
-    leaves_iter = iter(values)
-
-    def refill(x):
-        if _is_variable(x):
-            if not jax.tree.leaves(x.get_value()):  # optax.MaskedNode: nothing was stored
-                return x
-            return x.replace(next(leaves_iter))
-        return next(leaves_iter)
-
-    return jax.tree.map(refill, abstract_train_state, is_leaf=_is_variable)
-
-
-def _abstract(x: Any) -> Any:
-    """Restore-target leaf: a concrete array becomes a ShapeDtypeStruct with its sharding."""
-    if isinstance(x, jax.ShapeDtypeStruct):
-        return x
-    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None))
-
-
-# ------------------------------------------------------------------------------------------------
 # Manager, save, restore
 # ------------------------------------------------------------------------------------------------
 
@@ -310,7 +215,7 @@ def save_checkpoint(
       Whether a save was started (the manager may skip steps by its interval policy).
     """
     items: dict[str, Any] = {
-        STATE_ITEM: ocp.args.StandardSave(_to_storable(train_state)),
+        STATE_ITEM: ocp.args.StandardSave(storable_state.to_storable(train_state)),
         METADATA_ITEM: ocp.args.JsonSave(dict(metadata or {})),
     }
     if data_iterator_state is not None:
@@ -381,7 +286,7 @@ def _temporary_steps(directory: str) -> dict[str, int]:
     }
 
 
-def _remove_until_settled(
+def remove_until_settled(
     list_paths: Callable[[], list[str]], settle_seconds: float = 0.3, limit_seconds: float = 10.0
 ) -> None:
     """Removes the directories `list_paths()` names until none reappears for `settle_seconds`.
@@ -412,7 +317,7 @@ def _write_failed(
         return None
     directory = os.fspath(manager.directory)
     leftovers = _temporary_steps(directory)
-    _remove_until_settled(lambda: list(_temporary_steps(directory)))
+    remove_until_settled(lambda: list(_temporary_steps(directory)))
     failed = sorted(set(leftovers.values())) or ([step] if step is not None else [])
     with contextlib.suppress(OSError, ValueError):
         manager.reload()  # Orbax forgot the old steps it meant to delete after the failed one
@@ -459,9 +364,7 @@ def restore_checkpoint(
         step = manager.latest_step()
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint in {manager.directory}")
-    abstract = jax.tree.map(_abstract, abstract_train_state, is_leaf=_is_key)
-    named, _ = _leaves_with_names(abstract)
-    target = _nest([(names, _storable_target(leaf)) for names, leaf in named])
+    abstract, target = storable_state.restore_target(abstract_train_state)
     path = epath.Path(step_path(manager, step))
     items: dict[str, Any] = {
         STATE_ITEM: ocp.args.StandardRestore(target),
@@ -473,7 +376,7 @@ def restore_checkpoint(
     restored = manager.restore(step, args=ocp.args.Composite(**items))
     return RestoredCheckpoint(
         step=int(step),
-        train_state=_from_storable(restored[STATE_ITEM], abstract),
+        train_state=storable_state.from_storable(restored[STATE_ITEM], abstract),
         data_iterator_state=restored[DATA_ITERATOR_ITEM] if has_iterator else None,
         metadata=dict(restored[METADATA_ITEM] or {}),
         path=os.fspath(path),
@@ -527,171 +430,8 @@ def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Parameter export and the run's config
+# The run's config
 # ------------------------------------------------------------------------------------------------
-
-
-# Written into an export once Orbax has finalised it: which step and values the directory holds.
-EXPORT_RECORD = "export.json"
-_ORBAX_FINALISED = "_CHECKPOINT_METADATA"  # written by Orbax's finalisation of a checkpoint
-
-
-def export_params(path: str | os.PathLike, params: Any, *, step: int | None = None) -> str:
-    """Writes ``params`` (e.g. the EMA weights) alone to ``path`` for sampling. Synchronous;
-    every process calls it. Returns the absolute path.
-
-    A complete export of the same values (``export.json`` naming ``step`` and a fingerprint of
-    the values, written after Orbax finalised the directory) is left as it is: rerunning a
-    finished run does not rewrite files that a sampler may be reading. Other values are written
-    beside it (``<path>.new``) and renamed into place, so ``path`` never holds a half export.
-
-    Raises:
-      CheckpointWriteError: the export could not be written (disk full, permissions); the
-        partial export is removed and what ``path`` held before is unchanged.
-    """
-    path = os.path.abspath(os.fspath(path))
-    record = {"step": None if step is None else int(step), "fingerprint": fingerprint(params)}
-    if read_export_record(path) == record:
-        return path
-    staging = path + ".new"
-    checkpointer = ocp.StandardCheckpointer()
-    try:
-        checkpointer.save(staging, _to_storable(params), force=True)
-        checkpointer.wait_until_finished()
-        if jax.process_index() == 0:
-            _write_json_atomically(os.path.join(staging, EXPORT_RECORD), record)
-            _replace_directory(staging, path)
-    except (OSError, ValueError, RuntimeError) as error:
-        os_error = errors.os_error_of(error)
-        if os_error is None:
-            raise
-        with contextlib.suppress(Exception):  # let the writes already under way end first
-            checkpointer.wait_until_finished()
-        _remove_until_settled(lambda: _partial_exports(staging))
-        cause, fix = errors.describe_os_error(os_error)
-        at = f" writing {os_error.filename}" if os_error.filename else ""
-        before = "is unchanged" if os.path.isdir(path) else "does not exist yet"
-        raise CheckpointWriteError(
-            f"could not export the parameters to {path}: {cause}{at}. The partial export was "
-            f"removed; {path} {before}, and the checkpoints are intact. {fix}; the same command "
-            "then writes the export again."
-        ) from error
-    finally:
-        checkpointer.close()
-    distributed.barrier("parameters exported")
-    return path
-
-
-def read_export_record(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The ``export.json`` of a complete export at ``path``; None when there is none."""
-    path = os.fspath(path)
-    if not os.path.isfile(os.path.join(path, _ORBAX_FINALISED)):
-        return None
-    try:
-        with open(os.path.join(path, EXPORT_RECORD), encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def fingerprint(tree: Any) -> str:
-    """A digest of a pytree's names, shapes, dtypes and values, the same on every process.
-
-    Arrays with a full copy on this process are hashed on the host (SHA-256 of their bytes);
-    trees with arrays sharded over processes get a position-weighted 32-bit sum of their bits,
-    computed as one global program, since no process holds all of their values.
-    """
-    named, _ = _leaves_with_names(tree)
-    named = [
-        (names, leaf if isinstance(leaf, jax.Array) else np.asarray(leaf))
-        for names, leaf in ((n, _storable_leaf(x)) for n, x in named)
-    ]
-    local = all(_has_local_copy(leaf) for _, leaf in named)
-    digest = hashlib.sha256()
-    for names, leaf in named:
-        digest.update(f"{'/'.join(names)}:{np.dtype(leaf.dtype).name}:{np.shape(leaf)};".encode())
-        if local:
-            digest.update(np.ascontiguousarray(_local_copy(leaf)).tobytes())
-    if not local:
-        sums = _local_copy(_bit_sums([leaf for _, leaf in named]))  # replicated
-        digest.update(sums.astype(np.uint32).tobytes())
-    return ("sha256:" if local else "bitsum32:") + digest.hexdigest()
-
-
-def _has_local_copy(x: Any) -> bool:
-    if not isinstance(x, jax.Array):
-        return True
-    return x.is_fully_addressable or x.is_fully_replicated
-
-
-def _local_copy(x: Any) -> np.ndarray:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        x = x.addressable_data(0)  # a full replica
-    return np.asarray(jax.device_get(x))
-
-
-@jax.jit
-def _bit_sums(leaves: list[jax.Array]) -> jax.Array:
-    """Per leaf: sum over elements of (bits of the element) * (1 + flat index mod 65521), mod
-    2^32. Integer sums do not depend on the order of reduction, hence not on the mesh."""
-
-    def bits(x):
-        if x.dtype == jnp.bool_ or x.dtype.itemsize == 1:
-            return x.astype(jnp.uint32)
-        if x.dtype.itemsize == 2:
-            return jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
-        b = jax.lax.bitcast_convert_type(x, jnp.uint32)  # 8-byte types: a trailing axis of 2
-        return b if x.dtype.itemsize == 4 else b[..., 0] * jnp.uint32(31) + b[..., 1]
-
-    sums = []
-    for x in leaves:
-        b = bits(x)
-        index = jnp.zeros(b.shape, jnp.uint32)
-        stride = 1
-        for axis in reversed(range(b.ndim)):
-            index = index + jax.lax.broadcasted_iota(jnp.uint32, b.shape, axis) * jnp.uint32(
-                stride % 2**32
-            )
-            stride *= b.shape[axis]
-        sums.append(jnp.sum(b * (index % jnp.uint32(65521) + 1), dtype=jnp.uint32))
-    return jnp.stack(sums) if sums else jnp.zeros((0,), jnp.uint32)
-
-
-def _write_json_atomically(path: str, value: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def _replace_directory(new: str, path: str) -> None:
-    """Puts the directory ``new`` at ``path``: the old one is renamed aside, then removed."""
-    old = path + ".old"
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(path):
-        os.rename(path, old)
-    os.rename(new, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _partial_exports(staging: str) -> list[str]:
-    """``staging`` and Orbax's ``<staging>.orbax-checkpoint-tmp-<time>`` directories, if there."""
-    temporaries = glob.glob(glob.escape(staging) + ".orbax-checkpoint-tmp*")
-    return [staging, *temporaries] if os.path.exists(staging) else temporaries
-
-
-def load_params(path: str | os.PathLike, abstract_params: Any) -> Any:
-    """Loads parameters written by :func:`export_params` onto ``abstract_params``' shardings."""
-    path = os.path.abspath(os.fspath(path))
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"no exported parameters at {path}")
-    abstract = jax.tree.map(_abstract, abstract_params, is_leaf=_is_key)
-    named, _ = _leaves_with_names(abstract)
-    target = _nest([(names, _storable_target(leaf)) for names, leaf in named])
-    with ocp.StandardCheckpointer() as checkpointer:
-        stored = checkpointer.restore(path, target)
-    return _from_storable(stored, abstract)
 
 
 def write_config(workdir: str | os.PathLike, config: Any) -> str | None:

@@ -23,7 +23,7 @@ import ml_collections
 import tensorflow_datasets as tfds
 from flax import nnx
 
-from diffusion import checkpoints, hf, models, optim
+from diffusion import checkpoints, hf, models, optim, param_export
 from diffusion import data as data_lib
 from diffusion.errors import UserError
 from diffusion.train_step import TrainStep
@@ -142,19 +142,21 @@ def load_run_params(run_dir: str, model_config, model_cls) -> nnx.Module:
     # Onto this process's first device, whatever mesh the run was trained on.
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state)
-    return nnx.merge(graphdef, checkpoints.load_params(path, target))
+    return nnx.merge(graphdef, param_export.load_params(path, target))
 
 
 def load_checkpoint_params(run_dir: str, config, model_config, model_cls, mesh, step, use_ema):
-    """(params as nnx.State, step) from the run's Orbax checkpoint `step` (None: the latest)."""
+    """(params as nnx.State, step) from the run's Orbax checkpoint `step`. With step None, the
+    newest checkpoint that restores: an unreadable one (a truncated file) is reported and the one
+    before it is used, as train.py resumes."""
     directory = os.path.join(run_dir, CHECKPOINTS_DIR)
     manager = checkpoints.make_checkpoint_manager(directory, max_to_keep=None, async_save=False)
     try:
-        step = manager.latest_step() if step is None else step
-        if step is None or step not in manager.all_steps():
+        complete = sorted(manager.all_steps())
+        if step is not None and step not in complete or not complete:
             raise UserError(
                 f"{directory!r} has no complete checkpoint {step if step is not None else ''}; "
-                f"complete steps: {sorted(manager.all_steps())}"
+                f"complete steps: {complete}"
             )
         # The train step's own abstract state: the restore target with every leaf's shape.
         tx = optim.make_optimizer(config.optimizer, total_steps=config.training.num_steps)
@@ -166,16 +168,30 @@ def load_checkpoint_params(run_dir: str, config, model_config, model_cls, mesh, 
             seed=config.seed,
             ema_decay=config.training.ema_decay,
         ).abstract_state
-        try:
-            state = checkpoints.restore_checkpoint(
-                manager, abstract, step, restore_data_iterator=False
-            ).train_state
-        except Exception as error:  # noqa: BLE001 - Orbax raises many kinds; the user needs one
-            raise UserError(
-                f"checkpoint {checkpoints.step_path(manager, step)!r} could not be restored "
-                f"({type(error).__name__}: {error}); pass another step of "
-                f"{sorted(manager.all_steps())} or the run directory"
-            ) from error
+        candidates = [step] if step is not None else complete[::-1]
+        for candidate in candidates:
+            try:
+                state = checkpoints.restore_checkpoint(
+                    manager, abstract, candidate, restore_data_iterator=False
+                ).train_state
+                step = candidate
+                break
+            except Exception as error:  # noqa: BLE001 - Orbax raises many kinds; the user needs one
+                path = checkpoints.step_path(manager, candidate)
+                cause = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+                if candidate == candidates[-1]:
+                    others = [s for s in complete if s != candidate]
+                    hint = (
+                        f"pass another of its steps {others} as {directory}/STEP"
+                        if step is not None and others
+                        else "the run has no readable checkpoint; train it again"
+                    )
+                    raise UserError(
+                        f"checkpoint {path!r} could not be restored ({cause}); {hint}"
+                    ) from error
+                logger.warning(
+                    "checkpoint %s could not be restored (%s); trying the one before", path, cause
+                )
     finally:
         manager.close()
     if use_ema and state["ema"] is None:

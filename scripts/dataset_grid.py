@@ -16,7 +16,7 @@ import textwrap
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from diffusion.data import pipeline
+from diffusion.data import sources
 
 CELL_WIDTH = 240  # pixels per grid cell; the image is centred above its caption
 IMAGE_SIDE = 160
@@ -59,14 +59,14 @@ def main() -> None:
     parser.add_argument("--out", default="docs/figures/shapes_examples.png")
     args = parser.parse_args()
 
-    builder = pipeline.build_dataset(data_dir=args.data_dir, resolution=args.resolution)
+    builder = sources.build_dataset(data_dir=args.data_dir, resolution=args.resolution)
     source = builder.as_data_source(split=args.split)
     records = [source[i] for i in range(args.count)]
     images = np.stack([r["image"] for r in records])
     captions = [r["caption"].decode("utf-8") for r in records]
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     draw_grid(images, captions, args.columns).save(args.out)
-    print(f"wrote {args.out}: {args.count} examples of {pipeline.tfds_name(builder)} {args.split}")
+    print(f"wrote {args.out}: {args.count} examples of {sources.tfds_name(builder)} {args.split}")
 
 
 if __name__ == "__main__":

@@ -74,6 +74,7 @@ from diffusion import (
     hf,
     inference,
     models,
+    param_export,
     pipeline,
     rundir,
     sharding,
@@ -278,6 +279,17 @@ def dit_run(env: Env, tmp, **config_changes) -> str:
         else:
             node[leaf] = value
     write(os.path.join(run, "config.json"), json.dumps(record))
+    return run
+
+
+def small_vocab_clip(env: Env, tmp) -> str:
+    """A CLIP run directory (model.json, params/) whose text tower embeds 64 tokens only."""
+    run = str(tmp / "small_vocab_clip")
+    config = models.clip_config("tiny", vocab_size=64, context_length=16, image_size=16)
+    rundir.save_model_config(run, "clip", config)
+    abstract = nnx.eval_shape(lambda: models.CLIP(config, rngs=nnx.Rngs(0)))
+    zeros = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), nnx.state(abstract))
+    param_export.export_params(os.path.join(run, rundir.PARAMS_DIR), zeros)
     return run
 
 
@@ -586,7 +598,15 @@ CASES = [
         lambda e, t: inference.TextToImage.from_run(
             dit_run(e, t, **{"text_encoder.checkpoint": str(t / "moved")})
         ),
-        ("text_encoder.checkpoint=", "moved' is not a directory", "Name a CLIP run directory"),
+        ("text_encoder.checkpoint=", "moved' of", "is not a directory", "--text_encoder=DIR"),
+    ),
+    Case(
+        "dit-text-encoder-moved-and-named",  # the fix the row above names works
+        lambda e, t: inference.TextToImage.from_run(
+            dit_run(e, t, **{"text_encoder.checkpoint": str(t / "moved")}),
+            text_encoder=str(t / "elsewhere"),
+        ),
+        ("elsewhere' is not a directory", "Name a CLIP run directory"),
     ),
     Case(
         "run-unfinished",
@@ -661,6 +681,33 @@ CASES = [
         "steps-not-integer",
         lambda e, t: generate(e, steps=2.5),
         ("steps must be an integer >= 1, got 2.5",),
+    ),
+    Case(
+        "steps-absurdly-many",  # was accepted: 100000 steps would sample for hours
+        lambda e, t: generate(e, steps=100_000),
+        ("steps=100000 is more than 10000", "pass a smaller --steps"),
+    ),
+    Case(
+        "prompts-not-a-list",  # was a raw TypeError
+        lambda e, t: e.pipeline.generate(123, steps=2),
+        ("prompts must be a string or a list of strings, got int 123",),
+    ),
+    Case(
+        "prompt-file-is-a-directory",  # said "does not exist"
+        lambda e, t: inference.read_prompt_file(str(t)),
+        ("is a directory", "pass a .txt file (one prompt per line) or a .jsonl file"),
+    ),
+    Case(
+        "resolution-not-a-multiple-of-the-patch",  # was a ValueError from the model code
+        lambda e, t: inference.TextToImage.from_run(dit_run(e, t), resolution=17),
+        ("resolution=17 is not a positive multiple of the DiT's patch size 4",),
+    ),
+    Case(
+        "text-encoder-of-another-vocabulary",  # was never checked
+        lambda e, t: inference.TextToImage.from_run(
+            dit_run(e, t), text_encoder=small_vocab_clip(e, t)
+        ),
+        ("tokens but the text encoder", "embeds 64", "--text_encoder=DIR"),
     ),
     Case(
         "guidance-nan",

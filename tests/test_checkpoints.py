@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from diffusion import checkpoints, errors, sharding
+from diffusion import checkpoints, errors, param_export, sharding
 
 
 def _mesh(shape, num_devices=8):
@@ -224,14 +224,14 @@ def test_unfinished_or_corrupt_latest_checkpoint_is_not_used(tmp_path, caplog):
 
 def test_export_and_load_ema_params_on_another_mesh(tmp_path):
     state = _trained_state(worker.ToyTrainer(_mesh({"data": 2, "fsdp": 4})))
-    path = checkpoints.export_params(tmp_path / "ema", state["ema"])
+    path = param_export.export_params(tmp_path / "ema", state["ema"])
     mesh = _mesh({"fsdp": 2}, 2)
     _, abstract, _ = sharding.abstract_state(lambda: worker.ToyModel(nnx.Rngs(0)), mesh)
-    loaded = checkpoints.load_params(path, abstract)
+    loaded = param_export.load_params(path, abstract)
     _assert_trees_equal(loaded, state["ema"])
     assert all(len(x.sharding.device_set) == 2 for x in jax.tree.leaves(sharding.unbox(loaded)))
     with pytest.raises(FileNotFoundError, match="no exported parameters"):
-        checkpoints.load_params(tmp_path / "missing", abstract)
+        param_export.load_params(tmp_path / "missing", abstract)
 
 
 def test_our_array_handler_is_registered_without_orbax_override_warning():
@@ -404,39 +404,39 @@ def _file_identities(directory):
 def test_export_of_the_same_values_leaves_the_files_alone_and_new_values_replace_them(tmp_path):
     trainer = worker.ToyTrainer(_mesh({"data": 2, "fsdp": 4}))
     state = _trained_state(trainer)
-    path = checkpoints.export_params(tmp_path / "params", state["ema"], step=2)
-    record = checkpoints.read_export_record(path)
+    path = param_export.export_params(tmp_path / "params", state["ema"], step=2)
+    record = param_export.read_export_record(path)
     assert record["step"] == 2 and record["fingerprint"].startswith("sha256:")
     before = _file_identities(path)
     # Rerunning a finished run: the same values (also on another mesh) keep every file.
     again = jax.device_put(state["ema"], jax.tree.map(lambda x: x.sharding, state["ema"]))
-    assert checkpoints.export_params(tmp_path / "params", again, step=2) == path
+    assert param_export.export_params(tmp_path / "params", again, step=2) == path
     assert _file_identities(path) == before
     # Other values are swapped in whole; nothing staged is left beside them.
     state, _ = trainer.run(state, 2, 1, batch_size=16)
-    checkpoints.export_params(tmp_path / "params", state["ema"], step=3)
-    assert checkpoints.read_export_record(path)["step"] == 3
+    param_export.export_params(tmp_path / "params", state["ema"], step=3)
+    assert param_export.read_export_record(path)["step"] == 3
     assert sorted(os.listdir(tmp_path)) == ["params"]
     _, abstract, _ = sharding.abstract_state(lambda: worker.ToyModel(nnx.Rngs(0)), trainer.mesh)
-    _assert_trees_equal(checkpoints.load_params(path, abstract), state["ema"])
+    _assert_trees_equal(param_export.load_params(path, abstract), state["ema"])
     # An export without its record (written before records existed, or cut short) is redone.
-    os.remove(os.path.join(path, checkpoints.EXPORT_RECORD))
-    checkpoints.export_params(tmp_path / "params", state["ema"], step=3)
-    assert checkpoints.read_export_record(path)["step"] == 3
+    os.remove(os.path.join(path, param_export.EXPORT_RECORD))
+    param_export.export_params(tmp_path / "params", state["ema"], step=3)
+    assert param_export.read_export_record(path)["step"] == 3
 
 
 def test_fingerprint_sees_values_names_and_dtypes():
     base = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(2, np.int32)}
     same = {"a": base["a"].copy(), "b": base["b"].copy()}
-    assert checkpoints.fingerprint(base) == checkpoints.fingerprint(same)
+    assert param_export.fingerprint(base) == param_export.fingerprint(same)
     changed = {"a": base["a"].copy(), "b": base["b"]}
     changed["a"][1, 2] = np.nextafter(np.float32(5), np.float32(6))  # one bit of one value
-    assert checkpoints.fingerprint(changed) != checkpoints.fingerprint(base)
-    assert checkpoints.fingerprint({"c": base["a"], "b": base["b"]}) != checkpoints.fingerprint(
+    assert param_export.fingerprint(changed) != param_export.fingerprint(base)
+    assert param_export.fingerprint({"c": base["a"], "b": base["b"]}) != param_export.fingerprint(
         base
     )
-    assert checkpoints.fingerprint({"a": base["a"].astype(np.int32), "b": base["b"]}) != (
-        checkpoints.fingerprint(base)
+    assert param_export.fingerprint({"a": base["a"].astype(np.int32), "b": base["b"]}) != (
+        param_export.fingerprint(base)
     )
 
 
@@ -448,18 +448,18 @@ def test_global_bit_sums_do_not_depend_on_the_mesh():
         mesh = _mesh(shape)
         spec = jax.sharding.PartitionSpec(tuple(shape))
         x = jax.device_put(values, jax.sharding.NamedSharding(mesh, spec))
-        sums.append(np.asarray(checkpoints._bit_sums([x, x.astype(jax.numpy.bfloat16)])))
+        sums.append(np.asarray(param_export._bit_sums([x, x.astype(jax.numpy.bfloat16)])))
     np.testing.assert_array_equal(sums[0], sums[1])
     moved = values.copy()
     moved[[0, 1]] = moved[[1, 0]]  # the same values elsewhere
-    assert np.asarray(checkpoints._bit_sums([jax.numpy.asarray(moved)]))[0] != sums[0][0]
+    assert np.asarray(param_export._bit_sums([jax.numpy.asarray(moved)]))[0] != sums[0][0]
 
 
 def test_a_failed_export_keeps_the_previous_one_and_removes_the_partial(tmp_path, monkeypatch):
     import orbax.checkpoint as ocp
 
     state = _trained_state(worker.ToyTrainer(_mesh({"data": 8})))
-    path = checkpoints.export_params(tmp_path / "params", state["params"], step=2)
+    path = param_export.export_params(tmp_path / "params", state["params"], step=2)
     before = _file_identities(path)
     original = ocp.StandardCheckpointer.save
 
@@ -469,7 +469,7 @@ def test_a_failed_export_keeps_the_previous_one_and_removes_the_partial(tmp_path
 
     monkeypatch.setattr(ocp.StandardCheckpointer, "save", disk_full)
     with pytest.raises(checkpoints.CheckpointWriteError) as raised:
-        checkpoints.export_params(tmp_path / "params", state["ema"], step=2)
+        param_export.export_params(tmp_path / "params", state["ema"], step=2)
     assert "could not export the parameters" in str(raised.value)
     assert "the disk is full" in str(raised.value) and f"{path} is unchanged" in str(raised.value)
     assert _file_identities(path) == before

@@ -19,7 +19,7 @@ import tensorflow_datasets as tfds
 
 from diffusion import config as config_lib
 from diffusion import errors, hf
-from diffusion.data import pipeline, tokenizer
+from diffusion.data import sources, tokenizer
 from diffusion.errors import NonFiniteError, UserError
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -261,10 +261,10 @@ def test_train_py_refuses_a_negative_step_count_before_any_work(tmp_path):
 def shapes_dir(tmp_path_factory):
     """A prepared 16x16 shapes dataset whose train split is one ArrayRecord shard of 256 KB."""
     data_dir = str(tmp_path_factory.mktemp("tfds"))
-    builder = pipeline.build_dataset(
+    builder = sources.build_dataset(
         data_dir=data_dir, resolution=16, num_train=512, num_test=8, num_test_unseen=8
     )
-    return data_dir, pipeline.tfds_name(builder)
+    return data_dir, sources.tfds_name(builder)
 
 
 def _damaged_copy(shapes_dir, tmp_path, damage):
@@ -274,7 +274,7 @@ def _damaged_copy(shapes_dir, tmp_path, damage):
     builder = tfds.builder(name, data_dir=copy)
     (shard,) = [os.fspath(p) for p in builder.info.splits["train"].filepaths]
     damage(shard)
-    return pipeline.SourceConfig(name=name, data_dir=copy), shard, builder.data_dir
+    return sources.SourceConfig(name=name, data_dir=copy), shard, builder.data_dir
 
 
 def _truncate(fraction):
@@ -298,7 +298,7 @@ def _truncate(fraction):
 def test_a_damaged_shard_is_named_with_the_fix(shapes_dir, tmp_path, damage, why):
     source, shard, dataset_dir = _damaged_copy(shapes_dir, tmp_path, damage)
     with pytest.raises(UserError) as raised:
-        reader = pipeline.open_source(source, "train")
+        reader = sources.open_source(source, "train")
         reader.read(list(range(len(reader))))
     message = str(raised.value)
     assert f"{shard} (" in message and why in message
@@ -308,8 +308,8 @@ def test_a_damaged_shard_is_named_with_the_fix(shapes_dir, tmp_path, damage, why
 def test_damaged_shards_of_an_intact_dataset_is_empty(shapes_dir):
     data_dir, name = shapes_dir
     builder = tfds.builder(name, data_dir=data_dir)
-    assert pipeline.damaged_shards(builder, "train[:50%]+test") == []
-    reader = pipeline.open_source(pipeline.SourceConfig(name=name, data_dir=data_dir), "train")
+    assert sources.damaged_shards(builder, "train[:50%]+test") == []
+    reader = sources.open_source(sources.SourceConfig(name=name, data_dir=data_dir), "train")
     assert len(reader.read([0, 511])) == 2
 
 

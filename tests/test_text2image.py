@@ -20,8 +20,8 @@ import pytest
 from flax import nnx
 from test_trainer import tiny
 
-from diffusion import checkpoints, inference, models, rundir, sharding, training
 from diffusion import data as data_lib
+from diffusion import inference, models, param_export, rundir, sharding, training
 from diffusion.errors import UserError
 from diffusion.families import dit as dit_family
 
@@ -66,7 +66,7 @@ def train_tiny_runs(root, copies: bool = True) -> dict[str, str]:
         0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)
     ]
     leaves = [x + n for x, n in zip(leaves, noise, strict=True)]
-    checkpoints.export_params(
+    param_export.export_params(
         os.path.join(random_dir, "params"), jax.tree.unflatten(treedef, leaves)
     )
     ddpm_dir = str(root / "ddpm")
@@ -207,7 +207,7 @@ def scanned_copy(run_dir, new_dir, model_cls, **config_changes):
     scanned = model_cls(scanned_config, rngs=nnx.Rngs(0))
     layers.copy_params_into_scanned(rundir.load_run_params(run_dir, config, model_cls), scanned)
     shutil.rmtree(os.path.join(new_dir, "params"))
-    checkpoints.export_params(os.path.join(new_dir, "params"), nnx.state(scanned))
+    param_export.export_params(os.path.join(new_dir, "params"), nnx.state(scanned))
     rundir.save_model_config(new_dir, family, scanned_config)
     with open(os.path.join(new_dir, "config.json")) as f:
         recipe = json.load(f)
@@ -269,6 +269,37 @@ def test_checkpoint_step_directory_loads_that_steps_weights(runs):
     raw = inference.TextToImage.from_run(step_dir, use_ema=False)
     assert not raw.use_ema
     assert not np.array_equal(raw.generate(["a red circle"], **options), exported)
+
+
+def test_an_unreadable_latest_checkpoint_falls_back_to_the_one_before_as_training_does(
+    runs, tmp_path, caplog
+):
+    """sample.py on a run without exported params/ (or --use_ema=false) reads the latest
+    checkpoint; a damaged one (a truncated array file) is reported by path and the step before
+    it is sampled, as train.py resumes from it. A named damaged step is a one-line error."""
+    run = str(tmp_path / "run")
+    shutil.copytree(runs["dit"], run)
+    shutil.rmtree(os.path.join(run, "params"))
+    steps = os.path.join(run, "checkpoints")
+    shutil.copytree(os.path.join(steps, "1"), os.path.join(steps, "2"))  # a newer step ...
+    state = os.path.join(steps, "2", "state")
+    files = [os.path.join(root, n) for root, _, names in os.walk(state) for n in names]
+    largest = max(files, key=os.path.getsize)
+    os.truncate(largest, os.path.getsize(largest) // 2)  # ... cut short by a full disk
+    options = dict(seeds=[4], steps=2)
+    expected = inference.TextToImage.from_run(os.path.join(runs["dit"], "checkpoints", "1"))
+    with caplog.at_level(logging.WARNING):
+        pipe = inference.TextToImage.from_run(run)
+    assert pipe.checkpoint_step == 1
+    assert f"checkpoint {os.path.join(steps, '2')} could not be restored" in caplog.text
+    np.testing.assert_array_equal(
+        pipe.generate(["a red circle"], **options), expected.generate(["a red circle"], **options)
+    )
+    with pytest.raises(UserError) as error:
+        inference.TextToImage.from_run(os.path.join(steps, "2"))
+    message = str(error.value)
+    assert "could not be restored" in message and "pass another of its steps [1]" in message
+    assert len(message) < 1000 and "\n" not in message  # no TensorStore dump
 
 
 def test_ddpm_model_samplers(runs):

@@ -5,13 +5,8 @@ Importing this package registers the `shapes` builder with TFDS, so that
 """
 
 from diffusion.data import shapes  # noqa: F401  (registers the "shapes" TFDS builder)
-from diffusion.data.pipeline import (
-    SourceConfig,
-    build_dataset,
-    make_input_pipeline,
-    tfds_name,
-    to_global_batch,
-)
+from diffusion.data.input_pipeline import make_input_pipeline, to_global_batch
+from diffusion.data.sources import SourceConfig, build_dataset, tfds_name
 from diffusion.data.tokenizer import (
     load_tokenizer,
     longest_caption,

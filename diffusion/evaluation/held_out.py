@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 
-from diffusion.data import pipeline as input_pipeline
+from diffusion.data import input_pipeline, sources
 from diffusion.evaluation.shapes_oracle import ATTRIBUTES
 from diffusion.training.inputs import prepare_source
 
@@ -24,7 +24,7 @@ def load_split_examples(data_config, seed: int, split: str, count: int) -> Split
     """Reads `count` examples (fewer if the split is smaller) in record order, building the
     shapes dataset first if it is missing (the same call as training)."""
     source, _ = prepare_source(data_config, seed)
-    reader = input_pipeline.open_source(source, split)
+    reader = sources.open_source(source, split)
     decoder = input_pipeline.BatchDecoder(reader, source, tokenizer=None, context_length=2)
     records = reader.read(list(range(min(count, len(reader)))))
     images = np.stack([np.asarray(r[source.image_key], np.uint8) for r in records])

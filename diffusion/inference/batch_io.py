@@ -115,6 +115,11 @@ def read_prompt_file(
         raise SamplingError(f"num_per_prompt must be an integer >= 1, got {num_per_prompt!r}")
     check_seed(seed)
     check_number(guidance_scale, "guidance_scale")
+    if os.path.isdir(path):
+        raise SamplingError(
+            f"prompt file {path!r} is a directory; pass a .txt file (one prompt per line) or a "
+            ".jsonl file"
+        )
     if not os.path.isfile(path):
         raise SamplingError(f"prompt file {path!r} does not exist")
     is_jsonl = path.endswith(".jsonl")

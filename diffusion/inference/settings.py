@@ -79,9 +79,18 @@ def check_sampler_name(name: str) -> None:
         raise SamplingError(f"unknown sampler {name!r}; valid samplers: {', '.join(every)}")
 
 
+# Samplers converge in tens to hundreds of steps; far more is a typo that would run for hours.
+MAX_STEPS = 10_000
+
+
 def check_steps(steps) -> int:
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
         raise SamplingError(f"steps must be an integer >= 1, got {steps!r}")
+    if steps > MAX_STEPS:
+        raise SamplingError(
+            f"steps={steps} is more than {MAX_STEPS}; the samplers converge within a few hundred "
+            "steps (20-50 is usual), so pass a smaller --steps"
+        )
     return int(steps)
 
 

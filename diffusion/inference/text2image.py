@@ -54,6 +54,19 @@ def default_mesh() -> Mesh:
     return sharding.make_mesh({"data": -1})
 
 
+def _check_resolution(resolution, patch_size: int) -> None:
+    if (
+        isinstance(resolution, bool)
+        or not isinstance(resolution, numbers.Integral)
+        or resolution < patch_size
+        or resolution % patch_size
+    ):
+        raise SamplingError(
+            f"resolution={resolution!r} is not a positive multiple of the DiT's patch size "
+            f"{patch_size}; pass e.g. resolution={max(patch_size, 2 * patch_size)}"
+        )
+
+
 class TextToImage:
     """A DiT with its tokenizer and text tower, placed on a mesh, ready to sample.
 
@@ -120,6 +133,7 @@ class TextToImage:
         mesh: Mesh | None = None,
         resolution: int | None = None,
         micro_batch: int = DEFAULT_MICRO_BATCH,
+        text_encoder: str | None = None,
     ) -> TextToImage:
         """Loads a DiT run directory (its exported EMA params/) or a `checkpoints/<step>` in it.
 
@@ -130,6 +144,8 @@ class TextToImage:
         mesh: where to sample (default: every device on the data axis; weights replicated).
         micro_batch: samples each device computes at once. Images are identical for any batch
           size and device count only between pipelines with the same micro_batch.
+        text_encoder: the CLIP run (or Hugging Face CLIP directory) the DiT was trained on, where
+          it is now; default: the path the run recorded (config.text_encoder.checkpoint).
         """
         location = rundir.locate_run(run_dir, what="DiT run")
         family, model_config = rundir.load_model_config(location.run_dir)
@@ -149,11 +165,24 @@ class TextToImage:
                 "latent model); this pipeline samples RGB pixel models only"
             )
         config = rundir.load_run_config(location.run_dir)
+        side = rundir.run_resolution(config) if resolution is None else resolution
+        _check_resolution(side, model_config.patch_size)
         mesh = mesh if mesh is not None else default_mesh()
-        text_encoder = rundir.load_text_encoder(
-            config.text_encoder.checkpoint, {"dtype": config.model.dtype}
-        )
+        encoder_dir = text_encoder or config.text_encoder.checkpoint
+        if not text_encoder and not os.path.isdir(encoder_dir):
+            raise SamplingError(
+                f"config.text_encoder.checkpoint={encoder_dir!r} of {location.run_dir} is not a "
+                "directory: the CLIP run the DiT was trained on moved or was deleted. Name a CLIP "
+                "run directory where it is now with text_encoder= (sample.py: --text_encoder=DIR)"
+            )
+        encoder = rundir.load_text_encoder(encoder_dir, {"dtype": config.model.dtype})
         tokenizer = rundir.load_tokenizer(location.run_dir, config)
+        if len(tokenizer) > encoder.config.vocab_size:
+            raise SamplingError(
+                f"the run's tokenizer has {len(tokenizer)} tokens but the text encoder "
+                f"{encoder_dir!r} embeds {encoder.config.vocab_size}: they were not trained "
+                "together. Name the CLIP run this DiT was trained on (--text_encoder=DIR)"
+            )
         exported = os.path.join(location.run_dir, rundir.PARAMS_DIR)
         checkpoints_dir = os.path.join(location.run_dir, rundir.CHECKPOINTS_DIR)
         if location.step is None and use_ema and os.path.isdir(exported):
@@ -184,11 +213,11 @@ class TextToImage:
             dit = nnx.merge(nnx.graphdef(abstract), params)
         return cls(
             dit=dit,
-            text_encoder=text_encoder,
+            text_encoder=encoder,
             tokenizer=tokenizer,
             diffusion_config=config.diffusion,
             context_length=config.tokenizer.context_length,
-            resolution=rundir.run_resolution(config) if resolution is None else int(resolution),
+            resolution=int(side),
             checkpoint_step=step,
             mesh=mesh,
             micro_batch=micro_batch,
@@ -214,9 +243,10 @@ class TextToImage:
         for prompt, length in zip(prompts, lengths, strict=True):
             if length > self.context_length and prompt not in self._warned_prompts:
                 self._warned_prompts.add(prompt)  # once per prompt, not once per image
+                shown = prompt if len(prompt) <= 80 else f"{prompt[:77]}..."
                 logger.warning(
                     "prompt %r has %d tokens, more than the context of %d: it is truncated",
-                    prompt,
+                    shown,
                     length,
                     self.context_length,
                 )
@@ -260,6 +290,11 @@ class TextToImage:
         batch_size: samples per program call (`program_batch_size`); the images do not depend
           on it. Default: min(N, 16).
         """
+        if not isinstance(prompts, str | Sequence):
+            raise SamplingError(
+                f"prompts must be a string or a list of strings, got {type(prompts).__name__} "
+                f"{prompts!r}"
+            )
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         for prompt in prompts:
             if not isinstance(prompt, str):

@@ -10,7 +10,7 @@ import jax
 
 from diffusion import data as data_lib
 from diffusion import distributed, rundir
-from diffusion.data import pipeline as input_pipeline
+from diffusion.data import input_pipeline, sources
 from diffusion.errors import UserError
 from diffusion.families import DataFacts
 
@@ -51,7 +51,7 @@ def prepare_source(data_config, seed: int) -> tuple[data_lib.SourceConfig, Any]:
 
 def read_captions(source, split: str) -> list[str]:
     """Every caption of a split (as the input pipeline makes them), for training a tokenizer."""
-    reader = input_pipeline.open_source(source, split)
+    reader = sources.open_source(source, split)
     decode = input_pipeline.BatchDecoder(reader, source, tokenizer=None, context_length=2)
     captions = []
     for start in range(0, len(reader), 4096):

@@ -19,7 +19,7 @@ import numpy as np
 import tqdm
 from flax import nnx
 
-from diffusion import checkpoints, families, metrics, optim, rundir, sharding
+from diffusion import checkpoints, families, metrics, optim, param_export, rundir, sharding
 from diffusion import data as data_lib
 from diffusion.data.tokenizer import save_tokenizer
 from diffusion.errors import NonFiniteError, UserError
@@ -163,7 +163,7 @@ def train(
         if step >= t.num_steps and (jax.process_index() == 0 or jax.process_count() > 1):
             params = state["ema"] if state["ema"] is not None else state["params"]
             # A finished run's rerun finds the same export and leaves its files untouched.
-            checkpoints.export_params(os.path.join(workdir, rundir.PARAMS_DIR), params, step=step)
+            param_export.export_params(os.path.join(workdir, rundir.PARAMS_DIR), params, step=step)
     finally:
         checkpoints.close_manager(manager)
         writer.close()

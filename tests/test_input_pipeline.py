@@ -1,4 +1,4 @@
-"""The grain input pipeline over TFDS data sources (diffusion/data/pipeline.py)."""
+"""The grain input pipeline over TFDS data sources (diffusion/data/input_pipeline.py)."""
 
 import dataclasses
 import json
@@ -10,7 +10,7 @@ import tensorflow_datasets as tfds
 from jax.sharding import AxisType, PartitionSpec
 
 import diffusion.data  # noqa: F401  (registers "shapes")
-from diffusion.data import pipeline, shapes, tokenizer
+from diffusion.data import input_pipeline, shapes, sources, tokenizer
 
 NUM_TRAIN = 100
 CONTEXT_LENGTH = 24
@@ -19,10 +19,10 @@ CONTEXT_LENGTH = 24
 @pytest.fixture(scope="module")
 def shapes_source(tmp_path_factory):
     data_dir = str(tmp_path_factory.mktemp("tfds"))
-    builder = pipeline.build_dataset(
+    builder = sources.build_dataset(
         data_dir=data_dir, resolution=16, num_train=NUM_TRAIN, num_test=20, num_test_unseen=12
     )
-    return pipeline.SourceConfig(name=pipeline.tfds_name(builder), data_dir=data_dir)
+    return sources.SourceConfig(name=sources.tfds_name(builder), data_dir=data_dir)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def _pipeline(source, tok, **overrides):
         process_count=1,
     )
     arguments.update(overrides)
-    return pipeline.make_input_pipeline(source, tok, **arguments)
+    return input_pipeline.make_input_pipeline(source, tok, **arguments)
 
 
 def _take(iterator, count):
@@ -163,7 +163,7 @@ def test_restored_state_continues_exactly_like_an_uninterrupted_run(
 
 
 def test_caption_template_over_label_names_and_other_fields(shapes_source, caption_tokenizer):
-    source = pipeline.SourceConfig(
+    source = sources.SourceConfig(
         name=shapes_source.name,
         data_dir=shapes_source.data_dir,
         label_key="shape",
@@ -180,7 +180,7 @@ def test_caption_template_over_label_names_and_other_fields(shapes_source, capti
 
 
 def test_mock_cifar10_with_label_template(caption_tokenizer):
-    source = pipeline.SourceConfig(name="cifar10", label_key="label")  # "a photo of a {label}"
+    source = sources.SourceConfig(name="cifar10", label_key="label")  # "a photo of a {label}"
     with tfds.testing.mock_data(num_examples=12):
         builder = tfds.builder("cifar10")
         records = builder.as_data_source(split="train")
@@ -201,7 +201,7 @@ def test_mock_cifar10_with_label_template(caption_tokenizer):
 def test_mock_shapes_with_caption_key(caption_tokenizer):
     with tfds.testing.mock_data(num_examples=6):
         batch = next(
-            _pipeline(pipeline.SourceConfig(name="shapes"), caption_tokenizer, global_batch_size=6)
+            _pipeline(sources.SourceConfig(name="shapes"), caption_tokenizer, global_batch_size=6)
         )
     assert batch["image"].shape == (6, 32, 32, 3)
     assert batch["tokens"].shape == (6, CONTEXT_LENGTH)
@@ -211,17 +211,17 @@ def test_mock_shapes_with_caption_key(caption_tokenizer):
 
 def test_bad_inputs_raise_clear_errors(shapes_source, caption_tokenizer, tmp_path):
     with pytest.raises(ValueError, match=r"Unknown TFDS dataset 'cifar1O'.*cifar10"):
-        _pipeline(pipeline.SourceConfig(name="cifar1O"), caption_tokenizer)
+        _pipeline(sources.SourceConfig(name="cifar1O"), caption_tokenizer)
     with pytest.raises(ValueError, match=r"Split 'validation'.*\['train', 'test', 'test_unseen'\]"):
         _pipeline(shapes_source, caption_tokenizer, split="validation")
-    templated = pipeline.SourceConfig(
+    templated = sources.SourceConfig(
         name=shapes_source.name, data_dir=shapes_source.data_dir, caption_template="a {colour}"
     )
     with pytest.raises(ValueError, match=r"field 'colour'.*'background', 'caption', 'color'"):
         _pipeline(templated, caption_tokenizer)
     with pytest.raises(ValueError, match="image_key 'img'"):
         _pipeline(
-            pipeline.SourceConfig(
+            sources.SourceConfig(
                 name=shapes_source.name, data_dir=shapes_source.data_dir, image_key="img"
             ),
             caption_tokenizer,
@@ -229,19 +229,17 @@ def test_bad_inputs_raise_clear_errors(shapes_source, caption_tokenizer, tmp_pat
     with pytest.raises(ValueError, match="not divisible by process_count 3"):
         _pipeline(shapes_source, caption_tokenizer, global_batch_size=8, process_count=3)
     with pytest.raises(ValueError, match="not prepared"):
-        _pipeline(
-            pipeline.SourceConfig(name="shapes/16", data_dir=str(tmp_path)), caption_tokenizer
-        )
+        _pipeline(sources.SourceConfig(name="shapes/16", data_dir=str(tmp_path)), caption_tokenizer)
 
 
 @pytest.fixture(scope="module")
 def twins_source(tmp_path_factory):
     # 1500 records over 432 (color, size, position, background) groups: most have shape twins.
     data_dir = str(tmp_path_factory.mktemp("tfds_twins"))
-    builder = pipeline.build_dataset(
+    builder = sources.build_dataset(
         data_dir=data_dir, resolution=16, num_train=1500, num_test=8, num_test_unseen=8
     )
-    return pipeline.SourceConfig(name=pipeline.tfds_name(builder), data_dir=data_dir)
+    return sources.SourceConfig(name=sources.tfds_name(builder), data_dir=data_dir)
 
 
 LABELS = ("background", "color", "position", "shape", "size")
@@ -308,7 +306,7 @@ def test_a_record_without_a_twin_gets_another_record_never_itself():
     # alone. Records 1 and 2 are shape twins of each other.
     labels = np.array([[0, 0], [1, 0], [1, 1]])
     for seed in range(50):  # many draws of the fallback
-        finder = pipeline.TwinFinder(labels, ("color", "shape"), ("shape",), seed=seed)
+        finder = input_pipeline.TwinFinder(labels, ("color", "shape"), ("shape",), seed=seed)
         pairs = finder(np.array([0, 1, 2])).reshape(-1, 2)
         assert pairs[0, 1] != 0
         assert pairs[1, 1] == 2 and pairs[2, 1] == 1
@@ -366,11 +364,12 @@ def test_hard_negative_captions_swap_one_attribute_word(twins_source, caption_to
 def test_swap_attribute_word_takes_the_first_whole_word():
     caption = "a white star on a white background"
     assert (
-        pipeline.swap_attribute_word(caption, "white", "red") == "a red star on a white background"
+        input_pipeline.swap_attribute_word(caption, "white", "red")
+        == "a red star on a white background"
     )
-    assert pipeline.swap_attribute_word("at the top", "top", "left") == "at the left"
+    assert input_pipeline.swap_attribute_word("at the top", "top", "left") == "at the left"
     with pytest.raises(ValueError, match="'star' is not a word of the caption 'a starry sky'"):
-        pipeline.swap_attribute_word("a starry sky", "star", "heart")
+        input_pipeline.swap_attribute_word("a starry sky", "star", "heart")
 
 
 def test_hard_negative_caption_bad_inputs(twins_source, caption_tokenizer):
@@ -387,15 +386,15 @@ def test_to_global_batch_shards_the_batch_over_data_axes():
         "image": np.arange(16 * 2 * 2 * 3, dtype=np.float32).reshape(16, 2, 2, 3),
         "tokens": np.arange(16 * 5, dtype=np.int32).reshape(16, 5),
     }
-    global_batch = pipeline.to_global_batch(local, mesh)
+    global_batch = input_pipeline.to_global_batch(local, mesh)
     for key, value in global_batch.items():
         assert value.sharding.spec == PartitionSpec(("data", "fsdp"))
         np.testing.assert_array_equal(np.asarray(value), local[key])
         # 8 devices, 2 rows each, in order along the batch.
         rows = sorted((s.index[0].start, s.data.shape[0]) for s in value.addressable_shards)
         assert rows == [(2 * i, 2) for i in range(8)]
-    only_data = pipeline.to_global_batch(local, mesh, PartitionSpec("data"))
+    only_data = input_pipeline.to_global_batch(local, mesh, PartitionSpec("data"))
     assert only_data["image"].addressable_shards[0].data.shape == (4, 2, 2, 3)
     model_mesh = jax.make_mesh((8,), ("model",), axis_types=(AxisType.Auto,))
     with pytest.raises(ValueError, match="contain none of"):
-        pipeline.to_global_batch(local, model_mesh)
+        input_pipeline.to_global_batch(local, model_mesh)
