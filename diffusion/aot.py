@@ -199,16 +199,7 @@ def build_programs(
     else:
         build = family.build(config, facts, mesh, **overrides)
     tx = optim.make_optimizer(config.optimizer, total_steps=config.training.num_steps)
-    train_step = TrainStep(
-        build.init_model,
-        build.loss_fn,
-        tx,
-        mesh,
-        seed=config.seed,
-        rules=sharding.rules_from_config(config.mesh),
-        ema_decay=config.training.ema_decay,
-        nan_policy=config.training.nan_policy,
-    )
+    train_step = build.train_step(config, mesh, tx)
     if build.frozen_config is not None:  # abstract: TrainStep(frozen=...) would device_put one
         train_step.use_abstract_frozen(build.init_frozen)
     batch = family.abstract_batch(config, mesh, build, facts)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_layers import constraint_specs
 
 from diffusion import sharding
 from diffusion.models import DIT_VARIANTS, DiT, blocks, dit_config, layers
@@ -406,20 +407,6 @@ def test_gradients_on_a_data_fsdp_tensor_mesh_equal_one_device_gradients():
     assert grads.keys() == reference.keys()
     for path, grad in grads.items():
         np.testing.assert_allclose(grad, reference[path], rtol=1e-4, atol=1e-6, err_msg=str(path))
-
-
-def constraint_specs(jaxpr):
-    """The PartitionSpec of every sharding constraint in a jaxpr, nested jaxprs included."""
-    specs = []
-    for equation in jaxpr.eqns:
-        if equation.primitive.name == "sharding_constraint":
-            specs.append(equation.params["sharding"].spec)
-        for value in equation.params.values():
-            for inner in value if isinstance(value, tuple | list) else (value,):
-                inner = getattr(inner, "jaxpr", inner)
-                if hasattr(inner, "eqns"):
-                    specs.extend(constraint_specs(inner))
-    return specs
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])

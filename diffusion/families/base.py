@@ -18,7 +18,7 @@ from flax import nnx
 
 from diffusion import sharding
 from diffusion.errors import UserError
-from diffusion.train_step import LossFn
+from diffusion.train_step import LossFn, TrainStep
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +56,22 @@ class ModelBuild:
     seed: int
     frozen_config: Any = None  # the read-only model the loss gets (a DiT's text tower), if any
     frozen_class: type | None = None
+
+    def train_step(self, config, mesh, tx, frozen: nnx.Module | None = None) -> TrainStep:
+        """The sharded train state and jitted step of this build under the recipe's training
+        section and sharding rules (`frozen`: the loaded read-only model, if any)."""
+        t = config.training
+        return TrainStep(
+            self.init_model,
+            self.loss_fn,
+            tx,
+            mesh,
+            seed=config.seed,
+            rules=sharding.rules_from_config(config.mesh),
+            ema_decay=t.ema_decay,
+            nan_policy=t.nan_policy,
+            frozen=frozen,
+        )
 
     def init_frozen(self) -> nnx.Module:
         """The read-only model from shapes alone (for programs that are lowered, never run)."""

@@ -93,7 +93,7 @@ def train(
         raise UserError(f"config.training.nan_policy={t.nan_policy!r}; valid: stop, skip.")
     family = families.get(config.family)
     mesh = sharding.mesh_from_config(config.mesh, devices)
-    rules = sharding.rules_from_config(config.mesh)
+    sharding.rules_from_config(config.mesh)  # a bad rule is named before any work
     families.check_global_batch(t.global_batch_size, mesh)
     source, builder = inputs.prepare_source(config.data, config.seed)
     own_tokenizer_dir = inputs.tokenizer_dir_of(workdir)
@@ -112,17 +112,7 @@ def train(
     checkpoints.write_config(workdir, config)
     rundir.save_model_config(workdir, build.family, build.model_config)
 
-    train_step = TrainStep(
-        build.init_model,
-        build.loss_fn,
-        tx,
-        mesh,
-        seed=config.seed,
-        rules=rules,
-        ema_decay=t.ema_decay,
-        nan_policy=t.nan_policy,
-        frozen=frozen,
-    )
+    train_step = build.train_step(config, mesh, tx, frozen)
     data_iterator = data_lib.make_input_pipeline(
         source,
         tokenizer,
