@@ -121,15 +121,14 @@ def clip_config_from_hf(hf_config, pixel_mean=OPENAI_PIXEL_MEAN, pixel_std=OPENA
                         **execution) -> CLIPConfig:  # fmt: skip
     """Our CLIPConfig from a `transformers.CLIPConfig`; `execution` sets dtype, scan_layers..."""
     vision, text = hf_config.vision_config, hf_config.text_config
-    if vision.hidden_act != text.hidden_act:
-        raise CheckpointError(
-            f"the towers use different activations ({vision.hidden_act!r} vs "
-            f"{text.hidden_act!r}); our CLIP has one activation"
-        )
-    if vision.hidden_act not in HF_ACTIVATIONS:
-        raise CheckpointError(
-            f"unsupported hidden_act {vision.hidden_act!r}; supported: {sorted(HF_ACTIVATIONS)}"
-        )
+    for tower in (vision, text):
+        if tower.hidden_act not in HF_ACTIVATIONS:
+            raise CheckpointError(
+                f"unsupported hidden_act {tower.hidden_act!r}; supported: {sorted(HF_ACTIVATIONS)}"
+            )
+    text_activation = None  # one activation per tower, as transformers allows
+    if text.hidden_act != vision.hidden_act:
+        text_activation = HF_ACTIVATIONS[text.hidden_act]
     if vision.layer_norm_eps != text.layer_norm_eps:
         raise CheckpointError(
             f"the towers use different layer_norm_eps ({vision.layer_norm_eps} vs "
@@ -152,6 +151,7 @@ def clip_config_from_hf(hf_config, pixel_mean=OPENAI_PIXEL_MEAN, pixel_std=OPENA
         text_mlp_dim=text.intermediate_size,
         embed_dim=hf_config.projection_dim,
         activation=HF_ACTIVATIONS[vision.hidden_act],
+        text_activation=text_activation,
         layer_norm_eps=vision.layer_norm_eps,
         pixel_mean=tuple(float(v) for v in pixel_mean),
         pixel_std=tuple(float(v) for v in pixel_std),

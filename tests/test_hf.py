@@ -44,6 +44,18 @@ HF_CONFIGS = {
         hidden_act="gelu",
         layer_norm_eps=1e-6,
     ),
+    # One activation per tower, as transformers allows: gelu text tower, quick_gelu image tower
+    "mixed": dict(
+        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+        vision=dict(
+            hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+            image_size=16, patch_size=8,
+        ),
+        projection_dim=16,
+        hidden_act="quick_gelu",
+        text_hidden_act="gelu",
+        layer_norm_eps=1e-5,
+    ),
 }  # fmt: skip
 
 
@@ -66,8 +78,8 @@ def save_hf_clip(directory, spec, vocab_size, seed=0):
     torch.manual_seed(seed)
     text = dict(
         spec["text"], vocab_size=vocab_size, max_position_embeddings=16,
-        hidden_act=spec["hidden_act"], layer_norm_eps=spec["layer_norm_eps"],
-        bos_token_id=2, eos_token_id=3, pad_token_id=0,
+        hidden_act=spec.get("text_hidden_act", spec["hidden_act"]),
+        layer_norm_eps=spec["layer_norm_eps"], bos_token_id=2, eos_token_id=3, pad_token_id=0,
     )  # fmt: skip
     vision = dict(
         spec["vision"], hidden_act=spec["hidden_act"], layer_norm_eps=spec["layer_norm_eps"]
@@ -94,6 +106,9 @@ def test_import_matches_transformers(tmp_path, tokenizer, name, scan_layers):
     hf_model = save_hf_clip(tmp_path, spec, vocab_size=len(tokenizer))
     ours = load_hf_clip(str(tmp_path), scan_layers=scan_layers)
     assert ours.config.activation == spec["hidden_act"]
+    assert (ours.config.text_activation or ours.config.activation) == spec.get(
+        "text_hidden_act", spec["hidden_act"]
+    )
 
     size = spec["vision"]["image_size"]
     images = np.random.default_rng(0).uniform(-1, 1, (3, size, size, 3)).astype(np.float32)

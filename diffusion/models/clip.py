@@ -59,6 +59,9 @@ class CLIPConfig:
     # Shared space and numerics.
     embed_dim: int = 128  # dimension of the shared image-text embedding space
     activation: str = "quick_gelu"  # MLP activation: 'quick_gelu' (OpenAI), 'gelu', ...
+    # The text tower's MLP activation where it differs from the image tower's (None: the same);
+    # Hugging Face CLIP configs may set one per tower.
+    text_activation: str | None = None
     layer_norm_eps: float = 1e-5  # LayerNorm epsilon (OpenAI / HF: 1e-5)
     pixel_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # applied to (images + 1) / 2
     pixel_std: tuple[float, float, float] = (0.5, 0.5, 0.5)  # 0.5/0.5 = identity on [-1, 1]
@@ -97,6 +100,7 @@ class CLIPConfig:
                 f"{self.in_channels} entries (in_channels)"
             )
         layers.resolve_activation(self.activation)
+        layers.resolve_activation(self.text_activation or self.activation)
         layers.resolve_dtype(self.dtype)
         layers.resolve_dtype(self.param_dtype)
         blocks.resolve_remat_policy(self.remat_policy)
@@ -152,14 +156,16 @@ CLIP_VARIANTS: dict[str, dict] = {
 class ResidualAttentionBlock(nnx.Module):
     """Pre-LN transformer block: x + attn(ln1(x)); x + mlp(ln2(x))."""
 
-    def __init__(self, width, heads, mlp_dim, config: CLIPConfig, *, causal: bool, rngs):
+    def __init__(
+        self, width, heads, mlp_dim, config: CLIPConfig, *, causal: bool, activation, rngs
+    ):
         dtype = layers.resolve_dtype(config.dtype)
         kw = dict(dtype=dtype, param_dtype=layers.resolve_dtype(config.param_dtype), rngs=rngs)
         self.causal = causal
         self.ln1 = layers.LayerNorm(width, eps=config.layer_norm_eps, **kw)
         self.attn = attention.Attention(width, heads, implementation=config.attention_impl, **kw)
         self.ln2 = layers.LayerNorm(width, eps=config.layer_norm_eps, **kw)
-        self.mlp = layers.MLP(width, mlp_dim, config.activation, **kw)
+        self.mlp = layers.MLP(width, mlp_dim, activation, **kw)
 
     def __call__(self, x: jax.Array, key_mask: jax.Array | None) -> jax.Array:
         x = sharding.with_logical_constraint(x, layers.TOKEN_AXES)
@@ -168,9 +174,11 @@ class ResidualAttentionBlock(nnx.Module):
         return sharding.with_logical_constraint(x, layers.TOKEN_AXES)
 
 
-def _blocks(width, heads, mlp_dim, depth, config: CLIPConfig, *, causal, rngs):
+def _blocks(width, heads, mlp_dim, depth, config: CLIPConfig, *, causal, activation, rngs):
     return blocks.BlockStack(
-        lambda r: ResidualAttentionBlock(width, heads, mlp_dim, config, causal=causal, rngs=r),
+        lambda r: ResidualAttentionBlock(
+            width, heads, mlp_dim, config, causal=causal, activation=activation, rngs=r
+        ),
         depth,
         scan_layers=config.scan_layers,
         remat_policy=config.remat_policy,
@@ -208,7 +216,7 @@ class VisionTower(nnx.Module):
         self.pre_norm = layers.LayerNorm(c.vision_width, eps=c.layer_norm_eps, **kw)
         self.blocks = _blocks(
             c.vision_width, c.vision_heads, c.vision_mlp_dim, c.vision_depth, c,
-            causal=False, rngs=rngs,
+            causal=False, activation=c.activation, rngs=rngs,
         )  # fmt: skip
         self.post_norm = layers.LayerNorm(c.vision_width, eps=c.layer_norm_eps, **kw)
 
@@ -246,8 +254,9 @@ class TextTower(nnx.Module):
             c.context_length, c.text_width, stddev=0.01, param_dtype=param_dtype, rngs=rngs
         )
         self.blocks = _blocks(
-            c.text_width, c.text_heads, c.text_mlp_dim, c.text_depth, c, causal=True, rngs=rngs
-        )
+            c.text_width, c.text_heads, c.text_mlp_dim, c.text_depth, c,
+            causal=True, activation=c.text_activation or c.activation, rngs=rngs,
+        )  # fmt: skip
         self.final_norm = layers.LayerNorm(
             c.text_width, eps=c.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
