@@ -30,24 +30,29 @@ def test_writer_appends_one_json_object_per_step_and_tensorboard_events(tmp_path
     assert glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
 
 
-def _event_scalars(directory) -> dict[tuple[str, int], float]:
-    """{(tag, step): value} of the TensorBoard event files under `directory`: TFRecord framing
+def _events(directory):
+    """The Event protos of the TensorBoard event files under `directory`: TFRecord framing
     (u64 length, u32 CRC, the Event proto, u32 CRC) read by hand."""
     from tensorboardX.proto import event_pb2
 
-    scalars = {}
     for path in glob.glob(os.path.join(directory, "events.out.tfevents.*")):
         with open(path, "rb") as f:
             data = f.read()
         offset = 0
         while offset < len(data):
             (length,) = struct.unpack("<Q", data[offset : offset + 8])
-            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+            yield event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
             offset += 12 + length + 4
-            for value in event.summary.value:
-                if value.HasField("simple_value"):
-                    scalars[(value.tag, event.step)] = value.simple_value
-    return scalars
+
+
+def _event_scalars(directory) -> dict[tuple[str, int], float]:
+    """{(tag, step): value} of the TensorBoard event files under `directory`."""
+    return {
+        (value.tag, event.step): value.simple_value
+        for event in _events(directory)
+        for value in event.summary.value
+        if value.HasField("simple_value")
+    }
 
 
 def test_writer_does_not_import_torch_and_its_events_hold_the_scalars(tmp_path):
@@ -116,20 +121,11 @@ def test_measured_cpu_peak_is_positive_and_finite():
 
 def _purge_steps(directory) -> list[int]:
     """Steps of the SessionLog START events (tensorboardX's purge_step) in `directory`."""
-    from tensorboardX.proto import event_pb2
-
-    steps = []
-    for path in glob.glob(os.path.join(directory, "events.out.tfevents.*")):
-        with open(path, "rb") as f:
-            data = f.read()
-        offset = 0
-        while offset < len(data):
-            (length,) = struct.unpack("<Q", data[offset : offset + 8])
-            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
-            offset += 12 + length + 4
-            if event.HasField("session_log") and event.session_log.status == 1:  # START
-                steps.append(event.step)
-    return steps
+    return [
+        event.step
+        for event in _events(directory)
+        if event.HasField("session_log") and event.session_log.status == 1  # START
+    ]
 
 
 def test_a_resumed_writer_drops_the_records_after_the_restored_step(tmp_path):

@@ -106,7 +106,3 @@ def data_facts(config, tokenizer, image_size: int) -> DataFacts:
         empty_tokens=empty_tokens,
         empty_mask=empty_mask,
     )
-
-
-def tokenizer_dir_of(workdir: str) -> str:
-    return rundir.tokenizer_dir(workdir)

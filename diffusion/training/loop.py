@@ -96,7 +96,7 @@ def train(
     sharding.rules_from_config(config.mesh)  # a bad rule is named before any work
     families.check_global_batch(t.global_batch_size, mesh)
     source, builder = inputs.prepare_source(config.data, config.seed)
-    own_tokenizer_dir = inputs.tokenizer_dir_of(workdir)
+    own_tokenizer_dir = rundir.tokenizer_dir(workdir)
     tokenizer = inputs.prepare_tokenizer(
         config.tokenizer, source, config.data.train_split, tokenizer_dir or own_tokenizer_dir
     )
