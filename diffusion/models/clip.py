@@ -5,7 +5,7 @@ Image convention: `encode_image` takes NHWC float images in [-1, 1] (the project
 and normalises them INSIDE the model with `config.pixel_mean` / `config.pixel_std`:
     pixels = ((images + 1) / 2 - pixel_mean) / pixel_std.
 Our own models use mean = std = 0.5 (the identity on [-1, 1] images); checkpoints imported from
-Hugging Face (`diffusion.hf`) carry OpenAI's mean/std, so the same [-1, 1] images give the same
+Hugging Face (`diffusion.hf.clip`) carry OpenAI's mean/std, so the same [-1, 1] images give the same
 numbers as `transformers` on its processor-normalised pixels.
 
 Text convention: token ids (B, L) int32 plus a mask (B, L), 1 for real tokens. The text tower

@@ -16,19 +16,25 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from diffusion.errors import UserError
+from diffusion.hf.files import (
+    TRANSFORMERS,
+    CheckpointError,
+    Entry,
+    check_all_used,
+    check_directory,
+    convert_entries,
+    module_with_params,
+    read_config,
+    read_safetensors,
+)
 from diffusion.models.clip import CLIP, CLIPConfig
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
-PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 # OpenAI's CLIP preprocessing, used when the checkpoint has no preprocessor_config.json.
 OPENAI_PIXEL_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_PIXEL_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -38,71 +44,9 @@ HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_new": "gelu_
 IGNORED_TENSOR_SUFFIXES = ("position_ids",)
 
 
-class CheckpointError(UserError):
-    """The checkpoint directory or its contents cannot be imported."""
-
-
 # ============================================================================================
-# Reading the directory
+# Config: config.json and preprocessor_config.json
 # ============================================================================================
-
-
-def _check_directory(directory: str) -> None:
-    if not os.path.isdir(directory):
-        raise CheckpointError(f"checkpoint directory {directory!r} does not exist")
-    files = set(os.listdir(directory))
-    if CONFIG_FILE not in files:
-        raise CheckpointError(
-            f"{directory!r} has no {CONFIG_FILE}; expected a directory written by "
-            f"transformers' save_pretrained (found: {sorted(files)})"
-        )
-    if WEIGHTS_FILE not in files and WEIGHTS_INDEX_FILE not in files:
-        if files & set(PICKLED_WEIGHTS):
-            pickled = sorted(files & set(PICKLED_WEIGHTS))
-            raise CheckpointError(
-                f"{directory!r} only has pickled PyTorch weights ({pickled}); pickled weights are "
-                "refused because unpickling can run arbitrary code. Convert them once in a trusted "
-                "environment: `m = transformers.CLIPModel.from_pretrained(dir)` then "
-                f"`m.save_pretrained(dir, safe_serialization=True)`, which writes {WEIGHTS_FILE}"
-            )
-        raise CheckpointError(
-            f"{directory!r} has no {WEIGHTS_FILE} (or {WEIGHTS_INDEX_FILE}); found {sorted(files)}"
-        )
-
-
-def read_safetensors(directory: str) -> dict[str, np.ndarray]:
-    """All tensors of model.safetensors (or the shards of its index) as float32/int numpy."""
-    from safetensors import SafetensorError, safe_open
-
-    index_path = os.path.join(directory, WEIGHTS_INDEX_FILE)
-    if os.path.exists(os.path.join(directory, WEIGHTS_FILE)):
-        shards = [WEIGHTS_FILE]
-    else:
-        with open(index_path) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-    tensors = {}
-    for shard in shards:
-        path = os.path.join(directory, shard)
-        try:
-            # The flax framework reads bfloat16 too (numpy has no bfloat16).
-            with safe_open(path, framework="flax") as f:
-                for name in f.keys():
-                    value = np.asarray(f.get_tensor(name))
-                    if np.issubdtype(value.dtype, np.floating) or value.dtype.name == "bfloat16":
-                        value = value.astype(np.float32)
-                    tensors[name] = value
-        except (SafetensorError, OSError) as error:
-            state = (
-                f"is truncated or damaged ({os.path.getsize(path)} bytes; an interrupted "
-                "download or copy)"
-                if os.path.isfile(path)
-                else f"is missing ({WEIGHTS_INDEX_FILE} names it)"
-            )
-            raise CheckpointError(
-                f"cannot read the weights file {path!r}: {error}. The file {state}; download it "
-                "again, or re-save the model with save_pretrained(dir, safe_serialization=True)"
-            ) from error
-    return tensors
 
 
 def _pixel_normalisation(directory: str) -> tuple[tuple, tuple]:
@@ -163,9 +107,6 @@ def clip_config_from_hf(hf_config, pixel_mean=OPENAI_PIXEL_MEAN, pixel_std=OPENA
 # ============================================================================================
 # Name and layout mapping: HF tensor -> our parameter
 # ============================================================================================
-
-# (our path, HF name, expected HF shape, conversion HF layout -> ours)
-Entry = tuple[tuple, str, tuple, Callable[[np.ndarray], np.ndarray]]
 
 
 def _identity(x):
@@ -274,53 +215,28 @@ def weight_entries(config: CLIPConfig) -> tuple[list[Entry], list[tuple]]:
     return entries, towers
 
 
-def _take(tensors: Mapping[str, np.ndarray], name: str, hf_shape: tuple, used: set) -> np.ndarray:
-    if name not in tensors:
-        raise CheckpointError(
-            f"tensor {name!r} (expected shape {hf_shape} from config.json) is missing from the "
-            "safetensors file; the config and the weights do not belong together"
-        )
-    value = tensors[name]
-    if tuple(value.shape) != tuple(hf_shape):
-        raise CheckpointError(
-            f"tensor {name!r} has shape {tuple(value.shape)} in the safetensors file but "
-            f"config.json implies {tuple(hf_shape)}; the config and the weights do not match"
-        )
-    used.add(name)
-    return value
-
-
 def convert_weights(
     tensors: Mapping[str, np.ndarray], config: CLIPConfig
 ) -> dict[tuple, np.ndarray]:
     """HF CLIPModel tensors -> {our parameter path: array}; layout depends on scan_layers."""
     entries, towers = weight_entries(config)
     used: set[str] = set()
-    params = {}
-    for path, name, shape, convert in entries:
-        params[path] = convert(_take(tensors, name, shape, used))
+    params = convert_entries(tensors, entries, used)
     for tower, hf_tower, width, heads, mlp_dim, depth in towers:
-        per_layer = []
-        for i in range(depth):
-            block = _block_entries(f"{hf_tower}.encoder.layers.{i}", width, heads, mlp_dim)
-            per_layer.append(
-                {
-                    path: convert(_take(tensors, name, shape, used))
-                    for path, name, shape, convert in block
-                }
+        per_layer = [
+            convert_entries(
+                tensors, _block_entries(f"{hf_tower}.encoder.layers.{i}", width, heads, mlp_dim),
+                used,
             )
+            for i in range(depth)
+        ]  # fmt: skip
         for path in per_layer[0] if per_layer else ():
             if config.scan_layers:
                 params[(tower, "blocks", "blocks", *path)] = np.stack([p[path] for p in per_layer])
             else:
                 for i, layer in enumerate(per_layer):
                     params[(tower, "blocks", "blocks", i, *path)] = layer[path]
-    unused = sorted(n for n in set(tensors) - used if not n.endswith(IGNORED_TENSOR_SUFFIXES))
-    if unused:
-        raise CheckpointError(
-            f"tensor {unused[0]!r} (shape {tuple(tensors[unused[0]].shape)}) has no place in "
-            f"the model config.json describes ({len(unused)} unused tensors in all)"
-        )
+    check_all_used(tensors, used, IGNORED_TENSOR_SUFFIXES)
     return params
 
 
@@ -340,15 +256,8 @@ def load_hf_clip(directory: str, **execution) -> CLIP:
         raise UserError(
             f"unknown options {sorted(set(execution) - allowed)}; valid: {sorted(allowed)}"
         )
-    _check_directory(directory)
-    try:
-        with open(os.path.join(directory, CONFIG_FILE)) as f:
-            raw = json.load(f)
-    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
-        raise CheckpointError(
-            f"{os.path.join(directory, CONFIG_FILE)} is not valid JSON ({error}); write it again "
-            "with transformers' save_pretrained"
-        ) from error
+    check_directory(directory, TRANSFORMERS)
+    raw = read_config(directory, TRANSFORMERS)
     if raw.get("model_type") != "clip":
         raise CheckpointError(
             f"{directory!r} holds a {raw.get('model_type')!r} model, not a CLIP model "
@@ -360,20 +269,4 @@ def load_hf_clip(directory: str, **execution) -> CLIP:
     mean, std = _pixel_normalisation(directory)
     config = clip_config_from_hf(hf_config, mean, std, **execution)
     params = convert_weights(read_safetensors(directory), config)
-
-    abstract = nnx.eval_shape(lambda: CLIP(config, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    flat = nnx.to_flat_state(state)
-    values = []
-    for path, variable in flat:
-        if path not in params:
-            raise CheckpointError(f"no checkpoint tensor for parameter {'/'.join(map(str, path))}")
-        expected = variable.get_value()
-        value = params[path]
-        if value.shape != expected.shape:  # a mapping bug, not a user error
-            raise CheckpointError(
-                f"parameter {'/'.join(map(str, path))}: converted shape {value.shape} "
-                f"!= model shape {expected.shape}"
-            )
-        values.append((path, variable.replace(jnp.asarray(value, expected.dtype))))
-    return nnx.merge(graphdef, nnx.from_flat_state(values))
+    return module_with_params(lambda: CLIP(config, rngs=nnx.Rngs(0)), params)
