@@ -19,8 +19,22 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-# No persistent XLA compilation cache: on jax 0.10.2 a train step loaded from it (donated
-# buffers) aborted the process in tests/test_trainer.py's resume test.
+
+def single_device_env(compilation_cache: str | None = None) -> dict[str, str]:
+    """The environment of a spawned one-device train.py / sample.py process.
+
+    compilation_cache: a directory for JAX's persistent compilation cache, shared by processes
+    that restart the same run (kill-and-restart loops), so that a restart loads its programs
+    instead of compiling them again. Only for one device: on jax 0.10.2 programs with
+    collectives loaded from the cache onto 8 simulated devices hung in an all-gather
+    rendezvous (tests/test_trainer.py's resume test), so the in-process tests keep no cache.
+    """
+    env = {**os.environ, "XLA_FLAGS": xla_flags(1)}
+    if compilation_cache is not None:
+        env["JAX_COMPILATION_CACHE_DIR"] = str(compilation_cache)
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # tiny programs compile fast
+        env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    return env
 
 
 # `make test` spreads whole files over pytest-xdist workers (--dist loadfile keeps each file's

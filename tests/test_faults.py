@@ -20,7 +20,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import xla_flags
+from conftest import single_device_env
 from test_trainer import _load_params
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,15 +59,12 @@ def _train_args(workdir, data_dir, num_steps, checkpoint_every):
     ]
 
 
-def _env():
-    """One CPU device per process."""
-    return {**os.environ, "XLA_FLAGS": xla_flags(1)}
-
-
-def _spawn(args, log_path):
+def _spawn(args, log_path, env=None):
+    """A train.py process on one CPU device (`env`: single_device_env(...) by default)."""
+    env = env or single_device_env()
     with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
         process = subprocess.Popen(
-            args, cwd=_ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True
+            args, cwd=_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True
         )
     process.log_path = log_path
     return process
@@ -128,8 +125,11 @@ def _new_tmp_dirs(checkpoint_dir, before):
 def test_sigkill_at_random_moments_then_restarts_equal_the_uninterrupted_run(data_dir, tmp_path):
     rng = np.random.default_rng(20240611)
     args = lambda workdir: _train_args(workdir, data_dir, NUM_STEPS, CHECKPOINT_EVERY)
+    # The reference run fills a compilation cache that every restart loads: a restart costs its
+    # start-up, not a compile (the kill delays below scale with the measured times).
+    env = single_device_env(compilation_cache=tmp_path / "xla_cache")
     reference = tmp_path / "reference"
-    process = _spawn(args(reference), tmp_path / "reference.log")
+    process = _spawn(args(reference), tmp_path / "reference.log", env)
     _wait_for(lambda: _records(reference), [process], timeout=300, poll=0.05)
     started = time.monotonic()
     assert process.wait(timeout=300) == 0, _read(tmp_path / "reference.log")[-3000:]
@@ -145,7 +145,7 @@ def test_sigkill_at_random_moments_then_restarts_equal_the_uninterrupted_run(dat
         tmp_before = _new_tmp_dirs(checkpoint_dir, set())
         log_path = tmp_path / f"attempt{attempt}.log"
         started = time.monotonic()
-        process = _spawn(args(workdir), log_path)
+        process = _spawn(args(workdir), log_path, env)
         # Where this kill lands: while Orbax writes a step (its temporary directory exists), a
         # random moment of the start-up, or a random moment within the 1st or 2nd step this
         # attempt trains. At most 2 new steps per attempt: the run never finishes before kill 10.
@@ -177,7 +177,7 @@ def test_sigkill_at_random_moments_then_restarts_equal_the_uninterrupted_run(dat
             kills["start-up"] += 1
         if attempt == 0:  # time to the first step (start-up and compilation)
             start_up = time.monotonic() - started
-    process = _spawn(args(workdir), tmp_path / "last.log")
+    process = _spawn(args(workdir), tmp_path / "last.log", env)
     assert process.wait(timeout=300) == 0, _read(tmp_path / "last.log")[-3000:]
     print(f"SIGKILLs by where they landed: {kills}; restart to first step {start_up:.1f} s")
     assert sum(kills.values()) == NUM_KILLS and kills["checkpoint write"] >= 1
@@ -223,7 +223,7 @@ def _files(directory):
 
 def _run(args, timeout=300):
     result = subprocess.run(
-        args, cwd=_ROOT, env=_env(), capture_output=True, text=True, timeout=timeout
+        args, cwd=_ROOT, env=single_device_env(), capture_output=True, text=True, timeout=timeout
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
