@@ -34,7 +34,8 @@ Categories of the table:
                 encoder, one string where a list is expected, wrong sizes and channels for the
                 CLIP and DiT models, too many tokens
   data          a data_dir that is a file, an unknown TFDS name, an unprepared dataset, an
-                unknown split, an unknown image feature
+                unknown split, an unknown evaluation split of the default pipeline (refused
+                before its first stage trains), an unknown image feature
   evaluation    zero samples, a negative guidance scale, a sampler with zero steps
   cli           a representative row of each entry point: unknown --config file, unknown
                 recipe argument, --config without a value, a flag that does not parse, a mesh
@@ -225,6 +226,21 @@ def pipeline_with(env: Env, tmp, **changes):
     config.clip = env.clip_config(mesh__data=-1, **changes)  # the pipeline takes all devices
     config.stages = ("clip",)
     return pipeline.train_and_evaluate(config, str(tmp / "pipeline"))
+
+
+def pipeline_evaluating(env: Env, tmp, splits):
+    """The default pipeline on the run's data, evaluating `splits`; checks that a refusal comes
+    before any stage trained."""
+    config = shapes_recipe.get_config("runlocal")
+    config.data = env.clip_config().data
+    for stage in (config.clip, config.dit):
+        stage.data = config.data
+    config.evaluate.splits = splits
+    workdir = tmp / "pipeline"
+    try:
+        return pipeline.train_and_evaluate(config, str(workdir))
+    finally:
+        assert not os.path.exists(workdir / "clip" / "checkpoints")
 
 
 def small_run_copy(env: Env, tmp, edit_config=None, model_json: str | None = None) -> str:
@@ -895,6 +911,11 @@ CASES = [
     Case(
         "data-unknown-split",
         lambda e, t: evaluate(e.clip_dir, t, splits=("validation",)),
+        ("Split 'validation'", "available splits: ['train', 'test', 'test_unseen']"),
+    ),
+    Case(
+        "data-unknown-evaluation-split-refused-before-training",
+        lambda e, t: pipeline_evaluating(e, t, ("test", "validation")),
         ("Split 'validation'", "available splits: ['train', 'test', 'test_unseen']"),
     ),
     Case(

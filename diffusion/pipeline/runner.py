@@ -19,10 +19,11 @@ import jax
 import ml_collections
 
 from diffusion import families, rundir
+from diffusion.data import sources
 from diffusion.errors import UserError
 from diffusion.pipeline import stages
 from diffusion.pipeline.periodic import PeriodicEvaluation
-from diffusion.training import PreemptionGuard, train
+from diffusion.training import PreemptionGuard, inputs, train
 
 PIPELINE_STAGES = ("clip", "dit", "evaluate", "samples")
 TRAINING_STAGES = ("clip", "dit")
@@ -37,8 +38,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if config.family not in families.FAMILIES:
         valid = (*families.FAMILIES, "pipeline")
         raise UserError(f"config.family={config.family!r} is not one of {valid}.")
+    check_data(config, [config])
     with PreemptionGuard() as preemption:
         return train(config, workdir, callbacks=[PeriodicEvaluation(config)], preemption=preemption)
+
+
+def check_data(config: ml_collections.ConfigDict, trained: list) -> None:
+    """Every split and feature the run will read, checked against the dataset before anything is
+    trained: a wrong evaluation split or caption feature is named now, not after hours of
+    training (the shapes dataset is built here if missing, as training would build it).
+
+    trained: the training configs (a family's recipe, or a pipeline's training stages)."""
+    reads = [
+        (c.data, c.seed, [c.data.train_split, *c.data.get("eval_splits", ())], _reads_captions(c))
+        for c in trained
+    ]
+    if config.family == "pipeline" and "evaluate" in config.stages:
+        reads.append((config.data, config.seed, list(config.evaluate.splits), True))
+    for data, seed, splits, captions in reads:
+        source, _ = inputs.prepare_source(data, seed)
+        for split in dict.fromkeys(splits):
+            sources.open_source(source, split, captions=captions)
+
+
+def _reads_captions(config: ml_collections.ConfigDict) -> bool:
+    return families.get(config.family).input_options(config).get("captions", True)
 
 
 def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -47,6 +71,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     unknown = [s for s in config.stages if s not in PIPELINE_STAGES]
     if unknown:
         raise UserError(f"config.stages names {unknown}; valid stages: {PIPELINE_STAGES}.")
+    check_data(config, [config[s] for s in config.stages if s in TRAINING_STAGES])
     results, timings = {}, {}
     with PreemptionGuard() as preemption:
         for stage in config.stages:
