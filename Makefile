@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= configs/shapes.py
-WORKDIR ?= runs/shapes
+# One run directory per recipe: configs/shapes.py -> runs/shapes, configs/X.py -> runs/X.
+WORKDIR ?= runs/$(basename $(notdir $(CONFIG)))
 # This machine image keeps the CPU build of torch in /opt/wheels; elsewhere pip takes it from PyPI.
 export PIP_FIND_LINKS := $(wildcard /opt/wheels)
 

@@ -1,4 +1,5 @@
-"""Evaluates a CLIP or DiT run directory: metrics.json, TensorBoard scalars and an HTML report.
+"""Evaluates a CLIP, DiT or autoencoder run directory (or a diffusers AutoencoderKL directory):
+metrics.json, TensorBoard scalars and an HTML report.
 
 python evaluate.py --checkpoint=runs/shapes/dit --output_dir=runs/shapes/eval \
     [--num_samples=512 --guidance_scales=1,2,4,6 --samplers=euler:20,dpmpp_2m:20 \
@@ -7,14 +8,22 @@ python evaluate.py --checkpoint=runs/shapes/dit --output_dir=runs/shapes/eval \
 CLIP run: zero-shot attribute accuracy and image-text retrieval on each split.
 DiT run: samples for each split's captions over the guidance x sampler sweep, scored by the shapes
 oracle (attribute accuracy), CLIP score and the Frechet distance in CLIP space; plus a
-negative-prompt check. Key layout: `diffusion.evaluation.evaluate_checkpoint`.
+negative-prompt check.
+Autoencoder: PSNR and SSIM of each split's reconstructions, the shapes oracle on them, and the
+latents' per-channel mean and std with the implied scaling_factor and shift_factor.
+Key layout: `diffusion.evaluation.evaluate_checkpoint`.
 """
 
 from absl import app, flags, logging
 
 from diffusion.errors import UserError, error_boundary, parse_flags_or_exit
 
-flags.DEFINE_string("checkpoint", None, "CLIP or DiT run directory (train.py --workdir).")
+flags.DEFINE_string(
+    "checkpoint",
+    None,
+    "CLIP, DiT or autoencoder run directory (train.py --workdir), or a diffusers AutoencoderKL "
+    "directory.",
+)
 flags.DEFINE_string("output_dir", None, "Where metrics.json, index.html and the plots go.")
 flags.DEFINE_integer("num_samples", 512, "Captions (and samples) per split.")
 flags.DEFINE_string("guidance_scales", "1,2,4,6", "DiT: comma-separated guidance scales.")
@@ -32,6 +41,12 @@ flags.DEFINE_integer("grid_size", 16, "Samples per grid in the report.")
 flags.DEFINE_string("negative_prompt", "a large circle in the center", "Negative-prompt check.")
 flags.DEFINE_string("negative_color", "red", "Color used as the negative prompt ('' skips it).")
 flags.DEFINE_string("data_dir", None, "TFDS data_dir, overriding the run's config.data.data_dir.")
+flags.DEFINE_integer(
+    "resolution",
+    None,
+    "Autoencoder: the shapes resolution to reconstruct (16, 32 or 64; default: the run's, or a "
+    "diffusers directory's sample_size).",
+)
 FLAGS = flags.FLAGS
 
 
@@ -54,6 +69,7 @@ def options_from_flags():
         negative_prompt=FLAGS.negative_prompt,
         negative_color=FLAGS.negative_color,
         data_dir=FLAGS.data_dir,
+        resolution=FLAGS.resolution,
     )
 
 
@@ -62,7 +78,10 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax and TFDS log every file at INFO
     with error_boundary("evaluate.py"):
         if not FLAGS.checkpoint:
-            raise UserError("--checkpoint is required: a CLIP or DiT run directory.")
+            raise UserError(
+                "--checkpoint is required: a CLIP, DiT or autoencoder run directory, or a "
+                "diffusers AutoencoderKL directory."
+            )
         if not FLAGS.output_dir:
             raise UserError("--output_dir is required, e.g. --output_dir=runs/shapes/eval.")
         options = options_from_flags()

@@ -30,6 +30,7 @@ setup(
         "tensorboardX>=2.6,<3",
         "scipy>=1.13,<2",  # matrix square root of the Frechet distance
         "matplotlib>=3.9,<4",  # plots of the evaluation report
+        "dm-pix>=0.4.3,<0.5",  # PSNR and SSIM of an autoencoder's reconstructions
     ],
     extras_require={
         "test": [

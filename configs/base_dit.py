@@ -35,7 +35,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # A 3x3 convolution after the patch decoder (U-ViT; DiTConfig.output_conv).
     config.model.output_conv = False
     config.model.input_stem = placeholder(str)  # "patch" or "conv" (ConvStem); None: the variant's.
-    config.model.num_classes = 0  # > 0: class-conditional DiT (AOT recipes only, not train.py).
+    # > 0: class-conditional DiT on the classes of config.data.class_features (or label_key);
+    # it must equal their number of classes. 0: text-conditional.
+    config.model.num_classes = 0
 
     config.text_encoder = ml_collections.ConfigDict()
     config.text_encoder.checkpoint = placeholder(str)  # CLIP run dir of ours, or a HF CLIP dir.
@@ -56,7 +58,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.diffusion.logit_normal_std = 1.0  # Flow only: s of t = sigmoid(m + s n).
     config.diffusion.shift = 1.0  # Flow only: time shift s t / (1 + (s - 1) t) (SD3, Wan 2.1).
     config.diffusion.min_snr_gamma = 0.0  # DDPM only: min-SNR-gamma loss weighting (0: off).
-    config.diffusion.cond_dropout = 0.1  # Probability of the empty prompt (enables guidance).
+    # Probability of the empty prompt, or of the null class (label dropout), enabling guidance.
+    config.diffusion.cond_dropout = 0.1
 
     config.sampling = ml_collections.ConfigDict()
     config.sampling.sampler = "euler"  # "ddpm", "ddim", "euler", "heun" or "dpmpp_2m".

@@ -17,6 +17,9 @@ def data_config() -> ml_collections.ConfigDict:
     c.caption_key = "caption"  # Feature holding the caption text (or None to use a label).
     c.label_key = placeholder(str)  # ClassLabel feature used with caption_template instead.
     c.caption_template = placeholder(str)  # e.g. "a photo of a {label}" (fields in braces).
+    # Class-conditional DiT: the ClassLabel features whose combination is the class, numbered in
+    # mixed radix, first feature most significant (diffusion/data/classes.py); () = (label_key,).
+    c.class_features = ()
     c.num_train_examples = 100_000  # Shapes only: examples generated for the train split.
     c.num_eval_examples = 2_000  # Shapes only: examples of each held-out split.
     c.worker_count = 0  # grain worker processes (0: decode in the main process).

@@ -5,10 +5,14 @@ The paper's setting (Peebles & Xie 2023, sec. 5): 32x32x4 latents, batch 256, Ad
 prediction, label dropout 0.1 for classifier-free guidance. Not reproduced: the learned variance
 (learn_sigma with the VLB term; our DDPM loss is the simple epsilon MSE).
 
-An ahead-of-time recipe: `train.py --config=configs/dit_xl2_imagenet.py --aot_topology=v5p:2x2x1`
-compiles its real train step and sampler for a TPU slice and reports memory and cost, with no
-data (docs/scaling.md). train.py does not train it: the input pipeline yields captioned RGB
-images, not VAE latents with class ids, and train.py refuses num_classes > 0 with that message.
+Trains with train.py given the prepared TFDS dataset `imagenet2012_sd_vae_latents` (array_record
+under config.data.data_dir): a float32 (32, 32, 4) feature "latent" holding the VAE latents
+already multiplied by the VAE's scaling factor (0.18215), as the DiT reads them, and the 1000-way
+ClassLabel "label". Float features go to the DiT as stored (uint8 images are mapped to [-1, 1]).
+`train.py --config=configs/dit_xl2_imagenet.py --aot_topology=v5p:2x2x1` compiles its real train
+step and sampler for a TPU slice and reports memory and cost, with no data (docs/scaling.md).
+`:runlocal` is the same recipe (DDPM, epsilon, label dropout, scanned blocks, FSDP) shrunk to a
+tiny DiT on the embedded shapes at 16x16, class = shape, for a laptop or a test.
 """
 
 import ml_collections
@@ -60,4 +64,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.mesh.data = 1  # Pure data parallelism would replicate 11 GB of state per chip.
     config.mesh.fsdp = -1  # ZeRO-3 over every chip: params, Adam moments and EMA sharded.
     config.mesh.tensor = 1  # Width 1152 is too narrow for tensor parallelism to pay.
+
+    if arg == "runlocal":  # The recipe on shapes pixels, a few steps of a tiny DiT.
+        config.data.name = "shapes"
+        config.data.builder_config = "16"
+        config.data.image_key = "image"
+        config.data.label_key = "shape"  # 5 classes.
+        config.data.image_size = 16
+        config.data.num_train_examples = 2_000
+        config.data.num_eval_examples = 200
+        config.model.variant = "tiny"
+        config.model.num_classes = 5
+        config.model.in_channels = 3
+        config.model.dtype = "float32"
+        config.sampling.steps = 10
+        config.training.global_batch_size = 16
+        config.training.num_steps = 20
+        config.training.log_every = 5
+        config.training.checkpoint_every = 10
+        config.training.ema_decay = 0.999
     return config

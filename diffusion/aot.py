@@ -395,7 +395,7 @@ def compile_for_topology(
     rules = programs.train_step.rules
     limits = (hbm, peak, bandwidth)
     train = _program_report(programs.train_step.step_fn, programs.train_args, mesh, rules, *limits)
-    if cost_twin and train.get("compiled") and config.model.scan_layers:
+    if cost_twin and train.get("compiled") and config.model.get("scan_layers", False):
         depths = {f: getattr(programs.model_config, f) for f in DEPTH_FIELDS[programs.family]}
         train["cost"] = extrapolated_cost(config, mesh, peak, bandwidth, depths)
     batch = int(config.training.global_batch_size)
@@ -411,8 +411,8 @@ def compile_for_topology(
         "family": programs.family,
         "model": config.model.variant,
         "dtype": config.model.dtype,
-        "remat": config.model.remat,
-        "scan_layers": bool(config.model.scan_layers),
+        "remat": config.model.get("remat", "none"),  # the autoencoder has neither
+        "scan_layers": bool(config.model.get("scan_layers", False)),
         "global_batch_size": batch,
         "num_parameters": _num_parameters(programs.train_step),
         "train_step": train,

@@ -3,6 +3,7 @@
     config.json    the resolved recipe (checkpoints.write_config)
     model.json     {"family", "config"}: the model's exact config
     tokenizer/     the Hugging Face tokenizer directory
+    classes.json   a class-conditional model's class features and their value names
     checkpoints/   Orbax steps: train state and data-iterator position
     params/        the exported (EMA) weights, for sampling and as a DiT's text encoder
 
@@ -26,6 +27,8 @@ from flax import nnx
 from diffusion import checkpoints, hf, models, optim, param_export
 from diffusion import data as data_lib
 from diffusion.errors import UserError
+from diffusion.hf.files import DIFFUSERS, read_config
+from diffusion.models.autoencoder import Autoencoder, AutoencoderConfig
 from diffusion.train_step import TrainStep
 
 logger = logging.getLogger(__name__)
@@ -34,12 +37,14 @@ MODEL_FILE = "model.json"
 PARAMS_DIR = "params"
 TOKENIZER_DIR = "tokenizer"
 CHECKPOINTS_DIR = "checkpoints"
+CLASSES_FILE = "classes.json"
 CONFIG_FILE = checkpoints.CONFIG_FILENAME
 
 # model.json's family -> (model class, config class).
 MODEL_CLASSES = {
     "clip": (models.CLIP, models.CLIPConfig),
     "dit": (models.DiT, models.DiTConfig),
+    "autoencoder": (Autoencoder, AutoencoderConfig),
 }
 # Model config fields that change how it runs, not its parameters: a run may resume with others.
 EXECUTION_FIELDS = ("dtype", "remat_policy", "attention_impl")
@@ -66,7 +71,7 @@ def save_model_config(workdir: str, family: str, model_config) -> None:
 
 
 def load_model_config(run_dir: str) -> tuple[str, Any]:
-    """(family, CLIPConfig or DiTConfig) of a run directory."""
+    """(family, CLIPConfig, DiTConfig or AutoencoderConfig) of a run directory."""
     path = os.path.join(run_dir, MODEL_FILE)
     if not os.path.isfile(path):
         raise UserError(
@@ -218,6 +223,88 @@ def load_text_encoder(checkpoint: str, execution: dict) -> models.CLIP:
     return hf.load_hf_clip(checkpoint, **execution)
 
 
+AUTOENCODER_HINT = (
+    "Pass an autoencoder run directory of train.py (--config=configs/base_autoencoder.py) or a "
+    'diffusers AutoencoderKL directory (config.json with "_class_name": "AutoencoderKL" '
+    "and diffusion_pytorch_model.safetensors, as AutoencoderKL.save_pretrained writes them)."
+)
+AUTOENCODER_EXECUTION_FIELDS = ("dtype", "attention_impl")
+
+
+def is_diffusers_directory(path: str) -> bool:
+    """A directory with a diffusers config.json and no model.json (an imported model)."""
+    return (
+        os.path.isdir(path)
+        and not os.path.isfile(os.path.join(path, MODEL_FILE))
+        and os.path.isfile(os.path.join(path, hf.CONFIG_FILE))
+    )
+
+
+def load_autoencoder(path: str, **execution) -> tuple[Autoencoder, AutoencoderConfig]:
+    """(model, config) of a KL autoencoder: the exported (EMA) weights of an autoencoder run
+    directory of ours (model.json + params/), or a diffusers AutoencoderKL directory.
+
+    execution: how it runs, not its weights (dtype, attention_impl).
+    """
+    unknown = sorted(set(execution) - set(AUTOENCODER_EXECUTION_FIELDS))
+    if unknown:
+        raise UserError(
+            f"load_autoencoder: unknown options {unknown}; valid: {AUTOENCODER_EXECUTION_FIELDS}"
+        )
+    if not os.path.isdir(path):
+        raise UserError(f"autoencoder {path!r} is not a directory. {AUTOENCODER_HINT}")
+    if os.path.isfile(os.path.join(path, MODEL_FILE)):
+        family, config = load_model_config(path)
+        if family != "autoencoder":
+            raise UserError(
+                f"{path!r} is a run directory of a {family} model, not of an autoencoder. "
+                f"{AUTOENCODER_HINT}"
+            )
+        try:
+            config = dataclasses.replace(config, **execution)
+        except ValueError as error:
+            raise UserError(f"load_autoencoder({path!r}): {error}") from error
+        return load_run_params(path, config, Autoencoder), config
+    config_path = os.path.join(path, hf.CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        raise UserError(
+            f"{path!r} is neither a run directory (it has no {MODEL_FILE}) nor a diffusers "
+            f"directory (it has no {hf.CONFIG_FILE}). {AUTOENCODER_HINT}"
+        )
+    class_name = read_config(path, DIFFUSERS).get("_class_name")
+    if class_name != "AutoencoderKL":
+        raise UserError(
+            f"{config_path} describes a {class_name or 'model without a _class_name'}, not an "
+            f"AutoencoderKL. {AUTOENCODER_HINT}"
+        )
+    return hf.load_diffusers_autoencoder(path, **execution)
+
+
+def save_classes(workdir: str, classes: data_lib.ClassSpace) -> None:
+    """classes.json: what class ids and names mean to a class-conditional model."""
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        path = os.path.join(workdir, CLASSES_FILE)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(classes.to_json(), f, indent=2)
+        os.replace(path + ".tmp", path)
+
+
+def load_classes(run_dir: str) -> data_lib.ClassSpace:
+    """The ClassSpace a class-conditional run was trained on (its classes.json)."""
+    path = os.path.join(run_dir, CLASSES_FILE)
+    if not os.path.isfile(path):
+        raise UserError(
+            f"{run_dir!r} has no {CLASSES_FILE}, which names a class-conditional run's classes. "
+            "Rerun the train.py command of this run, which writes it again."
+        )
+    try:
+        with open(path, encoding="utf-8") as f:
+            return data_lib.ClassSpace.from_json(json.load(f))
+    except (ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{path} does not name classes ({error}). {REWRITE_HINT}") from error
+
+
 def tokenizer_dir(run_dir: str) -> str:
     return os.path.join(run_dir, TOKENIZER_DIR)
 
@@ -286,10 +373,9 @@ RUN_CONFIG_KEYS = (
     "data.caption_template",
     "data.num_train_examples",
     "data.num_eval_examples",
-    "tokenizer.path",
-    "tokenizer.context_length",
     "model.dtype",
 )
+TEXT_RUN_CONFIG_KEYS = ("tokenizer.path", "tokenizer.context_length")  # not the autoencoder's
 DIT_RUN_CONFIG_KEYS = (
     "text_encoder.checkpoint",
     "diffusion.objective",
@@ -328,6 +414,7 @@ def load_run_config(run_dir: str) -> ml_collections.ConfigDict:
             f"{path} holds a {type(record).__name__}, not a JSON object. {REWRITE_HINT}"
         )
     keys = RUN_CONFIG_KEYS + (DIT_RUN_CONFIG_KEYS if record.get("family") == "dit" else ())
+    keys += TEXT_RUN_CONFIG_KEYS if record.get("family") != "autoencoder" else ()
     missing = [key for key in keys if not _has_key(record, key)]
     if missing:
         raise UserError(f"{path} lacks the fields {', '.join(missing)}. {REWRITE_HINT}")

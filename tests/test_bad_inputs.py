@@ -515,7 +515,7 @@ CASES = [
     Case(
         "unknown-family",
         lambda e, t: pipeline.train_and_evaluate(e.clip_config(family="gan"), str(t)),
-        ("config.family='gan'", "('clip', 'dit', 'pipeline')"),
+        ("config.family='gan'", "('clip', 'dit', 'autoencoder', 'pipeline')"),
     ),
     Case(
         "unknown-flow-prediction-type",

@@ -15,7 +15,6 @@ from conftest import xla_flags
 from configs import base_clip, base_dit
 from diffusion import checkpoints, families, metrics, optim, rundir, sharding, training
 from diffusion import data as data_lib
-from diffusion.errors import UserError
 from diffusion.families import dit as dit_family
 from diffusion.pipeline.periodic import PeriodicEvaluation
 from diffusion.train_step import TrainStep
@@ -381,16 +380,6 @@ def test_hard_negative_captions_train_the_same_with_the_chunked_loss(data_dir, c
     # Same initial weights and batch as clip_run's first step, plus one wrong caption per
     # image: the first loss can only be higher.
     assert losses[False][0] > metrics.read_metrics(clip_run)[0]["loss"]
-
-
-def test_class_conditional_training_is_refused_with_the_way_out(data_dir, clip_run, tmp_path):
-    """The input pipeline yields captions, not class ids: a class-conditional DiT recipe must not
-    reach the loss (where the missing tokens would surface as a KeyError inside jax)."""
-    config = dit_config(data_dir, clip_run)
-    config.model.num_classes = 10
-    with pytest.raises(UserError, match=r"num_classes=10.*aot_topology.*num_classes=0"):
-        training.train(config, str(tmp_path))
-    assert not os.path.exists(tmp_path / "checkpoints")
 
 
 def test_a_trained_tokenizer_warns_about_the_captions_its_context_cuts(data_dir, tmp_path, capsys):

@@ -5,6 +5,7 @@ Importing this package registers the `shapes` builder with TFDS, so that
 """
 
 from diffusion.data import shapes  # noqa: F401  (registers the "shapes" TFDS builder)
+from diffusion.data.classes import ClassSpace, class_features_of
 from diffusion.data.input_pipeline import make_input_pipeline, to_global_batch
 from diffusion.data.sources import SourceConfig, build_dataset, tfds_name
 from diffusion.data.tokenizer import (
@@ -15,8 +16,10 @@ from diffusion.data.tokenizer import (
 )
 
 __all__ = [
+    "ClassSpace",
     "SourceConfig",
     "build_dataset",
+    "class_features_of",
     "load_tokenizer",
     "longest_caption",
     "make_input_pipeline",

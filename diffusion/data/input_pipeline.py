@@ -44,6 +44,7 @@ import tensorflow_datasets as tfds
 import transformers
 from absl import flags
 
+from diffusion.data.classes import ClassSpace
 from diffusion.data.sources import (
     DEFAULT_CAPTION_TEMPLATE,
     RecordReader,
@@ -91,10 +92,12 @@ class BatchDecoder:
 
     reader: RecordReader
     config: SourceConfig
-    tokenizer: transformers.PreTrainedTokenizerBase
+    tokenizer: transformers.PreTrainedTokenizerBase | None
     context_length: int
     negative_caption_attributes: tuple[str, ...] = ()
     seed: int = 0
+    captions: bool = True  # False: no 'tokens' / 'mask' (a class-conditional model reads none)
+    classes: ClassSpace | None = None  # with it, 'label': the class id of each record
 
     def __post_init__(self):
         self.features = self.reader.features
@@ -140,9 +143,12 @@ class BatchDecoder:
             negatives.append(swap_attribute_word(caption, names[own], names[other]))
         return negatives
 
-    def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        records = self.reader.read([int(i) for i in indices])
+    def images(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """uint8 images -> float32 (b, H, W, 3) in [-1, 1]; float features (the latents of an
+        encoded dataset, any channel count) -> float32 as stored."""
         images = np.stack([np.asarray(r[self.config.image_key]) for r in records])
+        if np.issubdtype(images.dtype, np.floating) and images.ndim == 4:
+            return images.astype(np.float32)  # (b, h, w, c)
         if images.ndim != 4 or images.shape[-1] not in (1, 3):
             raise UserError(
                 f"Expected (H, W, 1 or 3) images in {self.config.image_key!r}, "
@@ -150,13 +156,15 @@ class BatchDecoder:
             )
         if images.shape[-1] == 1:  # grayscale datasets (e.g. mnist) as RGB
             images = np.repeat(images, 3, axis=-1)
-        captions = [self.caption(r) for r in records]
-        tokens, mask = tokenize(self.tokenizer, captions, self.context_length)
-        batch = {
-            "image": images.astype(np.float32) / 127.5 - 1.0,  # (b, H, W, 3) in [-1, 1]
-            "tokens": tokens,  # (b, L) int32
-            "mask": mask,  # (b, L) int32, 1 on real tokens
-        }
+        return images.astype(np.float32) / 127.5 - 1.0  # (b, H, W, 3) in [-1, 1]
+
+    def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        records = self.reader.read([int(i) for i in indices])
+        batch = {"image": self.images(records)}
+        if self.captions:
+            captions = [self.caption(r) for r in records]
+            # (b, L) int32 token ids, and the mask: 1 on real tokens
+            batch["tokens"], batch["mask"] = tokenize(self.tokenizer, captions, self.context_length)
         if self.negative_caption_attributes:
             negatives = self.negative_captions(records, captions, indices)
             batch["negative_caption_tokens"], batch["negative_caption_mask"] = tokenize(
@@ -164,6 +172,8 @@ class BatchDecoder:
             )
         for key in self.label_keys:
             batch[key] = np.array([int(r[key]) for r in records], np.int32)  # (b,)
+        if self.classes is not None:
+            batch["label"] = self.classes.ids(batch)  # (b,) int32 class ids
         return batch
 
 
@@ -262,6 +272,8 @@ def make_input_pipeline(
     read_threads: int = 2,
     hard_negative_attributes: Sequence[str] = (),
     negative_caption_attributes: Sequence[str] = (),
+    captions: bool = True,
+    class_features: Sequence[str] = (),
 ) -> grain.DatasetIterator:
     """A checkpointable iterator of this process's batches (see the module docstring).
 
@@ -277,6 +289,9 @@ def make_input_pipeline(
     `negative_caption_attributes` (ClassLabel names whose words appear in the captions): each
     batch also holds 'negative_caption_tokens' and 'negative_caption_mask', every caption with
     one of these attributes' words swapped for another value (NegCLIP), for the contrastive loss.
+    `captions=False`: no captions are read and no 'tokens' / 'mask' made (`tokenizer` may be
+    None). `class_features` (ClassLabel names, `diffusion.data.classes`): each batch also holds
+    'label', the int32 class id of each record (mixed radix over these features).
 
     Every process yields the same number of batches; the global batch does not depend on the
     number of processes.
@@ -291,7 +306,7 @@ def make_input_pipeline(
     local_batch_size = global_batch_size // process_count
     if not 0 <= process_index < process_count:
         raise UserError(f"process_index {process_index} not in [0, {process_count})")
-    reader = open_source(source_config, split)
+    reader = open_source(source_config, split, captions=captions)
     if (num_epochs or 1) * len(reader) < global_batch_size:
         raise UserError(
             f"{num_epochs or 1} epoch(s) of the {len(reader)} records of split {split!r} cannot "
@@ -302,8 +317,18 @@ def make_input_pipeline(
             f"Hard negatives pair up rows, so global_batch_size {global_batch_size} must be a "
             f"multiple of 2 x process_count = {2 * process_count}"
         )
+    classes = None
+    if class_features:
+        classes = ClassSpace.from_features(reader.features, class_features, source_config.name)
     decoder = BatchDecoder(
-        reader, source_config, tokenizer, context_length, tuple(negative_caption_attributes), seed
+        reader,
+        source_config,
+        tokenizer,
+        context_length,
+        tuple(negative_caption_attributes),
+        seed,
+        captions=captions,
+        classes=classes,
     )
     if negative_caption_attributes:
         decoder(np.arange(1))  # a caption without the words fails here, not in a grain thread

@@ -45,14 +45,26 @@ class SourceConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def _dataset_name(name: str) -> str:
+def _prepared_under(config: SourceConfig) -> bool:
+    """Whether data_dir holds a prepared copy of the dataset (its dataset_info.json)."""
+    directory = os.path.join(config.data_dir, dataset_name(config.name))
+    return os.path.isdir(directory) and any(
+        os.path.exists(os.path.join(root, "dataset_info.json")) for root, _, _ in os.walk(directory)
+    )
+
+
+def dataset_name(name: str) -> str:
     return name.split("/")[0].split(":")[0]
 
 
 def dataset_builder(config: SourceConfig) -> tfds.core.DatasetBuilder:
     """The TFDS builder of `config.name`; an unknown name fails with the close matches."""
     known = tfds.list_builders(with_community_datasets=False)
-    base = _dataset_name(config.name)
+    base = dataset_name(config.name)
+    if base not in known and config.data_dir and _prepared_under(config):
+        # Prepared without a registered builder class (encode.py's latent datasets, or a
+        # dataset whose builder module is not imported): TFDS reads it from its metadata.
+        return tfds.builder(config.name, data_dir=config.data_dir)
     if base not in known:
         close = difflib.get_close_matches(base, known, n=5)
         raise UserError(
@@ -68,7 +80,7 @@ def _split_names(split: str) -> list[str]:
     return [re.split(r"[\[(]", part)[0].strip() for part in split.split("+")]
 
 
-def _check_split(builder: tfds.core.DatasetBuilder, split: str) -> None:
+def check_split(builder: tfds.core.DatasetBuilder, split: str) -> None:
     available = list(builder.info.splits.keys())
     if not available:  # unknown before preparation (or under tfds.testing.mock_data)
         return
@@ -85,7 +97,7 @@ def template_fields(template: str) -> list[str]:
     return [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
 
 
-def _check_features(config: SourceConfig, features: Mapping[str, Any]) -> None:
+def _check_features(config: SourceConfig, features: Mapping[str, Any], captions: bool) -> None:
     available = sorted(features)
 
     def require(key: str, role: str) -> None:
@@ -93,6 +105,8 @@ def _check_features(config: SourceConfig, features: Mapping[str, Any]) -> None:
             raise UserError(f"{role} {key!r} is not a feature of {config.name!r}; {available}")
 
     require(config.image_key, "image_key")
+    if not captions:
+        return
     if config.caption_template is None and config.label_key is None:
         if config.caption_key is None:
             raise UserError("Give caption_key, or label_key and/or caption_template")
@@ -113,22 +127,25 @@ def _check_features(config: SourceConfig, features: Mapping[str, Any]) -> None:
             )
 
 
-def open_source(config: SourceConfig, split: str) -> RecordReader:
-    """A batched reader of one split, after checking the name, split and feature keys."""
+def open_source(config: SourceConfig, split: str, captions: bool = True) -> RecordReader:
+    """A batched reader of one split, after checking the name, split and feature keys.
+
+    captions: whether captions are read (False: images and ClassLabels only, e.g. for a
+    class-conditional model, so a dataset without caption features needs none configured)."""
     builder = dataset_builder(config)
-    _check_split(builder, split)
+    check_split(builder, split)
     features = builder.info.features
-    _check_features(config, features)
+    _check_features(config, features, captions)
     try:
         # `builder.as_data_source` rather than `tfds.data_source`, which may miss a local
         # dataset that the builder finds (tfds#5665).
-        return RecordReader(builder, split, needed_keys(config, features))
+        return RecordReader(builder, split, needed_keys(config, features, captions))
     except (NotImplementedError, FileNotFoundError, AssertionError, KeyError) as error:
         if builder.is_prepared():
             raise
         hint = (
             "build_dataset(...)"
-            if _dataset_name(config.name) == "shapes"
+            if dataset_name(config.name) == "shapes"
             else "download_and_prepare(file_format='array_record') where it has network access"
         )
         raise UserError(
@@ -150,7 +167,7 @@ def build_dataset(
     """Prepares the embedded shapes dataset if missing (offline) and returns its builder; any
     other name must already be prepared under data_dir. `tfds_name(builder)` gives the name
     for `SourceConfig` (e.g. "shapes/32")."""
-    if _dataset_name(name) != "shapes":
+    if dataset_name(name) != "shapes":
         builder = dataset_builder(SourceConfig(name=name, data_dir=data_dir))
         if not builder.is_prepared():
             raise UserError(
@@ -191,9 +208,13 @@ def class_label_keys(features: Mapping[str, Any]) -> list[str]:
     )
 
 
-def needed_keys(config: SourceConfig, features: Mapping[str, Any]) -> list[str]:
+def needed_keys(
+    config: SourceConfig, features: Mapping[str, Any], captions: bool = True
+) -> list[str]:
     """The features a batch is made of: image, caption or template fields, and the labels."""
     keys = [config.image_key, *class_label_keys(features)]
+    if not captions:
+        return keys
     if config.caption_template is None and config.label_key is None:
         keys.append(config.caption_key)
     else:

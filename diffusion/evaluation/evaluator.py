@@ -20,6 +20,7 @@ from diffusion.contrastive import retrieval_metrics
 from diffusion.data import shapes as shapes_lib
 from diffusion.errors import UserError
 from diffusion.evaluation import report
+from diffusion.evaluation.class_conditional import evaluate_class_dit_run
 from diffusion.evaluation.clip_metrics import (
     ClipEncoder,
     clip_score,
@@ -27,15 +28,15 @@ from diffusion.evaluation.clip_metrics import (
     zero_shot_accuracy,
 )
 from diffusion.evaluation.held_out import load_split_examples
+from diffusion.evaluation.reconstruction import evaluate_autoencoder_run
 from diffusion.evaluation.shapes_oracle import (
     ATTRIBUTES,
     PROMPTED_ATTRIBUTES,
     attribute_accuracy,
     read_attributes,
 )
+from diffusion.evaluation.sweep import DEFAULT_SAMPLER, sampler_key, scale_key
 from diffusion.inference import SAMPLERS_BY_OBJECTIVE, TextToImage
-
-DEFAULT_SAMPLER = {"flow": ("euler", 20), "ddpm": ("ddim", 20)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,7 @@ class EvaluationOptions:
     negative_prompt: str = "a large circle in the center"  # the negative-prompt check ...
     negative_color: str = "red"  # ... with this color as the negative prompt ("" skips it)
     data_dir: str | None = None  # overrides the run's config.data.data_dir
+    resolution: int | None = None  # autoencoder: shapes side to reconstruct (None: the run's)
 
 
 def parse_guidance_scales(text: str) -> tuple[float, ...]:
@@ -89,15 +91,6 @@ def parse_samplers(text: str) -> tuple[tuple[str, int], ...]:
             )
         result.append((name, int(steps)))
     return tuple(dict.fromkeys(result))
-
-
-def scale_key(scale: float) -> str:
-    """How a guidance scale names its entry in metrics.json: 4.0 -> "4", 1.5 -> "1.5"."""
-    return f"{scale:g}"
-
-
-def sampler_key(sampler: str, steps: int) -> str:
-    return f"{sampler}:{steps}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,10 +342,11 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, float]:
 
 
 def evaluate_checkpoint(checkpoint: str, output_dir: str, options: EvaluationOptions) -> dict:
-    """Evaluates a CLIP or DiT run directory; writes OUTPUT_DIR/metrics.json, TensorBoard
-    scalars (OUTPUT_DIR/tensorboard, step = the checkpoint step) and OUTPUT_DIR/index.html.
+    """Evaluates a CLIP, DiT or autoencoder run directory (or a diffusers AutoencoderKL
+    directory); writes OUTPUT_DIR/metrics.json, TensorBoard scalars (OUTPUT_DIR/tensorboard,
+    step = the checkpoint step) and OUTPUT_DIR/index.html.
 
-    metrics.json, common keys: family ("clip" | "dit"), checkpoint (absolute path),
+    metrics.json, common keys: family ("clip" | "dit" | "autoencoder"), checkpoint (absolute path),
     checkpoint_step, splits: {split: ...}.
       CLIP:  splits[split] = {num_examples, clip_score (real pairs),
                zero_shot: {shape, color, size, position, background, mean (of the first four)},
@@ -365,12 +359,20 @@ def evaluate_checkpoint(checkpoint: str, output_dir: str, options: EvaluationOpt
                best: {sampler, guidance_scale, accuracy, clip_score, frechet_distance, seconds}},
              negative_prompt: {prompt, negative_prompt, sampler, guidance_scale, num_samples,
                without_negative: {color_fraction, color_histogram}, with_negative: {...}}
+      class-conditional DiT: conditioning "class" and the keys of
+             `class_conditional.evaluate_class_dit_run` (accuracy of the asked class).
+      autoencoder: source ("run" | "diffusers"), resolution, latent_channels,
+             downsampling_factor, configured_scaling_factor, configured_shift_factor,
+             splits[split] = {num_examples, psnr, psnr_min, ssim, latent_shape, grid,
+               latents: {mean, std (per channel), overall_mean, overall_std, scaling_factor,
+                 shift_factor, posterior_std}, oracle_accuracy (of the reconstructions),
+               real_oracle_accuracy} (`reconstruction.reconstruction_metrics`).
     Fractions are in [0, 1]; "all" = shape, color, size and position all right.
     """
     if not os.path.exists(checkpoint):
         raise UserError(
-            f"--checkpoint={checkpoint!r} does not exist; pass a CLIP or DiT run directory "
-            "(the --workdir of train.py)"
+            f"--checkpoint={checkpoint!r} does not exist; pass a CLIP, DiT or autoencoder run "
+            "directory (the --workdir of train.py) or a diffusers AutoencoderKL directory"
         )
     if options.num_samples < 1:
         raise UserError(f"--num_samples must be >= 1, got {options.num_samples}")
@@ -381,15 +383,31 @@ def evaluate_checkpoint(checkpoint: str, output_dir: str, options: EvaluationOpt
             f"--negative_color={options.negative_color!r} is not a shapes color; valid: "
             f"{', '.join(shapes_lib.COLOR_NAMES)} (or '' to skip the check)"
         )
-    run_dir = rundir.locate_run(checkpoint).run_dir if os.path.isdir(checkpoint) else checkpoint
-    family, _ = rundir.load_model_config(run_dir)
-    config = rundir.load_run_config(run_dir)
+    if rundir.is_diffusers_directory(checkpoint):  # an imported autoencoder: no run directory
+        family, model_config, config = "autoencoder", None, None
+    else:
+        run_dir = rundir.locate_run(checkpoint).run_dir if os.path.isdir(checkpoint) else checkpoint
+        family, model_config = rundir.load_model_config(run_dir)
+        config = rundir.load_run_config(run_dir)
     os.makedirs(output_dir, exist_ok=True)
     galleries = []
     if family == "clip":
         metrics = {"family": "clip", "checkpoint": os.path.abspath(checkpoint)}
         metrics["checkpoint_step"] = rundir.latest_step(run_dir)
         metrics.update(evaluate_clip_run(run_dir, config, options))
+    elif family == "autoencoder":  # reconstructions and latent statistics
+        metrics = {"family": "autoencoder", "checkpoint": os.path.abspath(checkpoint)}
+        autoencoder_metrics, galleries = evaluate_autoencoder_run(
+            checkpoint, config, options, output_dir
+        )
+        metrics.update(autoencoder_metrics)
+    elif model_config.conditioning == "class":  # sampled by class, read by the shapes oracle
+        metrics = {"family": "dit", "conditioning": "class"}
+        metrics["checkpoint"] = os.path.abspath(checkpoint)
+        dit_metrics, galleries = evaluate_class_dit_run(
+            checkpoint, _data_config(config, options), config.seed, options, output_dir
+        )
+        metrics.update(dit_metrics)
     else:
         metrics = {"family": "dit", "checkpoint": os.path.abspath(checkpoint)}
         dit_metrics, galleries = evaluate_dit_run(checkpoint, config, options, output_dir)

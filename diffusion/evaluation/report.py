@@ -234,8 +234,9 @@ def _gallery_html(gallery: dict) -> str:
         items.append(f"<li value='{i + 1}'>{text}</li>")
     return (
         f"<figure><img src='{_e(gallery['image'])}' alt='{_e(gallery['title'])}'>"
-        f"<figcaption><b>{_e(gallery['title'])}</b> (row by row; green frame: all four "
-        f"attributes read right)<ol>{''.join(items)}</ol></figcaption></figure>"
+        f"<figcaption><b>{_e(gallery['title'])}</b> (row by row; green frame: "
+        f"{_e(gallery.get('legend', 'all four attributes read right'))})"
+        f"<ol>{''.join(items)}</ol></figcaption></figure>"
     )
 
 
@@ -342,6 +343,42 @@ def _dit_body(metrics: dict, galleries: list[dict], output_dir: str) -> list[str
     return parts
 
 
+def _class_dit_body(metrics: dict, galleries: list[dict]) -> list[str]:
+    """A class-conditional DiT: the oracle's accuracy of the asked class over the sweep."""
+    features = metrics["class_features"]
+    columns = ("class", *features)
+    header = ["split", "sampler", "guidance", *(f"{c} acc." for c in columns), "seconds"]
+    rows, classes, real_rows = [], [], []
+    for split, entry in metrics["splits"].items():
+        best = entry["best"]
+        real = entry["real"]["oracle_accuracy"]
+        real_rows.append([_e(split), *(_number(real[c], percent=True) for c in columns)])
+        for sampler, by_scale in entry["samples"].items():
+            for scale, result in by_scale.items():
+                cells = [_number(result["accuracy"][c], percent=True) for c in columns]
+                rows.append([_e(split), _e(sampler), _e(scale), *cells, f"{result['seconds']:.1f}"])
+                is_best = sampler == best["sampler"] and float(scale) == best["guidance_scale"]
+                classes.append("best" if is_best else "")
+    parts = [
+        f"<h2>Accuracy of the asked class ({_e(' x '.join(features))}, "
+        f"{metrics['num_classes']} classes)</h2>",
+        "<p class='meta'>The shapes oracle reads each sample; 'class' = every class feature "
+        "read as asked. Real images of the same examples:</p>",
+        _table(["split", *(f"{c} acc." for c in columns)], real_rows),
+        _table(header, rows, classes),
+    ]
+    for split, entry in metrics["splits"].items():
+        per_class = sorted(entry["best"]["per_class"].items(), key=lambda item: item[1])
+        parts.append(f"<h3>{_e(split)}: class accuracy per class (best setting)</h3>")
+        parts.append(
+            _table(["class", "accuracy"], [[_e(n), _number(a, True)] for n, a in per_class])
+        )
+        for gallery in galleries:
+            if gallery.get("split") == split:
+                parts.append(_gallery_html(gallery | {"legend": "the asked class read right"}))
+    return parts
+
+
 def _clip_body(metrics: dict, output_dir: str) -> list[str]:
     parts = ["<h2>Zero-shot attribute classification and retrieval</h2>"]
     attributes = ("shape", "color", "size", "position", "background", "mean")
@@ -370,16 +407,65 @@ def _clip_body(metrics: dict, output_dir: str) -> list[str]:
     return parts
 
 
+def _autoencoder_body(metrics: dict, galleries: list[dict]) -> list[str]:
+    """An autoencoder: PSNR, SSIM, the oracle on reconstructions, the latents' statistics."""
+    attributes = ("all", "shape", "color", "size", "position", "background")
+    header = ["split", "images", "PSNR (dB)", "min PSNR", "SSIM"]
+    header += [f"oracle {a} (recon. / real)" for a in attributes]
+    rows, latent_rows = [], []
+    for split, entry in metrics["splits"].items():
+        row = [_e(split), str(entry["num_examples"]), f"{entry['psnr']:.2f}"]
+        row += [f"{entry['psnr_min']:.2f}", f"{entry['ssim']:.4f}"]
+        for a in attributes:
+            recon = entry.get("oracle_accuracy", {}).get(a)
+            real = entry.get("real_oracle_accuracy", {}).get(a)
+            row.append(f"{_number(recon, percent=True)} / {_number(real, percent=True)}")
+        rows.append(row)
+        z = entry["latents"]
+        latent_rows.append(
+            [
+                _e(split),
+                _e("x".join(map(str, entry["latent_shape"]))),
+                ", ".join(f"{m:.3f}" for m in z["mean"]),
+                ", ".join(f"{s:.3f}" for s in z["std"]),
+                _number(z["scaling_factor"]),
+                _number(z["shift_factor"]),
+                ", ".join(f"{s:.3g}" for s in z["posterior_std"]),
+            ]
+        )
+    parts = ["<h2>Reconstructions (through the posterior mean)</h2>", _table(header, rows)]
+    parts.append(
+        "<h2>Latents</h2><p class='meta'>z ~ q(z | x) over the images, per channel; "
+        "scaling_factor = 1 / std over all channels (LDM), shift_factor = their mean (Flux); "
+        f"configured in the autoencoder: scaling_factor {metrics['configured_scaling_factor']}, "
+        f"shift_factor {metrics['configured_shift_factor']}.</p>"
+    )
+    latent_header = ["split", "shape", "mean", "std", "scaling_factor", "shift_factor"]
+    parts.append(_table([*latent_header, "posterior sigma"], latent_rows))
+    for gallery in galleries:
+        parts.append(
+            f"<figure><img src='{_e(gallery['image'])}' alt='{_e(gallery['title'])}'>"
+            f"<figcaption><b>{_e(gallery['title'])}</b> (each row of images is followed by their "
+            "reconstructions, framed green where the oracle reads all four attributes right)"
+            "</figcaption></figure>"
+        )
+    return parts
+
+
 def write_report(metrics: dict, galleries: list[dict], output_dir: str) -> str:
-    """Writes OUTPUT_DIR/index.html (and its plots) for a CLIP or DiT metrics dict; returns the
-    path of the page."""
+    """Writes OUTPUT_DIR/index.html (and its plots) for a CLIP, DiT or autoencoder metrics dict;
+    returns the path of the page."""
     title = f"Evaluation of {metrics['checkpoint']}"
     meta = [f"family: {metrics['family']}", f"checkpoint step: {metrics.get('checkpoint_step')}"]
     for key in ("resolution", "objective", "clip_checkpoint"):
         if key in metrics:
             meta.append(f"{key.replace('_', ' ')}: {metrics[key]}")
-    if metrics["family"] == "dit":
+    if metrics.get("conditioning") == "class":
+        body = _class_dit_body(metrics, galleries)
+    elif metrics["family"] == "dit":
         body = _dit_body(metrics, galleries, output_dir)
+    elif metrics["family"] == "autoencoder":
+        body = _autoencoder_body(metrics, galleries)
     else:
         body = _clip_body(metrics, output_dir)
     page = (

@@ -30,11 +30,15 @@ class DataFacts:
     context_length: int
     empty_tokens: np.ndarray  # (1, L) int32: the empty caption, the unconditional input
     empty_mask: np.ndarray  # (1, L) int32
+    image_channels: int = 3  # the input pipeline makes every image RGB (grayscale repeated)
 
     @classmethod
     def from_config(cls, config, image_size: int) -> DataFacts:
         """Facts from the recipe alone (no tokenizer file): the configured vocabulary size, and
-        an empty caption of a start and an end token, as every CLIP-style tokenizer writes it."""
+        an empty caption of a start and an end token, as every CLIP-style tokenizer writes it.
+        A recipe without a tokenizer section (a family that reads no text) has no vocabulary."""
+        if config.get("tokenizer") is None:
+            return cls.without_text(image_size)
         length = int(config.tokenizer.context_length)
         return cls(
             image_size=int(image_size),
@@ -43,6 +47,12 @@ class DataFacts:
             empty_tokens=np.zeros((1, length), np.int32),
             empty_mask=(np.arange(length) < 2).astype(np.int32)[None],
         )
+
+    @classmethod
+    def without_text(cls, image_size: int) -> DataFacts:
+        """Facts of a family that reads images only (the autoencoder): no vocabulary, no caption."""
+        empty = np.zeros((1, 0), np.int32)
+        return cls(int(image_size), 0, 0, empty, empty)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from diffusion import models, objectives, sharding
+from diffusion.data.classes import class_features_of
 from diffusion.errors import UserError
 from diffusion.families.base import (
     DataFacts,
@@ -297,6 +298,17 @@ def abstract_batch(config, mesh: Mesh, build_: ModelBuild, data: DataFacts) -> d
 
 
 def input_options(config) -> dict:
-    """The input pipeline's options this family's loss needs: none beyond images and captions."""
-    del config
-    return {}
+    """The input pipeline's options this family's loss needs: images and captions (text), or
+    images and class ids without captions (class-conditional: `data.classes.class_features_of`
+    names the features a class is made of)."""
+    features = class_features_of(config.data)
+    if is_text_conditional(config):
+        if config.data.get("class_features"):
+            raise UserError(
+                f"config.data.class_features={tuple(config.data.class_features)} is set but "
+                "config.model.num_classes=0 makes a text-conditional DiT, which reads captions. "
+                "Set config.model.num_classes to the number of classes to train a "
+                "class-conditional DiT, or config.data.class_features=() for text."
+            )
+        return {}
+    return {"captions": False, "class_features": features}

@@ -1,5 +1,5 @@
-"""Batch sampling to a directory (sample.py): prompt files in, PNGs with stable names, a
-manifest and a grid out; a rerun makes only what is missing.
+"""Batch sampling to a directory (sample.py): prompt files (or class labels) in, PNGs with stable
+names, a manifest and a grid out; a rerun makes only what is missing.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import jax
 import numpy as np
 import tqdm
 
+from diffusion import rundir
+from diffusion.inference.class2image import ClassToImage
 from diffusion.inference.settings import (
     MAX_SEED,
     SamplerSettings,
@@ -30,19 +32,21 @@ logger = logging.getLogger(__name__)
 MANIFEST = "manifest.jsonl"
 GRID = "grid.png"
 GRID_MAX_IMAGES = 256
-JSONL_FIELDS = ("prompt", "negative_prompt", "seed", "guidance_scale")
+JSONL_FIELDS = ("prompt", "class", "negative_prompt", "seed", "guidance_scale")
 
 
 @dataclasses.dataclass(frozen=True)
 class PromptItem:
-    """One image to make: the k-th sample (`index`) of the prompt on `line` of the prompt file."""
+    """One image to make: the k-th sample (`index`) of the prompt (or class) on `line` of the
+    prompt file (or at that position of a list of class labels)."""
 
     line: int  # 1-based line number in the prompt file
     index: int  # 0..num_per_prompt-1
-    prompt: str
+    prompt: str  # "" for a class
     negative_prompt: str
     seed: int
     guidance_scale: float
+    class_label: int | str | None = None  # a class-conditional run's class: id or name
 
     @property
     def file(self) -> str:
@@ -60,7 +64,9 @@ def _jsonl_entry(text: str, where: str) -> dict:
     unknown = sorted(set(entry) - set(JSONL_FIELDS))
     if unknown:
         raise SamplingError(f"{where}: unknown fields {unknown}; valid: {', '.join(JSONL_FIELDS)}")
-    if not isinstance(entry.get("prompt"), str):
+    if "class" in entry:
+        _check_class_entry(entry, where)
+    elif not isinstance(entry.get("prompt"), str):
         raise SamplingError(f"{where}: 'prompt' must be a string, got {entry.get('prompt')!r}")
     negative = entry.get("negative_prompt")
     if negative is not None and not isinstance(negative, str):
@@ -78,6 +84,54 @@ def _jsonl_entry(text: str, where: str) -> dict:
         ):
             raise SamplingError(f"{where}: 'guidance_scale' must be a finite number, got {scale!r}")
     return entry
+
+
+def _check_class_entry(entry: dict, where: str) -> None:
+    """A line of a class-conditional run: a class id or name, no prompt, no negative prompt."""
+    label = entry["class"]
+    if "prompt" in entry:
+        raise SamplingError(f"{where}: give 'prompt' (a text-conditional run) or 'class', not both")
+    if entry.get("negative_prompt"):
+        raise SamplingError(
+            f"{where}: a 'class' line takes no 'negative_prompt'; guidance pushes away from the "
+            "null class"
+        )
+    is_id = isinstance(label, int) and not isinstance(label, bool) and label >= 0
+    if not is_id and not (isinstance(label, str) and label.strip()):
+        raise SamplingError(
+            f"{where}: 'class' must be a class id (an integer >= 0) or a class name such as "
+            f"'red circle', got {label!r}"
+        )
+
+
+def class_label_items(
+    classes: Sequence[int | str],
+    *,
+    seed: int = 0,
+    guidance_scale: float = 3.0,
+    num_per_prompt: int = 1,
+) -> list[PromptItem]:
+    """The images a list of classes (ids or names; sample.py --class_labels) asks for: entry i
+    is "line" i + 1, with seeds seed, seed + 1, ... for its `num_per_prompt` images."""
+    check_seed(seed)
+    check_number(guidance_scale, "guidance_scale")
+    if seed + num_per_prompt > MAX_SEED:
+        raise SamplingError("seeds past 2**32 - 1")
+    if not classes:
+        raise SamplingError("no class labels given; pass e.g. --class_labels=3,7 or 'red circle'")
+    return [
+        PromptItem(
+            line=position + 1,
+            index=k,
+            prompt="",
+            negative_prompt="",
+            seed=seed + k,
+            guidance_scale=float(guidance_scale),
+            class_label=label,
+        )
+        for position, label in enumerate(classes)
+        for k in range(num_per_prompt)
+    ]
 
 
 def _utf8_text(data: bytes, path: str) -> str:
@@ -103,7 +157,8 @@ def read_prompt_file(
     """The images a prompt file asks for, in file order.
 
     `.jsonl`: one JSON object per line, {"prompt", "negative_prompt", "seed", "guidance_scale"}
-    (all but prompt optional; the keyword arguments are the defaults). Anything else: one prompt
+    (all but prompt optional; the keyword arguments are the defaults), or for a class-conditional
+    run {"class", "seed", "guidance_scale"} (class: an id or a name). Anything else: one prompt
     per line. Blank lines are skipped. Each prompt gives `num_per_prompt` images with seeds
     seed, seed + 1, ...
     """
@@ -135,15 +190,19 @@ def read_prompt_file(
             first_seed = entry.get("seed", seed)
             if first_seed + num_per_prompt > MAX_SEED:
                 raise SamplingError(f"{path}:{line_number}: seeds past 2**32 - 1")
+            is_class = "class" in entry
             for k in range(num_per_prompt):
                 items.append(
                     PromptItem(
                         line=line_number,
                         index=k,
-                        prompt=entry["prompt"],
-                        negative_prompt=entry.get("negative_prompt") or negative_prompt or "",
+                        prompt="" if is_class else entry["prompt"],
+                        negative_prompt=""
+                        if is_class
+                        else entry.get("negative_prompt") or negative_prompt or "",
                         seed=first_seed + k,
                         guidance_scale=float(entry.get("guidance_scale", guidance_scale)),
+                        class_label=entry["class"] if is_class else None,
                     )
                 )
     if not items:
@@ -151,14 +210,21 @@ def read_prompt_file(
     return items
 
 
-def manifest_record(item: PromptItem, settings: SamplerSettings, pipeline: TextToImage) -> dict:
-    """What the manifest says of one image: everything it is a function of, and its file."""
+def manifest_record(item: PromptItem, settings: SamplerSettings, pipeline) -> dict:
+    """What the manifest says of one image: everything it is a function of, and its file (a
+    class item: its class id and name in place of the prompt and negative prompt)."""
+    if item.class_label is None:
+        condition = {"prompt": item.prompt, "negative_prompt": item.negative_prompt}
+    else:
+        condition = {
+            "class": item.class_label,
+            "class_name": pipeline.classes.name(item.class_label),
+        }
     return {
         "file": item.file,
         "line": item.line,
         "index": item.index,
-        "prompt": item.prompt,
-        "negative_prompt": item.negative_prompt,
+        **condition,
         "seed": item.seed,
         "guidance_scale": item.guidance_scale,
         "sampler": settings.name,
@@ -254,8 +320,47 @@ def _agree_across_processes(mask: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.broadcast_one_to_all(mask))
 
 
+def load_pipeline(
+    run_dir: str, *, use_ema: bool = True, text_encoder: str | None = None
+) -> TextToImage | ClassToImage:
+    """The pipeline that samples a DiT run: TextToImage for a text-conditional DiT,
+    ClassToImage for a class-conditional one (model.json says which)."""
+    location = rundir.locate_run(run_dir, what="DiT run")
+    _, model_config = rundir.load_model_config(location.run_dir)
+    if getattr(model_config, "conditioning", None) == "class":
+        if text_encoder:
+            raise SamplingError(
+                f"{location.run_dir!r} is a class-conditional DiT: it reads no text encoder, "
+                "so --text_encoder does not apply; leave it out"
+            )
+        return ClassToImage.from_run(run_dir, use_ema=use_ema)
+    return TextToImage.from_run(run_dir, use_ema=use_ema, text_encoder=text_encoder)
+
+
+def check_items(pipeline, items: Sequence[PromptItem]) -> list[PromptItem]:
+    """Items that suit the pipeline: classes for ClassToImage (names resolved to ids), prompts
+    for TextToImage; a mismatch is a SamplingError that says what to give instead."""
+    is_class_run = isinstance(pipeline, ClassToImage)
+    for item in items:
+        if is_class_run and item.class_label is None:
+            raise SamplingError(
+                f"{pipeline.run_dir} is a class-conditional DiT ({pipeline.classes.describe()}): "
+                "give classes (sample.py --class_labels=3,7, or JSONL lines "
+                '{"class": 3} / {"class": "red circle"}), not prompts'
+            )
+        if not is_class_run and item.class_label is not None:
+            raise SamplingError(
+                f"{pipeline.run_dir} is a text-conditional DiT: give prompts (sample.py "
+                f"--prompts=FILE), not class labels (got class {item.class_label!r})"
+            )
+    if not is_class_run:
+        return list(items)
+    ids = pipeline.class_ids([item.class_label for item in items])
+    return [dataclasses.replace(i, class_label=c) for i, c in zip(items, ids, strict=True)]
+
+
 def sample_to_directory(
-    pipeline: TextToImage,
+    pipeline: TextToImage | ClassToImage,
     items: Sequence[PromptItem],
     output_dir: str,
     *,
@@ -272,8 +377,10 @@ def sample_to_directory(
     leaves half a file or a duplicate line; a rerun redoes exactly the unfinished items, and the
     images are bit-identical to an uninterrupted run's (see the module docstring). With several
     processes, all run the program and process 0 writes. Returns {"generated", "skipped"}.
-    settings / sampler_options: as in `TextToImage.generate`.
+    settings / sampler_options: as in `TextToImage.generate`. Class items (`class_label`) need a
+    ClassToImage, prompts a TextToImage (`check_items`).
     """
+    items = check_items(pipeline, items)
     if settings is None:
         settings = pipeline.settings(**sampler_options)
     writer = jax.process_index() == 0
@@ -304,10 +411,14 @@ def sample_to_directory(
     )
     for start in range(0, len(pending), size):
         batch = pending[start : start + size]
+        condition = (
+            ([item.class_label for item in batch],)
+            if isinstance(pipeline, ClassToImage)
+            else ([item.prompt for item in batch], [item.negative_prompt for item in batch])
+        )
         images = pipeline.generate(
-            [item.prompt for item in batch],
-            [item.negative_prompt for item in batch],
-            [item.seed for item in batch],
+            *condition,
+            seeds=[item.seed for item in batch],
             guidance_scale=[item.guidance_scale for item in batch],
             batch_size=size,
             settings=settings,

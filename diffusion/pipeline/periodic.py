@@ -6,11 +6,12 @@ import os
 
 import jax
 
-from diffusion import contrastive
+from diffusion import contrastive, rundir
 from diffusion.evaluation import report
 from diffusion.evaluation.clip_metrics import ClipEncoder
 from diffusion.evaluation.held_out import load_split_examples
-from diffusion.inference import TextToImage
+from diffusion.evaluation.reconstruction import reconstruction_metrics
+from diffusion.inference import ClassToImage, TextToImage
 from diffusion.training import RunContext
 
 
@@ -18,11 +19,14 @@ class PeriodicEvaluation:
     """What train.py measures every `config.training.eval_every` steps, on the weights sampling
     would use (EMA when kept): CLIP -> image/text recall@1 and @5 among the first
     `config.training.eval_examples` captions of the first held-out split (scalars `eval/...`);
-    DiT -> a grid of `config.sampling.prompts` x 4 seeds in WORKDIR/samples/step_<N>.png.
+    DiT -> a grid of `config.sampling.prompts` (a class-conditional DiT: its first
+    `CLASSES_SHOWN` classes) x 4 seeds in WORKDIR/samples/step_<N>.png; autoencoder -> PSNR and
+    SSIM of the reconstructions of the first `eval_examples` held-out images (`eval/...`).
 
     Runs on single-process jobs (evaluate.py covers multi-host runs after training)."""
 
     SEEDS_PER_PROMPT = 4
+    CLASSES_SHOWN = 8
 
     def __init__(self, config):
         self.config = config
@@ -37,35 +41,52 @@ class PeriodicEvaluation:
         model = context.train_step.model(params)
         if context.build.family == "clip":
             return self._clip_retrieval(context, model)
+        if context.build.family == "autoencoder":
+            metrics, _ = reconstruction_metrics(model, self._held_out().images)
+            return {"eval/psnr": metrics["psnr"], "eval/ssim": metrics["ssim"]}
         self._dit_grid(context, model, step)
         return {}
 
-    def _clip_retrieval(self, context: RunContext, model) -> dict[str, float]:
+    def _held_out(self):
+        """The first `eval_examples` examples of the first held-out split, read once."""
         if self._examples is None:
             split = self.config.data.eval_splits[0]
             count = self.config.training.get("eval_examples", 256)
             self._examples = load_split_examples(self.config.data, self.config.seed, split, count)
+        return self._examples
+
+    def _clip_retrieval(self, context: RunContext, model) -> dict[str, float]:
+        examples = self._held_out()
         encoder = ClipEncoder(model, context.tokenizer, batch_size=256)
-        images = encoder.encode_images(self._examples.images)
-        texts = encoder.encode_texts(self._examples.captions)
+        images = encoder.encode_images(examples.images)
+        texts = encoder.encode_texts(examples.captions)
         recalls = contrastive.retrieval_metrics(images, texts, ks=(1, 5))
         return {f"eval/{name}": float(value) for name, value in recalls.items()}
 
     def _dit_grid(self, context: RunContext, model, step: int) -> str:
         s = self.config.sampling
-        pipe = TextToImage(
+        common = dict(
             dit=model,
-            text_encoder=context.frozen,
-            tokenizer=context.tokenizer,
             diffusion_config=self.config.diffusion,
-            context_length=self.config.tokenizer.context_length,
             resolution=context.image_size,
             checkpoint_step=step,
         )
-        prompts = [p for p in s.prompts for _ in range(self.SEEDS_PER_PROMPT)]
-        seeds = [k for _ in s.prompts for k in range(self.SEEDS_PER_PROMPT)]
+        if model.config.conditioning == "class":
+            classes = rundir.load_classes(context.workdir)
+            pipe = ClassToImage(classes=classes, **common)
+            conditions = list(range(min(self.CLASSES_SHOWN, classes.num_classes)))
+        else:
+            pipe = TextToImage(
+                text_encoder=context.frozen,
+                tokenizer=context.tokenizer,
+                context_length=self.config.tokenizer.context_length,
+                **common,
+            )
+            conditions = list(s.prompts)
+        rows = [c for c in conditions for _ in range(self.SEEDS_PER_PROMPT)]
+        seeds = [k for _ in conditions for k in range(self.SEEDS_PER_PROMPT)]
         images = pipe.generate(
-            prompts, seeds=seeds, sampler=s.sampler, steps=s.steps, guidance_scale=s.guidance_scale
+            rows, seeds=seeds, sampler=s.sampler, steps=s.steps, guidance_scale=s.guidance_scale
         )
         path = os.path.join(context.workdir, "samples", f"step_{step}.png")
         return report.save_grid(images, path, columns=self.SEEDS_PER_PROMPT)

@@ -12,7 +12,11 @@ from diffusion.train_step import TrainStep
 
 
 def _plain(model_config):
-    return dataclasses.replace(model_config, scan_layers=False, remat_policy="none")
+    """The model config without scan or remat (a model that has neither, the autoencoder, is
+    its own plain twin)."""
+    fields = {f.name for f in dataclasses.fields(model_config)}
+    plain = {"scan_layers": False, "remat_policy": "none"}
+    return dataclasses.replace(model_config, **{k: v for k, v in plain.items() if k in fields})
 
 
 def model_flops(build: ModelBuild, train_step: TrainStep, batch) -> float | None:

@@ -7,10 +7,12 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 
 from diffusion import data as data_lib
 from diffusion import distributed, rundir
 from diffusion.data import input_pipeline, sources
+from diffusion.data.classes import ClassSpace
 from diffusion.errors import UserError
 from diffusion.families import DataFacts
 
@@ -85,18 +87,48 @@ def prepare_tokenizer(tokenizer_config, source, split: str, directory: str):
 
 
 def image_size_of(config, builder, source_name: str) -> int:
-    """The side of the dataset's images, checked to be a feature of the dataset."""
+    """The side of the dataset's images, checked to be a feature of the dataset whose channels
+    (3 for uint8 images, as the input pipeline makes them; as stored for float latents) are the
+    model's config.model.in_channels where the recipe sets that."""
     features = builder.info.features
-    if config.data.image_key not in features:
+    key = config.data.image_key
+    if key not in features:
         raise UserError(
-            f"config.data.image_key={config.data.image_key!r} is not a feature of {source_name!r};"
+            f"config.data.image_key={key!r} is not a feature of {source_name!r};"
             f" set it to one of {sorted(features)}."
         )
-    return features[config.data.image_key].shape[0]
+    feature = features[key]
+    is_float = np.issubdtype(np.dtype(getattr(feature, "np_dtype", np.uint8)), np.floating)
+    channels = feature.shape[-1] if is_float else 3
+    wanted = config.model.get("in_channels")
+    if wanted is not None and int(wanted) != channels:
+        raise UserError(
+            f"config.model.in_channels={wanted}, but {key!r} of {source_name!r} gives "
+            f"{channels}-channel inputs (feature shape {feature.shape}); pass "
+            f"--config.model.in_channels={channels}."
+        )
+    return feature.shape[0]
+
+
+def class_space(config, builder, source_name: str, class_features) -> ClassSpace:
+    """The classes of a class-conditional recipe, checked against config.model.num_classes."""
+    classes = ClassSpace.from_features(builder.info.features, class_features, source_name)
+    wanted = int(config.model.num_classes)
+    if wanted != classes.num_classes:
+        sizes = " x ".join(f"{n} {f}" for f, n in zip(classes.features, classes.sizes, strict=True))
+        raise UserError(
+            f"config.model.num_classes={wanted}, but the class features {classes.features} of "
+            f"{source_name!r} give {sizes} = {classes.num_classes} classes. Pass "
+            f"--config.model.num_classes={classes.num_classes}, or choose other features "
+            "(config.data.class_features, or config.data.label_key)."
+        )
+    return classes
 
 
 def data_facts(config, tokenizer, image_size: int) -> DataFacts:
-    """What the model builder needs of the data and tokenizer."""
+    """What the model builder needs of the data and tokenizer (None: a model without text)."""
+    if tokenizer is None:
+        return DataFacts.without_text(image_size)
     length = config.tokenizer.context_length
     empty_tokens, empty_mask = data_lib.tokenize(tokenizer, [""], length)
     return DataFacts(

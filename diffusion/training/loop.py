@@ -56,15 +56,8 @@ def build_model(config, facts: families.DataFacts, mesh) -> tuple[families.Model
     family = families.get(config.family)
     if config.family != "dit":
         return family.build(config, facts, mesh), None
-    if not family.is_text_conditional(config):
-        # The input pipeline yields captions of RGB images, not class ids or latents.
-        raise UserError(
-            f"config.model.num_classes={config.model.num_classes}: train.py trains "
-            "text-conditioned DiTs only; class-conditional recipes (configs/dit_xl2_imagenet.py) "
-            "are for `train.py --aot_topology=...` (compile and cost, no data). Set "
-            "config.model.num_classes=0 and caption the classes (config.data.label_key with "
-            "config.data.caption_template) to train on a labelled dataset."
-        )
+    if not family.is_text_conditional(config):  # class ids: no frozen model
+        return family.build(config, facts, mesh, None), None
     text_encoder = rundir.load_text_encoder(
         config.text_encoder.checkpoint, dict(dtype=config.model.dtype)
     )
@@ -80,8 +73,8 @@ def train(
     callbacks: Sequence[Callback] = (),
     preemption: PreemptionGuard | None = None,
 ) -> dict[str, Any]:
-    """Trains one model (config.family "clip" or "dit") in `workdir`, resuming if possible;
-    returns the last logged metrics.
+    """Trains the model of config.family ("clip", "dit" or "autoencoder") in `workdir`, resuming
+    if possible; returns the last logged metrics.
 
     tokenizer_dir: where the tokenizer is trained or read (default WORKDIR/tokenizer).
     devices: the devices of the mesh (default: all of them).
@@ -95,13 +88,19 @@ def train(
     mesh = sharding.mesh_from_config(config.mesh, devices)
     sharding.rules_from_config(config.mesh)  # a bad rule is named before any work
     families.check_global_batch(t.global_batch_size, mesh)
+    input_options = family.input_options(config)
     source, builder = inputs.prepare_source(config.data, config.seed)
-    own_tokenizer_dir = rundir.tokenizer_dir(workdir)
-    tokenizer = inputs.prepare_tokenizer(
-        config.tokenizer, source, config.data.train_split, tokenizer_dir or own_tokenizer_dir
-    )
-    if jax.process_index() == 0 and not os.path.isdir(own_tokenizer_dir):
-        save_tokenizer(tokenizer, own_tokenizer_dir)  # a run directory is self-contained
+    classes = None
+    if input_options.get("class_features") is not None:  # checked before any file is written
+        classes = inputs.class_space(config, builder, source.name, input_options["class_features"])
+    tokenizer = None
+    if input_options.get("captions", True):  # a model without text needs no tokenizer
+        own_tokenizer_dir = rundir.tokenizer_dir(workdir)
+        tokenizer = inputs.prepare_tokenizer(
+            config.tokenizer, source, config.data.train_split, tokenizer_dir or own_tokenizer_dir
+        )
+        if jax.process_index() == 0 and not os.path.isdir(own_tokenizer_dir):
+            save_tokenizer(tokenizer, own_tokenizer_dir)  # a run directory is self-contained
     image_size = inputs.image_size_of(config, builder, source.name)
     if config.family == "dit" and config.text_encoder.checkpoint:
         # Absolute, so that config.json still finds it from a sampling job elsewhere.
@@ -111,6 +110,8 @@ def train(
     rundir.check_resumable(workdir, build.family, build.model_config)
     checkpoints.write_config(workdir, config)
     rundir.save_model_config(workdir, build.family, build.model_config)
+    if classes is not None:
+        rundir.save_classes(workdir, classes)
 
     train_step = build.train_step(config, mesh, tx, frozen)
     data_iterator = data_lib.make_input_pipeline(
@@ -119,9 +120,9 @@ def train(
         split=config.data.train_split,
         global_batch_size=t.global_batch_size,
         seed=config.seed,
-        context_length=config.tokenizer.context_length,
+        context_length=config.tokenizer.context_length if tokenizer is not None else 0,
         worker_count=config.data.worker_count,
-        **family.input_options(config),
+        **input_options,
     )
     manager = checkpoints.make_checkpoint_manager(
         os.path.join(workdir, rundir.CHECKPOINTS_DIR),

@@ -1,0 +1,56 @@
+"""Base recipe of the autoencoder family: the KL autoencoder of latent diffusion (first stage),
+trained on images alone (no captions, no tokenizer).
+
+Recipes import this and override fields; arg "runlocal" shrinks it to a laptop run.
+"""
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.family = "autoencoder"  # Model family trained by train.py.
+    config.seed = 0  # The one seed; keys are split by purpose and folded with the step.
+    config.data = common.data_config()
+    config.data.builder_config = "32"  # Shapes at 32x32 ("16", "32" or "64").
+    config.mesh = common.mesh_config()
+    config.optimizer = common.optimizer_config()
+    config.training = common.training_config()
+
+    config.model = ml_collections.ConfigDict()
+    config.model.variant = "tiny"  # Row of diffusion.models.autoencoder's variant table.
+    config.model.latent_channels = 4  # Channels of the latent (4 as SD's f=8 VAE and LDM's f=4).
+    # Width of each level; n levels downsample 2^(n-1) times (here 4: 32x32 -> 8x8 latents).
+    config.model.block_out_channels = (32, 64, 64)
+    config.model.layers_per_block = 1  # ResnetBlocks per encoder level (the decoder has one more).
+    config.model.norm_num_groups = 8  # GroupNorm groups; must divide every width.
+    config.model.mid_block_add_attention = False  # Attention in the middle blocks (costly on CPU).
+    config.model.use_quant_conv = placeholder(bool)  # 1x1 conv on the moments; None: variant's.
+    config.model.use_post_quant_conv = placeholder(bool)  # 1x1 conv on latents; None: variant's.
+    config.model.dtype = "float32"  # Compute dtype ("bfloat16" on TPU); parameters stay float32.
+    config.model.attention_impl = "xla"  # "xla" or "fused" (jax.nn.dot_product_attention).
+
+    config.loss = ml_collections.ConfigDict()
+    # "l1" (LDM's pixel term, without its LPIPS and GAN terms) or "l2" (the error PSNR measures).
+    config.loss.reconstruction = "l1"
+    # Weight of KL(q(z|x) || N(0, I)) against the reconstruction error summed over an image's
+    # pixels, as in LDM (1e-6 for its f=4/8 KL models): latents stay near N(0, I) in scale without
+    # blurring the reconstructions.
+    config.loss.kl_weight = 1e-6
+
+    config.training.num_steps = 2000
+    config.training.eval_every = 500  # PSNR / SSIM of held-out reconstructions (eval/...).
+    config.training.eval_examples = 256  # Held-out images those are measured on.
+
+    if arg == "runlocal":
+        config.training.num_steps = 20
+        config.optimizer.warmup_steps = 5
+        config.training.log_every = 5
+        config.training.checkpoint_every = 10
+        config.training.eval_every = 10
+        config.training.global_batch_size = 16
+        config.data.num_train_examples = 2_000
+    return config
