@@ -1,0 +1,183 @@
+"""encode.py's job: every image of a TFDS dataset through a frozen autoencoder's encoder, into a
+latent TFDS dataset that the same input pipeline reads (`diffusion.encoding.latent_dataset`).
+
+The work is a fixed list of shards (split, examples [start, stop)). Process p of P encodes the
+shards whose position in the list is p modulo P, each in batches spread over its local devices
+(the autoencoder replicated, the batch split), and writes each shard whole; process 0 writes the
+metadata once every process is done. The posterior (mean and std) is stored rather than one
+sampled latent, so nothing here is random: a rerun after a kill skips the shards that exist and
+ends with the bytes of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from diffusion import distributed, rundir
+from diffusion.data import sources
+from diffusion.encoding.latent_dataset import LatentDatasetWriter, Shard, latent_features
+from diffusion.errors import UserError
+from diffusion.models.autoencoder import Autoencoder, AutoencoderConfig
+from diffusion.training import inputs
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeOptions:
+    output_dir: str
+    name: str | None = None  # dataset name; default "<source name>_latents"
+    splits: tuple[str, ...] | None = None  # default: every split of the source
+    batch_size: int = 64  # images per call in each process (rounded up to its devices)
+    examples_per_shard: int = 4096  # examples per output file: the unit of resumption
+
+
+def encode_dataset(autoencoder_path: str, data_config, seed: int, options: EncodeOptions) -> str:
+    """Encodes every split of `data_config`'s dataset with the autoencoder at `autoencoder_path`
+    (a run directory of family autoencoder, or a diffusers AutoencoderKL directory); returns the
+    latent dataset's directory (OUTPUT_DIR/NAME/1.0.0). Resumes an interrupted run."""
+    model, autoencoder_config = rundir.load_autoencoder(autoencoder_path)
+    source, builder = inputs.prepare_source(data_config, seed)
+    features = builder.info.features
+    image_shape = check_images(features, source.image_key, autoencoder_config, source.name)
+    splits = options.splits or tuple(builder.info.splits.keys())
+    readers = {split: _reader(builder, source, split) for split in splits}
+    f = autoencoder_config.downsampling_factor
+    latent_shape = (image_shape[0] // f, image_shape[1] // f, autoencoder_config.latent_channels)
+    name = options.name or f"{sources.dataset_name(source.name)}_latents"
+    writer = LatentDatasetWriter(
+        options.output_dir,
+        name,
+        latent_features(features, source.image_key, latent_shape),
+        {split: len(reader) for split, reader in readers.items()},
+        options.examples_per_shard,
+    )
+    if writer.is_complete():
+        print(f"{writer.root} is complete; nothing to encode", flush=True)
+        return writer.root
+    plan = dict(
+        autoencoder=os.path.abspath(autoencoder_path),
+        autoencoder_config=dataclasses.asdict(autoencoder_config),
+        source=source.name,
+        splits=writer.split_lengths,
+        examples_per_shard=options.examples_per_shard,
+        batch_size=options.batch_size,
+    )
+    if jax.process_index() == 0:
+        writer.start(plan)
+    distributed.barrier("latent dataset planned")
+    mine = writer.shards()[jax.process_index() :: jax.process_count()]
+    pending = [shard for shard in mine if not writer.is_written(shard)]
+    encode = BatchEncoder(model, options.batch_size)
+    _encode_shards(encode, writer, readers, source.image_key, pending)
+    distributed.barrier("every shard of the latent dataset written")
+    if jax.process_index() == 0:
+        writer.finish(
+            encoding=dict(
+                plan,
+                scaling_factor=autoencoder_config.scaling_factor,
+                shift_factor=autoencoder_config.shift_factor,
+                latent_shape=list(latent_shape),
+                image_shape=list(image_shape),
+            ),
+            description=f"Posterior mean and std of {source.name} under {autoencoder_path}",
+        )
+    distributed.barrier("latent dataset finished")
+    return writer.root
+
+
+def check_images(
+    features: Mapping[str, Any], image_key: str, config: AutoencoderConfig, dataset: str
+) -> tuple[int, int, int]:
+    """The dataset's (H, W, C), refused unless the autoencoder can encode it."""
+    if image_key not in features:
+        raise UserError(
+            f"config.data.image_key={image_key!r} is not a feature of {dataset!r}; features: "
+            f"{sorted(features)}"
+        )
+    shape = tuple(features[image_key].shape)
+    if len(shape) != 3 or None in shape:
+        raise UserError(
+            f"{dataset!r} feature {image_key!r} has shape {shape}; encoding needs images of one "
+            "fixed size (H, W, C): resize the dataset when preparing it."
+        )
+    height, width, channels = shape
+    if channels != config.in_channels:
+        raise UserError(
+            f"{dataset!r} has {channels}-channel images but the autoencoder encodes "
+            f"{config.in_channels} channels (in_channels); use an autoencoder trained on "
+            f"{channels}-channel images."
+        )
+    f = config.downsampling_factor
+    if height % f or width % f:
+        raise UserError(
+            f"{dataset!r} images are {height}x{width}, not a multiple of the autoencoder's "
+            f"downsampling factor {f}; prepare the dataset at a size divisible by {f}."
+        )
+    return height, width, channels
+
+
+def _reader(builder, source: sources.SourceConfig, split: str) -> sources.RecordReader:
+    sources.check_split(builder, split)
+    return sources.RecordReader(builder, split, list(builder.info.features))
+
+
+class BatchEncoder:
+    """The encoder's posterior of uint8 image batches, spread over this process's devices."""
+
+    def __init__(self, model: Autoencoder, batch_size: int):
+        devices = jax.local_devices()
+        self.batch_size = -(-max(1, batch_size) // len(devices)) * len(devices)
+        mesh = Mesh(np.array(devices), ("data",))
+        batch = NamedSharding(mesh, PartitionSpec("data"))
+        replicated = NamedSharding(mesh, PartitionSpec())
+        graphdef, state = nnx.split(model)
+        self.state = jax.device_put(state, replicated)
+
+        def posterior(state, images):  # (B, H, W, C) uint8
+            model = nnx.merge(graphdef, state)
+            mean, logvar = model.encode(images.astype(jnp.float32) / 127.5 - 1.0)
+            return mean, jnp.exp(0.5 * logvar)  # (B, h, w, c) each
+
+        self.program = jax.jit(
+            posterior, in_shardings=(replicated, batch), out_shardings=(batch, batch)
+        )
+
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        count = len(images)
+        padded = np.concatenate([images, np.repeat(images[-1:], self.batch_size - count, 0)])
+        mean, std = self.program(self.state, padded)
+        return np.asarray(mean, np.float32)[:count], np.asarray(std, np.float32)[:count]
+
+
+def _encode_shards(encode: BatchEncoder, writer, readers, image_key: str, shards) -> None:
+    total = sum(s.stop - s.start for s in shards)
+    bar = tqdm.tqdm(total=total, unit="img", desc="encode", disable=jax.process_index() != 0)
+    start, done = time.perf_counter(), 0
+    for shard in shards:
+        examples = list(_encoded_examples(encode, readers[shard.split], image_key, shard))
+        writer.write(shard, examples)
+        done += len(examples)
+        bar.update(len(examples))
+        bar.set_postfix(img_s=f"{done / (time.perf_counter() - start):.1f}")
+    bar.close()
+
+
+def _encoded_examples(encode: BatchEncoder, reader, image_key: str, shard: Shard) -> Iterator[dict]:
+    for first in range(shard.start, shard.stop, encode.batch_size):
+        indices = list(range(first, min(shard.stop, first + encode.batch_size)))
+        records = reader.read(indices)
+        images = np.stack([np.asarray(r[image_key], np.uint8) for r in records])
+        means, stds = encode(images)
+        for record, mean, std in zip(records, means, stds, strict=True):
+            kept = {k: v for k, v in record.items() if k != image_key}
+            yield {**kept, "latent_mean": mean, "latent_std": std}

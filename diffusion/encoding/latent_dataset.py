@@ -1,0 +1,217 @@
+"""A TFDS dataset of autoencoder latents, written shard by shard so that a killed job resumes.
+
+Layout (what `tfds.builder(name, data_dir=OUTPUT_DIR)` and `tfds.builder_from_directory` read,
+with no builder class and no TensorFlow):
+
+    OUTPUT_DIR/NAME/1.0.0/
+        plan.json                           what is being encoded (written first; a rerun with
+                                            another plan is refused, never mixed in)
+        NAME-SPLIT.array_record-00000-of-000NN    one file per shard, each written to a dotted
+                                            temporary and renamed: a file that exists is whole
+        dataset_info.json, features.json, *.labels.txt   written by TFDS once every shard is
+        encoding.json                       the autoencoder and latent statistics; written last,
+                                            so its presence means the dataset is complete
+
+Records hold `latent_mean` and `latent_std` (float32 (h, w, c), the posterior of each image, so
+training draws its own latent per step) and every other feature of the source record unchanged
+(captions, class labels with their names).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+from array_record.python import array_record_module
+from tensorflow_datasets.proto import tf_example_pb2
+
+from diffusion.errors import UserError
+
+VERSION = "1.0.0"
+PLAN_FILE = "plan.json"
+ENCODING_FILE = "encoding.json"
+TEMPORARY_SUFFIX = ".tmp"
+LATENT_KEYS = ("latent_mean", "latent_std")
+# One record per group: random access by index, as grain reads (TFDS writes the same).
+ARRAY_RECORD_OPTIONS = "group_size:1"
+
+
+def latent_features(
+    source_features: Mapping[str, Any], image_key: str, latent_shape: tuple[int, int, int]
+) -> tfds.features.FeaturesDict:
+    """The source's features with the image replaced by the posterior's mean and std."""
+    latent = lambda: tfds.features.Tensor(
+        shape=latent_shape, dtype=np.float32, encoding=tfds.features.Encoding.BYTES
+    )
+    kept = {key: feature for key, feature in source_features.items() if key != image_key}
+    return tfds.features.FeaturesDict({**kept, "latent_mean": latent(), "latent_std": latent()})
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    split: str
+    index: int
+    start: int  # first example of the split in this shard
+    stop: int
+
+
+class LatentDatasetWriter:
+    """Plans the shards of every split, writes each atomically, and the metadata at the end."""
+
+    def __init__(
+        self,
+        output_dir: str,
+        name: str,
+        features: tfds.features.FeaturesDict,
+        split_lengths: Mapping[str, int],
+        examples_per_shard: int,
+    ):
+        if examples_per_shard < 1:
+            raise UserError(f"examples_per_shard must be >= 1, got {examples_per_shard}")
+        self.name, self.features = name, features
+        self.root = os.path.join(output_dir, name, VERSION)
+        self.split_lengths = dict(split_lengths)
+        self.examples_per_shard = examples_per_shard
+
+    # -- the plan -------------------------------------------------------------------------------
+
+    def shards(self) -> list[Shard]:
+        """Every shard of every split, in a fixed order (the same in every process)."""
+        result = []
+        for split, length in self.split_lengths.items():
+            count = max(1, math.ceil(length / self.examples_per_shard))
+            for index in range(count):
+                start = index * self.examples_per_shard
+                result.append(
+                    Shard(split, index, start, min(length, start + self.examples_per_shard))
+                )
+        return result
+
+    def num_shards(self, split: str) -> int:
+        return sum(1 for shard in self.shards() if shard.split == split)
+
+    def shard_path(self, shard: Shard) -> str:
+        count = self.num_shards(shard.split)
+        name = f"{self.name}-{shard.split}.array_record-{shard.index:05d}-of-{count:05d}"
+        return os.path.join(self.root, name)
+
+    def start(self, plan: Mapping[str, Any]) -> None:
+        """Creates the directory and records `plan`, or checks that an earlier run had the same
+        plan (then its whole shards are kept); removes temporaries of killed runs. One process
+        calls this before any shard is written."""
+        os.makedirs(self.root, exist_ok=True)
+        path = os.path.join(self.root, PLAN_FILE)
+        plan = json.loads(json.dumps(dict(plan), sort_keys=True))  # as it reads back
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                earlier = json.load(f)
+            if earlier != plan:
+                changed = sorted(
+                    k for k in plan.keys() | earlier.keys() if plan.get(k) != earlier.get(k)
+                )
+                raise UserError(
+                    f"{self.root} holds an encoding with another plan (differs in {changed}); "
+                    "its shards are kept as they are. Pass another --output_dir (or --name), or "
+                    "delete that directory to encode again."
+                )
+        else:
+            _write_atomically(path, json.dumps(plan, indent=1, sort_keys=True) + "\n")
+        for name in os.listdir(self.root):
+            if name.endswith(TEMPORARY_SUFFIX):
+                os.remove(os.path.join(self.root, name))
+
+    # -- shards ---------------------------------------------------------------------------------
+
+    def is_written(self, shard: Shard) -> bool:
+        return os.path.exists(self.shard_path(shard))
+
+    def write(self, shard: Shard, examples: Iterable[Mapping[str, Any]]) -> None:
+        """Serializes `examples` into the shard's file: a temporary first, renamed when whole."""
+        path = self.shard_path(shard)
+        temporary = os.path.join(self.root, "." + os.path.basename(path) + TEMPORARY_SUFFIX)
+        writer = array_record_module.ArrayRecordWriter(temporary, ARRAY_RECORD_OPTIONS)
+        count = 0
+        try:
+            for example in examples:
+                writer.write(_deterministic(self.features.serialize_example(example)))
+                count += 1
+        finally:
+            writer.close()
+        if count != shard.stop - shard.start:
+            os.remove(temporary)
+            raise RuntimeError(
+                f"{path}: {count} examples for a shard of {shard.stop - shard.start}"
+            )
+        os.replace(temporary, path)
+
+    # -- the end --------------------------------------------------------------------------------
+
+    def is_complete(self) -> bool:
+        return os.path.exists(os.path.join(self.root, ENCODING_FILE))
+
+    def finish(self, encoding: Mapping[str, Any], description: str) -> None:
+        """TFDS's metadata of the written shards, then encoding.json (the completion mark)."""
+        missing = [self.shard_path(s) for s in self.shards() if not self.is_written(s)]
+        if missing:
+            raise RuntimeError(f"cannot finish {self.root}: shards missing: {missing[:3]}")
+        split_infos = [
+            tfds.core.SplitInfo(
+                name=split,
+                shard_lengths=[s.stop - s.start for s in self.shards() if s.split == split],
+                num_bytes=sum(
+                    os.path.getsize(self.shard_path(s)) for s in self.shards() if s.split == split
+                ),
+                filename_template=tfds.core.ShardedFileTemplate(
+                    data_dir=self.root,
+                    template="{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
+                    dataset_name=self.name,
+                    split=split,
+                    filetype_suffix="array_record",
+                ),
+            )
+            for split in self.split_lengths
+        ]
+        tfds.folder_dataset.write_metadata(
+            data_dir=self.root,
+            features=self.features,
+            split_infos=split_infos,
+            version=VERSION,
+            check_data=False,  # reading it back would need TensorFlow; the tests read it
+            description=description,
+        )
+        path = os.path.join(self.root, ENCODING_FILE)
+        _write_atomically(path, json.dumps(dict(encoding), indent=1, sort_keys=True) + "\n")
+
+
+def read_encoding(dataset_dir: str) -> dict[str, Any]:
+    """encoding.json of a finished latent dataset (OUTPUT_DIR/NAME/1.0.0)."""
+    path = os.path.join(dataset_dir, ENCODING_FILE)
+    if not os.path.exists(path):
+        raise UserError(
+            f"{dataset_dir} has no {ENCODING_FILE}: it is not a finished latent dataset (rerun "
+            "the same encode.py command to finish it)."
+        )
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _deterministic(record: bytes) -> bytes:
+    """The tf.train.Example with its feature map in key order: protobuf writes maps in hash
+    order, which differs between processes (string hashing is salted per process), and a
+    resumed job must write the bytes an uninterrupted one writes."""
+    return tf_example_pb2.Example.FromString(record).SerializeToString(deterministic=True)
+
+
+def _write_atomically(path: str, text: str) -> None:
+    temporary = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + TEMPORARY_SUFFIX)
+    with open(temporary, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)

@@ -1,0 +1,207 @@
+"""encode.py and diffusion.encoding: a TFDS image dataset -> a TFDS dataset of latents.
+
+Truths: the stored posterior is diffusers' AutoencoderKL posterior of each source image (PyTorch,
+same weights); every other feature is the source record's; TFDS reads the output without a
+builder class; a job killed at a random moment and rerun ends with the bytes of an uninterrupted
+job; mismatched images and a changed plan are refused before anything is written over.
+"""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from conftest import single_device_env
+
+from configs import common
+from diffusion import encoding
+from diffusion.data import sources
+from diffusion.errors import UserError
+from diffusion.models.autoencoder import AutoencoderConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM = dict(num_train_examples=40, num_eval_examples=12)
+
+
+def data_config(data_dir):
+    config = common.data_config()
+    config.update(data_dir=data_dir, builder_config="16", **NUM)
+    return config
+
+
+@pytest.fixture(scope="module")
+def diffusers_autoencoder(tmp_path_factory):
+    """A tiny diffusers AutoencoderKL with random weights, saved as safetensors."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    ).eval()
+    with torch.no_grad():  # random norms and biases too, so that every tensor matters
+        for name, parameter in vae.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                parameter.copy_(torch.randn_like(parameter) * 0.1 + (name.endswith("weight")))
+    directory = str(tmp_path_factory.mktemp("vae"))
+    vae.save_pretrained(directory, safe_serialization=True)
+    return directory, vae
+
+
+@pytest.fixture(scope="module")
+def encoded(diffusers_autoencoder, tmp_path_factory):
+    """The shapes 16x16 test dataset encoded in this process on 8 devices."""
+    root = tmp_path_factory.mktemp("encode")
+    config = data_config(str(root / "data"))
+    options = encoding.EncodeOptions(
+        output_dir=str(root / "latents"), batch_size=8, examples_per_shard=16
+    )
+    dataset_dir = encoding.encode_dataset(diffusers_autoencoder[0], config, 0, options)
+    return dataset_dir, config, options
+
+
+def test_latents_are_the_diffusers_posterior_and_other_features_are_kept(
+    encoded, diffusers_autoencoder
+):
+    import torch
+
+    dataset_dir, config, options = encoded
+    _, vae = diffusers_autoencoder
+    latent = sources.dataset_builder(
+        sources.SourceConfig(name="shapes_latents", data_dir=options.output_dir)
+    )
+    image_builder = tfds.builder("shapes/16_n40-12-12_s0", data_dir=config.data_dir)
+    assert set(latent.info.splits) == {"train", "test", "test_unseen"}
+    for split in ("train", "test_unseen"):
+        images = image_builder.as_data_source(split=split)
+        latents = latent.as_data_source(split=split)
+        assert len(latents) == len(images) == (40 if split == "train" else 12)
+        for index in (0, len(images) - 1):  # first shard and a last, shorter one
+            source, record = images[index], latents[index]
+            for key, value in source.items():
+                if key != "image":
+                    assert record[key] == value, key
+            pixels = torch.tensor(source["image"], dtype=torch.float32) / 127.5 - 1
+            with torch.no_grad():
+                posterior = vae.encode(pixels.permute(2, 0, 1)[None]).latent_dist
+            want_mean = posterior.mean[0].permute(1, 2, 0).numpy()
+            want_std = posterior.std[0].permute(1, 2, 0).numpy()
+            assert record["latent_mean"].shape == (8, 8, 4)
+            np.testing.assert_allclose(record["latent_mean"], want_mean, atol=1e-4)
+            np.testing.assert_allclose(record["latent_std"], want_std, atol=1e-4)
+    assert latent.info.features["shape"].names == image_builder.info.features["shape"].names
+    info = encoding.read_encoding(dataset_dir)
+    assert info["latent_shape"] == [8, 8, 4] and info["image_shape"] == [16, 16, 3]
+    assert info["scaling_factor"] == vae.config.scaling_factor
+
+
+def test_a_rerun_of_a_complete_dataset_changes_nothing_and_another_plan_is_refused(encoded):
+    dataset_dir, config, options = encoded
+    before = _files(dataset_dir)
+    assert encoding.encode_dataset(_autoencoder_of(dataset_dir), config, 0, options) == dataset_dir
+    assert _files(dataset_dir) == before
+    os.remove(os.path.join(dataset_dir, "encoding.json"))  # unfinished: the plan is compared
+    changed = dataclasses.replace(options, examples_per_shard=8)
+    with pytest.raises(UserError, match=r"another plan \(differs in \['examples_per_shard'\]\)"):
+        encoding.encode_dataset(_autoencoder_of(dataset_dir), config, 0, changed)
+    before.pop("encoding.json")
+    assert _files(dataset_dir) == before
+
+
+def _autoencoder_of(dataset_dir):
+    with open(os.path.join(dataset_dir, "plan.json")) as f:
+        return json.load(f)["autoencoder"]
+
+
+def _files(directory):
+    result = {}
+    for name in sorted(os.listdir(directory)):
+        with open(os.path.join(directory, name), "rb") as f:
+            result[name] = f.read()
+    return result
+
+
+def test_images_the_autoencoder_cannot_encode_are_refused():
+    config = AutoencoderConfig(block_out_channels=(8, 16, 16), norm_num_groups=4)  # factor 4
+    image = lambda shape: {"image": tfds.features.Image(shape=shape)}
+    assert encoding.check_images(image((16, 16, 3)), "image", config, "d") == (16, 16, 3)
+    with pytest.raises(UserError, match="1-channel images but the autoencoder encodes 3"):
+        encoding.check_images(image((16, 16, 1)), "image", config, "d")
+    with pytest.raises(UserError, match="18x16, not a multiple of the .* factor 4"):
+        encoding.check_images(image((18, 16, 3)), "image", config, "d")
+    with pytest.raises(UserError, match=r"shape \(None, None, 3\).*one fixed size"):
+        encoding.check_images(image((None, None, 3)), "image", config, "d")
+    with pytest.raises(UserError, match="image_key='img' is not a feature"):
+        encoding.check_images(image((16, 16, 3)), "img", config, "d")
+
+
+def test_sigkill_at_random_moments_then_a_rerun_equals_an_uninterrupted_job(
+    encoded, diffusers_autoencoder, tmp_path
+):
+    """encode.py processes (one device, a compilation cache the first fills) killed while they
+    encode and write shards; the rerun's files equal an uninterrupted process's byte for byte."""
+    _, config, _ = encoded
+    env = single_device_env(compilation_cache=tmp_path / "xla_cache")
+
+    def command(output_dir):
+        overrides = {**NUM, "data_dir": config.data_dir, "builder_config": "16"}
+        return [
+            sys.executable, "encode.py", f"--autoencoder={diffusers_autoencoder[0]}",
+            "--config=configs/base_clip.py", f"--output_dir={output_dir}", "--batch_size=2",
+            "--examples_per_shard=4",
+            *(f"--config.data.{key}={value}" for key, value in overrides.items()),
+        ]  # fmt: skip
+
+    whole = tmp_path / "whole"
+    result = subprocess.run(command(whole), cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "latent dataset:" in result.stdout
+    killed = tmp_path / "killed"
+    root = killed / "shapes_latents" / "1.0.0"
+    shards = lambda: [n for n in os.listdir(root) if ".array_record-" in n and n[0] != "."]
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        process = subprocess.Popen(
+            command(killed), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        before = len(shards()) if root.is_dir() else 0
+        deadline = time.monotonic() + 120
+        while not (root.is_dir() and len(shards()) > before) and process.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0, 0.005))  # within the next shard's encoding or writing
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        assert not (root / "encoding.json").exists()  # never marked complete when killed
+    result = subprocess.run(command(killed), cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    want = _files(whole / "shapes_latents" / "1.0.0")
+    got = _files(root)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert got[name] == want[name], name
+
+
+def test_encode_py_refuses_a_missing_flag_with_one_line():
+    result = subprocess.run(
+        [sys.executable, "encode.py", "--config=configs/base_clip.py"],
+        cwd=REPO,
+        env=single_device_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "encode.py: error: --autoencoder is required" in result.stderr
+    assert "Traceback" not in result.stderr
