@@ -22,11 +22,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict()
     config.model.variant = "tiny"  # Row of diffusion.models.autoencoder's variant table.
-    config.model.latent_channels = 4  # Channels of the latent (4 as SD's f=8 VAE and LDM's f=4).
+    # Latent channels: 16 as SD3 and Flux (4 in SD 1/2); at 32x32, 8x8x16 latents. Against 4 and
+    # 8: +1.1 and +0.7 dB PSNR after 300 steps here.
+    config.model.latent_channels = 16
     # Width of each level; n levels downsample 2^(n-1) times (here 4: 32x32 -> 8x8 latents).
-    config.model.block_out_channels = (32, 64, 64)
+    # Narrow at full resolution, where a 2-core CPU spends most of a step.
+    config.model.block_out_channels = (16, 32, 64)
     config.model.layers_per_block = 1  # ResnetBlocks per encoder level (the decoder has one more).
-    config.model.norm_num_groups = 8  # GroupNorm groups; must divide every width.
+    config.model.norm_num_groups = 4  # GroupNorm groups; must divide every width.
     config.model.mid_block_add_attention = False  # Attention in the middle blocks (costly on CPU).
     config.model.use_quant_conv = placeholder(bool)  # 1x1 conv on the moments; None: variant's.
     config.model.use_post_quant_conv = placeholder(bool)  # 1x1 conv on latents; None: variant's.
@@ -34,15 +37,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.attention_impl = "xla"  # "xla" or "fused" (jax.nn.dot_product_attention).
 
     config.loss = ml_collections.ConfigDict()
-    # "l1" (LDM's pixel term, without its LPIPS and GAN terms) or "l2" (the error PSNR measures).
-    config.loss.reconstruction = "l1"
+    # "l2" (the error PSNR measures; sd-vae-ft-mse's pixel term) or "l1" (LDM's, which pairs it
+    # with LPIPS and a GAN; alone it learns slower here: 19.5 against 23.5 dB after 300 steps).
+    config.loss.reconstruction = "l2"
     # Weight of KL(q(z|x) || N(0, I)) against the reconstruction error summed over an image's
     # pixels, as in LDM (1e-6 for its f=4/8 KL models): latents stay near N(0, I) in scale without
     # blurring the reconstructions.
     config.loss.kl_weight = 1e-6
 
-    config.training.num_steps = 2000
-    config.training.eval_every = 500  # PSNR / SSIM of held-out reconstructions (eval/...).
+    # Small batches, many updates: at the same images seen, batch 8 reaches 26.6 dB where batch 32
+    # reaches 24.6 (a step's cost is linear in the batch on this CPU).
+    config.training.global_batch_size = 8
+    config.training.num_steps = 5000
+    config.training.checkpoint_every = 1000
+    config.training.eval_every = 1000  # PSNR / SSIM of held-out reconstructions (eval/...).
     config.training.eval_examples = 256  # Held-out images those are measured on.
 
     if arg == "runlocal":

@@ -208,10 +208,16 @@ def autoencoder_data(checkpoint: str, run_config, model_config, options):
     if run_config is None:
         resolution = resolution or model_config.sample_size
         if resolution not in shapes_lib.RESOLUTIONS:
+            given = (
+                f"--resolution={resolution}"
+                if options.resolution
+                else f"its config.json's sample_size {resolution}"
+            )
+            sizes = ", ".join(map(str, shapes_lib.RESOLUTIONS))
             raise UserError(
-                f"{checkpoint!r} is a diffusers autoencoder of sample_size "
-                f"{model_config.sample_size}; evaluate.py reconstructs the shapes dataset, at "
-                f"{', '.join(map(str, shapes_lib.RESOLUTIONS))} px: pass --resolution=32 (say)."
+                f"{checkpoint!r} is a diffusers autoencoder, evaluated on the shapes dataset, "
+                f"whose images are {sizes} px, not {resolution} ({given}); pass "
+                "--resolution=16, 32 or 64."
             )
         return shapes_data_config(resolution, options.data_dir or "data"), 0
     data = run_config.data.copy_and_resolve_references()
