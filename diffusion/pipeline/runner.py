@@ -51,18 +51,24 @@ def check_data(config: ml_collections.ConfigDict, trained: list) -> None:
     trained: the training configs (a family's recipe, or a pipeline's training stages)."""
     reads: dict[int, tuple] = {}  # one dataset opened once, however many stages share it
 
-    def read(data, seed, splits):
-        _, _, known = reads.get(id(data), (data, seed, []))
-        reads[id(data)] = (data, seed, known + list(splits))
+    def read(data, seed, splits, captions):
+        _, _, known, with_captions = reads.get(id(data), (data, seed, [], False))
+        reads[id(data)] = (data, seed, known + list(splits), with_captions or captions)
 
     for c in trained:
-        read(c.data, c.seed, [c.data.train_split, *c.data.get("eval_splits", ())])
+        read(
+            c.data, c.seed, [c.data.train_split, *c.data.get("eval_splits", ())], _reads_captions(c)
+        )
     if config.family == "pipeline" and "evaluate" in config.stages:
-        read(config.data, config.seed, config.evaluate.splits)
-    for data, seed, splits in reads.values():
+        read(config.data, config.seed, config.evaluate.splits, True)
+    for data, seed, splits, captions in reads.values():
         source, _ = inputs.prepare_source(data, seed)
         for split in dict.fromkeys(splits):
-            sources.open_source(source, split)
+            sources.open_source(source, split, captions=captions)
+
+
+def _reads_captions(config: ml_collections.ConfigDict) -> bool:
+    return families.get(config.family).input_options(config).get("captions", True)
 
 
 def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
