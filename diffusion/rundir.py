@@ -26,6 +26,7 @@ from flax import nnx
 
 from diffusion import checkpoints, hf, models, optim, param_export
 from diffusion import data as data_lib
+from diffusion.data.latents import LatentEncoding
 from diffusion.errors import UserError
 from diffusion.hf.files import DIFFUSERS, read_config
 from diffusion.models.autoencoder import Autoencoder, AutoencoderConfig
@@ -38,6 +39,7 @@ PARAMS_DIR = "params"
 TOKENIZER_DIR = "tokenizer"
 CHECKPOINTS_DIR = "checkpoints"
 CLASSES_FILE = "classes.json"
+LATENTS_FILE = "latents.json"
 CONFIG_FILE = checkpoints.CONFIG_FILENAME
 
 # model.json's family -> (model class, config class).
@@ -303,6 +305,29 @@ def load_classes(run_dir: str) -> data_lib.ClassSpace:
             return data_lib.ClassSpace.from_json(json.load(f))
     except (ValueError, KeyError, TypeError) as error:
         raise UserError(f"{path} does not name classes ({error}). {REWRITE_HINT}") from error
+
+
+def save_latents(workdir: str, encoding: LatentEncoding) -> None:
+    """latents.json: the autoencoder and normalisation of a model trained on latents, so that
+    sampling decodes what it draws."""
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        path = os.path.join(workdir, LATENTS_FILE)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(encoding.to_json(), f, indent=2)
+        os.replace(path + ".tmp", path)
+
+
+def load_latents(run_dir: str) -> LatentEncoding | None:
+    """The latent encoding a run was trained on (its latents.json); None for a pixel model."""
+    path = os.path.join(run_dir, LATENTS_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return LatentEncoding.from_json(json.load(f))
+    except (ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{path} does not describe latents ({error}). {REWRITE_HINT}") from error
 
 
 def tokenizer_dir(run_dir: str) -> str:

@@ -779,7 +779,7 @@ CASES = [
     Case(
         "prompts-unknown-field",
         lambda e, t: prompts(t, "p.jsonl", '{"promt": "a red circle"}\n'),
-        ("p.jsonl:1: unknown fields ['promt']", "valid: prompt, negative_prompt, seed"),
+        ("p.jsonl:1: unknown fields ['promt']", "valid: prompt, class, negative_prompt, seed"),
     ),
     Case(
         "prompts-empty-file",

@@ -9,6 +9,7 @@ job; mismatched images and a changed plan are refused before anything is written
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,11 +20,14 @@ import pytest
 import tensorflow_datasets as tfds
 from conftest import single_device_env
 
-from configs import common
-from diffusion import encoding
-from diffusion.data import sources
+from configs import base_dit, common
+from diffusion import encoding, inference, rundir, training
+from diffusion.data import input_pipeline, sources
+from diffusion.data import latents as latents_lib
 from diffusion.errors import UserError
+from diffusion.inference.settings import SamplingError
 from diffusion.models.autoencoder import AutoencoderConfig
+from diffusion.training import inputs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM = dict(num_train_examples=40, num_eval_examples=12)
@@ -115,8 +119,10 @@ def test_a_rerun_of_a_complete_dataset_changes_nothing_and_another_plan_is_refus
     changed = dataclasses.replace(options, examples_per_shard=8)
     with pytest.raises(UserError, match=r"another plan \(differs in \['examples_per_shard'\]\)"):
         encoding.encode_dataset(_autoencoder_of(dataset_dir), config, 0, changed)
-    before.pop("encoding.json")
+    finished = before.pop("encoding.json")
     assert _files(dataset_dir) == before
+    encoding.encode_dataset(_autoencoder_of(dataset_dir), config, 0, options)  # finishes it
+    assert _files(dataset_dir) == dict(before, **{"encoding.json": finished})
 
 
 def _autoencoder_of(dataset_dir):
@@ -205,3 +211,95 @@ def test_encode_py_refuses_a_missing_flag_with_one_line():
     assert result.returncode == 2
     assert "encode.py: error: --autoencoder is required" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# A DiT trained on the latent dataset, sampled through the autoencoder's decoder
+# ---------------------------------------------------------------------------------------------
+
+
+def test_latent_statistics_are_those_of_posterior_draws():
+    rng = np.random.default_rng(0)
+    means = rng.normal(0.7, 2.0, (64, 4, 4, 2)).astype(np.float32)
+    stds = rng.uniform(0.1, 1.5, means.shape).astype(np.float32)
+    statistics = latents_lib.LatentStatistics()
+    statistics.add(means[:40], stds[:40])
+    statistics.add(means[40:], stds[40:])
+    draws = means[None] + stds[None] * rng.standard_normal((400, *means.shape), np.float32)
+    got = statistics.result()
+    np.testing.assert_allclose([got["mean"], got["std"]], [draws.mean(), draws.std()], rtol=1e-2)
+
+
+def latent_dit_config(options, steps=2):
+    config = base_dit.get_config()
+    config.data.update(name="shapes_latents", data_dir=options.output_dir, builder_config=None)
+    config.data.class_features = ("shape",)
+    config.model.update(num_classes=5, patch_size=2, depth=1)
+    config.training.update(
+        global_batch_size=8, num_steps=steps, log_every=1, checkpoint_every=100, eval_every=0
+    )
+    config.optimizer.update(warmup_steps=0, learning_rate=1e-3)
+    return config
+
+
+@pytest.fixture(scope="module")
+def latent_run(encoded, tmp_path_factory):
+    """A class-conditional DiT trained 2 steps on the encoded dataset."""
+    _, _, options = encoded
+    workdir = str(tmp_path_factory.mktemp("latent_dit"))
+    training.train(latent_dit_config(options), workdir)
+    return workdir
+
+
+def test_training_reads_a_normalised_draw_from_each_posterior(encoded):
+    dataset_dir, _, options = encoded
+    info = encoding.read_encoding(dataset_dir)
+    source, _ = inputs.prepare_source(latent_dit_config(options).data, 0)
+    assert source.latents.scaling_factor == info["scaling_factor"]
+    reader = sources.open_source(source, "train", captions=False)
+    decode = input_pipeline.BatchDecoder(reader, source, None, 0, seed=3, captions=False)
+    indices = np.arange(32)
+    batch = decode(indices)["image"]  # (32, 8, 8, 4)
+    records = reader.read(list(indices))
+    means = np.stack([r["latent_mean"] for r in records])
+    stds = np.stack([r["latent_std"] for r in records])
+    eps = (batch / info["scaling_factor"] + info["shift_factor"] - means) / stds
+    assert abs(eps.mean()) < 0.05 and abs(eps.std() - 1) < 0.05  # 8192 standard normals
+    np.testing.assert_array_equal(decode(indices)["image"], batch)  # a resumed run draws the same
+    assert not np.array_equal(decode(indices + 1)["image"][:-1], batch[1:])  # a fresh draw
+
+
+def test_a_latent_run_records_its_autoencoder_and_samples_decoded_images(
+    encoded, latent_run, diffusers_autoencoder
+):
+    dataset_dir, _, _ = encoded
+    info = encoding.read_encoding(dataset_dir)
+    recorded = rundir.load_latents(latent_run)
+    assert recorded.autoencoder == os.path.abspath(diffusers_autoencoder[0])
+    assert (recorded.scaling_factor, recorded.shift_factor) == (
+        info["scaling_factor"],
+        info["shift_factor"],
+    )
+    _, model_config = rundir.load_model_config(latent_run)
+    assert (model_config.in_channels, model_config.num_classes) == (4, 5)
+    pipe = inference.ClassToImage.from_run(latent_run)
+    assert (pipe.resolution, pipe.image_size) == (8, 16)
+    images = pipe.generate([0, 1, 2], seeds=[0, 1, 2], steps=2)
+    assert images.shape == (3, 16, 16, 3) and images.dtype == np.uint8
+    one_by_one = [pipe.generate([c], seeds=[c], steps=2, batch_size=1) for c in range(3)]
+    np.testing.assert_array_equal(np.concatenate(one_by_one), images)
+    bigger = inference.ClassToImage.from_run(latent_run, resolution=32)  # tokens 16x16 latents
+    assert bigger.generate([0], seeds=[0], steps=1).shape == (1, 32, 32, 3)
+    with pytest.raises(SamplingError, match="multiple of the DiT's patch size 4"):
+        inference.ClassToImage.from_run(latent_run, resolution=18)
+
+
+def test_a_latent_run_whose_autoencoder_is_gone_names_it(latent_run, tmp_path):
+    moved = str(tmp_path / "run")
+    shutil.copytree(latent_run, moved)
+    recorded = json.loads(open(os.path.join(moved, "latents.json")).read())
+    recorded["autoencoder"] = str(tmp_path / "gone")
+    with open(os.path.join(moved, "latents.json"), "w") as f:
+        json.dump(recorded, f)
+    with pytest.raises(SamplingError, match=r"trained on latents of the autoencoder .*gone"):
+        inference.ClassToImage.from_run(moved)

@@ -45,6 +45,7 @@ import transformers
 from absl import flags
 
 from diffusion.data.classes import ClassSpace
+from diffusion.data.latents import STD_KEY
 from diffusion.data.sources import (
     DEFAULT_CAPTION_TEMPLATE,
     RecordReader,
@@ -58,6 +59,7 @@ from diffusion.data.tokenizer import tokenize
 from diffusion.errors import UserError
 
 DEFAULT_BATCH_AXES = ("data", "fsdp")
+LATENT_DRAWS = 1  # the stream of posterior draws, apart from that of negative captions
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,10 +145,16 @@ class BatchDecoder:
             negatives.append(swap_attribute_word(caption, names[own], names[other]))
         return negatives
 
-    def images(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
-        """uint8 images -> float32 (b, H, W, 3) in [-1, 1]; float features (the latents of an
-        encoded dataset, any channel count) -> float32 as stored."""
+    def images(self, records: Sequence[Mapping[str, Any]], indices: np.ndarray) -> np.ndarray:
+        """uint8 images -> float32 (b, H, W, 3) in [-1, 1]; the posteriors of an encoded dataset
+        -> a normalised draw from each (`LatentEncoding.model_inputs`, seeded by the seed and
+        the batch's indices, so that a resumed run draws the same); other float features (any
+        channel count) -> float32 as stored."""
         images = np.stack([np.asarray(r[self.config.image_key]) for r in records])
+        if self.config.latents is not None:
+            stds = np.stack([np.asarray(r[STD_KEY]) for r in records])
+            rng = np.random.default_rng([self.seed, LATENT_DRAWS, *(int(i) for i in indices)])
+            return self.config.latents.model_inputs(images, stds, rng)  # (b, h, w, c)
         if np.issubdtype(images.dtype, np.floating) and images.ndim == 4:
             return images.astype(np.float32)  # (b, h, w, c)
         if images.ndim != 4 or images.shape[-1] not in (1, 3):
@@ -160,7 +168,7 @@ class BatchDecoder:
 
     def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         records = self.reader.read([int(i) for i in indices])
-        batch = {"image": self.images(records)}
+        batch = {"image": self.images(records, indices)}
         if self.captions:
             captions = [self.caption(r) for r in records]
             # (b, L) int32 token ids, and the mask: 1 on real tokens

@@ -23,6 +23,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.proto import tf_example_pb2
 
 from diffusion.data import shapes as shapes_lib
+from diffusion.data.latents import STD_KEY, LatentEncoding
 from diffusion.errors import UserError
 
 DEFAULT_CAPTION_TEMPLATE = "a photo of a {label}"
@@ -38,6 +39,8 @@ class SourceConfig:
     caption_key: str | None = "caption"  # text feature; used when both fields below are None
     label_key: str | None = None  # ClassLabel whose name fills {label} in caption_template
     caption_template: str | None = None  # e.g. "a {size} {label}"; default "a photo of a {label}"
+    # An encoded dataset's latents (image_key is then its posterior mean); None: images.
+    latents: LatentEncoding | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,6 +216,8 @@ def needed_keys(
 ) -> list[str]:
     """The features a batch is made of: image, caption or template fields, and the labels."""
     keys = [config.image_key, *class_label_keys(features)]
+    if config.latents is not None:
+        keys.append(STD_KEY)
     if not captions:
         return keys
     if config.caption_template is None and config.label_key is None:

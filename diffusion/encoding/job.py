@@ -20,12 +20,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tensorflow_datasets as tfds
 import tqdm
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from diffusion import distributed, rundir
-from diffusion.data import sources
+from diffusion.data import latents, sources
 from diffusion.encoding.latent_dataset import LatentDatasetWriter, Shard, latent_features
 from diffusion.errors import UserError
 from diffusion.models.autoencoder import Autoencoder, AutoencoderConfig
@@ -68,6 +69,8 @@ def encode_dataset(autoencoder_path: str, data_config, seed: int, options: Encod
         autoencoder=os.path.abspath(autoencoder_path),
         autoencoder_config=dataclasses.asdict(autoencoder_config),
         source=source.name,
+        source_data_dir=os.path.abspath(data_config.data_dir) if data_config.data_dir else None,
+        source_image_key=source.image_key,
         splits=writer.split_lengths,
         examples_per_shard=options.examples_per_shard,
         batch_size=options.batch_size,
@@ -81,15 +84,24 @@ def encode_dataset(autoencoder_path: str, data_config, seed: int, options: Encod
     _encode_shards(encode, writer, readers, source.image_key, pending)
     distributed.barrier("every shard of the latent dataset written")
     if jax.process_index() == 0:
+        description = f"Posterior mean and std of {source.name} under {autoencoder_path}"
+        writer.write_metadata(description)
+        split = "train" if "train" in splits else splits[0]
+        statistics = latent_statistics(writer.root, split)
+        scale, shift, origin = latents.normalisation(
+            statistics, autoencoder_config.scaling_factor, autoencoder_config.shift_factor
+        )
         writer.finish(
-            encoding=dict(
+            dict(
                 plan,
-                scaling_factor=autoencoder_config.scaling_factor,
-                shift_factor=autoencoder_config.shift_factor,
+                scaling_factor=scale,
+                shift_factor=shift,
+                normalisation=origin,
+                statistics=dict(statistics, split=split),
                 latent_shape=list(latent_shape),
                 image_shape=list(image_shape),
-            ),
-            description=f"Posterior mean and std of {source.name} under {autoencoder_path}",
+                downsampling_factor=f,
+            )
         )
     distributed.barrier("latent dataset finished")
     return writer.root
@@ -180,4 +192,20 @@ def _encoded_examples(encode: BatchEncoder, reader, image_key: str, shard: Shard
         means, stds = encode(images)
         for record, mean, std in zip(records, means, stds, strict=True):
             kept = {k: v for k, v in record.items() if k != image_key}
-            yield {**kept, "latent_mean": mean, "latent_std": std}
+            yield {**kept, latents.MEAN_KEY: mean, latents.STD_KEY: std}
+
+
+def latent_statistics(root: str, split: str, limit: int = 65_536) -> dict[str, float]:
+    """Mean and std of the posterior draws of the first `limit` examples of a written split."""
+    reader = sources.RecordReader(
+        tfds.builder_from_directory(root), split, [latents.MEAN_KEY, latents.STD_KEY]
+    )
+    statistics = latents.LatentStatistics()
+    count = min(len(reader), limit)
+    for start in range(0, count, 1024):
+        records = reader.read(range(start, min(count, start + 1024)))
+        statistics.add(
+            np.stack([r[latents.MEAN_KEY] for r in records]),
+            np.stack([r[latents.STD_KEY] for r in records]),
+        )
+    return statistics.result()

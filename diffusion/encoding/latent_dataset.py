@@ -31,13 +31,13 @@ import tensorflow_datasets as tfds
 from array_record.python import array_record_module
 from tensorflow_datasets.proto import tf_example_pb2
 
+from diffusion.data import latents
+from diffusion.data.latents import ENCODING_FILE
 from diffusion.errors import UserError
 
 VERSION = "1.0.0"
 PLAN_FILE = "plan.json"
-ENCODING_FILE = "encoding.json"
 TEMPORARY_SUFFIX = ".tmp"
-LATENT_KEYS = ("latent_mean", "latent_std")
 # One record per group: random access by index, as grain reads (TFDS writes the same).
 ARRAY_RECORD_OPTIONS = "group_size:1"
 
@@ -50,7 +50,9 @@ def latent_features(
         shape=latent_shape, dtype=np.float32, encoding=tfds.features.Encoding.BYTES
     )
     kept = {key: feature for key, feature in source_features.items() if key != image_key}
-    return tfds.features.FeaturesDict({**kept, "latent_mean": latent(), "latent_std": latent()})
+    return tfds.features.FeaturesDict(
+        {**kept, latents.MEAN_KEY: latent(), latents.STD_KEY: latent()}
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,8 +157,8 @@ class LatentDatasetWriter:
     def is_complete(self) -> bool:
         return os.path.exists(os.path.join(self.root, ENCODING_FILE))
 
-    def finish(self, encoding: Mapping[str, Any], description: str) -> None:
-        """TFDS's metadata of the written shards, then encoding.json (the completion mark)."""
+    def write_metadata(self, description: str) -> None:
+        """TFDS's metadata of the written shards: the dataset reads from here on."""
         missing = [self.shard_path(s) for s in self.shards() if not self.is_written(s)]
         if missing:
             raise RuntimeError(f"cannot finish {self.root}: shards missing: {missing[:3]}")
@@ -185,20 +187,22 @@ class LatentDatasetWriter:
             check_data=False,  # reading it back would need TensorFlow; the tests read it
             description=description,
         )
+
+    def finish(self, encoding: Mapping[str, Any]) -> None:
+        """encoding.json, the completion mark: written last."""
         path = os.path.join(self.root, ENCODING_FILE)
         _write_atomically(path, json.dumps(dict(encoding), indent=1, sort_keys=True) + "\n")
 
 
 def read_encoding(dataset_dir: str) -> dict[str, Any]:
     """encoding.json of a finished latent dataset (OUTPUT_DIR/NAME/1.0.0)."""
-    path = os.path.join(dataset_dir, ENCODING_FILE)
-    if not os.path.exists(path):
+    values = latents.read_encoding(dataset_dir)
+    if values is None:
         raise UserError(
             f"{dataset_dir} has no {ENCODING_FILE}: it is not a finished latent dataset (rerun "
             "the same encode.py command to finish it)."
         )
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return values
 
 
 def _deterministic(record: bytes) -> bytes:

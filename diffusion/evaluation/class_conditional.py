@@ -86,7 +86,7 @@ def evaluate_class_dit_run(checkpoint: str, data_config, seed: int, options, out
         pipe.settings(sampler=name, steps=steps)
     metrics = {
         "checkpoint_step": pipe.checkpoint_step,
-        "resolution": pipe.resolution,
+        "resolution": pipe.image_size,
         "objective": pipe.objective,
         "class_features": list(classes.features),
         "num_classes": classes.num_classes,

@@ -172,7 +172,7 @@ def evaluate_dit_run(checkpoint: str, config, options: EvaluationOptions, output
     encoder = ClipEncoder.load(clip_checkpoint, options.batch_size)
     metrics = {
         "checkpoint_step": pipe.checkpoint_step,
-        "resolution": pipe.resolution,
+        "resolution": pipe.image_size,
         "objective": pipe.objective,
         "clip_checkpoint": os.path.abspath(clip_checkpoint),
         "guidance_scales": list(options.guidance_scales),

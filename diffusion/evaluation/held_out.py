@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 
 from diffusion.data import input_pipeline, sources
+from diffusion.errors import UserError
 from diffusion.evaluation.shapes_oracle import ATTRIBUTES
 from diffusion.training.inputs import prepare_source
 
@@ -24,6 +25,8 @@ def load_split_examples(data_config, seed: int, split: str, count: int) -> Split
     """Reads `count` examples (fewer if the split is smaller) in record order, building the
     shapes dataset first if it is missing (the same call as training)."""
     source, _ = prepare_source(data_config, seed)
+    if source.latents is not None:  # the images encoded, in the latent dataset's record order
+        source = images_of(source)
     reader = sources.open_source(source, split)
     decoder = input_pipeline.BatchDecoder(reader, source, tokenizer=None, context_length=2)
     records = reader.read(list(range(min(count, len(reader)))))
@@ -34,3 +37,21 @@ def load_split_examples(data_config, seed: int, split: str, count: int) -> Split
     if all(a in reader.features for a in ATTRIBUTES):
         labels = {a: np.array([int(r[a]) for r in records]) for a in ATTRIBUTES if a in records[0]}
     return SplitExamples(images, [decoder.caption(r) for r in records], labels)
+
+
+def images_of(source: sources.SourceConfig) -> sources.SourceConfig:
+    """The image dataset that a latent dataset was encoded from (captions and labels are the
+    same record for record)."""
+    latents = source.latents
+    if latents.source is None:
+        raise UserError(
+            f"{source.name!r} does not record the image dataset it was encoded from; encode it "
+            "again with this version of encode.py to evaluate models trained on it."
+        )
+    return dataclasses.replace(
+        source,
+        name=latents.source,
+        data_dir=latents.source_data_dir,
+        image_key=latents.source_image_key,
+        latents=None,
+    )

@@ -221,7 +221,7 @@ def model_config(
     else:
         conditioning = dict(conditioning="class", num_classes=int(m.num_classes))
     fields = dict(
-        in_channels=int(m.get("in_channels", 3)),
+        in_channels=int(m.get("in_channels") or data.image_channels),
         learn_sigma=bool(m.get("learn_sigma", False)),
         output_conv=bool(m.get("output_conv", False)),
         **models.recipe_fields(config, "dit"),

@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 from diffusion import models, rundir
 from diffusion.data.classes import ClassSpace
 from diffusion.errors import UserError
-from diffusion.inference.dit_pipeline import DiTPipeline, load_dit_run
+from diffusion.inference.dit_pipeline import DiTPipeline, LatentDecoder, load_dit_run
 from diffusion.inference.settings import (
     DEFAULT_MICRO_BATCH,
     SamplerSettings,
@@ -53,6 +53,7 @@ class ClassToImage(DiTPipeline):
         micro_batch: int = DEFAULT_MICRO_BATCH,
         run_dir: str | None = None,
         use_ema: bool = True,
+        latent_decoder: LatentDecoder | None = None,
     ):
         if dit.config.conditioning != "class" or dit.config.num_classes != classes.num_classes:
             raise SamplingError(
@@ -69,6 +70,7 @@ class ClassToImage(DiTPipeline):
             micro_batch=micro_batch,
             run_dir=run_dir,
             use_ema=use_ema,
+            latent_decoder=latent_decoder,
         )
         self.classes = classes
         self.num_classes = classes.num_classes
@@ -86,11 +88,16 @@ class ClassToImage(DiTPipeline):
         """Loads a class-conditional DiT run directory (its exported EMA params/ and classes.json)
         or a `checkpoints/<step>` in it; the options are TextToImage.from_run's."""
         run = load_dit_run(
-            run_dir, conditioning="class", use_ema=use_ema, mesh=mesh, resolution=resolution
+            run_dir,
+            conditioning="class",
+            use_ema=use_ema,
+            mesh=mesh,
+            resolution=resolution,
+            load_condition=lambda run_dir, config: rundir.load_classes(run_dir),
         )
         return cls(
             dit=run.dit,
-            classes=rundir.load_classes(run.run_dir),
+            classes=run.condition,
             diffusion_config=run.config.diffusion,
             resolution=run.resolution,
             checkpoint_step=run.step,
@@ -98,6 +105,7 @@ class ClassToImage(DiTPipeline):
             micro_batch=micro_batch,
             run_dir=run.run_dir,
             use_ema=use_ema,
+            latent_decoder=run.latent_decoder,
         )
 
     def class_ids(self, classes: Sequence[int | str]) -> list[int]:

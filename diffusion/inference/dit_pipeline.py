@@ -15,6 +15,7 @@ import logging
 import math
 import numbers
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -23,6 +24,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from diffusion import checkpoints, models, rundir, sharding
+from diffusion.data.latents import LatentEncoding
+from diffusion.errors import UserError
 from diffusion.families import dit as dit_family
 from diffusion.inference import program as program_lib
 from diffusion.inference.program import (
@@ -40,6 +43,7 @@ from diffusion.inference.settings import (
     SamplingError,
     make_settings,
 )
+from diffusion.models.autoencoder import Autoencoder
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +72,29 @@ def _check_resolution(resolution, patch_size: int) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class LatentDecoder:
+    """A latent DiT's autoencoder and the normalisation its training data had."""
+
+    autoencoder: Autoencoder
+    encoding: LatentEncoding
+
+    @classmethod
+    def of_run(cls, run_dir: str) -> LatentDecoder | None:
+        """The decoder a run directory's latents.json names; None for a pixel-space run."""
+        encoding = rundir.load_latents(run_dir)
+        if encoding is None:
+            return None
+        try:
+            autoencoder, _ = rundir.load_autoencoder(encoding.autoencoder)
+        except UserError as error:
+            raise SamplingError(
+                f"{run_dir!r} was trained on latents of the autoencoder {encoding.autoencoder!r} "
+                f"(its {rundir.LATENTS_FILE}), which cannot be loaded: {error}"
+            ) from error
+        return cls(autoencoder, encoding)
+
+
+@dataclasses.dataclass(frozen=True)
 class DiTRun:
     """A DiT run's weights and what sampling reads of its recipe."""
 
@@ -75,8 +102,10 @@ class DiTRun:
     config: Any  # config.json
     dit: models.DiT
     step: int | None  # the training step of the weights; None if unknown
-    resolution: int
+    resolution: int  # the side of the DiT's inputs (latents, for a latent DiT)
     mesh: Mesh
+    latent_decoder: LatentDecoder | None = None
+    condition: Any = None  # what `load_condition` returned
 
 
 def load_dit_run(
@@ -86,12 +115,17 @@ def load_dit_run(
     use_ema: bool = True,
     mesh: Mesh | None = None,
     resolution: int | None = None,
+    load_condition: Callable[[str, Any], Any] | None = None,
 ) -> DiTRun:
     """A DiT run directory (its exported EMA params/) or a `checkpoints/<step>` in it, refused
-    unless its DiT is `conditioning`-conditioned ("text" or "class") over RGB pixels.
+    unless its DiT is `conditioning`-conditioned ("text" or "class"), over RGB pixels or over
+    the latents of the autoencoder its latents.json names (then `resolution` is the side of the
+    decoded images).
 
     use_ema=False, or a run without exported params/ (unfinished training), reads its latest
     Orbax checkpoint that restores; a step directory always reads that step.
+    load_condition(run_dir, config): loads what conditions the DiT (a text encoder, the classes)
+    before the weights, so that a moved or mismatched one is named before any weight is read.
     """
     location = rundir.locate_run(run_dir, what="DiT run")
     family, model_config = rundir.load_model_config(location.run_dir)
@@ -110,14 +144,20 @@ def load_dit_run(
                 "prompts (sample.py --prompts=..., or TextToImage)",
             }[conditioning]
         )
-    if model_config.in_channels != 3:
+    latent_decoder = LatentDecoder.of_run(location.run_dir)
+    if model_config.in_channels != 3 and latent_decoder is None:
         raise SamplingError(
-            f"{location.run_dir!r} holds a DiT over {model_config.in_channels} channels (a "
-            "latent model); this pipeline samples RGB pixel models only"
+            f"{location.run_dir!r} holds a DiT over {model_config.in_channels} channels but no "
+            f"{rundir.LATENTS_FILE} naming the autoencoder whose latents they are; it was not "
+            "trained by train.py on an encode.py dataset, so sample.py cannot decode it"
         )
     config = rundir.load_run_config(location.run_dir)
-    side = rundir.run_resolution(config) if resolution is None else resolution
-    _check_resolution(side, model_config.patch_size)
+    if latent_decoder is not None:
+        side = _latent_side(latent_decoder.encoding, resolution, model_config.patch_size)
+    else:
+        side = rundir.run_resolution(config) if resolution is None else resolution
+        _check_resolution(side, model_config.patch_size)
+    condition = load_condition(location.run_dir, config) if load_condition else None
     mesh = mesh if mesh is not None else default_mesh()
     exported = os.path.join(location.run_dir, rundir.PARAMS_DIR)
     checkpoints_dir = os.path.join(location.run_dir, rundir.CHECKPOINTS_DIR)
@@ -147,7 +187,16 @@ def load_dit_run(
         )
         abstract = nnx.eval_shape(lambda: models.DiT(model_config, rngs=nnx.Rngs(0)))
         dit = nnx.merge(nnx.graphdef(abstract), params)
-    return DiTRun(location.run_dir, config, dit, step, int(side), mesh)
+    return DiTRun(location.run_dir, config, dit, step, int(side), mesh, latent_decoder, condition)
+
+
+def _latent_side(encoding: LatentEncoding, resolution, patch_size: int) -> int:
+    """The latent side of images of side `resolution` (None: the training data's)."""
+    if resolution is None:
+        return encoding.latent_shape[0]
+    factor = encoding.downsampling_factor
+    _check_resolution(resolution, factor * patch_size)
+    return resolution // factor
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,6 +225,7 @@ class DiTPipeline:
         micro_batch: int = DEFAULT_MICRO_BATCH,
         run_dir: str | None = None,
         use_ema: bool = True,
+        latent_decoder: LatentDecoder | None = None,
     ):
         self.run_dir, self.use_ema = run_dir, use_ema
         if isinstance(micro_batch, bool) or not isinstance(micro_batch, numbers.Integral):
@@ -205,7 +255,24 @@ class DiTPipeline:
         if text_encoder is not None:
             self._text_graphdef, text_state = nnx.split(text_encoder)
             self._text_state = jax.device_put(text_state, replicated)
+        self.latent_decoder = latent_decoder
+        self._decoder_graphdef = self._decoder_state = None
+        if latent_decoder is not None:
+            if latent_decoder.encoding.latent_shape[-1] != dit.config.in_channels:
+                raise SamplingError(
+                    f"the DiT reads {dit.config.in_channels} channels but the latents of its "
+                    f"autoencoder have {latent_decoder.encoding.latent_shape[-1]}"
+                )
+            self._decoder_graphdef, decoder_state = nnx.split(latent_decoder.autoencoder)
+            self._decoder_state = jax.device_put(decoder_state, replicated)
         self.num_compilations = 0
+
+    @property
+    def image_size(self) -> int:
+        """The side of the images made: the DiT's inputs, decoded if they are latents."""
+        if self.latent_decoder is None:
+            return self.resolution
+        return self.resolution * self.latent_decoder.encoding.downsampling_factor
 
     @property
     def num_data_devices(self) -> int:
@@ -247,6 +314,8 @@ class DiTPipeline:
             mesh=self.mesh,
             micro_batch=self.micro_batch,
             settings=settings,
+            decoder_graphdef=self._decoder_graphdef,
+            latents=None if self.latent_decoder is None else self.latent_decoder.encoding,
         )
 
     def program_batch_size(self, count: int, batch_size: int | None = None) -> int:
@@ -270,14 +339,14 @@ class DiTPipeline:
         count = len(inputs["seeds"])
         size = self.program_batch_size(count, batch_size)
         if count == 0:
-            return np.zeros((0, self.resolution, self.resolution, 3), np.uint8)
+            return np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
         spec = self.spec_for(settings)
         traces_before = program_lib.TRACE_COUNT[0]
         chunks = []
         for start in range(0, count, size):
             chunk = {k: pad_rows(v[start : start + size], size) for k, v in inputs.items()}
             images = sampling_program(
-                self._dit_state, self._text_state, self.to_global(chunk), spec
+                self._dit_state, self._text_state, self.to_global(chunk), spec, self._decoder_state
             )
             chunks.append(self._to_host(images)[: min(size, count - start)])
         self.num_compilations += program_lib.TRACE_COUNT[0] - traces_before

@@ -71,6 +71,11 @@ class ProgramSpec:
     mesh: Mesh
     micro_batch: int
     settings: SamplerSettings
+    # A latent DiT's autoencoder (its decoder turns each drawn latent into an image) and the
+    # normalisation training applied: latents = model space / latent_scale + latent_shift.
+    decoder_graphdef: Any = None
+    latent_scale: float = 1.0
+    latent_shift: float = 0.0
 
     def levels(self):
         s = self.settings
@@ -84,33 +89,39 @@ TRACE_COUNT = [0]  # traces of sampling_program (one per compilation), for tests
 
 
 @functools.partial(jax.jit, static_argnames="spec")
-def sampling_program(dit_state, text_state, inputs: dict, spec: ProgramSpec) -> jax.Array:
+def sampling_program(
+    dit_state, text_state, inputs: dict, spec: ProgramSpec, decoder_state=None
+) -> jax.Array:
     """Tokens, seeds and scales of a global batch -> uint8 images (B, H, W, C).
 
     Each device walks through its rows `micro_batch` at a time (`lax.map`), so the arithmetic of
     a sample has the same shapes whatever the batch size or the number of devices. The weights
-    come replicated, the inputs sharded over the mesh's batch axes.
+    come replicated, the inputs sharded over the mesh's batch axes. decoder_state: the
+    autoencoder's weights of a latent DiT (spec.decoder_graphdef), else None.
     """
     TRACE_COUNT[0] += 1
     batch_spec = PartitionSpec(sharding.batch_axes(spec.mesh) or None)
 
-    def per_device(dit_state, text_state, inputs):
+    def per_device(dit_state, text_state, decoder_state, inputs):
         chunks = jax.tree.map(lambda x: x.reshape((-1, spec.micro_batch) + x.shape[1:]), inputs)
         images = jax.lax.map(
-            lambda chunk: _sample_micro_batch(dit_state, text_state, chunk, spec), chunks
+            lambda chunk: _sample_micro_batch(dit_state, text_state, decoder_state, chunk, spec),
+            chunks,
         )  # (chunks, micro_batch, H, W, C)
         return images.reshape((-1,) + images.shape[2:])
 
+    replicated = PartitionSpec()
     return jax.shard_map(
         per_device,
         mesh=spec.mesh,
-        in_specs=(PartitionSpec(), PartitionSpec(), batch_spec),
+        in_specs=(replicated, replicated, replicated, batch_spec),
         out_specs=batch_spec,
-    )(dit_state, text_state, inputs)
+    )(dit_state, text_state, decoder_state, inputs)
 
 
-def _sample_micro_batch(dit_state, text_state, inputs, spec: ProgramSpec):
-    """One micro-batch: prompt embeddings once, then each sample's own sampling loop."""
+def _sample_micro_batch(dit_state, text_state, decoder_state, inputs, spec: ProgramSpec):
+    """One micro-batch: prompt embeddings once, then each sample's own sampling loop, then (a
+    latent DiT) the autoencoder's decoder over the micro-batch."""
     settings = spec.settings
     cond, uncond = _conditions(text_state, inputs, spec)
 
@@ -146,6 +157,10 @@ def _sample_micro_batch(dit_state, text_state, inputs, spec: ProgramSpec):
 
     keys = seed_keys(inputs["seeds"])
     images = jax.vmap(one_sample)(keys, cond, uncond, inputs["scales"])  # (micro, H, W, C)
+    if spec.decoder_graphdef is not None:
+        autoencoder = layers.merge_here(spec.decoder_graphdef, decoder_state)
+        latents = images / spec.latent_scale + spec.latent_shift  # (micro, h, w, c)
+        images = autoencoder.decode(latents).astype(jnp.float32)  # (micro, H, W, 3)
     return to_uint8(images)
 
 
@@ -190,9 +205,11 @@ def program_spec(
     mesh: Mesh,
     micro_batch: int,
     settings: SamplerSettings,
+    decoder_graphdef=None,
+    latents=None,
 ) -> ProgramSpec:
     """The spec of a DiT's sampling program from its model config and its recipe's
-    config.diffusion."""
+    config.diffusion; a latent DiT's also from its autoencoder's graph and its LatentEncoding."""
     d = diffusion_config
     schedule = None
     if d.objective == "ddpm":
@@ -209,4 +226,7 @@ def program_spec(
         mesh=mesh,
         micro_batch=int(micro_batch),
         settings=settings,
+        decoder_graphdef=decoder_graphdef,
+        latent_scale=1.0 if latents is None else latents.scaling_factor,
+        latent_shift=0.0 if latents is None else latents.shift_factor,
     )

@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 from diffusion import data as data_lib
 from diffusion import models, rundir
-from diffusion.inference.dit_pipeline import DiTPipeline, load_dit_run
+from diffusion.inference.dit_pipeline import DiTPipeline, LatentDecoder, load_dit_run
 from diffusion.inference.settings import (
     DEFAULT_MICRO_BATCH,
     SamplerSettings,
@@ -55,6 +55,7 @@ class TextToImage(DiTPipeline):
         micro_batch: int = DEFAULT_MICRO_BATCH,
         run_dir: str | None = None,
         use_ema: bool = True,
+        latent_decoder: LatentDecoder | None = None,
     ):
         super().__init__(
             dit=dit,
@@ -66,6 +67,7 @@ class TextToImage(DiTPipeline):
             micro_batch=micro_batch,
             run_dir=run_dir,
             use_ema=use_ema,
+            latent_decoder=latent_decoder,
         )
         self.tokenizer = tokenizer
         self.context_length = int(context_length)
@@ -96,25 +98,36 @@ class TextToImage(DiTPipeline):
         text_encoder: the CLIP run (or Hugging Face CLIP directory) the DiT was trained on, where
           it is now; default: the path the run recorded (config.text_encoder.checkpoint).
         """
+
+        def load_text(run_dir: str, config):
+            encoder_dir = text_encoder or config.text_encoder.checkpoint
+            if not text_encoder and not os.path.isdir(encoder_dir):
+                raise SamplingError(
+                    f"config.text_encoder.checkpoint={encoder_dir!r} of {run_dir} is not a "
+                    "directory: the CLIP run the DiT was trained on moved or was deleted. Name a "
+                    "CLIP run directory where it is now with text_encoder= (sample.py: "
+                    "--text_encoder=DIR)"
+                )
+            encoder = rundir.load_text_encoder(encoder_dir, {"dtype": config.model.dtype})
+            tokenizer = rundir.load_tokenizer(run_dir, config)
+            if len(tokenizer) > encoder.config.vocab_size:
+                raise SamplingError(
+                    f"the run's tokenizer has {len(tokenizer)} tokens but the text encoder "
+                    f"{encoder_dir!r} embeds {encoder.config.vocab_size}: they were not trained "
+                    "together. Name the CLIP run this DiT was trained on (--text_encoder=DIR)"
+                )
+            return encoder, tokenizer
+
         run = load_dit_run(
-            run_dir, conditioning="text", use_ema=use_ema, mesh=mesh, resolution=resolution
+            run_dir,
+            conditioning="text",
+            use_ema=use_ema,
+            mesh=mesh,
+            resolution=resolution,
+            load_condition=load_text,
         )
         config = run.config
-        encoder_dir = text_encoder or config.text_encoder.checkpoint
-        if not text_encoder and not os.path.isdir(encoder_dir):
-            raise SamplingError(
-                f"config.text_encoder.checkpoint={encoder_dir!r} of {run.run_dir} is not a "
-                "directory: the CLIP run the DiT was trained on moved or was deleted. Name a CLIP "
-                "run directory where it is now with text_encoder= (sample.py: --text_encoder=DIR)"
-            )
-        encoder = rundir.load_text_encoder(encoder_dir, {"dtype": config.model.dtype})
-        tokenizer = rundir.load_tokenizer(run.run_dir, config)
-        if len(tokenizer) > encoder.config.vocab_size:
-            raise SamplingError(
-                f"the run's tokenizer has {len(tokenizer)} tokens but the text encoder "
-                f"{encoder_dir!r} embeds {encoder.config.vocab_size}: they were not trained "
-                "together. Name the CLIP run this DiT was trained on (--text_encoder=DIR)"
-            )
+        encoder, tokenizer = run.condition
         return cls(
             dit=run.dit,
             text_encoder=encoder,
@@ -127,6 +140,7 @@ class TextToImage(DiTPipeline):
             micro_batch=micro_batch,
             run_dir=run.run_dir,
             use_ema=use_ema,
+            latent_decoder=run.latent_decoder,
         )
 
     # -- public API -----------------------------------------------------------------------------
@@ -197,7 +211,7 @@ class TextToImage(DiTPipeline):
         ]
         self.program_batch_size(count, batch_size)  # a bad batch size fails before tokenizing
         if count == 0:
-            return np.zeros((0, self.resolution, self.resolution, 3), np.uint8)
+            return np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
         inputs = self.program_inputs(prompts, negatives, seed_list, scales)
         return self.run_program(inputs, settings, batch_size)
 

@@ -12,6 +12,7 @@ from diffusion.evaluation.clip_metrics import ClipEncoder
 from diffusion.evaluation.held_out import load_split_examples
 from diffusion.evaluation.reconstruction import reconstruction_metrics
 from diffusion.inference import ClassToImage, TextToImage
+from diffusion.inference.dit_pipeline import LatentDecoder
 from diffusion.training import RunContext
 
 
@@ -70,6 +71,7 @@ class PeriodicEvaluation:
             diffusion_config=self.config.diffusion,
             resolution=context.image_size,
             checkpoint_step=step,
+            latent_decoder=LatentDecoder.of_run(context.workdir),
         )
         if model.config.conditioning == "class":
             classes = rundir.load_classes(context.workdir)

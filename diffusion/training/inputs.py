@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -11,7 +12,7 @@ import numpy as np
 
 from diffusion import data as data_lib
 from diffusion import distributed, rundir
-from diffusion.data import input_pipeline, sources
+from diffusion.data import input_pipeline, latents, sources
 from diffusion.data.classes import ClassSpace
 from diffusion.errors import UserError
 from diffusion.families import DataFacts
@@ -40,10 +41,12 @@ def prepare_source(data_config, seed: int) -> tuple[data_lib.SourceConfig, Any]:
         if data_config.builder_config:
             name = f"{name}/{data_config.builder_config}"
         builder = data_lib.build_dataset(name, data_config.data_dir)
+    encoding = latents.encoding_of(builder.data_dir, list(builder.info.features))
     source = data_lib.SourceConfig(
         name=name,
         data_dir=data_config.data_dir,
-        image_key=data_config.image_key,
+        image_key=latents.MEAN_KEY if encoding is not None else data_config.image_key,
+        latents=encoding,
         caption_key=data_config.caption_key,
         label_key=data_config.label_key,
         caption_template=data_config.caption_template,
@@ -86,15 +89,15 @@ def prepare_tokenizer(tokenizer_config, source, split: str, directory: str):
     return data_lib.load_tokenizer(directory)
 
 
-def image_size_of(config, builder, source_name: str) -> int:
-    """The side of the dataset's images, checked to be a feature of the dataset whose channels
-    (3 for uint8 images, as the input pipeline makes them; as stored for float latents) are the
-    model's config.model.in_channels where the recipe sets that."""
+def image_shape_of(config, source, builder) -> tuple[int, int]:
+    """(side, channels) of the model's inputs: the dataset's images (3 channels for uint8 images,
+    as the input pipeline makes them), or its latents (as stored), checked against
+    config.model.in_channels where the recipe sets that."""
     features = builder.info.features
-    key = config.data.image_key
+    key = source.image_key
     if key not in features:
         raise UserError(
-            f"config.data.image_key={key!r} is not a feature of {source_name!r};"
+            f"config.data.image_key={key!r} is not a feature of {source.name!r};"
             f" set it to one of {sorted(features)}."
         )
     feature = features[key]
@@ -103,11 +106,11 @@ def image_size_of(config, builder, source_name: str) -> int:
     wanted = config.model.get("in_channels")
     if wanted is not None and int(wanted) != channels:
         raise UserError(
-            f"config.model.in_channels={wanted}, but {key!r} of {source_name!r} gives "
+            f"config.model.in_channels={wanted}, but {key!r} of {source.name!r} gives "
             f"{channels}-channel inputs (feature shape {feature.shape}); pass "
             f"--config.model.in_channels={channels}."
         )
-    return feature.shape[0]
+    return int(feature.shape[0]), int(channels)
 
 
 def class_space(config, builder, source_name: str, class_features) -> ClassSpace:
@@ -125,10 +128,10 @@ def class_space(config, builder, source_name: str, class_features) -> ClassSpace
     return classes
 
 
-def data_facts(config, tokenizer, image_size: int) -> DataFacts:
+def data_facts(config, tokenizer, image_size: int, channels: int = 3) -> DataFacts:
     """What the model builder needs of the data and tokenizer (None: a model without text)."""
     if tokenizer is None:
-        return DataFacts.without_text(image_size)
+        return dataclasses.replace(DataFacts.without_text(image_size), image_channels=channels)
     length = config.tokenizer.context_length
     empty_tokens, empty_mask = data_lib.tokenize(tokenizer, [""], length)
     return DataFacts(
@@ -137,4 +140,5 @@ def data_facts(config, tokenizer, image_size: int) -> DataFacts:
         context_length=int(length),
         empty_tokens=empty_tokens,
         empty_mask=empty_mask,
+        image_channels=int(channels),
     )

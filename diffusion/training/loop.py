@@ -101,17 +101,20 @@ def train(
         )
         if jax.process_index() == 0 and not os.path.isdir(own_tokenizer_dir):
             save_tokenizer(tokenizer, own_tokenizer_dir)  # a run directory is self-contained
-    image_size = inputs.image_size_of(config, builder, source.name)
+    image_size, channels = inputs.image_shape_of(config, source, builder)
     if config.family == "dit" and config.text_encoder.checkpoint:
         # Absolute, so that config.json still finds it from a sampling job elsewhere.
         config.text_encoder.checkpoint = os.path.abspath(config.text_encoder.checkpoint)
-    build, frozen = build_model(config, inputs.data_facts(config, tokenizer, image_size), mesh)
+    facts = inputs.data_facts(config, tokenizer, image_size, channels)
+    build, frozen = build_model(config, facts, mesh)
     tx = optim.make_optimizer(config.optimizer, total_steps=t.num_steps)  # checks, writes nothing
     rundir.check_resumable(workdir, build.family, build.model_config)
     checkpoints.write_config(workdir, config)
     rundir.save_model_config(workdir, build.family, build.model_config)
     if classes is not None:
         rundir.save_classes(workdir, classes)
+    if source.latents is not None:
+        rundir.save_latents(workdir, source.latents)
 
     train_step = build.train_step(config, mesh, tx, frozen)
     data_iterator = data_lib.make_input_pipeline(
