@@ -25,9 +25,10 @@ from diffusion.pipeline import stages
 from diffusion.pipeline.periodic import PeriodicEvaluation
 from diffusion.training import PreemptionGuard, inputs, train
 
-PIPELINE_STAGES = ("clip", "dit", "evaluate", "samples")
-TRAINING_STAGES = ("clip", "dit")
-STAGE_DIRECTORIES = {"evaluate": "eval"}  # the directory a stage writes, where not its name
+PIPELINE_STAGES = ("autoencoder", "encode", "clip", "dit", "evaluate", "samples")
+TRAINING_STAGES = ("autoencoder", "clip", "dit")
+# The directory a stage writes, where not its name.
+STAGE_DIRECTORIES = {"evaluate": "eval", "encode": stages.LATENTS_DIR}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -103,6 +104,8 @@ def _run_stage(config, workdir: str, stage: str, preemption: PreemptionGuard):
         stage_config = config[stage]
         if stage == "dit" and not stage_config.text_encoder.checkpoint:
             stage_config.text_encoder.checkpoint = os.path.join(workdir, "clip")
+        if stage == "dit" and "encode" in config.stages:  # the DiT trains on the latents
+            stage_config.data = stages.latent_data_config(config, workdir)
         try:
             return train(
                 stage_config,
@@ -114,6 +117,8 @@ def _run_stage(config, workdir: str, stage: str, preemption: PreemptionGuard):
         except UserError as error:  # same type and traceback, the hint spelled for here
             error.args = (stage_flags(str(error), stage),)
             raise
+    if stage == "encode":
+        return stages.run_encode_stage(config, workdir)
     if stage == "evaluate":
         return stages.run_evaluate_stage(config, workdir)
     return stages.run_samples_stage(config, workdir)
@@ -131,6 +136,8 @@ def pipeline_summary(workdir: str, timings: dict[str, float]) -> str:
     lines += [f"   {stage:9s} {seconds:7.1f} s" for stage, seconds in timings.items()]
     lines.append(f"   {'total':9s} {sum(timings.values()):7.1f} s")
     places = (
+        ("autoencoder", os.path.join(workdir, "autoencoder", rundir.PARAMS_DIR)),
+        ("latents", os.path.join(workdir, stages.LATENTS_DIR)),
         ("prompt grid", os.path.join(workdir, "samples", "prompts.png")),
         ("DiT report", os.path.join(workdir, "eval", "dit", "index.html")),
         ("DiT metrics", os.path.join(workdir, "eval", "dit", "metrics.json")),

@@ -1,13 +1,16 @@
-"""The stages of a pipeline that come after training: evaluation and the prompt grid.
+"""The stages of a pipeline that are not training: encoding, evaluation and the prompt grid.
 
 `make train` (configs/shapes.py, family "pipeline") runs clip -> dit -> evaluate -> samples, each
-in its own subdirectory of the work directory. These two stages are pure consumers of the trained
-runs, so rerunning them is always safe: `evaluate` is skipped when its metrics already describe
-the final checkpoint, and `samples` only makes the images that are missing.
+in its own subdirectory of the work directory; configs/shapes_latent.py first trains an
+autoencoder and encodes the dataset with it (`encode`, into WORKDIR/latents), and its DiT trains
+on those latents. The last two stages are pure consumers of the trained runs, so rerunning them
+is always safe: `evaluate` is skipped when its metrics already describe the final checkpoint,
+and `samples` only makes the images that are missing; `encode` keeps a finished encoding.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -16,7 +19,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from diffusion import rundir
+from diffusion import encoding, rundir
 from diffusion.errors import UserError
 from diffusion.evaluation import report
 from diffusion.evaluation.evaluator import (
@@ -54,11 +57,47 @@ def _up_to_date(metrics_path: str, step: int | None) -> bool:
         return False
 
 
+LATENTS_DIR = "latents"  # WORKDIR/latents: the encode stage's data_dir
+
+
+def latent_data_config(config: ml_collections.ConfigDict, workdir: str):
+    """The data section of a DiT that trains on the encode stage's latents of config.data."""
+    data = config.data.copy_and_resolve_references()
+    data.name = latent_dataset_name(config)
+    data.data_dir = os.path.join(workdir, LATENTS_DIR)
+    data.builder_config = None
+    return data
+
+
+def latent_dataset_name(config: ml_collections.ConfigDict) -> str:
+    return f"{config.data.name}_latents"
+
+
+def run_encode_stage(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """encode.py on config.data with the autoencoder stage's run: WORKDIR/latents/NAME/1.0.0.
+    Resumes an interrupted encoding; a finished one is kept."""
+    autoencoder = os.path.join(workdir, "autoencoder")
+    if not os.path.isdir(os.path.join(autoencoder, rundir.PARAMS_DIR)):
+        raise UserError(
+            f"stage encode needs the trained autoencoder in {autoencoder}; put 'autoencoder' "
+            "before 'encode' in config.stages."
+        )
+    options = encoding.EncodeOptions(
+        output_dir=os.path.join(workdir, LATENTS_DIR),
+        name=latent_dataset_name(config),
+        batch_size=config.encode.batch_size,
+        examples_per_shard=config.encode.examples_per_shard,
+    )
+    return encoding.encode_dataset(autoencoder, config.data, config.seed, options)
+
+
 def run_evaluate_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """evaluate.py on both runs: WORKDIR/eval/{clip,dit}/{metrics.json,index.html}."""
     options = evaluation_options(config, config.data.data_dir)
     results = {}
     for run in ("clip", "dit"):
+        if run == "dit" and "encode" in config.stages:  # its data is WORKDIR/latents, as run
+            options = dataclasses.replace(options, data_dir=None)
         run_dir = os.path.join(workdir, run)
         if not os.path.isdir(run_dir):
             raise UserError(f"stage evaluate needs the {run} run in {run_dir}; train it first.")

@@ -1,0 +1,51 @@
+"""Latent diffusion on the embedded shapes at 64x64, as one command: an autoencoder, the dataset
+encoded with it, CLIP on the images, a DiT on the latents with CLIP's frozen text tower, then
+evaluate.py and the prompt grid on the decoded samples.
+
+    make train CONFIG=configs/shapes_latent.py    # -> runs/shapes_latent/{autoencoder,latents,...}
+
+Each stage writes its own subdirectory of the work directory and resumes when rerun; the DiT's
+run directory records the autoencoder (latents.json), so sample.py and evaluate.py on
+runs/shapes_latent/dit decode its samples to 64x64 images. README ("Latent diffusion") has its
+measured time and accuracy.
+"""
+
+import ml_collections
+
+from configs import base_autoencoder, shapes
+
+ARGS = shapes.ARGS
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    config = shapes.get_config(arg)
+    config.stages = ("autoencoder", "encode", "clip", "dit", "evaluate", "samples")
+    config.data.builder_config = "64"  # Shapes at 64x64: 8x more pixels than latents here.
+
+    config.autoencoder = base_autoencoder.get_config(arg)  # Stage 1: the KL autoencoder.
+    config.autoencoder.data = config.data  # The same object: overrides reach every stage.
+    config.autoencoder.seed = config.get_ref("seed")
+    # Three levels (64 -> 16: f = 4) and 4 latent channels (SD's): 16x16x4 latents, 12x fewer
+    # values than the image, which a DiT of 64 tokens (patch 2) reads.
+    config.autoencoder.model.block_out_channels = (16, 32, 64)
+    config.autoencoder.model.latent_channels = 4
+    config.autoencoder.training.num_steps = 2000
+
+    config.encode = ml_collections.ConfigDict()  # Stage 2: encode.py into WORKDIR/latents.
+    config.encode.batch_size = 64  # Images per encoder call.
+    config.encode.examples_per_shard = 4096  # Examples per file: the unit of resumption.
+
+    # Stage 4: the DiT on 16x16x4 latents. Patch 2 gives the 64 tokens of the pixel default's
+    # 32x32 images at patch 4, each of 16 values: a latent token is cheap to carry, so the DiT
+    # predicts the velocity, as latent DiTs do.
+    config.dit.model.patch_size = 2
+    config.dit.diffusion.flow_prediction_type = "flow_velocity"
+    config.dit.diffusion.flow_loss_space = "prediction"
+
+    if arg == "runlocal":
+        config.autoencoder.training.num_steps = 4
+        config.autoencoder.training.eval_every = 0
+        config.encode.batch_size = 16
+        config.dit.training.num_steps = 4
+        config.clip.training.num_steps = 4
+    return config
