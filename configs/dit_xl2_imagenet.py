@@ -5,10 +5,16 @@ The paper's setting (Peebles & Xie 2023, sec. 5): 32x32x4 latents, batch 256, Ad
 prediction, label dropout 0.1 for classifier-free guidance. Not reproduced: the learned variance
 (learn_sigma with the VLB term; our DDPM loss is the simple epsilon MSE).
 
-Trains with train.py given the prepared TFDS dataset `imagenet2012_sd_vae_latents` (array_record
-under config.data.data_dir): a float32 (32, 32, 4) feature "latent" holding the VAE latents
-already multiplied by the VAE's scaling factor (0.18215), as the DiT reads them, and the 1000-way
-ClassLabel "label". Float features go to the DiT as stored (uint8 images are mapped to [-1, 1]).
+Trains with train.py on ImageNet encoded by encode.py with the Stable Diffusion VAE (a diffusers
+AutoencoderKL directory, whose scaling_factor 0.18215 normalises the latents): prepare imagenet2012
+as array_record at 256x256 (centre crops; encode.py needs one image size), then
+
+    encode.py --autoencoder=SD_VAE_DIR --config=configs/dit_xl2_imagenet.py \
+        --config.data.name=imagenet2012 --config.data.data_dir=IMAGES --output_dir=LATENTS
+    train.py --config=configs/dit_xl2_imagenet.py --config.data.data_dir=LATENTS --workdir=...
+
+which reads `imagenet2012_latents` (32x32x4 posteriors, a fresh draw per step, and the 1000-way
+ClassLabel "label"); sample.py decodes with the same VAE.
 `train.py --config=configs/dit_xl2_imagenet.py --aot_topology=v5p:2x2x1` compiles its real train
 step and sampler for a TPU slice and reports memory and cost, with no data (docs/scaling.md).
 `:runlocal` is the same recipe (DDPM, epsilon, label dropout, scanned blocks, FSDP) shrunk to a
@@ -23,9 +29,8 @@ from configs import base_dit
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = base_dit.get_config(arg)
 
-    config.data.name = "imagenet2012_sd_vae_latents"  # TFDS name of the prepared latent dataset.
-    config.data.builder_config = "256"  # ImageNet resolution the latents were encoded from.
-    config.data.image_key = "latent"  # Feature holding the (32, 32, 4) latents.
+    config.data.name = "imagenet2012_latents"  # encode.py's output for imagenet2012.
+    config.data.builder_config = None  # encode.py's datasets have no builder config.
     config.data.caption_key = None  # Class-conditional: no captions.
     config.data.label_key = "label"  # ClassLabel feature with the 1000 ImageNet classes.
     config.data.image_size = 32  # Latent side (256 / 8, the VAE's downsampling factor).
@@ -65,7 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.mesh.fsdp = -1  # ZeRO-3 over every chip: params, Adam moments and EMA sharded.
     config.mesh.tensor = 1  # Width 1152 is too narrow for tensor parallelism to pay.
 
-    if arg == "runlocal":  # The recipe on shapes pixels, a few steps of a tiny DiT.
+    if arg == "runlocal":  # The recipe on shapes (pixels, or their latents), a tiny DiT.
         config.data.name = "shapes"
         config.data.builder_config = "16"
         config.data.image_key = "image"
@@ -75,7 +80,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.data.num_eval_examples = 200
         config.model.variant = "tiny"
         config.model.num_classes = 5
-        config.model.in_channels = 3
+        config.model.in_channels = None  # The data's: 3 for shapes, 4 for its SD-VAE latents.
         config.model.dtype = "float32"
         config.sampling.steps = 10
         config.training.global_batch_size = 16

@@ -3,7 +3,9 @@
 Cross-attention to the 77 CLIP token states in every block, the pooled text embedding joins
 the time embedding (PixArt-alpha style); rectified-flow objective with logit-normal times (SD3).
 Point config.text_encoder.checkpoint at a CLIP L/14 run directory or Hugging Face CLIP directory
-to train; `--aot_topology` builds the tower from config.text_encoder.variant alone.
+to train; `--aot_topology` builds the tower from config.text_encoder.variant alone. The data is a
+captioned image dataset at 256x256 encoded by encode.py with the SD VAE, as in
+configs/dit_xl2_imagenet.py (`--config.data.name=NAME_latents`; captions are kept).
 """
 
 import ml_collections
@@ -14,8 +16,7 @@ from configs import dit_xl2_imagenet
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = dit_xl2_imagenet.get_config(arg)
 
-    config.data.name = "captioned_sd_vae_latents"  # TFDS name of a prepared captioned latent set.
-    config.data.builder_config = "256"  # Resolution the latents were encoded from.
+    config.data.name = "captioned_latents"  # encode.py's output for a dataset named "captioned".
     config.data.caption_key = "caption"  # Feature holding the caption text.
     config.data.label_key = None  # Text-conditional: no class labels.
 

@@ -20,7 +20,8 @@ import pytest
 import tensorflow_datasets as tfds
 from conftest import single_device_env
 
-from configs import base_dit, common
+from configs import common
+from diffusion import config as config_lib
 from diffusion import encoding, inference, rundir, training
 from diffusion.data import input_pipeline, sources
 from diffusion.data import latents as latents_lib
@@ -231,14 +232,12 @@ def test_latent_statistics_are_those_of_posterior_draws():
 
 
 def latent_dit_config(options, steps=2):
-    config = base_dit.get_config()
+    """The DiT-XL/2 ImageNet recipe's runlocal variant (DDPM, epsilon, class = shape) on the
+    encoded shapes."""
+    config = config_lib.load_config(os.path.join(REPO, "configs", "dit_xl2_imagenet.py:runlocal"))
     config.data.update(name="shapes_latents", data_dir=options.output_dir, builder_config=None)
-    config.data.class_features = ("shape",)
-    config.model.update(num_classes=5, patch_size=2, depth=1)
-    config.training.update(
-        global_batch_size=8, num_steps=steps, log_every=1, checkpoint_every=100, eval_every=0
-    )
-    config.optimizer.update(warmup_steps=0, learning_rate=1e-3)
+    config.model.update(patch_size=2, depth=1)
+    config.training.update(global_batch_size=8, num_steps=steps, eval_every=0)
     return config
 
 

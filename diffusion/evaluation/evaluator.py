@@ -162,8 +162,15 @@ def _frame_colors(reading, labels, count):
     return [(40, 170, 60) if ok else (210, 40, 40) for ok in right[:count]]
 
 
-def evaluate_dit_run(checkpoint: str, config, options: EvaluationOptions, output_dir: str):
-    """Samples for each split's captions over the sweep; scores them. -> (metrics, galleries)."""
+class EvaluationStopped(Exception):
+    """`stop()` asked the evaluation to end before its metrics were complete: none are written."""
+
+
+def evaluate_dit_run(
+    checkpoint: str, config, options: EvaluationOptions, output_dir: str, stop=None
+):
+    """Samples for each split's captions over the sweep; scores them. -> (metrics, galleries).
+    stop: called before each setting of the sweep; True ends the evaluation (EvaluationStopped)."""
     pipe = TextToImage.from_run(checkpoint)
     samplers = options.samplers or (DEFAULT_SAMPLER[pipe.objective],)
     for name, steps in samplers:  # unknown names for this objective fail before any work
@@ -202,6 +209,8 @@ def evaluate_dit_run(checkpoint: str, config, options: EvaluationOptions, output
         for sampler, steps in samplers:
             by_scale = entry["samples"].setdefault(sampler_key(sampler, steps), {})
             for scale in options.guidance_scales:
+                if stop is not None and stop():
+                    raise EvaluationStopped(f"stopped before {split} {sampler} {scale}")
                 start = time.perf_counter()
                 images = pipe.generate(
                     captions,
@@ -341,7 +350,9 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, float]:
     return flat
 
 
-def evaluate_checkpoint(checkpoint: str, output_dir: str, options: EvaluationOptions) -> dict:
+def evaluate_checkpoint(
+    checkpoint: str, output_dir: str, options: EvaluationOptions, stop=None
+) -> dict:
     """Evaluates a CLIP, DiT or autoencoder run directory (or a diffusers AutoencoderKL
     directory); writes OUTPUT_DIR/metrics.json, TensorBoard scalars (OUTPUT_DIR/tensorboard,
     step = the checkpoint step) and OUTPUT_DIR/index.html.
@@ -368,6 +379,8 @@ def evaluate_checkpoint(checkpoint: str, output_dir: str, options: EvaluationOpt
                  shift_factor, posterior_std}, oracle_accuracy (of the reconstructions),
                real_oracle_accuracy} (`reconstruction.reconstruction_metrics`).
     Fractions are in [0, 1]; "all" = shape, color, size and position all right.
+    stop: a text DiT's sweep calls it before each setting; True ends the evaluation with
+    EvaluationStopped and writes nothing (a pipeline's SIGTERM: the rerun evaluates again).
     """
     if not os.path.exists(checkpoint):
         raise UserError(
@@ -410,7 +423,7 @@ def evaluate_checkpoint(checkpoint: str, output_dir: str, options: EvaluationOpt
         metrics.update(dit_metrics)
     else:
         metrics = {"family": "dit", "checkpoint": os.path.abspath(checkpoint)}
-        dit_metrics, galleries = evaluate_dit_run(checkpoint, config, options, output_dir)
+        dit_metrics, galleries = evaluate_dit_run(checkpoint, config, options, output_dir, stop)
         metrics.update(dit_metrics)
     with open(os.path.join(output_dir, "metrics.json"), "w", encoding="utf-8") as f:
         json.dump(metrics, f, indent=2)

@@ -10,7 +10,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -367,6 +367,7 @@ def sample_to_directory(
     batch_size: int | None = None,
     progress: bool = True,
     settings: SamplerSettings | None = None,
+    stop: Callable[[], bool] | None = None,
     **sampler_options,
 ) -> dict[str, int]:
     """Makes the PNG of every item not already finished, with `manifest.jsonl` and `grid.png`.
@@ -378,7 +379,8 @@ def sample_to_directory(
     images are bit-identical to an uninterrupted run's (see the module docstring). With several
     processes, all run the program and process 0 writes. Returns {"generated", "skipped"}.
     settings / sampler_options: as in `TextToImage.generate`. Class items (`class_label`) need a
-    ClassToImage, prompts a TextToImage (`check_items`).
+    ClassToImage, prompts a TextToImage (`check_items`). stop: called after each batch is
+    written; True ends the job there (no grid; "stopped" in the result), as a rerun finishes it.
     """
     items = check_items(pipeline, items)
     if settings is None:
@@ -430,6 +432,10 @@ def sample_to_directory(
                 records[item.file] = wanted[item.file]
             write_manifest(output_dir, records)
         bar.update(len(batch))
+        if stop is not None and stop() and start + size < len(pending):
+            bar.close()
+            done = start + len(batch)
+            return {"generated": done, "skipped": len(items) - len(pending), "stopped": True}
     bar.close()
     if writer:
         if not pending and not os.path.isfile(os.path.join(output_dir, MANIFEST)):

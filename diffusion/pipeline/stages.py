@@ -24,6 +24,7 @@ from diffusion.errors import UserError
 from diffusion.evaluation import report
 from diffusion.evaluation.evaluator import (
     EvaluationOptions,
+    EvaluationStopped,
     evaluate_checkpoint,
     negative_check_scale,
     parse_samplers,
@@ -91,8 +92,12 @@ def run_encode_stage(config: ml_collections.ConfigDict, workdir: str) -> str:
     return encoding.encode_dataset(autoencoder, config.data, config.seed, options)
 
 
-def run_evaluate_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """evaluate.py on both runs: WORKDIR/eval/{clip,dit}/{metrics.json,index.html}."""
+def run_evaluate_stage(
+    config: ml_collections.ConfigDict, workdir: str, stop=lambda: False
+) -> dict[str, Any]:
+    """evaluate.py on both runs: WORKDIR/eval/{clip,dit}/{metrics.json,index.html}. stop():
+    checked before each run and each setting of the DiT's sweep; True ends the stage with the
+    metrics finished so far (an unfinished evaluation writes none and is redone on rerun)."""
     options = evaluation_options(config, config.data.data_dir)
     results = {}
     for run in ("clip", "dit"):
@@ -106,7 +111,12 @@ def run_evaluate_stage(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if _up_to_date(metrics_path, rundir.latest_step(run_dir)):
             print(f"   {run}: {metrics_path} is up to date", flush=True)
         else:
-            evaluate_checkpoint(run_dir, output_dir, options)
+            if stop():
+                return results
+            try:
+                evaluate_checkpoint(run_dir, output_dir, options, stop)
+            except EvaluationStopped:
+                return results
         with open(metrics_path, encoding="utf-8") as f:
             results[run] = json.load(f)
     return results
@@ -167,16 +177,27 @@ def grid_guidance_scales(config: ml_collections.ConfigDict, workdir: str) -> tup
     return scale, negative_check_scale(scale, (float(checked),) if checked else (fallback,))
 
 
-def run_samples_stage(config: ml_collections.ConfigDict, workdir: str) -> str:
+def run_samples_stage(
+    config: ml_collections.ConfigDict, workdir: str, stop=lambda: False
+) -> str | None:
     """The fixed prompts of `config.samples` -> WORKDIR/samples (PNGs, manifest.jsonl, grid.png)
-    and WORKDIR/samples/prompts.png (one labelled row per prompt). Returns the latter's path."""
+    and WORKDIR/samples/prompts.png (one labelled row per prompt). Returns the latter's path, or
+    None when stop() ended the stage after a batch (a rerun makes the rest)."""
     s = config.samples
     items = sample_items(s, *grid_guidance_scales(config, workdir))
     output_dir = os.path.join(workdir, "samples")
     pipe = TextToImage.from_run(os.path.join(workdir, "dit"))
-    sample_to_directory(
-        pipe, items, output_dir, sampler=s.sampler, steps=s.steps, batch_size=s.batch_size
+    made = sample_to_directory(
+        pipe,
+        items,
+        output_dir,
+        sampler=s.sampler,
+        steps=s.steps,
+        batch_size=s.batch_size,
+        stop=stop,
     )
+    if made.get("stopped"):
+        return None
     rows = []
     for line in sorted({item.line for item in items}):
         row = [item for item in items if item.line == line]
