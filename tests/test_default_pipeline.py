@@ -128,10 +128,6 @@ def test_sigterm_in_each_stage_stops_the_pipeline_there_and_reruns_finish_it_equ
             assert _checkpoint_steps(os.path.join(workdir, stage)) == [1]
         if stage == "evaluate":  # stopped before its first evaluation: no metrics, none torn
             assert not os.path.exists(os.path.join(workdir, "eval", "clip", "metrics.json"))
-        if stage == "samples":  # stopped after its first batch of 8 of the grid's 24 images
-            with open(os.path.join(workdir, "samples", "manifest.jsonl")) as f:
-                assert len(f.readlines()) == 8
-            assert not os.path.exists(os.path.join(workdir, "samples", "prompts.png"))
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the guard restored the handler
     monkeypatch.setattr(runner, "_run_stage", run_stage)
     pipeline.train_and_evaluate(tiny_default(data_dir), workdir)  # the last stage's rerun

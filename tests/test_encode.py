@@ -283,12 +283,14 @@ def test_a_latent_run_records_its_autoencoder_and_samples_decoded_images(
     assert (model_config.in_channels, model_config.num_classes) == (4, 5)
     pipe = inference.ClassToImage.from_run(latent_run)
     assert (pipe.resolution, pipe.image_size) == (8, 16)
-    images = pipe.generate([0, 1, 2], seeds=[0, 1, 2], steps=2)
+    images = pipe.generate([0, 1, 2], seeds=[0, 1, 2], sampler="ddim", steps=2)
     assert images.shape == (3, 16, 16, 3) and images.dtype == np.uint8
-    one_by_one = [pipe.generate([c], seeds=[c], steps=2, batch_size=1) for c in range(3)]
+    one_by_one = [
+        pipe.generate([c], seeds=[c], sampler="ddim", steps=2, batch_size=1) for c in range(3)
+    ]
     np.testing.assert_array_equal(np.concatenate(one_by_one), images)
     bigger = inference.ClassToImage.from_run(latent_run, resolution=32)  # tokens 16x16 latents
-    assert bigger.generate([0], seeds=[0], steps=1).shape == (1, 32, 32, 3)
+    assert bigger.generate([0], seeds=[0], sampler="ddim", steps=1).shape == (1, 32, 32, 3)
     with pytest.raises(SamplingError, match="multiple of the DiT's patch size 4"):
         inference.ClassToImage.from_run(latent_run, resolution=18)
 

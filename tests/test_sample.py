@@ -14,13 +14,14 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 from conftest import single_device_env
 from PIL import Image
 from test_text2image import train_tiny_runs
 
-from diffusion import inference
+from diffusion import inference, sharding
 from diffusion.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,6 +111,25 @@ def test_jsonl_fields_override_the_defaults(pipeline, tmp_path):
             guidance_scale=item.guidance_scale, **SETTINGS,
         )[0]  # fmt: skip
         np.testing.assert_array_equal(read_png(os.path.join(out, item.file)), expected)
+
+
+def test_stop_ends_the_job_after_the_batch_in_flight_and_a_rerun_finishes_it(run_dir, tmp_path):
+    """A pipeline's SIGTERM (`stop`): the batches made so far are kept and listed, no grid."""
+    one_device = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+    pipe = inference.TextToImage.from_run(run_dir, mesh=one_device, micro_batch=1)
+    items = inference.read_prompt_file(write(tmp_path / "p.txt", PROMPTS_TXT), num_per_prompt=3)
+    out = str(tmp_path / "out")
+    asked = []
+    stop = lambda: asked.append(True) or True  # noqa: E731 - stop at the first question
+    result = inference.sample_to_directory(pipe, items, out, batch_size=4, stop=stop, **SETTINGS)
+    assert result == {"generated": 4, "skipped": 0, "stopped": True} and len(asked) == 1
+    assert len(manifest_lines(out)) == 4 and not os.path.exists(os.path.join(out, "grid.png"))
+    assert sorted(f for f in os.listdir(out) if f.endswith(".png")) == sorted(
+        item.file for item in items[:4]
+    )
+    result = inference.sample_to_directory(pipe, items, out, batch_size=4, **SETTINGS)
+    assert result == {"generated": 5, "skipped": 4}
+    assert len(manifest_lines(out)) == 9 and os.path.exists(os.path.join(out, "grid.png"))
 
 
 def test_interrupted_run_resumes_to_the_uninterrupted_result(pipeline, tmp_path):
