@@ -37,6 +37,10 @@ Categories of the table:
                 unknown split, an unknown evaluation split of the default pipeline (refused
                 before its first stage trains), an unknown image feature
   evaluation    zero samples, a negative guidance scale, a sampler with zero steps
+  latents       encode.py with a missing autoencoder or a CLIP run as one, zero examples per
+                shard, an unfinished latent dataset, a malformed latents.json, a latent DiT whose
+                autoencoder is gone, a 4-channel DiT without latents.json, a pipeline's encode
+                stage before its autoencoder
   cli           a representative row of each entry point: unknown --config file, unknown
                 recipe argument, --config without a value, a flag that does not parse, a mesh
                 that does not fit, a CLIP run given to sample.py, a non-UTF-8 prompt file, a run
@@ -67,10 +71,11 @@ import pytest
 from flax import nnx
 from test_evaluate import _tiny
 
-from configs import base_dit
+from configs import base_dit, common
 from configs import shapes as shapes_recipe
 from diffusion import (
     checkpoints,
+    encoding,
     evaluation,
     hf,
     inference,
@@ -82,6 +87,7 @@ from diffusion import (
     training,
 )
 from diffusion import config as config_lib
+from diffusion.data import latents as data_latents
 from diffusion.data import load_tokenizer
 from diffusion.errors import UserError
 from diffusion.families import dit as dit_family
@@ -405,6 +411,38 @@ def no_stale_config(env: Env, tmp, *, run=None):
 
 def float_images():
     return np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+
+
+def encode_with(autoencoder: str, tmp) -> str:
+    options = encoding.EncodeOptions(output_dir=str(tmp / "latents"))
+    return encoding.encode_dataset(autoencoder, common.data_config(), 0, options)
+
+
+def latent_run_dir(tmp, latents_json: str | None, in_channels: int = 4) -> str:
+    """A DiT run directory of model.json (a DiT over `in_channels`) and, if given, latents.json."""
+    run = str(tmp / "latent_dit")
+    config = models.dit_config("tiny", conditioning="class", num_classes=5, in_channels=in_channels)
+    rundir.save_model_config(run, "dit", config)
+    if latents_json is not None:
+        write(os.path.join(run, rundir.LATENTS_FILE), latents_json)
+    return run
+
+
+LATENTS_JSON = json.dumps(
+    dict(
+        autoencoder="/nonexistent/autoencoder",
+        scaling_factor=0.5,
+        shift_factor=0.0,
+        latent_shape=[8, 8, 4],
+        downsampling_factor=2,
+    )
+)
+
+
+def shapes_latent_config(data_dir: str) -> ml_collections.ConfigDict:
+    config = config_lib.load_config(os.path.join(REPO, "configs", "shapes_latent.py"))
+    config.data.data_dir = data_dir
+    return config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1000,6 +1038,47 @@ CASES = [
         ],
         ("config.json is not valid JSON", "rerun the train.py command"),
         needs_run=True,
+    ),
+    # -- latents: the autoencoder, encode.py and DiTs trained on latents ----------------------
+    Case(
+        "encode-autoencoder-missing",
+        lambda e, t: encode_with(str(t / "no_autoencoder"), t),
+        ("no_autoencoder' is not a directory", "autoencoder run directory"),
+    ),
+    Case(
+        "encode-autoencoder-is-a-clip-run",
+        lambda e, t: encode_with(e.clip_dir, t),
+        ("is a run directory of a clip model, not of an autoencoder",),
+    ),
+    Case(
+        "encode-examples-per-shard-zero",
+        lambda e, t: encoding.LatentDatasetWriter(str(t), "x", None, {"train": 4}, 0),
+        ("examples_per_shard must be >= 1, got 0",),
+    ),
+    Case(
+        "latent-dataset-unfinished",  # shards written, encoding.json not yet
+        lambda e, t: data_latents.encoding_of(str(t), ["latent_mean", "latent_std", "caption"]),
+        ("holds latents", "no encoding.json", "rerun the same encode.py command"),
+    ),
+    Case(
+        "latents-json-malformed",
+        lambda e, t: rundir.load_latents(latent_run_dir(t, "{}")),
+        ("latents.json does not describe latents",),
+    ),
+    Case(
+        "latent-run-whose-autoencoder-is-gone",
+        lambda e, t: inference.ClassToImage.from_run(latent_run_dir(t, LATENTS_JSON)),
+        ("trained on latents of the autoencoder '/nonexistent/autoencoder'", "cannot be loaded"),
+    ),
+    Case(
+        "dit-over-latents-without-latents-json",
+        lambda e, t: inference.ClassToImage.from_run(latent_run_dir(t, None)),
+        ("holds a DiT over 4 channels but no latents.json", "encode.py dataset"),
+    ),
+    Case(
+        "pipeline-encode-before-autoencoder",  # the encode stage needs the autoencoder stage's run
+        lambda e, t: pipeline.stages.run_encode_stage(shapes_latent_config(str(t)), str(t / "w")),
+        ("stage encode needs the trained autoencoder", "put 'autoencoder' before 'encode'"),
     ),
 ]
 
