@@ -62,14 +62,19 @@ REWRITE_HINT = (
 # ---------------------------------------------------------------------------------------------
 
 
-def save_model_config(workdir: str, family: str, model_config) -> None:
+def save_json(workdir: str, name: str, record) -> None:
+    """WORKDIR/NAME as JSON, written by process 0 only (the run directory is shared), through a
+    temporary renamed into place: a kill never leaves half a file."""
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
-        record = {"family": family, "config": dataclasses.asdict(model_config)}
-        path = os.path.join(workdir, MODEL_FILE)
+        path = os.path.join(workdir, name)
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             json.dump(record, f, indent=2)
-        os.replace(path + ".tmp", path)  # atomic: a kill never leaves half a model.json
+        os.replace(path + ".tmp", path)
+
+
+def save_model_config(workdir: str, family: str, model_config) -> None:
+    save_json(workdir, MODEL_FILE, {"family": family, "config": dataclasses.asdict(model_config)})
 
 
 def load_model_config(run_dir: str) -> tuple[str, Any]:
@@ -284,12 +289,7 @@ def load_autoencoder(path: str, **execution) -> tuple[Autoencoder, AutoencoderCo
 
 def save_classes(workdir: str, classes: data_lib.ClassSpace) -> None:
     """classes.json: what class ids and names mean to a class-conditional model."""
-    if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        path = os.path.join(workdir, CLASSES_FILE)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(classes.to_json(), f, indent=2)
-        os.replace(path + ".tmp", path)
+    save_json(workdir, CLASSES_FILE, classes.to_json())
 
 
 def load_classes(run_dir: str) -> data_lib.ClassSpace:
@@ -310,12 +310,7 @@ def load_classes(run_dir: str) -> data_lib.ClassSpace:
 def save_latents(workdir: str, encoding: LatentEncoding) -> None:
     """latents.json: the autoencoder and normalisation of a model trained on latents, so that
     sampling decodes what it draws."""
-    if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        path = os.path.join(workdir, LATENTS_FILE)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(encoding.to_json(), f, indent=2)
-        os.replace(path + ".tmp", path)
+    save_json(workdir, LATENTS_FILE, encoding.to_json())
 
 
 def load_latents(run_dir: str) -> LatentEncoding | None:

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from conftest import single_device_env
+from PIL import Image
 
 from configs import common
 from diffusion import config as config_lib
@@ -26,8 +27,10 @@ from diffusion import encoding, inference, rundir, training
 from diffusion.data import input_pipeline, sources
 from diffusion.data import latents as latents_lib
 from diffusion.errors import UserError
+from diffusion.evaluation import report
 from diffusion.inference.settings import SamplingError
 from diffusion.models.autoencoder import AutoencoderConfig
+from diffusion.pipeline.periodic import PeriodicEvaluation
 from diffusion.training import inputs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -243,11 +246,30 @@ def latent_dit_config(options, steps=2):
 
 @pytest.fixture(scope="module")
 def latent_run(encoded, tmp_path_factory):
-    """A class-conditional DiT trained 2 steps on the encoded dataset."""
+    """A class-conditional DiT trained 2 steps on the encoded dataset, its sample grid drawn at
+    step 2 by the periodic callback."""
     _, _, options = encoded
     workdir = str(tmp_path_factory.mktemp("latent_dit"))
-    training.train(latent_dit_config(options), workdir)
+    config = latent_dit_config(options)
+    config.training.eval_every = 2
+    training.train(config, workdir, callbacks=[PeriodicEvaluation(config)])
     return workdir
+
+
+def test_the_periodic_grid_decodes_the_samples_of_the_exported_weights(latent_run, tmp_path):
+    config = rundir.load_run_config(latent_run)
+    s = config.sampling
+    pipe = inference.ClassToImage.from_run(latent_run)
+    per_class = PeriodicEvaluation.SEEDS_PER_PROMPT
+    classes = [c for c in range(5) for _ in range(per_class)]  # 5 classes, fewer than shown
+    seeds = [k for _ in range(5) for k in range(per_class)]
+    images = pipe.generate(
+        classes, seeds=seeds, sampler=s.sampler, steps=s.steps, guidance_scale=s.guidance_scale
+    )
+    assert images.shape == (20, 16, 16, 3)
+    expected = report.save_grid(images, str(tmp_path / "grid.png"), columns=per_class)
+    got = os.path.join(latent_run, "samples", "step_2.png")
+    np.testing.assert_array_equal(np.asarray(Image.open(got)), np.asarray(Image.open(expected)))
 
 
 def test_training_reads_a_normalised_draw_from_each_posterior(encoded):

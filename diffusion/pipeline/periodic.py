@@ -32,6 +32,7 @@ class PeriodicEvaluation:
     def __init__(self, config):
         self.config = config
         self._examples = None
+        self._decoders: dict[str, LatentDecoder | None] = {}
 
     def enabled(self, step: int) -> bool:
         every = self.config.training.get("eval_every", 0)
@@ -56,6 +57,12 @@ class PeriodicEvaluation:
             self._examples = load_split_examples(self.config.data, self.config.seed, split, count)
         return self._examples
 
+    def _latent_decoder(self, workdir: str) -> LatentDecoder | None:
+        """The run's autoencoder (None for a pixel DiT), loaded from disk once per run."""
+        if workdir not in self._decoders:
+            self._decoders[workdir] = LatentDecoder.of_run(workdir)
+        return self._decoders[workdir]
+
     def _clip_retrieval(self, context: RunContext, model) -> dict[str, float]:
         examples = self._held_out()
         encoder = ClipEncoder(model, context.tokenizer, batch_size=256)
@@ -71,7 +78,7 @@ class PeriodicEvaluation:
             diffusion_config=self.config.diffusion,
             resolution=context.image_size,
             checkpoint_step=step,
-            latent_decoder=LatentDecoder.of_run(context.workdir),
+            latent_decoder=self._latent_decoder(context.workdir),
         )
         if model.config.conditioning == "class":
             classes = rundir.load_classes(context.workdir)
