@@ -7,7 +7,8 @@ python encode.py --autoencoder=runs/ae (or a diffusers AutoencoderKL directory) 
 The recipe's `data` section names the dataset (and the shapes size). The output is
 OUTPUT_DIR/NAME/1.0.0, read by training with --config.data.name=NAME
 --config.data.data_dir=OUTPUT_DIR. Sharded over every device and process; rerunning the same
-command after an interruption finishes it with the bytes of an uninterrupted run.
+command after an interruption (a SIGKILL, or a SIGTERM, which stops after the batch in flight
+and exits 0) finishes it with the bytes of an uninterrupted run.
 """
 
 from absl import app, flags, logging
@@ -59,7 +60,24 @@ def main(argv):
             batch_size=FLAGS.batch_size,
             examples_per_shard=FLAGS.examples_per_shard,
         )
-        root = encoding.encode_dataset(FLAGS.autoencoder, config.data, config.seed, options)
+        from diffusion.training import PreemptionGuard
+
+        with PreemptionGuard() as preemption:  # SIGTERM: stop after the batch in flight, exit 0
+            try:
+                root = encoding.encode_dataset(
+                    FLAGS.autoencoder,
+                    config.data,
+                    config.seed,
+                    options,
+                    stop=lambda: preemption.requested,
+                )
+            except encoding.EncodingStopped as stopped:
+                print(
+                    f"preempted ({stopped}): the written shards are kept; rerun the same "
+                    "command to finish",
+                    flush=True,
+                )
+                return
         print(f"latent dataset: {root}", flush=True)
 
 

@@ -156,11 +156,12 @@ def test_images_the_autoencoder_cannot_encode_are_refused():
         encoding.check_images(image((16, 16, 3)), "img", config, "d")
 
 
-def test_sigkill_at_random_moments_then_a_rerun_equals_an_uninterrupted_job(
+def test_sigkills_and_a_sigterm_at_random_moments_then_a_rerun_equals_an_uninterrupted_job(
     encoded, diffusers_autoencoder, tmp_path
 ):
     """encode.py processes (one device, a compilation cache the first fills) killed while they
-    encode and write shards; the rerun's files equal an uninterrupted process's byte for byte."""
+    encode and write shards (SIGKILL, and once SIGTERM, which must exit 0); the rerun's files
+    equal an uninterrupted process's byte for byte."""
     _, config, _ = encoded
     env = single_device_env(compilation_cache=tmp_path / "xla_cache")
 
@@ -181,9 +182,9 @@ def test_sigkill_at_random_moments_then_a_rerun_equals_an_uninterrupted_job(
     root = killed / "shapes_latents" / "1.0.0"
     shards = lambda: [n for n in os.listdir(root) if ".array_record-" in n and n[0] != "."]
     rng = np.random.default_rng(0)
-    for _ in range(3):
+    for attempt in range(3):
         process = subprocess.Popen(
-            command(killed), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            command(killed), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
         before = len(shards()) if root.is_dir() else 0
         deadline = time.monotonic() + 120
@@ -192,9 +193,15 @@ def test_sigkill_at_random_moments_then_a_rerun_equals_an_uninterrupted_job(
             time.sleep(0.002)
         time.sleep(rng.uniform(0, 0.005))  # within the next shard's encoding or writing
         assert process.poll() is None, process.stderr.read()[-3000:]
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        assert not (root / "encoding.json").exists()  # never marked complete when killed
+        if attempt == 1:  # a preemption notice: stops after the batch in flight, exit 0
+            process.send_signal(signal.SIGTERM)
+            stdout, stderr = process.communicate(timeout=60)
+            assert process.returncode == 0, stderr[-3000:]
+            assert "preempted (stopped before example" in stdout.decode(), stdout
+        else:
+            process.send_signal(signal.SIGKILL)
+            process.communicate()
+        assert not (root / "encoding.json").exists()  # never marked complete when stopped
     result = subprocess.run(command(killed), cwd=REPO, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     want = _files(whole / "shapes_latents" / "1.0.0")
@@ -202,6 +209,128 @@ def test_sigkill_at_random_moments_then_a_rerun_equals_an_uninterrupted_job(
     assert sorted(got) == sorted(want)
     for name in want:
         assert got[name] == want[name], name
+
+
+def _encode_again(encoded, output_dir, stop=lambda: False) -> str:
+    """The `encoded` fixture's job into another directory (the same plan)."""
+    dataset_dir, config, options = encoded
+    options = dataclasses.replace(options, output_dir=str(output_dir))
+    return encoding.encode_dataset(_autoencoder_of(dataset_dir), config, 0, options, stop)
+
+
+TRAIN_SHARD = "shapes_latents-train.array_record-{:05d}-of-00003"  # 40 examples, 16 a shard
+
+
+def _shards(directory):
+    return sorted(n for n in os.listdir(directory) if ".array_record-" in n and n[0] != ".")
+
+
+def test_sigterm_stops_after_the_batch_in_flight_and_a_rerun_finishes_the_same_bytes(
+    encoded, tmp_path, monkeypatch
+):
+    """A SIGTERM (through the PreemptionGuard encode.py and the pipeline hold) while the 2nd
+    shard is encoded: the job stops with the 1st shard whole, no temporary, not marked complete;
+    the same call then finishes it with the bytes of the uninterrupted job."""
+    write = encoding.LatentDatasetWriter.write
+    written = []
+
+    def write_then_signal(self, shard, examples):
+        write(self, shard, examples)
+        written.append(shard)
+        if len(written) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(encoding.LatentDatasetWriter, "write", write_then_signal)
+    with training.PreemptionGuard() as preemption:
+        with pytest.raises(encoding.EncodingStopped):
+            _encode_again(encoded, tmp_path, stop=lambda: preemption.requested)
+    root = tmp_path / "shapes_latents" / "1.0.0"
+    assert len(written) == 1 and _shards(root) == [TRAIN_SHARD.format(0)]
+    assert not [n for n in os.listdir(root) if n.endswith(".tmp")]
+    assert not (root / "encoding.json").exists()
+    monkeypatch.undo()
+    assert _encode_again(encoded, tmp_path) == str(root)
+    assert _files(root) == _files(encoded[0])
+
+
+def test_a_full_disk_names_the_shard_and_keeps_the_shards_before(encoded, tmp_path, capsys):
+    """The 2nd shard's writer gets a real ENOSPC (/dev/full): encode.py's error boundary prints
+    one paragraph naming the shard's file and the cause (exit 1, no traceback); the 1st shard
+    is whole, no temporary is left, and with space again the rerun ends equal to the
+    uninterrupted job."""
+    from array_record.python import array_record_module
+
+    from diffusion.encoding import latent_dataset
+    from diffusion.errors import error_boundary
+
+    real = array_record_module.ArrayRecordWriter
+    opened = []
+
+    def writer(path, options):
+        opened.append(path)
+        return real("/dev/full" if len(opened) == 2 else path, options)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(latent_dataset.array_record_module, "ArrayRecordWriter", writer)
+        with pytest.raises(SystemExit) as exited, error_boundary("encode.py"):
+            _encode_again(encoded, tmp_path)
+    assert exited.value.code == 1
+    message = " ".join(capsys.readouterr().err.split())
+    root = tmp_path / "shapes_latents" / "1.0.0"
+    second = root / TRAIN_SHARD.format(1)
+    assert f"encode.py: error: cannot use {second}: the disk is full" in message, message
+    assert "Traceback" not in message
+    assert _shards(root) == [TRAIN_SHARD.format(0)]
+    assert not [n for n in os.listdir(root) if n.endswith(".tmp")]
+    _encode_again(encoded, tmp_path)
+    assert _files(root) == _files(encoded[0])
+
+
+def test_a_damaged_shard_of_an_unfinished_job_is_set_aside_and_encoded_again(
+    encoded, tmp_path, capsys
+):
+    """A written shard cut short afterwards (a copy cut off, a disk fault): the rerun warns,
+    keeps it as a dotted .damaged file and writes the shard again, ending equal to the
+    uninterrupted job."""
+    root = tmp_path / "shapes_latents" / "1.0.0"
+    shutil.copytree(encoded[0], root)
+    os.remove(root / "encoding.json")  # unfinished: the rerun checks what is there
+    damaged = root / _shards(root)[2]
+    whole = damaged.read_bytes()
+    damaged.write_bytes(whole[: len(whole) // 2])
+    _encode_again(encoded, tmp_path)
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"warning: {damaged} holds 0 records, not its" in out, out
+    aside = root / f".{damaged.name}.damaged"
+    assert aside.read_bytes() == whole[: len(whole) // 2]
+    os.remove(aside)
+    assert _files(root) == _files(encoded[0])
+
+
+def test_a_truncated_source_shard_is_named(encoded, tmp_path):
+    _, config, _ = encoded
+    source = tmp_path / "data"
+    shutil.copytree(config.data_dir, source)
+    shard = next(
+        os.path.join(where, name)
+        for where, _, names in os.walk(source)
+        for name in names
+        if "-train.array_record-" in name
+    )
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) // 2)
+    moved = dataclasses.replace(encoded[2], output_dir=str(tmp_path / "latents"))
+    with pytest.raises(UserError, match="truncated or corrupt") as raised:
+        encoding.encode_dataset(
+            _autoencoder_of(encoded[0]), dict_with(config, data_dir=str(source)), 0, moved
+        )
+    assert shard in str(raised.value)
+
+
+def dict_with(config, **changes):
+    config = config.copy_and_resolve_references()
+    config.update(changes)
+    return config
 
 
 def test_encode_py_refuses_a_missing_flag_with_one_line():

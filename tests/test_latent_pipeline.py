@@ -3,19 +3,22 @@ the latents -> evaluate -> samples, each stage writing what it promises; a rerun
 
 Truths: the DiT's run directory reads the encoded dataset and records the autoencoder that made
 it; the evaluation and the grid hold decoded images of the dataset's side (16), not latents (8);
-a rerun leaves the latent dataset and the metrics untouched.
+a rerun leaves the latent dataset and the metrics untouched; a SIGTERM during encoding stops the
+pipeline there with the shards written so far, and the rerun finishes it.
 """
 
 import contextlib
 import io
 import json
 import os
+import signal
 
 import numpy as np
 from PIL import Image
 
 from diffusion import config as config_lib
 from diffusion import pipeline, rundir
+from diffusion.encoding import LatentDatasetWriter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,14 +58,30 @@ def _tree(directory):
 
 
 def test_the_latent_pipeline_trains_the_dit_on_encoded_latents_and_decodes_its_samples(
-    tmp_path,
+    tmp_path, monkeypatch
 ):
     workdir, data_dir = str(tmp_path / "run"), str(tmp_path / "data")
     config = tiny_latent_pipeline(data_dir)
+    # A SIGTERM once the encode stage has written its first shard: the stage keeps that shard,
+    # the pipeline stops there (exit 0), and the rerun below finishes everything.
+    write = LatentDatasetWriter.write
+
+    def write_then_signal(self, shard, examples):
+        write(self, shard, examples)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(LatentDatasetWriter, "write", write_then_signal)
+    out = _run(config, workdir)
+    assert "preempted during stage encode" in out
+    latents_dir = os.path.join(workdir, "latents", "shapes_latents", "1.0.0")
+    assert [n for n in os.listdir(latents_dir) if ".array_record-" in n] == [
+        "shapes_latents-train.array_record-00000-of-00002"
+    ]
+    assert not os.path.exists(os.path.join(workdir, "clip"))
+    monkeypatch.undo()
     out = _run(config, workdir)
     for stage in config.stages:
         assert f"== stage {stage}" in out
-    latents_dir = os.path.join(workdir, "latents", "shapes_latents", "1.0.0")
     with open(os.path.join(latents_dir, "encoding.json")) as f:
         encoding = json.load(f)
     assert encoding["autoencoder"] == os.path.abspath(os.path.join(workdir, "autoencoder"))

@@ -6,7 +6,8 @@ shards whose position in the list is p modulo P, each in batches spread over its
 (the autoencoder replicated, the batch split), and writes each shard whole; process 0 writes the
 metadata once every process is done. The posterior (mean and std) is stored rather than one
 sampled latent, so nothing here is random: a rerun after a kill skips the shards that exist and
-ends with the bytes of an uninterrupted run.
+ends with the bytes of an uninterrupted run. A stop request (SIGTERM through the caller's
+PreemptionGuard) ends the job after the batch in flight, dropping only its unfinished shard.
 """
 
 from __future__ import annotations
@@ -42,10 +43,20 @@ class EncodeOptions:
     examples_per_shard: int = 4096  # examples per output file: the unit of resumption
 
 
-def encode_dataset(autoencoder_path: str, data_config, seed: int, options: EncodeOptions) -> str:
+class EncodingStopped(Exception):
+    """`stop()` ended the job before every shard was written: the written ones are whole, the
+    dataset is not marked complete, and the same command finishes it."""
+
+
+def encode_dataset(
+    autoencoder_path: str, data_config, seed: int, options: EncodeOptions, stop=lambda: False
+) -> str:
     """Encodes every split of `data_config`'s dataset with the autoencoder at `autoencoder_path`
     (a run directory of family autoencoder, or a diffusers AutoencoderKL directory); returns the
-    latent dataset's directory (OUTPUT_DIR/NAME/1.0.0). Resumes an interrupted run."""
+    latent dataset's directory (OUTPUT_DIR/NAME/1.0.0). Resumes an interrupted run.
+
+    stop(): checked after every batch; True raises EncodingStopped. Single-process only (a
+    PreemptionGuard sets it only there), so that no process waits for a peer that stopped."""
     model, autoencoder_config = rundir.load_autoencoder(autoencoder_path)
     source, builder = inputs.prepare_source(data_config, seed)
     features = builder.info.features
@@ -81,7 +92,7 @@ def encode_dataset(autoencoder_path: str, data_config, seed: int, options: Encod
     mine = writer.shards()[jax.process_index() :: jax.process_count()]
     pending = [shard for shard in mine if not writer.is_written(shard)]
     encode = BatchEncoder(model, options.batch_size)
-    _encode_shards(encode, writer, readers, source.image_key, pending)
+    _encode_shards(encode, writer, readers, source.image_key, pending, stop)
     distributed.barrier("every shard of the latent dataset written")
     if jax.process_index() == 0:
         description = f"Posterior mean and std of {source.name} under {autoencoder_path}"
@@ -171,21 +182,29 @@ class BatchEncoder:
         return np.asarray(mean, np.float32)[:count], np.asarray(std, np.float32)[:count]
 
 
-def _encode_shards(encode: BatchEncoder, writer, readers, image_key: str, shards) -> None:
+def _encode_shards(
+    encode: BatchEncoder, writer, readers, image_key: str, shards, stop=lambda: False
+) -> None:
     total = sum(s.stop - s.start for s in shards)
     bar = tqdm.tqdm(total=total, unit="img", desc="encode", disable=jax.process_index() != 0)
     start, done = time.perf_counter(), 0
-    for shard in shards:
-        examples = list(_encoded_examples(encode, readers[shard.split], image_key, shard))
-        writer.write(shard, examples)
-        done += len(examples)
-        bar.update(len(examples))
-        bar.set_postfix(img_s=f"{done / (time.perf_counter() - start):.1f}")
-    bar.close()
+    try:
+        for shard in shards:
+            examples = _encoded_examples(encode, readers[shard.split], image_key, shard, stop)
+            writer.write(shard, examples)
+            done += shard.stop - shard.start
+            bar.update(shard.stop - shard.start)
+            bar.set_postfix(img_s=f"{done / (time.perf_counter() - start):.1f}")
+    finally:
+        bar.close()
 
 
-def _encoded_examples(encode: BatchEncoder, reader, image_key: str, shard: Shard) -> Iterator[dict]:
+def _encoded_examples(
+    encode: BatchEncoder, reader, image_key: str, shard: Shard, stop=lambda: False
+) -> Iterator[dict]:
     for first in range(shard.start, shard.stop, encode.batch_size):
+        if stop():
+            raise EncodingStopped(f"stopped before example {first} of {shard.split!r}")
         indices = list(range(first, min(shard.stop, first + encode.batch_size)))
         records = reader.read(indices)
         images = np.stack([np.asarray(r[image_key], np.uint8) for r in records])

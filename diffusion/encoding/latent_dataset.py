@@ -8,6 +8,7 @@ with no builder class and no TensorFlow):
                                             another plan is refused, never mixed in)
         NAME-SPLIT.array_record-00000-of-000NN    one file per shard, each written to a dotted
                                             temporary and renamed: a file that exists is whole
+                                            (one damaged later is set aside and encoded again)
         dataset_info.json, features.json, *.labels.txt   written by TFDS once every shard is
         encoding.json                       the autoencoder and latent statistics; written last,
                                             so its presence means the dataset is complete
@@ -33,11 +34,12 @@ from tensorflow_datasets.proto import tf_example_pb2
 
 from diffusion.data import latents
 from diffusion.data.latents import ENCODING_FILE
-from diffusion.errors import UserError
+from diffusion.errors import UserError, os_error_of
 
 VERSION = "1.0.0"
 PLAN_FILE = "plan.json"
 TEMPORARY_SUFFIX = ".tmp"
+DAMAGED_SUFFIX = ".damaged"
 # One record per group: random access by index, as grain reads (TFDS writes the same).
 ARRAY_RECORD_OPTIONS = "group_size:1"
 
@@ -127,6 +129,27 @@ class LatentDatasetWriter:
         for name in os.listdir(self.root):
             if name.endswith(TEMPORARY_SUFFIX):
                 os.remove(os.path.join(self.root, name))
+        for shard in self.shards():
+            self._set_aside_if_damaged(shard)
+
+    def _set_aside_if_damaged(self, shard: Shard) -> None:
+        """A shard file whose record count is not its shard's (truncated or overwritten after
+        it was renamed into place: a copy cut short, a disk fault) is renamed to a dotted
+        `.damaged` file, kept for a person to inspect, and this run encodes the shard again."""
+        path = self.shard_path(shard)
+        if not os.path.exists(path):
+            return
+        expected = shard.stop - shard.start
+        found = _record_count(path)
+        if found == expected:
+            return
+        aside = os.path.join(self.root, "." + os.path.basename(path) + DAMAGED_SUFFIX)
+        os.replace(path, aside)
+        print(
+            f"warning: {path} holds {found} records, not its {expected} examples (truncated or "
+            f"corrupt); moved it to {aside} and encoding the shard again",
+            flush=True,
+        )
 
     # -- shards ---------------------------------------------------------------------------------
 
@@ -134,17 +157,30 @@ class LatentDatasetWriter:
         return os.path.exists(self.shard_path(shard))
 
     def write(self, shard: Shard, examples: Iterable[Mapping[str, Any]]) -> None:
-        """Serializes `examples` into the shard's file: a temporary first, renamed when whole."""
+        """Serializes `examples` into the shard's file: a temporary first, renamed when whole.
+
+        Whatever ends the write early (a full disk, an exception or a stop request raised by
+        `examples`) removes the temporary and leaves the shards written before untouched; a
+        failed write is an OSError naming the shard's file (array_record's own error names the
+        temporary, or no file)."""
         path = self.shard_path(shard)
         temporary = os.path.join(self.root, "." + os.path.basename(path) + TEMPORARY_SUFFIX)
-        writer = array_record_module.ArrayRecordWriter(temporary, ARRAY_RECORD_OPTIONS)
         count = 0
         try:
-            for example in examples:
-                writer.write(_deterministic(self.features.serialize_example(example)))
-                count += 1
-        finally:
-            writer.close()
+            writer = array_record_module.ArrayRecordWriter(temporary, ARRAY_RECORD_OPTIONS)
+            try:
+                for example in examples:
+                    writer.write(_deterministic(self.features.serialize_example(example)))
+                    count += 1
+            finally:
+                writer.close()
+        except BaseException as error:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+            os_error = os_error_of(error) if isinstance(error, Exception) else None
+            if os_error is not None:
+                raise OSError(os_error.errno, os_error.strerror, path) from error
+            raise
         if count != shard.stop - shard.start:
             os.remove(temporary)
             raise RuntimeError(
@@ -203,6 +239,19 @@ def read_encoding(dataset_dir: str) -> dict[str, Any]:
             "the same encode.py command to finish it)."
         )
     return values
+
+
+def _record_count(path: str) -> int:
+    """The records array_record finds in a file; 0 where it cannot read one (a truncated file
+    opens as 0 records, and then fails to close)."""
+    try:
+        reader = array_record_module.ArrayRecordReader(path)
+        try:
+            return reader.num_records()
+        finally:
+            reader.close()
+    except (RuntimeError, ValueError):
+        return 0
 
 
 def _deterministic(record: bytes) -> bytes:

@@ -4,9 +4,9 @@ directory: clip -> dit (on the frozen CLIP text tower) -> evaluate -> samples.
 
 The runner owns preemption: one SIGTERM guard spans all stages, so a SIGTERM during any stage
 saves the stage in flight (training: a checkpoint; evaluate: the runs evaluated so far;
-samples: the images made so far; encode: it finishes) and exits without starting another;
-rerunning the same command continues where it stopped (training resumes, a finished evaluation
-is skipped, existing images are kept).
+samples: the images made so far; encode: the shards written so far) and exits without starting
+another; rerunning the same command continues where it stopped (training resumes, encoding
+skips the written shards, a finished evaluation is skipped, existing images are kept).
 """
 
 from __future__ import annotations
@@ -118,11 +118,11 @@ def _run_stage(config, workdir: str, stage: str, preemption: PreemptionGuard):
         except UserError as error:  # same type and traceback, the hint spelled for here
             error.args = (stage_flags(str(error), stage),)
             raise
-    if stage == "encode":
-        return stages.run_encode_stage(config, workdir)
     # Single-process SIGTERM; with several processes the guard's flag is only set at a training
     # step's sync point, so these stages run to their end on every process alike.
     stop = lambda: preemption.requested
+    if stage == "encode":
+        return stages.run_encode_stage(config, workdir, stop)
     if stage == "evaluate":
         return stages.run_evaluate_stage(config, workdir, stop)
     return stages.run_samples_stage(config, workdir, stop)

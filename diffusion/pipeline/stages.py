@@ -74,9 +74,12 @@ def latent_dataset_name(config: ml_collections.ConfigDict) -> str:
     return f"{config.data.name}_latents"
 
 
-def run_encode_stage(config: ml_collections.ConfigDict, workdir: str) -> str:
+def run_encode_stage(
+    config: ml_collections.ConfigDict, workdir: str, stop=lambda: False
+) -> str | None:
     """encode.py on config.data with the autoencoder stage's run: WORKDIR/latents/NAME/1.0.0.
-    Resumes an interrupted encoding; a finished one is kept."""
+    Resumes an interrupted encoding; a finished one is kept. stop(): checked after every batch;
+    True ends the stage with the shards written so far (None; a rerun encodes the rest)."""
     autoencoder = os.path.join(workdir, "autoencoder")
     if not os.path.isdir(os.path.join(autoencoder, rundir.PARAMS_DIR)):
         raise UserError(
@@ -89,7 +92,10 @@ def run_encode_stage(config: ml_collections.ConfigDict, workdir: str) -> str:
         batch_size=config.encode.batch_size,
         examples_per_shard=config.encode.examples_per_shard,
     )
-    return encoding.encode_dataset(autoencoder, config.data, config.seed, options)
+    try:
+        return encoding.encode_dataset(autoencoder, config.data, config.seed, options, stop)
+    except encoding.EncodingStopped:
+        return None
 
 
 def run_evaluate_stage(
