@@ -50,9 +50,14 @@ def report_user_error(error: Exception, program: str) -> int:
     return USER_ERROR_EXIT_STATUS
 
 
+# absl prints the usage for these and exits with status 1; asking for help is no failure.
+HELP_FLAGS = ("-?", "-h", "--h", "-help", "--help", "--helpfull", "--helpshort", "--helpxml")
+
+
 def parse_flags_or_exit(argv, program: str, parse=None):
     """An absl `flags_parser`: a flag that does not parse (or a UserError from `parse`) is a user
-    error, reported as one paragraph with exit status 2 instead of absl's status 1."""
+    error, reported as one paragraph with exit status 2 instead of absl's status 1; --help (and
+    its kin) print the usage and exit 0."""
     from absl import flags
 
     try:
@@ -60,6 +65,11 @@ def parse_flags_or_exit(argv, program: str, parse=None):
     except (flags.Error, UserError) as error:
         message = f"{str(error).rstrip('.')}; see python {program} --help."
         sys.exit(report_user_error(UserError(message), program))
+    except SystemExit as exit:
+        asked_for_help = any(arg.split("=")[0] in HELP_FLAGS for arg in argv[1:])
+        if asked_for_help and exit.code == 1:
+            sys.exit(0)
+        raise
 
 
 # ------------------------------------------------------------------------------------------------

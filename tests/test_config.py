@@ -166,3 +166,13 @@ def test_aot_builds_the_model_train_py_builds_size_overrides_included(family):
         assert built.scan_layers and built.context_dim == text_config.text_width
     assert built == expected
     assert {name: getattr(built, name) for name in sizes} == sizes
+
+
+@pytest.mark.parametrize("program", ["train.py", "sample.py", "evaluate.py", "encode.py"])
+def test_help_prints_the_flags_and_exits_0(program):
+    """absl exits 1 after --help; asking for the usage is no failure."""
+    result = subprocess.run(
+        [sys.executable, program, "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"{program}:" in result.stdout and "--" in result.stdout
