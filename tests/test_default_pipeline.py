@@ -14,7 +14,7 @@ from PIL import Image
 
 from diffusion import config as config_lib
 from diffusion import pipeline
-from diffusion.evaluation import report
+from diffusion.inference import grids
 from diffusion.pipeline import stages
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,7 +55,7 @@ def test_default_pipeline_runs_every_stage_and_a_rerun_redoes_nothing(default_ru
     config = tiny_default(data_dir)
     for stage in ("clip", "dit", "evaluate", "samples"):
         assert f"== stage {stage}" in out
-    prompts_png = os.path.join(workdir, "samples", "prompts.png")
+    prompts_png = os.path.join(workdir, "samples", "grid.png")
     for path in (
         prompts_png,
         os.path.join(workdir, "eval", "dit", "index.html"),
@@ -176,7 +176,7 @@ def _exported(run_dir: str) -> dict:
 def test_labelled_rows_show_each_row_of_images_in_order(tmp_path):
     rng = np.random.default_rng(0)
     rows = [(f"prompt {r}", rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)) for r in range(2)]
-    path = report.save_labelled_rows(rows, str(tmp_path / "g.png"), tile=32, label_width=100)
+    path = grids.save_labelled_rows(rows, str(tmp_path / "g.png"), tile=32, label_width=100)
     canvas = np.asarray(Image.open(path))
     assert canvas.shape == (2 * 36, 100 + 3 * 36, 3)
     for r, (_, images) in enumerate(rows):

@@ -23,6 +23,7 @@ from test_text2image import train_tiny_runs
 
 from diffusion import inference, sharding
 from diffusion.errors import UserError
+from diffusion.inference import grids
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS_TXT = "a red circle\n\na blue square in the top left corner\n  a green star  \n"
@@ -90,9 +91,20 @@ def test_text_file_gives_named_pngs_manifest_and_grid(pipeline, tmp_path):
     )
     for record, image in zip(records, images, strict=True):
         np.testing.assert_array_equal(read_png(os.path.join(out, record["file"])), image)
+    # A row per prompt, its label on the left, a column per seed; 16-pixel images shown 4x
+    # with 4-pixel gaps.
     grid = read_png(os.path.join(out, "grid.png"))
-    assert grid.shape == (3 * 16, 2 * 16, 3)  # a row per prompt, a column per seed
-    np.testing.assert_array_equal(grid[16:32, 16:32], images[3])
+    cell, label_width = 4 * 16 + grids.GAP, 360
+    assert grid.shape == (3 * cell, label_width + 2 * cell, 3)
+    for index, image in enumerate(images):
+        row, column = divmod(index, 2)
+        top, left = row * cell, label_width + column * cell
+        shown = grid[top : top + 64, left : left + 64]
+        np.testing.assert_array_equal(shown, image.repeat(4, 0).repeat(4, 1))
+        assert (grid[top + 64 : top + cell, left : left + cell] == 255).all()  # the gap
+    labels = [grid[r * cell : r * cell + 64, :label_width] for r in range(3)]
+    assert all((label < 128).any() for label in labels)  # text drawn on every row
+    assert not np.array_equal(labels[0], labels[1])  # each row its own prompt
 
 
 def test_jsonl_fields_override_the_defaults(pipeline, tmp_path):

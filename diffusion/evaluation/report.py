@@ -480,29 +480,3 @@ def write_report(metrics: dict, galleries: list[dict], output_dir: str) -> str:
     with open(path, "w", encoding="utf-8") as f:
         f.write(page)
     return path
-
-
-def save_labelled_rows(
-    rows: Sequence[tuple[str, np.ndarray]], path: str, tile: int = 64, label_width: int = 360
-) -> str:
-    """One row per (label, uint8 (N, H, W, 3) images): the label on the left, the images scaled
-    up (nearest neighbour) to `tile` pixels beside it. The README's prompt grid. Returns `path`."""
-    from PIL import ImageDraw
-
-    if not rows:
-        raise ValueError("save_labelled_rows needs at least one row")
-    columns = max(len(images) for _, images in rows)
-    gap = 4
-    canvas = Image.new(
-        "RGB", (label_width + columns * (tile + gap), len(rows) * (tile + gap)), "white"
-    )
-    draw = ImageDraw.Draw(canvas)
-    for r, (label, images) in enumerate(rows):
-        top = r * (tile + gap)
-        draw.text((6, top + tile // 2 - 6), label, fill=(0, 0, 0))
-        for c, image in enumerate(np.asarray(images, np.uint8)):
-            big = Image.fromarray(image).resize((tile, tile), Image.NEAREST)
-            canvas.paste(big, (label_width + c * (tile + gap), top))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    canvas.save(path)
-    return path

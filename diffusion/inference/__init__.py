@@ -3,6 +3,7 @@ shared DiTPipeline), and batch sampling to a directory (prompt files or class la
 manifest, grid)."""
 
 from diffusion.inference.batch_io import (
+    GRID,
     PromptItem,
     class_label_items,
     load_pipeline,
@@ -21,6 +22,7 @@ from diffusion.inference.settings import (
 from diffusion.inference.text2image import TextToImage
 
 __all__ = [
+    "GRID",
     "SAMPLERS_BY_OBJECTIVE",
     "ClassToImage",
     "PromptItem",

@@ -17,6 +17,7 @@ import numpy as np
 import tqdm
 
 from diffusion import rundir
+from diffusion.inference import grids
 from diffusion.inference.class2image import ClassToImage
 from diffusion.inference.settings import (
     MAX_SEED,
@@ -284,25 +285,25 @@ def write_manifest(output_dir: str, records: dict[str, dict]) -> None:
     _write_atomically(os.path.join(output_dir, MANIFEST), write)
 
 
-def write_grid(output_dir: str, files: Sequence[str], columns: int | None = None) -> str | None:
-    """A grid PNG of the first GRID_MAX_IMAGES `files` (row-major, in the given order)."""
+def write_grid(
+    output_dir: str, items: Sequence[PromptItem], path: str | None = None, tile: int = 64
+) -> str | None:
+    """The labelled grid of `items`' PNGs (OUTPUT_DIR/grid.png unless `path`): a row per prompt
+    line (its prompt or class and any negative prompt on the left), a column per seed, gaps
+    between them; the first GRID_MAX_IMAGES images that exist. None when none exists yet."""
     from PIL import Image
 
-    files = [f for f in files if os.path.isfile(os.path.join(output_dir, f))][:GRID_MAX_IMAGES]
-    if not files:
+    shown = [i for i in items if os.path.isfile(os.path.join(output_dir, i.file))]
+    shown = shown[:GRID_MAX_IMAGES]
+    if not shown:
         return None
-    images = [np.asarray(Image.open(os.path.join(output_dir, f)).convert("RGB")) for f in files]
-    columns = columns or math.ceil(math.sqrt(len(images)))
-    columns = min(columns, len(images))
-    rows = math.ceil(len(images) / columns)
-    height, width = images[0].shape[:2]
-    grid = np.zeros((rows * height, columns * width, 3), np.uint8)
-    for i, image in enumerate(images):
-        r, c = divmod(i, columns)
-        grid[r * height : (r + 1) * height, c * width : (c + 1) * width] = image
-    path = os.path.join(output_dir, GRID)
-    write_png(path, grid)
-    return path
+    rows = []
+    for line in dict.fromkeys(item.line for item in shown):  # the prompt file's order
+        row = [item for item in shown if item.line == line]
+        read = lambda i: np.asarray(Image.open(os.path.join(output_dir, i.file)).convert("RGB"))
+        label = grids.row_label(row[0].prompt, row[0].negative_prompt, row[0].class_label)
+        rows.append((label, np.stack([read(i) for i in row])))
+    return grids.save_labelled_rows(rows, path or os.path.join(output_dir, GRID), tile=tile)
 
 
 def _remove_stale_temporaries(output_dir: str) -> None:
@@ -440,8 +441,5 @@ def sample_to_directory(
     if writer:
         if not pending and not os.path.isfile(os.path.join(output_dir, MANIFEST)):
             write_manifest(output_dir, records)
-        per_prompt = max(item.index for item in items) + 1 if items else None
-        write_grid(
-            output_dir, [item.file for item in items], per_prompt if per_prompt > 1 else None
-        )
+        write_grid(output_dir, items)
     return {"generated": len(pending), "skipped": len(items) - len(pending)}

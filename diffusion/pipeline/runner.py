@@ -142,7 +142,7 @@ def pipeline_summary(workdir: str, timings: dict[str, float]) -> str:
     places = (
         ("autoencoder", os.path.join(workdir, "autoencoder", rundir.PARAMS_DIR)),
         ("latents", os.path.join(workdir, stages.LATENTS_DIR)),
-        ("prompt grid", os.path.join(workdir, "samples", "prompts.png")),
+        ("prompt grid", os.path.join(workdir, "samples", "grid.png")),
         ("DiT report", os.path.join(workdir, "eval", "dit", "index.html")),
         ("DiT metrics", os.path.join(workdir, "eval", "dit", "metrics.json")),
         ("CLIP report", os.path.join(workdir, "eval", "clip", "index.html")),

@@ -16,12 +16,9 @@ import os
 from typing import Any
 
 import ml_collections
-import numpy as np
-from PIL import Image
 
 from diffusion import encoding, rundir
 from diffusion.errors import UserError
-from diffusion.evaluation import report
 from diffusion.evaluation.evaluator import (
     EvaluationOptions,
     EvaluationStopped,
@@ -29,7 +26,7 @@ from diffusion.evaluation.evaluator import (
     negative_check_scale,
     parse_samplers,
 )
-from diffusion.inference import PromptItem, TextToImage, sample_to_directory
+from diffusion.inference import GRID, PromptItem, TextToImage, sample_to_directory
 
 
 def evaluation_options(config: ml_collections.ConfigDict, data_dir: str | None):
@@ -186,9 +183,9 @@ def grid_guidance_scales(config: ml_collections.ConfigDict, workdir: str) -> tup
 def run_samples_stage(
     config: ml_collections.ConfigDict, workdir: str, stop=lambda: False
 ) -> str | None:
-    """The fixed prompts of `config.samples` -> WORKDIR/samples (PNGs, manifest.jsonl, grid.png)
-    and WORKDIR/samples/prompts.png (one labelled row per prompt). Returns the latter's path, or
-    None when stop() ended the stage after a batch (a rerun makes the rest)."""
+    """The fixed prompts of `config.samples` -> WORKDIR/samples (PNGs, manifest.jsonl and
+    grid.png, one labelled row per prompt). Returns the grid's path, or None when stop() ended
+    the stage after a batch (a rerun makes the rest)."""
     s = config.samples
     items = sample_items(s, *grid_guidance_scales(config, workdir))
     output_dir = os.path.join(workdir, "samples")
@@ -204,14 +201,4 @@ def run_samples_stage(
     )
     if made.get("stopped"):
         return None
-    rows = []
-    for line in sorted({item.line for item in items}):
-        row = [item for item in items if item.line == line]
-        label = row[0].prompt + (
-            f"  (negative: {row[0].negative_prompt})" * bool(row[0].negative_prompt)
-        )
-        images = np.stack(
-            [np.asarray(Image.open(os.path.join(output_dir, i.file)).convert("RGB")) for i in row]
-        )
-        rows.append((label, images))
-    return report.save_labelled_rows(rows, os.path.join(output_dir, "prompts.png"))
+    return os.path.join(output_dir, GRID)
