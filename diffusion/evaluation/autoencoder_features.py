@@ -28,6 +28,7 @@ class AutoencoderFeatures:
     """An autoencoder's encoder as a feature extractor: uint8 images -> (N, h * w * c)."""
 
     path: str  # the autoencoder's directory (a run of ours or a diffusers AutoencoderKL)
+    source: str  # where the path came from, as errors name it
     model: Autoencoder
     batch_size: int = 64
 
@@ -38,15 +39,15 @@ class AutoencoderFeatures:
             model, _ = rundir.load_autoencoder(path)
         except UserError as error:
             raise UserError(f"{source} is not a usable autoencoder: {error}") from error
-        return cls(path, model, batch_size)
+        return cls(path, source, model, batch_size)
 
-    def check_resolution(self, resolution: int, source: str) -> None:
+    def check_resolution(self, resolution: int) -> None:
         """Refuses images this encoder cannot take, before any sampling."""
         config = self.model.config
         factor = config.downsampling_factor
         if config.in_channels != 3 or resolution % factor:
             raise UserError(
-                f"{source} encodes {config.in_channels}-channel images whose side is "
+                f"{self.source} encodes {config.in_channels}-channel images whose side is "
                 f"a multiple of {factor}; the DiT draws {resolution}x{resolution} RGB images. "
                 "Pass an autoencoder trained on images of this resolution."
             )
