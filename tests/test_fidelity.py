@@ -112,7 +112,8 @@ def test_open_attribute_metrics_of_real_images_against_themselves():
 
 
 def test_frechet_distance_in_autoencoder_space():
-    model = Autoencoder(autoencoder_config("tiny"), rngs=nnx.Rngs(0))
+    config = autoencoder_config("tiny", block_out_channels=(8, 16), norm_num_groups=4)
+    model = Autoencoder(config, rngs=nnx.Rngs(0))
     features = autoencoder_features.AutoencoderFeatures("tiny", "a test", model, 16)
     examples = [e for _, e in shapes_lib.generate_examples("test", 48, 16, seed=0)]
     images = np.stack([e["image"] for e in examples])
