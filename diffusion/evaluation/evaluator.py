@@ -184,7 +184,8 @@ def evaluate_dit_run(
     checkpoint: str, config, options: EvaluationOptions, output_dir: str, stop=None
 ):
     """Samples for each split's captions over the sweep; scores them. -> (metrics, galleries).
-    stop: called before each setting of the sweep; True ends the evaluation (EvaluationStopped)."""
+    stop: called before each setting of the sweep and each diversity check; True ends the
+    evaluation (EvaluationStopped)."""
     features = _feature_autoencoder(checkpoint, options)  # a bad path fails before any sampling
     pipe = TextToImage.from_run(checkpoint)
     if features is not None:
@@ -281,6 +282,8 @@ def evaluate_dit_run(
                 progress.update(1)
         entry["best"] = _best_setting(entry["samples"])
         if labels and options.diversity_captions > 0:
+            if stop is not None and stop():
+                raise EvaluationStopped(f"stopped before the diversity check of {split}")
             entry["diversity"], extra = diversity_check(
                 pipe, examples, split, entry["best"], options, config.seed, output_dir
             )
