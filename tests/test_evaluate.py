@@ -221,6 +221,7 @@ def test_library_errors_name_the_fix(runs, tmp_path):
         (["--checkpoint=/nonexistent/run"], "does not exist"),
         (["--checkpoint=.", "--samplers=foo:20"], "unknown sampler 'foo'"),
         (["--checkpoint=.", "--guidance_scales=1,x"], "'x' is not a finite number"),
+        (["--checkpoint=.", "--diversity_samples=1"], "--diversity_samples must be >= 2"),
     ],
 )
 def test_entry_point_exits_2_without_traceback(arguments, message, tmp_path):
