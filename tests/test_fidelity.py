@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from diffusion import rundir
 from diffusion.data import shapes as shapes_lib
+from diffusion.data.latents import LatentEncoding
+from diffusion.errors import UserError
 from diffusion.evaluation import autoencoder_features, fidelity
 from diffusion.evaluation.clip_metrics import frechet_distance_of_features
 from diffusion.evaluation.shapes_oracle import ATTRIBUTES, VOCABULARIES, read_attributes
@@ -124,3 +127,28 @@ def test_frechet_distance_in_autoencoder_space():
     assert 1e-3 < distances[0] < distances[1]
     # A shift of every feature by s moves the means apart by s^2 per dimension.
     assert distances[1] == pytest.approx(encoded.shape[1], rel=1e-3)
+
+
+def test_the_feature_autoencoder_is_the_flags_else_a_latent_runs_own(tmp_path):
+    latent_run, pixel_run = str(tmp_path / "latent"), str(tmp_path / "pixel")
+    encoding = LatentEncoding(
+        autoencoder="/runs/ae",
+        scaling_factor=1.0,
+        shift_factor=0.0,
+        latent_shape=(4, 4, 4),
+        downsampling_factor=4,
+    )
+    rundir.save_latents(latent_run, encoding)
+    assert autoencoder_features.feature_autoencoder_path(latent_run, None)[0] == "/runs/ae"
+    assert autoencoder_features.feature_autoencoder_path(latent_run, "/ae2")[0] == "/ae2"
+    assert autoencoder_features.feature_autoencoder_path(pixel_run, None) is None
+
+
+def test_an_autoencoder_that_cannot_encode_the_images_is_refused():
+    config = autoencoder_config("tiny", block_out_channels=(8, 16, 16), norm_num_groups=4)
+    features = autoencoder_features.AutoencoderFeatures(
+        "/runs/ae", "--feature_autoencoder='/runs/ae'", Autoencoder(config, rngs=nnx.Rngs(0))
+    )
+    features.check_resolution(16)
+    with pytest.raises(UserError, match="--feature_autoencoder='/runs/ae'.*multiple of 4.*18x18"):
+        features.check_resolution(18)
