@@ -5,7 +5,10 @@ CLIP features are trained to keep what captions say and drop the rest; the autoe
 keep everything the decoder needs to redraw the image (background, exact placement, edges), so a
 Frechet distance there also sees what captions leave open. A latent DiT is measured in the space
 of the autoencoder it was trained on (its latents.json); a pixel DiT in the space of the one
-evaluate.py's --feature_autoencoder names.
+evaluate.py's --feature_autoencoder names. Flattened, not pooled: where a shape sits is what
+pooling would average away. With fewer samples than dimensions (e.g. 512 samples of 64x64 images
+through an f = 4 autoencoder: 1024 dimensions) the fitted covariances are rank-deficient and the
+distance is biased upwards; compare values measured with the same number of samples.
 """
 
 from __future__ import annotations
