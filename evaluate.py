@@ -7,8 +7,9 @@ python evaluate.py --checkpoint=runs/shapes/dit --output_dir=runs/shapes/eval \
 
 CLIP run: zero-shot attribute accuracy and image-text retrieval on each split.
 DiT run: samples for each split's captions over the guidance x sampler sweep, scored by the shapes
-oracle (attribute accuracy), CLIP score and the Frechet distance in CLIP space; plus a
-negative-prompt check.
+oracle (attribute accuracy), CLIP score and the Frechet distance in CLIP space (and in an
+autoencoder's latent space); what captions leave open (background, placement) against the data;
+per-caption diversity; plus a negative-prompt check.
 Autoencoder: PSNR and SSIM of each split's reconstructions, the shapes oracle on them, and the
 latents' per-channel mean and std with the implied scaling_factor and shift_factor.
 Key layout: `diffusion.evaluation.evaluate_checkpoint`.
@@ -47,6 +48,20 @@ flags.DEFINE_integer(
     "Autoencoder: the shapes resolution to reconstruct (16, 32 or 64; default: the run's, or a "
     "diffusers directory's sample_size).",
 )
+flags.DEFINE_integer(
+    "diversity_captions",
+    8,
+    "DiT: captions per split sampled --diversity_samples times at the split's best setting, "
+    "for the per-caption diversity ratio (0 skips it).",
+)
+flags.DEFINE_integer("diversity_samples", 8, "DiT: samples (seeds) per diversity caption.")
+flags.DEFINE_string(
+    "feature_autoencoder",
+    None,
+    "DiT: autoencoder run (or diffusers AutoencoderKL directory) whose encoder gives the "
+    "features of a second Frechet distance (default: a latent DiT's own autoencoder; a pixel "
+    "DiT has none without this flag).",
+)
 FLAGS = flags.FLAGS
 
 
@@ -70,6 +85,9 @@ def options_from_flags():
         negative_color=FLAGS.negative_color,
         data_dir=FLAGS.data_dir,
         resolution=FLAGS.resolution,
+        diversity_captions=FLAGS.diversity_captions,
+        diversity_samples=FLAGS.diversity_samples,
+        feature_autoencoder=FLAGS.feature_autoencoder,
     )
 
 

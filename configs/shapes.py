@@ -86,6 +86,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.evaluate.batch_size = 128  # Samples per sampling program.
     config.evaluate.negative_prompt = "a large circle in the center"  # Negative-prompt check...
     config.evaluate.negative_color = "red"  # ... with this colour as the negative prompt.
+    config.evaluate.diversity_captions = 8  # Captions per split sampled many times (0: none)...
+    config.evaluate.diversity_samples = 8  # ... with this many seeds each, at the best setting.
 
     config.samples = ml_collections.ConfigDict()  # Stage 4: the prompt grid of the README.
     config.samples.prompts = (  # Seen and unseen (color, shape) pairs; see data/shapes.py.

@@ -36,7 +36,8 @@ Categories of the table:
   data          a data_dir that is a file, an unknown TFDS name, an unprepared dataset, an
                 unknown split, an unknown evaluation split of the default pipeline (refused
                 before its first stage trains), an unknown image feature
-  evaluation    zero samples, a negative guidance scale, a sampler with zero steps
+  evaluation    zero samples, a negative guidance scale, a sampler with zero steps, a CLIP run
+                as --feature_autoencoder
   latents       encode.py with a missing autoencoder or a CLIP run as one, zero examples per
                 shard, an unfinished latent dataset, a malformed latents.json, a latent DiT whose
                 autoencoder is gone, a 4-channel DiT without latents.json, a pipeline's encode
@@ -976,6 +977,15 @@ CASES = [
         "evaluate-sampler-without-steps",
         lambda e, t: evaluation.parse_samplers("euler:0"),
         ("'euler:0' needs a step count >= 1", "e.g. euler:20"),
+    ),
+    Case(
+        "evaluate-feature-autoencoder-not-an-autoencoder",
+        lambda e, t: evaluate(dit_run(e, t), t, feature_autoencoder=e.clip_dir),
+        (
+            "--feature_autoencoder=",
+            "is a run directory of a clip model, not of an autoencoder",
+            "Pass an autoencoder run directory",
+        ),
     ),
     # -- entry points: exit status 2, one paragraph, no traceback ------------------------------
     cli(

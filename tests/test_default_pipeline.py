@@ -31,7 +31,13 @@ def tiny_default(data_dir):
             global_batch_size=8, num_steps=2, log_every=1, checkpoint_every=100, ema_decay=0.9
         )
         stage.optimizer.warmup_steps = 1
-    config.evaluate.update(num_samples=8, guidance_scales=(1.0, 3.0), batch_size=8)
+    config.evaluate.update(
+        num_samples=8,
+        guidance_scales=(1.0, 3.0),
+        batch_size=8,
+        diversity_captions=2,
+        diversity_samples=2,
+    )
     config.samples.update(num_per_prompt=2, steps=3, batch_size=8)
     return config
 

@@ -28,6 +28,7 @@ from diffusion.data import input_pipeline, sources
 from diffusion.data import latents as latents_lib
 from diffusion.errors import UserError
 from diffusion.evaluation import report
+from diffusion.evaluation.autoencoder_features import AutoencoderFeatures, feature_autoencoder_path
 from diffusion.inference.settings import SamplingError
 from diffusion.models.autoencoder import AutoencoderConfig
 from diffusion.pipeline.periodic import PeriodicEvaluation
@@ -440,6 +441,10 @@ def test_a_latent_run_records_its_autoencoder_and_samples_decoded_images(
         pipe.generate([c], seeds=[c], sampler="ddim", steps=2, batch_size=1) for c in range(3)
     ]
     np.testing.assert_array_equal(np.concatenate(one_by_one), images)
+    # evaluate.py measures a latent run in the space of its own autoencoder.
+    features = AutoencoderFeatures.load(*feature_autoencoder_path(latent_run, None))
+    assert features.path == recorded.autoencoder
+    assert features.encode(images).shape == (3, 8 * 8 * 4)  # posterior means, flattened
     bigger = inference.ClassToImage.from_run(latent_run, resolution=32)  # tokens 16x16 latents
     assert bigger.generate([0], seeds=[0], sampler="ddim", steps=1).shape == (1, 32, 32, 3)
     with pytest.raises(SamplingError, match="multiple of the DiT's patch size 4"):

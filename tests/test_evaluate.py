@@ -14,10 +14,12 @@ from html.parser import HTMLParser
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs import base_clip, base_dit
-from diffusion import evaluation, metrics, training
+from diffusion import evaluation, metrics, param_export, rundir, training
 from diffusion.errors import UserError
+from diffusion.models.autoencoder import Autoencoder, autoencoder_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,14 +118,34 @@ def test_clip_run(runs, tmp_path):
         assert result["splits"]["test"]["retrieval"][key] == pytest.approx(float(value))
 
 
+def _untrained_autoencoder_run(path: str) -> str:
+    """An autoencoder run directory (model.json, params/) with initial weights: its encoder is
+    as good a feature space as any for checking the wiring."""
+    config = autoencoder_config("tiny", block_out_channels=(8, 16), norm_num_groups=4)
+    rundir.save_model_config(path, "autoencoder", config)
+    state = nnx.state(Autoencoder(config, rngs=nnx.Rngs(0)))
+    param_export.export_params(os.path.join(path, rundir.PARAMS_DIR), state)
+    return path
+
+
 def test_dit_run(runs, tmp_path):
+    autoencoder = _untrained_autoencoder_run(str(tmp_path / "autoencoder"))
     options = evaluation.EvaluationOptions(
-        num_samples=8, guidance_scales=(2.0,), samplers=(("euler", 2),), batch_size=8, grid_size=8
+        num_samples=8,
+        guidance_scales=(2.0,),
+        samplers=(("euler", 2),),
+        batch_size=8,
+        grid_size=8,
+        diversity_captions=2,
+        diversity_samples=3,
+        feature_autoencoder=autoencoder,
     )
-    result = evaluation.evaluate_checkpoint(runs["dit"], str(tmp_path), options)
-    with open(tmp_path / "metrics.json") as f:
+    output = tmp_path / "eval"
+    result = evaluation.evaluate_checkpoint(runs["dit"], str(output), options)
+    with open(output / "metrics.json") as f:
         assert json.load(f) == result
     assert result["family"] == "dit" and result["checkpoint_step"] == 2
+    assert result["feature_autoencoder"] == os.path.abspath(autoencoder)
     assert result["resolution"] == 16 and result["objective"] == "flow"
     assert result["clip_checkpoint"] == os.path.abspath(runs["clip"])
     assert result["samplers"] == ["euler:2"] and result["guidance_scales"] == [2.0]
@@ -134,12 +156,32 @@ def test_dit_run(runs, tmp_path):
         # The oracle reads the real images of the split right: the score's own sanity check.
         assert entry["real"]["oracle_accuracy"] == {k: 1.0 for k in accuracy_keys}
         sample = entry["samples"]["euler:2"]["2"]
-        assert set(sample) == {"accuracy", "clip_score", "frechet_distance", "seconds", "grid"}
+        assert set(sample) == {
+            "accuracy",
+            "clip_score",
+            "frechet_distance",
+            "autoencoder_frechet_distance",
+            "open_attributes",
+            "seconds",
+            "grid",
+        }
         assert set(sample["accuracy"]) == accuracy_keys
         assert all(0.0 <= v <= 1.0 for v in sample["accuracy"].values())
-        assert np.isfinite(sample["frechet_distance"]) and sample["frechet_distance"] >= 0
+        for key in ("frechet_distance", "autoencoder_frechet_distance"):
+            assert np.isfinite(sample[key]) and sample[key] >= 0, key
+        open_ = sample["open_attributes"]
+        assert {"position_spread_ratio", "size_spread_ratio"} <= set(open_)
+        if "background" in open_:  # captions that name no background among the 8
+            assert 0.0 <= open_["background"]["total_variation"] <= 1.0
+            assert 1 <= open_["background"]["num_captions"] <= 8
         assert entry["best"]["sampler"] == "euler:2" and entry["best"]["guidance_scale"] == 2.0
-        grids.append(sample["grid"])
+        assert entry["best"]["open_attributes"] == open_
+        diversity = entry["diversity"]
+        assert diversity["num_captions"] == 2 and diversity["samples_per_caption"] == 3
+        assert diversity["sampler"] == "euler:2" and diversity["guidance_scale"] == 2.0
+        assert diversity["ratio"] >= 0 and 0 <= diversity["fraction_at_target"] <= 1
+        assert diversity["ratio_min"] <= diversity["ratio"]
+        grids += [sample["grid"], diversity["samples_grid"], diversity["real_grid"]]
     negative = result["negative_prompt"]
     assert negative["prompt"] == "a large circle in the center"
     assert negative["negative_prompt"] == "red" and negative["guidance_scale"] == 2.0
@@ -148,8 +190,9 @@ def test_dit_run(runs, tmp_path):
         assert sum(histogram.values()) == pytest.approx(1.0)
         assert negative[way]["color_fraction"] == histogram["red"]
     plots = [f"plots/{n}.png" for n in ("accuracy_vs_guidance", "accuracy_vs_steps")]
-    _check_page(str(tmp_path), [*grids, *plots, "grids/negative_with.png"])
-    _check_tensorboard(str(tmp_path), "test/samples/euler:2/2/accuracy/all")
+    _check_page(str(output), [*grids, *plots, "grids/negative_with.png"])
+    _check_tensorboard(str(output), "test/samples/euler:2/2/accuracy/all")
+    _check_tensorboard(str(output), "test/diversity/ratio")
 
 
 def test_library_errors_name_the_fix(runs, tmp_path):
@@ -164,6 +207,12 @@ def test_library_errors_name_the_fix(runs, tmp_path):
     bad = evaluation.EvaluationOptions(num_samples=4, negative_color="teal")
     with pytest.raises(UserError, match="teal.*red"):
         evaluation.evaluate_checkpoint(runs["dit"], str(tmp_path / "o"), bad)
+    bad = evaluation.EvaluationOptions(num_samples=4, feature_autoencoder=runs["clip"])
+    with pytest.raises(UserError, match="--feature_autoencoder=.*clip model, not of an autoenc"):
+        evaluation.evaluate_checkpoint(runs["dit"], str(tmp_path / "o"), bad)
+    bad = evaluation.EvaluationOptions(num_samples=4, diversity_samples=1)
+    with pytest.raises(UserError, match="--diversity_samples must be >= 2"):
+        evaluation.evaluate_checkpoint(runs["dit"], str(tmp_path / "o"), bad)
 
 
 @pytest.mark.parametrize(
@@ -172,6 +221,7 @@ def test_library_errors_name_the_fix(runs, tmp_path):
         (["--checkpoint=/nonexistent/run"], "does not exist"),
         (["--checkpoint=.", "--samplers=foo:20"], "unknown sampler 'foo'"),
         (["--checkpoint=.", "--guidance_scales=1,x"], "'x' is not a finite number"),
+        (["--checkpoint=.", "--diversity_samples=1"], "--diversity_samples must be >= 2"),
     ],
 )
 def test_entry_point_exits_2_without_traceback(arguments, message, tmp_path):

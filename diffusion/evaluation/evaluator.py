@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import time
+import zlib
 
 import numpy as np
 import tqdm
@@ -20,12 +21,22 @@ from diffusion.contrastive import retrieval_metrics
 from diffusion.data import shapes as shapes_lib
 from diffusion.errors import UserError
 from diffusion.evaluation import report
+from diffusion.evaluation.autoencoder_features import (
+    AutoencoderFeatures,
+    feature_autoencoder_path,
+)
 from diffusion.evaluation.class_conditional import evaluate_class_dit_run
 from diffusion.evaluation.clip_metrics import (
     ClipEncoder,
     clip_score,
     frechet_distance_of_features,
     zero_shot_accuracy,
+)
+from diffusion.evaluation.fidelity import (
+    caption_diversity,
+    caption_names_background,
+    open_attribute_metrics,
+    reference_images,
 )
 from diffusion.evaluation.held_out import load_split_examples
 from diffusion.evaluation.reconstruction import evaluate_autoencoder_run
@@ -54,6 +65,9 @@ class EvaluationOptions:
     negative_color: str = "red"  # ... with this color as the negative prompt ("" skips it)
     data_dir: str | None = None  # overrides the run's config.data.data_dir
     resolution: int | None = None  # autoencoder: shapes side to reconstruct (None: the run's)
+    diversity_captions: int = 8  # DiT: captions per split sampled many times at its best (0: none)
+    diversity_samples: int = 8  # DiT: samples (seeds) of each of those captions
+    feature_autoencoder: str | None = None  # DiT: autoencoder for the FD (None: a latent run's)
 
 
 def parse_guidance_scales(text: str) -> tuple[float, ...]:
@@ -170,8 +184,12 @@ def evaluate_dit_run(
     checkpoint: str, config, options: EvaluationOptions, output_dir: str, stop=None
 ):
     """Samples for each split's captions over the sweep; scores them. -> (metrics, galleries).
-    stop: called before each setting of the sweep; True ends the evaluation (EvaluationStopped)."""
+    stop: called before each setting of the sweep and each diversity check; True ends the
+    evaluation (EvaluationStopped)."""
+    features = _feature_autoencoder(checkpoint, options)  # a bad path fails before any sampling
     pipe = TextToImage.from_run(checkpoint)
+    if features is not None:
+        features.check_resolution(pipe.image_size)
     samplers = options.samplers or (DEFAULT_SAMPLER[pipe.objective],)
     for name, steps in samplers:  # unknown names for this objective fail before any work
         pipe.settings(sampler=name, steps=steps)
@@ -186,6 +204,8 @@ def evaluate_dit_run(
         "samplers": [sampler_key(*s) for s in samplers],
         "splits": {},
     }
+    if features is not None:
+        metrics["feature_autoencoder"] = os.path.abspath(features.path)
     galleries = []
     os.makedirs(os.path.join(output_dir, "grids"), exist_ok=True)
     progress = tqdm.tqdm(
@@ -203,8 +223,10 @@ def evaluate_dit_run(
         real_embeddings = encoder.encode_images(examples.images)
         text_embeddings = encoder.encode_texts(captions)
         real = {"clip_score": clip_score(real_embeddings, text_embeddings)}
+        real_reading = read_attributes(examples.images) if labels else None
         if labels:
-            real["oracle_accuracy"] = attribute_accuracy(read_attributes(examples.images), labels)
+            real["oracle_accuracy"] = attribute_accuracy(real_reading, labels)
+        real_features = features.encode(examples.images) if features is not None else None
         entry = {"num_samples": len(captions), "real": real, "samples": {}}
         for sampler, steps in samplers:
             by_scale = entry["samples"].setdefault(sampler_key(sampler, steps), {})
@@ -231,9 +253,18 @@ def evaluate_dit_run(
                     ),
                     "seconds": seconds,
                 }
+                if features is not None:
+                    result["autoencoder_frechet_distance"] = (
+                        frechet_distance_of_features(real_features, features.encode(images))
+                        if len(captions) >= 2
+                        else None
+                    )
                 reading = read_attributes(images) if labels else None
                 if reading is not None:
                     result["accuracy"] = attribute_accuracy(reading, labels)
+                    result["open_attributes"] = open_attribute_metrics(
+                        reading, real_reading, labels, captions
+                    )
                 name = f"{split}_{sampler}-{steps}_cfg{scale_key(scale)}.png"
                 count = min(options.grid_size, len(captions))
                 report.save_grid(
@@ -250,6 +281,13 @@ def evaluate_dit_run(
                 )
                 progress.update(1)
         entry["best"] = _best_setting(entry["samples"])
+        if labels and options.diversity_captions > 0:
+            if stop is not None and stop():
+                raise EvaluationStopped(f"stopped before the diversity check of {split}")
+            entry["diversity"], extra = diversity_check(
+                pipe, examples, split, entry["best"], options, config.seed, output_dir
+            )
+            galleries.extend(extra)
         metrics["splits"][split] = entry
     progress.close()
     if options.negative_color and all("accuracy" in s["best"] for s in metrics["splits"].values()):
@@ -263,6 +301,69 @@ def evaluate_dit_run(
         )
         galleries.extend(extra)
     return metrics, galleries
+
+
+def _feature_autoencoder(checkpoint: str, options) -> AutoencoderFeatures | None:
+    """The autoencoder whose encoder gives the second Frechet distance's features: a latent
+    run's own, or --feature_autoencoder's; None for a pixel run without the flag."""
+    run_dir = rundir.locate_run(checkpoint, "DiT run").run_dir
+    located = feature_autoencoder_path(run_dir, options.feature_autoencoder)
+    if located is None:
+        return None
+    return AutoencoderFeatures.load(*located, options.batch_size)
+
+
+def diversity_check(pipe, examples, split: str, best: dict, options, seed: int, output_dir: str):
+    """The first `diversity_captions` captions of a split, each sampled with
+    `diversity_samples` seeds at the split's best setting, against 2x as many real images of
+    each caption (`fidelity.reference_images`): `fidelity.caption_diversity`.
+    -> (metrics, galleries)."""
+    count = min(options.diversity_captions, len(examples.captions))
+    per_caption = options.diversity_samples
+    captions = examples.captions[:count]
+    sampler, steps = best["sampler"].split(":")
+    images = pipe.generate(
+        [c for c in captions for _ in range(per_caption)],
+        seeds=list(range(count * per_caption)),
+        sampler=sampler,
+        steps=int(steps),
+        guidance_scale=best["guidance_scale"],
+        batch_size=options.batch_size,
+    )
+    samples = images.reshape(count, per_caption, *images.shape[1:])  # (C, K, S, S, 3)
+    names_background = np.array([caption_names_background(c) for c in captions])
+    resolution = examples.images.shape[1]
+    references = np.stack(
+        [
+            reference_images(
+                {a: int(examples.labels[a][i]) for a in examples.labels},
+                bool(names_background[i]),
+                2 * per_caption,
+                np.random.default_rng([seed, zlib.crc32(split.encode()), i]),
+                resolution,
+            )
+            for i in range(count)
+        ]
+    )  # (C, 2K, S, S, 3)
+    result = {"sampler": best["sampler"], "guidance_scale": best["guidance_scale"]}
+    result |= caption_diversity(samples, references, names_background)
+    galleries = []
+    for name, grid in (("samples", samples), ("real", references[:, :per_caption])):
+        path = f"grids/{split}_diversity_{name}.png"
+        report.save_grid(
+            grid.reshape(-1, *grid.shape[2:]), os.path.join(output_dir, path), per_caption
+        )
+        result[f"{name}_grid"] = path
+        galleries.append(
+            {
+                "title": f"{split}: {per_caption} {name} images of each caption (one row each)",
+                "image": path,
+                "items": [{"prompt": c} for c in captions],
+                "split": f"diversity:{split}",
+                "legend": "none: rows are captions, columns seeds",
+            }
+        )
+    return result, galleries
 
 
 def _best_setting(samples: dict) -> dict:
@@ -366,8 +467,17 @@ def evaluate_checkpoint(
              splits[split] = {num_samples,
                real: {clip_score, oracle_accuracy: {<attribute>..., all}},
                samples: {"<sampler>:<steps>": {"<scale>": {accuracy: {shape, color, size,
-                   position, background, all}, clip_score, frechet_distance, seconds, grid}}},
-               best: {sampler, guidance_scale, accuracy, clip_score, frechet_distance, seconds}},
+                   position, background, all}, clip_score, frechet_distance, seconds, grid,
+                   autoencoder_frechet_distance (with an autoencoder),
+                   open_attributes: {background: {total_variation, num_captions},
+                     position_spread_ratio, size_spread_ratio}}}},
+               best: {sampler, guidance_scale, accuracy, clip_score, frechet_distance, seconds,
+                   autoencoder_frechet_distance, open_attributes},
+               diversity: {sampler, guidance_scale, num_captions, samples_per_caption, ratio,
+                   ratio_min, fraction_at_target, real_ratio, background_total_variation,
+                   background_total_variation_real, num_open_background_captions, samples_grid,
+                   real_grid} (`fidelity.caption_diversity`)},
+             feature_autoencoder (the autoencoder of autoencoder_frechet_distance, if any),
              negative_prompt: {prompt, negative_prompt, sampler, guidance_scale, num_samples,
                without_negative: {color_fraction, color_histogram}, with_negative: {...}}
       class-conditional DiT: conditioning "class" and the keys of
@@ -391,6 +501,16 @@ def evaluate_checkpoint(
         raise UserError(f"--num_samples must be >= 1, got {options.num_samples}")
     if not options.guidance_scales:
         raise UserError("--guidance_scales is empty; give at least one scale, e.g. 1,2,4,6")
+    if options.diversity_captions < 0:
+        raise UserError(
+            f"--diversity_captions must be >= 0 (0 skips the diversity check), got "
+            f"{options.diversity_captions}"
+        )
+    if options.diversity_captions and options.diversity_samples < 2:
+        raise UserError(
+            f"--diversity_samples must be >= 2 to measure distances between samples, got "
+            f"{options.diversity_samples} (or pass --diversity_captions=0 to skip the check)"
+        )
     if options.negative_color and options.negative_color not in shapes_lib.COLORS:
         raise UserError(
             f"--negative_color={options.negative_color!r} is not a shapes color; valid: "

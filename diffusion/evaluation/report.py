@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from diffusion.evaluation import fidelity
+
 PROMPTED = ("shape", "color", "size", "position")
 ATTRIBUTE_COLUMNS = ("all", "shape", "color", "size", "position", "background")
 GOOD, BAD, NEUTRAL = (40, 170, 60), (210, 40, 40), (200, 200, 200)
@@ -240,6 +242,64 @@ def _gallery_html(gallery: dict) -> str:
     )
 
 
+def _beyond_the_prompt(metrics: dict, galleries: list[dict]) -> list[str]:
+    """The best settings' fidelity to what captions leave open, and per-caption diversity
+    (`fidelity`), with the diversity grids."""
+    splits = metrics["splits"]
+    if not any("open_attributes" in e["best"] or "diversity" in e for e in splits.values()):
+        return []
+    header = [
+        "split",
+        "background TV",
+        "position spread",
+        "size spread",
+        "FD (autoencoder)",
+        "diversity ratio",
+        "min",
+        f"captions >= {fidelity.DIVERSITY_TARGET:g}",
+        "real ratio",
+        "per-caption background TV",
+        "real",
+    ]
+    rows = []
+    for split, entry in splits.items():
+        open_ = entry["best"].get("open_attributes", {})
+        diversity = entry.get("diversity", {})
+        rows.append(
+            [
+                _e(split),
+                _number(open_.get("background", {}).get("total_variation")),
+                _number(open_.get("position_spread_ratio")),
+                _number(open_.get("size_spread_ratio")),
+                _number(entry["best"].get("autoencoder_frechet_distance")),
+                _number(diversity.get("ratio")),
+                _number(diversity.get("ratio_min")),
+                _number(diversity.get("fraction_at_target"), percent=True),
+                _number(diversity.get("real_ratio")),
+                _number(diversity.get("background_total_variation")),
+                _number(diversity.get("background_total_variation_real")),
+            ]
+        )
+    parts = [
+        "<h2>Beyond the prompt: what captions leave open, and diversity</h2>",
+        "<p>At each split's best setting. Background TV: total variation distance between the "
+        "backgrounds the oracle reads in samples and in the real images of the captions that "
+        "name no background (0 = the data's distribution, 1 = disjoint). Spreads: std of the "
+        "shape's offset from its caption's cell centre, and of its radius, in samples / in real "
+        "images. Diversity ratio: mean pairwise distance (8x8 block-averaged pixels) between "
+        "samples of one caption / between real images of it, averaged over captions (1 = as "
+        "diverse as the data; the real ratio is what the data itself gets with as many images). "
+        "Per-caption background TV: samples of one caption against as many real images of it, "
+        "beside the same between two real sets.</p>",
+        _table(header, rows),
+    ]
+    for split in splits:
+        for gallery in galleries:
+            if gallery.get("split") == f"diversity:{split}":
+                parts.append(_gallery_html(gallery))
+    return parts
+
+
 def _dit_body(metrics: dict, galleries: list[dict], output_dir: str) -> list[str]:
     parts = []
     splits = metrics["splits"]
@@ -263,6 +323,7 @@ def _dit_body(metrics: dict, galleries: list[dict], output_dir: str) -> list[str
         rows.append(row + [_number(real["clip_score"]), "0"])
     parts.append("<h2>Headline: the best setting of the sweep per split</h2>")
     parts.append(_table(header, rows))
+    parts.extend(_beyond_the_prompt(metrics, galleries))
 
     plots = []
     if has_oracle:
@@ -289,7 +350,9 @@ def _dit_body(metrics: dict, galleries: list[dict], output_dir: str) -> list[str
     parts.append("<h2>The whole sweep</h2>")
     header = ["split", "sampler", "guidance"]
     header += [*(f"{a} acc." for a in ATTRIBUTE_COLUMNS)] if has_oracle else []
-    header += ["CLIP score", "FD (CLIP)", "seconds"]
+    header += ["CLIP score", "FD (CLIP)"]
+    has_autoencoder = "feature_autoencoder" in metrics
+    header += ["FD (autoencoder)", "seconds"] if has_autoencoder else ["seconds"]
     rows, classes = [], []
     for split, entry in splits.items():
         best = entry["best"]
@@ -298,6 +361,8 @@ def _dit_body(metrics: dict, galleries: list[dict], output_dir: str) -> list[str
                 row = [_e(split), _e(sampler), _e(scale)]
                 row += accuracy_cells(result["accuracy"]) if has_oracle else []
                 row += [_number(result["clip_score"]), _number(result["frechet_distance"])]
+                if has_autoencoder:
+                    row.append(_number(result.get("autoencoder_frechet_distance")))
                 rows.append(row + [f"{result['seconds']:.1f}"])
                 is_best = sampler == best["sampler"] and float(scale) == best["guidance_scale"]
                 classes.append("best" if is_best else "")

@@ -40,6 +40,8 @@ def evaluation_options(config: ml_collections.ConfigDict, data_dir: str | None):
         batch_size=e.batch_size,
         negative_prompt=e.negative_prompt,
         negative_color=e.negative_color,
+        diversity_captions=e.diversity_captions,
+        diversity_samples=e.diversity_samples,
         data_dir=data_dir,
     )
 
