@@ -213,13 +213,21 @@ def test_ring_loss_equals_global_loss_in_value_and_gradient(kind, mesh_shape, wi
     assert ring_grads[0].shape == img.shape
 
 
-def test_ring_loss_never_forms_the_global_logit_matrix():
+@pytest.mark.parametrize("with_tokens", [False, True])
+def test_ring_loss_never_forms_the_global_logit_matrix(with_tokens):
     mesh = sharding.make_mesh({"data": 8})
     n, d = 256, 4
     spec = jax.ShapeDtypeStruct((n, d), jnp.float32, sharding=sharding.batch_sharding(mesh))
     scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))
-    ring = lambda i, t, s: contrastive.ring_contrastive_loss("softmax", i, t, s, mesh=mesh)
-    compiled = jax.jit(jax.grad(ring, argnums=(0, 1))).lower(spec, spec, scalar).compile()
+    tokens = None
+    if with_tokens:  # multi-positive targets: caption token ids travel with their text chunk
+        tokens = jax.ShapeDtypeStruct((n, 8), jnp.int32, sharding=sharding.batch_sharding(mesh))
+
+    def ring(i, t, s, tok):
+        return contrastive.ring_contrastive_loss("softmax", i, t, s, None, None, tok, mesh=mesh)
+
+    lowered = jax.jit(jax.grad(ring, argnums=(0, 1))).lower(spec, spec, scalar, tokens)
+    compiled = lowered.compile()
     # The global (n, n) float32 logits alone would take 256 KiB per device.
     assert compiled.memory_analysis().temp_size_in_bytes < n * n * 4 / 4
 
