@@ -11,14 +11,18 @@ extra column of its own row, so the term stays local to the image's device); the
 side of the loss is unchanged, since a swapped caption has no image of its own.
 
 Multi-positive targets (``caption_tokens``, ``(N, L)`` token ids): in a labelled dataset whose
-captions are made from class names, many pairs share one caption, and treating image ``i`` and
-the identical caption of image ``j`` as a negative pair floors the softmax loss near
-``ln(N / classes)``. With ``caption_tokens`` every pair whose token ids are identical is a
-positive: the softmax target of a row is uniform over its positives (cross entropy against that
-distribution, both directions; as in the multi-positive loss of SupCon, Khosla et al. 2020,
-eq. 2), and SigLIP labels such pairs ``z = +1``. Identical ids are what the towers see (a caption
-cut at the context is the same input as any other with that prefix). A batch of unique captions
-gives bitwise the loss without them: the extra positives add exact zeros.
+captions are made from class names, many pairs share one caption. With ``caption_tokens`` every
+pair whose token ids are identical is a positive: the softmax target of a row is uniform over its
+``c`` positives (cross entropy against that distribution, both directions; as in the
+multi-positive loss of SupCon, Khosla et al. 2020, eq. 2), and SigLIP labels such pairs
+``z = +1``. Identical ids are what the towers see (a caption cut at the context is the same input
+as any other with that prefix). A batch of unique captions gives bitwise the loss without them:
+the extra positives add exact zeros. Two consequences worth knowing: the softmax loss of a row
+with ``c`` identical captions cannot go below ``ln c``, the entropy of its target, with either
+target; and when the text tower embeds identical captions identically (it is deterministic), the
+one-hot and the uniform softmax targets give the same loss and gradients, so the change matters
+for SigLIP (whose one-positive labels ask an image to match and not match one embedding) and
+for captions whose embeddings differ (e.g. a stochastic text tower).
 
 Global batch: under ``jax.jit`` a jax.Array sharded over the batch axes IS the global batch, so
 the plain formulas below already compare every image with every caption on every device, and
