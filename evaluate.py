@@ -5,7 +5,8 @@ python evaluate.py --checkpoint=runs/shapes/dit --output_dir=runs/shapes/eval \
     [--num_samples=512 --guidance_scales=1,2,4,6 --samplers=euler:20,dpmpp_2m:20 \
      --splits=test,test_unseen --clip_checkpoint=runs/shapes/clip --batch_size=64]
 
-CLIP run: zero-shot attribute accuracy and image-text retrieval on each split.
+CLIP run: zero-shot attribute accuracy (shapes) or top-1/top-5 over the class names (a labelled
+dataset), and image-text retrieval on each split.
 DiT run: samples for each split's captions over the guidance x sampler sweep, scored by the shapes
 oracle (attribute accuracy), CLIP score and the Frechet distance in CLIP space (and in an
 autoencoder's latent space); what captions leave open (background, placement) against the data;

@@ -36,6 +36,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.loss = ml_collections.ConfigDict()
     config.loss.kind = "softmax"  # "softmax" (CLIP) or "sigmoid" (SigLIP).
     config.loss.chunked = False  # Ring-of-ppermute loss that never forms the global logit matrix.
+    # Captions with identical token ids are positives of each other (labelled datasets whose
+    # captions are class names); a batch of unique captions gets bitwise the same loss.
+    config.loss.multi_positive = True
     # ClassLabels for hard negatives: each record is batched with a twin differing in one of them.
     config.loss.hard_negative_attributes = ()
     # ClassLabels whose words are swapped in each caption to make one hard negative caption per

@@ -217,3 +217,50 @@ def test_bad_inputs_raise_clear_errors(model):
     with pytest.raises(ValueError, match="33 tokens exceed the context length 32"):
         model.encode_text(jnp.ones((1, 33), jnp.int32), jnp.ones((1, 33)))
     assert math.isclose(clip_config("tiny").logit_scale_max, math.log(100))
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_family_loss_makes_identical_captions_positives(model, kind):
+    """The CLIP family's loss with multi_positive: the tokens the towers read decide which pairs
+    are positives (padding beyond the mask ignored); unique captions give bitwise the plain loss,
+    and the chunked loss on 8 devices equals the global one. The towers embed identical captions
+    identically, so the softmax loss's targets change nothing then; SigLIP's labels do."""
+    import functools
+
+    from diffusion import contrastive
+    from diffusion.families.clip import clip_loss
+
+    mesh = sharding.make_mesh({"data": 8})
+    if kind == "sigmoid":
+        model = CLIP(clip_config("tiny", logit_bias_init=-10.0), rngs=nnx.Rngs(0))
+
+    def family_loss(batch, **options):
+        return clip_loss(model, None, batch, None, kind=kind, mesh=mesh, **options)[0]
+
+    def loss(batch, **options):
+        return jax.jit(functools.partial(family_loss, **options))(batch)
+
+    rng = np.random.default_rng(3)
+    images = jnp.asarray(rng.uniform(-1, 1, (8, 32, 32, 3)), jnp.float32)
+    ids, mask = tokens_and_mask(lengths=(5, 3, 5, 4, 3, 5, 2, 4))
+    ids[2] = ids[0]  # the same caption as row 0
+    ids[4, :3] = ids[1, :3]  # the same caption as row 1 up to its mask, other padding
+    batch = dict(image=images, tokens=jnp.asarray(ids), mask=jnp.asarray(mask))
+    image_emb = forward(model, "encode_image", images)
+    text_emb = forward(model, "encode_text", batch["tokens"], batch["mask"])
+    bias = model.logit_bias[...] if kind == "sigmoid" else None
+    groups = np.array([0, 1, 0, 2, 1, 3, 4, 5])[:, None]  # the identical captions, written out
+    want = contrastive.contrastive_loss(
+        kind, image_emb, text_emb, model.logit_scale[...], bias, None, groups
+    )
+    got = loss(batch, multi_positive=True)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(loss(batch, multi_positive=True, chunked=True), want, rtol=1e-5)
+    plain = loss(batch)
+    if kind == "softmax":
+        np.testing.assert_allclose(got, plain, rtol=1e-6)
+    else:
+        assert abs(float(got) - float(plain)) > 1e-3
+    unique = dict(batch, tokens=jnp.asarray(tokens_and_mask(lengths=(5,) * 8)[0]))
+    on, off = loss(unique, multi_positive=True), loss(unique, multi_positive=False)
+    assert np.asarray(on).tobytes() == np.asarray(off).tobytes()

@@ -112,10 +112,58 @@ def test_clip_run(runs, tmp_path):
     run_config = load_run_config(runs["clip"])
     examples = evaluation.load_split_examples(run_config.data, run_config.seed, "test", 24)
     expected = retrieval_metrics(
-        encoder.encode_images(examples.images), encoder.encode_texts(examples.captions), (1, 5, 10)
+        encoder.encode_images(examples.images),
+        encoder.encode_texts(examples.captions),
+        (1, 5, 10),
+        captions=examples.captions,
     )
     for key, value in expected.items():
         assert result["splits"]["test"]["retrieval"][key] == pytest.approx(float(value))
+    # Shapes has several ClassLabels and no label_key: its zero-shot is the attributes'.
+    assert "zero_shot_classes" not in result["splits"]["test"]
+
+
+def test_clip_run_on_a_labelled_dataset(runs, tmp_path):
+    """The same CLIP evaluated on shapes read as a labelled dataset (label_key="shape", captions
+    "a photo of a {label}"): zero-shot top-1/5 over the class names, and retrieval that counts an
+    identical caption as a hit; truths in NumPy on the same embeddings."""
+    import shutil
+
+    from diffusion.rundir import CONFIG_FILE, load_run_config
+
+    run_dir = str(tmp_path / "labelled")
+    shutil.copytree(runs["clip"], run_dir)
+    with open(os.path.join(run_dir, CONFIG_FILE)) as f:
+        record = json.load(f)
+    record["data"]["label_key"] = "shape"
+    with open(os.path.join(run_dir, CONFIG_FILE), "w") as f:
+        json.dump(record, f)
+    config = load_run_config(run_dir)
+    options = evaluation.EvaluationOptions(num_samples=24, batch_size=16, splits=("test",))
+    output_dir = str(tmp_path / "evaluation")
+    entry = evaluation.evaluate_checkpoint(run_dir, output_dir, options)["splits"]["test"]
+    _check_tensorboard(output_dir, "test/zero_shot_classes/top1")
+    with open(os.path.join(output_dir, "index.html"), encoding="utf-8") as f:
+        assert "Zero-shot classification over the class names" in f.read()
+    zero_shot = entry["zero_shot_classes"]
+    assert zero_shot["num_classes"] == 5 and zero_shot["features"] == ["shape"]
+    assert zero_shot["template"] == "a photo of a {label}"
+    assert zero_shot["top5"] == 1.0  # five classes: the true one is always among the top five
+
+    examples = evaluation.load_split_examples(config.data, config.seed, "test", 24)
+    names = examples.classes.values[0]
+    assert examples.captions == [f"a photo of a {names[c]}" for c in examples.class_ids]
+    encoder = evaluation.ClipEncoder.load(run_dir)
+    images = encoder.encode_images(examples.images)
+    classes = encoder.encode_texts([f"a photo of a {n}" for n in names])
+    cosine = images @ classes.T
+    assert zero_shot["top1"] == pytest.approx(np.mean(cosine.argmax(1) == examples.class_ids))
+    # Retrieval: a hit when the top caption (image) has the partner's caption.
+    similarity = images @ encoder.encode_texts(examples.captions).T
+    captions = np.array(examples.captions)
+    for direction, axis in (("image_to_text", 1), ("text_to_image", 0)):
+        truth = np.mean(captions[similarity.argmax(axis)] == captions)
+        assert entry["retrieval"][f"{direction}_recall@1"] == pytest.approx(truth)
 
 
 def _untrained_autoencoder_run(path: str) -> str:

@@ -194,6 +194,55 @@ def test_zero_shot_accuracy_against_a_float64_loop():
     assert evaluation.zero_shot_accuracy(near, class_embeddings, labels) == 1.0
 
 
+def test_zero_shot_top_k_accuracy_on_hand_made_embeddings():
+    # Four classes on the axes of a plane; each image's rank of its class worked out by hand.
+    classes = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+    images = 3.0 * np.array(
+        [
+            [1.0, 0.1],  # class 0 first: rank 0
+            [1.0, 0.2],  # class 1 after class 0: rank 1
+            [0.1, -1.0],  # class 2 after classes 3 and 0: rank 2
+            [1.0, 1.0],  # class 1 tied with class 0: the tie counts against it, rank 1
+        ]
+    )
+    labels = np.array([0, 1, 2, 1])
+    top = evaluation.zero_shot_top_k_accuracy(images, classes, labels, ks=(1, 2, 3, 4))
+    assert top == {1: 0.25, 2: 0.75, 3: 1.0, 4: 1.0}
+    # Top-1 without ties is zero_shot_accuracy's argmax.
+    rng = np.random.default_rng(2)
+    images, classes = rng.normal(size=(50, 8)), rng.normal(size=(6, 8))
+    labels = rng.integers(6, size=50)
+    top1 = evaluation.zero_shot_top_k_accuracy(images, classes, labels, ks=(1,))[1]
+    assert top1 == evaluation.zero_shot_accuracy(images, classes, labels)
+    with pytest.raises(ValueError, match=r"class indices in \[0, 6\)"):
+        evaluation.zero_shot_top_k_accuracy(images, classes, labels + 1)
+
+
+def test_label_class_prompts_caption_each_class_as_the_dataset_does():
+    from configs import common
+    from diffusion.data.classes import ClassSpace
+
+    shapes_only = ClassSpace(("shape",), (("circle", "square", "triangle"),))
+    data = common.data_config()
+    data.label_key = "shape"  # captions "a photo of a {label}" (the default template)
+    assert evaluation.label_class_prompts(shapes_only, data) == (
+        "a photo of a {label}",
+        ["a photo of a circle", "a photo of a square", "a photo of a triangle"],
+    )
+    data.caption_template = "a {size} {label}"
+    sized = ClassSpace(("size", "shape"), (("small", "large"), ("circle", "square")))
+    data.class_features = ("size", "shape")
+    template, prompts = evaluation.label_class_prompts(sized, data)
+    assert template == "a {size} {label}"
+    assert prompts == ["a small circle", "a small square", "a large circle", "a large square"]
+    # A template over other fields than the classes' (or captions from a text feature): the
+    # class name in CLIP's prompt.
+    assert evaluation.label_class_prompts(shapes_only, data)[1][0] == "a photo of a circle"
+    captioned = common.data_config()
+    template, prompts = evaluation.label_class_prompts(sized, captioned)
+    assert template == "a photo of a {label}" and prompts[1] == "a photo of a small square"
+
+
 @pytest.mark.parametrize("attribute", evaluation.ATTRIBUTES)
 def test_class_prompts_name_their_class(attribute):
     prompts = evaluation.class_prompts(attribute)

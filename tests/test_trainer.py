@@ -321,12 +321,14 @@ def test_periodic_clip_retrieval_is_logged_and_equals_recall_of_the_exported_wei
     records = {r["step"]: r for r in metrics.read_metrics(str(tmp_path))}
     key = "eval/image_to_text_recall@1"
     assert key in records[2] and key in records[4] and key not in records[3]
-    # Truth: top-1 of the similarity matrix of the exported (EMA) weights, in NumPy.
+    # Truth: top-1 of the similarity matrix of the exported (EMA) weights, in NumPy; the top
+    # item is a hit when its caption is the partner's.
     examples = evaluation.load_split_examples(config.data, config.seed, "test", 32)
     encoder = evaluation.ClipEncoder.load(str(tmp_path))
     similarity = encoder.encode_images(examples.images) @ encoder.encode_texts(examples.captions).T
-    truth_i2t = np.mean(np.argmax(similarity, axis=1) == np.arange(32))
-    truth_t2i = np.mean(np.argmax(similarity, axis=0) == np.arange(32))
+    captions = np.array(examples.captions)
+    truth_i2t = np.mean(captions[np.argmax(similarity, axis=1)] == captions)
+    truth_t2i = np.mean(captions[np.argmax(similarity, axis=0)] == captions)
     assert records[4][key] == pytest.approx(truth_i2t, abs=1e-6)
     assert records[4]["eval/text_to_image_recall@1"] == pytest.approx(truth_t2i, abs=1e-6)
 

@@ -10,8 +10,10 @@ from diffusion.evaluation.clip_metrics import (
     ensemble_class_embeddings,
     frechet_distance,
     frechet_distance_of_features,
+    label_class_prompts,
     linear_probe_accuracy,
     zero_shot_accuracy,
+    zero_shot_top_k_accuracy,
 )
 from diffusion.evaluation.evaluator import (
     EvaluationOptions,
@@ -47,6 +49,7 @@ __all__ = [
     "evaluate_checkpoint",
     "frechet_distance",
     "frechet_distance_of_features",
+    "label_class_prompts",
     "linear_probe_accuracy",
     "load_split_examples",
     "negative_check_scale",
@@ -54,4 +57,5 @@ __all__ = [
     "parse_samplers",
     "read_attributes",
     "zero_shot_accuracy",
+    "zero_shot_top_k_accuracy",
 ]

@@ -1,7 +1,8 @@
 """CLIP metrics: zero-shot attribute classification with prompt ensembling (Radford et al. 2021,
-sec. 3.1.4), CLIP score (Hessel et al. 2021, with torchmetrics' 100 * max(cos, 0)), linear probes,
-the Frechet distance (Heusel et al. 2017) in CLIP image-embedding space, and `ClipEncoder`, a CLIP
-as an embedding function. Retrieval recall@k is `diffusion.contrastive.retrieval_metrics`.
+sec. 3.1.4), zero-shot top-k over a labelled dataset's class names, CLIP score (Hessel et al.
+2021, with torchmetrics' 100 * max(cos, 0)), linear probes, the Frechet distance (Heusel et al.
+2017) in CLIP image-embedding space, and `ClipEncoder`, a CLIP as an embedding function.
+Retrieval recall@k is `diffusion.contrastive.retrieval_metrics`.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import numpy as np
 from flax import nnx
 
 from diffusion import rundir
-from diffusion.data import load_tokenizer, tokenize
+from diffusion.data import load_tokenizer, sources, tokenize
 from diffusion.data import shapes as shapes_lib
+from diffusion.data.classes import ClassSpace
 from diffusion.evaluation.shapes_oracle import VOCABULARIES, check_uint8
 
 
@@ -41,6 +43,27 @@ def zero_shot_accuracy(
 ) -> float:
     predictions = zero_shot_predictions(image_embeddings, class_embeddings)
     return float(np.mean(predictions == np.asarray(labels)))
+
+
+def zero_shot_top_k_accuracy(
+    image_embeddings: np.ndarray,
+    class_embeddings: np.ndarray,
+    labels: np.ndarray,
+    ks: tuple[int, ...] = (1, 5),
+) -> dict[int, float]:
+    """{k: fraction of images whose class is among the k classes of largest cosine}. A tie with a
+    wrong class counts against the image (as in retrieval), so constant embeddings score 0."""
+    scores = l2_normalize(image_embeddings) @ l2_normalize(class_embeddings).T  # (N, K)
+    labels = np.asarray(labels, np.int64)
+    if labels.shape != (scores.shape[0],) or not np.all((0 <= labels) & (labels < len(scores.T))):
+        raise ValueError(
+            f"labels must be (N,) = ({scores.shape[0]},) class indices in [0, "
+            f"{scores.shape[1]}); got shape {labels.shape}"
+        )
+    own = np.take_along_axis(scores, labels[:, None], axis=1)  # (N, 1)
+    wrong = np.arange(scores.shape[1])[None, :] != labels[:, None]
+    rank = np.sum((scores >= own) & wrong, axis=1)  # (N,) 0-based rank of the true class
+    return {k: float(np.mean(rank < k)) for k in ks}
 
 
 def linear_probe_accuracy(
@@ -165,6 +188,31 @@ def class_prompts(attribute: str, templates: tuple[str, ...] | None = None) -> l
                 class_list.append(_with_articles(template.format(a="{a}", value=words, **combo)))
         prompts.append(class_list)
     return prompts
+
+
+def label_class_prompts(classes: ClassSpace, data_config) -> tuple[str, list[str]]:
+    """(template, one prompt per class) for zero-shot classification over a labelled dataset's
+    classes. When the captions are made from a template over exactly the class features (e.g.
+    label_key with the default "a photo of a {label}"), each class is captioned as its training
+    captions are; otherwise "a photo of a {label}" with the class's name."""
+    template = data_config.get("caption_template")
+    label_key = data_config.get("label_key")
+    if template is None and label_key is not None:
+        template = sources.DEFAULT_CAPTION_TEMPLATE
+    if template is not None:
+        fields = sources.template_fields(template)
+        feature_of = {f: label_key if f == "label" and label_key else f for f in fields}
+        if fields and set(feature_of.values()) == set(classes.features):
+            prompts = []
+            for class_id in range(classes.num_classes):
+                labels = classes.feature_labels([class_id])
+                value = {
+                    f: classes.values[i][int(labels[f][0])] for i, f in enumerate(classes.features)
+                }
+                prompts.append(template.format(**{f: value[feature_of[f]] for f in fields}))
+            return template, prompts
+    template = sources.DEFAULT_CAPTION_TEMPLATE
+    return template, [template.format(label=name) for name in classes.names()]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """evaluate.py's library: `evaluate_checkpoint(run_dir, output_dir, options)` measures a CLIP run
-(zero-shot attributes, retrieval) or a DiT run (samples of every held-out caption over a guidance
-and sampler sweep, read back by the shapes oracle, CLIP score, Frechet distance, the
+(zero-shot attributes or classes, retrieval) or a DiT run (samples of every held-out caption over
+a guidance and sampler sweep, read back by the shapes oracle, CLIP score, Frechet distance, the
 negative-prompt check) and writes metrics.json, TensorBoard scalars and an HTML report.
 """
 
@@ -30,7 +30,9 @@ from diffusion.evaluation.clip_metrics import (
     ClipEncoder,
     clip_score,
     frechet_distance_of_features,
+    label_class_prompts,
     zero_shot_accuracy,
+    zero_shot_top_k_accuracy,
 )
 from diffusion.evaluation.fidelity import (
     caption_diversity,
@@ -120,27 +122,49 @@ def _data_config(config, options: EvaluationOptions):
     return data
 
 
+def class_zero_shot(encoder: ClipEncoder, image_embeddings, examples, data_config, cache) -> dict:
+    """Zero-shot top-1 (and top-5 with >= 5 classes) over a labelled dataset's class names, each
+    class captioned as the dataset captions it (`label_class_prompts`); `cache` keeps the class
+    embeddings between splits."""
+    classes = examples.classes
+    if "classes" not in cache:
+        template, prompts = label_class_prompts(classes, data_config)
+        cache["classes"] = template, encoder.encode_texts(prompts)
+    template, class_embeddings = cache["classes"]
+    ks = (1, 5) if classes.num_classes >= 5 else (1,)
+    top = zero_shot_top_k_accuracy(image_embeddings, class_embeddings, examples.class_ids, ks)
+    return {
+        **{f"top{k}": value for k, value in top.items()},
+        "num_classes": classes.num_classes,
+        "features": list(classes.features),
+        "template": template,
+    }
+
+
 def evaluate_clip_run(run_dir: str, config, options: EvaluationOptions) -> dict:
-    """Zero-shot attribute accuracy and retrieval recall@1/5/10 on each split."""
+    """Zero-shot attribute accuracy (shapes), zero-shot top-1/5 over the class names (labelled
+    datasets) and retrieval recall@1/5/10 on each split."""
     encoder = ClipEncoder.load(run_dir, options.batch_size)
+    data_config = _data_config(config, options)
     classifiers = {}
     result = {"splits": {}}
     for split in options.splits:
-        examples = load_split_examples(
-            _data_config(config, options), config.seed, split, options.num_samples
-        )
+        examples = load_split_examples(data_config, config.seed, split, options.num_samples)
         image_embeddings = encoder.encode_images(examples.images)
         text_embeddings = encoder.encode_texts(examples.captions)
+        # An item whose caption is identical to the partner's is a hit (labelled datasets).
+        recalls = retrieval_metrics(
+            image_embeddings, text_embeddings, ks=(1, 5, 10), captions=examples.captions
+        )
         entry = {
             "num_examples": len(examples.captions),
             "clip_score": clip_score(image_embeddings, text_embeddings),
-            "retrieval": {
-                k: float(v)
-                for k, v in retrieval_metrics(
-                    image_embeddings, text_embeddings, ks=(1, 5, 10)
-                ).items()
-            },
+            "retrieval": {k: float(v) for k, v in recalls.items()},
         }
+        if examples.classes is not None:
+            entry["zero_shot_classes"] = class_zero_shot(
+                encoder, image_embeddings, examples, data_config, classifiers
+            )
         if examples.labels:
             zero_shot = {}
             for attribute in ATTRIBUTES:
@@ -462,7 +486,10 @@ def evaluate_checkpoint(
     checkpoint_step, splits: {split: ...}.
       CLIP:  splits[split] = {num_examples, clip_score (real pairs),
                zero_shot: {shape, color, size, position, background, mean (of the first four)},
-               retrieval: {image_to_text_recall@1|5|10, text_to_image_recall@1|5|10}}
+               zero_shot_classes (a labelled dataset, `held_out.class_space_of`): {top1,
+                 top5 (with >= 5 classes), num_classes, features, template},
+               retrieval: {image_to_text_recall@1|5|10, text_to_image_recall@1|5|10}; a
+                 retrieved caption or image whose caption equals the partner's is a hit}
       DiT:   resolution, objective, clip_checkpoint, guidance_scales, samplers ["euler:20", ...],
              splits[split] = {num_samples,
                real: {clip_score, oracle_accuracy: {<attribute>..., all}},

@@ -1,12 +1,15 @@
-"""Held-out examples of a run's dataset: images, captions and (for shapes) attribute labels."""
+"""Held-out examples of a run's dataset: images, captions, (for shapes) attribute labels and
+(for a labelled dataset) class ids."""
 
 from __future__ import annotations
 
 import dataclasses
 
 import numpy as np
+import tensorflow_datasets as tfds
 
 from diffusion.data import input_pipeline, sources
+from diffusion.data.classes import ClassSpace, class_features_of
 from diffusion.errors import UserError
 from diffusion.evaluation.shapes_oracle import ATTRIBUTES
 from diffusion.training.inputs import prepare_source
@@ -19,6 +22,8 @@ class SplitExamples:
     images: np.ndarray  # (N, S, S, 3) uint8
     captions: list[str]
     labels: dict[str, np.ndarray]  # attribute -> (N,) int; empty when the dataset has none
+    classes: ClassSpace | None = None  # the dataset's classes (`class_space_of`), if any
+    class_ids: np.ndarray | None = None  # (N,) int32 class id of each example, with classes
 
 
 def load_split_examples(data_config, seed: int, split: str, count: int) -> SplitExamples:
@@ -36,7 +41,29 @@ def load_split_examples(data_config, seed: int, split: str, count: int) -> Split
     labels = {}
     if all(a in reader.features for a in ATTRIBUTES):
         labels = {a: np.array([int(r[a]) for r in records]) for a in ATTRIBUTES if a in records[0]}
-    return SplitExamples(images, [decoder.caption(r) for r in records], labels)
+    captions = [decoder.caption(r) for r in records]
+    classes = class_space_of(data_config, reader.features, source.name)
+    if classes is None:
+        return SplitExamples(images, captions, labels)
+    class_labels = {f: np.array([int(r[f]) for r in records]) for f in classes.features}
+    return SplitExamples(images, captions, labels, classes, classes.ids(class_labels))
+
+
+def class_space_of(data_config, features, dataset: str) -> ClassSpace | None:
+    """The classes of a labelled dataset: the recipe's class features (class_features, else
+    label_key); without them, the dataset's only scalar ClassLabel; else None (e.g. shapes,
+    whose several attributes have their own zero-shot metrics)."""
+    keys = class_features_of(data_config)
+    if not keys:
+        labels = [
+            k
+            for k, f in features.items()
+            if isinstance(f, tfds.features.ClassLabel) and not f.shape
+        ]
+        if len(labels) != 1:
+            return None
+        keys = tuple(labels)
+    return ClassSpace.from_features(features, keys, dataset)
 
 
 def images_of(source: sources.SourceConfig) -> sources.SourceConfig:

@@ -466,9 +466,22 @@ def _clip_body(metrics: dict, output_dir: str) -> list[str]:
     parts.append(
         "<p class='meta'>Zero-shot: each class is the ensembled embedding of prompts such as "
         "'a red circle' over every value of the attributes the class does not name (CLIP's prompt "
-        "ensembling). Retrieval: among the split's examples; captions that describe the same "
-        "attributes are near-duplicates, so recall@1 has a ceiling below 100 %.</p>"
+        "ensembling). Retrieval: among the split's examples; an item whose caption is identical "
+        "to the partner's is a hit, but captions that differ in a word the images barely show are "
+        "near-duplicates, so recall@1 has a ceiling below 100 %.</p>"
     )
+    labelled = {
+        s: e["zero_shot_classes"] for s, e in metrics["splits"].items() if "zero_shot_classes" in e
+    }
+    if labelled:
+        parts.append("<h2>Zero-shot classification over the class names</h2>")
+        rows = [
+            [_e(split), str(z["num_classes"]), _e(", ".join(z["features"])), _e(z["template"])]
+            + [_number(z.get(k), percent=True) for k in ("top1", "top5")]
+            for split, z in labelled.items()
+        ]
+        header = ["split", "classes", "features", "prompt", "top-1", "top-5"]
+        parts.append(_table(header, rows))
     return parts
 
 

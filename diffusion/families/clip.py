@@ -41,6 +41,7 @@ def clip_loss(
     kind: str = "softmax",
     mesh: Mesh | None = None,
     chunked: bool = False,
+    multi_positive: bool = False,
 ):
     """Contrastive loss over the GLOBAL batch (every image against every caption).
 
@@ -48,6 +49,8 @@ def clip_loss(
     variant (a ring of ppermutes) gives the same loss and gradients without the B x B matrix.
     A batch with 'negative_caption_tokens' / 'negative_caption_mask' (each caption with one word
     swapped, data.input_pipeline) also scores every image against its own swapped caption.
+    `multi_positive`: pairs whose captions have identical token ids are positives of each other
+    (a labelled dataset's captions made from class names); unique captions give the same loss.
     """
     del frozen, key
     image_emb = model.encode_image(batch["image"])  # (B, E), L2-normalised
@@ -59,13 +62,16 @@ def clip_loss(
         )
     log_scale = model.logit_scale[...]  # clamped at ln(100) inside the losses
     bias = model.logit_bias[...] if kind == "sigmoid" else None
+    caption_tokens = None
+    if multi_positive:  # the ids the text tower reads; padding made unlike any token
+        caption_tokens = jnp.where(batch["mask"] > 0, batch["tokens"], -1)  # (B, L)
     if chunked:
         loss = contrastive.ring_contrastive_loss(
-            kind, image_emb, text_emb, log_scale, bias, negative_emb, mesh=mesh
+            kind, image_emb, text_emb, log_scale, bias, negative_emb, caption_tokens, mesh=mesh
         )
     else:
         loss = contrastive.contrastive_loss(
-            kind, image_emb, text_emb, log_scale, bias, negative_emb
+            kind, image_emb, text_emb, log_scale, bias, negative_emb, caption_tokens
         )
     scale = jnp.exp(contrastive.clamp_logit_scale(log_scale))
     return loss, {"logit_scale": scale}
@@ -74,8 +80,17 @@ def clip_loss(
 def build(config, data: DataFacts, mesh: Mesh, **model_overrides) -> ModelBuild:
     """The recipe's CLIP and its contrastive loss on `mesh`."""
     loss = config.loss
+    # A run directory written before the option existed resumes with the loss it was trained on.
+    multi_positive = bool(loss.get("multi_positive", False))
     loss_fn = lambda model, frozen, batch, key: clip_loss(
-        model, frozen, batch, key, kind=loss.kind, mesh=mesh, chunked=loss.chunked
+        model,
+        frozen,
+        batch,
+        key,
+        kind=loss.kind,
+        mesh=mesh,
+        chunked=loss.chunked,
+        multi_positive=multi_positive,
     )
     return ModelBuild(
         NAME, model_config(config, data, **model_overrides), models.CLIP, loss_fn, config.seed

@@ -68,7 +68,7 @@ class PeriodicEvaluation:
         encoder = ClipEncoder(model, context.tokenizer, batch_size=256)
         images = encoder.encode_images(examples.images)
         texts = encoder.encode_texts(examples.captions)
-        recalls = contrastive.retrieval_metrics(images, texts, ks=(1, 5))
+        recalls = contrastive.retrieval_metrics(images, texts, (1, 5), examples.captions)
         return {f"eval/{name}": float(value) for name, value in recalls.items()}
 
     def _dit_grid(self, context: RunContext, model, step: int) -> str:
