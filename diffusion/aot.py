@@ -433,6 +433,7 @@ def compile_for_topology(
     *,
     mesh_shape: Mapping[str, int] | None = None,
     sampler: bool = True,
+    train_step: bool = True,
     sample_batch: int | None = None,
     check_fit: bool = True,
     cost_twin: bool = True,
@@ -440,6 +441,7 @@ def compile_for_topology(
     """Compiles the recipe's train step (and sampler) for a TPU slice; returns the report.
 
     mesh_shape: {'data': .., 'fsdp': .., 'tensor': ..} instead of config.mesh (one may be -1).
+    train_step: False compiles the sampler alone (the report then has no "train_step").
     check_fit: raise AOTError when the train step does not fit the chips' HBM.
     cost_twin: when the step scans over layers (XLA then counts one block's FLOPs), take FLOPs,
       time and utilisation from `extrapolated_cost`; memory always comes from the recipe's own
@@ -458,13 +460,16 @@ def compile_for_topology(
     programs = build_programs(config, mesh, sample_batch=sample_batch)
     rules = programs.train_step.rules
     limits = (hbm, peak, bandwidth)
-    train = _program_report(programs.train_step.step_fn, programs.train_args, mesh, rules, *limits)
-    if cost_twin and train.get("compiled") and config.model.get("scan_layers", False):
-        depths = {f: getattr(programs.model_config, f) for f in DEPTH_FIELDS[programs.family]}
-        train["cost"] = extrapolated_cost(config, mesh, peak, bandwidth, depths)
     batch = int(config.training.global_batch_size)
-    if train.get("compiled"):
-        train["examples_per_second"] = batch / train["cost"]["step_time_s"]
+    train = None
+    if train_step:
+        jitted, args = programs.train_step.step_fn, programs.train_args
+        train = _program_report(jitted, args, mesh, rules, *limits)
+        if cost_twin and train.get("compiled") and config.model.get("scan_layers", False):
+            depths = {f: getattr(programs.model_config, f) for f in DEPTH_FIELDS[programs.family]}
+            train["cost"] = extrapolated_cost(config, mesh, peak, bandwidth, depths)
+        if train.get("compiled"):
+            train["examples_per_second"] = batch / train["cost"]["step_time_s"]
     report = {
         "topology": topology,
         "chip": chip,
@@ -479,8 +484,9 @@ def compile_for_topology(
         "scan_layers": bool(config.model.get("scan_layers", False)),
         "global_batch_size": batch,
         "num_parameters": _num_parameters(programs.train_step),
-        "train_step": train,
     }
+    if train is not None:
+        report["train_step"] = train
     if sampler and programs.sample_fn is not None:
         sample = _program_report(programs.sample_fn, programs.sample_args, mesh, rules, *limits)
         sample.pop("cost", None)  # a loop over steps: XLA counts one step, see cost_report
@@ -488,8 +494,14 @@ def compile_for_topology(
         sample["batch"] = int(programs.sample_args[2]["seeds"].shape[0])
         sample["steps"] = spec.settings.steps
         sample["sampler"] = spec.settings.sampler
+        decoder_state = programs.sample_args[4]
+        if decoder_state is not None:  # a latent DiT: the images are the decoder's
+            leaves = jax.tree.leaves(decoder_state)
+            sample["decoder_parameters"] = int(sum(math.prod(x.shape) for x in leaves))
+            factor = autoencoder_config(config).downsampling_factor
+            sample["image_size"] = spec.resolution * factor
         report["sampler"] = sample
-    if check_fit and not train["fits"]:
+    if check_fit and train is not None and not train["fits"]:
         raise AOTError(not_fitting_message(report))
     return report
 
@@ -591,7 +603,16 @@ def format_report(report: dict) -> str:
             f"(aliased {m['alias_bytes'] / GIB:.2f}), temporaries {m['temp_bytes'] / GIB:.2f}"
         )
         if c is None:
-            lines.append(f"  {name}: compiled in {program['compile_seconds']:.0f} s")
+            what = ""
+            if name == "sampler":
+                what = f"{program['batch']} samples, {program['steps']} {program['sampler']} steps"
+                if "decoder_parameters" in program:
+                    what += (
+                        f", decoded to {program['image_size']}x{program['image_size']} by the "
+                        f"{program['decoder_parameters'] / 1e6:.0f}M-parameter autoencoder"
+                    )
+                what += "; "
+            lines.append(f"  {name}: {what}compiled in {program['compile_seconds']:.0f} s")
             continue
         lines.append(
             f"  {name}: {c['flops'] / 1e12:.2f} TFLOP per device, est. time "

@@ -240,9 +240,12 @@ def test_the_sampling_program_of_a_latent_dit_decodes_as_sample_py_does():
     assert images.shape == (count, 16, 16, 3) and images.std() > 0
     np.testing.assert_array_equal(images, expected)
 
-    report = aot.compile_for_topology(config, TOPOLOGY, mesh_shape=MESH)["sampler"]
+    report = aot.compile_for_topology(config, TOPOLOGY, mesh_shape=MESH, train_step=False)
+    assert "train_step" not in report and "decoded to 16x16" in aot.format_report(report)
+    sample = report["sampler"]
     decoder_bytes = per_device_bytes(decoder_state)  # replicated: all of it on every device
-    assert report["compiled"] and report["memory"]["argument_bytes"] > decoder_bytes
+    assert sample["compiled"] and sample["memory"]["argument_bytes"] > decoder_bytes
+    assert sample["decoder_parameters"] == sum(x.size for x in jax.tree.leaves(decoder_state))
 
 
 def test_a_latent_dit_without_its_autoencoder_is_refused_naming_the_field():
