@@ -5,6 +5,7 @@ Needs the TPU compiler (`pip install 'jax[tpu]'`, the project's tpu extra); skip
 """
 
 import math
+import os
 
 import jax
 import ml_collections
@@ -253,6 +254,18 @@ def test_a_latent_dit_without_its_autoencoder_is_refused_naming_the_field():
     del config.autoencoder
     with pytest.raises(aot.AOTError, match=r"config\.autoencoder\.variant.*'SD'"):
         aot.compile_for_topology(config, TOPOLOGY, mesh_shape=MESH)
+
+
+@pytest.mark.parametrize("recipe", ["dit_xl2_imagenet", "dit_xl2_text"])
+def test_the_xl_recipes_name_a_valid_sampler_and_the_sd_vae_of_their_latents(recipe):
+    from diffusion import config as config_lib
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = config_lib.load_config(os.path.join(repo, "configs", f"{recipe}.py"))
+    assert aot.sampler_settings(config).steps == config.sampling.steps
+    vae = aot.autoencoder_config(config)
+    assert vae.latent_channels == config.model.in_channels == 4
+    assert config.data.image_size * vae.downsampling_factor == 256
 
 
 def test_a_batch_too_large_for_hbm_raises_naming_memory_and_hbm():
