@@ -16,7 +16,8 @@ as array_record at 256x256 (centre crops; encode.py needs one image size), then
 which reads `imagenet2012_latents` (32x32x4 posteriors, a fresh draw per step, and the 1000-way
 ClassLabel "label"); sample.py decodes with the same VAE.
 `train.py --config=configs/dit_xl2_imagenet.py --aot_topology=v5p:2x2x1` compiles its real train
-step and sampler for a TPU slice and reports memory and cost, with no data (docs/scaling.md).
+step and sampling program (config.autoencoder's VAE decoder included) for a TPU slice and reports
+memory and cost, with no data (docs/scaling.md).
 `:runlocal` is the same recipe (DDPM, epsilon, label dropout, scanned blocks, FSDP) shrunk to a
 tiny DiT on the embedded shapes at 16x16, class = shape, for a laptop or a test.
 """
@@ -42,6 +43,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.remat = "none"  # Activations of batch 256 x 256 tokens fit; remat costs ~1/3.
     config.model.scan_layers = True  # One compiled block: compile time independent of depth.
     config.model.attention_impl = "xla"  # 256 tokens: the einsum softmax is cheap.
+
+    # The VAE of the latents: sample.py decodes the DiT's samples with it, in the sampling
+    # program. Only its shapes are read here (`--aot_topology` compiles that program with them);
+    # encode.py's --autoencoder gives the weights, which latents.json names for sample.py.
+    config.autoencoder = ml_collections.ConfigDict()
+    config.autoencoder.variant = "SD"  # Stable Diffusion's VAE: 4 channels, 8x (84M params).
 
     config.diffusion.objective = "ddpm"  # The paper's discrete VP diffusion.
     config.diffusion.prediction_type = "epsilon"  # The paper predicts the noise.

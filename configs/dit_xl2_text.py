@@ -34,7 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.diffusion.shift = 1.0  # 256x256: no resolution shift.
     config.diffusion.cond_dropout = 0.1  # Empty prompt with probability 0.1 (guidance).
 
-    config.sampling.sampler = "flow_euler"  # Euler steps of the flow ODE.
+    config.sampling.sampler = "euler"  # Euler steps of the flow ODE.
     config.sampling.steps = 50  # Denoising steps.
     config.sampling.guidance_scale = 4.0  # Classifier-free guidance scale.
     config.sampling.prompts = ("a photo of a red fox in the snow",)  # Sample-grid prompts.

@@ -4,7 +4,8 @@ With libtpu installed (the `tpu` extra), `jax.experimental.topologies.get_topolo
 the chips of a TPU slice on any machine, this CPU included. The REAL train step of a recipe
 (`train_step.TrainStep.step_fn`: loss, gradients, AdamW, EMA, under the recipe's mesh and logical
 rules) and its sampling program (`inference.program.sampling_program`, the very program sample.py
-runs: text tower, guidance, the sampler's `lax.scan`) are lowered with abstract inputs
+runs: text tower, guidance, the sampler's `lax.scan`, and for a latent DiT the autoencoder's
+decoder from config.autoencoder) are lowered with abstract inputs
 (`jax.ShapeDtypeStruct` carrying shardings) and compiled by the TPU compiler. Nothing is
 allocated; the compiled programs report
 
@@ -34,12 +35,20 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from diffusion import families, inference, metrics, models, optim, rundir, sharding
+from diffusion.data.latents import LatentEncoding
 from diffusion.errors import UserError
 from diffusion.inference.program import program_spec, sampling_program
 from diffusion.inference.settings import DEFAULT_MICRO_BATCH
+from diffusion.models.autoencoder import (
+    AUTOENCODER_VARIANTS,
+    Autoencoder,
+    AutoencoderConfig,
+)
+from diffusion.models.autoencoder import autoencoder_config as autoencoder_variant
 from diffusion.train_step import TrainStep
 
 GIB = 1024**3
@@ -149,6 +158,56 @@ def text_encoder_config(config) -> models.CLIPConfig:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class AbstractDecoder:
+    """The autoencoder whose decoder sample.py runs after a latent DiT, from shapes alone."""
+
+    graphdef: Any
+    state: Any  # ShapeDtypeStructs of the whole autoencoder, as sample.py places it
+    encoding: LatentEncoding
+
+
+def autoencoder_config(config) -> AutoencoderConfig:
+    """config.autoencoder of a latent DiT recipe: a row of AUTOENCODER_VARIANTS (`variant`) and
+    AutoencoderConfig fields that override it."""
+    section = config.get("autoencoder")
+    if section is None or not section.get("variant"):
+        raise AOTError(
+            "a latent DiT (config.model.in_channels != 3) samples through the decoder of the "
+            "autoencoder its latents came from: set config.autoencoder.variant to one of "
+            f"{sorted(AUTOENCODER_VARIANTS)} (e.g. 'SD', the VAE of encode.py's datasets)."
+        )
+    fields = {k: v for k, v in section.items() if k != "variant" and v is not None}
+    if "block_out_channels" in fields:
+        fields["block_out_channels"] = tuple(int(w) for w in fields["block_out_channels"])
+    try:
+        return autoencoder_variant(section.variant, **fields)
+    except ValueError as error:
+        raise AOTError(f"config.autoencoder: {error}") from error
+
+
+def abstract_decoder(config, dit_config, latent_side: int) -> AbstractDecoder | None:
+    """The decoder of a latent DiT recipe with abstract weights; None for a pixel DiT."""
+    if dit_config.in_channels == 3:
+        return None
+    ae_config = autoencoder_config(config)
+    if ae_config.latent_channels != dit_config.in_channels:
+        raise AOTError(
+            f"config.autoencoder makes latents of {ae_config.latent_channels} channels but the "
+            f"DiT reads {dit_config.in_channels} (config.model.in_channels)."
+        )
+    abstract = nnx.eval_shape(lambda: Autoencoder(ae_config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    encoding = LatentEncoding(
+        autoencoder=f"config.autoencoder.variant={config.autoencoder.variant}",
+        scaling_factor=ae_config.scaling_factor,
+        shift_factor=ae_config.shift_factor or 0.0,
+        latent_shape=(latent_side, latent_side, ae_config.latent_channels),
+        downsampling_factor=ae_config.downsampling_factor,
+    )
+    return AbstractDecoder(graphdef, state, encoding)
+
+
 @dataclasses.dataclass
 class Programs:
     """What gets compiled: the train step (and, for a DiT, the sampling program that sample.py
@@ -226,14 +285,16 @@ def sampler_settings(config) -> inference.SamplerSettings:
 
 
 def sampler_program(config, mesh, train_step, build, facts, sample_batch):
-    """(the sampling program, its abstract arguments): `inference.program.sampling_program`, the
-    one sample.py and evaluate.py run, over the EMA weights replicated on every device as
-    TextToImage places them."""
+    """(the sampling program, its abstract arguments (DiT weights, text tower weights, inputs,
+    spec, autoencoder weights)): `inference.program.sampling_program`, the one sample.py and
+    evaluate.py run, over the EMA weights replicated on every device as TextToImage places them;
+    a latent DiT's samples are decoded by config.autoencoder's decoder, replicated likewise."""
     settings = sampler_settings(config)
     micro_batch = DEFAULT_MICRO_BATCH
     unit = micro_batch * math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh))
     batch = -(-(sample_batch or unit) // unit) * unit  # whole micro-batches on every device
     text_graphdef = train_step.frozen_graphdef
+    decoder = abstract_decoder(config, build.model_config, facts.image_size)
     spec = program_spec(
         train_step.graphdef,
         text_graphdef,
@@ -243,6 +304,8 @@ def sampler_program(config, mesh, train_step, build, facts, sample_batch):
         mesh=mesh,
         micro_batch=micro_batch,
         settings=settings,
+        decoder_graphdef=None if decoder is None else decoder.graphdef,
+        latents=None if decoder is None else decoder.encoding,
     )
     replicated = NamedSharding(mesh, PartitionSpec())
     rows = sharding.batch_sharding(mesh)
@@ -260,7 +323,8 @@ def sampler_program(config, mesh, train_step, build, facts, sample_batch):
         for name in ("tokens", "mask", "negative_tokens", "negative_mask"):
             inputs[name] = per_sample(jnp.int32, length)
     text_state = None if text_graphdef is None else as_replicated(train_step.frozen_state)
-    return sampling_program, (as_replicated(params), text_state, inputs, spec)
+    decoder_state = None if decoder is None else as_replicated(decoder.state)
+    return sampling_program, (as_replicated(params), text_state, inputs, spec, decoder_state)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,6 +433,7 @@ def compile_for_topology(
     *,
     mesh_shape: Mapping[str, int] | None = None,
     sampler: bool = True,
+    train_step: bool = True,
     sample_batch: int | None = None,
     check_fit: bool = True,
     cost_twin: bool = True,
@@ -376,6 +441,7 @@ def compile_for_topology(
     """Compiles the recipe's train step (and sampler) for a TPU slice; returns the report.
 
     mesh_shape: {'data': .., 'fsdp': .., 'tensor': ..} instead of config.mesh (one may be -1).
+    train_step: False compiles the sampler alone (the report then has no "train_step").
     check_fit: raise AOTError when the train step does not fit the chips' HBM.
     cost_twin: when the step scans over layers (XLA then counts one block's FLOPs), take FLOPs,
       time and utilisation from `extrapolated_cost`; memory always comes from the recipe's own
@@ -394,13 +460,16 @@ def compile_for_topology(
     programs = build_programs(config, mesh, sample_batch=sample_batch)
     rules = programs.train_step.rules
     limits = (hbm, peak, bandwidth)
-    train = _program_report(programs.train_step.step_fn, programs.train_args, mesh, rules, *limits)
-    if cost_twin and train.get("compiled") and config.model.get("scan_layers", False):
-        depths = {f: getattr(programs.model_config, f) for f in DEPTH_FIELDS[programs.family]}
-        train["cost"] = extrapolated_cost(config, mesh, peak, bandwidth, depths)
     batch = int(config.training.global_batch_size)
-    if train.get("compiled"):
-        train["examples_per_second"] = batch / train["cost"]["step_time_s"]
+    train = None
+    if train_step:
+        jitted, args = programs.train_step.step_fn, programs.train_args
+        train = _program_report(jitted, args, mesh, rules, *limits)
+        if cost_twin and train.get("compiled") and config.model.get("scan_layers", False):
+            depths = {f: getattr(programs.model_config, f) for f in DEPTH_FIELDS[programs.family]}
+            train["cost"] = extrapolated_cost(config, mesh, peak, bandwidth, depths)
+        if train.get("compiled"):
+            train["examples_per_second"] = batch / train["cost"]["step_time_s"]
     report = {
         "topology": topology,
         "chip": chip,
@@ -415,17 +484,24 @@ def compile_for_topology(
         "scan_layers": bool(config.model.get("scan_layers", False)),
         "global_batch_size": batch,
         "num_parameters": _num_parameters(programs.train_step),
-        "train_step": train,
     }
+    if train is not None:
+        report["train_step"] = train
     if sampler and programs.sample_fn is not None:
         sample = _program_report(programs.sample_fn, programs.sample_args, mesh, rules, *limits)
         sample.pop("cost", None)  # a loop over steps: XLA counts one step, see cost_report
-        spec = programs.sample_args[-1]
+        spec = programs.sample_args[3]
         sample["batch"] = int(programs.sample_args[2]["seeds"].shape[0])
         sample["steps"] = spec.settings.steps
         sample["sampler"] = spec.settings.sampler
+        decoder_state = programs.sample_args[4]
+        if decoder_state is not None:  # a latent DiT: the images are the decoder's
+            leaves = jax.tree.leaves(decoder_state)
+            sample["decoder_parameters"] = int(sum(math.prod(x.shape) for x in leaves))
+            factor = autoencoder_config(config).downsampling_factor
+            sample["image_size"] = spec.resolution * factor
         report["sampler"] = sample
-    if check_fit and not train["fits"]:
+    if check_fit and train is not None and not train["fits"]:
         raise AOTError(not_fitting_message(report))
     return report
 
@@ -527,7 +603,16 @@ def format_report(report: dict) -> str:
             f"(aliased {m['alias_bytes'] / GIB:.2f}), temporaries {m['temp_bytes'] / GIB:.2f}"
         )
         if c is None:
-            lines.append(f"  {name}: compiled in {program['compile_seconds']:.0f} s")
+            what = ""
+            if name == "sampler":
+                what = f"{program['batch']} samples, {program['steps']} {program['sampler']} steps"
+                if "decoder_parameters" in program:
+                    what += (
+                        f", decoded to {program['image_size']}x{program['image_size']} by the "
+                        f"{program['decoder_parameters'] / 1e6:.0f}M-parameter autoencoder"
+                    )
+                what += "; "
+            lines.append(f"  {name}: {what}compiled in {program['compile_seconds']:.0f} s")
             continue
         lines.append(
             f"  {name}: {c['flops'] / 1e12:.2f} TFLOP per device, est. time "

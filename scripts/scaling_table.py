@@ -2,10 +2,14 @@
 
     PYTHONPATH=. python scripts/scaling_table.py            # all rows (long: ~1-3 min per row)
     PYTHONPATH=. python scripts/scaling_table.py --only=dit_xl2_imagenet
+    PYTHONPATH=. python scripts/scaling_table.py --keys=sampler:dit_xl2_text@v5e:4x4
 
 Each row is `diffusion.aot.compile_for_topology(recipe, slice)` (the real train step, compiled
-by the TPU compiler of libtpu); results are cached in docs/scaling.json so an interrupted run
-resumes, and the markdown is rewritten from the cache after every row. Needs the tpu extra.
+by the TPU compiler of libtpu); a SAMPLER_ROWS row compiles the recipe's sampling program alone
+(the one sample.py runs: DiT, guidance, the sampler's loop and, for the latent recipes, the VAE
+decoder). Results are cached in docs/scaling.json (sampling programs under "sampler:" keys) so an
+interrupted run resumes, and the markdown is rewritten from the cache after every row. Needs the
+tpu extra.
 """
 
 from __future__ import annotations
@@ -49,6 +53,15 @@ ROWS = (
     ("clip_b16", "v6e:8x8", {}),
 )
 
+# (recipe, topology): the sampling programs, on the slices both DiT recipes' train steps use.
+SAMPLER_ROWS = (
+    ("dit_xl2_imagenet", "v5p:2x2x1"),
+    ("dit_xl2_imagenet", "v5e:4x4"),
+    ("dit_xl2_text", "v5p:2x2x1"),
+    ("dit_xl2_text", "v5e:4x4"),
+)
+SAMPLER_PREFIX = "sampler:"
+
 WHY = {
     "dit": "fsdp over all chips: 675M params x 16 B (f32 params, 2 Adam moments, EMA) = 11 GB "
     "would not leave room for activations if replicated; width 1152 is too narrow for tensor "
@@ -56,6 +69,10 @@ WHY = {
     "clip": "fsdp over all chips with the ring contrastive loss (no 32k x 32k logits); full remat "
     "keeps only block inputs of 32k x 257 tokens; bf16 matmuls",
 }
+
+
+def sampler_key(recipe, topology) -> str:
+    return f"{SAMPLER_PREFIX}{recipe}@{topology}"
 
 
 def row_key(recipe, topology, overrides) -> str:
@@ -69,6 +86,58 @@ def compile_row(recipe, topology, overrides) -> dict:
     report = aot.compile_for_topology(config, topology, sampler=False, check_fit=False)
     report["wall_seconds"] = time.perf_counter() - start
     return report
+
+
+def compile_sampler_row(recipe, topology) -> dict:
+    config = config_lib.load_config(RECIPES[recipe])
+    start = time.perf_counter()
+    report = aot.compile_for_topology(config, topology, train_step=False, check_fit=False)
+    report["wall_seconds"] = time.perf_counter() - start
+    return report
+
+
+def sampler_markdown(results: dict) -> list[str]:
+    """The sampling programs' table: memory per device of one program call."""
+    lines = [
+        "## Sampling programs",
+        "",
+        "Each row compiles the recipe's sampling program, the very function sample.py runs "
+        "(`inference.program.sampling_program`: guidance around the DiT, the sampler's "
+        "`lax.scan` over all steps, then the VAE decoder of `config.autoencoder` turning the "
+        "32x32x4 latents into 256x256 images), with the weights replicated on every device as "
+        "sample.py places them and one micro-batch of samples per device. The autoencoder is "
+        "passed whole (83.7M parameters for SD's VAE), as sample.py passes it; jit drops the "
+        "encoder's weights, which the program never reads, so the arguments hold the DiT's "
+        "EMA weights and the decoder's 49.5M (2.51 + 0.18 GiB for dit_xl2_imagenet). The "
+        "compiler gives no time for a loop (it counts one step), so only memory is reported.",
+        "",
+        "| recipe | slice | devices | samples | sampler, steps | images | autoencoder params "
+        "| fits | memory / device (GiB) | HBM (GiB) | arguments (GiB) | temporaries (GiB) | "
+        "compile (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, r in results.items():
+        recipe = key.removeprefix(SAMPLER_PREFIX).split("@")[0]
+        sample = r["sampler"]
+        if not sample.get("compiled"):
+            lines.append(
+                f"| {recipe} | {r['topology']} | {r['num_devices']} | {sample['batch']} | "
+                f"{sample['sampler']}, {sample['steps']} | - | - | no (compiler: out of memory) "
+                "| - | - | - | - | - |"
+            )
+            continue
+        m = sample["memory"]
+        size = sample.get("image_size")
+        lines.append(
+            f"| {recipe} | {r['topology']} | {r['num_devices']} | {sample['batch']} | "
+            f"{sample['sampler']}, {sample['steps']} | "
+            f"{f'{size}x{size}' if size else '-'} | "
+            f"{sample.get('decoder_parameters', 0) / 1e6:.1f}M | "
+            f"{'yes' if m['fits'] else '**no**'} | {m['total_bytes'] / GIB:.1f} | "
+            f"{m['hbm_bytes'] / GIB:.0f} | {m['argument_bytes'] / GIB:.2f} | "
+            f"{m['temp_bytes'] / GIB:.2f} | {sample['compile_seconds']:.0f} |"
+        )
+    return lines + [""]
 
 
 def flop_spread(results: dict) -> list[str]:
@@ -86,7 +155,7 @@ def flop_spread(results: dict) -> list[str]:
     ]
 
 
-def markdown(results: dict) -> str:
+def markdown(results: dict, samplers: dict | None = None) -> str:
     lines = [
         "# TPU scaling: the recipes compiled ahead of time",
         "",
@@ -155,7 +224,11 @@ def markdown(results: dict) -> str:
         + ".",
         "",
     ]
+    lines += sampler_markdown(samplers) if samplers else []
     missing = [row_key(*row) for row in ROWS if row_key(*row) not in results]
+    missing += [
+        sampler_key(*row) for row in SAMPLER_ROWS if sampler_key(*row) not in (samplers or {})
+    ]
     if missing:  # the script resumes from the cache: rerun it to compile these
         lines += [f"Not compiled yet (rerun the script to add them): {', '.join(missing)}.", ""]
     return "\n".join(lines)
@@ -173,31 +246,56 @@ def main():
     parser.add_argument(
         "--first", default="", help="comma-separated row keys (recipe@topology) to compile first"
     )
+    parser.add_argument(
+        "--keys",
+        default="",
+        help="comma-separated row keys to compile, the others skipped (e.g. "
+        "'sampler:dit_xl2_text@v5e:4x4': one row per process on a small host)",
+    )
     args = parser.parse_args()
     results = {}
     if os.path.isfile(args.cache) and not args.fresh:
         with open(args.cache, encoding="utf-8") as f:
             results = json.load(f)
     only = set(filter(None, args.only.split(",")))
+    keys = set(filter(None, args.keys.split(",")))
     first = list(filter(None, args.first.split(",")))
     order = sorted(ROWS, key=lambda row: (row_key(*row) not in first, ROWS.index(row)))
     for recipe, topology, overrides in order:
         key = row_key(recipe, topology, overrides)
-        if (only and recipe not in only) or key in results or args.render_only:
+        if (only and recipe not in only) or (keys and key not in keys):
+            continue
+        if key in results or args.render_only:
             continue
         print(f"compiling {key} ...", flush=True)
         results[key] = compile_row(recipe, topology, overrides)
         print(aot.format_report(results[key]), flush=True)
-        with open(args.cache, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=1)
-        write_markdown(results, args.output)
+        save(results, args)
+    for recipe, topology in SAMPLER_ROWS:
+        key = sampler_key(recipe, topology)
+        if (only and recipe not in only) or (keys and key not in keys):
+            continue
+        if key in results or args.render_only:
+            continue
+        print(f"compiling {key} ...", flush=True)
+        results[key] = compile_sampler_row(recipe, topology)
+        print(aot.format_report(results[key]), flush=True)
+        save(results, args)
+    write_markdown(results, args.output)
+
+
+def save(results: dict, args) -> None:
+    with open(args.cache, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1)
     write_markdown(results, args.output)
 
 
 def write_markdown(results: dict, path: str) -> None:
     ordered = {row_key(*row): results[row_key(*row)] for row in ROWS if row_key(*row) in results}
+    keys = [sampler_key(*row) for row in SAMPLER_ROWS]
+    samplers = {key: results[key] for key in keys if key in results}
     with open(path, "w", encoding="utf-8") as f:
-        f.write(markdown(ordered))
+        f.write(markdown(ordered, samplers))
 
 
 if __name__ == "__main__":

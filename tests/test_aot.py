@@ -5,14 +5,21 @@ Needs the TPU compiler (`pip install 'jax[tpu]'`, the project's tpu extra); skip
 """
 
 import math
+import os
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs import base_clip, base_dit
-from diffusion import aot, metrics, optim, sharding
+from diffusion import aot, inference, metrics, models, optim, sharding
+from diffusion.data.classes import ClassSpace
+from diffusion.data.latents import LatentEncoding
+from diffusion.inference.dit_pipeline import LatentDecoder
 from diffusion.models import layers
+from diffusion.models.autoencoder import Autoencoder
 
 pytestmark = pytest.mark.skipif(
     not aot.libtpu_available(),
@@ -24,14 +31,29 @@ MESH = {"data": 2, "fsdp": 2, "tensor": 1}
 
 
 def tiny_config(kind: str, batch: int = 8):
+    """kind: "clip", "dit_class", "dit_text", or "dit_latent" (a class-conditional DiT on 8x8x4
+    latents of a tiny autoencoder whose decoder makes 16x16 images)."""
     if kind == "clip":
         config = base_clip.get_config()
         config.loss.chunked = True  # the 32k recipes' ring loss, under shard_map
     else:
         config = base_dit.get_config()
-        if kind == "dit_class":
+        if kind in ("dit_class", "dit_latent"):
             config.model.num_classes = 10
-        else:
+        if kind == "dit_latent":
+            config.model.in_channels = 4
+            config.data.image_size = 8  # the latent side
+            config.autoencoder = ml_collections.ConfigDict(
+                dict(
+                    variant="tiny",
+                    block_out_channels=(8, 16),  # 2x: 16x16 images
+                    norm_num_groups=4,
+                    latent_channels=4,
+                    scaling_factor=0.5,
+                    shift_factor=0.25,
+                )
+            )
+        elif kind == "dit_text":
             config.text_encoder.variant = "tiny"  # frozen CLIP tower from shapes alone
             config.model.word_conditioning = True  # the shapes default's extra inputs too
     config.training.global_batch_size = batch
@@ -170,6 +192,80 @@ def test_sampler_of_the_dit_compiles_and_fits(reports):
         assert sample["compiled"] and sample["fits"] and sample["steps"] == 4
         noise_bytes = 4 * 32 * 32 * 3 * 4 // 4  # batch 4 over 4 devices (1 each), float32
         assert sample["memory"]["argument_bytes"] > noise_bytes
+
+
+def test_the_sampling_program_of_a_latent_dit_decodes_as_sample_py_does():
+    """A latent DiT's AOT sampling program is the one ClassToImage (sample.py) runs with its
+    autoencoder: the same spec (decoder graph and latent normalisation included), abstract
+    arguments of the real ones' shapes and shardings, the same images on real weights; and it
+    compiles for TPU with the decoder's weights among its arguments."""
+    config = tiny_config("dit_latent")
+    config.sampling.update(sampler="ddim", steps=3)
+    mesh = inference.dit_pipeline.default_mesh()  # sample.py's: 8 CPU devices on 'data'
+    programs = aot.build_programs(config, mesh)  # one micro-batch on every device
+    program, (params, text_state, inputs, spec, decoder_state) = (
+        programs.sample_fn,
+        programs.sample_args,
+    )
+    assert program is inference.program.sampling_program and text_state is None
+    count = inputs["seeds"].shape[0]
+    dit = models.DiT(programs.model_config, rngs=nnx.Rngs(0))
+    autoencoder = Autoencoder(aot.autoencoder_config(config), rngs=nnx.Rngs(1))
+    encoding = LatentEncoding("tiny", 0.5, 0.25, (8, 8, 4), 2)
+    pipeline = inference.ClassToImage(
+        dit=dit,
+        classes=ClassSpace(("label",), (tuple(f"class {k}" for k in range(10)),)),
+        diffusion_config=config.diffusion,
+        resolution=8,
+        mesh=mesh,
+        latent_decoder=LatentDecoder(autoencoder, encoding),
+    )
+    settings = pipeline.settings(sampler="ddim", steps=3)
+    assert spec == pipeline.spec_for(settings)
+    assert spec.decoder_graphdef is not None and (spec.latent_scale, spec.latent_shift) == (
+        0.5,
+        0.25,
+    )
+    assert count == pipeline.program_batch_size(count)
+    classes, seeds = [k % 10 for k in range(count)], list(range(count))
+    concrete = pipeline.to_global(pipeline.program_inputs(classes, seeds, [2.0] * count))
+    shapes = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), tree)
+    for abstract, real in (
+        (params, pipeline._dit_state),
+        (decoder_state, pipeline._decoder_state),
+        (inputs, concrete),
+    ):
+        assert shapes(abstract) == shapes(real)
+    images = np.asarray(program(pipeline._dit_state, None, concrete, spec, pipeline._decoder_state))
+    expected = pipeline.generate(classes, seeds=seeds, guidance_scale=2.0, settings=settings)
+    assert images.shape == (count, 16, 16, 3) and images.std() > 0
+    np.testing.assert_array_equal(images, expected)
+
+    report = aot.compile_for_topology(config, TOPOLOGY, mesh_shape=MESH, train_step=False)
+    assert "train_step" not in report and "decoded to 16x16" in aot.format_report(report)
+    sample = report["sampler"]
+    decoder_bytes = per_device_bytes(decoder_state)  # replicated: all of it on every device
+    assert sample["compiled"] and sample["memory"]["argument_bytes"] > decoder_bytes
+    assert sample["decoder_parameters"] == sum(x.size for x in jax.tree.leaves(decoder_state))
+
+
+def test_a_latent_dit_without_its_autoencoder_is_refused_naming_the_field():
+    config = tiny_config("dit_latent")
+    del config.autoencoder
+    with pytest.raises(aot.AOTError, match=r"config\.autoencoder\.variant.*'SD'"):
+        aot.compile_for_topology(config, TOPOLOGY, mesh_shape=MESH)
+
+
+@pytest.mark.parametrize("recipe", ["dit_xl2_imagenet", "dit_xl2_text"])
+def test_the_xl_recipes_name_a_valid_sampler_and_the_sd_vae_of_their_latents(recipe):
+    from diffusion import config as config_lib
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = config_lib.load_config(os.path.join(repo, "configs", f"{recipe}.py"))
+    assert aot.sampler_settings(config).steps == config.sampling.steps
+    vae = aot.autoencoder_config(config)
+    assert vae.latent_channels == config.model.in_channels == 4
+    assert config.data.image_size * vae.downsampling_factor == 256
 
 
 def test_a_batch_too_large_for_hbm_raises_naming_memory_and_hbm():

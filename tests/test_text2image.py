@@ -381,7 +381,11 @@ def test_the_ahead_of_time_sampling_program_is_the_one_sample_py_runs(pipeline, 
     config.sampling.update(sampler="euler", steps=3)
     count = pipeline.program_batch_size(8)  # whole micro-batches on each of the 8 devices
     programs = aot.build_programs(config, pipeline.mesh, sample_batch=count)
-    program, (params, text_state, inputs, spec) = programs.sample_fn, programs.sample_args
+    program, (params, text_state, inputs, spec, decoder_state) = (
+        programs.sample_fn,
+        programs.sample_args,
+    )
+    assert decoder_state is None  # pixels: no autoencoder (tests/test_aot.py has a latent DiT)
     settings = pipeline.settings(sampler="euler", steps=3)
     assert spec == pipeline.spec_for(settings)
     assert program is inference.program.sampling_program
