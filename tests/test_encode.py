@@ -15,12 +15,10 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from conftest import single_device_env
-from flax import nnx
 from PIL import Image
 
 from configs import common
@@ -28,7 +26,6 @@ from diffusion import config as config_lib
 from diffusion import encoding, inference, rundir, training
 from diffusion.data import input_pipeline, sources
 from diffusion.data import latents as latents_lib
-from diffusion.data.tokenizer import tokenize
 from diffusion.errors import UserError
 from diffusion.evaluation import report
 from diffusion.evaluation.autoencoder_features import AutoencoderFeatures, feature_autoencoder_path
@@ -463,128 +460,3 @@ def test_a_latent_run_whose_autoencoder_is_gone_names_it(latent_run, tmp_path):
         json.dump(recorded, f)
     with pytest.raises(SamplingError, match=r"trained on latents of the autoencoder .*gone"):
         inference.ClassToImage.from_run(moved)
-
-
-# ---------------------------------------------------------------------------------------------
-# encode.py --text_encoder: cached text features
-# ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def clip_run(encoded, tmp_path_factory):
-    """A tiny CLIP trained one step on the encoded images' source (its BPE on their captions)."""
-    _, config, _ = encoded
-    clip = config_lib.load_config(os.path.join(REPO, "configs", "base_clip.py"))
-    clip.data.update(data_dir=config.data_dir, builder_config="16", **NUM)
-    clip.tokenizer.update(vocab_size=300, context_length=16)
-    clip.model.update(variant="tiny", dtype="float32")
-    clip.training.update(global_batch_size=8, num_steps=1, eval_every=0)
-    clip.optimizer.warmup_steps = 0
-    workdir = str(tmp_path_factory.mktemp("clip"))
-    training.train(clip, workdir)
-    return workdir
-
-
-@pytest.fixture(scope="module")
-def encoded_text(encoded, diffusers_autoencoder, clip_run, tmp_path_factory):
-    """The `encoded` job with the CLIP's text features (and word embeddings) of each caption."""
-    _, config, options = encoded
-    options = dataclasses.replace(
-        options,
-        output_dir=str(tmp_path_factory.mktemp("encode_text")),
-        text_encoder=clip_run,
-        text_words=True,
-    )
-    dataset_dir = encoding.encode_dataset(diffusers_autoencoder[0], config, 0, options)
-    return dataset_dir, config, options
-
-
-def test_cached_text_features_are_the_text_towers_of_each_caption(encoded, encoded_text, clip_run):
-    from diffusion.families import dit
-
-    dataset_dir, _, options = encoded_text
-    info = encoding.read_encoding(dataset_dir)
-    assert info["text_encoder"] == os.path.abspath(clip_run)
-    assert info["text_tokenizer"] == rundir.tokenizer_dir(clip_run)
-    assert info["text_context_length"] == 16 and info["text_words"]
-    with open(os.path.join(dataset_dir, "plan.json")) as f:
-        assert json.load(f)["text_encoder"] == os.path.abspath(clip_run)
-    graphdef, state = nnx.split(rundir.load_text_encoder(clip_run, {"dtype": "float32"}))
-    # One compiled program, as the train step runs the tower (eager op-by-op rounds otherwise).
-    features = jax.jit(
-        lambda tokens, mask: dit.text_condition(
-            nnx.merge(graphdef, state), tokens, mask, words=True
-        )
-    )
-    tokenizer = rundir.load_tokenizer(clip_run, rundir.load_run_config(clip_run))
-    builder = tfds.builder_from_directory(dataset_dir)
-    plain = tfds.builder_from_directory(encoded[0])
-    keys = latents_lib.text_keys(True)
-    for split, index in (("train", 0), ("train", 39), ("test", 5)):
-        record = builder.as_data_source(split=split)[index]
-        without = plain.as_data_source(split=split)[index]
-        for key, value in without.items():  # the latents and every other feature are the same
-            np.testing.assert_array_equal(record[key], value, err_msg=key)
-        tokens, mask = tokenize(tokenizer, [record["caption"].decode("utf-8")], 16)
-        want = features(tokens, mask)
-        names = ("context", "context_mask", "pooled", "words")
-        for key, name in zip(keys, names, strict=True):
-            np.testing.assert_allclose(record[key], np.asarray(want[name])[0], atol=1e-6)
-    tokens, mask = tokenize(tokenizer, [""], 16)
-    want = features(tokens, mask)
-    empty = latents_lib.read_empty_text(dataset_dir, keys)
-    for key, name in zip(keys, ("context", "context_mask", "pooled", "words"), strict=True):
-        np.testing.assert_allclose(empty[key], np.asarray(want[name])[0], atol=1e-6)
-
-
-def text_dit_config(options, clip_run, steps=3):
-    config = config_lib.load_config(os.path.join(REPO, "configs", "base_dit.py"))
-    config.data.update(name="shapes_latents", data_dir=options.output_dir, builder_config=None)
-    config.tokenizer.update(path=rundir.tokenizer_dir(clip_run), context_length=16)
-    config.text_encoder.checkpoint = clip_run
-    config.model.update(patch_size=2, depth=1, word_conditioning=True)
-    config.diffusion.cond_dropout = 0.5  # both kinds of example in every batch
-    config.training.update(global_batch_size=8, num_steps=steps, log_every=1, eval_every=0)
-    config.optimizer.warmup_steps = 1
-    return config
-
-
-def test_a_dit_on_cached_text_features_trains_as_one_running_the_text_tower(
-    encoded, encoded_text, clip_run, tmp_path, monkeypatch
-):
-    """The same per-step losses from the cached features (the tower absent from the step) as
-    from the tower run in the step on the same latents."""
-    from diffusion import metrics
-    from diffusion.families import dit
-
-    losses = {}
-    for name, (_, _, options) in (("tower", encoded), ("cached", encoded_text)):
-        if name == "cached":  # the text tower must not run
-
-            def no_tower(*args, **kwargs):
-                raise AssertionError("the text tower ran on cached features")
-
-            monkeypatch.setattr(dit, "text_condition", no_tower)
-        workdir = str(tmp_path / name)
-        training.train(text_dit_config(options, clip_run), workdir)
-        losses[name] = [r["loss"] for r in metrics.read_metrics(workdir)]
-    assert len(losses["cached"]) == 3
-    np.testing.assert_allclose(losses["cached"], losses["tower"], rtol=1e-5)
-
-
-def test_a_dit_whose_text_encoder_did_not_make_the_cached_features_is_refused(
-    encoded_text, clip_run, tmp_path
-):
-    _, _, options = encoded_text
-    other = str(tmp_path / "other_clip")
-    shutil.copytree(clip_run, other)
-    config = text_dit_config(options, other)
-    with pytest.raises(UserError) as refused:
-        training.train(config, str(tmp_path / "dit"))
-    message = str(refused.value)
-    assert other in message and os.path.abspath(clip_run) in message
-    assert f"--config.text_encoder.checkpoint={os.path.abspath(clip_run)}" in message
-    config = text_dit_config(options, clip_run)
-    config.tokenizer.context_length = 12
-    with pytest.raises(UserError, match="context_length=12, but the text features .* hold 16"):
-        training.train(config, str(tmp_path / "dit2"))

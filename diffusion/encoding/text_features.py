@@ -11,6 +11,7 @@ empty caption's features (what condition dropout swaps in) are stored once, in
 from __future__ import annotations
 
 import os
+import zipfile
 
 import jax
 import numpy as np
@@ -99,12 +100,19 @@ class TextFeatureEncoder:
         ]
 
     def write_empty(self, dataset_dir: str) -> None:
-        """The empty caption's features, to EMPTY_TEXT_FILE (a temporary renamed when whole)."""
+        """The empty caption's features, to EMPTY_TEXT_FILE (a temporary renamed when whole).
+
+        An .npz as np.savez writes it but for a fixed time stamp on each member (np.savez stamps
+        the current time), so that a resumed job writes the bytes of an uninterrupted one."""
         (empty,) = self([""])
         path = os.path.join(dataset_dir, latents.EMPTY_TEXT_FILE)
         temporary = os.path.join(dataset_dir, "." + latents.EMPTY_TEXT_FILE + ".tmp")
         with open(temporary, "wb") as f:
-            np.savez(f, **empty)
+            with zipfile.ZipFile(f, "w") as archive:
+                for key, value in empty.items():
+                    member = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                    with archive.open(member, "w") as out:
+                        np.lib.format.write_array(out, value, allow_pickle=False)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
