@@ -119,7 +119,9 @@ def train(
 
     # The text tower stays loaded for sampling callbacks; cached text features keep it out of
     # the step (the build then has no frozen model).
-    train_step = build.train_step(config, mesh, tx, frozen if build.frozen_config else None)
+    train_step = build.train_step(
+        config, mesh, tx, frozen if build.frozen_config is not None else None
+    )
     data_iterator = data_lib.make_input_pipeline(
         source,
         tokenizer,
