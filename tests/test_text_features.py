@@ -22,6 +22,7 @@ from flax import nnx
 from test_encode import NUM, REPO, _files, _shards
 
 from diffusion import config as config_lib
+from diffusion import data as data_lib
 from diffusion import encoding, rundir, training
 from diffusion.data import latents as latents_lib
 from diffusion.data.tokenizer import tokenize
@@ -68,6 +69,8 @@ def test_cached_text_features_are_the_text_towers_of_each_caption(encoded, encod
     assert info["text_encoder"] == os.path.abspath(clip_run)
     assert info["text_tokenizer"] == rundir.tokenizer_dir(clip_run)
     assert info["text_context_length"] == 16 and info["text_words"]
+    tokenizer = rundir.load_tokenizer(clip_run, rundir.load_run_config(clip_run))
+    assert info["text_vocabulary"] == data_lib.vocabulary_digest(tokenizer)
     with open(os.path.join(dataset_dir, "plan.json")) as f:
         assert json.load(f)["text_encoder"] == os.path.abspath(clip_run)
     graphdef, state = nnx.split(rundir.load_text_encoder(clip_run, {"dtype": "float32"}))
@@ -77,7 +80,6 @@ def test_cached_text_features_are_the_text_towers_of_each_caption(encoded, encod
             nnx.merge(graphdef, state), tokens, mask, words=True
         )
     )
-    tokenizer = rundir.load_tokenizer(clip_run, rundir.load_run_config(clip_run))
     builder = tfds.builder_from_directory(dataset_dir)
     plain = tfds.builder_from_directory(encoded[0])
     keys = latents_lib.text_keys(True)
@@ -149,6 +151,11 @@ def test_a_dit_whose_text_encoder_did_not_make_the_cached_features_is_refused(
     config.tokenizer.context_length = 12
     with pytest.raises(UserError, match="context_length=12, but the text features .* hold 16"):
         training.train(config, str(tmp_path / "dit2"))
+    config = text_dit_config(options, clip_run)
+    config.tokenizer.path = None  # a BPE of its own, whose ids the cached features never saw
+    tokenizer = rundir.tokenizer_dir(clip_run)
+    with pytest.raises(UserError, match=f"another vocabulary.*--config.tokenizer.path={tokenizer}"):
+        training.train(config, str(tmp_path / "dit4"))
     # A cache without word embeddings, for a DiT that reads them.
     dataset_dir = encoded_text[0]
     copy = tmp_path / "data" / "shapes_latents" / "1.0.0"

@@ -62,6 +62,7 @@ class LatentEncoding:
     text_tokenizer: str | None = None
     text_context_length: int | None = None
     text_words: bool = False  # whether records hold TEXT_WORDS_KEY
+    text_vocabulary: str | None = None  # `tokenizer.vocabulary_digest` of text_tokenizer
 
     @classmethod
     def from_json(cls, values: Mapping[str, Any]) -> LatentEncoding:
@@ -79,6 +80,7 @@ class LatentEncoding:
             text_tokenizer=values.get("text_tokenizer"),
             text_context_length=values.get("text_context_length"),
             text_words=bool(values.get("text_words", False)),
+            text_vocabulary=values.get("text_vocabulary"),
         )
 
     @property

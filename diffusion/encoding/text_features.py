@@ -69,6 +69,7 @@ class TextFeatureEncoder:
             text_tokenizer=self.tokenizer_path,
             text_context_length=self.context_length,
             text_words=self.words,
+            text_vocabulary=data_lib.vocabulary_digest(self.tokenizer),
         )
 
     def features(self) -> dict[str, tfds.features.Tensor]:

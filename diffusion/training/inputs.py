@@ -128,10 +128,11 @@ def class_space(config, builder, source_name: str, class_features) -> ClassSpace
     return classes
 
 
-def cached_text(config, source, builder) -> dict[str, np.ndarray] | None:
+def cached_text(config, source, builder, tokenizer) -> dict[str, np.ndarray] | None:
     """The empty caption's cached text features where a text-conditional DiT trains on a dataset
-    that holds them (encode.py --text_encoder), checked to come from the DiT's own text encoder
-    and context length; None where the text tower runs in the train step."""
+    that holds them (encode.py --text_encoder), checked to come from the DiT's own text encoder,
+    tokenizer (which sampling will use) and context length; None where the text tower runs in
+    the train step."""
     encoding = source.latents
     if config.family != "dit" or encoding is None or encoding.text_encoder is None:
         return None
@@ -152,6 +153,13 @@ def cached_text(config, source, builder) -> dict[str, np.ndarray] | None:
             f"config.tokenizer.context_length={length}, but the text features cached in "
             f"{dataset} hold {encoding.text_context_length} tokens a caption. Pass "
             f"--config.tokenizer.context_length={encoding.text_context_length}."
+        )
+    if data_lib.vocabulary_digest(tokenizer) != encoding.text_vocabulary:
+        raise UserError(
+            f"the text features cached in {dataset} were made with the tokenizer "
+            f"{encoding.text_tokenizer!r}, but this DiT's tokenizer (config.tokenizer.path="
+            f"{config.tokenizer.path!r}) has another vocabulary, so its samples would read "
+            f"other token ids. Pass --config.tokenizer.path={encoding.text_tokenizer}."
         )
     if config.model.get("word_conditioning", False) and not encoding.text_words:
         raise UserError(

@@ -105,7 +105,7 @@ def train(
     if config.family == "dit" and config.text_encoder.checkpoint:
         # Absolute, so that config.json still finds it from a sampling job elsewhere.
         config.text_encoder.checkpoint = os.path.abspath(config.text_encoder.checkpoint)
-    empty_text = inputs.cached_text(config, source, builder)
+    empty_text = inputs.cached_text(config, source, builder, tokenizer)
     facts = inputs.data_facts(config, tokenizer, image_size, channels, empty_text)
     build, frozen = build_model(config, facts, mesh)
     tx = optim.make_optimizer(config.optimizer, total_steps=t.num_steps)  # checks, writes nothing
