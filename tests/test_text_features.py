@@ -12,12 +12,15 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 import test_encode
+from conftest import single_device_env
 from flax import nnx
 from test_encode import NUM, REPO, _files, _shards
 
@@ -198,3 +201,16 @@ def test_a_stopped_text_job_resumes_to_the_bytes_of_an_uninterrupted_one(
     monkeypatch.undo()
     assert encoding.encode_dataset(diffusers_autoencoder[0], config, 0, options) == str(root)
     assert _files(root) == _files(dataset_dir)
+
+
+def test_encode_py_refuses_text_words_without_a_text_encoder(tmp_path):
+    command = [
+        sys.executable, "encode.py", "--config=configs/base_clip.py", "--autoencoder=ae",
+        f"--output_dir={tmp_path}", "--text_words",
+    ]  # fmt: skip
+    result = subprocess.run(
+        command, cwd=REPO, env=single_device_env(), capture_output=True, text=True
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "--text_words needs --text_encoder=DIR" in result.stderr
+    assert "Traceback" not in result.stderr
