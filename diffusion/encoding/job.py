@@ -106,7 +106,9 @@ def encode_dataset(
     mine = writer.shards()[jax.process_index() :: jax.process_count()]
     pending = [shard for shard in mine if not writer.is_written(shard)]
     encode = BatchEncoder(model, options.batch_size)
-    captions = {split: captions_of(reader, source) for split, reader in readers.items()}
+    captions = {}  # the captions of each split, as training makes them
+    if text is not None:
+        captions = {split: captions_of(reader, source) for split, reader in readers.items()}
     encoders = Encoders(encode, text, captions, source.image_key)
     _encode_shards(encoders, writer, readers, pending, stop)
     distributed.barrier("every shard of the latent dataset written")
