@@ -26,7 +26,7 @@ from test_encode import NUM, REPO, _files, _shards
 
 from diffusion import config as config_lib
 from diffusion import data as data_lib
-from diffusion import encoding, rundir, training
+from diffusion import encoding, inference, rundir, training
 from diffusion.data import latents as latents_lib
 from diffusion.data.tokenizer import tokenize
 from diffusion.errors import UserError
@@ -136,6 +136,14 @@ def test_a_dit_on_cached_text_features_trains_as_one_running_the_text_tower(
         losses[name] = [r["loss"] for r in metrics.read_metrics(workdir)]
     assert len(losses["cached"]) == 3
     np.testing.assert_allclose(losses["cached"], losses["tower"], rtol=1e-5)
+    # The run still names its text encoder, which sampling runs.
+    monkeypatch.undo()
+    cached = str(tmp_path / "cached")
+    assert rundir.load_run_config(cached).text_encoder.checkpoint == os.path.abspath(clip_run)
+    images = inference.TextToImage.from_run(cached).generate(
+        ["a red circle"], seeds=[0], sampler="euler", steps=1
+    )
+    assert images.shape == (1, 16, 16, 3) and images.dtype == np.uint8
 
 
 def test_a_dit_whose_text_encoder_did_not_make_the_cached_features_is_refused(
