@@ -3,12 +3,18 @@
 python encode.py --autoencoder=runs/ae (or a diffusers AutoencoderKL directory) \
     --config=configs/shapes.py [--config.data.builder_config=64 ...] --output_dir=data/latents \
     [--name=shapes_latents --splits=train,test --batch_size=64 --examples_per_shard=4096]
+    [--text_encoder=runs/clip [--text_words]]
 
 The recipe's `data` section names the dataset (and the shapes size). The output is
 OUTPUT_DIR/NAME/1.0.0, read by training with --config.data.name=NAME
 --config.data.data_dir=OUTPUT_DIR. Sharded over every device and process; rerunning the same
 command after an interruption (a SIGKILL, or a SIGTERM, which stops after the batch in flight
 and exits 0) finishes it with the bytes of an uninterrupted run.
+
+--text_encoder=DIR (a CLIP run directory, as a DiT's config.text_encoder.checkpoint names one)
+also stores each caption's features under that frozen text tower, with its own tokenizer and
+context length; a text-conditional DiT with that checkpoint then trains on them without running
+the tower. --text_words adds the word embeddings a DiT with model.word_conditioning reads.
 """
 
 from absl import app, flags, logging
@@ -22,6 +28,8 @@ flags.DEFINE_string("name", None, "Name of the latent dataset (default: <dataset
 flags.DEFINE_string("splits", None, "Comma-separated splits (default: every split).")
 flags.DEFINE_integer("batch_size", 64, "Images per call in each process.")
 flags.DEFINE_integer("examples_per_shard", 4096, "Examples per output file (unit of resumption).")
+flags.DEFINE_string("text_encoder", None, "CLIP run directory: also store caption text features.")
+flags.DEFINE_bool("text_words", False, "With --text_encoder: also the tower's word embeddings.")
 flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, for several processes outside TPU pods."
 )
@@ -49,6 +57,8 @@ def main(argv):
         config = config_lib.load_config(_CONFIG["spec"], _CONFIG["overrides"])
         if FLAGS.batch_size < 1 or FLAGS.examples_per_shard < 1:
             raise UserError("--batch_size and --examples_per_shard must be >= 1.")
+        if FLAGS.text_words and not FLAGS.text_encoder:
+            raise UserError("--text_words needs --text_encoder=DIR (the CLIP run to encode with).")
         from diffusion import distributed, encoding  # after flag parsing: importing jax is slow
 
         distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
@@ -59,6 +69,8 @@ def main(argv):
             splits=splits or None,
             batch_size=FLAGS.batch_size,
             examples_per_shard=FLAGS.examples_per_shard,
+            text_encoder=FLAGS.text_encoder,
+            text_words=FLAGS.text_words,
         )
         from diffusion.training import PreemptionGuard
 

@@ -230,6 +230,21 @@ def load_text_encoder(checkpoint: str, execution: dict) -> models.CLIP:
     return hf.load_hf_clip(checkpoint, **execution)
 
 
+def text_encoder_tokenizer(checkpoint: str, clip_config: models.CLIPConfig) -> tuple[str, int]:
+    """(tokenizer directory or name, context length) that the CLIP `load_text_encoder` loads from
+    `checkpoint` was trained with: a run's own tokenizer/ (else the one its recipe names) and its
+    config.tokenizer.context_length; a Hugging Face directory's own tokenizer files and the
+    model's position table."""
+    if not os.path.isfile(os.path.join(checkpoint, MODEL_FILE)):
+        return checkpoint, int(clip_config.context_length)
+    config = load_run_config(checkpoint)
+    own = tokenizer_dir(checkpoint)
+    tokenizer = own if os.path.isdir(own) else config.tokenizer.path
+    if not tokenizer:
+        raise UserError(f"CLIP run directory {checkpoint!r} has no {TOKENIZER_DIR}/ directory")
+    return tokenizer, int(config.tokenizer.context_length)
+
+
 AUTOENCODER_HINT = (
     "Pass an autoencoder run directory of train.py (--config=configs/base_autoencoder.py) or a "
     'diffusers AutoencoderKL directory (config.json with "_class_name": "AutoencoderKL" '

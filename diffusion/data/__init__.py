@@ -13,6 +13,7 @@ from diffusion.data.tokenizer import (
     longest_caption,
     tokenize,
     train_caption_tokenizer,
+    vocabulary_digest,
 )
 
 __all__ = [
@@ -27,4 +28,5 @@ __all__ = [
     "to_global_batch",
     "tokenize",
     "train_caption_tokenizer",
+    "vocabulary_digest",
 ]

@@ -173,6 +173,9 @@ class BatchDecoder:
             captions = [self.caption(r) for r in records]
             # (b, L) int32 token ids, and the mask: 1 on real tokens
             batch["tokens"], batch["mask"] = tokenize(self.tokenizer, captions, self.context_length)
+            latents = self.config.latents
+            for key in latents.text_keys if latents is not None else ():  # cached, as stored
+                batch[key] = np.stack([np.asarray(r[key]) for r in records])
         if self.negative_caption_attributes:
             negatives = self.negative_captions(records, captions, indices)
             batch["negative_caption_tokens"], batch["negative_caption_mask"] = tokenize(
@@ -298,8 +301,10 @@ def make_input_pipeline(
     batch also holds 'negative_caption_tokens' and 'negative_caption_mask', every caption with
     one of these attributes' words swapped for another value (NegCLIP), for the contrastive loss.
     `captions=False`: no captions are read and no 'tokens' / 'mask' made (`tokenizer` may be
-    None). `class_features` (ClassLabel names, `diffusion.data.classes`): each batch also holds
-    'label', the int32 class id of each record (mixed radix over these features).
+    None). A dataset with cached text features (`diffusion.data.latents.text_keys`) adds them
+    to each batch beside 'tokens' and 'mask'. `class_features` (ClassLabel names,
+    `diffusion.data.classes`): each batch also holds 'label', the int32 class id of each
+    record (mixed radix over these features).
 
     Every process yields the same number of batches; the global batch does not depend on the
     number of processes.

@@ -5,6 +5,10 @@ of one image under a frozen autoencoder (`latent_mean`, `latent_std`), and the d
 Training draws z = mean + std * eps afresh for every batch (the posterior, not one fixed sample,
 as the DiT and Stable Diffusion trainers do) and feeds the DiT (z - shift) * scale, so that its
 inputs have about unit variance; sampling inverts that before the autoencoder decodes.
+
+A dataset encoded with `encode.py --text_encoder=DIR` also holds each caption's features under
+that frozen CLIP text tower (TEXT_KEYS), and EMPTY_TEXT_FILE the empty caption's (what condition
+dropout puts in their place): a text-conditional DiT then trains without running the tower.
 """
 
 from __future__ import annotations
@@ -22,6 +26,20 @@ from diffusion.errors import UserError
 ENCODING_FILE = "encoding.json"
 MEAN_KEY = "latent_mean"
 STD_KEY = "latent_std"
+# A caption's text features: token states (L, D), token mask (L,) int32, pooled embedding (E,) and
+# the tower's input-layer word embeddings (L, W), float32 but the mask (int32 as tokenize makes it).
+TEXT_CONTEXT_KEY = "text_context"
+TEXT_MASK_KEY = "text_mask"
+TEXT_POOLED_KEY = "text_pooled"
+TEXT_WORDS_KEY = "text_words"
+EMPTY_TEXT_FILE = "empty_caption.npz"  # the empty caption's features, keyed as its records'
+
+
+def text_keys(words: bool) -> tuple[str, ...]:
+    """The text features of a record; the word embeddings only where encode.py was asked for
+    them (--text_words: only a DiT with word_conditioning reads them, and they are as large as
+    the token states)."""
+    return (TEXT_CONTEXT_KEY, TEXT_MASK_KEY, TEXT_POOLED_KEY) + ((TEXT_WORDS_KEY,) if words else ())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +56,13 @@ class LatentEncoding:
     source: str | None = None
     source_data_dir: str | None = None
     source_image_key: str = "image"
+    # With cached text features: the CLIP run (absolute path) that made them, its tokenizer and
+    # the context length its captions were cut to; None: the dataset holds no text features.
+    text_encoder: str | None = None
+    text_tokenizer: str | None = None
+    text_context_length: int | None = None
+    text_words: bool = False  # whether records hold TEXT_WORDS_KEY
+    text_vocabulary: str | None = None  # `tokenizer.vocabulary_digest` of text_tokenizer
 
     @classmethod
     def from_json(cls, values: Mapping[str, Any]) -> LatentEncoding:
@@ -51,7 +76,17 @@ class LatentEncoding:
             source=values.get("source"),
             source_data_dir=values.get("source_data_dir"),
             source_image_key=values.get("source_image_key", "image"),
+            text_encoder=values.get("text_encoder"),
+            text_tokenizer=values.get("text_tokenizer"),
+            text_context_length=values.get("text_context_length"),
+            text_words=bool(values.get("text_words", False)),
+            text_vocabulary=values.get("text_vocabulary"),
         )
+
+    @property
+    def text_keys(self) -> tuple[str, ...]:
+        """The cached text features of each record (none without a text encoder)."""
+        return () if self.text_encoder is None else text_keys(self.text_words)
 
     def to_json(self) -> dict[str, Any]:
         return dict(dataclasses.asdict(self), latent_shape=list(self.latent_shape))
@@ -63,6 +98,19 @@ class LatentEncoding:
         """A draw from each posterior, normalised: (B, h, w, c) float32."""
         eps = rng.standard_normal(means.shape, dtype=np.float32)
         return self.normalise(means + stds * eps).astype(np.float32)
+
+
+def read_empty_text(dataset_dir: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """The empty caption's text features (`keys`) of a dataset with cached ones."""
+    path = os.path.join(dataset_dir, EMPTY_TEXT_FILE)
+    try:
+        with np.load(path) as stored:
+            return {key: np.asarray(stored[key]) for key in keys}
+    except (OSError, KeyError, ValueError) as error:
+        raise UserError(
+            f"{path} is missing or unreadable ({error}); encode the dataset again with "
+            "encode.py --text_encoder."
+        ) from error
 
 
 def read_encoding(dataset_dir: str) -> dict[str, Any] | None:

@@ -230,12 +230,15 @@ def class_label_keys(features: Mapping[str, Any]) -> list[str]:
 def needed_keys(
     config: SourceConfig, features: Mapping[str, Any], captions: bool = True
 ) -> list[str]:
-    """The features a batch is made of: image, caption or template fields, and the labels."""
+    """The features a batch is made of: image, caption or template fields (and cached text
+    features where the dataset holds them), and the labels."""
     keys = [config.image_key, *class_label_keys(features)]
     if config.latents is not None:
         keys.append(STD_KEY)
     if not captions:
         return keys
+    if config.latents is not None:
+        keys.extend(config.latents.text_keys)
     if config.caption_template is None and config.label_key is None:
         keys.append(config.caption_key)
     else:

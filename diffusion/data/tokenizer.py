@@ -10,6 +10,7 @@ the end token on truncation.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -67,6 +68,13 @@ def load_tokenizer(path_or_name: str | os.PathLike) -> transformers.PreTrainedTo
             "train_caption_tokenizer / save_pretrained, or a Hugging Face hub name such as "
             f"'openai/clip-vit-base-patch32' (needs hub access). Cause: {error}"
         ) from error
+
+
+def vocabulary_digest(tokenizer: transformers.PreTrainedTokenizerBase) -> str:
+    """A SHA-256 of the tokenizer's vocabulary (token -> id): tells two tokenizers apart without
+    the files of either, e.g. the one a dataset's cached text features were made with."""
+    vocabulary = json.dumps(tokenizer.get_vocab(), sort_keys=True, ensure_ascii=True)
+    return hashlib.sha256(vocabulary.encode("utf-8")).hexdigest()
 
 
 def _byte_level_bpe() -> Tokenizer:

@@ -8,6 +8,8 @@ metadata once every process is done. The posterior (mean and std) is stored rath
 sampled latent, so nothing here is random: a rerun after a kill skips the shards that exist and
 ends with the bytes of an uninterrupted run. A stop request (SIGTERM through the caller's
 PreemptionGuard) ends the job after the batch in flight, dropping only its unfinished shard.
+With `EncodeOptions.text_encoder`, each batch's captions also go through that frozen text tower
+(`text_features`), in the same batches, so a record holds its caption's features too.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from diffusion import distributed, rundir
 from diffusion.data import latents, sources
 from diffusion.encoding.latent_dataset import LatentDatasetWriter, Shard, latent_features
+from diffusion.encoding.text_features import TextFeatureEncoder, captions_of
 from diffusion.errors import UserError
 from diffusion.models.autoencoder import Autoencoder, AutoencoderConfig
 from diffusion.training import inputs
@@ -41,6 +44,10 @@ class EncodeOptions:
     splits: tuple[str, ...] | None = None  # default: every split of the source
     batch_size: int = 64  # images per call in each process (rounded up to its devices)
     examples_per_shard: int = 4096  # examples per output file: the unit of resumption
+    # A CLIP run (or Hugging Face CLIP directory) whose text tower's features of each caption
+    # are stored too (`text_features`); None: latents only.
+    text_encoder: str | None = None
+    text_words: bool = False  # with text_encoder: also the tower's word embeddings
 
 
 class EncodingStopped(Exception):
@@ -66,10 +73,16 @@ def encode_dataset(
     f = autoencoder_config.downsampling_factor
     latent_shape = (image_shape[0] // f, image_shape[1] // f, autoencoder_config.latent_channels)
     name = options.name or f"{sources.dataset_name(source.name)}_latents"
+    text = None
+    output_features = latent_features(features, source.image_key, latent_shape)
+    if options.text_encoder:
+        check_captions(features, source)
+        text = TextFeatureEncoder(options.text_encoder, options.batch_size, options.text_words)
+        output_features = tfds.features.FeaturesDict({**output_features, **text.features()})
     writer = LatentDatasetWriter(
         options.output_dir,
         name,
-        latent_features(features, source.image_key, latent_shape),
+        output_features,
         {split: len(reader) for split, reader in readers.items()},
         options.examples_per_shard,
     )
@@ -85,6 +98,7 @@ def encode_dataset(
         splits=writer.split_lengths,
         examples_per_shard=options.examples_per_shard,
         batch_size=options.batch_size,
+        **(text.plan() if text is not None else {}),
     )
     if jax.process_index() == 0:
         writer.start(plan)
@@ -92,7 +106,11 @@ def encode_dataset(
     mine = writer.shards()[jax.process_index() :: jax.process_count()]
     pending = [shard for shard in mine if not writer.is_written(shard)]
     encode = BatchEncoder(model, options.batch_size)
-    _encode_shards(encode, writer, readers, source.image_key, pending, stop)
+    captions = {}  # the captions of each split, as training makes them
+    if text is not None:
+        captions = {split: captions_of(reader, source) for split, reader in readers.items()}
+    encoders = Encoders(encode, text, captions, source.image_key)
+    _encode_shards(encoders, writer, readers, pending, stop)
     distributed.barrier("every shard of the latent dataset written")
     if jax.process_index() == 0:
         description = f"Posterior mean and std of {source.name} under {autoencoder_path}"
@@ -102,6 +120,8 @@ def encode_dataset(
         scale, shift, origin = latents.normalisation(
             statistics, autoencoder_config.scaling_factor, autoencoder_config.shift_factor
         )
+        if text is not None:  # before encoding.json, which marks the dataset complete
+            text.write_empty(writer.root)
         writer.finish(
             dict(
                 plan,
@@ -149,6 +169,18 @@ def check_images(
     return height, width, channels
 
 
+def check_captions(features: Mapping[str, Any], source: sources.SourceConfig) -> None:
+    """Refuses a dataset without the caption features (or template fields) the recipe names."""
+    needed = sources.needed_keys(source, features, captions=True)
+    missing = [key for key in needed if key not in features]
+    if missing:
+        raise UserError(
+            f"--text_encoder encodes each record's caption, but {source.name!r} has no feature "
+            f"{missing} (features: {sorted(features)}); set config.data.caption_key, or "
+            "config.data.label_key and caption_template, to features it has."
+        )
+
+
 def _reader(builder, source: sources.SourceConfig, split: str) -> sources.RecordReader:
     sources.check_split(builder, split)
     return sources.RecordReader(builder, split, list(builder.info.features))
@@ -182,15 +214,28 @@ class BatchEncoder:
         return np.asarray(mean, np.float32)[:count], np.asarray(std, np.float32)[:count]
 
 
-def _encode_shards(
-    encode: BatchEncoder, writer, readers, image_key: str, shards, stop=lambda: False
-) -> None:
+@dataclasses.dataclass(frozen=True)
+class Encoders:
+    """What one batch of records goes through: the autoencoder, and the text tower (if any) of
+    the captions that `captions[split]` makes."""
+
+    images: BatchEncoder
+    text: TextFeatureEncoder | None
+    captions: Mapping[str, Any]
+    image_key: str
+
+    @property
+    def batch_size(self) -> int:
+        return self.images.batch_size
+
+
+def _encode_shards(encode: Encoders, writer, readers, shards, stop=lambda: False) -> None:
     total = sum(s.stop - s.start for s in shards)
     bar = tqdm.tqdm(total=total, unit="img", desc="encode", disable=jax.process_index() != 0)
     start, done = time.perf_counter(), 0
     try:
         for shard in shards:
-            examples = _encoded_examples(encode, readers[shard.split], image_key, shard, stop)
+            examples = _encoded_examples(encode, readers[shard.split], shard, stop)
             writer.write(shard, examples)
             done += shard.stop - shard.start
             bar.update(shard.stop - shard.start)
@@ -199,19 +244,21 @@ def _encode_shards(
         bar.close()
 
 
-def _encoded_examples(
-    encode: BatchEncoder, reader, image_key: str, shard: Shard, stop=lambda: False
-) -> Iterator[dict]:
+def _encoded_examples(encode: Encoders, reader, shard: Shard, stop=lambda: False) -> Iterator[dict]:
+    image_key = encode.image_key
     for first in range(shard.start, shard.stop, encode.batch_size):
         if stop():
             raise EncodingStopped(f"stopped before example {first} of {shard.split!r}")
         indices = list(range(first, min(shard.stop, first + encode.batch_size)))
         records = reader.read(indices)
         images = np.stack([np.asarray(r[image_key], np.uint8) for r in records])
-        means, stds = encode(images)
-        for record, mean, std in zip(records, means, stds, strict=True):
+        means, stds = encode.images(images)
+        texts = [{}] * len(records)
+        if encode.text is not None:
+            texts = encode.text([encode.captions[shard.split].caption(r) for r in records])
+        for record, mean, std, text in zip(records, means, stds, texts, strict=True):
             kept = {k: v for k, v in record.items() if k != image_key}
-            yield {**kept, latents.MEAN_KEY: mean, latents.STD_KEY: std}
+            yield {**kept, latents.MEAN_KEY: mean, latents.STD_KEY: std, **text}
 
 
 def latent_statistics(root: str, split: str, limit: int = 65_536) -> dict[str, float]:

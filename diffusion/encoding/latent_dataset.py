@@ -10,12 +10,17 @@ with no builder class and no TensorFlow):
                                             temporary and renamed: a file that exists is whole
                                             (one damaged later is set aside and encoded again)
         dataset_info.json, features.json, *.labels.txt   written by TFDS once every shard is
-        encoding.json                       the autoencoder and latent statistics; written last,
-                                            so its presence means the dataset is complete
+        empty_caption.npz                   with --text_encoder: the empty caption's text
+                                            features (atomically, before encoding.json)
+        encoding.json                       the autoencoder and latent statistics (and the text
+                                            encoder, its tokenizer and context length); written
+                                            last, so its presence means the dataset is complete
 
 Records hold `latent_mean` and `latent_std` (float32 (h, w, c), the posterior of each image, so
 training draws its own latent per step) and every other feature of the source record unchanged
-(captions, class labels with their names).
+(captions, class labels with their names). With --text_encoder they also hold the caption's
+text features (`diffusion.data.latents.text_keys`: `text_context` (L, D), `text_mask` (L,),
+`text_pooled` (E,), and with --text_words `text_words` (L, W)).
 """
 
 from __future__ import annotations

@@ -31,6 +31,9 @@ class DataFacts:
     empty_tokens: np.ndarray  # (1, L) int32: the empty caption, the unconditional input
     empty_mask: np.ndarray  # (1, L) int32
     image_channels: int = 3  # the input pipeline makes every image RGB (grayscale repeated)
+    # A dataset with cached text features: the empty caption's, keyed as its records'
+    # (`diffusion.data.latents.text_keys`); None: the text tower runs in the train step.
+    empty_text: dict[str, np.ndarray] | None = None
 
     @classmethod
     def from_config(cls, config, image_size: int) -> DataFacts:

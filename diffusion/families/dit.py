@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from diffusion import models, objectives, sharding
+from diffusion.data import latents
 from diffusion.data.classes import class_features_of
 from diffusion.errors import UserError
 from diffusion.families.base import (
@@ -174,6 +175,42 @@ def text_conditional_loss(
     return loss, {"mean_t": jnp.mean(aux["t"])}
 
 
+def cached_text_conditional_loss(
+    model,
+    frozen,
+    batch,
+    key,
+    *,
+    objective: DiffusionObjective,
+    empty_text: dict[str, np.ndarray],
+    cond_dropout: float,
+):
+    """`text_conditional_loss` over text features cached in the batch (encode.py
+    --text_encoder): no text tower runs. A dropped caption takes the empty caption's cached
+    features, with the same draw as there, so both give the same loss."""
+    del frozen
+    drop_key, loss_key = jax.random.split(key)
+    mask = batch[latents.TEXT_MASK_KEY]  # (B, L)
+    drop = jax.random.bernoulli(drop_key, cond_dropout, (mask.shape[0], 1))  # (B, 1)
+
+    def feature(name, batch_key):
+        value, empty = batch[batch_key], jnp.asarray(empty_text[batch_key], batch[batch_key].dtype)
+        where = drop.reshape(drop.shape + (1,) * (value.ndim - 2))  # (B, 1[, 1])
+        return name, jnp.where(where, empty, value)
+
+    cond = dict(
+        [
+            feature("context", latents.TEXT_CONTEXT_KEY),  # (B, L, D)
+            feature("context_mask", latents.TEXT_MASK_KEY),  # (B, L)
+            feature("pooled", latents.TEXT_POOLED_KEY),  # (B, E)
+        ]
+    )
+    if model.config.word_conditioning:
+        cond.update([feature("words", latents.TEXT_WORDS_KEY)])  # (B, L, W)
+    loss, aux = objective.loss(dit_model_fn(model), batch["image"], cond, loss_key)
+    return loss, {"mean_t": jnp.mean(aux["t"])}
+
+
 def class_conditional_loss(
     model,
     frozen,
@@ -241,7 +278,8 @@ def build(
     **model_overrides,
 ) -> ModelBuild:
     """The recipe's DiT and its denoising loss. `text_config`: the frozen text tower's config (a
-    text-conditional recipe) or None (class-conditional)."""
+    text-conditional recipe) or None (class-conditional). With `data.empty_text` (a dataset of
+    cached text features) the loss reads those and the build has no frozen model."""
     del mesh  # the DiT's loss is per example: no collective of its own
     if is_text_conditional(config) != (text_config is not None):
         raise ValueError("a text-conditional DiT needs text_config, a class-conditional one not")
@@ -258,6 +296,17 @@ def build(
             num_classes=model_config_.num_classes,
             cond_dropout=cond_dropout,
         )
+    elif data.empty_text is not None:  # cached text features: the tower is not in the step
+        empty_text = data.empty_text
+        loss_fn = lambda model, frozen, batch, key: cached_text_conditional_loss(
+            model,
+            frozen,
+            batch,
+            key,
+            objective=objective,
+            empty_text=empty_text,
+            cond_dropout=cond_dropout,
+        )
     else:
         empty_tokens, empty_mask = data.empty_tokens, data.empty_mask
         loss_fn = lambda model, frozen, batch, key: text_conditional_loss(
@@ -270,14 +319,15 @@ def build(
             empty_mask=empty_mask,
             cond_dropout=cond_dropout,
         )
+    frozen_config = text_config if data.empty_text is None else None  # what the step runs
     return ModelBuild(
         NAME,
         model_config_,
         models.DiT,
         loss_fn,
         config.seed,
-        frozen_config=text_config,
-        frozen_class=models.CLIP if text_config is not None else None,
+        frozen_config=frozen_config,
+        frozen_class=models.CLIP if frozen_config is not None else None,
     )
 
 
@@ -292,6 +342,8 @@ def abstract_batch(config, mesh: Mesh, build_: ModelBuild, data: DataFacts) -> d
         length = data.context_length
         out["tokens"] = abstract_array((batch, length), jnp.int32, rows)
         out["mask"] = abstract_array((batch, length), jnp.int32, rows)
+        for key, empty in (data.empty_text or {}).items():  # cached text features
+            out[key] = abstract_array((batch, *empty.shape), empty.dtype, rows)
     else:
         out["label"] = abstract_array((batch,), jnp.int32, rows)
     return out

@@ -128,8 +128,57 @@ def class_space(config, builder, source_name: str, class_features) -> ClassSpace
     return classes
 
 
-def data_facts(config, tokenizer, image_size: int, channels: int = 3) -> DataFacts:
-    """What the model builder needs of the data and tokenizer (None: a model without text)."""
+def cached_text(config, source, builder, tokenizer) -> dict[str, np.ndarray] | None:
+    """The empty caption's cached text features where a text-conditional DiT trains on a dataset
+    that holds them (encode.py --text_encoder), checked to come from the DiT's own text encoder,
+    tokenizer (which sampling will use) and context length; None where the text tower runs in
+    the train step."""
+    encoding = source.latents
+    if config.family != "dit" or encoding is None or encoding.text_encoder is None:
+        return None
+    if int(config.model.num_classes) != 0:  # class-conditional: reads no text
+        return None
+    dataset, made_with = builder.data_dir, encoding.text_encoder
+    wanted = config.text_encoder.checkpoint
+    if not wanted or os.path.realpath(wanted) != os.path.realpath(made_with):
+        raise UserError(
+            f"config.text_encoder.checkpoint={wanted!r}, but the text features cached in "
+            f"{dataset} were made with the text encoder {made_with!r}. Pass "
+            f"--config.text_encoder.checkpoint={made_with}, or encode the dataset again with "
+            f"encode.py --text_encoder={wanted}."
+        )
+    length = int(config.tokenizer.context_length)
+    if encoding.text_context_length != length:
+        raise UserError(
+            f"config.tokenizer.context_length={length}, but the text features cached in "
+            f"{dataset} hold {encoding.text_context_length} tokens a caption. Pass "
+            f"--config.tokenizer.context_length={encoding.text_context_length}."
+        )
+    if data_lib.vocabulary_digest(tokenizer) != encoding.text_vocabulary:
+        raise UserError(
+            f"the text features cached in {dataset} were made with the tokenizer "
+            f"{encoding.text_tokenizer!r}, but this DiT's tokenizer (config.tokenizer.path="
+            f"{config.tokenizer.path!r}) has another vocabulary, so its samples would read "
+            f"other token ids. Pass --config.tokenizer.path={encoding.text_tokenizer}."
+        )
+    if config.model.get("word_conditioning", False) and not encoding.text_words:
+        raise UserError(
+            f"config.model.word_conditioning=True reads the text tower's word embeddings, but "
+            f"the text features cached in {dataset} hold none. Encode the dataset again with "
+            "encode.py --text_encoder --text_words, or pass --config.model.word_conditioning=False."
+        )
+    return latents.read_empty_text(dataset, encoding.text_keys)
+
+
+def data_facts(
+    config,
+    tokenizer,
+    image_size: int,
+    channels: int = 3,
+    empty_text: dict[str, np.ndarray] | None = None,
+) -> DataFacts:
+    """What the model builder needs of the data and tokenizer (None: a model without text);
+    `empty_text`: the empty caption's cached text features (`cached_text`), if any."""
     if tokenizer is None:
         return dataclasses.replace(DataFacts.without_text(image_size), image_channels=channels)
     length = config.tokenizer.context_length
@@ -141,4 +190,5 @@ def data_facts(config, tokenizer, image_size: int, channels: int = 3) -> DataFac
         empty_tokens=empty_tokens,
         empty_mask=empty_mask,
         image_channels=int(channels),
+        empty_text=empty_text,
     )

@@ -105,7 +105,8 @@ def train(
     if config.family == "dit" and config.text_encoder.checkpoint:
         # Absolute, so that config.json still finds it from a sampling job elsewhere.
         config.text_encoder.checkpoint = os.path.abspath(config.text_encoder.checkpoint)
-    facts = inputs.data_facts(config, tokenizer, image_size, channels)
+    empty_text = inputs.cached_text(config, source, builder, tokenizer)
+    facts = inputs.data_facts(config, tokenizer, image_size, channels, empty_text)
     build, frozen = build_model(config, facts, mesh)
     tx = optim.make_optimizer(config.optimizer, total_steps=t.num_steps)  # checks, writes nothing
     rundir.check_resumable(workdir, build.family, build.model_config)
@@ -116,7 +117,11 @@ def train(
     if source.latents is not None:
         rundir.save_latents(workdir, source.latents)
 
-    train_step = build.train_step(config, mesh, tx, frozen)
+    # The text tower stays loaded for sampling callbacks; cached text features keep it out of
+    # the step (the build then has no frozen model).
+    train_step = build.train_step(
+        config, mesh, tx, frozen if build.frozen_config is not None else None
+    )
     data_iterator = data_lib.make_input_pipeline(
         source,
         tokenizer,
