@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation for TPU (diffusion/aot.py): the tiny DiT and CLIP train steps
+"""Ahead-of-time compilation for TPU (diffusion/aot/): the tiny DiT and CLIP train steps
 compiled for a v5e:2x2 slice on this CPU machine, checked against independent truths.
 
 Needs the TPU compiler (`pip install 'jax[tpu]'`, the project's tpu extra); skipped without it.

@@ -1,30 +1,8 @@
-"""Ahead-of-time compilation for a TPU topology: does a recipe fit, and how fast could it run?
-
-With libtpu installed (the `tpu` extra), `jax.experimental.topologies.get_topology_desc` describes
-the chips of a TPU slice on any machine, this CPU included. The REAL train step of a recipe
-(`train_step.TrainStep.step_fn`: loss, gradients, AdamW, EMA, under the recipe's mesh and logical
-rules) and its sampling program (`inference.program.sampling_program`, the very program sample.py
-runs: text tower, guidance, the sampler's `lax.scan`, and for a latent DiT the autoencoder's
-decoder from config.autoencoder) are lowered with abstract inputs
-(`jax.ShapeDtypeStruct` carrying shardings) and compiled by the TPU compiler. Nothing is
-allocated; the compiled programs report
-
-    memory_analysis()   per-device bytes: arguments, outputs, temporaries, generated code, and
-                        the outputs aliased to donated arguments (counted once)
-    cost_analysis()     per-device FLOPs, bytes accessed and `optimal_seconds`, the compiler's
-                        roofline estimate of the program's run time on that chip
-
-from which the report derives the peak memory per device against the chip's HBM, the step time
-and the implied utilisation (FLOPs / (time x peak)). The FLOPs are the compiler's, so with
-rematerialisation they include the recomputed forward pass (hardware, not model, FLOPs).
-
-    report = compile_for_topology(config, "v5p:2x2x1")
-    python train.py --config=configs/dit_xl2_imagenet.py --aot_topology=v5p:8x8x4 --workdir=W
-"""
+"""Compiling a recipe's programs for a TPU topology, and what the compiler reports: memory per
+device against the chip's HBM, FLOPs, the roofline time and the implied utilisation."""
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import math
@@ -34,22 +12,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
-from diffusion import families, inference, metrics, models, optim, rundir, sharding
-from diffusion.data.latents import LatentEncoding
-from diffusion.errors import UserError
-from diffusion.inference.program import program_spec, sampling_program
-from diffusion.inference.settings import DEFAULT_MICRO_BATCH
-from diffusion.models.autoencoder import (
-    AUTOENCODER_VARIANTS,
-    Autoencoder,
-    AutoencoderConfig,
-)
-from diffusion.models.autoencoder import autoencoder_config as autoencoder_variant
-from diffusion.train_step import TrainStep
+from diffusion import metrics, sharding
+from diffusion.aot.programs import AOTError, autoencoder_config, build_programs
 
 GIB = 1024**3
 
@@ -68,10 +33,6 @@ HBM_BANDWIDTH_BY_CHIP = {
     "v5p": 2765e9,
     "v6e": 1640e9,
 }
-
-
-class AOTError(UserError):
-    """A topology that cannot be used, or a recipe that does not fit it."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,210 +82,6 @@ def devices_per_chip(devices: Sequence[Any]) -> int:
     """TensorCores exposed as separate devices per chip (2 on v4 here, 1 on v5e/v5p/v6e)."""
     chips = {tuple(d.coords) for d in devices}
     return max(1, len(devices) // len(chips))
-
-
-# ---------------------------------------------------------------------------------------------
-# The programs: abstract train step and sampler of a recipe
-# ---------------------------------------------------------------------------------------------
-
-
-def recipe_image_size(config, default: int) -> int:
-    """The image side a recipe trains at: config.data.image_size, a shapes builder config such as
-    "32", else `default` (the recipe compiles without its dataset)."""
-    size = config.data.get("image_size")
-    if size:
-        return int(size)
-    return rundir.builder_resolution(config.data) or default
-
-
-def text_encoder_config(config) -> models.CLIPConfig:
-    """The frozen text tower's CLIP of a text-conditioned DiT recipe, from shapes alone."""
-    te = config.text_encoder
-    if te.get("variant"):
-        return models.clip_config(
-            te.variant,
-            vocab_size=int(config.tokenizer.vocab_size),
-            context_length=int(config.tokenizer.context_length),
-            dtype=config.model.dtype,
-        )
-    if te.checkpoint and os.path.isfile(os.path.join(te.checkpoint, rundir.MODEL_FILE)):
-        family, clip_config = rundir.load_model_config(te.checkpoint)
-        if family == "clip":
-            return clip_config
-    raise AOTError(
-        "a text-conditioned DiT needs the shapes of its CLIP text tower: set "
-        "config.text_encoder.variant (e.g. 'L/14') or config.text_encoder.checkpoint to a CLIP run "
-        "directory of train.py."
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class AbstractDecoder:
-    """The autoencoder whose decoder sample.py runs after a latent DiT, from shapes alone."""
-
-    graphdef: Any
-    state: Any  # ShapeDtypeStructs of the whole autoencoder, as sample.py places it
-    encoding: LatentEncoding
-
-
-def autoencoder_config(config) -> AutoencoderConfig:
-    """config.autoencoder of a latent DiT recipe: a row of AUTOENCODER_VARIANTS (`variant`) and
-    AutoencoderConfig fields that override it."""
-    section = config.get("autoencoder")
-    if section is None or not section.get("variant"):
-        raise AOTError(
-            "a latent DiT (config.model.in_channels != 3) samples through the decoder of the "
-            "autoencoder its latents came from: set config.autoencoder.variant to one of "
-            f"{sorted(AUTOENCODER_VARIANTS)} (e.g. 'SD', the VAE of encode.py's datasets)."
-        )
-    fields = {k: v for k, v in section.items() if k != "variant" and v is not None}
-    if "block_out_channels" in fields:
-        fields["block_out_channels"] = tuple(int(w) for w in fields["block_out_channels"])
-    try:
-        return autoencoder_variant(section.variant, **fields)
-    except ValueError as error:
-        raise AOTError(f"config.autoencoder: {error}") from error
-
-
-def abstract_decoder(config, dit_config, latent_side: int) -> AbstractDecoder | None:
-    """The decoder of a latent DiT recipe with abstract weights; None for a pixel DiT."""
-    if dit_config.in_channels == 3:
-        return None
-    ae_config = autoencoder_config(config)
-    if ae_config.latent_channels != dit_config.in_channels:
-        raise AOTError(
-            f"config.autoencoder makes latents of {ae_config.latent_channels} channels but the "
-            f"DiT reads {dit_config.in_channels} (config.model.in_channels)."
-        )
-    abstract = nnx.eval_shape(lambda: Autoencoder(ae_config, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    encoding = LatentEncoding(
-        autoencoder=f"config.autoencoder.variant={config.autoencoder.variant}",
-        scaling_factor=ae_config.scaling_factor,
-        shift_factor=ae_config.shift_factor or 0.0,
-        latent_shape=(latent_side, latent_side, ae_config.latent_channels),
-        downsampling_factor=ae_config.downsampling_factor,
-    )
-    return AbstractDecoder(graphdef, state, encoding)
-
-
-@dataclasses.dataclass
-class Programs:
-    """What gets compiled: the train step (and, for a DiT, the sampling program that sample.py
-    runs) with abstract arguments."""
-
-    build: families.ModelBuild
-    train_step: TrainStep
-    train_args: tuple
-    sample_fn: Any = None
-    sample_args: tuple = ()
-
-    @property
-    def family(self) -> str:
-        return self.build.family
-
-    @property
-    def model_config(self):
-        return self.build.model_config
-
-
-def recipe_facts(config) -> families.DataFacts:
-    """What the data would tell the model builder, from the recipe alone."""
-    default = 32
-    if config.family == "clip":
-        default = models.CLIP_VARIANTS.get(config.model.variant, {}).get("image_size", 32)
-    return families.DataFacts.from_config(config, recipe_image_size(config, default))
-
-
-def build_programs(
-    config, mesh, *, sample_batch: int | None = None, model_overrides: Mapping | None = None
-) -> Programs:
-    """The recipe's real train step (and sampler, for a DiT) over abstract inputs on `mesh`,
-    built through the family registry as train.py builds it.
-
-    model_overrides: model config fields to change (the depth twins of `extrapolated_cost`).
-    """
-    if config.family not in families.FAMILIES:
-        raise AOTError(
-            f"config.family={config.family!r}; AOT compiles one of {sorted(families.FAMILIES)}."
-        )
-    families.check_global_batch(int(config.training.global_batch_size), mesh)
-    family = families.get(config.family)
-    facts = recipe_facts(config)
-    overrides = dict(model_overrides or {})
-    if config.family == "dit":
-        text_config = text_encoder_config(config) if family.is_text_conditional(config) else None
-        build = family.build(config, facts, mesh, text_config, **overrides)
-    else:
-        build = family.build(config, facts, mesh, **overrides)
-    tx = optim.make_optimizer(config.optimizer, total_steps=config.training.num_steps)
-    train_step = build.train_step(config, mesh, tx)
-    if build.frozen_config is not None:  # abstract: TrainStep(frozen=...) would device_put one
-        train_step.use_abstract_frozen(build.init_frozen)
-    batch = family.abstract_batch(config, mesh, build, facts)
-    programs = Programs(
-        build, train_step, (train_step.abstract_state, batch, train_step.frozen_state)
-    )
-    if config.family == "dit":
-        programs.sample_fn, programs.sample_args = sampler_program(
-            config, mesh, train_step, build, facts, sample_batch
-        )
-    return programs
-
-
-def sampler_settings(config) -> inference.SamplerSettings:
-    """config.sampling as sample.py would resolve it for this recipe's model."""
-    d = config.diffusion
-    return inference.make_settings(
-        d.objective,
-        sampler=config.sampling.sampler,
-        steps=int(config.sampling.steps),
-        default_shift=float(d.get("shift", 1.0) or 1.0),
-        num_timesteps=int(d.num_timesteps) if d.objective == "ddpm" else None,
-    )
-
-
-def sampler_program(config, mesh, train_step, build, facts, sample_batch):
-    """(the sampling program, its abstract arguments (DiT weights, text tower weights, inputs,
-    spec, autoencoder weights)): `inference.program.sampling_program`, the one sample.py and
-    evaluate.py run, over the EMA weights replicated on every device as TextToImage places them;
-    a latent DiT's samples are decoded by config.autoencoder's decoder, replicated likewise."""
-    settings = sampler_settings(config)
-    micro_batch = DEFAULT_MICRO_BATCH
-    unit = micro_batch * math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh))
-    batch = -(-(sample_batch or unit) // unit) * unit  # whole micro-batches on every device
-    text_graphdef = train_step.frozen_graphdef
-    decoder = abstract_decoder(config, build.model_config, facts.image_size)
-    spec = program_spec(
-        train_step.graphdef,
-        text_graphdef,
-        build.model_config,
-        config.diffusion,
-        resolution=facts.image_size,
-        mesh=mesh,
-        micro_batch=micro_batch,
-        settings=settings,
-        decoder_graphdef=None if decoder is None else decoder.graphdef,
-        latents=None if decoder is None else decoder.encoding,
-    )
-    replicated = NamedSharding(mesh, PartitionSpec())
-    rows = sharding.batch_sharding(mesh)
-    state = train_step.abstract_state
-    params = state["ema"] if state["ema"] is not None else state["params"]
-    as_replicated = lambda tree: jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), tree
-    )
-    per_sample = lambda dtype, *shape: families.base.abstract_array((batch, *shape), dtype, rows)
-    inputs = {"seeds": per_sample(jnp.uint32), "scales": per_sample(jnp.float32)}
-    if text_graphdef is None:
-        inputs.update(labels=per_sample(jnp.int32), uncond_labels=per_sample(jnp.int32))
-    else:
-        length = facts.context_length
-        for name in ("tokens", "mask", "negative_tokens", "negative_mask"):
-            inputs[name] = per_sample(jnp.int32, length)
-    text_state = None if text_graphdef is None else as_replicated(train_step.frozen_state)
-    decoder_state = None if decoder is None else as_replicated(decoder.state)
-    return sampling_program, (as_replicated(params), text_state, inputs, spec, decoder_state)
 
 
 # ---------------------------------------------------------------------------------------------
