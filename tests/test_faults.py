@@ -348,3 +348,49 @@ def test_rerun_of_two_resumes_and_a_lost_peer_stops_the_other_with_a_clear_error
     assert "train.py: lost a peer: process 0 of 2 lost contact" in logs[0]
     assert "start all 2 processes again with the same flags" in logs[0]
     assert f"newest complete checkpoint under {workdir}" in logs[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. The stages without steps of their own (evaluation, sampling) stop together as well
+# ---------------------------------------------------------------------------------------------
+
+POLLING = """
+import sys, time
+from diffusion import distributed
+from diffusion.training import PreemptionGuard
+
+distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+with PreemptionGuard() as guard:
+    for batch in range(20000):  # a batch of sampling every 10 ms, in either process
+        if batch == 1:
+            print("polling", flush=True)
+        time.sleep(0.01)
+        if guard.poll():
+            print(f"stopped after batch {batch}", flush=True)
+            break
+"""
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_polled_batch(tmp_path):
+    """PreemptionGuard.poll, what the evaluate and samples stages call after each batch: a
+    SIGTERM to process 1 alone stops both processes after one and the same batch, exit 0."""
+    script = tmp_path / "polling.py"
+    script.write_text(POLLING)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    args = lambda i: [sys.executable, str(script), address, str(i)]
+    env = {**single_device_env(), "PYTHONPATH": _ROOT}
+    processes = [_spawn(args(i), tmp_path / f"poll{i}.log", env) for i in range(2)]
+    try:
+        polling = lambda: all("polling" in _read(p.log_path) for p in processes)
+        _wait_for(polling, processes, timeout=120)
+        processes[1].send_signal(signal.SIGTERM)  # a preemption notice to one host only
+        statuses = [p.wait(timeout=60) for p in processes]
+    finally:
+        _end(processes)
+    logs = [_read(p.log_path) for p in processes]
+    assert statuses == [0, 0], logs
+    stopped = [re.findall(r"stopped after batch (\d+)", log) for log in logs]
+    assert len(stopped[0]) == 1 and stopped[0] == stopped[1], logs
+    assert int(stopped[0][0]) < 19999  # stopped by the notice, not by the end of the loop

@@ -118,14 +118,15 @@ def _run_stage(config, workdir: str, stage: str, preemption: PreemptionGuard):
         except UserError as error:  # same type and traceback, the hint spelled for here
             error.args = (stage_flags(str(error), stage),)
             raise
-    # Single-process SIGTERM; with several processes the guard's flag is only set at a training
-    # step's sync point, so these stages run to their end on every process alike.
-    stop = lambda: preemption.requested
     if stage == "encode":
-        return stages.run_encode_stage(config, workdir, stop)
+        # Processes encode different shards, so they cannot agree on a batch to stop after:
+        # with several, JAX's preemption notice is not read here and they encode to the end.
+        return stages.run_encode_stage(config, workdir, lambda: preemption.requested)
+    # Every process samples the same batches: with several processes they agree (JAX's
+    # preemption sync point) on the batch after which all stop.
     if stage == "evaluate":
-        return stages.run_evaluate_stage(config, workdir, stop)
-    return stages.run_samples_stage(config, workdir, stop)
+        return stages.run_evaluate_stage(config, workdir, preemption.poll)
+    return stages.run_samples_stage(config, workdir, preemption.poll)
 
 
 def stage_flags(message: str, stage: str) -> str:

@@ -20,6 +20,7 @@ class PreemptionGuard:
         self.requested = False
         self._previous = None
         self._depth = 0
+        self._polls = 0
 
     def __enter__(self):
         self._depth += 1
@@ -43,3 +44,10 @@ class PreemptionGuard:
 
             self.requested = self.requested or multihost_utils.reached_preemption_sync_point(step)
         return self.requested
+
+    def poll(self) -> bool:
+        """`should_stop` for loops that count no steps of their own (the batches of evaluation
+        and sampling): each call is one more step. With several processes every process must
+        call it at the same points of the same work, so that all stop after the same batch."""
+        self._polls += 1
+        return self.should_stop(self._polls)
