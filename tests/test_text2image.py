@@ -373,9 +373,8 @@ def test_bad_checkpoints_are_user_errors(runs, tmp_path):
 
 def test_the_ahead_of_time_sampling_program_is_the_one_sample_py_runs(pipeline, runs):
     """diffusion.aot compiles for TPU the very program TextToImage (sample.py, evaluate.py) runs:
-    the
-    same static spec (so the same jit entry), arguments of the same shapes and shardings, and
-    on real weights the same images."""
+    the same static spec (so the same jit entry), arguments of the same shapes and shardings,
+    and on real weights the same images."""
     from diffusion import aot
 
     config = rundir.load_run_config(runs["random"])
