@@ -74,14 +74,16 @@ def main(argv):
         )
         from diffusion.training import PreemptionGuard
 
-        with PreemptionGuard() as preemption:  # SIGTERM: stop after the batch in flight, exit 0
+        # SIGTERM: stop after the batch in flight (with several processes: after the same round
+        # of shards in all), exit 0.
+        with PreemptionGuard() as preemption:
             try:
                 root = encoding.encode_dataset(
                     FLAGS.autoencoder,
                     config.data,
                     config.seed,
                     options,
-                    stop=lambda: preemption.requested,
+                    stop=preemption.poll,
                 )
             except encoding.EncodingStopped as stopped:
                 print(

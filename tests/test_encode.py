@@ -9,6 +9,7 @@ job; mismatched images and a changed plan are refused before anything is written
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -198,7 +199,7 @@ def test_sigkills_and_a_sigterm_at_random_moments_then_a_rerun_equals_an_uninter
             process.send_signal(signal.SIGTERM)
             stdout, stderr = process.communicate(timeout=60)
             assert process.returncode == 0, stderr[-3000:]
-            assert "preempted (stopped before example" in stdout.decode(), stdout
+            assert "preempted (stopped " in stdout.decode(), stdout
         else:
             process.send_signal(signal.SIGKILL)
             process.communicate()
@@ -210,6 +211,62 @@ def test_sigkills_and_a_sigterm_at_random_moments_then_a_rerun_equals_an_uninter
     assert sorted(got) == sorted(want)
     for name in want:
         assert got[name] == want[name], name
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_round_of_shards(
+    diffusers_autoencoder, tmp_path
+):
+    """Two encode.py processes (one device each, a coordinator on localhost): a SIGTERM to
+    process 1 alone stops both after one and the same round of shards, exit 0, no dataset
+    marked complete; a rerun by one process ends with the bytes of an uninterrupted job."""
+    import socket
+
+    env = single_device_env(compilation_cache=tmp_path / "xla_cache")
+    data = {"num_train_examples": 1000, "num_eval_examples": 12, "builder_config": "16"}
+    data["data_dir"] = str(tmp_path / "data")
+
+    def command(output_dir, *flags):
+        return [
+            sys.executable, "encode.py", f"--autoencoder={diffusers_autoencoder[0]}",
+            "--config=configs/base_clip.py", f"--output_dir={output_dir}", "--batch_size=2",
+            "--examples_per_shard=4", *flags,
+            *(f"--config.data.{key}={value}" for key, value in data.items()),
+        ]  # fmt: skip
+
+    whole = subprocess.run(command(tmp_path / "whole"), cwd=REPO, env=env, capture_output=True)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"--coordinator_address=127.0.0.1:{s.getsockname()[1]}"
+    root = tmp_path / "stopped" / "shapes_latents" / "1.0.0"
+    flags = lambda i: (address, "--num_processes=2", f"--process_id={i}")
+    processes = [
+        subprocess.Popen(
+            command(tmp_path / "stopped", *flags(i)), cwd=REPO, env=env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        for i in range(2)
+    ]  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while not (root.is_dir() and _shards(root)):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in processes)
+            time.sleep(0.01)
+        processes[1].send_signal(signal.SIGTERM)  # a preemption notice to one host only
+        outputs = [p.communicate(timeout=120)[0] for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    assert [p.returncode for p in processes] == [0, 0], outputs
+    rounds = [re.findall(r"preempted \(stopped after (\d+) of (\d+) rounds", o) for o in outputs]
+    assert len(rounds[0]) == 1 and rounds[0] == rounds[1], outputs
+    done, total = map(int, rounds[0][0])
+    assert done < total
+    assert len(_shards(root)) == 2 * done  # each process its first `done` shards, whole
+    assert not (root / "encoding.json").exists()
+    rerun = subprocess.run(command(tmp_path / "stopped"), cwd=REPO, env=env, capture_output=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert _files(root) == _files(tmp_path / "whole" / "shapes_latents" / "1.0.0")
 
 
 def _encode_again(encoded, output_dir, stop=lambda: False) -> str:

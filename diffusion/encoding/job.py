@@ -7,7 +7,8 @@ shards whose position in the list is p modulo P, each in batches spread over its
 metadata once every process is done. The posterior (mean and std) is stored rather than one
 sampled latent, so nothing here is random: a rerun after a kill skips the shards that exist and
 ends with the bytes of an uninterrupted run. A stop request (SIGTERM through the caller's
-PreemptionGuard) ends the job after the batch in flight, dropping only its unfinished shard.
+PreemptionGuard) ends the job after the batch in flight (with several processes: after the round
+of shards in flight, the same in all), dropping only an unfinished shard.
 With `EncodeOptions.text_encoder`, each batch's captions also go through that frozen text tower
 (`text_features`), in the same batches, so a record holds its caption's features too.
 """
@@ -62,8 +63,10 @@ def encode_dataset(
     (a run directory of family autoencoder, or a diffusers AutoencoderKL directory); returns the
     latent dataset's directory (OUTPUT_DIR/NAME/1.0.0). Resumes an interrupted run.
 
-    stop(): checked after every batch; True raises EncodingStopped. Single-process only (a
-    PreemptionGuard sets it only there), so that no process waits for a peer that stopped."""
+    stop(): asked after every round of shards (round r: each process's r-th shard) in every
+    process alike, so that with several processes all stop after the same round (a
+    PreemptionGuard's `poll`), and with one also before every batch; True raises
+    EncodingStopped in every process, before any waits for a peer."""
     model, autoencoder_config = rundir.load_autoencoder(autoencoder_path)
     source, builder = inputs.prepare_source(data_config, seed)
     features = builder.info.features
@@ -103,14 +106,15 @@ def encode_dataset(
     if jax.process_index() == 0:
         writer.start(plan)
     distributed.barrier("latent dataset planned")
-    mine = writer.shards()[jax.process_index() :: jax.process_count()]
-    pending = [shard for shard in mine if not writer.is_written(shard)]
+    shards = writer.shards()
+    rounds = -(-len(shards) // jax.process_count())  # the same number in every process
+    mine = shards[jax.process_index() :: jax.process_count()]
     encode = BatchEncoder(model, options.batch_size)
     captions = {}  # the captions of each split, as training makes them
     if text is not None:
         captions = {split: captions_of(reader, source) for split, reader in readers.items()}
     encoders = Encoders(encode, text, captions, source.image_key)
-    _encode_shards(encoders, writer, readers, pending, stop)
+    _encode_shards(encoders, writer, readers, mine, rounds, stop)
     distributed.barrier("every shard of the latent dataset written")
     if jax.process_index() == 0:
         description = f"Posterior mean and std of {source.name} under {autoencoder_path}"
@@ -229,17 +233,27 @@ class Encoders:
         return self.images.batch_size
 
 
-def _encode_shards(encode: Encoders, writer, readers, shards, stop=lambda: False) -> None:
-    total = sum(s.stop - s.start for s in shards)
+def _encode_shards(
+    encode: Encoders, writer, readers, mine, rounds: int, stop=lambda: False
+) -> None:
+    """Round r writes this process's r-th shard of `mine` unless it is written already, then
+    asks stop() (all processes run `rounds` rounds, so they ask it alike); one process also asks
+    before every batch, as its answer needs no agreement."""
+    total = sum(s.stop - s.start for s in mine if not writer.is_written(s))
     bar = tqdm.tqdm(total=total, unit="img", desc="encode", disable=jax.process_index() != 0)
+    batch_stop = stop if jax.process_count() == 1 else (lambda: False)
     start, done = time.perf_counter(), 0
     try:
-        for shard in shards:
-            examples = _encoded_examples(encode, readers[shard.split], shard, stop)
-            writer.write(shard, examples)
-            done += shard.stop - shard.start
-            bar.update(shard.stop - shard.start)
-            bar.set_postfix(img_s=f"{done / (time.perf_counter() - start):.1f}")
+        for round_ in range(rounds):
+            shard = mine[round_] if round_ < len(mine) else None
+            if shard is not None and not writer.is_written(shard):
+                examples = _encoded_examples(encode, readers[shard.split], shard, batch_stop)
+                writer.write(shard, examples)
+                done += shard.stop - shard.start
+                bar.update(shard.stop - shard.start)
+                bar.set_postfix(img_s=f"{done / (time.perf_counter() - start):.1f}")
+            if round_ + 1 < rounds and stop():
+                raise EncodingStopped(f"stopped after {round_ + 1} of {rounds} rounds of shards")
     finally:
         bar.close()
 

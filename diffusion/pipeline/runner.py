@@ -118,12 +118,11 @@ def _run_stage(config, workdir: str, stage: str, preemption: PreemptionGuard):
         except UserError as error:  # same type and traceback, the hint spelled for here
             error.args = (stage_flags(str(error), stage),)
             raise
+    # Every process polls at the same points (the same batches of evaluation and sampling, the
+    # same rounds of shards): with several processes they agree (JAX's preemption sync point)
+    # on the one after which all stop.
     if stage == "encode":
-        # Processes encode different shards, so they cannot agree on a batch to stop after:
-        # with several, JAX's preemption notice is not read here and they encode to the end.
-        return stages.run_encode_stage(config, workdir, lambda: preemption.requested)
-    # Every process samples the same batches: with several processes they agree (JAX's
-    # preemption sync point) on the batch after which all stop.
+        return stages.run_encode_stage(config, workdir, preemption.poll)
     if stage == "evaluate":
         return stages.run_evaluate_stage(config, workdir, preemption.poll)
     return stages.run_samples_stage(config, workdir, preemption.poll)
