@@ -269,6 +269,22 @@ def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_round_of_shar
     assert _files(root) == _files(tmp_path / "whole" / "shapes_latents" / "1.0.0")
 
 
+def sigterm_after_the_first_shard(monkeypatch) -> list:
+    """Sends this process a SIGTERM once the job's first shard is written (a preemption notice
+    while the second is encoded); returns the list of shards written, filled as they are."""
+    write = encoding.LatentDatasetWriter.write
+    written = []
+
+    def write_then_signal(self, shard, examples):
+        write(self, shard, examples)
+        written.append(shard)
+        if len(written) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(encoding.LatentDatasetWriter, "write", write_then_signal)
+    return written
+
+
 def _encode_again(encoded, output_dir, stop=lambda: False) -> str:
     """The `encoded` fixture's job into another directory (the same plan)."""
     dataset_dir, config, options = encoded
@@ -289,16 +305,7 @@ def test_sigterm_stops_after_the_batch_in_flight_and_a_rerun_finishes_the_same_b
     """A SIGTERM (through the PreemptionGuard encode.py and the pipeline hold) while the 2nd
     shard is encoded: the job stops with the 1st shard whole, no temporary, not marked complete;
     the same call then finishes it with the bytes of the uninterrupted job."""
-    write = encoding.LatentDatasetWriter.write
-    written = []
-
-    def write_then_signal(self, shard, examples):
-        write(self, shard, examples)
-        written.append(shard)
-        if len(written) == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(encoding.LatentDatasetWriter, "write", write_then_signal)
+    written = sigterm_after_the_first_shard(monkeypatch)
     with training.PreemptionGuard() as preemption:
         with pytest.raises(encoding.EncodingStopped):
             _encode_again(encoded, tmp_path, stop=lambda: preemption.requested)

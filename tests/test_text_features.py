@@ -11,7 +11,6 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -22,7 +21,7 @@ import tensorflow_datasets as tfds
 import test_encode
 from conftest import single_device_env
 from flax import nnx
-from test_encode import NUM, REPO, _files, _shards
+from test_encode import NUM, REPO, _files, _shards, sigterm_after_the_first_shard
 
 from diffusion import config as config_lib
 from diffusion import data as data_lib
@@ -189,16 +188,7 @@ def test_a_stopped_text_job_resumes_to_the_bytes_of_an_uninterrupted_one(
     same call finishes it with the bytes of the uninterrupted job (empty_caption.npz included)."""
     dataset_dir, config, options = encoded_text
     options = dataclasses.replace(options, output_dir=str(tmp_path))
-    write = encoding.LatentDatasetWriter.write
-    written = []
-
-    def write_then_signal(self, shard, examples):
-        write(self, shard, examples)
-        written.append(shard)
-        if len(written) == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(encoding.LatentDatasetWriter, "write", write_then_signal)
+    sigterm_after_the_first_shard(monkeypatch)
     with training.PreemptionGuard() as preemption:
         with pytest.raises(encoding.EncodingStopped):
             encoding.encode_dataset(

@@ -26,12 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
-from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from diffusion import distributed, rundir
 from diffusion.data import latents, sources
 from diffusion.encoding.latent_dataset import LatentDatasetWriter, Shard, latent_features
+from diffusion.encoding.replicas import LocalReplicas
 from diffusion.encoding.text_features import TextFeatureEncoder, captions_of
 from diffusion.errors import UserError
 from diffusion.models.autoencoder import Autoencoder, AutoencoderConfig
@@ -194,28 +193,16 @@ class BatchEncoder:
     """The encoder's posterior of uint8 image batches, spread over this process's devices."""
 
     def __init__(self, model: Autoencoder, batch_size: int):
-        devices = jax.local_devices()
-        self.batch_size = -(-max(1, batch_size) // len(devices)) * len(devices)
-        mesh = Mesh(np.array(devices), ("data",))
-        batch = NamedSharding(mesh, PartitionSpec("data"))
-        replicated = NamedSharding(mesh, PartitionSpec())
-        graphdef, state = nnx.split(model)
-        self.state = jax.device_put(state, replicated)
-
-        def posterior(state, images):  # (B, H, W, C) uint8
-            model = nnx.merge(graphdef, state)
+        def posterior(model, images):  # (B, H, W, C) uint8
             mean, logvar = model.encode(images.astype(jnp.float32) / 127.5 - 1.0)
             return mean, jnp.exp(0.5 * logvar)  # (B, h, w, c) each
 
-        self.program = jax.jit(
-            posterior, in_shardings=(replicated, batch), out_shardings=(batch, batch)
-        )
+        self.program = LocalReplicas(model, posterior, 1, batch_size)
+        self.batch_size = self.program.batch_size
 
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        count = len(images)
-        padded = np.concatenate([images, np.repeat(images[-1:], self.batch_size - count, 0)])
-        mean, std = self.program(self.state, padded)
-        return np.asarray(mean, np.float32)[:count], np.asarray(std, np.float32)[:count]
+        mean, std = self.program(images)
+        return mean.astype(np.float32), std.astype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True)

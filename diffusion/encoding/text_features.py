@@ -13,15 +13,13 @@ from __future__ import annotations
 import os
 import zipfile
 
-import jax
 import numpy as np
 import tensorflow_datasets as tfds
-from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from diffusion import data as data_lib
 from diffusion import rundir
 from diffusion.data import input_pipeline, latents
+from diffusion.encoding.replicas import LocalReplicas
 from diffusion.families import dit
 
 
@@ -38,16 +36,8 @@ class TextFeatureEncoder:
         self.tokenizer = data_lib.load_tokenizer(self.tokenizer_path)
         self.words = words
         self.config = model.config
-        devices = jax.local_devices()
-        self.batch_size = -(-max(1, batch_size) // len(devices)) * len(devices)
-        mesh = Mesh(np.array(devices), ("data",))
-        batch = NamedSharding(mesh, PartitionSpec("data"))
-        replicated = NamedSharding(mesh, PartitionSpec())
-        graphdef, state = nnx.split(model)
-        self.state = jax.device_put(state, replicated)
 
-        def features(state, tokens, mask):  # (B, L) int32 each
-            model = nnx.merge(graphdef, state)
+        def features(model, tokens, mask):  # (B, L) int32 each
             cond = dit.text_condition(model, tokens, mask, words=words)
             named = {
                 latents.TEXT_CONTEXT_KEY: cond["context"],  # (B, L, D)
@@ -58,9 +48,8 @@ class TextFeatureEncoder:
                 named[latents.TEXT_WORDS_KEY] = cond["words"]  # (B, L, W)
             return named
 
-        self.program = jax.jit(
-            features, in_shardings=(replicated, batch, batch), out_shardings=batch
-        )
+        self.program = LocalReplicas(model, features, 2, batch_size)
+        self.batch_size = self.program.batch_size
 
     def plan(self) -> dict:
         """What plan.json and encoding.json record of the text features."""
@@ -92,8 +81,7 @@ class TextFeatureEncoder:
         """The features of each caption (at most batch_size of them)."""
         tokens, mask = data_lib.tokenize(self.tokenizer, captions, self.context_length)
         count = len(captions)
-        pad = lambda x: np.concatenate([x, np.repeat(x[-1:], self.batch_size - count, 0)])
-        named = jax.device_get(self.program(self.state, pad(tokens), pad(mask)))
+        named = self.program(tokens, mask)
         dtypes = {key: feature.np_dtype for key, feature in self.features().items()}
         return [
             {key: np.asarray(value[row], dtypes[key]) for key, value in named.items()}
