@@ -9,7 +9,9 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-GAP = 4  # white pixels between tiles and rows
+GAP = 4  # pixels between tiles and rows
+# The page: light gray, so that tiles with a white (or black) background still show their edges.
+PAGE_COLOR = (215, 215, 215)
 LABEL_MARGIN = 6
 
 
@@ -26,7 +28,7 @@ def save_labelled_rows(
     cell_h, cell_w = height * scale, width * scale
     columns = max(len(images) for _, images in rows)
     canvas = Image.new(
-        "RGB", (label_width + columns * (cell_w + GAP), len(rows) * (cell_h + GAP)), "white"
+        "RGB", (label_width + columns * (cell_w + GAP), len(rows) * (cell_h + GAP)), PAGE_COLOR
     )
     draw = ImageDraw.Draw(canvas)
     for r, (label, images) in enumerate(rows):
