@@ -43,6 +43,12 @@ flags.DEFINE_integer("grid_size", 16, "Samples per grid in the report.")
 flags.DEFINE_string("negative_prompt", "a large circle in the center", "Negative-prompt check.")
 flags.DEFINE_string("negative_color", "red", "Color used as the negative prompt ('' skips it).")
 flags.DEFINE_string("data_dir", None, "TFDS data_dir, overriding the run's config.data.data_dir.")
+flags.DEFINE_string(
+    "source_data_dir",
+    None,
+    "A DiT trained on encode.py latents: data_dir of the images they were encoded from, where "
+    "they are no longer at the path its encoding.json records.",
+)
 flags.DEFINE_integer(
     "resolution",
     None,
@@ -85,6 +91,7 @@ def options_from_flags():
         negative_prompt=FLAGS.negative_prompt,
         negative_color=FLAGS.negative_color,
         data_dir=FLAGS.data_dir,
+        source_data_dir=FLAGS.source_data_dir,
         resolution=FLAGS.resolution,
         diversity_captions=FLAGS.diversity_captions,
         diversity_samples=FLAGS.diversity_samples,

@@ -524,3 +524,24 @@ def test_a_latent_run_whose_autoencoder_is_gone_names_it(latent_run, tmp_path):
         json.dump(recorded, f)
     with pytest.raises(SamplingError, match=r"trained on latents of the autoencoder .*gone"):
         inference.ClassToImage.from_run(moved)
+
+
+def test_the_encoded_images_are_read_where_they_moved_and_a_missing_place_names_the_flag(
+    encoded, tmp_path
+):
+    """Evaluating a latent run reads the images its latents were encoded from (at the
+    source_data_dir of encoding.json); moved, they are read from --source_data_dir, the same
+    records; gone, the error names the flag."""
+    from diffusion.evaluation.held_out import load_split_examples
+
+    _, config, options = encoded
+    data = latent_dit_config(options).data
+    where_encoded = load_split_examples(data, 0, "test", 5)
+    moved = tmp_path / "moved"
+    shutil.copytree(config.data_dir, moved)
+    where_moved = load_split_examples(data, 0, "test", 5, source_data_dir=str(moved))
+    np.testing.assert_array_equal(where_moved.images, where_encoded.images)
+    assert where_moved.captions == where_encoded.captions
+    with pytest.raises(UserError, match="pass evaluate.py --source_data_dir=DIR") as raised:
+        load_split_examples(data, 0, "test", 5, source_data_dir=str(tmp_path / "gone"))
+    assert "whose images are not under" in str(raised.value)

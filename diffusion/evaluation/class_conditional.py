@@ -103,7 +103,9 @@ def evaluate_class_dit_run(checkpoint: str, data_config, seed: int, options, out
         dynamic_ncols=True,
     )
     for split in options.splits:
-        examples = load_split_examples(data_config, seed, split, options.num_samples)
+        examples = load_split_examples(
+            data_config, seed, split, options.num_samples, options.source_data_dir
+        )
         class_ids = classes.ids(examples.labels)  # the classes of the split's examples
         asked = classes.feature_labels(class_ids)
         count = len(class_ids)

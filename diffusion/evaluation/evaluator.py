@@ -66,6 +66,7 @@ class EvaluationOptions:
     negative_prompt: str = "a large circle in the center"  # the negative-prompt check ...
     negative_color: str = "red"  # ... with this color as the negative prompt ("" skips it)
     data_dir: str | None = None  # overrides the run's config.data.data_dir
+    source_data_dir: str | None = None  # a latent run: where its encoded images are now
     resolution: int | None = None  # autoencoder: shapes side to reconstruct (None: the run's)
     diversity_captions: int = 8  # DiT: captions per split sampled many times at its best (0: none)
     diversity_samples: int = 8  # DiT: samples (seeds) of each of those captions
@@ -240,7 +241,11 @@ def evaluate_dit_run(
     )
     for split in options.splits:
         examples = load_split_examples(
-            _data_config(config, options), config.seed, split, options.num_samples
+            _data_config(config, options),
+            config.seed,
+            split,
+            options.num_samples,
+            options.source_data_dir,
         )
         labels, captions = examples.labels, examples.captions
         seeds = list(range(len(captions)))  # sample i always uses seed i: paired comparisons

@@ -26,12 +26,16 @@ class SplitExamples:
     class_ids: np.ndarray | None = None  # (N,) int32 class id of each example, with classes
 
 
-def load_split_examples(data_config, seed: int, split: str, count: int) -> SplitExamples:
+def load_split_examples(
+    data_config, seed: int, split: str, count: int, source_data_dir: str | None = None
+) -> SplitExamples:
     """Reads `count` examples (fewer if the split is smaller) in record order, building the
-    shapes dataset first if it is missing (the same call as training)."""
+    shapes dataset first if it is missing (the same call as training). A latent dataset's
+    examples are the images it was encoded from: under `source_data_dir` if given (they moved),
+    else where its encoding.json says."""
     source, _ = prepare_source(data_config, seed)
     if source.latents is not None:  # the images encoded, in the latent dataset's record order
-        source = images_of(source)
+        source = images_of(source, source_data_dir)
     reader = sources.open_source(source, split)
     decoder = input_pipeline.BatchDecoder(reader, source, tokenizer=None, context_length=2)
     records = reader.read(list(range(min(count, len(reader)))))
@@ -66,19 +70,28 @@ def class_space_of(data_config, features, dataset: str) -> ClassSpace | None:
     return ClassSpace.from_features(features, keys, dataset)
 
 
-def images_of(source: sources.SourceConfig) -> sources.SourceConfig:
+def images_of(
+    source: sources.SourceConfig, source_data_dir: str | None = None
+) -> sources.SourceConfig:
     """The image dataset that a latent dataset was encoded from (captions and labels are the
-    same record for record)."""
+    same record for record), under `source_data_dir` if given, else where it was encoded."""
     latents = source.latents
     if latents.source is None:
         raise UserError(
             f"{source.name!r} does not record the image dataset it was encoded from; encode it "
             "again with this version of encode.py to evaluate models trained on it."
         )
-    return dataclasses.replace(
+    images = dataclasses.replace(
         source,
         name=latents.source,
-        data_dir=latents.source_data_dir,
+        data_dir=source_data_dir or latents.source_data_dir,
         image_key=latents.source_image_key,
         latents=None,
     )
+    if not sources.dataset_builder(images).is_prepared():
+        raise UserError(
+            f"{source.name!r} holds latents of {latents.source!r}, whose images are not under "
+            f"{images.data_dir!r} (the source_data_dir its encoding.json records, or the one "
+            "given); pass evaluate.py --source_data_dir=DIR where that dataset is now."
+        )
+    return images
