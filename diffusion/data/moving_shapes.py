@@ -30,6 +30,8 @@ from diffusion.data.shapes import (
     SIZES,
     composite,
     coverage,
+    lookup,
+    with_articles,
 )
 from diffusion.errors import UserError
 
@@ -137,27 +139,25 @@ def render_clips(
 
 
 def render_clip(
-    shape: str,
-    color: str,
-    size: str,
-    motion: str,
-    speed: str,
-    background: str,
+    shape: str | int,
+    color: str | int,
+    size: str | int,
+    motion: str | int,
+    speed: str | int,
+    background: str | int,
     rng: np.random.Generator,
     resolution: int = 32,
     frames: int = 8,
 ) -> np.ndarray:
-    """One clip, uint8 (frames, resolution, resolution, 3); `rng` draws its 3 placement uniforms."""
-    for value, vocabulary, name in (
-        (shape, SHAPES, "shape"),
-        (color, COLOR_NAMES, "color"),
-        (size, SIZES, "size"),
-        (motion, MOTIONS, "motion"),
-        (speed, SPEEDS, "speed"),
-        (background, BACKGROUND_NAMES, "background"),
-    ):
-        if value not in vocabulary:
-            raise UserError(f"Unknown {name} {value!r}; valid: {list(vocabulary)}")
+    """One clip, uint8 (frames, resolution, resolution, 3), of attributes given by name (or index)
+    as in `shapes.render`; `rng` draws its 3 placement uniforms."""
+    shape, color, size = (
+        lookup(SHAPES, shape, "shape"),
+        lookup(COLOR_NAMES, color, "color"),
+        lookup(SIZES, size, "size"),
+    )
+    motion, speed = lookup(MOTIONS, motion, "motion"), lookup(SPEEDS, speed, "speed")
+    background = lookup(BACKGROUND_NAMES, background, "background")
     centers, radii = trajectory(size, motion, speed, rng.random(3), frames)
     index = lambda vocabulary, value: np.array([vocabulary.index(value)])
     return render_clips(
@@ -221,11 +221,7 @@ def make_caption(
         motion=phrase,
         bg=background,
     )
-    words = text.split(" ")
-    for i, word in enumerate(words[:-1]):  # articles that agree with the next word
-        if word == "{a}":
-            words[i] = "an" if words[i + 1][0] in "aeiou" else "a"
-    return " ".join(words)
+    return with_articles(text)
 
 
 def caption_names_background(template: int) -> bool:

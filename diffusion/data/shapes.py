@@ -242,7 +242,8 @@ def _jittered_geometry(
     return centers, radii
 
 
-def _lookup(vocabulary: Sequence[str], value: str | int, attribute: str) -> str:
+def lookup(vocabulary: Sequence[str], value: str | int, attribute: str) -> str:
+    """The name of `value` (a name or an index) in `vocabulary`; a UserError names a bad one."""
     if isinstance(value, (int, np.integer)):
         if not 0 <= value < len(vocabulary):
             raise UserError(f"{attribute} index {value} out of range 0..{len(vocabulary) - 1}")
@@ -267,11 +268,11 @@ def render(
     draws the position and size jitter (three uniforms), so the same generator state gives the
     same image. This is the evaluation oracle's reference renderer.
     """
-    shape = _lookup(SHAPES, shape, "shape")
-    color = _lookup(COLOR_NAMES, color, "color")
-    size = _lookup(SIZES, size, "size")
-    position = _lookup(POSITIONS, position, "position")
-    background = _lookup(BACKGROUND_NAMES, background, "background")
+    shape = lookup(SHAPES, shape, "shape")
+    color = lookup(COLOR_NAMES, color, "color")
+    size = lookup(SIZES, size, "size")
+    position = lookup(POSITIONS, position, "position")
+    background = lookup(BACKGROUND_NAMES, background, "background")
     centers, radii = _jittered_geometry([size], [position], rng.uniform(-1.0, 1.0, size=(1, 3)))
     alpha = coverage(np.array([SHAPES.index(shape)]), centers, radii, resolution)
     colors = np.array([COLORS[color]], np.float32)
@@ -309,12 +310,12 @@ _TEMPLATES = (
 )
 
 
-def _with_articles(text: str) -> str:
+def with_articles(text: str) -> str:
     """Replaces each '{a}' marker by 'a' or 'an' to agree with the following word."""
     words = text.split(" ")
     for i, word in enumerate(words[:-1]):
         if word == "{a}":
-            words[i] = "an" if words[i + 1][0] in "aeiou" else "a"
+            words[i] = "an" if words[i + 1][:1] in tuple("aeiou") else "a"
     return " ".join(words)
 
 
@@ -332,7 +333,7 @@ def make_caption(
         where=POSITION_PHRASES[position],
         pos=position,
     )
-    return _with_articles(text)
+    return with_articles(text)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -160,14 +160,6 @@ ZERO_SHOT_TEMPLATES = {
 POSITION_PHRASES = dict(shapes_lib.POSITION_PHRASES)
 
 
-def _with_articles(text: str) -> str:
-    words = text.split(" ")
-    for i, word in enumerate(words[:-1]):
-        if word == "{a}":
-            words[i] = "an" if words[i + 1][:1] in tuple("aeiou") else "a"
-    return " ".join(words)
-
-
 def class_prompts(attribute: str, templates: tuple[str, ...] | None = None) -> list[list[str]]:
     """The prompts of every class of a shapes attribute: one list per value of VOCABULARIES."""
     if attribute not in ZERO_SHOT_TEMPLATES:
@@ -185,7 +177,9 @@ def class_prompts(attribute: str, templates: tuple[str, ...] | None = None) -> l
             for name in names:
                 combos = [dict(c, **{name: v}) for c in combos for v in fillers[name]]
             for combo in combos:
-                class_list.append(_with_articles(template.format(a="{a}", value=words, **combo)))
+                class_list.append(
+                    shapes_lib.with_articles(template.format(a="{a}", value=words, **combo))
+                )
         prompts.append(class_list)
     return prompts
 

@@ -10,6 +10,7 @@ null class `num_classes` standing for "no label" (DiT's LabelEmbedder).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -286,37 +287,27 @@ def build(
     model_config_ = model_config(config, data, text_config, **model_overrides)
     objective = DiffusionObjective.from_config(config.diffusion)
     cond_dropout = float(config.diffusion.cond_dropout)
+    # loss_fn(model, frozen, batch, key), as the train step calls it.
     if text_config is None:
-        loss_fn = lambda model, frozen, batch, key: class_conditional_loss(
-            model,
-            frozen,
-            batch,
-            key,
+        loss_fn = functools.partial(
+            class_conditional_loss,
             objective=objective,
             num_classes=model_config_.num_classes,
             cond_dropout=cond_dropout,
         )
     elif data.empty_text is not None:  # cached text features: the tower is not in the step
-        empty_text = data.empty_text
-        loss_fn = lambda model, frozen, batch, key: cached_text_conditional_loss(
-            model,
-            frozen,
-            batch,
-            key,
+        loss_fn = functools.partial(
+            cached_text_conditional_loss,
             objective=objective,
-            empty_text=empty_text,
+            empty_text=data.empty_text,
             cond_dropout=cond_dropout,
         )
     else:
-        empty_tokens, empty_mask = data.empty_tokens, data.empty_mask
-        loss_fn = lambda model, frozen, batch, key: text_conditional_loss(
-            model,
-            frozen,
-            batch,
-            key,
+        loss_fn = functools.partial(
+            text_conditional_loss,
             objective=objective,
-            empty_tokens=empty_tokens,
-            empty_mask=empty_mask,
+            empty_tokens=data.empty_tokens,
+            empty_mask=data.empty_mask,
             cond_dropout=cond_dropout,
         )
     frozen_config = text_config if data.empty_text is None else None  # what the step runs
