@@ -15,10 +15,15 @@ from __future__ import annotations
 from types import ModuleType
 
 from diffusion.errors import UserError
-from diffusion.families import autoencoder, clip, dit
+from diffusion.families import autoencoder, clip, dit, video_dit
 from diffusion.families.base import DataFacts, ModelBuild, check_global_batch
 
-FAMILIES: dict[str, ModuleType] = {clip.NAME: clip, dit.NAME: dit, autoencoder.NAME: autoencoder}
+FAMILIES: dict[str, ModuleType] = {
+    clip.NAME: clip,
+    dit.NAME: dit,
+    video_dit.NAME: video_dit,
+    autoencoder.NAME: autoencoder,
+}
 
 __all__ = ["FAMILIES", "DataFacts", "ModelBuild", "check_global_batch", "check_inputs", "get"]
 
