@@ -152,6 +152,8 @@ DISTRIBUTION_CASES = {
     "flow_euler": ("flow_euler", FlowPath(), "flow_velocity", flow_levels(100), {}),
     "flow_heun": ("flow_heun", FlowPath(), "flow_velocity", flow_levels(25), {}),
     "dpmpp_2m_flow_shifted": ("dpmpp_2m", FlowPath(), "flow_velocity", flow_levels(25, 3.0), {}),
+    "unipc_flow_shifted": ("unipc", FlowPath(), "flow_velocity", flow_levels(25, 5.0), {}),
+    "unipc_ddpm": ("unipc", LINEAR, "epsilon", ddpm_levels(LINEAR, 25, "trailing"), {}),
     "flow_euler_stochastic": (
         "flow_euler_stochastic",
         FlowPath(),
@@ -445,6 +447,7 @@ CLIP_CASES = {
     "flow_euler": (FlowPath(), "flow_velocity", flow_levels(10, 5.0), {}),
     "flow_heun": (FlowPath(), "sample", flow_levels(10, 5.0), {}),
     "flow_euler_stochastic": (FlowPath(), "flow_velocity", flow_levels(10, 5.0), {"eta": 1.0}),
+    "unipc": (FlowPath(), "flow_velocity", flow_levels(10, 5.0), {}),
 }
 
 
@@ -479,7 +482,7 @@ def test_a_guided_clip_is_sampled_as_its_flattened_elements(name):
     # Guidance moved the clips away from the unguided ones: the comparison above is not trivial.
     unguided = run(noise, guidance._replace(scale=jnp.ones(2)))
     assert float(jnp.max(jnp.abs(unguided - clips))) > 0.1
-    if name in ("flow_euler", "flow_heun", "dpmpp_2m", "ddim") and not options.get("eta"):
+    if name in ("flow_euler", "flow_heun", "dpmpp_2m", "ddim", "unipc") and not options.get("eta"):
         # 100 steps: the closed form is the ODE's exact solution, which 10 steps of shift 5.0
         # (a last step from t = 0.36 to 0) only approximate; first-order samplers err most.
         fine = flow_levels(100, 5.0) if isinstance(path, FlowPath) else ddpm_levels(LINEAR, 100)
@@ -492,3 +495,36 @@ def test_a_guided_clip_is_sampled_as_its_flattened_elements(name):
         z = (np.asarray(noise, np.float64) - a0 * mean) / np.sqrt(a0**2 * 0.09 + s0**2)
         target = a1 * mean + np.sqrt(a1**2 * 0.09 + s1**2) * z
         assert float(np.max(np.abs(np.asarray(x) - target))) < 0.06
+
+
+@pytest.mark.parametrize("num_steps", [10, 50])
+def test_unipc_equals_diffusers_flow_unipc_as_wan_samples(num_steps):
+    """Truth: diffusers' UniPCMultistepScheduler configured as Wan 2.1's (flow sigmas, shift 5.0,
+    order 2, bh2, corrector on), stepped on the same exact denoiser from the same noise."""
+    torch = pytest.importorskip("torch")
+    from diffusers import UniPCMultistepScheduler
+
+    scheduler = UniPCMultistepScheduler(
+        num_train_timesteps=1000,
+        solver_order=2,
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        flow_shift=5.0,
+    )
+    scheduler.set_timesteps(num_steps)
+    times = scheduler.sigmas.numpy().astype(np.float64)  # 1 - 1e-6, ..., 0
+    model_fn = mixture_denoiser(FlowPath(), *MIXTURE, "flow_velocity")
+    noise = np.random.default_rng(0).standard_normal((64, 1))
+    with jax.enable_x64(True):
+        ours = sample(
+            "unipc",
+            model_fn,
+            jnp.asarray(noise),
+            flow_levels_from_times(times),
+            prediction_type="flow_velocity",
+        )
+        x = torch.from_numpy(noise.copy())
+        for time, timestep in zip(times, scheduler.timesteps, strict=False):
+            velocity = model_fn(jnp.asarray(x.numpy()), jnp.full((64,), time), None)
+            x = scheduler.step(torch.from_numpy(np.array(velocity)), timestep, x).prev_sample
+    assert float(np.max(np.abs(np.asarray(ours) - x.numpy()))) <= 1e-4
