@@ -91,6 +91,17 @@ def mp4_times(data: bytes) -> dict[str, tuple[int, int]]:
     return times
 
 
+def test_mp4_is_h264_yuv420p_at_the_asked_frame_rate(clips, written):
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(written["large"]["mp4"])
+    meta = next(reader)
+    reader.close()
+    assert meta["codec"] == "h264" and meta["pix_fmt"].startswith("yuv420p")
+    assert meta["fps"] == FPS and meta["size"] == (128, 128)
+    assert meta["duration"] == pytest.approx(len(clips["large"]) / FPS)
+
+
 def test_mp4_carries_no_timestamp(written):
     with open(written["small"]["mp4"], "rb") as f:
         times = mp4_times(f.read())
