@@ -24,7 +24,9 @@ flags.DEFINE_list(
     "class_labels", None, "Class-conditional run: classes to sample, ids or names (3,red circle)."
 )
 flags.DEFINE_string("output_dir", None, "Where the PNGs, manifest.jsonl and grid.png go.")
-flags.DEFINE_string("sampler", "euler", "euler, heun, euler_stochastic, ddim, dpmpp_2m, ddpm.")
+flags.DEFINE_string(
+    "sampler", "euler", "euler, heun, euler_stochastic, ddim, dpmpp_2m, unipc (Wan 2.1), ddpm."
+)
 flags.DEFINE_integer("steps", 20, "Denoising steps.")
 flags.DEFINE_float("guidance_scale", 3.0, "Classifier-free guidance scale (1: none).")
 flags.DEFINE_string("negative_prompt", "", "Negative prompt of every line that has none.")

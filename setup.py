@@ -31,6 +31,9 @@ setup(
         "scipy>=1.13,<2",  # matrix square root of the Frechet distance
         "matplotlib>=3.9,<4",  # plots of the evaluation report
         "dm-pix>=0.4.3,<0.5",  # PSNR and SSIM of an autoencoder's reconstructions
+        "imageio>=2.38,<3",  # reads sampled MP4s back (evaluation, tests)
+        # writes sampled clips as MP4; its bundled ffmpeg and x264 fix the files' bytes
+        "imageio-ffmpeg>=0.8,<0.9",
     ],
     extras_require={
         "test": [

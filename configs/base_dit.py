@@ -62,7 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.diffusion.cond_dropout = 0.1
 
     config.sampling = ml_collections.ConfigDict()
-    config.sampling.sampler = "euler"  # "ddpm", "ddim", "euler", "heun" or "dpmpp_2m".
+    config.sampling.sampler = "euler"  # "ddpm", "ddim", "euler", "heun", "dpmpp_2m" or "unipc".
     config.sampling.steps = 20  # Denoising steps.
     config.sampling.guidance_scale = 3.0  # Classifier-free guidance scale (1: no guidance).
     config.sampling.prompts = (  # Prompts of the periodic sample grid.

@@ -446,6 +446,124 @@ def sample_dpmpp_2m(
 
 
 # ----------------------------------------------------------------------------------------------
+# UniPC (multistep, order 2, with its corrector): the sampler of Wan 2.1
+# ----------------------------------------------------------------------------------------------
+
+# Log-SNR needs a non-zero signal: a level of pure noise (t = 1 on the flow path) is read as
+# alpha = 1e-6, as diffusers' and Wan's UniPC schedulers start from sigma = 1 - 1e-6.
+_UNIPC_MIN_ALPHA = 1e-6
+
+
+def _unipc_order(step: int, num_steps: int) -> int:
+    """Order 1 for the first step (one model output known) and the last (lower_order_final)."""
+    return min(2, num_steps - step, step + 1)
+
+
+def unipc_coefficients(levels: NoiseLevels) -> dict[str, np.ndarray]:
+    """Per-step coefficients of UniPC-2 with the B(h) = e^h - 1 variant ("bh2"), data prediction.
+
+    Zhao et al. 2023 (UniPC), Alg. 2 and 3, as diffusers' `UniPCMultistepScheduler` runs it
+    (solver_order 2, lower_order_final, corrector on every step). With lambda = ln(alpha / sigma),
+    h = lambda_{i+1} - lambda_i, r = (lambda_{i-1} - lambda_i) / h and m the x0 predictions:
+
+      predictor  x~_{i+1} = (sigma_{i+1}/sigma_i) x_i + alpha_{i+1} (1 - e^{-h}) m_i
+                            + alpha_{i+1} (1 - e^{-h}) / (2 r) (m_{i-1} - m_i)      (order 2)
+      corrector  x_{i+1}  = the predictor's first two terms
+                            + alpha_{i+1} (1 - e^{-h}) (rho_1 / r (m_{i-1} - m_i)
+                                                        + rho_2 (m_{i+1} - m_i))
+
+    where m_{i+1} is the model at the predicted x~_{i+1}, the call the next step makes anyway
+    (so the corrector is free), and (rho_1, rho_2) solve [[1, 1], [r, 1]] rho = b(h) (rho = 1/2
+    at order 1). Returned per step j (model call j): the corrector of the move into level j
+    (`keep` = 1 at j = 0, where nothing is corrected) and the predictor out of it.
+    """
+    n = len(levels.t) - 1
+    alpha, sigma = np.asarray(levels.alpha, np.float64), np.asarray(levels.sigma, np.float64)
+    with np.errstate(divide="ignore"):
+        log_snr = np.log(np.maximum(alpha, _UNIPC_MIN_ALPHA)) - np.log(sigma)  # +inf at sigma 0
+    names = ("keep", "c_x", "c_m", "c_history", "c_new", "p_x", "p_m", "p_history")
+    c = {name: np.zeros(n) for name in names}
+    c["keep"][0] = 1.0
+    for i in range(n):  # the move from level i to level i + 1
+        h = log_snr[i + 1] - log_snr[i]
+        phi = np.expm1(-h)  # h phi_1 of the data-prediction form, in (-1, 0); B(h) equals it
+        x_ratio = sigma[i + 1] / sigma[i]
+        order = _unipc_order(i, n)
+        r = (log_snr[i - 1] - log_snr[i]) / h if order == 2 else None
+        c["p_x"][i], c["p_m"][i] = x_ratio, -alpha[i + 1] * phi
+        if order == 2:
+            c["p_history"][i] = -alpha[i + 1] * phi * 0.5 / r
+        if i + 1 == n:
+            break  # the last prediction is the output: no model call corrects it
+        rho = _unipc_corrector_weights(h, phi, r)
+        j = i + 1
+        c["c_x"][j], c["c_m"][j] = x_ratio, -alpha[i + 1] * phi
+        c["c_history"][j] = -alpha[i + 1] * phi * rho[0] / r if r is not None else 0.0
+        c["c_new"][j] = -alpha[i + 1] * phi * rho[-1]
+    return c
+
+
+def _unipc_corrector_weights(h: float, phi: float, r: float | None) -> np.ndarray:
+    """rho of UniC: 1/2 at order 1; at order 2 the solution of R rho = b with R's rows the powers
+    0 and 1 of (r, 1) and b_k = k! phi_{k+1}-terms / B(h) (UniPC eq. 8 with B(h) = e^h - 1)."""
+    if r is None:
+        return np.array([0.5])
+    hh = -h
+    phi_k = phi / hh - 1  # h phi_2 / h terms, the recursion phi_{k+1} = phi_k / hh - 1 / k!
+    b1 = phi_k / phi
+    b2 = (phi_k / hh - 0.5) * 2 / phi
+    return np.linalg.solve(np.array([[1.0, 1.0], [r, 1.0]]), np.array([b1, b2]))
+
+
+@functools.partial(jax.jit, static_argnames=("model_fn", "prediction_type", "return_trajectory"))
+def _unipc_loop(model_fn, noise, per_step, cond, prediction_type, return_trajectory):
+    def step(carry, c):
+        predicted, previous_x, m1, m2 = carry  # x~_j, x_{j-1}, m_{j-1}, m_{j-2}
+        m, _ = _denoise(model_fn, predicted, c["t"], c["alpha"], c["sigma"], cond, prediction_type)
+        x = (
+            c["keep"] * predicted
+            + c["c_x"] * previous_x
+            + c["c_m"] * m1
+            + c["c_history"] * (m2 - m1)
+            + c["c_new"] * (m - m1)
+        )
+        following = c["p_x"] * x + c["p_m"] * m + c["p_history"] * (m1 - m)
+        return (following, x, m, m1), (following if return_trajectory else None)
+
+    zeros = jnp.zeros_like(noise)
+    (final, *_), history = jax.lax.scan(step, (noise, zeros, zeros, zeros), per_step)
+    if return_trajectory:
+        return final, jnp.concatenate([noise[None], history], axis=0)
+    return final
+
+
+def sample_unipc(
+    model_fn,
+    noise,
+    levels: NoiseLevels,
+    key=None,
+    cond=None,
+    *,
+    prediction_type: str = "epsilon",
+    return_trajectory: bool = False,
+):
+    """UniPC (Zhao et al. 2023), multistep order 2 with its corrector, for DDPM and flow levels.
+
+    Wan 2.1 samples with it (flow levels, shift 5.0 at 480p). Deterministic, one model call per
+    step; `key` is unused. The trajectory holds the predictions x~, the inputs of each call.
+    """
+    _check_inputs(levels, prediction_type, noise)
+    per_step = _step_arrays(
+        noise.dtype,
+        t=levels.t[:-1],
+        alpha=levels.alpha[:-1],
+        sigma=levels.sigma[:-1],
+        **unipc_coefficients(levels),
+    )
+    return _unipc_loop(model_fn, noise, per_step, cond, prediction_type, return_trajectory)
+
+
+# ----------------------------------------------------------------------------------------------
 # DDIM inversion
 # ----------------------------------------------------------------------------------------------
 
@@ -551,6 +669,7 @@ SAMPLERS = {
     "flow_heun": sample_flow_heun,
     "flow_euler_stochastic": sample_flow_euler_stochastic,
     "dpmpp_2m": sample_dpmpp_2m,
+    "unipc": sample_unipc,
 }
 
 

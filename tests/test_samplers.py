@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from diffusion import samplers
+from diffusion.guidance import GuidanceCondition, guided_model_fn
 from diffusion.objectives import prediction_from_x0_eps
 from diffusion.samplers import (
     SAMPLERS,
@@ -151,6 +152,8 @@ DISTRIBUTION_CASES = {
     "flow_euler": ("flow_euler", FlowPath(), "flow_velocity", flow_levels(100), {}),
     "flow_heun": ("flow_heun", FlowPath(), "flow_velocity", flow_levels(25), {}),
     "dpmpp_2m_flow_shifted": ("dpmpp_2m", FlowPath(), "flow_velocity", flow_levels(25, 3.0), {}),
+    "unipc_flow_shifted": ("unipc", FlowPath(), "flow_velocity", flow_levels(25, 5.0), {}),
+    "unipc_ddpm": ("unipc", LINEAR, "epsilon", ddpm_levels(LINEAR, 25, "trailing"), {}),
     "flow_euler_stochastic": (
         "flow_euler_stochastic",
         FlowPath(),
@@ -413,3 +416,115 @@ def test_samplers_compile_once_per_shape():
     # a different shift changes only coefficient values, not shapes
     sample_flow_euler(model_fn, jnp.zeros((4, 1)), flow_levels(8, shift=3.0))
     assert samplers._flow_euler_loop._cache_size() == before + 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Clips: every sampler and guidance mode on (B, T, H, W, C) with no code of its own
+# ----------------------------------------------------------------------------------------------
+
+CLIP_SHAPE = (2, 3, 4, 4, 3)  # (B, T, H, W, C): two 3-frame 4x4 RGB clips
+
+
+def conditional_gaussian_denoiser(path, std, prediction_type):
+    """model_fn(x_t, t, mean) of the exact denoiser of N(mean, std^2) in every element, the mean
+    (B,) given as the condition: any rank, every element denoised on its own."""
+
+    def model_fn(x_t, t, mean):
+        alpha, sigma = path.alpha_sigma(t.astype(x_t.dtype))
+        a, s, m = (v.reshape(v.shape + (1,) * (x_t.ndim - 1)) for v in (alpha, sigma, mean))
+        variance = a**2 * std**2 + s**2
+        x0 = m + a * std**2 / variance * (x_t - a * m)
+        return prediction_from_x0_eps(x0, (x_t - a * x0) / s, a, s, prediction_type)
+
+    return model_fn
+
+
+CLIP_CASES = {
+    # sampler: (path, prediction type, levels, options); the flow levels use Wan's shift 5.0.
+    "ddpm": (LINEAR, "epsilon", ddpm_levels(LINEAR, 10, "trailing"), {}),
+    "ddim": (LINEAR, "v_prediction", ddpm_levels(LINEAR, 10, "trailing"), {"eta": 0.5}),
+    "dpmpp_2m": (FlowPath(), "flow_velocity", flow_levels(10, 5.0), {}),
+    "flow_euler": (FlowPath(), "flow_velocity", flow_levels(10, 5.0), {}),
+    "flow_heun": (FlowPath(), "sample", flow_levels(10, 5.0), {}),
+    "flow_euler_stochastic": (FlowPath(), "flow_velocity", flow_levels(10, 5.0), {"eta": 1.0}),
+    "unipc": (FlowPath(), "flow_velocity", flow_levels(10, 5.0), {}),
+}
+
+
+def test_every_sampler_is_listed_in_the_clip_cases():
+    assert sorted(CLIP_CASES) == sorted(SAMPLERS)
+
+
+@pytest.mark.parametrize("name", sorted(CLIP_CASES))
+def test_a_guided_clip_is_sampled_as_its_flattened_elements(name):
+    """Truth: the samplers and guidance act on each element alone (and rescale over all non-batch
+    axes), so a clip (B, T, H, W, C) samples to the flattened (B, T*H*W*C) array's samples, with
+    guidance, a negative condition as `uncond`, a per-example scale and guidance rescale; and each
+    element of a conditional (scale 1) sample equals the closed-form ODE solution."""
+    path, prediction_type, levels, options = CLIP_CASES[name]
+    model_fn = conditional_gaussian_denoiser(path, 0.3, prediction_type)
+    guided = guided_model_fn(model_fn, rescale_phi=0.7)
+    noise = jax.random.normal(jax.random.PRNGKey(0), CLIP_SHAPE)
+    flat = noise.reshape(CLIP_SHAPE[0], -1)
+    guidance = GuidanceCondition(
+        cond=jnp.array([0.5, -0.5]), uncond=jnp.array([-1.0]), scale=jnp.array([3.0, 1.5])
+    )
+    key = jax.random.PRNGKey(1)
+
+    def run(x, guidance=guidance, model=guided, levels=levels, options=options):
+        return sample(
+            name, model, x, levels, key, guidance, prediction_type=prediction_type, **options
+        )
+
+    clips = run(noise)
+    assert clips.shape == CLIP_SHAPE
+    np.testing.assert_allclose(clips.reshape(flat.shape), run(flat), rtol=1e-6, atol=1e-6)
+    # Guidance moved the clips away from the unguided ones: the comparison above is not trivial.
+    unguided = run(noise, guidance._replace(scale=jnp.ones(2)))
+    assert float(jnp.max(jnp.abs(unguided - clips))) > 0.1
+    if name in ("flow_euler", "flow_heun", "dpmpp_2m", "ddim", "unipc") and not options.get("eta"):
+        # 100 steps: the closed form is the ODE's exact solution, which 10 steps of shift 5.0
+        # (a last step from t = 0.36 to 0) only approximate; first-order samplers err most.
+        fine = flow_levels(100, 5.0) if isinstance(path, FlowPath) else ddpm_levels(LINEAR, 100)
+        with jax.enable_x64(True):
+            exact = conditional_gaussian_denoiser(path, 0.3, prediction_type)
+            mean = jnp.array([0.5, -0.5], jnp.float64)
+            x = run(noise.astype(jnp.float64), mean, exact, fine, {})
+        a0, s0, a1, s1 = fine.alpha[0], fine.sigma[0], fine.alpha[-1], fine.sigma[-1]
+        mean = np.asarray(mean).reshape(2, 1, 1, 1, 1)
+        z = (np.asarray(noise, np.float64) - a0 * mean) / np.sqrt(a0**2 * 0.09 + s0**2)
+        target = a1 * mean + np.sqrt(a1**2 * 0.09 + s1**2) * z
+        assert float(np.max(np.abs(np.asarray(x) - target))) < 0.06
+
+
+@pytest.mark.parametrize("num_steps", [10, 50])
+def test_unipc_equals_diffusers_flow_unipc_as_wan_samples(num_steps):
+    """Truth: diffusers' UniPCMultistepScheduler configured as Wan 2.1's (flow sigmas, shift 5.0,
+    order 2, bh2, corrector on), stepped on the same exact denoiser from the same noise."""
+    torch = pytest.importorskip("torch")
+    from diffusers import UniPCMultistepScheduler
+
+    scheduler = UniPCMultistepScheduler(
+        num_train_timesteps=1000,
+        solver_order=2,
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        flow_shift=5.0,
+    )
+    scheduler.set_timesteps(num_steps)
+    times = scheduler.sigmas.numpy().astype(np.float64)  # 1 - 1e-6, ..., 0
+    model_fn = mixture_denoiser(FlowPath(), *MIXTURE, "flow_velocity")
+    noise = np.random.default_rng(0).standard_normal((64, 1))
+    with jax.enable_x64(True):
+        ours = sample(
+            "unipc",
+            model_fn,
+            jnp.asarray(noise),
+            flow_levels_from_times(times),
+            prediction_type="flow_velocity",
+        )
+        x = torch.from_numpy(noise.copy())
+        for time, timestep in zip(times, scheduler.timesteps, strict=False):
+            velocity = model_fn(jnp.asarray(x.numpy()), jnp.full((64,), time), None)
+            x = scheduler.step(torch.from_numpy(np.array(velocity)), timestep, x).prev_sample
+    assert float(np.max(np.abs(np.asarray(ours) - x.numpy()))) <= 1e-4

@@ -306,7 +306,7 @@ def test_ddpm_model_samplers(runs):
     pipe = inference.TextToImage.from_run(runs["ddpm"], micro_batch=1)
     one = inference.TextToImage.from_run(runs["ddpm"], micro_batch=1, mesh=one_device_mesh())
     assert pipe.objective == "ddpm" and pipe.prediction_type == "v_prediction"
-    for sampler in ("ddpm", "ddim", "dpmpp_2m"):
+    for sampler in ("ddpm", "ddim", "dpmpp_2m", "unipc"):
         images = pipe.generate(PROMPTS[:3], seeds=SEEDS[:3], sampler=sampler, steps=3)
         assert images.shape == (3, 16, 16, 3) and images.std() > 0
     # The ancestral sampler draws fresh noise every step, from each sample's own key.

@@ -185,6 +185,10 @@ tr.best td { background: #eaf6ea; font-weight: 600; }
 img.plot { max-width: 100%; border: 1px solid #ddd; margin: 0.5em 0; }
 figure { margin: 1em 0 2em; } figcaption ol { columns: 2; font-size: 0.85em; }
 .ok { color: #1a8a2a; } .bad { color: #c02020; } .meta { color: #666; }
+.clips { display: flex; flex-wrap: wrap; gap: 12px; }
+.clips figure { margin: 0; width: 160px; font-size: 0.8em; }
+.clips img { width: 128px; image-rendering: pixelated; border: 3px solid #ccc; }
+.clips img.ok { border-color: rgb(40, 170, 60); } .clips img.bad { border-color: rgb(210, 40, 40); }
 """
 
 
@@ -240,6 +244,33 @@ def _gallery_html(gallery: dict) -> str:
         f"{_e(gallery.get('legend', 'all four attributes read right'))})"
         f"<ol>{''.join(items)}</ol></figcaption></figure>"
     )
+
+
+def clip_gallery_html(gallery: dict) -> str:
+    """Sampled clips as a block of the report: each clip's animated GIF (framed green when every
+    attribute was read right, red when not), a link to its MP4, its prompt, and when given the
+    oracle's marks per attribute ("correct") and what it read ("read", as
+    `video_oracle.VideoReading.names`). gallery: {"title", "items": [{"gif", "mp4", "prompt",
+    "correct"?, "read"?}]}, paths relative to the page."""
+    figures = []
+    for item in gallery["items"]:
+        correct = item.get("correct")
+        frame = "" if correct is None else f" class='{'ok' if all(correct.values()) else 'bad'}'"
+        caption = _e(item["prompt"])
+        if correct is not None:
+            marks = " ".join(
+                f'<span class="{"ok" if ok else "bad"}">{"&#10003;" if ok else "&#10007;"}'
+                f"{_e(attribute)}</span>"
+                for attribute, ok in correct.items()
+            )
+            caption += f"<br><span class='meta'>{marks}</span>"
+        if "read" in item:
+            caption += f"<br><span class='meta'>read: {_e(', '.join(item['read'].values()))}</span>"
+        figures.append(
+            f"<figure><img src='{_e(item['gif'])}' alt='{_e(item['prompt'])}'{frame}>"
+            f"<figcaption>{caption} <a href='{_e(item['mp4'])}'>MP4</a></figcaption></figure>"
+        )
+    return f"<h3>{_e(gallery['title'])}</h3><div class='clips'>{''.join(figures)}</div>"
 
 
 def _beyond_the_prompt(metrics: dict, galleries: list[dict]) -> list[str]:

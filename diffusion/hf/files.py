@@ -14,10 +14,13 @@ import json
 import os
 from collections.abc import Callable, Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
+from diffusion import sharding
 from diffusion.errors import UserError
 
 CONFIG_FILE = "config.json"
@@ -182,8 +185,17 @@ def check_all_used(
         )
 
 
-def module_with_params(init_fn: Callable[[], nnx.Module], params: Mapping[tuple, np.ndarray]):
-    """The module `init_fn()` builds (never initialised), its parameters taken from `params`."""
+def module_with_params(
+    init_fn: Callable[[], nnx.Module],
+    params: Mapping[tuple, np.ndarray],
+    mesh: Mesh | None = None,
+    rules: sharding.LogicalRules = sharding.DEFAULT_RULES,
+):
+    """The module `init_fn()` builds (never initialised), its parameters taken from `params`.
+
+    With a `mesh`, each parameter goes from host memory straight to its shards (its logical axis
+    names under `rules`), so a model larger than one device's memory is never whole on one.
+    """
     abstract = nnx.eval_shape(init_fn)
     graphdef, state = nnx.split(abstract)
     values = []
@@ -197,5 +209,11 @@ def module_with_params(init_fn: Callable[[], nnx.Module], params: Mapping[tuple,
                 f"parameter {'/'.join(map(str, path))}: converted shape {value.shape} "
                 f"!= model shape {expected.shape}"
             )
-        values.append((path, variable.replace(jnp.asarray(value, expected.dtype))))
+        value = np.asarray(value, expected.dtype)
+        if mesh is not None:
+            names = sharding.variable_logical_names(variable)
+            placed = sharding.logical_sharding(names, mesh, rules, shape=value.shape)
+            values.append((path, variable.replace(jax.device_put(value, placed))))
+        else:
+            values.append((path, variable.replace(jnp.asarray(value))))
     return nnx.merge(graphdef, nnx.from_flat_state(values))

@@ -281,8 +281,9 @@ class DiTPipeline:
     def settings(self, **options) -> SamplerSettings:
         """Validates sampler options for this model -> the static settings of a program.
 
-        options: sampler (euler | heun | euler_stochastic | ddim | dpmpp_2m for flow models,
-        ddpm | ddim | dpmpp_2m for DDPM models), steps, eta (DDIM / stochastic-Euler noise),
+        options: sampler (euler | heun | euler_stochastic | ddim | dpmpp_2m | unipc for flow
+        models, ddpm | ddim | dpmpp_2m | unipc for DDPM models), steps, eta (DDIM /
+        stochastic-Euler noise),
         shift (flow time shift of the sampling grid; default the training shift),
         guidance_rescale (phi of Lin et al. 2023), guidance_interval ((t_lo, t_hi): guidance
         only there). See `settings.make_settings`.

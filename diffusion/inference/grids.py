@@ -15,14 +15,14 @@ PAGE_COLOR = (215, 215, 215)
 LABEL_MARGIN = 6
 
 
-def save_labelled_rows(
-    rows: Sequence[tuple[str, np.ndarray]], path: str, tile: int = 64, label_width: int = 360
-) -> str:
+def labelled_rows_image(
+    rows: Sequence[tuple[str, np.ndarray]], tile: int = 64, label_width: int = 360
+) -> Image.Image:
     """One row per (label, uint8 (N, H, W, 3) images): the label on the left (cut with "..." to
     fit `label_width`), the images beside it, each scaled up by a whole factor (nearest
-    neighbour, so pixels stay sharp) to about `tile` pixels. Returns `path`."""
+    neighbour, so pixels stay sharp) to about `tile` pixels."""
     if not rows:
-        raise ValueError("save_labelled_rows needs at least one row")
+        raise ValueError("labelled_rows_image needs at least one row")
     height, width = np.asarray(rows[0][1]).shape[1:3]
     scale = max(1, tile // max(height, width))
     cell_h, cell_w = height * scale, width * scale
@@ -38,6 +38,14 @@ def save_labelled_rows(
         for c, image in enumerate(np.asarray(images, np.uint8)):
             big = image.repeat(scale, axis=0).repeat(scale, axis=1)
             canvas.paste(Image.fromarray(big), (label_width + c * (cell_w + GAP), top))
+    return canvas
+
+
+def save_labelled_rows(
+    rows: Sequence[tuple[str, np.ndarray]], path: str, tile: int = 64, label_width: int = 360
+) -> str:
+    """`labelled_rows_image` saved at `path`. Returns `path`."""
+    canvas = labelled_rows_image(rows, tile=tile, label_width=label_width)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     canvas.save(path)
     return path

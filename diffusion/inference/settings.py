@@ -25,8 +25,9 @@ SAMPLERS_BY_OBJECTIVE = {
         "euler_stochastic": "flow_euler_stochastic",
         "ddim": "ddim",  # the DDIM(eta) update on the flow path; eta = 0 is exactly Euler
         "dpmpp_2m": "dpmpp_2m",
+        "unipc": "unipc",  # Wan 2.1's sampler
     },
-    "ddpm": {"ddpm": "ddpm", "ddim": "ddim", "dpmpp_2m": "dpmpp_2m"},
+    "ddpm": {"ddpm": "ddpm", "ddim": "ddim", "dpmpp_2m": "dpmpp_2m", "unipc": "unipc"},
 }
 SAMPLERS_WITH_ETA = ("ddim", "flow_euler_stochastic")
 DEFAULT_BATCH_SIZE = 16  # samples per program call when generate() is not given batch_size
