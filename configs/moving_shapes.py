@@ -29,7 +29,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # trained on the train split; train.py warns if a context cuts captions.
     config.tokenizer.context_length = 24
 
-    config.clip = base_clip.get_config(arg)  # Stage 1: contrastive text and image towers.
+    # Stage 1: contrastive text and image towers; the image tower sees each clip's first and
+    # last frames on its channels (config.clip.model.video_frames).
+    config.clip = base_clip.get_config(arg)
     config.video_dit = base_video_dit.get_config(arg)  # Stage 2: on the frozen text tower.
     for stage in (config.clip, config.video_dit):
         # The same objects, so an override of config.data.* reaches every stage.
@@ -39,9 +41,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         stage.training.eval_every = 0  # Clip evaluation is a later stage's work.
         stage.optimizer.name = "muon"  # As configs/shapes.py: more learnt per step on this CPU.
         stage.optimizer.learning_rate = 2e-3
-    # The first and the last frame, stacked on channels: the straight, steady motions of the
-    # clips are fixed by them, and the tower's tokens stay those of one frame.
-    config.clip.model.video_frames = 2
     config.clip.model.vision_stem = "conv"  # Edges across patch borders (configs/shapes.py).
     config.clip.training.num_steps = 300
     # 8 frames of 32x32 in (2, 4, 4) patches: 4 x 8 x 8 = 256 tokens a clip.

@@ -7,6 +7,7 @@ exactly the first and last frames (an explicit concatenation), so a clip and its
 embed apart while a still clip and its reversal embed alike.
 """
 
+import dataclasses
 import os
 import shutil
 
@@ -126,6 +127,19 @@ def test_the_image_tower_sees_the_first_and_last_frames_on_channels():
     np.testing.assert_array_equal(clip_family.frames_on_channels(clips, 2), expected)
     three = np.concatenate([clips[:, 0], clips[:, 4], clips[:, 7]], axis=-1)  # round(3.5) = 4
     np.testing.assert_array_equal(clip_family.frames_on_channels(clips, 3), three)
+
+
+def test_the_image_tower_takes_video_frames_rgb_triples_and_refuses_more_than_a_clip_has(data_dir):
+    config = recipe(data_dir).clip
+    facts = families.DataFacts.from_config(config, image_size=32)
+    clips = dataclasses.replace(facts, frames=8)
+    model_config = clip_family.model_config(config, clips)
+    assert model_config.in_channels == 6 and len(model_config.pixel_std) == 6
+    assert clip_family.model_config(config, facts).in_channels == 3  # images: one frame
+    for bad in (0, 9):
+        config.model.video_frames = bad
+        with pytest.raises(UserError, match=f"video_frames={bad}.*from 1 to 8"):
+            clip_family.model_config(config, clips)
 
 
 def test_a_clip_and_its_reversal_embed_apart_a_still_clip_and_its_reversal_alike(clip_run):

@@ -28,7 +28,7 @@ from diffusion.families.base import (
 
 NAME = "clip"
 TAKES_CLIPS = True  # a dataset of clips: the tower sees frames stacked on channels
-DEFAULT_VIDEO_FRAMES = 2  # the first and the last frame
+DEFAULT_VIDEO_FRAMES = 2  # the first and the last frame (a recipe without video_frames)
 
 
 def frame_indices(clip_frames: int, frames_seen: int) -> np.ndarray:
@@ -58,7 +58,8 @@ def frames_seen_of(config, data: DataFacts) -> int:
     """Frames of a clip the image tower sees (config.model.video_frames); 1 for images."""
     if not data.frames:
         return 1
-    frames_seen = int(config.model.get("video_frames") or DEFAULT_VIDEO_FRAMES)
+    frames_seen = config.model.get("video_frames")
+    frames_seen = DEFAULT_VIDEO_FRAMES if frames_seen is None else int(frames_seen)
     if not 1 <= frames_seen <= data.frames:
         raise UserError(
             f"config.model.video_frames={frames_seen}, but the clips of {config.data.name!r} "
