@@ -44,9 +44,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.clip.model.vision_stem = "conv"  # Edges across patch borders (configs/shapes.py).
     config.clip.training.num_steps = 300
     # 8 frames of 32x32 in (2, 4, 4) patches: 4 x 8 x 8 = 256 tokens a clip. Measured on this
-    # shared 2-core CPU (2026-12-06, other jobs running): 1.4 s a step of 16 clips, so 1000 steps
-    # take about 25 minutes. Patches of (2, 8, 8) with x-prediction (configs/shapes.py's choice
-    # for images) ran 3.6x more clips a second, but are untested on clips. Sized, not tuned.
+    # shared 2-core CPU (2026-12-06, other jobs running): 0.9 to 1.4 s a step of 16 clips, so
+    # 1000 steps take 15 to 25 minutes (CLIP's 300 steps: 2 to 6). Patches of (2, 8, 8) with
+    # x-prediction (configs/shapes.py's choice for images) ran 3.6x more clips a second, but are
+    # untested on clips. Sized, not tuned.
     config.video_dit.model.patch_size = (2, 4, 4)
     config.video_dit.training.num_steps = 1000
     config.video_dit.training.global_batch_size = 16
