@@ -22,6 +22,7 @@ from diffusion import families, metrics, models, rundir, training
 from diffusion.errors import UserError
 from diffusion.families import clip as clip_family
 from diffusion.families import video_dit as video_dit_family
+from diffusion.pipeline.periodic import PeriodicEvaluation
 from diffusion.training import inputs
 
 ONE_DEVICE = {"data": 1, "fsdp": 1, "tensor": 1}
@@ -114,6 +115,19 @@ def test_an_image_family_refuses_clips_and_the_video_dit_images_it_cannot_tile(d
     facts = families.DataFacts.from_config(recipe(data_dir).video_dit, image_size=16)
     with pytest.raises(UserError, match=r"patch_size=\(2, 8, 8\).*images \(one-frame clips\)"):
         video_dit_family.check_patch_fits((2, 8, 8), facts, "shapes")
+
+
+def test_checks_during_training_are_refused_on_clips_before_any_step(data_dir):
+    config = recipe(data_dir)
+    for stage in (config.clip, config.video_dit):
+        stage.training.eval_every = 5
+        with pytest.raises(UserError, match="eval_every=5.*trains on clips"):
+            PeriodicEvaluation(stage)
+    images = base_clip.get_config()
+    images.data.update(data_dir=data_dir, builder_config="16", num_train_examples=8)
+    images.data.num_eval_examples = 8
+    images.training.eval_every = 5
+    PeriodicEvaluation(images)  # a CLIP on images keeps its retrieval check
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,25 @@ from diffusion.evaluation.held_out import load_split_examples
 from diffusion.evaluation.reconstruction import reconstruction_metrics
 from diffusion.inference import ClassToImage, TextToImage
 from diffusion.inference.dit_pipeline import LatentDecoder
-from diffusion.training import RunContext
+from diffusion.training import RunContext, inputs
+
+
+def check_clips_have_no_periodic_check(config) -> None:
+    """Refuses, before training, an eval_every that would fail at its first check: these checks
+    read images, so neither the video DiT nor a CLIP on clips has one (their clips are evaluated
+    after training)."""
+    every = config.training.get("eval_every", 0)
+    if not every or config.get("family") not in ("clip", "video_dit"):
+        return
+    if config.family == "clip":
+        source, builder = inputs.prepare_source(config.data, config.seed)
+        if not inputs.frames_of(source, builder):
+            return
+    raise UserError(
+        f"config.training.eval_every={every}, but the checks during training read images and "
+        f"this {config.family} trains on clips (they are evaluated after training); pass "
+        "--config.training.eval_every=0."
+    )
 
 
 class PeriodicEvaluation:
@@ -31,12 +49,7 @@ class PeriodicEvaluation:
     CLASSES_SHOWN = 8
 
     def __init__(self, config):
-        if config.get("family") == "video_dit" and config.training.get("eval_every", 0):
-            raise UserError(
-                f"config.training.eval_every={config.training.eval_every}, but the video DiT has "
-                "no check during training (its clips are evaluated after training); pass "
-                "--config.training.eval_every=0."
-            )
+        check_clips_have_no_periodic_check(config)
         self.config = config
         self._examples = None
         self._decoders: dict[str, LatentDecoder | None] = {}
