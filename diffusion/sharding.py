@@ -71,6 +71,7 @@ PARAMETER_AXIS_NAMES = (
     "layers",  # the stacked-block axis that scanned block stacks add
     "height",  # spatial rows of a convolution kernel
     "width",  # spatial columns of a convolution kernel
+    "frames",  # temporal taps of a 3-D (video) convolution kernel
     "conv_in",  # input channels of a pixel-space convolution
     "channels",  # output channels of a pixel-space convolution
 )
@@ -104,6 +105,7 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("activation_mlp", "tensor"),
     ("height", None),
     ("width", None),
+    ("frames", None),
     ("channels", None),
     ("patch", None),
     ("conv_in", None),

@@ -21,7 +21,7 @@ from configs import common
 from diffusion import checkpoints, models, sharding
 from diffusion import config as config_lib
 from diffusion.errors import UserError
-from diffusion.models import layers
+from diffusion.models import layers, wan_vae
 
 P = PartitionSpec
 
@@ -139,14 +139,16 @@ def test_default_rules_cover_every_declared_name_and_are_the_config_default():
 
 
 def test_every_declared_name_is_used_by_the_models(monkeypatch):
-    """No dead names: each declared parameter name annotates a parameter of some CLIP or DiT
-    variant, and each activation name reaches sharding.with_logical_constraint in a forward."""
+    """No dead names: each declared parameter name annotates a parameter of some CLIP, DiT or
+    Wan autoencoder variant, and each activation name reaches sharding.with_logical_constraint in
+    a forward."""
     clip_config = models.clip_config("tiny", vision_stem="conv", scan_layers=True)
     dit_config = models.dit_config("tiny", conditioning="class", output_conv=True)
     parameter_names = set()
     for init in (
         lambda: models.CLIP(clip_config, rngs=nnx.Rngs(0)),
         lambda: models.DiT(dit_config, rngs=nnx.Rngs(0)),
+        lambda: wan_vae.WanAutoencoder(wan_vae.wan_vae_config("tiny"), rngs=nnx.Rngs(0)),
     ):
         for axes in layers.logical_axes_of(nnx.eval_shape(init)).values():
             parameter_names.update(axes)
@@ -177,7 +179,7 @@ RULES_OVERRIDE = (
     " ('heads', None), ('vocab', 'tensor'), ('kv', None), ('classes', None), ('length', None),"
     " ('projection', None), ('norm', None), ('layers', None), ('activation_length', None),"
     " ('activation_embed', None), ('activation_mlp', 'tensor'), ('height', None),"
-    " ('width', None), ('channels', None), ('patch', None), ('conv_in', None))"
+    " ('width', None), ('frames', None), ('channels', None), ('patch', None), ('conv_in', None))"
 )
 
 
