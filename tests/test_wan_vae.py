@@ -148,7 +148,7 @@ def test_every_parameter_has_logical_axis_names(imported):
 
 def test_clip_length_and_shape_errors(imported, clip):
     model, _ = imported
-    with pytest.raises(ValueError, match="6 frames.*1 \\+ 4k"):
+    with pytest.raises(ValueError, match=r"6 frames.*1 \+ 4k frames \(e.g. 5 or 9\)"):
         model.encode(jnp.asarray(clip[:, :6]))
     with pytest.raises(ValueError, match="latents of shape .*z_dim"):
         model.decode(jnp.zeros((1, 2, 2, 2, 3)))

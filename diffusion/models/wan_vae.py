@@ -320,10 +320,10 @@ class Downsample(nnx.Module):
         x = _per_frame(self.spatial, x)  # (B, T, H / 2, W / 2, C)
         if self.temporal is None:
             return x, None
-        if cache is not None:
-            x, cache = self.temporal(jnp.concatenate([cache, x], axis=1)), x[:, -1:]
-            return x, cache  # (B, T / 2, H / 2, W / 2, C), the last input frame
-        return x, x[:, -1:]
+        last = x[:, -1:]  # the next chunk's first window starts at this frame
+        if cache is None:  # the clip's first frame passes through unchanged in time
+            return x, last
+        return self.temporal(jnp.concatenate([cache, x], axis=1)), last  # (B, T / 2, ...)
 
 
 class Upsample(nnx.Module):
@@ -435,8 +435,8 @@ class Decoder(nnx.Module):
 # One compiled program for the first chunk (cache None: different shapes, no temporal
 # resampling) and one for every later chunk (same shapes, the cache a fixed-shape pytree).
 # The chunks run in a Python loop rather than a lax.scan because the first chunk is a different
-# program, and because a loop lets a caller stream frames in and out of the device one chunk at
-# a time; the host-side loop costs one dispatch per chunk, negligible next to a chunk's work.
+# program; either way only one chunk's activations (plus a few cached frames per layer) are
+# alive at a time, which is the point of chunking.
 @nnx.jit
 def _run_chunk(stage: nnx.Module, inputs: jax.Array, cache):
     return stage(inputs, cache)
@@ -464,10 +464,11 @@ class WanAutoencoder(nnx.Module):
         then CHUNK_FRAMES frames at a time."""
         _check_clips(clips, self.config.in_channels, "clips", "in_channels")
         frames = clips.shape[1]
-        if (frames - FIRST_CHUNK_FRAMES) % CHUNK_FRAMES:
+        if frames < 1 or (frames - FIRST_CHUNK_FRAMES) % CHUNK_FRAMES:
+            shorter = max(1, frames - (frames - FIRST_CHUNK_FRAMES) % CHUNK_FRAMES)
             raise ValueError(
                 f"clips have {frames} frames; the Wan autoencoder encodes 1 + {CHUNK_FRAMES}k "
-                f"frames (e.g. {FIRST_CHUNK_FRAMES + CHUNK_FRAMES * max(1, frames // 4)})"
+                f"frames (e.g. {shorter} or {shorter + CHUNK_FRAMES})"
             )
         starts = [0, *range(FIRST_CHUNK_FRAMES, frames, CHUNK_FRAMES)]
         ends = [*starts[1:], frames]
