@@ -17,6 +17,7 @@ from diffusion.hf.files import CheckpointError
 from diffusion.hf.wan_transformer import (
     load_diffusers_wan_transformer,
     video_dit_config_from_diffusers,
+    video_dit_from_state_dict,
 )
 from diffusion.models import blocks
 
@@ -94,6 +95,17 @@ def test_forward_equals_diffusers(wan_directory, inputs, scan_layers):
         image = forward(jnp.asarray(x[:, 0]), jnp.asarray(timesteps / 1000.0), context)
         expected_image = diffusers_forward(theirs, x[:, :1], timesteps, context)[:, 0]
         assert float(np.max(np.abs(np.asarray(image) - expected_image))) <= 1e-4
+
+
+def test_a_torch_state_dict_converts_as_its_safetensors_directory(wan_directory):
+    theirs, directory = wan_directory
+    loaded, config = load_diffusers_wan_transformer(directory)
+    converted = video_dit_from_state_dict(theirs.state_dict(), config)
+    params = lambda model: dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    expected = params(loaded)
+    assert params(converted).keys() == expected.keys()
+    for path, variable in params(converted).items():
+        np.testing.assert_array_equal(variable.get_value(), expected[path].get_value())
 
 
 def test_config_translation_and_refusals():
