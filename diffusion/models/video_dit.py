@@ -1,5 +1,5 @@
 """Video DiT shaped exactly like Wan 2.1's transformer (Wan Team 2025, "Wan: Open and Advanced
-Large-Scale Video Generative Models", sec. 3.2; diffusers' `WanTransformer3DModel`), so that Wan
+Large-Scale Video Generative Models"; diffusers' `WanTransformer3DModel`), so that Wan
 weights import one to one (diffusion/hf/wan_transformer.py) and a tiny size trains on a CPU.
 
 clip (B, T, H, W, C) -> 3-D patches (pt, ph, pw) -> linear tokens (B, N, D), N = T'H'W'
@@ -148,11 +148,10 @@ def video_dit_config(variant: str = "tiny", **overrides) -> VideoDiTConfig:
 # ============================================================================================
 # Initialisation (Wan's `init_weights`): every Linear Xavier-uniform with zero bias; the text and
 # time embedders' Linears N(0, 0.02); the modulation tables N(0, 1 / D); the output projection
-# zero, so that the model starts by predicting 0 whatever the input (adaLN-Zero's reason: every
-# objective's target is then reached from a neutral, input-independent start, and the first
-# steps' gradients reach the blocks only through the output projection, not through a random
-# readout). Unlike DiT, Wan does not zero the block gates: the tables give them a small random
-# start (std 1 / sqrt(D)), which the import must reproduce anyway.
+# zero, so that a model trained from scratch starts by predicting 0 for every input: no random
+# readout of random features adds its noise to the first predictions, and the readout grows from
+# features that training has already shaped (adaLN-Zero's reason, DiT sec. 3.2). Unlike DiT, Wan
+# does not zero the block gates: the tables give them a small random start (std 1 / sqrt(D)).
 # ============================================================================================
 
 EMBEDDER_INIT = layers.normal(0.02)
@@ -162,7 +161,7 @@ def table_init(width: int):
     return layers.normal(1.0 / math.sqrt(width))
 
 
-def _kinds(config: VideoDiTConfig) -> dict:
+def _dtypes(config: VideoDiTConfig) -> dict:
     return dict(
         dtype=layers.resolve_dtype(config.dtype),
         param_dtype=layers.resolve_dtype(config.param_dtype),
@@ -180,12 +179,10 @@ class TimeEmbedding(nnx.Module):
     vectors scale every block's residual stream."""
 
     def __init__(self, config: VideoDiTConfig, *, rngs: nnx.Rngs):
-        self.freq_dim, self.time_scale, self.width = (
-            config.freq_dim,
-            config.time_scale,
-            config.width,
-        )
-        kw = dict(dtype=jnp.float32, param_dtype=_kinds(config)["param_dtype"], rngs=rngs)
+        self.freq_dim = config.freq_dim
+        self.time_scale = config.time_scale
+        self.width = config.width
+        kw = dict(dtype=jnp.float32, param_dtype=_dtypes(config)["param_dtype"], rngs=rngs)
         d = config.width
         self.fc1 = layers.Dense(
             config.freq_dim, d, ("mlp", "embed"), kernel_init=EMBEDDER_INIT, **kw
@@ -205,7 +202,7 @@ class TextEmbedding(nnx.Module):
     text_embedding, diffusers' PixArtAlphaTextProjection)."""
 
     def __init__(self, config: VideoDiTConfig, *, rngs: nnx.Rngs):
-        kw = dict(kernel_init=EMBEDDER_INIT, rngs=rngs, **_kinds(config))
+        kw = dict(kernel_init=EMBEDDER_INIT, rngs=rngs, **_dtypes(config))
         self.fc1 = layers.Dense(config.text_dim, config.width, ("mlp", "embed"), **kw)
         self.fc2 = layers.Dense(config.width, config.width, ("mlp", "embed"), **kw)
 
@@ -246,8 +243,8 @@ class QKNormAttention(nnx.Module):
     """
 
     def __init__(self, config: VideoDiTConfig, *, rngs: nnx.Rngs):
-        kinds = _kinds(config)
-        self.dtype = kinds["dtype"]
+        dtypes = _dtypes(config)
+        self.dtype = dtypes["dtype"]
         d, heads, head_dim = config.width, config.num_heads, config.head_dim
         # Xavier-uniform over the whole (in, heads * head_dim) matrix, as Wan's nn.Linear init.
         in_init = nnx.initializers.variance_scaling(
@@ -257,7 +254,7 @@ class QKNormAttention(nnx.Module):
             1.0, "fan_avg", "uniform", in_axis=(0, 1), out_axis=2
         )
         p = lambda init, shape, axes: layers.make_param(
-            rngs, init, shape, axes, kinds["param_dtype"]
+            rngs, init, shape, axes, dtypes["param_dtype"]
         )
         in_axes, bias_axes = ("embed", "heads", "kv"), ("heads", "kv")
         self.query_kernel = p(in_init, (d, heads, head_dim), in_axes)
@@ -269,7 +266,7 @@ class QKNormAttention(nnx.Module):
         self.out_kernel = p(out_init, (heads, head_dim, d), ("heads", "kv", "embed"))
         self.out_bias = p(layers.zeros, (d,), ("embed",))
         norm = lambda: HeadsRMSNorm(
-            heads, head_dim, config.eps, param_dtype=kinds["param_dtype"], rngs=rngs
+            heads, head_dim, config.eps, param_dtype=dtypes["param_dtype"], rngs=rngs
         )
         self.query_norm = nnx.data(norm() if config.qk_norm else None)
         self.key_norm = nnx.data(norm() if config.qk_norm else None)
@@ -334,22 +331,22 @@ class VideoDiTBlock(nnx.Module):
     modulation plus its own scale_shift_table (6, D)."""
 
     def __init__(self, config: VideoDiTConfig, *, rngs: nnx.Rngs):
-        kinds = _kinds(config)
+        dtypes = _dtypes(config)
         d = config.width
-        self.dtype = kinds["dtype"]
+        self.dtype = dtypes["dtype"]
         self.attention_impl = config.attention_impl
-        self.norm1 = layers.LayerNorm(d, eps=config.eps, affine=False, **kinds)
+        self.norm1 = layers.LayerNorm(d, eps=config.eps, affine=False, **dtypes)
         self.self_attn = QKNormAttention(config, rngs=rngs)
         self.norm2 = nnx.data(
-            layers.LayerNorm(d, eps=config.eps, rngs=rngs, **kinds)
+            layers.LayerNorm(d, eps=config.eps, rngs=rngs, **dtypes)
             if config.cross_attn_norm
             else None
         )
         self.cross_attn = QKNormAttention(config, rngs=rngs)
-        self.norm3 = layers.LayerNorm(d, eps=config.eps, affine=False, **kinds)
-        self.ffn = layers.MLP(d, config.ffn_dim, "gelu_tanh", rngs=rngs, **kinds)
+        self.norm3 = layers.LayerNorm(d, eps=config.eps, affine=False, **dtypes)
+        self.ffn = layers.MLP(d, config.ffn_dim, "gelu_tanh", rngs=rngs, **dtypes)
         self.scale_shift_table = layers.make_param(
-            rngs, table_init(d), (6, d), ("norm", "embed"), kinds["param_dtype"]
+            rngs, table_init(d), (6, d), ("norm", "embed"), dtypes["param_dtype"]
         )
 
     def __call__(
@@ -389,12 +386,12 @@ class FinalLayer(nnx.Module):
     (D -> pt*ph*pw*C_out), zero-initialised (see the initialisation banner)."""
 
     def __init__(self, config: VideoDiTConfig, *, rngs: nnx.Rngs):
-        kinds = _kinds(config)
+        dtypes = _dtypes(config)
         d = config.width
-        self.dtype = kinds["dtype"]
-        self.norm = layers.LayerNorm(d, eps=config.eps, affine=False, **kinds)
+        self.dtype = dtypes["dtype"]
+        self.norm = layers.LayerNorm(d, eps=config.eps, affine=False, **dtypes)
         self.scale_shift_table = layers.make_param(
-            rngs, table_init(d), (2, d), ("norm", "embed"), kinds["param_dtype"]
+            rngs, table_init(d), (2, d), ("norm", "embed"), dtypes["param_dtype"]
         )
         self.linear = layers.Dense(
             d,
@@ -402,7 +399,7 @@ class FinalLayer(nnx.Module):
             ("embed", "patch"),
             kernel_init=layers.zeros,
             rngs=rngs,
-            **kinds,
+            **dtypes,
         )
 
     def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
@@ -422,15 +419,15 @@ class VideoDiT(nnx.Module):
     -> (B, T, H, W, C_out) (or (B, H, W, C_out)) float32."""
 
     def __init__(self, config: VideoDiTConfig, *, rngs: nnx.Rngs):
-        kinds = _kinds(config)
+        dtypes = _dtypes(config)
         self.config = config
-        self.dtype = kinds["dtype"]
+        self.dtype = dtypes["dtype"]
         self.patch_embed = layers.Dense(
             config.patch_volume * config.in_channels,
             config.width,
             ("patch", "embed"),
             rngs=rngs,
-            **kinds,
+            **dtypes,
         )  # Xavier over the flattened Conv3d kernel, as Wan initialises it
         self.time_embed = TimeEmbedding(config, rngs=rngs)
         self.text_embed = TextEmbedding(config, rngs=rngs)
