@@ -11,10 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_dit import snapshot_check
 
 from diffusion import sharding
 from diffusion.errors import UserError
-from diffusion.models import blocks, rope
+from diffusion.models import blocks, layers, rope
 from diffusion.models.video_dit import (
     VIDEO_DIT_VARIANTS,
     VideoDiT,
@@ -205,6 +206,19 @@ def test_fused_attention_and_bfloat16_compute(model, forward, inputs):
     # bfloat16 keeps 8 bits of mantissa: ~0.4 % per rounding, a few % after two blocks.
     relative = jnp.linalg.norm(out - reference) / jnp.linalg.norm(reference)
     assert float(relative) < 0.05
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_every_parameter_has_logical_axes_and_their_snapshot(scan_layers):
+    model = abstract_model(video_dit_config("tiny", scan_layers=scan_layers))
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    for path, variable in flat:
+        axes = variable.get_metadata().get("out_sharding")
+        assert axes is not None and len(axes) == variable.get_value().ndim, path
+        assert len(set(axes)) == len(axes), (path, axes)  # one mesh axis per dimension at most
+        assert (axes[0] == "layers") == (scan_layers and "blocks" in path), (path, axes)
+    if scan_layers:  # the unscanned table is the same without the 'layers' axis
+        snapshot_check("video_dit_tiny_scan", layers.logical_axes_of(model))
 
 
 def sharded_loss_and_grads(mesh_shape, model, inputs):
