@@ -331,8 +331,10 @@ def test_variants_and_config_errors():
         video_dit_config("wan2.2")
     with pytest.raises(UserError, match=r"unknown VideoDiTConfig field\(s\) \['heads'\]"):
         video_dit_config("tiny", heads=3)
-    with pytest.raises(UserError, match="patch_size must be three positive integers"):
-        VideoDiTConfig(patch_size=(2, 2))
+    assert VideoDiTConfig(patch_size=np.array([1, 2, 2])).patch_size == (1, 2, 2)
+    for patch in ((2, 2), (1, 2.5, 2), (0, 2, 2)):
+        with pytest.raises(UserError, match="patch_size must be three positive integers"):
+            VideoDiTConfig(patch_size=patch)
     with pytest.raises(UserError, match="width 100 is not divisible by num_heads 8"):
         VideoDiTConfig(width=100, num_heads=8)
     with pytest.raises(UserError, match="head dimension width / num_heads = 4 must be even"):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -64,19 +65,18 @@ class VideoDiTConfig:
     scan_layers: bool = False  # nnx.scan over blocks (params get a leading 'layers' axis)
 
     def __post_init__(self):
-        # A config.json round trip turns the tuple into a list; keep the frozen field hashable.
-        object.__setattr__(self, "patch_size", tuple(self.patch_size))
-        if len(self.patch_size) != 3 or not all(
-            isinstance(p, int) and p >= 1 for p in self.patch_size
-        ):
+        patch = tuple(self.patch_size)
+        if len(patch) != 3 or not all(isinstance(p, numbers.Integral) and p >= 1 for p in patch):
             raise UserError(
                 f"patch_size must be three positive integers (frames, rows, columns), got "
                 f"{self.patch_size!r}; Wan 2.1 uses (1, 2, 2)"
             )
+        # A config.json round trip gives a list: keep the frozen field a hashable tuple of ints.
+        object.__setattr__(self, "patch_size", tuple(int(p) for p in patch))
         for name in ("in_channels", "out_channels", "width", "depth", "num_heads", "ffn_dim",
                      "text_dim", "freq_dim", "rope_max_seq_len"):  # fmt: skip
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, numbers.Integral) or value < 1:
                 raise UserError(f"{name} must be a positive integer, got {value!r}")
         if self.width % self.num_heads:
             raise UserError(
@@ -191,7 +191,9 @@ class TimeEmbedding(nnx.Module):
         self.projection = layers.Dense(d, 6 * d, ("embed", "mlp"), **kw)
 
     def __call__(self, t: jax.Array) -> tuple[jax.Array, jax.Array]:
-        freqs = embeddings.timestep_embedding(t * self.time_scale, self.freq_dim)  # (B, F)
+        # float32 before scaling: in bfloat16, t = 0.999 would already round to 1.
+        scaled = t.astype(jnp.float32) * self.time_scale  # (B,)
+        freqs = embeddings.timestep_embedding(scaled, self.freq_dim)  # (B, F)
         temb = self.fc2(jax.nn.silu(self.fc1(freqs)))  # (B, D)
         modulation = self.projection(jax.nn.silu(temb))  # (B, 6D)
         return temb, modulation.reshape(t.shape[0], 6, self.width)  # (B, D), (B, 6, D)
