@@ -97,15 +97,23 @@ def test_forward_equals_diffusers(wan_directory, inputs, scan_layers):
         assert float(np.max(np.abs(np.asarray(image) - expected_image))) <= 1e-4
 
 
-def test_a_torch_state_dict_converts_as_its_safetensors_directory(wan_directory):
+def test_a_state_dict_and_a_sharded_directory_convert_as_one_safetensors_file(
+    wan_directory, tmp_path
+):
+    """The hub's Wan 14B transformer/ is sharded (an index and several safetensors files)."""
     theirs, directory = wan_directory
     loaded, config = load_diffusers_wan_transformer(directory)
-    converted = video_dit_from_state_dict(theirs.state_dict(), config)
+    theirs.save_pretrained(tmp_path / "sharded", safe_serialization=True, max_shard_size="20KB")
+    assert "diffusion_pytorch_model.safetensors.index.json" in os.listdir(tmp_path / "sharded")
     params = lambda model: dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     expected = params(loaded)
-    assert params(converted).keys() == expected.keys()
-    for path, variable in params(converted).items():
-        np.testing.assert_array_equal(variable.get_value(), expected[path].get_value())
+    for model in (
+        video_dit_from_state_dict(theirs.state_dict(), config),
+        load_diffusers_wan_transformer(str(tmp_path / "sharded"))[0],
+    ):
+        assert params(model).keys() == expected.keys()
+        for path, variable in params(model).items():
+            np.testing.assert_array_equal(variable.get_value(), expected[path].get_value())
 
 
 def test_config_translation_and_refusals():
