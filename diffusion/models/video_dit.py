@@ -514,7 +514,8 @@ class VideoDiT(nnx.Module):
 
 
 def parameter_count(config: VideoDiTConfig) -> int:
-    """Number of parameters of VideoDiT(config), diffusers' WanTransformer3DModel's too."""
+    """Number of parameters of VideoDiT(config); diffusers' WanTransformer3DModel of the same
+    sizes has as many (it always builds the q/k norms: qk_norm=True)."""
     d, f, p = config.width, config.ffn_dim, config.patch_volume
     linear = lambda n_in, n_out: n_in * n_out + n_out
     attention_params = 4 * linear(d, d) + (2 * d if config.qk_norm else 0)
