@@ -1,8 +1,8 @@
 """Video DiT (Wan 2.1's shape): 3-D rotary positions against their defining property and
-diffusers' tables, output shapes and the still image as a one-frame clip, zero output at init,
-joint spatio-temporal attention, the text mask, scan + remat, fused attention and bfloat16
-equivalence, gradients on a sharded mesh, the closed-form parameter and FLOP counts, config and
-input errors."""
+diffusers' tables, 3-D patches, output shapes and the still image as a one-frame clip, zero
+output at init, joint spatio-temporal attention, the text mask, scan + remat, fused attention
+and bfloat16 equivalence, gradients on a sharded mesh, logical axes, the closed-form parameter
+and FLOP counts, config and input errors."""
 
 import dataclasses
 
@@ -15,7 +15,7 @@ from test_dit import snapshot_check
 
 from diffusion import sharding
 from diffusion.errors import UserError
-from diffusion.models import blocks, layers, rope
+from diffusion.models import blocks, layers, patches, rope
 from diffusion.models.video_dit import (
     VIDEO_DIT_VARIANTS,
     VideoDiT,
@@ -119,6 +119,17 @@ def test_rotary_tables_equal_diffusers_wan_rotary_embedding():
     cos, sin = rope.grid_cos_sin(grid, head_dim)  # (N, K / 2); theirs repeats each pair's angle
     np.testing.assert_allclose(cos, cos_t[0, :, 0, 0::2].numpy(), atol=1e-6)
     np.testing.assert_allclose(sin, sin_t[0, :, 0, 1::2].numpy(), atol=1e-6)
+
+
+def test_3d_patches_invert_and_match_the_2d_patches_frame_by_frame():
+    clips = np.random.default_rng(0).standard_normal((2, 4, 6, 8, 3)).astype(np.float32)
+    tokens = patches.patchify_3d(clips, (2, 3, 2))  # (B, 2 * 2 * 4, 2 * 3 * 2 * 3)
+    assert tokens.shape == (2, 16, 36)
+    np.testing.assert_array_equal(patches.unpatchify_3d(tokens, (2, 3, 2), 4, 6, 8), clips)
+    per_frame = [patches.patchify(clips[:, f], 2) for f in range(4)]  # (B, 12, 12) each
+    np.testing.assert_array_equal(
+        patches.patchify_3d(clips, (1, 2, 2)), np.concatenate(per_frame, axis=1)
+    )
 
 
 # --------------------------------------------------------------------------------------------
