@@ -1,4 +1,5 @@
-"""Flax NNX models: CLIP towers and the text-conditioned DiT, with their size variants.
+"""Flax NNX models: CLIP towers, the text-conditioned DiT and the video DiT (Wan 2.1's shape),
+with their size variants.
 
 `clip_config('B/16', dtype='bfloat16')` and `dit_config('DiT-XL/2', conditioning='class')` build
 configs from the variant tables; unknown names or fields raise ValueError listing valid ones.
@@ -11,6 +12,12 @@ import dataclasses
 from diffusion.models.blocks import REMAT_POLICIES
 from diffusion.models.clip import CLIP, CLIP_VARIANTS, CLIPConfig
 from diffusion.models.dit import DIT_VARIANTS, DiT, DiTConfig
+from diffusion.models.video_dit import (
+    VIDEO_DIT_VARIANTS,
+    VideoDiT,
+    VideoDiTConfig,
+    video_dit_config,
+)
 
 __all__ = [
     "CLIP",
@@ -20,9 +27,13 @@ __all__ = [
     "DiT",
     "DiTConfig",
     "REMAT_POLICIES",
+    "VIDEO_DIT_VARIANTS",
+    "VideoDiT",
+    "VideoDiTConfig",
     "clip_config",
     "dit_config",
     "recipe_fields",
+    "video_dit_config",
 ]
 
 

@@ -37,6 +37,34 @@ def unpatchify(tokens: jax.Array, patch_size: int, height: int, width: int) -> j
     return x.reshape(b, height, width, c)
 
 
+def patchify_3d(clips: jax.Array, patch_size: tuple[int, int, int]) -> jax.Array:
+    """(B, T, H, W, C) -> (B, T/pt * H/ph * W/pw, pt * ph * pw * C): patches in row-major
+    (frame, row, column) order, each patch's values in (pt, ph, pw, c) order, as a Conv3d with
+    stride = kernel (Wan's patch embedding) sees them."""
+    b, t, h, w, c = clips.shape
+    pt, ph, pw = patch_size
+    if t % pt or h % ph or w % pw:
+        raise ValueError(
+            f"clip size {t}x{h}x{w} (frames x height x width) is not divisible by the patch size "
+            f"{pt}x{ph}x{pw}; use frames, height and width that are multiples of it"
+        )
+    x = clips.reshape(b, t // pt, pt, h // ph, ph, w // pw, pw, c)
+    x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)  # (B, T/pt, H/ph, W/pw, pt, ph, pw, C)
+    return x.reshape(b, (t // pt) * (h // ph) * (w // pw), pt * ph * pw * c)
+
+
+def unpatchify_3d(
+    tokens: jax.Array, patch_size: tuple[int, int, int], frames: int, height: int, width: int
+) -> jax.Array:
+    """Inverse of `patchify_3d`: (B, N, pt * ph * pw * C) -> (B, T, H, W, C)."""
+    b, _, d = tokens.shape
+    pt, ph, pw = patch_size
+    c = d // (pt * ph * pw)
+    x = tokens.reshape(b, frames // pt, height // ph, width // pw, pt, ph, pw, c)
+    x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7)  # (B, T/pt, pt, H/ph, ph, W/pw, pw, C)
+    return x.reshape(b, frames, height, width, c)
+
+
 class PatchEmbed(nnx.Module):
     """Non-overlapping p x p patches -> linear tokens (the stride-p convolution of ViT / DiT)."""
 
