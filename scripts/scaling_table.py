@@ -193,7 +193,7 @@ def markdown(results: dict, samplers: dict | None = None) -> str:
     for key, r in results.items():
         recipe = key.split("@")[0]
         t = r["train_step"]
-        mesh = "x".join(f"{v}" for v in r["mesh"].values()) + " (data x fsdp x tensor)"
+        mesh = "x".join(f"{v}" for v in r["mesh"].values()) + f" ({' x '.join(r['mesh'])})"
         if not t.get("compiled"):
             lines.append(
                 f"| {recipe} | {r['topology']} | {r['num_devices']} | {mesh} | {r['remat']} | "
