@@ -7,8 +7,8 @@ with them (the ``out_sharding`` metadata of an ``nnx.Param``, which
 :func:`with_logical_constraint`. A rule list (``config.mesh.rules``, read by
 :func:`rules_from_config`; :data:`DEFAULT_RULES` by default) maps those names to the mesh axes
 ``data`` (pure data parallelism), ``fsdp`` (batch + parameter sharding, ZeRO-3 style),
-``sequence`` (the tokens of activations: sequence parallelism, which attention serves with the
-all-to-alls of ``implementation='ulysses'``) and ``tensor`` (heads / MLP hidden units), in the
+``sequence`` (the tokens of activations: sequence parallelism, which attention serves with
+``implementation='ulysses'`` or ``'ring'``) and ``tensor`` (heads / MLP hidden units), in the
 style of MaxText and big_vision.
 
 Rules are a sequence of ``(logical_name, mesh_axes)`` pairs, where ``mesh_axes`` is a mesh axis

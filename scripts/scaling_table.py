@@ -81,21 +81,26 @@ SEQUENCE_PARALLELISM = [
     "'fsdp')` and is whole across `sequence`. It is for examples whose tokens (a video's "
     "T x H x W patches) make activations too large for one device, or a batch too small to "
     "split over every chip.",
-    "- Attention over split tokens: `--config.model.attention_impl=ulysses` "
-    "(DeepSpeed-Ulysses, arXiv:2309.14509). Self-attention exchanges the token split for a "
-    "head split with an all-to-all of q, k and v over `sequence`, attends over whole sequences "
-    "with the local heads, and exchanges back with one more all-to-all. Cross-attention to keys "
-    "of another length (the text) splits only the queries: keys and values stay whole on every "
+    "- Attention over split tokens, `--config.model.attention_impl=`: `ulysses` "
+    "(DeepSpeed-Ulysses, arXiv:2309.14509) exchanges the token split for a head split with an "
+    "all-to-all of q, k and v over `sequence`, attends over whole sequences with the local "
+    "heads, and exchanges back with one more all-to-all; `ring` (ring attention, "
+    "arXiv:2310.01889) keeps each device's queries and passes key/value blocks around the "
+    "`sequence` devices with collective permutes, folding each block into a streaming softmax, "
+    "so no device holds the whole sequence of keys and values. Cross-attention to keys of "
+    "another length (the text) splits only the queries: keys and values stay whole on every "
     "device, with no collective.",
-    "- Divisibility: the tokens must be a multiple of `mesh.sequence`, and for self-attention "
-    "so must the heads per tensor device (`num_heads / mesh.tensor`): 12 heads with tensor 1 "
-    "allow sequence 1, 2, 3, 4, 6 or 12. Otherwise a UserError names the numbers.",
-    "- Checked by `tests/test_sequence_parallel.py` on 8 CPU devices: outputs and gradients "
-    "with respect to q, k and v equal the unsharded core (relative 1e-5) on data 2 x sequence 4, "
-    "sequence 8 and data 2 x sequence 2 x tensor 2 meshes, without a mask, with a key mask and "
-    "with a per-head mask, and the compiled programs hold all-to-alls and no all-gather; a tiny "
-    "text-conditioned DiT on data 2 x sequence 4 has the one-device loss and parameter "
-    "gradients.",
+    "- Divisibility: the tokens must be a multiple of `mesh.sequence`; for `ulysses` "
+    "self-attention so must the heads per tensor device (`num_heads / mesh.tensor`): 12 heads "
+    "with tensor 1 allow sequence 1, 2, 3, 4, 6 or 12, while `ring` takes any head count. "
+    "Otherwise a UserError names the numbers.",
+    "- Checked by `tests/test_sequence_parallel.py` on 8 CPU devices, for both: outputs and "
+    "gradients with respect to q, k and v equal the unsharded core (relative 1e-5) on data 2 x "
+    "sequence 4, sequence 8 and data 2 x sequence 2 x tensor 2 meshes, without a mask, with a "
+    "key mask and with a per-head mask, and the compiled programs hold all-to-alls (ulysses) "
+    "or collective permutes (ring) and no all-gather; a tiny text-conditioned DiT on data 2 x "
+    "sequence 4 has the one-device loss and parameter gradients. Their speed and memory on "
+    "accelerators are not measured yet.",
     "",
 ]
 

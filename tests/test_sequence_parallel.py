@@ -1,7 +1,8 @@
-"""Sequence parallelism: Ulysses attention (diffusion.models.attention.ulysses_attention) on
-meshes with a 'sequence' axis equals the unsharded attention core, in value and gradients, and
-so does a tiny text-conditioned DiT built with attention_impl='ulysses'."""
+"""Sequence parallelism: Ulysses and ring attention (diffusion.models.attention) on meshes with
+a 'sequence' axis equal the unsharded attention core, in value and gradients, and so does a tiny
+text-conditioned DiT built with attention_impl='ulysses' or 'ring'."""
 
+import functools
 import math
 
 import jax
@@ -65,30 +66,47 @@ def attention_and_gradients(implementation, q, k, v, mask, cotangent):
     return out, grads
 
 
-def on_mesh(mesh, q, k, v, mask, cotangent, key_spec):
-    """Ulysses output and gradients under the default rules on ``mesh``, with the inputs placed
-    as the sharded model holds them; also the compiled program's HLO text."""
-    query_spec = P(
-        sharding.batch_axes(mesh), "sequence", "tensor" if "tensor" in mesh.shape else None
-    )
+# The collective each implementation moves tokens with, as the compiled HLO names it.
+COLLECTIVE = {"ulysses": "all-to-all", "ring": "collective-permute"}
+
+
+def token_spec(mesh):
+    """(B, T, H, D) split as the default rules split it on ``mesh``."""
+    return P(sharding.batch_axes(mesh), "sequence", "tensor" if "tensor" in mesh.shape else None)
+
+
+def on_mesh(implementation, mesh, q, k, v, mask, key_spec):
+    """Output and q/k/v gradients under the default rules on ``mesh``, with the inputs placed as
+    a sharded model holds them, and the compiled program's HLO text."""
     place = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
     batch = P(sharding.batch_axes(mesh))
     args = (
-        place(q, query_spec),
+        place(q, token_spec(mesh)),
         place(k, key_spec),
         place(v, key_spec),
         mask if mask is None else place(mask, batch if mask.shape[0] > 1 else P()),
-        place(cotangent, query_spec),
+        place(cotangent_like(q), token_spec(mesh)),
     )
-    step = jax.jit(
-        lambda q, k, v, mask, cotangent: attention_and_gradients(
-            "ulysses", q, k, v, mask, cotangent
-        )
-    )
+    step = jax.jit(functools.partial(attention_and_gradients, implementation))
     with sharding.activate(mesh):
         compiled = step.lower(*args).compile()
     out, grads = compiled(*args)
     return out, grads, compiled.as_text()
+
+
+def cotangent_like(q):
+    return jnp.asarray(np.random.default_rng(3).normal(size=q.shape), "f4")
+
+
+def assert_equals_the_core(implementation, mesh, q, k, v, mask, key_spec) -> str:
+    """Output and gradients on the mesh equal the 'xla' core's on one device (relative 1e-5);
+    returns the sharded program's HLO text."""
+    expected_out, expected_grads = attention_and_gradients("xla", q, k, v, mask, cotangent_like(q))
+    out, grads, hlo = on_mesh(implementation, mesh, q, k, v, mask, key_spec)
+    assert relative_error(out, expected_out) <= 1e-5
+    for name, grad, expected in zip("qkv", grads, expected_grads, strict=True):
+        assert relative_error(grad, expected) <= 1e-5, name
+    return hlo
 
 
 def make_mesh(shape):
@@ -102,72 +120,93 @@ def make_mesh(shape):
 
 @pytest.mark.parametrize("mask_kind", ["none", "key", "per_head"])
 @pytest.mark.parametrize("mesh_name", list(MESHES))
-def test_self_attention_equals_the_unsharded_core_in_value_and_gradients(mesh_name, mask_kind):
-    """Output and d/dq, d/dk, d/dv of Ulysses on the mesh equal the plain 'xla' core on one
-    device (relative 1e-5); the program moves tokens with all-to-alls and never all-gathers
-    (which would be correct too, but keep every device's whole sequence of every head)."""
+@pytest.mark.parametrize("implementation", list(COLLECTIVE))
+def test_self_attention_equals_the_unsharded_core_in_value_and_gradients(
+    implementation, mesh_name, mask_kind
+):
+    """Output and d/dq, d/dk, d/dv on the mesh equal the plain 'xla' core on one device; the
+    program moves tokens with its own collective and never all-gathers (which would be correct
+    too, but would hold every device's whole sequence of every head)."""
     mesh = make_mesh(MESHES[mesh_name])
     q, k, v = qkv()
     mask = make_mask(mask_kind, q, k)
-    cotangent = jnp.asarray(np.random.default_rng(3).normal(size=q.shape), "f4")
-    expected_out, expected_grads = attention_and_gradients("xla", q, k, v, mask, cotangent)
-    key_spec = P(
-        sharding.batch_axes(mesh), "sequence", "tensor" if "tensor" in mesh.shape else None
-    )
-    out, grads, hlo = on_mesh(mesh, q, k, v, mask, cotangent, key_spec)
-    assert relative_error(out, expected_out) <= 1e-5
-    for name, grad, expected in zip("qkv", grads, expected_grads, strict=True):
-        assert relative_error(grad, expected) <= 1e-5, name
-    assert "all-to-all" in hlo
+    hlo = assert_equals_the_core(implementation, mesh, q, k, v, mask, token_spec(mesh))
+    assert COLLECTIVE[implementation] in hlo
     assert "all-gather" not in hlo
 
 
-def test_cross_attention_splits_only_the_queries():
+@pytest.mark.parametrize("implementation", list(COLLECTIVE))
+def test_cross_attention_splits_only_the_queries(implementation):
     """Keys shorter than the queries (text): only the queries are split over 'sequence', the
     keys stay whole on each device, and the result needs no collective at all."""
     mesh = make_mesh(MESHES["data2 x sequence4"])
     q, k, v = qkv(key_tokens=6, heads=2)  # 2 heads: not divisible by 4, not needed here
-    mask = make_mask("key", q, k)
-    cotangent = jnp.asarray(np.random.default_rng(3).normal(size=q.shape), "f4")
-    expected_out, expected_grads = attention_and_gradients("xla", q, k, v, mask, cotangent)
-    out, grads, hlo = on_mesh(mesh, q, k, v, mask, cotangent, P("data"))
-    assert relative_error(out, expected_out) <= 1e-5
-    for name, grad, expected in zip("qkv", grads, expected_grads, strict=True):
-        assert relative_error(grad, expected) <= 1e-5, name
-    assert out.sharding.spec[1] == "sequence"
-    assert "all-to-all" not in hlo and "all-gather" not in hlo
+    hlo = assert_equals_the_core(implementation, mesh, q, k, v, make_mask("key", q, k), P("data"))
+    assert not any(name in hlo for name in ("all-to-all", "collective-permute", "all-gather"))
 
 
-def test_without_a_split_token_axis_it_is_the_plain_core():
-    """No mesh, or a mesh whose 'sequence' axis has size 1: the 'xla' core, no all-to-all."""
+def test_ring_attention_needs_no_head_divisibility():
+    """6 heads on 4 sequence devices, which Ulysses refuses: the ring splits only tokens."""
+    mesh = make_mesh(MESHES["data2 x sequence4"])
+    q, k, v = qkv(heads=6)
+    hlo = assert_equals_the_core(
+        "ring", mesh, q, k, v, make_mask("per_head", q, k), P("data", "sequence")
+    )
+    assert "collective-permute" in hlo and "all-gather" not in hlo
+
+
+def test_ring_rows_with_every_key_masked_give_zeros_as_the_core():
+    """A query row that may see no key: the core's weights are all zero, so its output is 0;
+    the ring's streaming softmax (whose running sum is then 0) must give 0 too, not NaN."""
+    mesh = make_mesh(MESHES["sequence8"])
+    q, k, v = qkv()
+    mask = np.ones((1, 1, 16, 16), bool)
+    mask[..., 5, :] = False
+    attend = lambda q, k, v: attention.dot_product_attention(q, k, v, jnp.asarray(mask), "ring")
+    with sharding.activate(mesh):
+        out = jax.jit(attend)(q, k, v)
+    np.testing.assert_array_equal(out[:, 5], 0.0)
+    expected = attention.dot_product_attention(q, k, v, jnp.asarray(mask))
+    assert relative_error(out, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("implementation", list(COLLECTIVE))
+def test_without_a_split_token_axis_it_is_the_plain_core(implementation):
+    """No mesh, or a mesh whose 'sequence' axis has size 1: the 'xla' core, no collective."""
     q, k, v = qkv()
     expected = attention.dot_product_attention(q, k, v)
-    np.testing.assert_array_equal(
-        attention.dot_product_attention(q, k, v, None, "ulysses"), expected
-    )
+    attend = lambda q, k, v: attention.dot_product_attention(q, k, v, None, implementation)
+    np.testing.assert_array_equal(attend(q, k, v), expected)
     mesh = make_mesh({"data": 4, "sequence": 1})
-    step = jax.jit(lambda q, k, v: attention.dot_product_attention(q, k, v, None, "ulysses"))
+    step = jax.jit(attend)
     with sharding.activate(mesh):
         assert relative_error(step(q, k, v), expected) <= 1e-6
-        assert "all-to-all" not in step.lower(q, k, v).compile().as_text()
+        assert COLLECTIVE[implementation] not in step.lower(q, k, v).compile().as_text()
 
 
 @pytest.mark.parametrize(
-    "shape, message",
+    "implementation, shape, message",
     [
         (
+            "ulysses",
             dict(heads=6),
             r"6 heads \(6 per device after the head axes \(\) of 1 devices\) are not divisible "
             r"by the 4 devices of the sequence mesh axes \('sequence',\).*multiple of 4",
         ),
-        (dict(tokens=6), r"6 tokens cannot be split over.*4 devices.*multiple of 4"),
+        (
+            "ulysses",
+            dict(tokens=6),
+            r"^ulysses .*6 tokens cannot be split.*4 devices.*multiple of 4",
+        ),
+        ("ring", dict(tokens=6), r"^ring .*6 tokens cannot be split.*4 devices.*multiple of 4"),
     ],
 )
-def test_indivisible_heads_or_tokens_are_named(shape, message):
+def test_indivisible_heads_or_tokens_are_named(implementation, shape, message):
     mesh = make_mesh(MESHES["data2 x sequence4"])
     q, k, v = qkv(**shape)
+    attend = lambda q, k, v: attention.dot_product_attention(q, k, v, None, implementation)
     with sharding.activate(mesh), pytest.raises(UserError, match=message):
-        jax.jit(lambda q, k, v: attention.dot_product_attention(q, k, v, None, "ulysses"))(q, k, v)
+        jax.jit(attend)(q, k, v)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -225,13 +264,19 @@ def dit_loss_and_gradients(mesh_shape, implementation):
     return float(value), flat, hlo
 
 
-def test_a_text_dit_on_a_data_sequence_mesh_has_the_unsharded_loss_and_gradients():
-    """Self-attention by all-to-all, cross-attention to the text with the queries split, and the
-    rest of the blocks on sequence-sharded tokens: the loss and every parameter gradient equal
+@functools.cache
+def one_device_dit_loss_and_gradients():
+    return dit_loss_and_gradients({"data": 1}, "xla")
+
+
+@pytest.mark.parametrize("implementation", list(COLLECTIVE))
+def test_a_text_dit_on_a_data_sequence_mesh_has_the_unsharded_loss_and_gradients(implementation):
+    """Self-attention over split tokens, cross-attention to the text with the queries split, and
+    the rest of the block on sequence-sharded tokens: the loss and every parameter gradient equal
     the one-device 'xla' model's (relative 1e-5)."""
-    expected_loss, expected, _ = dit_loss_and_gradients({"data": 1}, "xla")
-    loss, grads, hlo = dit_loss_and_gradients({"data": 2, "sequence": 4}, "ulysses")
-    assert "all-to-all" in hlo
+    expected_loss, expected, _ = one_device_dit_loss_and_gradients()
+    loss, grads, hlo = dit_loss_and_gradients({"data": 2, "sequence": 4}, implementation)
+    assert COLLECTIVE[implementation] in hlo
     assert abs(loss - expected_loss) <= 1e-5 * abs(expected_loss)
     assert grads.keys() == expected.keys()
     # The key bias adds the same q . b to every logit of a query, which softmax cancels: its exact
@@ -239,9 +284,7 @@ def test_a_text_dit_on_a_data_sequence_mesh_has_the_unsharded_loss_and_gradients
     scale = max(np.max(np.abs(g)) for g in expected.values())
     for path, grad in grads.items():
         if "key_bias" in path:
-            assert (
-                np.max(np.abs(grad)) <= 1e-7 * scale
-                and np.max(np.abs(expected[path])) <= 1e-7 * scale
-            )
+            assert np.max(np.abs(grad)) <= 1e-7 * scale
+            assert np.max(np.abs(expected[path])) <= 1e-7 * scale
         else:
             assert relative_error(grad, expected[path]) <= 1e-5, path
