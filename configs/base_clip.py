@@ -25,6 +25,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.vision_width = placeholder(int)  # Width of the image tower; None: the variant's.
     config.model.vision_depth = placeholder(int)  # Blocks of the image tower; None: the variant's.
     config.model.vision_stem = placeholder(str)  # "patch" or "conv"; None: the variant's.
+    # A dataset of clips: frames the image tower sees, evenly spaced from the first to the last,
+    # stacked on the channel axis (diffusion/families/clip.py says why); images ignore it.
+    config.model.video_frames = 2
     config.model.text_width = placeholder(int)  # Width of the text tower; None: the variant's.
     config.model.text_depth = placeholder(int)  # Blocks of the text tower; None: the variant's.
     config.model.dtype = "float32"  # Compute dtype ("bfloat16" on TPU); parameters stay float32.

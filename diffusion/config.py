@@ -61,13 +61,13 @@ _AT_LEAST = (
 
 def training_sections(config: ml_collections.ConfigDict) -> list[tuple[str, Any]]:
     """(prefix, stage config) of every stage that trains: the config itself for a family's
-    recipe, `config.autoencoder` / `config.clip` / `config.dit` of a pipeline (those among its
-    stages)."""
+    recipe, `config.autoencoder` / `config.clip` / `config.dit` / `config.video_dit` of a
+    pipeline (those among its stages)."""
     if config.get("family") == "pipeline":
         stages = tuple(config.get("stages") or ("clip", "dit"))
         return [
             (f"config.{name}", config[name])
-            for name in ("autoencoder", "clip", "dit")
+            for name in ("autoencoder", "clip", "dit", "video_dit")
             if name in stages and isinstance(config.get(name), ml_collections.ConfigDict)
         ]
     trains = isinstance(config.get("training"), ml_collections.ConfigDict)

@@ -46,6 +46,7 @@ CONFIG_FILE = checkpoints.CONFIG_FILENAME
 MODEL_CLASSES = {
     "clip": (models.CLIP, models.CLIPConfig),
     "dit": (models.DiT, models.DiTConfig),
+    "video_dit": (models.VideoDiT, models.VideoDiTConfig),
     "autoencoder": (Autoencoder, AutoencoderConfig),
 }
 # Model config fields that change how it runs, not its parameters: a run may resume with others.
@@ -472,7 +473,7 @@ def run_resolution(config) -> int:
         if config.data.builder_config:
             name = f"{name}/{config.data.builder_config}"
         builder = tfds.builder(name, data_dir=config.data.data_dir)
-        return int(builder.info.features[config.data.image_key].shape[0])
+        return int(builder.info.features[config.data.image_key].shape[-3])  # ([T,] H, W, C)
     except Exception as error:  # noqa: BLE001 - any failure means "ask the user"
         raise UserError(
             f"cannot tell the image resolution of this run ({config.data.name}: {error}); pass "

@@ -554,7 +554,7 @@ CASES = [
     Case(
         "unknown-family",
         lambda e, t: pipeline.train_and_evaluate(e.clip_config(family="gan"), str(t)),
-        ("config.family='gan'", "('clip', 'dit', 'autoencoder', 'pipeline')"),
+        ("config.family='gan'", "('clip', 'dit', 'video_dit', 'autoencoder', 'pipeline')"),
     ),
     Case(
         "unknown-flow-prediction-type",

@@ -1,4 +1,4 @@
-"""Input pipeline: a TFDS image dataset -> grain -> per-process batches -> global jax.Arrays.
+"""Input pipeline: a TFDS image or clip dataset -> grain -> per-process batches -> jax.Arrays.
 
 The records come from `diffusion.data.sources` (any TFDS image dataset prepared as array_record);
 this module decodes them into model inputs, batches them and shards each batch over processes.
@@ -17,7 +17,8 @@ Order of operations, the same on every process:
   -> batch of global_batch_size indices, remainder dropped (with hard negatives: half as many
      anchors, each followed by its twin, see `TwinFinder`)
   -> this process's rows of the global batch (process p owns rows [p b, (p + 1) b))
-  -> batched read + decode -> images to [-1, 1] NHWC float32, captions -> token ids and mask
+  -> batched read + decode -> images to [-1, 1] NHWC float32 (clips: NTHWC), captions -> token
+     ids and mask
      (with hard negative captions, also each caption with one attribute's word swapped, see
      `swap_attribute_word`).
 
@@ -145,8 +146,14 @@ class BatchDecoder:
             negatives.append(swap_attribute_word(caption, names[own], names[other]))
         return negatives
 
+    @functools.cached_property
+    def input_key(self) -> str:
+        """The batch key of the model input: 'video' for a dataset of clips, else 'image'."""
+        return input_key_of(self.features[self.config.image_key])
+
     def images(self, records: Sequence[Mapping[str, Any]], indices: np.ndarray) -> np.ndarray:
-        """uint8 images -> float32 (b, H, W, 3) in [-1, 1]; the posteriors of an encoded dataset
+        """uint8 images -> float32 (b, H, W, 3) in [-1, 1], uint8 clips -> float32
+        (b, T, H, W, 3) scaled alike; the posteriors of an encoded dataset
         -> a normalised draw from each (`LatentEncoding.model_inputs`, seeded by the seed and
         the batch's indices, so that a resumed run draws the same); other float features (any
         channel count) -> float32 as stored."""
@@ -157,18 +164,18 @@ class BatchDecoder:
             return self.config.latents.model_inputs(images, stds, rng)  # (b, h, w, c)
         if np.issubdtype(images.dtype, np.floating) and images.ndim == 4:
             return images.astype(np.float32)  # (b, h, w, c)
-        if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        if images.ndim not in (4, 5) or images.shape[-1] not in (1, 3):
             raise UserError(
-                f"Expected (H, W, 1 or 3) images in {self.config.image_key!r}, "
-                f"got a batch of shape {images.shape}"
+                f"Expected (H, W, 1 or 3) images or (T, H, W, 1 or 3) clips in "
+                f"{self.config.image_key!r}, got a batch of shape {images.shape}"
             )
         if images.shape[-1] == 1:  # grayscale datasets (e.g. mnist) as RGB
             images = np.repeat(images, 3, axis=-1)
-        return images.astype(np.float32) / 127.5 - 1.0  # (b, H, W, 3) in [-1, 1]
+        return images.astype(np.float32) / 127.5 - 1.0  # (b[, T], H, W, 3) in [-1, 1]
 
     def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         records = self.reader.read([int(i) for i in indices])
-        batch = {"image": self.images(records, indices)}
+        batch = {self.input_key: self.images(records, indices)}
         if self.captions:
             captions = [self.caption(r) for r in records]
             # (b, L) int32 token ids, and the mask: 1 on real tokens
@@ -186,6 +193,14 @@ class BatchDecoder:
         if self.classes is not None:
             batch["label"] = self.classes.ids(batch)  # (b,) int32 class ids
         return batch
+
+
+def input_key_of(feature: Any) -> str:
+    """'video' for a uint8 (T, H, W, C) clip feature, 'image' for anything else (images and the
+    latents of an encoded dataset), as the batches name the model input."""
+    shape = getattr(feature, "shape", ())
+    dtype = np.dtype(getattr(feature, "np_dtype", np.uint8))
+    return "video" if len(shape) == 4 and dtype == np.uint8 else "image"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,7 +303,8 @@ def make_input_pipeline(
 ) -> grain.DatasetIterator:
     """A checkpointable iterator of this process's batches (see the module docstring).
 
-    Each batch is a dict of numpy arrays: 'image' float32 (b, H, W, 3) in [-1, 1], 'tokens'
+    Each batch is a dict of numpy arrays: 'image' float32 (b, H, W, 3) in [-1, 1] (a dataset
+    of clips: 'video' float32 (b, T, H, W, 3) instead, scaled alike), 'tokens'
     int32 (b, L), 'mask' int32 (b, L), and one int32 (b,) field per ClassLabel feature, with
     b = global_batch_size / process_count. `iterator.get_state()` / `set_state(state)` save and
     restore the position, so a resumed run sees exactly the batches of an uninterrupted one.

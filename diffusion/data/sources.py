@@ -4,8 +4,8 @@ Any TFDS image dataset prepared as array_record can be read (`SourceConfig`); ca
 either from a text feature or from a template over the features ("a photo of a {label}"). A bad
 name, split or feature key fails when the dataset is opened, with the valid choices, and a
 truncated or corrupt shard fails with the path of the file (`damaged_shards`). Nothing is
-downloaded at run time: the embedded shapes dataset is generated (`build_dataset`), any other
-must already be prepared under its data_dir.
+downloaded at run time: the embedded shapes and moving_shapes datasets are generated
+(`build_dataset`, `build_moving_shapes`), any other must already be prepared under its data_dir.
 """
 
 from __future__ import annotations
@@ -22,11 +22,13 @@ from typing import Any
 import tensorflow_datasets as tfds
 from tensorflow_datasets.proto import tf_example_pb2
 
+from diffusion.data import moving_shapes as moving_shapes_lib
 from diffusion.data import shapes as shapes_lib
 from diffusion.data.latents import STD_KEY, LatentEncoding
 from diffusion.errors import UserError
 
 DEFAULT_CAPTION_TEMPLATE = "a photo of a {label}"
+GENERATED_DATASETS = ("shapes", "moving_shapes")  # embedded: generated here, never downloaded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,14 +149,28 @@ def open_source(config: SourceConfig, split: str, captions: bool = True) -> Reco
         if builder.is_prepared():
             raise
         hint = (
-            "build_dataset(...)"
-            if dataset_name(config.name) == "shapes"
+            "build_dataset(...) or build_moving_shapes(...)"
+            if dataset_name(config.name) in GENERATED_DATASETS
             else "download_and_prepare(file_format='array_record') where it has network access"
         )
         raise UserError(
             f"Dataset {config.name!r} is not prepared under data_dir={config.data_dir!r}; "
             f"run {hint} first (nothing is downloaded at run time)."
         ) from error
+
+
+def _prepare_generated(builder_name: str, builder_config, data_dir: str | None):
+    """Generates an embedded dataset under data_dir if missing (offline) -> its builder."""
+    try:
+        builder = tfds.builder(builder_name, config=builder_config, data_dir=data_dir)
+        with _shuffle_in_memory():
+            builder.download_and_prepare()
+    except OSError as error:  # e.g. data_dir is a file, or not writable
+        raise UserError(
+            f"Cannot prepare the {builder_name} dataset under data_dir={data_dir!r}: {error}. "
+            "Point config.data.data_dir (evaluate.py: --data_dir) at a writable directory."
+        ) from error
+    return builder
 
 
 def build_dataset(
@@ -168,14 +184,15 @@ def build_dataset(
     seed: int = 0,
 ) -> tfds.core.DatasetBuilder:
     """Prepares the embedded shapes dataset if missing (offline) and returns its builder; any
-    other name must already be prepared under data_dir. `tfds_name(builder)` gives the name
-    for `SourceConfig` (e.g. "shapes/32")."""
+    other name (moving_shapes: `build_moving_shapes`) must already be prepared under data_dir.
+    `tfds_name(builder)` gives the name for `SourceConfig` (e.g. "shapes/32")."""
     if dataset_name(name) != "shapes":
         builder = dataset_builder(SourceConfig(name=name, data_dir=data_dir))
         if not builder.is_prepared():
             raise UserError(
                 f"Dataset {name!r} is not prepared under data_dir={data_dir!r}; only 'shapes' "
-                "is generated here (nothing is downloaded at run time)."
+                "is generated here, and 'moving_shapes' by build_moving_shapes (nothing is "
+                "downloaded at run time)."
             )
         return builder
     config = shapes_lib.shapes_config(
@@ -185,16 +202,49 @@ def build_dataset(
         num_test_unseen=num_test_unseen,
         seed=seed,
     )
-    try:
-        builder = tfds.builder("shapes", config=config, data_dir=data_dir)
-        with _shuffle_in_memory():
-            builder.download_and_prepare()
-    except OSError as error:  # e.g. data_dir is a file, or not writable
+    return _prepare_generated("shapes", config, data_dir)
+
+
+def moving_shapes_size(builder_config: str | None) -> tuple[int, int]:
+    """(resolution, frames) that a moving_shapes builder config such as "32_8" names; None
+    names the default. The split sizes and seed come from the recipe's data section, as for
+    shapes, so a name that spells them is refused rather than half-followed."""
+    valid = [
+        f"{r}_{f}" for r in moving_shapes_lib.RESOLUTIONS for f in moving_shapes_lib.FRAME_COUNTS
+    ]
+    if builder_config is None:
+        return moving_shapes_lib.RESOLUTIONS[0], moving_shapes_lib.FRAME_COUNTS[0]
+    match = re.fullmatch(r"(\d+)_(\d+)", str(builder_config))
+    if match is None or str(builder_config) not in valid:
         raise UserError(
-            f"Cannot prepare the shapes dataset under data_dir={data_dir!r}: {error}. Point "
-            "config.data.data_dir (evaluate.py: --data_dir) at a writable directory."
-        ) from error
-    return builder
+            f"config.data.builder_config={builder_config!r} is not a moving_shapes config; valid: "
+            f"{valid} (resolution_frames). Set the split sizes with config.data.num_train_examples"
+            " and config.data.num_eval_examples."
+        )
+    return int(match[1]), int(match[2])
+
+
+def build_moving_shapes(
+    data_dir: str | None,
+    builder_config: str | None = None,
+    *,
+    num_train: int = moving_shapes_lib.DEFAULT_NUM_EXAMPLES["train"],
+    num_test: int = moving_shapes_lib.DEFAULT_NUM_EXAMPLES["test"],
+    num_test_unseen: int = moving_shapes_lib.DEFAULT_NUM_EXAMPLES["test_unseen"],
+    seed: int = 0,
+) -> tfds.core.DatasetBuilder:
+    """Prepares the embedded moving_shapes dataset of `builder_config` ("32_8": 8 frames of
+    32x32) if missing (offline), like `build_dataset` the shapes, and returns its builder."""
+    resolution, frames = moving_shapes_size(builder_config)
+    config = moving_shapes_lib.moving_shapes_config(
+        resolution,
+        frames,
+        num_train=num_train,
+        num_test=num_test,
+        num_test_unseen=num_test_unseen,
+        seed=seed,
+    )
+    return _prepare_generated("moving_shapes", config, data_dir)
 
 
 @contextlib.contextmanager

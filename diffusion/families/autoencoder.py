@@ -25,6 +25,7 @@ from diffusion.families.base import (
 from diffusion.models.autoencoder import Autoencoder, AutoencoderConfig, autoencoder_config
 
 NAME = "autoencoder"
+TAKES_CLIPS = False  # images (or their latents) only
 RECONSTRUCTION_LOSSES = ("l1", "l2")
 # AutoencoderConfig fields a recipe's config.model may set (None keeps the variant's); the image
 # size and channels come from the data.

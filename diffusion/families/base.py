@@ -34,6 +34,7 @@ class DataFacts:
     # A dataset with cached text features: the empty caption's, keyed as its records'
     # (`diffusion.data.latents.text_keys`); None: the text tower runs in the train step.
     empty_text: dict[str, np.ndarray] | None = None
+    frames: int = 0  # frames per clip of a dataset of clips (batch key 'video'); 0: images
 
     @classmethod
     def from_config(cls, config, image_size: int) -> DataFacts:

@@ -1,12 +1,24 @@
 """The CLIP family: a recipe -> CLIPConfig, the contrastive loss over the global batch, and the
-batch its train step reads."""
+batch its train step reads.
+
+On a dataset of clips the image tower sees a few frames of each clip stacked on the channel
+axis (`frames_on_channels`): the text tower must learn the motion words of the captions ("moves
+up", "grows", "quickly"), which no single frame shows. The embedded clips move along a straight
+line at a constant speed, or grow or shrink steadily, so the first and last frames already fix
+the direction, the speed and the growth; stacked on channels they cost the tower only a wider
+patch projection (the same tokens), where frames as extra tokens would multiply its attention.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from diffusion import contrastive, models, sharding
+from diffusion.errors import UserError
 from diffusion.families.base import (
     DataFacts,
     ModelBuild,
@@ -15,19 +27,69 @@ from diffusion.families.base import (
 )
 
 NAME = "clip"
+TAKES_CLIPS = True  # a dataset of clips: the tower sees frames stacked on channels
+DEFAULT_VIDEO_FRAMES = 2  # the first and the last frame (a recipe without video_frames)
+
+
+def frame_indices(clip_frames: int, frames_seen: int) -> np.ndarray:
+    """`frames_seen` evenly spaced frame indices of a clip of `clip_frames`, the first and (for
+    two or more) the last included."""
+    return np.round(np.linspace(0, clip_frames - 1, frames_seen)).astype(np.int32)
+
+
+def frames_on_channels(video, frames_seen: int):
+    """(B, T, H, W, C) clips -> (B, H, W, frames_seen * C): the frames of `frame_indices`, frame
+    after frame on the channel axis (numpy in, numpy out; jax in, jax out)."""
+    batch, clip_frames, height, width, channels = video.shape
+    picked = video[:, frame_indices(clip_frames, frames_seen)]  # (B, k, H, W, C)
+    picked = picked.transpose(0, 2, 3, 1, 4)  # (B, H, W, k, C)
+    return picked.reshape(batch, height, width, frames_seen * channels)
+
+
+def image_tower_input(batch, model_config: models.CLIPConfig):
+    """What the image tower reads of a batch: its images, or its clips' frames on channels (as
+    many frames as the tower's in_channels hold RGB triples)."""
+    if "video" in batch:
+        return frames_on_channels(batch["video"], model_config.in_channels // 3)
+    return batch["image"]  # (B, H, W, C)
+
+
+def frames_seen_of(config, data: DataFacts) -> int:
+    """Frames of a clip the image tower sees (config.model.video_frames); 1 for images."""
+    if not data.frames:
+        return 1
+    frames_seen = config.model.get("video_frames")
+    frames_seen = DEFAULT_VIDEO_FRAMES if frames_seen is None else int(frames_seen)
+    if not 1 <= frames_seen <= data.frames:
+        raise UserError(
+            f"config.model.video_frames={frames_seen}, but the clips of {config.data.name!r} "
+            f"have {data.frames} frames; pass a value from 1 to {data.frames} (2: the first and "
+            "the last frame)."
+        )
+    return frames_seen
 
 
 def model_config(config, data: DataFacts, **overrides) -> models.CLIPConfig:
     """The CLIP of a recipe: its variant, the fields config.model sets, the data's image size and
-    the tokenizer's vocabulary and context."""
+    the tokenizer's vocabulary and context; on clips, an image tower whose input holds
+    `frames_seen_of` RGB frames."""
     fields = dict(
         image_size=data.image_size,
         vocab_size=data.vocab_size,
         context_length=data.context_length,
         **models.recipe_fields(config, "clip"),
     )
+    frames_seen = frames_seen_of(config, data)
     try:
-        return models.clip_config(config.model.variant, **{**fields, **overrides})
+        clip_config = models.clip_config(config.model.variant, **{**fields, **overrides})
+        if frames_seen == 1:
+            return clip_config
+        return dataclasses.replace(  # each frame normalised as the variant normalises an image
+            clip_config,
+            in_channels=clip_config.in_channels * frames_seen,
+            pixel_mean=tuple(clip_config.pixel_mean) * frames_seen,
+            pixel_std=tuple(clip_config.pixel_std) * frames_seen,
+        )
     except ValueError as error:
         raise model_config_error(error, config.model) from error
 
@@ -53,7 +115,7 @@ def clip_loss(
     (a labelled dataset's captions made from class names); unique captions give the same loss.
     """
     del frozen, key
-    image_emb = model.encode_image(batch["image"])  # (B, E), L2-normalised
+    image_emb = model.encode_image(image_tower_input(batch, model.config))  # (B, E), normalised
     text_emb = model.encode_text(batch["tokens"], batch["mask"])  # (B, E)
     negative_emb = None
     if "negative_caption_tokens" in batch:
@@ -99,15 +161,17 @@ def build(config, data: DataFacts, mesh: Mesh, **model_overrides) -> ModelBuild:
 
 def abstract_batch(config, mesh: Mesh, build_: ModelBuild, data: DataFacts) -> dict:
     """The global batch the train step reads, as ShapeDtypeStructs sharded over the batch axes."""
-    del data  # the model config holds the image size and context
     rows = sharding.batch_sharding(mesh)
     batch = int(config.training.global_batch_size)
     m = build_.model_config
     length = m.context_length
+    side = m.image_size
+    if data.frames:
+        key, shape = "video", (batch, data.frames, side, side, data.image_channels)
+    else:
+        key, shape = "image", (batch, side, side, m.in_channels)
     out = {
-        "image": abstract_array(
-            (batch, m.image_size, m.image_size, m.in_channels), jnp.float32, rows
-        ),
+        key: abstract_array(shape, jnp.float32, rows),
         "tokens": abstract_array((batch, length), jnp.int32, rows),
         "mask": abstract_array((batch, length), jnp.int32, rows),
     }

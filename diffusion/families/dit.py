@@ -30,6 +30,7 @@ from diffusion.families.base import (
 from diffusion.schedules import DiscreteSchedule
 
 NAME = "dit"
+TAKES_CLIPS = False  # images (or their latents) only
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,7 +96,7 @@ class DiffusionObjective:
             logit_std=d.logit_normal_std,
             shift=d.shift,
             flow_loss_space=flow_loss_space,
-            min_snr_gamma=d.min_snr_gamma or None,
+            min_snr_gamma=d.get("min_snr_gamma") or None,  # DDPM only: a flow recipe may lack it
         )
 
     def loss(self, model_fn, x0, cond, key):
@@ -137,6 +138,15 @@ def text_condition(text_encoder, tokens, mask, *, words: bool = False) -> dict[s
     return cond
 
 
+def drop_captions(tokens, mask, key, cond_dropout: float, empty_tokens, empty_mask):
+    """(tokens, mask) (B, L) with each caption replaced by the empty one with probability
+    `cond_dropout`, which teaches the unconditional model that guidance needs (Ho & Salimans)."""
+    drop = jax.random.bernoulli(key, cond_dropout, (tokens.shape[0], 1))  # (B, 1)
+    tokens = jnp.where(drop, jnp.asarray(empty_tokens, tokens.dtype), tokens)  # (B, L)
+    mask = jnp.where(drop, jnp.asarray(empty_mask, mask.dtype), mask)  # (B, L)
+    return tokens, mask
+
+
 def dit_model_fn(model):
     """`model_fn(x_t, t, cond)` of the diffusion core, over a text-conditioned DiT."""
 
@@ -167,10 +177,9 @@ def text_conditional_loss(
     """Denoising loss with condition dropout: a caption becomes the empty prompt with probability
     `cond_dropout`, which teaches the unconditional model that guidance needs (Ho & Salimans)."""
     drop_key, loss_key = jax.random.split(key)
-    tokens, mask = batch["tokens"], batch["mask"]
-    drop = jax.random.bernoulli(drop_key, cond_dropout, (tokens.shape[0], 1))
-    tokens = jnp.where(drop, jnp.asarray(empty_tokens, tokens.dtype), tokens)  # (B, L)
-    mask = jnp.where(drop, jnp.asarray(empty_mask, mask.dtype), mask)  # (B, L)
+    tokens, mask = drop_captions(
+        batch["tokens"], batch["mask"], drop_key, cond_dropout, empty_tokens, empty_mask
+    )
     cond = text_condition(text_encoder, tokens, mask, words=model.config.word_conditioning)
     loss, aux = objective.loss(dit_model_fn(model), batch["image"], cond, loss_key)
     return loss, {"mean_t": jnp.mean(aux["t"])}

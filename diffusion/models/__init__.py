@@ -71,14 +71,15 @@ SIZE_FIELDS = {
         "text_depth",
     ),
     "dit": ("patch_size", "width", "depth", "num_heads", "input_stem"),
+    "video_dit": ("patch_size", "width", "depth", "num_heads", "ffn_dim"),
 }
 
 
 def recipe_fields(config, family: str) -> dict:
-    """The CLIPConfig / DiTConfig fields that a recipe sets: how the model runs (dtype, remat,
-    scan, attention), the size fields its config.model overrides, and for CLIP the SigLIP bias
-    its loss needs. train.py and the AOT compiler both build their model from these, so
-    `--config.model.depth=...` changes both."""
+    """The CLIPConfig / DiTConfig / VideoDiTConfig fields that a recipe sets: how the model runs
+    (dtype, remat, scan, attention), the size fields its config.model overrides, and for CLIP
+    the SigLIP bias its loss needs. train.py and the AOT compiler both build their model from
+    these, so `--config.model.depth=...` changes both."""
     model_section = config.model
     fields = dict(
         dtype=model_section.dtype,

@@ -7,6 +7,7 @@ import os
 import jax
 
 from diffusion import contrastive, rundir
+from diffusion.errors import UserError
 from diffusion.evaluation import report
 from diffusion.evaluation.clip_metrics import ClipEncoder
 from diffusion.evaluation.held_out import load_split_examples
@@ -30,6 +31,12 @@ class PeriodicEvaluation:
     CLASSES_SHOWN = 8
 
     def __init__(self, config):
+        if config.get("family") == "video_dit" and config.training.get("eval_every", 0):
+            raise UserError(
+                f"config.training.eval_every={config.training.eval_every}, but the video DiT has "
+                "no check during training (its clips are evaluated after training); pass "
+                "--config.training.eval_every=0."
+            )
         self.config = config
         self._examples = None
         self._decoders: dict[str, LatentDecoder | None] = {}

@@ -26,8 +26,10 @@ from diffusion.pipeline import stages
 from diffusion.pipeline.periodic import PeriodicEvaluation
 from diffusion.training import PreemptionGuard, inputs, train
 
-PIPELINE_STAGES = ("autoencoder", "encode", "clip", "dit", "evaluate", "samples")
-TRAINING_STAGES = ("autoencoder", "clip", "dit")
+PIPELINE_STAGES = ("autoencoder", "encode", "clip", "dit", "video_dit", "evaluate", "samples")
+TRAINING_STAGES = ("autoencoder", "clip", "dit", "video_dit")
+# The stages whose text encoder is, unless the recipe names one, the clip stage's run.
+TEXT_CONDITIONED_STAGES = ("dit", "video_dit")
 # The directory a stage writes, where not its name.
 STAGE_DIRECTORIES = {"evaluate": "eval", "encode": stages.LATENTS_DIR}
 
@@ -67,6 +69,9 @@ def check_data(config: ml_collections.ConfigDict, trained: list) -> None:
         source, _ = inputs.prepare_source(data, seed)
         for split in dict.fromkeys(splits):
             sources.open_source(source, split, captions=captions)
+    for c in trained:  # clips for a family of images: named before any stage trains
+        source, builder = inputs.prepare_source(c.data, c.seed)
+        families.check_inputs(c.family, inputs.frames_of(source, builder), source.name)
 
 
 def _reads_captions(config: ml_collections.ConfigDict) -> bool:
@@ -103,7 +108,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
 def _run_stage(config, workdir: str, stage: str, preemption: PreemptionGuard):
     if stage in TRAINING_STAGES:
         stage_config = config[stage]
-        if stage == "dit" and not stage_config.text_encoder.checkpoint:
+        if stage in TEXT_CONDITIONED_STAGES and not stage_config.text_encoder.checkpoint:
             stage_config.text_encoder.checkpoint = os.path.join(workdir, "clip")
         if stage == "dit" and "encode" in config.stages:  # the DiT trains on the latents
             stage_config.data = stages.latent_data_config(config, workdir)

@@ -18,23 +18,37 @@ from diffusion.errors import UserError
 from diffusion.families import DataFacts
 
 
+def _prepared_once(build, what: str):
+    """`build()` on process 0 first, the others after it: one writer, the others open what it
+    wrote."""
+    if jax.process_index() == 0:
+        builder = build()
+    distributed.barrier(f"{what} dataset prepared")
+    if jax.process_index() != 0:
+        builder = build()
+    return builder
+
+
 def prepare_source(data_config, seed: int) -> tuple[data_lib.SourceConfig, Any]:
-    """Builds the shapes dataset if missing (other datasets must be prepared) -> source, builder."""
+    """Builds the embedded shapes or moving_shapes dataset if missing (other datasets must be
+    prepared) -> source, builder."""
+    sizes = dict(
+        num_train=data_config.num_train_examples,
+        num_test=data_config.num_eval_examples,
+        num_test_unseen=data_config.num_eval_examples,
+        seed=seed,
+    )
     if data_config.name == "shapes":
-        build = lambda: data_lib.build_dataset(
-            "shapes",
-            data_config.data_dir,
-            rundir.builder_resolution(data_config) or 32,
-            num_train=data_config.num_train_examples,
-            num_test=data_config.num_eval_examples,
-            num_test_unseen=data_config.num_eval_examples,
-            seed=seed,
+        resolution = rundir.builder_resolution(data_config) or 32
+        build = lambda: data_lib.build_dataset("shapes", data_config.data_dir, resolution, **sizes)
+        builder = _prepared_once(build, "shapes")
+        name = data_lib.tfds_name(builder)
+    elif data_config.name == "moving_shapes":
+        sources.moving_shapes_size(data_config.builder_config)  # a bad name fails on every process
+        build = lambda: sources.build_moving_shapes(
+            data_config.data_dir, data_config.builder_config, **sizes
         )
-        if jax.process_index() == 0:  # one writer; the others open what it wrote
-            builder = build()
-        distributed.barrier("shapes dataset prepared")
-        if jax.process_index() != 0:
-            builder = build()
+        builder = _prepared_once(build, "moving_shapes")
         name = data_lib.tfds_name(builder)
     else:
         name = data_config.name
@@ -89,10 +103,16 @@ def prepare_tokenizer(tokenizer_config, source, split: str, directory: str):
     return data_lib.load_tokenizer(directory)
 
 
+def frames_of(source, builder) -> int:
+    """Frames per clip of a dataset of clips (its input feature is (T, H, W, C)); 0 for images."""
+    feature = builder.info.features[source.image_key]
+    return int(feature.shape[0]) if input_pipeline.input_key_of(feature) == "video" else 0
+
+
 def image_shape_of(config, source, builder) -> tuple[int, int]:
-    """(side, channels) of the model's inputs: the dataset's images (3 channels for uint8 images,
-    as the input pipeline makes them), or its latents (as stored), checked against
-    config.model.in_channels where the recipe sets that."""
+    """(side, channels) of the model's inputs: the dataset's images or the frames of its clips
+    (3 channels for uint8 ones, as the input pipeline makes them), or its latents (as stored),
+    checked against config.model.in_channels where the recipe sets that."""
     features = builder.info.features
     key = source.image_key
     if key not in features:
@@ -110,7 +130,7 @@ def image_shape_of(config, source, builder) -> tuple[int, int]:
             f"{channels}-channel inputs (feature shape {feature.shape}); pass "
             f"--config.model.in_channels={channels}."
         )
-    return int(feature.shape[0]), int(channels)
+    return int(feature.shape[-3]), int(channels)  # (H, W, C) or (T, H, W, C)
 
 
 def class_space(config, builder, source_name: str, class_features) -> ClassSpace:
@@ -176,11 +196,15 @@ def data_facts(
     image_size: int,
     channels: int = 3,
     empty_text: dict[str, np.ndarray] | None = None,
+    frames: int = 0,
 ) -> DataFacts:
     """What the model builder needs of the data and tokenizer (None: a model without text);
-    `empty_text`: the empty caption's cached text features (`cached_text`), if any."""
+    `empty_text`: the empty caption's cached text features (`cached_text`), if any; `frames`:
+    frames per clip of a dataset of clips (0: images)."""
     if tokenizer is None:
-        return dataclasses.replace(DataFacts.without_text(image_size), image_channels=channels)
+        return dataclasses.replace(
+            DataFacts.without_text(image_size), image_channels=channels, frames=frames
+        )
     length = config.tokenizer.context_length
     empty_tokens, empty_mask = data_lib.tokenize(tokenizer, [""], length)
     return DataFacts(
@@ -191,4 +215,5 @@ def data_facts(
         empty_mask=empty_mask,
         image_channels=int(channels),
         empty_text=empty_text,
+        frames=int(frames),
     )

@@ -51,10 +51,14 @@ class Callback(Protocol):
     def __call__(self, context: RunContext, state: dict, step: int) -> dict[str, float]: ...
 
 
+# The families whose loss may read a frozen text tower (config.text_encoder.checkpoint).
+TEXT_ENCODER_FAMILIES = ("dit", "video_dit")
+
+
 def build_model(config, facts: families.DataFacts, mesh) -> tuple[families.ModelBuild, Any]:
     """(the family's build of the recipe, the loaded frozen model or None)."""
     family = families.get(config.family)
-    if config.family != "dit":
+    if config.family not in TEXT_ENCODER_FAMILIES:
         return family.build(config, facts, mesh), None
     if not family.is_text_conditional(config):  # class ids: no frozen model
         return family.build(config, facts, mesh, None), None
@@ -73,8 +77,8 @@ def train(
     callbacks: Sequence[Callback] = (),
     preemption: PreemptionGuard | None = None,
 ) -> dict[str, Any]:
-    """Trains the model of config.family ("clip", "dit" or "autoencoder") in `workdir`, resuming
-    if possible; returns the last logged metrics.
+    """Trains the model of config.family ("clip", "dit", "video_dit" or "autoencoder") in
+    `workdir`, resuming if possible; returns the last logged metrics.
 
     tokenizer_dir: where the tokenizer is trained or read (default WORKDIR/tokenizer).
     devices: the devices of the mesh (default: all of them).
@@ -102,11 +106,13 @@ def train(
         if jax.process_index() == 0 and not os.path.isdir(own_tokenizer_dir):
             save_tokenizer(tokenizer, own_tokenizer_dir)  # a run directory is self-contained
     image_size, channels = inputs.image_shape_of(config, source, builder)
-    if config.family == "dit" and config.text_encoder.checkpoint:
+    frames = inputs.frames_of(source, builder)
+    families.check_inputs(config.family, frames, source.name)
+    if config.family in TEXT_ENCODER_FAMILIES and config.text_encoder.checkpoint:
         # Absolute, so that config.json still finds it from a sampling job elsewhere.
         config.text_encoder.checkpoint = os.path.abspath(config.text_encoder.checkpoint)
     empty_text = inputs.cached_text(config, source, builder, tokenizer)
-    facts = inputs.data_facts(config, tokenizer, image_size, channels, empty_text)
+    facts = inputs.data_facts(config, tokenizer, image_size, channels, empty_text, frames)
     build, frozen = build_model(config, facts, mesh)
     tx = optim.make_optimizer(config.optimizer, total_steps=t.num_steps)  # checks, writes nothing
     rundir.check_resumable(workdir, build.family, build.model_config)
