@@ -27,6 +27,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.num_heads = placeholder(int)  # Attention heads; None: the variant's.
     config.model.dtype = "float32"  # Compute dtype ("bfloat16" on TPU); parameters stay float32.
     config.model.remat = "none"  # Rematerialisation policy of the DiT blocks.
+    # "xla", "fused" (jax.nn.dot_product_attention), or "ulysses" / "ring" (sequence parallel
+    # over config.mesh.sequence; docs/scaling.md).
+    config.model.attention_impl = "xla"
     config.model.scan_layers = (
         False  # Scan over the block stack (compile time independent of depth).
     )

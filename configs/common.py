@@ -38,6 +38,10 @@ def mesh_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.data = -1  # Devices along the pure data-parallel axis (-1: all that remain).
     c.fsdp = 1  # Devices along the axis that shards parameters and the batch (ZeRO-3 style).
+    # Devices along the sequence-parallel axis, which splits the tokens of activations; attention
+    # over split tokens: model.attention_impl='ulysses' (heads per tensor device divisible by this
+    # size) or 'ring'.
+    c.sequence = 1
     c.tensor = 1  # Devices along the tensor-parallel axis (heads and MLP hidden units).
     c.dcn_data = 1  # Slices along the data axis over the data-center network (multi-slice).
     # (logical axis name, mesh axes) pairs, first match wins; every name in

@@ -6,8 +6,10 @@ with them (the ``out_sharding`` metadata of an ``nnx.Param``, which
 ``diffusion.models.layers.make_param`` sets) and constrains activations with
 :func:`with_logical_constraint`. A rule list (``config.mesh.rules``, read by
 :func:`rules_from_config`; :data:`DEFAULT_RULES` by default) maps those names to the mesh axes
-``data`` (pure data parallelism), ``fsdp`` (batch + parameter sharding, ZeRO-3 style) and
-``tensor`` (heads / MLP hidden units), in the style of MaxText and big_vision.
+``data`` (pure data parallelism), ``fsdp`` (batch + parameter sharding, ZeRO-3 style),
+``sequence`` (the tokens of activations: sequence parallelism, which attention serves with
+``implementation='ulysses'`` or ``'ring'``) and ``tensor`` (heads / MLP hidden units), in the
+style of MaxText and big_vision.
 
 Rules are a sequence of ``(logical_name, mesh_axes)`` pairs, where ``mesh_axes`` is a mesh axis
 name, a tuple of them, or ``None`` (replicated). They are applied with Flax linen's priority
@@ -48,7 +50,9 @@ from diffusion.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-MESH_AXES = ("data", "fsdp", "tensor")  # Canonical axis order: slowest (DCN-friendly) first.
+# Canonical axis order: slowest (DCN-friendly) first; 'sequence' and 'tensor' last, as their
+# all-to-alls and all-gathers run in every block and want the fastest links.
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 BATCH_AXES = ("data", "fsdp")  # Mesh axes the batch dimension is split over.
 
 MeshAxes = str | tuple[str, ...] | None
@@ -71,6 +75,7 @@ PARAMETER_AXIS_NAMES = (
     "layers",  # the stacked-block axis that scanned block stacks add
     "height",  # spatial rows of a convolution kernel
     "width",  # spatial columns of a convolution kernel
+    "frames",  # temporal taps of a 3-D (video) convolution kernel
     "conv_in",  # input channels of a pixel-space convolution
     "channels",  # output channels of a pixel-space convolution
 )
@@ -86,7 +91,9 @@ LOGICAL_AXIS_NAMES = PARAMETER_AXIS_NAMES + ACTIVATION_AXIS_NAMES
 
 # Logical name -> mesh axes, the default of config.mesh.rules. The batch is split over
 # ('data', 'fsdp'); 'embed' is the FSDP-sharded parameter width; 'mlp', 'heads' and 'vocab' (and
-# an MLP's hidden activations) are tensor-parallel; the rest replicate.
+# an MLP's hidden activations) are tensor-parallel; the tokens of activations are split over
+# 'sequence' (size 1, and so no split, unless config.mesh.sequence says otherwise); the rest
+# replicate.
 DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("activation_batch", BATCH_AXES),
     ("embed", "fsdp"),
@@ -99,11 +106,12 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("projection", None),
     ("norm", None),
     ("layers", None),
-    ("activation_length", None),
+    ("activation_length", "sequence"),
     ("activation_embed", None),
     ("activation_mlp", "tensor"),
     ("height", None),
     ("width", None),
+    ("frames", None),
     ("channels", None),
     ("patch", None),
     ("conv_in", None),
@@ -275,9 +283,26 @@ def make_mesh(
     return Mesh(device_array, names, axis_types=(AxisType.Auto,) * len(names))
 
 
+# Mesh axes a config section may lack, with the size they then get: a config.json written before
+# the axis existed describes a mesh without it.
+OPTIONAL_MESH_AXES = {"sequence": 1}
+
+
+def mesh_shape_from_config(mesh_config: Mapping[str, Any]) -> dict[str, int]:
+    """``{axis: size}`` over :data:`MESH_AXES` from a config section (sizes may be -1)."""
+
+    def size(axis: str) -> int:
+        if axis not in mesh_config and axis in OPTIONAL_MESH_AXES:
+            return OPTIONAL_MESH_AXES[axis]
+        return int(mesh_config[axis])
+
+    return {axis: size(axis) for axis in MESH_AXES}
+
+
 def mesh_from_config(mesh_config: Mapping[str, Any], devices: Sequence[Any] | None = None) -> Mesh:
-    """Mesh from a config section with fields ``data``, ``fsdp``, ``tensor`` and ``dcn_data``."""
-    shape = {axis: int(mesh_config[axis]) for axis in MESH_AXES}
+    """Mesh from a config section with fields ``data``, ``fsdp``, ``sequence``, ``tensor`` and
+    ``dcn_data`` (``sequence`` may be absent: size 1)."""
+    shape = mesh_shape_from_config(mesh_config)
     dcn_data = int(mesh_config.get("dcn_data", 1) or 1)
     dcn = {"data": dcn_data} if dcn_data > 1 else None
     try:
@@ -286,9 +311,9 @@ def mesh_from_config(mesh_config: Mapping[str, Any], devices: Sequence[Any] | No
         count = len(jax.devices() if devices is None else devices)
         raise UserError(
             f"config.mesh {shape} (dcn_data={dcn_data}) does not fit the {count} devices: "
-            f"{error}. Set --config.mesh.data/fsdp/tensor to sizes that multiply to {count}, "
-            "e.g. --config.mesh.data=-1 (all remaining devices) with fsdp and tensor dividing "
-            f"{count}."
+            f"{error}. Set --config.mesh.data/fsdp/sequence/tensor to sizes that multiply to "
+            f"{count}, e.g. --config.mesh.data=-1 (all remaining devices) with fsdp, sequence and "
+            f"tensor dividing {count}."
         ) from error
 
 
@@ -579,6 +604,16 @@ def activate(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Iterator[None]:
         yield
 
 
+def active_mesh_and_rules() -> tuple[jax.sharding.AbstractMesh, LogicalRules] | None:
+    """The mesh and logical rules that :func:`activate` set for tracing, or ``None`` outside it
+    (no rules or no mesh) and inside ``jax.shard_map`` (manual mesh axes: per-device code)."""
+    rules = flax_spmd.get_logical_axis_rules()
+    mesh = jax.sharding.get_abstract_mesh()
+    if not rules or mesh.empty or AxisType.Manual in mesh.axis_types:
+        return None
+    return mesh, rules
+
+
 def with_logical_constraint(x: jax.Array, logical_names: Sequence[str | None]) -> jax.Array:
     """Constrains an activation's sharding by logical names under the active rules and mesh.
 
@@ -587,9 +622,9 @@ def with_logical_constraint(x: jax.Array, logical_names: Sequence[str | None]) -
     outside :func:`activate` (no rules or no mesh), so model code can always call it, and inside
     `jax.shard_map` (manual mesh axes: the code there is per device, as in the sampling program).
     """
-    rules = flax_spmd.get_logical_axis_rules()
-    mesh = jax.sharding.get_abstract_mesh()
-    if not rules or mesh.empty or AxisType.Manual in mesh.axis_types:
+    active = active_mesh_and_rules()
+    if active is None:
         return x
+    mesh, rules = active
     spec = logical_to_spec(logical_names, rules, shape=x.shape, mesh=mesh)
     return jax.lax.with_sharding_constraint(x, spec)

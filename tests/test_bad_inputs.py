@@ -498,7 +498,7 @@ CASES = [
     Case(
         "config-sets-a-section",
         lambda e, t: config_lib.load_config(RECIPE, [("mesh", "4")]),
-        ("--config.mesh names a whole section", "data, dcn_data, fsdp, rules, tensor"),
+        ("--config.mesh names a whole section", "data, dcn_data, fsdp, rules, sequence, tensor"),
     ),
     Case(
         "config-field-of-a-value",

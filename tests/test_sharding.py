@@ -21,7 +21,7 @@ from configs import common
 from diffusion import checkpoints, models, sharding
 from diffusion import config as config_lib
 from diffusion.errors import UserError
-from diffusion.models import layers
+from diffusion.models import layers, wan_vae
 
 P = PartitionSpec
 
@@ -80,7 +80,17 @@ def test_make_mesh_rejects_bad_dcn_shape():
 
 def test_mesh_from_config_uses_the_config_fields():
     mesh = sharding.mesh_from_config({"data": -1, "fsdp": 2, "tensor": 2, "dcn_data": 1})
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    # A section without 'sequence' (a config.json from before the axis) gets a size-1 axis.
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "sequence": 1, "tensor": 2}
+    assert mesh.axis_names == sharding.MESH_AXES
+    mesh = sharding.mesh_from_config({**common.mesh_config(), "sequence": 4})
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "sequence": 4, "tensor": 1}
+    assert common.mesh_config().sequence == 1  # every recipe's mesh is unchanged by default
+
+
+def test_a_sequence_size_that_does_not_fit_is_named():
+    with pytest.raises(UserError, match=r"'sequence': 3.*--config.mesh.data/fsdp/sequence/tensor"):
+        sharding.mesh_from_config({**common.mesh_config(), "sequence": 3})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -90,9 +100,10 @@ def test_mesh_from_config_uses_the_config_fields():
 
 def test_rules_give_each_mesh_axis_once_in_rule_order():
     rules = sharding.DEFAULT_RULES
-    # The batch takes ('data', 'fsdp'), so 'embed' -> 'fsdp' must not reuse 'fsdp'.
+    # The batch takes ('data', 'fsdp'), so 'embed' -> 'fsdp' must not reuse 'fsdp'; the tokens
+    # take 'sequence'.
     assert sharding.logical_to_spec(("activation_batch", "activation_length", "embed"), rules) == P(
-        ("data", "fsdp"), None, None
+        ("data", "fsdp"), "sequence", None
     )
     assert sharding.logical_to_spec(("embed", "mlp"), rules) == P("fsdp", "tensor")
     assert sharding.logical_to_spec(("heads", "kv"), rules) == P("tensor", None)
@@ -139,14 +150,16 @@ def test_default_rules_cover_every_declared_name_and_are_the_config_default():
 
 
 def test_every_declared_name_is_used_by_the_models(monkeypatch):
-    """No dead names: each declared parameter name annotates a parameter of some CLIP or DiT
-    variant, and each activation name reaches sharding.with_logical_constraint in a forward."""
+    """No dead names: each declared parameter name annotates a parameter of some CLIP, DiT or
+    Wan autoencoder variant, and each activation name reaches sharding.with_logical_constraint in
+    a forward."""
     clip_config = models.clip_config("tiny", vision_stem="conv", scan_layers=True)
     dit_config = models.dit_config("tiny", conditioning="class", output_conv=True)
     parameter_names = set()
     for init in (
         lambda: models.CLIP(clip_config, rngs=nnx.Rngs(0)),
         lambda: models.DiT(dit_config, rngs=nnx.Rngs(0)),
+        lambda: wan_vae.WanAutoencoder(wan_vae.wan_vae_config("tiny"), rngs=nnx.Rngs(0)),
     ):
         for axes in layers.logical_axes_of(nnx.eval_shape(init)).values():
             parameter_names.update(axes)
@@ -177,7 +190,7 @@ RULES_OVERRIDE = (
     " ('heads', None), ('vocab', 'tensor'), ('kv', None), ('classes', None), ('length', None),"
     " ('projection', None), ('norm', None), ('layers', None), ('activation_length', None),"
     " ('activation_embed', None), ('activation_mlp', 'tensor'), ('height', None),"
-    " ('width', None), ('channels', None), ('patch', None), ('conv_in', None))"
+    " ('width', None), ('frames', None), ('channels', None), ('patch', None), ('conv_in', None))"
 )
 
 
@@ -226,7 +239,7 @@ def test_bad_rules_name_the_key_the_entry_and_the_valid_names(rules, message):
     text = str(error.value)
     assert text.startswith("config.mesh.rules: ")
     assert "activation_batch, activation_length" in text  # the valid logical names
-    assert "data, fsdp, tensor" in text  # the valid mesh axes
+    assert "data, fsdp, sequence, tensor" in text  # the valid mesh axes
 
 
 def test_a_bad_command_line_override_gives_the_clear_error():

@@ -1,7 +1,8 @@
 """Video DiT (Wan 2.1's shape): 3-D rotary positions against their defining property and
-diffusers' tables, output shapes and the still image as a one-frame clip, zero output at init,
-joint spatio-temporal attention, the text mask, scan equivalence, the closed-form parameter and
-FLOP counts, config and input errors."""
+diffusers' tables, 3-D patches, output shapes and the still image as a one-frame clip, zero
+output at init, joint spatio-temporal attention, the text mask, scan + remat, fused attention
+and bfloat16 equivalence, gradients on a sharded mesh, logical axes, the closed-form parameter
+and FLOP counts, config and input errors."""
 
 import dataclasses
 
@@ -10,9 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_dit import snapshot_check
 
+from diffusion import sharding
 from diffusion.errors import UserError
-from diffusion.models import blocks, rope
+from diffusion.models import blocks, layers, patches, rope
 from diffusion.models.video_dit import (
     VIDEO_DIT_VARIANTS,
     VideoDiT,
@@ -34,21 +37,30 @@ def count_params(model) -> int:
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-def randomized(model: nnx.Module, seed: int = 0, scale: float = 0.3) -> nnx.Module:
-    """The model with every parameter drawn anew: the zero-initialised output projection would
-    otherwise hide everything before it."""
+def abstract_model(config: VideoDiTConfig) -> nnx.Module:
+    """The model's structure with shapes only: building real weights op by op costs a compile per
+    shape."""
+    return nnx.eval_shape(lambda: VideoDiT(config, rngs=nnx.Rngs(0)))
+
+
+def random_model(config: VideoDiTConfig, seed: int = 0, scale: float = 0.3) -> nnx.Module:
+    """A model with every parameter drawn from N(0, scale^2): the zero-initialised output
+    projection would otherwise hide everything before it."""
+    graphdef, state = nnx.split(abstract_model(config))
+    rng = np.random.default_rng(seed)
+    draw = lambda x: jnp.asarray(scale * rng.standard_normal(x.shape), x.dtype)
+    return nnx.merge(graphdef, jax.tree.map(draw, state))
+
+
+def apply_jitted(model: nnx.Module, *inputs) -> jax.Array:
+    """model(*inputs) as one compiled program (op by op, each op would compile on its own)."""
     graphdef, state = nnx.split(model)
-    leaves, treedef = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    leaves = [
-        scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)
-    ]
-    return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+    return jax.jit(lambda state, *inputs: nnx.merge(graphdef, state)(*inputs))(state, *inputs)
 
 
 @pytest.fixture(scope="module")
 def model():
-    return randomized(VideoDiT(TINY, rngs=nnx.Rngs(0)))
+    return random_model(TINY)
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +121,17 @@ def test_rotary_tables_equal_diffusers_wan_rotary_embedding():
     np.testing.assert_allclose(sin, sin_t[0, :, 0, 1::2].numpy(), atol=1e-6)
 
 
+def test_3d_patches_invert_and_match_the_2d_patches_frame_by_frame():
+    clips = np.random.default_rng(0).standard_normal((2, 4, 6, 8, 3)).astype(np.float32)
+    tokens = patches.patchify_3d(clips, (2, 3, 2))  # (B, 2 * 2 * 4, 2 * 3 * 2 * 3)
+    assert tokens.shape == (2, 16, 36)
+    np.testing.assert_array_equal(patches.unpatchify_3d(tokens, (2, 3, 2), 4, 6, 8), clips)
+    per_frame = [patches.patchify(clips[:, f], 2) for f in range(4)]  # (B, 12, 12) each
+    np.testing.assert_array_equal(
+        patches.patchify_3d(clips, (1, 2, 2)), np.concatenate(per_frame, axis=1)
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------
@@ -127,7 +150,8 @@ def test_output_shapes_and_the_still_image_as_a_one_frame_clip(forward, inputs):
 def test_output_is_zero_at_initialisation(inputs):
     """The zero-initialised output projection: a from-scratch model predicts 0 everywhere."""
     x, t, context = inputs
-    out = VideoDiT(TINY, rngs=nnx.Rngs(0))(x, t, context)
+    init_and_apply = lambda: VideoDiT(TINY, rngs=nnx.Rngs(0))(x, t, context)
+    out = jax.jit(init_and_apply)()
     assert float(jnp.max(jnp.abs(out))) == 0.0
 
 
@@ -150,12 +174,89 @@ def test_masked_text_tokens_are_ignored(forward, inputs):
     np.testing.assert_allclose(all_real, forward(x, t, context), atol=1e-5)  # None = all real
 
 
-def test_scanned_blocks_equal_the_unrolled_stack(model, forward, inputs):
+def with_weights_of(model: nnx.Module, config: VideoDiTConfig) -> nnx.Module:
+    """A model of `config` (same sizes, other execution choices) holding `model`'s weights."""
+    twin = abstract_model(config)
+    if config.scan_layers:
+        blocks.copy_params_into_scanned(model, twin)
+    else:
+        nnx.update(twin, nnx.state(model, nnx.Param))
+    return twin
+
+
+def input_gradient(model, x, t, context):
+    """(mean squared output, its gradient with respect to the clip): through every block's
+    backward pass, with no parameter paths to match between stack layouts."""
+    graphdef, state = nnx.split(model)
+    loss = lambda x: jnp.mean(blocks.merge_here(graphdef, state)(x, t, context) ** 2)
+    return jax.jit(jax.value_and_grad(loss))(x)
+
+
+def test_scanned_rematerialised_blocks_equal_the_unrolled_stack(model, inputs):
     x, t, context = inputs
-    config = dataclasses.replace(TINY, scan_layers=True, remat_policy="full")
-    scanned = VideoDiT(config, rngs=nnx.Rngs(1))
-    blocks.copy_params_into_scanned(model, scanned)
-    np.testing.assert_allclose(scanned(x, t, context), forward(x, t, context), atol=1e-5)
+    scanned = with_weights_of(
+        model, dataclasses.replace(TINY, scan_layers=True, remat_policy="full")
+    )
+    value, grad = input_gradient(scanned, x, t, context)
+    reference_value, reference_grad = input_gradient(model, x, t, context)
+    assert float(value) == pytest.approx(float(reference_value), rel=1e-5)
+    np.testing.assert_allclose(grad, reference_grad, atol=1e-6)
+
+
+def test_fused_attention_and_bfloat16_compute(model, forward, inputs):
+    x, t, context = inputs
+    reference = forward(x, t, context)
+    fused = with_weights_of(model, dataclasses.replace(TINY, attention_impl="fused"))
+    np.testing.assert_allclose(apply_jitted(fused, x, t, context), reference, atol=1e-5)
+    half = with_weights_of(model, dataclasses.replace(TINY, dtype="bfloat16"))
+    assert {p.dtype for p in jax.tree.leaves(nnx.state(half, nnx.Param))} == {
+        jnp.dtype(jnp.float32)
+    }
+    out = apply_jitted(half, x, t, context)
+    assert out.dtype == jnp.float32
+    # bfloat16 keeps 8 bits of mantissa: ~0.4 % per rounding, a few % after two blocks.
+    relative = jnp.linalg.norm(out - reference) / jnp.linalg.norm(reference)
+    assert float(relative) < 0.05
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_every_parameter_has_logical_axes_and_their_snapshot(scan_layers):
+    model = abstract_model(video_dit_config("tiny", scan_layers=scan_layers))
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    for path, variable in flat:
+        axes = variable.get_metadata().get("out_sharding")
+        assert axes is not None and len(axes) == variable.get_value().ndim, path
+        assert len(set(axes)) == len(axes), (path, axes)  # one mesh axis per dimension at most
+        assert (axes[0] == "layers") == (scan_layers and "blocks" in path), (path, axes)
+    if scan_layers:  # the unscanned table is the same without the 'layers' axis
+        snapshot_check("video_dit_tiny_scan", layers.logical_axes_of(model))
+
+
+def sharded_loss_and_grads(mesh_shape, model, inputs):
+    """(loss, {path: gradient}, {path: PartitionSpec}) of the model on a mesh, default rules."""
+    devices = jax.devices()[: int(np.prod(list(mesh_shape.values())))]
+    mesh = sharding.make_mesh(mesh_shape, devices=devices)
+    graphdef, state = sharding.create_sharded_state(lambda: model, mesh)
+    x, t, context = sharding.shard_batch(inputs, mesh)
+    loss = lambda state: jnp.mean(nnx.merge(graphdef, state)(x, t, context) ** 2)
+    with sharding.activate(mesh):
+        value, grads = jax.jit(jax.value_and_grad(loss))(state)
+    flat = lambda tree: dict(nnx.to_flat_state(tree))
+    specs = {path: v.get_value().sharding.spec for path, v in flat(state).items()}
+    return float(value), {path: np.asarray(v.get_value()) for path, v in flat(grads).items()}, specs
+
+
+def test_gradients_on_a_data_fsdp_tensor_mesh_equal_one_device_gradients(model, inputs):
+    """The logical axis names and activation constraints must not change the maths: loss and
+    every gradient on a 2 x 2 x 2 data x fsdp x tensor mesh equal one device's."""
+    batch = tuple(np.concatenate([a, a]) for a in map(np.asarray, inputs))  # 4 = data x fsdp
+    reference_value, reference, _ = sharded_loss_and_grads({"data": 1}, model, batch)
+    value, grads, specs = sharded_loss_and_grads({"data": 2, "fsdp": 2, "tensor": 2}, model, batch)
+    assert any("tensor" in jax.tree.leaves(tuple(spec)) for spec in specs.values())  # TP in use
+    assert value == pytest.approx(reference_value, rel=1e-5)
+    assert grads.keys() == reference.keys()
+    for path, grad in grads.items():
+        np.testing.assert_allclose(grad, reference[path], rtol=1e-4, atol=1e-6, err_msg=str(path))
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,9 +267,7 @@ def test_scanned_blocks_equal_the_unrolled_stack(model, forward, inputs):
 def test_parameter_count_matches_the_model_and_diffusers(model):
     assert count_params(model) == parameter_count(TINY)
     no_norms = dataclasses.replace(TINY, qk_norm=False, cross_attn_norm=False)
-    assert count_params(nnx.eval_shape(lambda: VideoDiT(no_norms, rngs=nnx.Rngs(0)))) == (
-        parameter_count(no_norms)
-    )
+    assert count_params(abstract_model(no_norms)) == parameter_count(no_norms)
     pytest.importorskip("torch")
     from diffusers import WanTransformer3DModel
 
@@ -243,8 +342,10 @@ def test_variants_and_config_errors():
         video_dit_config("wan2.2")
     with pytest.raises(UserError, match=r"unknown VideoDiTConfig field\(s\) \['heads'\]"):
         video_dit_config("tiny", heads=3)
-    with pytest.raises(UserError, match="patch_size must be three positive integers"):
-        VideoDiTConfig(patch_size=(2, 2))
+    assert VideoDiTConfig(patch_size=np.array([1, 2, 2])).patch_size == (1, 2, 2)
+    for patch in ((2, 2), (1, 2.5, 2), (0, 2, 2)):
+        with pytest.raises(UserError, match="patch_size must be three positive integers"):
+            VideoDiTConfig(patch_size=patch)
     with pytest.raises(UserError, match="width 100 is not divisible by num_heads 8"):
         VideoDiTConfig(width=100, num_heads=8)
     with pytest.raises(UserError, match="head dimension width / num_heads = 4 must be even"):
@@ -266,4 +367,4 @@ def test_bad_inputs_name_the_problem(model, inputs):
     with pytest.raises(UserError, match="context_mask"):
         model(x, t, context, jnp.ones((BATCH, TEXT + 1), bool))
     with pytest.raises(UserError, match="exceeds rope_max_seq_len=2"):
-        VideoDiT(dataclasses.replace(TINY, rope_max_seq_len=2), rngs=nnx.Rngs(0))(x, t, context)
+        abstract_model(dataclasses.replace(TINY, rope_max_seq_len=2))(x, t, context)

@@ -180,7 +180,7 @@ def _program_report(jitted, args, mesh, rules, hbm, peak, bandwidth) -> dict[str
 
 
 def mesh_shape_of(config, num_devices: int, override: Mapping[str, int] | None = None):
-    shape = dict(override) if override else {a: int(config.mesh[a]) for a in sharding.MESH_AXES}
+    shape = dict(override) if override else sharding.mesh_shape_from_config(config.mesh)
     return sharding.resolve_mesh_shape(shape, num_devices)
 
 
@@ -197,7 +197,8 @@ def compile_for_topology(
 ) -> dict[str, Any]:
     """Compiles the recipe's train step (and sampler) for a TPU slice; returns the report.
 
-    mesh_shape: {'data': .., 'fsdp': .., 'tensor': ..} instead of config.mesh (one may be -1).
+    mesh_shape: {'data': .., 'fsdp': .., 'sequence': .., 'tensor': ..} instead of config.mesh
+      (one may be -1; absent axes are left out of the mesh).
     train_step: False compiles the sampler alone (the report then has no "train_step").
     check_fit: raise AOTError when the train step does not fit the chips' HBM.
     cost_twin: when the step scans over layers (XLA then counts one block's FLOPs), take FLOPs,

@@ -3,7 +3,8 @@
 `files` checks directories and reads config.json and safetensors weights; `clip` imports
 transformers' CLIPModel into diffusion.models.clip.CLIP (`load_hf_clip`); `autoencoder` imports
 diffusers' AutoencoderKL into diffusion.models.autoencoder.Autoencoder
-(`load_diffusers_autoencoder`).
+(`load_diffusers_autoencoder`); `wan_transformer` imports diffusers' WanTransformer3DModel into
+diffusion.models.video_dit.VideoDiT (`load_diffusers_wan_transformer`).
 """
 
 from diffusion.hf.autoencoder import load_diffusers_autoencoder
@@ -24,6 +25,7 @@ from diffusion.hf.files import (
     CheckpointError,
     read_safetensors,
 )
+from diffusion.hf.wan_transformer import load_diffusers_wan_transformer
 
 __all__ = [
     "CONFIG_FILE",
@@ -37,6 +39,7 @@ __all__ = [
     "clip_config_from_hf",
     "convert_weights",
     "load_diffusers_autoencoder",
+    "load_diffusers_wan_transformer",
     "load_hf_clip",
     "read_safetensors",
     "weight_entries",

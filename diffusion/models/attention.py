@@ -1,23 +1,40 @@
-"""Attention: masks, the scaled dot-product core, and the multi-head projection module.
+"""Attention: masks, the scaled dot-product core, sequence-parallel attention, and the
+multi-head projection module.
 
 Softmax statistics are computed in float32 whatever the compute dtype; projection kernels are
 (embed, heads, kv) so tensor parallelism can split the heads.
+
+Sequence parallelism: when the active rules split the token axis (``activation_length``) over
+mesh axes of size > 1 (``config.mesh.sequence``), ``implementation='ulysses'`` runs attention as
+DeepSpeed-Ulysses does (all-to-all from token-sharded to head-sharded, the plain core over the
+whole sequence for the local heads, all-to-all back) and ``implementation='ring'`` as ring
+attention does (key/value blocks passed from device to device, a streaming softmax).
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
+from diffusion import sharding
+from diffusion.errors import UserError
 from diffusion.models.layers import make_param, matmul, zeros
 
 ATTENTION_IMPLEMENTATIONS = (
     "xla",  # explicit einsum + float32 softmax
     "fused",  # jax.nn.dot_product_attention (XLA or cuDNN flash attention, chosen by JAX)
+    "ulysses",  # sequence parallel: all-to-all tokens <-> heads around the 'xla' core
+    "ring",  # sequence parallel: key/value blocks passed around a ring, streaming softmax
 )
+
+# Logical names of a (B, T, H, D) query, key or value: the heads follow the projection kernels'
+# 'heads' rule, where the projections leave them.
+QKV_AXES = ("activation_batch", "activation_length", "heads", "kv")
 
 
 def make_attention_mask(
@@ -67,8 +84,13 @@ def dot_product_attention(
     """Multi-head attention core: (B, T, H, D) x (B, S, H, D) -> (B, T, H, D).
 
     'xla' is the explicit einsum + float32 softmax; 'fused' calls `jax.nn.dot_product_attention`
-    (XLA or cuDNN flash attention chosen by JAX).
+    (XLA or cuDNN flash attention chosen by JAX); 'ulysses' and 'ring' are
+    :func:`ulysses_attention` and :func:`ring_attention`.
     """
+    if implementation == "ulysses":
+        return ulysses_attention(q, k, v, mask)
+    if implementation == "ring":
+        return ring_attention(q, k, v, mask)
     if implementation == "fused":
         return jax.nn.dot_product_attention(q, k, v, mask=mask)
     if implementation != "xla":
@@ -78,6 +100,245 @@ def dot_product_attention(
         )
     weights = attention_weights(q, k, mask).astype(v.dtype)  # (B, H, T, S)
     return jnp.einsum("bhts,bshd->bthd", weights, v)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sequence parallelism
+# ------------------------------------------------------------------------------------------------
+
+
+class SequenceSplit(NamedTuple):
+    """How the active rules split a (B, T, H, D) query: PartitionSpec entries of its batch and
+    heads, and the mesh axes of its tokens with their total size."""
+
+    mesh: jax.sharding.AbstractMesh
+    batch: sharding.MeshAxes
+    heads: sharding.MeshAxes
+    sequence_axes: tuple[str, ...]
+    sequence_size: int
+
+    @property
+    def sequence(self) -> sharding.MeshAxes:
+        return _spec_entry(self.sequence_axes)
+
+    @property
+    def query_spec(self) -> PartitionSpec:
+        return PartitionSpec(self.batch, self.sequence, self.heads, None)
+
+
+def _mesh_axes(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, a name or a tuple of names)."""
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _spec_entry(axes: tuple[str, ...]) -> sharding.MeshAxes:
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def _axes_size(mesh, axes: tuple[str, ...]) -> int:
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def sequence_split(q_shape: tuple[int, ...], implementation: str) -> SequenceSplit | None:
+    """The split of a (B, T, H, D) query under the active mesh and rules; None when its tokens are
+    not split (no active rules and mesh, inside a shard_map, or sequence axes of size 1).
+
+    Raises:
+      UserError: when T is not divisible by the sequence axes' size (a silent fallback to
+        whole sequences would undo what the mesh asked for).
+    """
+    active = sharding.active_mesh_and_rules()
+    if active is None:
+        return None
+    mesh, rules = active
+    batch, _, heads, _ = sharding.logical_to_spec(QKV_AXES, rules, shape=q_shape, mesh=mesh)
+    # The token axis unfitted to the shape, so that an indivisible length is seen.
+    sequence_axes = _mesh_axes(sharding.logical_to_spec(QKV_AXES, rules, mesh=mesh)[1])
+    sequence_size = _axes_size(mesh, sequence_axes)
+    if sequence_size == 1:
+        return None
+    tokens = q_shape[1]
+    if tokens % sequence_size:
+        raise UserError(
+            f"{implementation} attention: {tokens} tokens cannot be split over the sequence mesh "
+            f"axes {sequence_axes} ({sequence_size} devices); use a token count that is a "
+            f"multiple of {sequence_size} or a config.mesh.sequence that divides {tokens}"
+        )
+    return SequenceSplit(mesh, batch, heads, sequence_axes, sequence_size)
+
+
+def _mask_spec(mask, batch, heads, queries) -> PartitionSpec:
+    """Spec of a (B or 1, H or 1, T or 1, S) mask: a size-1 (broadcast) dimension is whole."""
+    if mask is None:
+        return PartitionSpec()
+    entries = (batch, heads, queries, None)
+    return PartitionSpec(*(None if n == 1 else e for n, e in zip(mask.shape, entries, strict=True)))
+
+
+def _as_4d(mask: jax.Array | None) -> jax.Array | None:
+    return None if mask is None else mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+
+
+def _split_queries_only(q, k, v, mask, split: SequenceSplit) -> jax.Array:
+    """Cross-attention to keys of another length (a short text): only the queries are split over
+    the sequence axes; keys and values are whole on every sequence device, so each device
+    attends locally with no collective."""
+    key_spec = PartitionSpec(split.batch, None, split.heads, None)
+    return jax.shard_map(
+        dot_product_attention,
+        mesh=split.mesh,
+        in_specs=(
+            split.query_spec,
+            key_spec,
+            key_spec,
+            _mask_spec(mask, split.batch, split.heads, split.sequence),
+        ),
+        out_specs=split.query_spec,
+    )(q, k, v, mask)
+
+
+def ulysses_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None
+) -> jax.Array:
+    """Sequence-parallel attention of DeepSpeed-Ulysses (Jacobs et al. 2023, arXiv:2309.14509).
+
+    q: (B, T, H, D), k and v: (B, S, H, D), mask broadcastable to (B, H, T, S) -> (B, T, H, D),
+    equal to ``dot_product_attention(q, k, v, mask)``. The mesh axes come from the active rules
+    (:func:`diffusion.sharding.activate`) for :data:`QKV_AXES`: B over the batch axes, T over the
+    token axis's (``sequence``), H over the heads' (``tensor``).
+
+    Self-attention (S == T): inside ``jax.shard_map`` each device turns its (b, T/s, h, D) slice
+    into (b, T, h/s, D) with an all-to-all over the s sequence devices, runs the plain core on whole
+    sequences of its h/s heads, and turns the result back with a second all-to-all; the local
+    heads h must be divisible by s. Cross-attention (S != T, e.g. to a short text): only the
+    queries are split (:func:`_split_queries_only`), and the heads need no divisibility.
+
+    Falls back to the plain core when the tokens are not split (:func:`sequence_split`).
+
+    Raises:
+      UserError: when T is not divisible by the sequence axes' size, or (self-attention) the heads
+        per device are not, naming the numbers and the fix.
+    """
+    split = sequence_split(q.shape, "ulysses")
+    mask = _as_4d(mask)
+    if split is None:
+        return dot_product_attention(q, k, v, mask)
+    if k.shape[1] != q.shape[1]:
+        return _split_queries_only(q, k, v, mask, split)
+    heads, head_axes, s = q.shape[2], _mesh_axes(split.heads), split.sequence_size
+    local_heads = heads // _axes_size(split.mesh, head_axes)
+    if local_heads % s:
+        raise UserError(
+            f"ulysses attention: {heads} heads ({local_heads} per device after the head axes "
+            f"{head_axes or '()'} of {heads // local_heads} devices) are not divisible by the {s} "
+            f"devices of the sequence mesh axes {split.sequence_axes}: after the all-to-all each "
+            f"device needs whole heads. Use a num_heads that is a multiple of "
+            f"{s * heads // local_heads}, a config.mesh.sequence that divides {local_heads}, or "
+            "attention_impl='ring'"
+        )
+    axes = split.sequence_axes
+
+    def per_device(q, k, v, mask):
+        to_heads = lambda x: jax.lax.all_to_all(x, axes, split_axis=2, concat_axis=1, tiled=True)
+        # (b, T/s, h, D) -> (b, T, h/s, D)
+        out = dot_product_attention(to_heads(q), to_heads(k), to_heads(v), mask)
+        return jax.lax.all_to_all(out, axes, split_axis=1, concat_axis=2, tiled=True)
+
+    # After the all-to-all a device's heads are its tensor share's s-th part: in a per-head mask
+    # they are the block (tensor index, sequence index), tensor major.
+    mask_spec = _mask_spec(mask, split.batch, _spec_entry(head_axes + axes), None)
+    return jax.shard_map(
+        per_device,
+        mesh=split.mesh,
+        in_specs=(split.query_spec, split.query_spec, split.query_spec, mask_spec),
+        out_specs=split.query_spec,
+    )(q, k, v, mask)
+
+
+def _online_softmax_block(carry, q, k, v, mask):
+    """One key block of the streaming softmax (Milakov & Gimelshein 2018; Rabe & Staats 2021):
+    rescale the running (max, sum, weighted values) to the new row maximum and add the block.
+
+    carry: row_max, row_sum (b, h, t) and acc (b, h, t, D) in float32; q (b, t, h, D);
+    k, v (b, s, h, D); mask broadcastable to (b, h, t, s) or None.
+    """
+    row_max, row_sum, acc = carry
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    # The result does not depend on the shift (it cancels between numerator and denominator),
+    # so its gradient is not needed.
+    new_max = jax.lax.stop_gradient(jnp.maximum(row_max, jnp.max(logits, axis=-1)))
+    correction = jnp.exp(row_max - new_max)
+    weights = jnp.exp(logits - new_max[..., None])
+    if mask is not None:
+        weights = jnp.where(mask, weights, 0.0)  # exact zeros on padded keys, as the core
+    row_sum = row_sum * correction + jnp.sum(weights, axis=-1)
+    block = jnp.einsum("bhts,bshd->bhtd", weights, v.astype(jnp.float32))
+    return new_max, row_sum, acc * correction[..., None] + block
+
+
+def ring_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None
+) -> jax.Array:
+    """Ring attention (Liu et al. 2023, arXiv:2310.01889) over the sequence mesh axes.
+
+    Same contract as :func:`ulysses_attention`. Self-attention: each device keeps its T/s
+    queries and passes its key/value block around the ring of s sequence devices with
+    ``ppermute``, folding each block into a streaming softmax (:func:`_online_softmax_block`);
+    no head divisibility is needed and no device ever holds the whole sequence. Rows whose keys
+    are all masked give zeros, as the core does. Cross-attention splits only the queries.
+
+    Raises:
+      UserError: when T is not divisible by the sequence axes' size.
+    """
+    split = sequence_split(q.shape, "ring")
+    mask = _as_4d(mask)
+    if split is None:
+        return dot_product_attention(q, k, v, mask)
+    if k.shape[1] != q.shape[1]:
+        return _split_queries_only(q, k, v, mask, split)
+    axes, s = split.sequence_axes, split.sequence_size
+    to_next = [(i, (i + 1) % s) for i in range(s)]
+
+    def per_device(q, k, v, mask):
+        b, t, h, d = q.shape
+        index = jax.lax.axis_index(axes)
+
+        def key_block_mask(step):  # the mask's columns of the block this device holds now
+            if mask is None or mask.shape[3] == 1:
+                return mask
+            start = ((index - step) % s) * t
+            return jax.lax.dynamic_slice_in_dim(mask, start, t, axis=3)
+
+        minimum = jnp.finfo(jnp.float32).min
+        carry = (jnp.full((b, h, t), minimum), jnp.zeros((b, h, t)), jnp.zeros((b, h, t, d)))
+        carry = _online_softmax_block(carry, q, k, v, key_block_mask(0))
+
+        def step(state, step_index):
+            carry, k, v = state
+            # After step_index passes the block here is the one that started step_index
+            # devices back along the ring.
+            k, v = (jax.lax.ppermute(x, axes, to_next) for x in (k, v))
+            carry = _online_softmax_block(carry, q, k, v, key_block_mask(step_index))
+            return (carry, k, v), None
+
+        (carry, _, _), _ = jax.lax.scan(step, (carry, k, v), jnp.arange(1, s))
+        _, row_sum, acc = carry
+        out = acc / jnp.where(row_sum == 0, 1.0, row_sum)[..., None]  # (b, h, t, D)
+        return out.transpose(0, 2, 1, 3).astype(v.dtype)  # (b, t, h, D)
+
+    # Each device keeps its queries' rows of the mask and every key column.
+    mask_spec = _mask_spec(mask, split.batch, split.heads, split.sequence)
+    return jax.shard_map(
+        per_device,
+        mesh=split.mesh,
+        in_specs=(split.query_spec, split.query_spec, split.query_spec, mask_spec),
+        out_specs=split.query_spec,
+    )(q, k, v, mask)
 
 
 class Attention(nnx.Module):

@@ -1,5 +1,5 @@
 """Video DiT shaped exactly like Wan 2.1's transformer (Wan Team 2025, "Wan: Open and Advanced
-Large-Scale Video Generative Models", sec. 3.2; diffusers' `WanTransformer3DModel`), so that Wan
+Large-Scale Video Generative Models"; diffusers' `WanTransformer3DModel`), so that Wan
 weights import one to one (diffusion/hf/wan_transformer.py) and a tiny size trains on a CPU.
 
 clip (B, T, H, W, C) -> 3-D patches (pt, ph, pw) -> linear tokens (B, N, D), N = T'H'W'
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -64,19 +65,18 @@ class VideoDiTConfig:
     scan_layers: bool = False  # nnx.scan over blocks (params get a leading 'layers' axis)
 
     def __post_init__(self):
-        # A config.json round trip turns the tuple into a list; keep the frozen field hashable.
-        object.__setattr__(self, "patch_size", tuple(self.patch_size))
-        if len(self.patch_size) != 3 or not all(
-            isinstance(p, int) and p >= 1 for p in self.patch_size
-        ):
+        patch = tuple(self.patch_size)
+        if len(patch) != 3 or not all(isinstance(p, numbers.Integral) and p >= 1 for p in patch):
             raise UserError(
                 f"patch_size must be three positive integers (frames, rows, columns), got "
                 f"{self.patch_size!r}; Wan 2.1 uses (1, 2, 2)"
             )
+        # A config.json round trip gives a list: keep the frozen field a hashable tuple of ints.
+        object.__setattr__(self, "patch_size", tuple(int(p) for p in patch))
         for name in ("in_channels", "out_channels", "width", "depth", "num_heads", "ffn_dim",
                      "text_dim", "freq_dim", "rope_max_seq_len"):  # fmt: skip
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, numbers.Integral) or value < 1:
                 raise UserError(f"{name} must be a positive integer, got {value!r}")
         if self.width % self.num_heads:
             raise UserError(
@@ -148,11 +148,10 @@ def video_dit_config(variant: str = "tiny", **overrides) -> VideoDiTConfig:
 # ============================================================================================
 # Initialisation (Wan's `init_weights`): every Linear Xavier-uniform with zero bias; the text and
 # time embedders' Linears N(0, 0.02); the modulation tables N(0, 1 / D); the output projection
-# zero, so that the model starts by predicting 0 whatever the input (adaLN-Zero's reason: every
-# objective's target is then reached from a neutral, input-independent start, and the first
-# steps' gradients reach the blocks only through the output projection, not through a random
-# readout). Unlike DiT, Wan does not zero the block gates: the tables give them a small random
-# start (std 1 / sqrt(D)), which the import must reproduce anyway.
+# zero, so that a model trained from scratch starts by predicting 0 for every input: no random
+# readout of random features adds its noise to the first predictions, and the readout grows from
+# features that training has already shaped (adaLN-Zero's reason, DiT sec. 3.2). Unlike DiT, Wan
+# does not zero the block gates: the tables give them a small random start (std 1 / sqrt(D)).
 # ============================================================================================
 
 EMBEDDER_INIT = layers.normal(0.02)
@@ -162,7 +161,7 @@ def table_init(width: int):
     return layers.normal(1.0 / math.sqrt(width))
 
 
-def _kinds(config: VideoDiTConfig) -> dict:
+def _dtypes(config: VideoDiTConfig) -> dict:
     return dict(
         dtype=layers.resolve_dtype(config.dtype),
         param_dtype=layers.resolve_dtype(config.param_dtype),
@@ -180,12 +179,10 @@ class TimeEmbedding(nnx.Module):
     vectors scale every block's residual stream."""
 
     def __init__(self, config: VideoDiTConfig, *, rngs: nnx.Rngs):
-        self.freq_dim, self.time_scale, self.width = (
-            config.freq_dim,
-            config.time_scale,
-            config.width,
-        )
-        kw = dict(dtype=jnp.float32, param_dtype=_kinds(config)["param_dtype"], rngs=rngs)
+        self.freq_dim = config.freq_dim
+        self.time_scale = config.time_scale
+        self.width = config.width
+        kw = dict(dtype=jnp.float32, param_dtype=_dtypes(config)["param_dtype"], rngs=rngs)
         d = config.width
         self.fc1 = layers.Dense(
             config.freq_dim, d, ("mlp", "embed"), kernel_init=EMBEDDER_INIT, **kw
@@ -194,7 +191,9 @@ class TimeEmbedding(nnx.Module):
         self.projection = layers.Dense(d, 6 * d, ("embed", "mlp"), **kw)
 
     def __call__(self, t: jax.Array) -> tuple[jax.Array, jax.Array]:
-        freqs = embeddings.timestep_embedding(t * self.time_scale, self.freq_dim)  # (B, F)
+        # float32 before scaling: in bfloat16, t = 0.999 would already round to 1.
+        scaled = t.astype(jnp.float32) * self.time_scale  # (B,)
+        freqs = embeddings.timestep_embedding(scaled, self.freq_dim)  # (B, F)
         temb = self.fc2(jax.nn.silu(self.fc1(freqs)))  # (B, D)
         modulation = self.projection(jax.nn.silu(temb))  # (B, 6D)
         return temb, modulation.reshape(t.shape[0], 6, self.width)  # (B, D), (B, 6, D)
@@ -205,7 +204,7 @@ class TextEmbedding(nnx.Module):
     text_embedding, diffusers' PixArtAlphaTextProjection)."""
 
     def __init__(self, config: VideoDiTConfig, *, rngs: nnx.Rngs):
-        kw = dict(kernel_init=EMBEDDER_INIT, rngs=rngs, **_kinds(config))
+        kw = dict(kernel_init=EMBEDDER_INIT, rngs=rngs, **_dtypes(config))
         self.fc1 = layers.Dense(config.text_dim, config.width, ("mlp", "embed"), **kw)
         self.fc2 = layers.Dense(config.width, config.width, ("mlp", "embed"), **kw)
 
@@ -246,8 +245,8 @@ class QKNormAttention(nnx.Module):
     """
 
     def __init__(self, config: VideoDiTConfig, *, rngs: nnx.Rngs):
-        kinds = _kinds(config)
-        self.dtype = kinds["dtype"]
+        dtypes = _dtypes(config)
+        self.dtype = dtypes["dtype"]
         d, heads, head_dim = config.width, config.num_heads, config.head_dim
         # Xavier-uniform over the whole (in, heads * head_dim) matrix, as Wan's nn.Linear init.
         in_init = nnx.initializers.variance_scaling(
@@ -257,7 +256,7 @@ class QKNormAttention(nnx.Module):
             1.0, "fan_avg", "uniform", in_axis=(0, 1), out_axis=2
         )
         p = lambda init, shape, axes: layers.make_param(
-            rngs, init, shape, axes, kinds["param_dtype"]
+            rngs, init, shape, axes, dtypes["param_dtype"]
         )
         in_axes, bias_axes = ("embed", "heads", "kv"), ("heads", "kv")
         self.query_kernel = p(in_init, (d, heads, head_dim), in_axes)
@@ -269,7 +268,7 @@ class QKNormAttention(nnx.Module):
         self.out_kernel = p(out_init, (heads, head_dim, d), ("heads", "kv", "embed"))
         self.out_bias = p(layers.zeros, (d,), ("embed",))
         norm = lambda: HeadsRMSNorm(
-            heads, head_dim, config.eps, param_dtype=kinds["param_dtype"], rngs=rngs
+            heads, head_dim, config.eps, param_dtype=dtypes["param_dtype"], rngs=rngs
         )
         self.query_norm = nnx.data(norm() if config.qk_norm else None)
         self.key_norm = nnx.data(norm() if config.qk_norm else None)
@@ -334,22 +333,22 @@ class VideoDiTBlock(nnx.Module):
     modulation plus its own scale_shift_table (6, D)."""
 
     def __init__(self, config: VideoDiTConfig, *, rngs: nnx.Rngs):
-        kinds = _kinds(config)
+        dtypes = _dtypes(config)
         d = config.width
-        self.dtype = kinds["dtype"]
+        self.dtype = dtypes["dtype"]
         self.attention_impl = config.attention_impl
-        self.norm1 = layers.LayerNorm(d, eps=config.eps, affine=False, **kinds)
+        self.norm1 = layers.LayerNorm(d, eps=config.eps, affine=False, **dtypes)
         self.self_attn = QKNormAttention(config, rngs=rngs)
         self.norm2 = nnx.data(
-            layers.LayerNorm(d, eps=config.eps, rngs=rngs, **kinds)
+            layers.LayerNorm(d, eps=config.eps, rngs=rngs, **dtypes)
             if config.cross_attn_norm
             else None
         )
         self.cross_attn = QKNormAttention(config, rngs=rngs)
-        self.norm3 = layers.LayerNorm(d, eps=config.eps, affine=False, **kinds)
-        self.ffn = layers.MLP(d, config.ffn_dim, "gelu_tanh", rngs=rngs, **kinds)
+        self.norm3 = layers.LayerNorm(d, eps=config.eps, affine=False, **dtypes)
+        self.ffn = layers.MLP(d, config.ffn_dim, "gelu_tanh", rngs=rngs, **dtypes)
         self.scale_shift_table = layers.make_param(
-            rngs, table_init(d), (6, d), ("norm", "embed"), kinds["param_dtype"]
+            rngs, table_init(d), (6, d), ("norm", "embed"), dtypes["param_dtype"]
         )
 
     def __call__(
@@ -389,12 +388,12 @@ class FinalLayer(nnx.Module):
     (D -> pt*ph*pw*C_out), zero-initialised (see the initialisation banner)."""
 
     def __init__(self, config: VideoDiTConfig, *, rngs: nnx.Rngs):
-        kinds = _kinds(config)
+        dtypes = _dtypes(config)
         d = config.width
-        self.dtype = kinds["dtype"]
-        self.norm = layers.LayerNorm(d, eps=config.eps, affine=False, **kinds)
+        self.dtype = dtypes["dtype"]
+        self.norm = layers.LayerNorm(d, eps=config.eps, affine=False, **dtypes)
         self.scale_shift_table = layers.make_param(
-            rngs, table_init(d), (2, d), ("norm", "embed"), kinds["param_dtype"]
+            rngs, table_init(d), (2, d), ("norm", "embed"), dtypes["param_dtype"]
         )
         self.linear = layers.Dense(
             d,
@@ -402,7 +401,7 @@ class FinalLayer(nnx.Module):
             ("embed", "patch"),
             kernel_init=layers.zeros,
             rngs=rngs,
-            **kinds,
+            **dtypes,
         )
 
     def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
@@ -422,15 +421,15 @@ class VideoDiT(nnx.Module):
     -> (B, T, H, W, C_out) (or (B, H, W, C_out)) float32."""
 
     def __init__(self, config: VideoDiTConfig, *, rngs: nnx.Rngs):
-        kinds = _kinds(config)
+        dtypes = _dtypes(config)
         self.config = config
-        self.dtype = kinds["dtype"]
+        self.dtype = dtypes["dtype"]
         self.patch_embed = layers.Dense(
             config.patch_volume * config.in_channels,
             config.width,
             ("patch", "embed"),
             rngs=rngs,
-            **kinds,
+            **dtypes,
         )  # Xavier over the flattened Conv3d kernel, as Wan initialises it
         self.time_embed = TimeEmbedding(config, rngs=rngs)
         self.text_embed = TextEmbedding(config, rngs=rngs)
@@ -515,7 +514,8 @@ class VideoDiT(nnx.Module):
 
 
 def parameter_count(config: VideoDiTConfig) -> int:
-    """Number of parameters of VideoDiT(config), diffusers' WanTransformer3DModel's too."""
+    """Number of parameters of VideoDiT(config); diffusers' WanTransformer3DModel of the same
+    sizes has as many (it always builds the q/k norms: qk_norm=True)."""
     d, f, p = config.width, config.ffn_dim, config.patch_volume
     linear = lambda n_in, n_out: n_in * n_out + n_out
     attention_params = 4 * linear(d, d) + (2 * d if config.qk_norm else 0)
