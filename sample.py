@@ -1,5 +1,6 @@
 """Samples a DiT checkpoint for every prompt of a file (or every class of a list): PNGs,
-manifest.jsonl and grid.png.
+manifest.jsonl and grid.png; a video DiT's clips as an MP4 and an animated GIF each, and a frame
+strip as grid.png.
 
 python sample.py --checkpoint=runs/shapes/dit --prompts=prompts.txt --output_dir=samples \
     [--sampler=euler --steps=20 --guidance_scale=3 --negative_prompt= --seed=0 \
@@ -36,6 +37,7 @@ flags.DEFINE_integer("batch_size", None, "Images per program call (default 16)."
 flags.DEFINE_float("eta", 0.0, "DDIM / stochastic Euler noise (0: deterministic).")
 flags.DEFINE_float("shift", None, "Flow time shift of the sampling grid (default: training's).")
 flags.DEFINE_float("guidance_rescale", 0.0, "Guidance rescale phi (Lin et al. 2023).")
+flags.DEFINE_float("fps", 8.0, "Frames per second of a video DiT's MP4s and GIFs.")
 flags.DEFINE_bool("use_ema", True, "Sample the EMA weights (else the raw trained ones).")
 flags.DEFINE_string(
     "text_encoder", None, "The DiT's CLIP run where it is now (default: the path the run recorded)."
@@ -89,10 +91,16 @@ def main(argv):
             guidance_rescale=FLAGS.guidance_rescale,
         )
         result = inference.sample_to_directory(
-            pipe, items, FLAGS.output_dir, settings=settings, batch_size=FLAGS.batch_size
+            pipe,
+            items,
+            FLAGS.output_dir,
+            settings=settings,
+            batch_size=FLAGS.batch_size,
+            fps=FLAGS.fps,
         )
+        made = "clips" if getattr(pipe, "frames", 0) else "images"
         print(
-            f"{result['generated']} images made, {result['skipped']} already there -> "
+            f"{result['generated']} {made} made, {result['skipped']} already there -> "
             f"{FLAGS.output_dir}",
             flush=True,
         )

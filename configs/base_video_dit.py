@@ -55,6 +55,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.diffusion.shift = 5.0  # Time shift s t / (1 + (s - 1) t): Wan 2.1's flow shift.
     config.diffusion.cond_dropout = 0.1  # Probability of the empty prompt, enabling guidance.
 
+    config.sampling = (
+        ml_collections.ConfigDict()
+    )  # What sample.py and the samples stage default to.
+    config.sampling.sampler = "euler"  # Any flow sampler; "unipc" is Wan 2.1's.
+    config.sampling.steps = 20  # Denoising steps.
+    config.sampling.guidance_scale = 5.0  # Classifier-free guidance scale: Wan 2.1's.
+
     if arg == "runlocal":
         config.training.num_steps = 20
         config.optimizer.warmup_steps = 5

@@ -6,6 +6,7 @@ stage writes into its own subdirectory of --workdir and resumes when rerun.
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from configs import base_clip, base_video_dit, common
 
@@ -16,7 +17,8 @@ ARGS = ("runlocal",)
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.family = "pipeline"  # Runs the stages below in order, each in WORKDIR/<stage>.
-    config.stages = ("clip", "video_dit")  # Text encoder, then the video DiT on it.
+    # Text encoder, the video DiT on it, evaluate.py on both, the README's clip grid.
+    config.stages = ("clip", "video_dit", "evaluate", "samples")
     config.seed = 0  # The one seed of the run, shared by all stages.
     config.data = common.data_config()  # One dataset for all stages.
     config.data.name = "moving_shapes"  # Generated under data_dir when missing.
@@ -43,16 +45,40 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         stage.optimizer.learning_rate = 2e-3
     config.clip.model.vision_stem = "conv"  # Edges across patch borders (configs/shapes.py).
     config.clip.training.num_steps = 300
-    # 8 frames of 32x32 in (2, 4, 4) patches: 4 x 8 x 8 = 256 tokens a clip. Measured on this
-    # shared 2-core CPU (2026-12-06, other jobs running): 0.9 to 1.4 s a step of 16 clips, so
-    # 1000 steps take 15 to 25 minutes (CLIP's 300 steps: 2 to 6). Patches of (2, 8, 8) with
-    # x-prediction (configs/shapes.py's choice for images) ran 3.6x more clips a second, but are
-    # untested on clips. Sized, not tuned.
+    # 8 frames of 32x32 in (2, 4, 4) patches: 4 x 8 x 8 = 256 tokens a clip; the step count is
+    # sized to the end-to-end budget of this 2-core CPU (docs/experiments/), not tuned.
     config.video_dit.model.patch_size = (2, 4, 4)
     config.video_dit.training.num_steps = 1000
     config.video_dit.training.global_batch_size = 16
     config.video_dit.optimizer.schedule = "constant"  # Far from converged: every step at full rate.
     config.video_dit.optimizer.warmup_steps = 30
+
+    config.evaluate = ml_collections.ConfigDict()  # Stage 3: evaluate.py on both runs.
+    config.evaluate.num_samples = 128  # Captions (and sampled clips) per held-out split.
+    config.evaluate.splits = ("test", "test_unseen")  # test_unseen: held-out (shape, motion).
+    config.evaluate.guidance_scales = (1.0, 3.0)  # The guidance sweep.
+    config.evaluate.samplers = "euler:10"  # NAME:STEPS,... of the sweep.
+    config.evaluate.batch_size = 32  # Clips per sampling program.
+    config.evaluate.negative_prompt = ""  # The negative-prompt and diversity checks read
+    config.evaluate.negative_color = ""  # images; the video evaluation has neither.
+    config.evaluate.diversity_captions = 0
+    config.evaluate.diversity_samples = 8
+
+    config.samples = ml_collections.ConfigDict()  # Stage 4: the clip grid of the README.
+    config.samples.prompts = (  # Seen and held-out (shape, motion) pairs (data/moving_shapes.py).
+        "a small red circle moves from left to right slowly on a black background",
+        "a large blue square grows quickly on a white background",
+        "a large green star moves up quickly on a black background",
+        "a small yellow circle moves up slowly on a gray background",  # unseen: circle, up
+        "a large purple square moves from right to left quickly on a black background",  # unseen
+        "a large orange triangle grows slowly on a white background",  # unseen: triangle, grow
+    )
+    config.samples.negative_examples = ()  # (prompt, negative prompt) pairs.
+    config.samples.num_per_prompt = 2  # Seeds 0..n-1 per prompt (one strip row each).
+    config.samples.sampler = "euler"  # Sampler of the grid.
+    config.samples.steps = 20  # Its steps.
+    config.samples.guidance_scale = placeholder(float)  # None: the evaluation's best scale.
+    config.samples.batch_size = 12  # Clips per sampling program.
 
     if arg == "runlocal":
         config.data.num_train_examples = 500
@@ -66,4 +92,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             stage.optimizer.warmup_steps = 2
         config.clip.model.vision_stem = "patch"
         config.video_dit.model.patch_size = (2, 8, 8)
+        config.evaluate.num_samples = 8
+        config.evaluate.samplers = "euler:4"
+        config.evaluate.batch_size = 8
+        config.samples.prompts = config.samples.prompts[:2]
+        config.samples.num_per_prompt = 1
+        config.samples.steps = 4
     return config

@@ -26,6 +26,7 @@ from flax import nnx
 
 from diffusion import checkpoints, hf, models, optim, param_export
 from diffusion import data as data_lib
+from diffusion.data import moving_shapes
 from diffusion.data.latents import LatentEncoding
 from diffusion.errors import UserError
 from diffusion.hf.files import DIFFUSERS, read_config
@@ -458,9 +459,37 @@ def load_run_config(run_dir: str) -> ml_collections.ConfigDict:
 
 
 def builder_resolution(data_config) -> int | None:
-    """The image side a shapes builder config names ("32" -> 32), else None (read the data)."""
+    """The image side an embedded builder config names (shapes "32" -> 32, moving_shapes
+    "32_8" -> 32), else None (read the data)."""
     name = data_config.builder_config
-    return int(name) if name and str(name).isdigit() else None
+    if name and str(name).isdigit():
+        return int(name)
+    if data_config.name == "moving_shapes" and name:
+        return moving_shapes.config_from_name(str(name)).resolution
+    return None
+
+
+def run_frames(config) -> int:
+    """Frames per clip of a run's dataset of clips (its input feature is (T, H, W, C)), 0 for a
+    dataset of images: from a moving_shapes builder config ("32_8" -> 8), else the prepared
+    dataset."""
+    data_config = config.data
+    if data_config.name == "moving_shapes" and data_config.builder_config:
+        return moving_shapes.config_from_name(str(data_config.builder_config)).frames
+    if builder_resolution(data_config):  # shapes: images
+        return 0
+    try:
+        name = data_config.name
+        if data_config.builder_config:
+            name = f"{name}/{data_config.builder_config}"
+        builder = tfds.builder(name, data_dir=data_config.data_dir)
+        shape = builder.info.features[data_config.image_key].shape
+    except Exception as error:  # noqa: BLE001 - any failure means "ask the user"
+        raise UserError(
+            f"cannot tell whether the run's dataset ({data_config.name}) holds clips or images "
+            f"({error}); prepare it where config.data.data_dir says"
+        ) from error
+    return int(shape[0]) if len(shape) == 4 else 0
 
 
 def run_resolution(config) -> int:

@@ -19,6 +19,7 @@ from diffusion.data import load_tokenizer, sources, tokenize
 from diffusion.data import shapes as shapes_lib
 from diffusion.data.classes import ClassSpace
 from diffusion.evaluation.shapes_oracle import VOCABULARIES, check_uint8
+from diffusion.families import clip as clip_family
 
 
 def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -262,11 +263,17 @@ class ClipEncoder:
         return np.concatenate(out) if out else np.zeros((0, self.model.config.embed_dim))
 
     def encode_images(self, images: np.ndarray) -> np.ndarray:
-        """uint8 (N, H, W, 3) -> (N, E) normalised image embeddings (resized if H differs)."""
+        """uint8 (N, H, W, 3) -> (N, E) normalised image embeddings (resized if H differs); a
+        tower trained on clips takes clips (N, T, H, W, 3), their frames on the channel axis as
+        in training (`families.clip.frames_on_channels`)."""
         images = np.asarray(images)
-        if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"images must be (N, H, W, 3) uint8, got shape {images.shape}")
-        check_uint8(images)
+        frames_seen = self.model.config.in_channels // 3
+        expected = "(N, T, H, W, 3) clips" if frames_seen > 1 else "(N, H, W, 3) images"
+        if images.ndim != (5 if frames_seen > 1 else 4) or images.shape[-1] != 3:
+            raise ValueError(f"this CLIP encodes uint8 {expected}, got shape {images.shape}")
+        check_uint8(images.reshape(-1, *images.shape[-3:]))
+        if frames_seen > 1:
+            images = clip_family.frames_on_channels(images, frames_seen)
         return self._batched(self._encode_image, [images])
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:

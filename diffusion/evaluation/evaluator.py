@@ -48,7 +48,13 @@ from diffusion.evaluation.shapes_oracle import (
     attribute_accuracy,
     read_attributes,
 )
-from diffusion.evaluation.sweep import DEFAULT_SAMPLER, sampler_key, scale_key
+from diffusion.evaluation.sweep import (
+    DEFAULT_SAMPLER,
+    EvaluationStopped,
+    sampler_key,
+    scale_key,
+)
+from diffusion.evaluation.video_evaluation import evaluate_video_dit_run
 from diffusion.inference import SAMPLERS_BY_OBJECTIVE, TextToImage
 
 
@@ -166,7 +172,7 @@ def evaluate_clip_run(run_dir: str, config, options: EvaluationOptions) -> dict:
             entry["zero_shot_classes"] = class_zero_shot(
                 encoder, image_embeddings, examples, data_config, classifiers
             )
-        if examples.labels:
+        if all(a in examples.labels for a in ATTRIBUTES):  # shapes (not moving_shapes)
             zero_shot = {}
             for attribute in ATTRIBUTES:
                 if attribute not in classifiers:
@@ -199,10 +205,6 @@ def _frame_colors(reading, labels, count):
         return None
     right = np.all([getattr(reading, a) == labels[a] for a in PROMPTED_ATTRIBUTES], axis=0)
     return [(40, 170, 60) if ok else (210, 40, 40) for ok in right[:count]]
-
-
-class EvaluationStopped(Exception):
-    """`stop()` asked the evaluation to end before its metrics were complete: none are written."""
 
 
 def evaluate_dit_run(
@@ -512,6 +514,11 @@ def evaluate_checkpoint(
              feature_autoencoder (the autoencoder of autoencoder_frechet_distance, if any),
              negative_prompt: {prompt, negative_prompt, sampler, guidance_scale, num_samples,
                without_negative: {color_fraction, color_histogram}, with_negative: {...}}
+      video DiT: resolution, frames, objective, guidance_scales, samplers, splits[split] =
+             {num_samples, real: {oracle_accuracy, temporal_consistency}, samples:
+               {"<sampler>:<steps>": {"<scale>": {accuracy: {shape, color, size, motion,
+               speed, background, all}, temporal_consistency: {consistency,
+               background_change}, seconds, clips}}}, best} (`video_evaluation`).
       class-conditional DiT: conditioning "class" and the keys of
              `class_conditional.evaluate_class_dit_run` (accuracy of the asked class).
       autoencoder: source ("run" | "diffusers"), resolution, latent_channels,
@@ -566,6 +573,12 @@ def evaluate_checkpoint(
             checkpoint, config, options, output_dir
         )
         metrics.update(autoencoder_metrics)
+    elif family == "video_dit":  # clips, read by the moving-shapes oracle
+        metrics = {"family": "video_dit", "checkpoint": os.path.abspath(checkpoint)}
+        video_metrics, galleries = evaluate_video_dit_run(
+            checkpoint, config, options, output_dir, stop
+        )
+        metrics.update(video_metrics)
     elif model_config.conditioning == "class":  # sampled by class, read by the shapes oracle
         metrics = {"family": "dit", "conditioning": "class"}
         metrics["checkpoint"] = os.path.abspath(checkpoint)

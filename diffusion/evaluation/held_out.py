@@ -12,6 +12,7 @@ from diffusion.data import input_pipeline, sources
 from diffusion.data.classes import ClassSpace, class_features_of
 from diffusion.errors import UserError
 from diffusion.evaluation.shapes_oracle import ATTRIBUTES
+from diffusion.evaluation.video_oracle import ATTRIBUTES as VIDEO_ATTRIBUTES
 from diffusion.training.inputs import prepare_source
 
 
@@ -19,9 +20,11 @@ from diffusion.training.inputs import prepare_source
 class SplitExamples:
     """The first N examples of a split: images, captions and (for shapes) attribute labels."""
 
-    images: np.ndarray  # (N, S, S, 3) uint8
+    images: np.ndarray  # (N, S, S, 3) uint8; clips (N, T, S, S, 3) of a dataset of clips
     captions: list[str]
-    labels: dict[str, np.ndarray]  # attribute -> (N,) int; empty when the dataset has none
+    # attribute -> (N,) int: shapes' (shape_oracle.ATTRIBUTES) or moving_shapes'
+    # (video_oracle.ATTRIBUTES); empty when the dataset has neither
+    labels: dict[str, np.ndarray]
     classes: ClassSpace | None = None  # the dataset's classes (`class_space_of`), if any
     class_ids: np.ndarray | None = None  # (N,) int32 class id of each example, with classes
 
@@ -43,8 +46,10 @@ def load_split_examples(
     if images.shape[-1] == 1:
         images = np.repeat(images, 3, axis=-1)
     labels = {}
-    if all(a in reader.features for a in ATTRIBUTES):
-        labels = {a: np.array([int(r[a]) for r in records]) for a in ATTRIBUTES if a in records[0]}
+    for attributes in (ATTRIBUTES, VIDEO_ATTRIBUTES):
+        if all(a in reader.features for a in attributes):
+            labels = {a: np.array([int(r[a]) for r in records]) for a in attributes}
+            break
     captions = [decoder.caption(r) for r in records]
     classes = class_space_of(data_config, reader.features, source.name)
     if classes is None:

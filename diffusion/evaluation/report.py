@@ -439,6 +439,40 @@ def _dit_body(metrics: dict, galleries: list[dict], output_dir: str) -> list[str
     return parts
 
 
+def _video_dit_body(metrics: dict, galleries: list[dict]) -> list[str]:
+    """A video DiT: the oracle's accuracy per attribute (motion and speed included) and temporal
+    consistency of each setting, the real clips' for reference, then the sampled clips."""
+    attributes = ("all", "shape", "color", "size", "motion", "speed", "background")
+    header = ["split", "sampler", "guidance", *attributes, "consistent", "seconds"]
+    rows = []
+    for split, entry in metrics["splits"].items():
+        real = entry["real"]
+        row = [_e(split), "real clips", ""]
+        row += [_number(real["oracle_accuracy"].get(a), percent=True) for a in attributes]
+        rows.append(row + [_number(real["temporal_consistency"]["consistency"], True), ""])
+        for sampler, by_scale in entry["samples"].items():
+            for scale, result in by_scale.items():
+                row = [_e(split), _e(sampler), _e(scale)]
+                row += [_number(result["accuracy"].get(a), percent=True) for a in attributes]
+                consistency = result["temporal_consistency"]["consistency"]
+                rows.append(row + [_number(consistency, True), f"{result['seconds']:.1f}"])
+    parts = [
+        f"<h2>Clips of {metrics['frames']} frames, read by the moving-shapes oracle</h2>",
+        _table(header, rows),
+        "<p class='meta'>all: shape, colour and background read right in every frame, and size, "
+        "motion and speed right for the clip. consistent: shape and colour read the same in "
+        "every frame. The real clips' row is the oracle's own ceiling.</p>",
+    ]
+    for split, entry in metrics["splits"].items():
+        best = entry["best"]
+        for gallery in galleries:
+            if gallery.get("split") != split:
+                continue
+            if gallery["sampler"] == best["sampler"] and gallery["scale"] == best["guidance_scale"]:
+                parts.append(clip_gallery_html(gallery))
+    return parts
+
+
 def _class_dit_body(metrics: dict, galleries: list[dict]) -> list[str]:
     """A class-conditional DiT: the oracle's accuracy of the asked class over the sweep."""
     features = metrics["class_features"]
@@ -571,6 +605,8 @@ def write_report(metrics: dict, galleries: list[dict], output_dir: str) -> str:
             meta.append(f"{key.replace('_', ' ')}: {metrics[key]}")
     if metrics.get("conditioning") == "class":
         body = _class_dit_body(metrics, galleries)
+    elif metrics["family"] == "video_dit":
+        body = _video_dit_body(metrics, galleries)
     elif metrics["family"] == "dit":
         body = _dit_body(metrics, galleries, output_dir)
     elif metrics["family"] == "autoencoder":

@@ -1,5 +1,6 @@
-"""The guidance x sampler sweep of a DiT evaluation: its default sampler and how its settings are
-named in metrics.json (text- and class-conditional runs alike)."""
+"""The guidance x sampler sweep of a DiT evaluation: its default sampler, how its settings are
+named in metrics.json (text- and class-conditional runs, images and clips alike) and how a
+stopped sweep ends."""
 
 from __future__ import annotations
 
@@ -13,3 +14,8 @@ def scale_key(scale: float) -> str:
 
 def sampler_key(sampler: str, steps: int) -> str:
     return f"{sampler}:{steps}"
+
+
+class EvaluationStopped(Exception):
+    """The evaluation's `stop` callback asked it to end (a pipeline's SIGTERM): nothing of it is
+    written, the rerun evaluates again."""

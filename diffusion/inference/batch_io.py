@@ -1,5 +1,6 @@
 """Batch sampling to a directory (sample.py): prompt files (or class labels) in, PNGs with stable
-names, a manifest and a grid out; a rerun makes only what is missing.
+names, a manifest and a grid out; a rerun makes only what is missing. A video DiT's clips are
+written as an MP4 and an animated GIF each (`video_files`), the grid as a frame strip.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 import tqdm
 
 from diffusion import rundir
-from diffusion.inference import grids
+from diffusion.inference import grids, video_files
 from diffusion.inference.class2image import ClassToImage
 from diffusion.inference.settings import (
     MAX_SEED,
@@ -33,6 +34,8 @@ logger = logging.getLogger(__name__)
 MANIFEST = "manifest.jsonl"
 GRID = "grid.png"
 GRID_MAX_IMAGES = 256
+GRID_MAX_CLIPS = 32  # rows of a frame strip
+DEFAULT_FPS = 8.0  # frames per second of written clips
 JSONL_FIELDS = ("prompt", "class", "negative_prompt", "seed", "guidance_scale")
 
 
@@ -50,9 +53,29 @@ class PromptItem:
     class_label: int | str | None = None  # a class-conditional run's class: id or name
 
     @property
+    def stem(self) -> str:
+        """Stable name: the same item always gets the same files, in any run."""
+        return f"{self.line:05d}_{self.index:03d}"
+
+    @property
     def file(self) -> str:
-        """Stable name: the same item always gets the same file, in any run."""
-        return f"{self.line:05d}_{self.index:03d}.png"
+        """The item's image file (a clip's files: `clip_files`)."""
+        return f"{self.stem}.png"
+
+
+def clip_files(item: PromptItem) -> dict[str, str]:
+    """The files of an item's clip: its MP4 (the manifest's "file") and its animated GIF."""
+    return {"mp4": f"{item.stem}.mp4", "gif": f"{item.stem}.gif"}
+
+
+def output_file(item: PromptItem, clips: bool) -> str:
+    """The file the manifest names for an item: its PNG, or its clip's MP4."""
+    return clip_files(item)["mp4"] if clips else item.file
+
+
+def _is_written(output_dir: str, item: PromptItem, clips: bool) -> bool:
+    names = clip_files(item).values() if clips else (item.file,)
+    return all(os.path.isfile(os.path.join(output_dir, name)) for name in names)
 
 
 def _jsonl_entry(text: str, where: str) -> dict:
@@ -221,8 +244,12 @@ def manifest_record(item: PromptItem, settings: SamplerSettings, pipeline) -> di
             "class": item.class_label,
             "class_name": pipeline.classes.name(item.class_label),
         }
+    clips = getattr(pipeline, "frames", 0) > 0
+    files = {"file": output_file(item, clips)}
+    if clips:
+        files |= {"gif": clip_files(item)["gif"], "frames": pipeline.frames}
     return {
-        "file": item.file,
+        **files,
         "line": item.line,
         "index": item.index,
         **condition,
@@ -286,24 +313,38 @@ def write_manifest(output_dir: str, records: dict[str, dict]) -> None:
 
 
 def write_grid(
-    output_dir: str, items: Sequence[PromptItem], path: str | None = None, tile: int = 64
+    output_dir: str,
+    items: Sequence[PromptItem],
+    path: str | None = None,
+    tile: int = 64,
+    clip_shape: tuple[int, int] | None = None,
 ) -> str | None:
     """The labelled grid of `items`' PNGs (OUTPUT_DIR/grid.png unless `path`): a row per prompt
     line (its prompt or class and any negative prompt on the left), a column per seed, gaps
-    between them; the first GRID_MAX_IMAGES images that exist. None when none exists yet."""
+    between them; the first GRID_MAX_IMAGES images that exist. Clips (`clip_shape`: their
+    (height, width)): a frame strip, a row per clip (its frames left to right), of the first
+    GRID_MAX_CLIPS. None when nothing exists yet."""
     from PIL import Image
 
-    shown = [i for i in items if os.path.isfile(os.path.join(output_dir, i.file))]
-    shown = shown[:GRID_MAX_IMAGES]
+    clips = clip_shape is not None
+    shown = [i for i in items if _is_written(output_dir, i, clips)]
+    shown = shown[: GRID_MAX_CLIPS if clips else GRID_MAX_IMAGES]
     if not shown:
         return None
+    path = path or os.path.join(output_dir, GRID)
+    label = lambda i: grids.row_label(i.prompt, i.negative_prompt, i.class_label)
+    if clips:
+        mp4 = lambda i: os.path.join(output_dir, clip_files(i)["mp4"])
+        frames = np.stack([video_files.read_mp4(mp4(i), *clip_shape) for i in shown])
+        return video_files.write_frame_strip(
+            path, frames, [f"{label(i)} (seed {i.seed})" for i in shown], tile=tile
+        )
     rows = []
     for line in dict.fromkeys(item.line for item in shown):  # the prompt file's order
         row = [item for item in shown if item.line == line]
         read = lambda i: np.asarray(Image.open(os.path.join(output_dir, i.file)).convert("RGB"))
-        label = grids.row_label(row[0].prompt, row[0].negative_prompt, row[0].class_label)
-        rows.append((label, np.stack([read(i) for i in row])))
-    return grids.save_labelled_rows(rows, path or os.path.join(output_dir, GRID), tile=tile)
+        rows.append((label(row[0]), np.stack([read(i) for i in row])))
+    return grids.save_labelled_rows(rows, path, tile=tile)
 
 
 def _remove_stale_temporaries(output_dir: str) -> None:
@@ -369,9 +410,11 @@ def sample_to_directory(
     progress: bool = True,
     settings: SamplerSettings | None = None,
     stop: Callable[[], bool] | None = None,
+    fps: float = DEFAULT_FPS,
     **sampler_options,
 ) -> dict[str, int]:
-    """Makes the PNG of every item not already finished, with `manifest.jsonl` and `grid.png`.
+    """Makes the PNG of every item not already finished, with `manifest.jsonl` and `grid.png`
+    (a video DiT's pipeline: the MP4 and GIF of each clip at `fps`, the grid a frame strip).
 
     Finished = its PNG exists and the manifest has its exact record (same prompt, seed and
     settings). Each batch's PNGs are renamed into place before the manifest (rewritten whole,
@@ -391,13 +434,17 @@ def sample_to_directory(
         os.makedirs(output_dir, exist_ok=True)
         _remove_stale_temporaries(output_dir)
     records = read_manifest(output_dir) if os.path.isdir(output_dir) else {}
-    wanted = {item.file: manifest_record(item, settings, pipeline) for item in items}
+    clips = getattr(pipeline, "frames", 0) > 0
+    if clips:
+        fps = video_files.check_fps(fps)
+    name = lambda item: output_file(item, clips)
+    wanted = {name(item): manifest_record(item, settings, pipeline) for item in items}
     if len(wanted) != len(items):
         raise SamplingError("two prompt items map to the same file name; check the prompt file")
     pending_mask = np.array(
         [
-            records.get(item.file) != wanted[item.file]
-            or not os.path.isfile(os.path.join(output_dir, item.file))
+            records.get(name(item)) != wanted[name(item)]
+            or not _is_written(output_dir, item, clips)
             for item in items
         ],
         bool,
@@ -407,7 +454,7 @@ def sample_to_directory(
     size = pipeline.program_batch_size(len(pending), batch_size)
     bar = tqdm.tqdm(
         total=len(pending),
-        unit="img",
+        unit="clip" if clips else "img",
         desc="sample",
         disable=not progress or not writer,
         dynamic_ncols=True,
@@ -428,9 +475,12 @@ def sample_to_directory(
         )
         if writer:
             for item, image in zip(batch, images, strict=True):
-                write_png(os.path.join(output_dir, item.file), image)
+                if clips:
+                    video_files.write_clip_files(output_dir, item.stem, image, fps)
+                else:
+                    write_png(os.path.join(output_dir, item.file), image)
             for item in batch:
-                records[item.file] = wanted[item.file]
+                records[name(item)] = wanted[name(item)]
             write_manifest(output_dir, records)
         bar.update(len(batch))
         if stop is not None and stop() and start + size < len(pending):
@@ -441,5 +491,6 @@ def sample_to_directory(
     if writer:
         if not pending and not os.path.isfile(os.path.join(output_dir, MANIFEST)):
             write_manifest(output_dir, records)
-        write_grid(output_dir, items)
+        clip_shape = (pipeline.image_size, pipeline.image_size) if clips else None
+        write_grid(output_dir, items, clip_shape=clip_shape)
     return {"generated": len(pending), "skipped": len(items) - len(pending)}

@@ -48,6 +48,10 @@ from diffusion.models.autoencoder import Autoencoder
 logger = logging.getLogger(__name__)
 
 
+# The families whose run directories sample: the DiT (images) and the video DiT (clips).
+SAMPLED_FAMILIES = ("dit", "video_dit")
+
+
 def default_mesh() -> Mesh:
     """All devices on the data axis: sampling is data parallel."""
     return sharding.make_mesh({"data": -1})
@@ -100,12 +104,13 @@ class DiTRun:
 
     run_dir: str
     config: Any  # config.json
-    dit: models.DiT
+    dit: models.DiT | models.VideoDiT
     step: int | None  # the training step of the weights; None if unknown
     resolution: int  # the side of the DiT's inputs (latents, for a latent DiT)
     mesh: Mesh
     latent_decoder: LatentDecoder | None = None
     condition: Any = None  # what `load_condition` returned
+    frames: int = 0  # a video DiT's clip length (its training data's); 0: images
 
 
 def load_dit_run(
@@ -129,14 +134,16 @@ def load_dit_run(
     """
     location = rundir.locate_run(run_dir, what="DiT run")
     family, model_config = rundir.load_model_config(location.run_dir)
-    if family != "dit":
+    if family not in SAMPLED_FAMILIES:
         raise SamplingError(
-            f"{location.run_dir!r} holds a {family} model; sampling needs a DiT run directory "
-            "(the dit stage of a pipeline run)"
+            f"{location.run_dir!r} holds a {family} model; sampling needs a DiT or video DiT "
+            "run directory (the dit or video_dit stage of a pipeline run)"
         )
-    if model_config.conditioning != conditioning:
+    model_class = rundir.MODEL_CLASSES[family][0]
+    run_conditioning = getattr(model_config, "conditioning", "text")  # a video DiT reads text
+    if run_conditioning != conditioning:
         raise SamplingError(
-            f"{location.run_dir!r} holds a {model_config.conditioning}-conditioned DiT; "
+            f"{location.run_dir!r} holds a {run_conditioning}-conditioned DiT; "
             + {
                 "text": "text-to-image sampling needs conditioning='text'. Sample it by class "
                 "(sample.py --class_labels=..., or ClassToImage)",
@@ -152,17 +159,19 @@ def load_dit_run(
             "trained by train.py on an encode.py dataset, so sample.py cannot decode it"
         )
     config = rundir.load_run_config(location.run_dir)
+    patch_side = _patch_side(model_config.patch_size)
     if latent_decoder is not None:
-        side = _latent_side(latent_decoder.encoding, resolution, model_config.patch_size)
+        side = _latent_side(latent_decoder.encoding, resolution, patch_side)
     else:
         side = rundir.run_resolution(config) if resolution is None else resolution
-        _check_resolution(side, model_config.patch_size)
+        _check_resolution(side, patch_side)
+    frames = rundir.run_frames(config) if family == "video_dit" else 0
     condition = load_condition(location.run_dir, config) if load_condition else None
     mesh = mesh if mesh is not None else default_mesh()
     exported = os.path.join(location.run_dir, rundir.PARAMS_DIR)
     checkpoints_dir = os.path.join(location.run_dir, rundir.CHECKPOINTS_DIR)
     if location.step is None and use_ema and os.path.isdir(exported):
-        dit = rundir.load_run_params(location.run_dir, model_config, models.DiT)
+        dit = rundir.load_run_params(location.run_dir, model_config, model_class)
         step = None
         if os.path.isdir(checkpoints_dir):
             manager = checkpoints.make_checkpoint_manager(
@@ -183,11 +192,18 @@ def load_dit_run(
                 location.run_dir,
             )
         params, step = rundir.load_checkpoint_params(
-            location.run_dir, config, model_config, models.DiT, mesh, location.step, use_ema
+            location.run_dir, config, model_config, model_class, mesh, location.step, use_ema
         )
-        abstract = nnx.eval_shape(lambda: models.DiT(model_config, rngs=nnx.Rngs(0)))
+        abstract = nnx.eval_shape(lambda: model_class(model_config, rngs=nnx.Rngs(0)))
         dit = nnx.merge(nnx.graphdef(abstract), params)
-    return DiTRun(location.run_dir, config, dit, step, int(side), mesh, latent_decoder, condition)
+    return DiTRun(
+        location.run_dir, config, dit, step, int(side), mesh, latent_decoder, condition, frames
+    )
+
+
+def _patch_side(patch_size) -> int:
+    """The spatial side of a DiT's square patches; of a video DiT's (frames, rows, columns)."""
+    return int(patch_size[-1]) if isinstance(patch_size, tuple | list) else int(patch_size)
 
 
 def _latent_side(encoding: LatentEncoding, resolution, patch_size: int) -> int:
@@ -216,7 +232,7 @@ class DiTPipeline:
     def __init__(
         self,
         *,
-        dit: models.DiT,
+        dit: models.DiT | models.VideoDiT,
         text_encoder: models.CLIP | None,
         diffusion_config,
         resolution: int,
@@ -226,8 +242,10 @@ class DiTPipeline:
         run_dir: str | None = None,
         use_ema: bool = True,
         latent_decoder: LatentDecoder | None = None,
+        frames: int = 0,
     ):
         self.run_dir, self.use_ema = run_dir, use_ema
+        self.frames = int(frames)  # > 0: a video DiT drawing clips of this many frames
         if isinstance(micro_batch, bool) or not isinstance(micro_batch, numbers.Integral):
             raise SamplingError(f"micro_batch must be an integer >= 1, got {micro_batch!r}")
         if micro_batch < 1:
@@ -317,6 +335,7 @@ class DiTPipeline:
             settings=settings,
             decoder_graphdef=self._decoder_graphdef,
             latents=None if self.latent_decoder is None else self.latent_decoder.encoding,
+            frames=self.frames,
         )
 
     def program_batch_size(self, count: int, batch_size: int | None = None) -> int:
@@ -335,12 +354,13 @@ class DiTPipeline:
     def run_program(
         self, inputs: dict[str, np.ndarray], settings: SamplerSettings, batch_size: int | None
     ) -> np.ndarray:
-        """Images (N, H, W, 3) uint8 of the program's host inputs (N rows each), `batch_size`
-        (`program_batch_size`) at a time."""
+        """Images (N, H, W, 3) uint8 of the program's host inputs (N rows each), or clips
+        (N, T, H, W, 3) of a video DiT, `batch_size` (`program_batch_size`) at a time."""
         count = len(inputs["seeds"])
         size = self.program_batch_size(count, batch_size)
         if count == 0:
-            return np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
+            frames = (self.frames,) if self.frames else ()
+            return np.zeros((0, *frames, self.image_size, self.image_size, 3), np.uint8)
         spec = self.spec_for(settings)
         traces_before = program_lib.TRACE_COUNT[0]
         chunks = []

@@ -34,8 +34,10 @@ from jax.sharding import Mesh, PartitionSpec
 
 from diffusion import guidance, samplers, sharding
 from diffusion.families import dit as dit_family
+from diffusion.families import video_dit as video_dit_family
 from diffusion.inference.settings import SAMPLERS_WITH_ETA, SamplerSettings
 from diffusion.models import layers
+from diffusion.models.video_dit import VideoDiTConfig
 from diffusion.schedules import DiscreteSchedule, ddpm_levels, flow_levels
 
 
@@ -76,6 +78,10 @@ class ProgramSpec:
     decoder_graphdef: Any = None
     latent_scale: float = 1.0
     latent_shift: float = 0.0
+    # A video DiT (Wan's call signature: token states and mask, no pooled embedding) and the
+    # frames of each clip it draws; 0 frames: images (B, H, W, C), else clips (B, T, H, W, C).
+    video: bool = False
+    frames: int = 0
 
     def levels(self):
         s = self.settings
@@ -92,7 +98,8 @@ TRACE_COUNT = [0]  # traces of sampling_program (one per compilation), for tests
 def sampling_program(
     dit_state, text_state, inputs: dict, spec: ProgramSpec, decoder_state=None
 ) -> jax.Array:
-    """Tokens, seeds and scales of a global batch -> uint8 images (B, H, W, C).
+    """Tokens, seeds and scales of a global batch -> uint8 images (B, H, W, C), or clips
+    (B, T, H, W, C) of a video DiT (`spec.frames`).
 
     Each device walks through its rows `micro_batch` at a time (`lax.map`), so the arithmetic of
     a sample has the same shapes whatever the batch size or the number of devices. The weights
@@ -131,6 +138,8 @@ def _sample_micro_batch(dit_state, text_state, decoder_state, inputs, spec: Prog
         dit = layers.merge_here(spec.dit_graphdef, dit_state)
         if spec.text_graphdef is None:
             return dit(x, t, labels=cond)
+        if spec.video:
+            return video_dit_family.video_model_fn(dit)(x, t, cond)
         return dit_family.dit_model_fn(dit)(x, t, cond)
 
     model_fn = _first_channels(dit_fn, spec.in_channels)
@@ -142,6 +151,8 @@ def _sample_micro_batch(dit_state, text_state, decoder_state, inputs, spec: Prog
     if settings.sampler in SAMPLERS_WITH_ETA:
         options["eta"] = settings.eta
     shape = (1, spec.resolution, spec.resolution, spec.in_channels)
+    if spec.frames:
+        shape = (1, spec.frames, *shape[1:])
 
     def one_sample(key, cond, uncond, scale):
         # Batch 1 inside the vmap: the samplers draw step noise from one key per batch, so this
@@ -156,7 +167,7 @@ def _sample_micro_batch(dit_state, text_state, decoder_state, inputs, spec: Prog
         return images[0]
 
     keys = seed_keys(inputs["seeds"])
-    images = jax.vmap(one_sample)(keys, cond, uncond, inputs["scales"])  # (micro, H, W, C)
+    images = jax.vmap(one_sample)(keys, cond, uncond, inputs["scales"])  # (micro, [T,] H, W, C)
     if spec.decoder_graphdef is not None:
         autoencoder = layers.merge_here(spec.decoder_graphdef, decoder_state)
         latents = images / spec.latent_scale + spec.latent_shift  # (micro, h, w, c)
@@ -207,9 +218,11 @@ def program_spec(
     settings: SamplerSettings,
     decoder_graphdef=None,
     latents=None,
+    frames: int = 0,
 ) -> ProgramSpec:
     """The spec of a DiT's sampling program from its model config and its recipe's
-    config.diffusion; a latent DiT's also from its autoencoder's graph and its LatentEncoding."""
+    config.diffusion; a latent DiT's also from its autoencoder's graph and its LatentEncoding;
+    a video DiT's with the `frames` of its clips (0: it draws images, one-frame clips)."""
     d = diffusion_config
     schedule = None
     if d.objective == "ddpm":
@@ -218,7 +231,8 @@ def program_spec(
         dit_graphdef=dit_graphdef,
         text_graphdef=text_graphdef,
         in_channels=dit_config.in_channels,
-        word_conditioning=dit_config.conditioning == "text" and dit_config.word_conditioning,
+        word_conditioning=getattr(dit_config, "conditioning", "text") == "text"
+        and getattr(dit_config, "word_conditioning", False),
         resolution=int(resolution),
         objective=d.objective,
         prediction_type=dit_family.prediction_type_of(d),
@@ -229,4 +243,6 @@ def program_spec(
         decoder_graphdef=decoder_graphdef,
         latent_scale=1.0 if latents is None else latents.scaling_factor,
         latent_shift=0.0 if latents is None else latents.shift_factor,
+        video=isinstance(dit_config, VideoDiTConfig),
+        frames=int(frames),
     )

@@ -9,6 +9,9 @@ input the DiT was trained with) go into ONE jitted program per (batch shape, set
 (`diffusion.inference.program`), whose images are a pure function of the prompt, negative prompt,
 seed and settings: never of the batch size or the device count. What does not depend on text
 (weights on the mesh, sampler settings, batching) is `dit_pipeline.DiTPipeline`'s.
+
+The run of a video DiT (Wan 2.1's shape, trained on clips) loads the same way; `generate` then
+returns clips (N, T, H, W, 3) of its training clips' length (`pipe.frames`).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ class TextToImage(DiTPipeline):
     def __init__(
         self,
         *,
-        dit: models.DiT,
+        dit: models.DiT | models.VideoDiT,
         text_encoder: models.CLIP,
         tokenizer,
         diffusion_config,
@@ -56,6 +59,7 @@ class TextToImage(DiTPipeline):
         run_dir: str | None = None,
         use_ema: bool = True,
         latent_decoder: LatentDecoder | None = None,
+        frames: int = 0,
     ):
         super().__init__(
             dit=dit,
@@ -68,6 +72,7 @@ class TextToImage(DiTPipeline):
             run_dir=run_dir,
             use_ema=use_ema,
             latent_decoder=latent_decoder,
+            frames=frames,
         )
         self.tokenizer = tokenizer
         self.context_length = int(context_length)
@@ -141,6 +146,7 @@ class TextToImage(DiTPipeline):
             run_dir=run.run_dir,
             use_ema=use_ema,
             latent_decoder=run.latent_decoder,
+            frames=run.frames,
         )
 
     # -- public API -----------------------------------------------------------------------------
@@ -177,7 +183,7 @@ class TextToImage(DiTPipeline):
         settings: SamplerSettings | None = None,
         **sampler_options,
     ) -> np.ndarray:
-        """Images (N, H, W, 3) uint8 for N prompts.
+        """Images (N, H, W, 3) uint8 for N prompts (clips (N, T, H, W, 3) of a video DiT).
 
         negative_prompts: one per prompt (None or "" = the empty prompt, i.e. plain guidance).
         seeds: one int for every prompt, or one per prompt; image i uses jax.random.key(seed_i).

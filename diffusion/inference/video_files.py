@@ -140,6 +140,22 @@ def write_mp4(path: str, clip: np.ndarray, fps: float) -> str:
     return write_atomically(path, write)
 
 
+def read_mp4(path: str, height: int, width: int) -> np.ndarray:
+    """The frames of an MP4 this module wrote, back at the clip's size (height, width): uint8
+    (T, height, width, 3), each pixel the centre of its upscaled block (H.264 is lossy: close to
+    the clip, not equal; for display, such as frame strips of clips written earlier)."""
+    import imageio.v3 as iio
+
+    frames = np.asarray(iio.imread(path, plugin="FFMPEG"))  # (T, H * f, W * f, 3)
+    factor = display_scale(height, width)
+    if frames.shape[1:3] != (height * factor, width * factor):
+        raise UserError(
+            f"{path} holds {frames.shape[2]}x{frames.shape[1]} frames, not a {width}x{height} clip "
+            f"scaled by {factor}; it was not written by write_mp4 for clips of this size"
+        )
+    return frames[:, factor // 2 :: factor, factor // 2 :: factor]
+
+
 # ---------------------------------------------------------------------------------------------
 # GIF
 # ---------------------------------------------------------------------------------------------

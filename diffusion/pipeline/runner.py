@@ -150,9 +150,12 @@ def pipeline_summary(workdir: str, timings: dict[str, float]) -> str:
         ("prompt grid", os.path.join(workdir, "samples", "grid.png")),
         ("DiT report", os.path.join(workdir, "eval", "dit", "index.html")),
         ("DiT metrics", os.path.join(workdir, "eval", "dit", "metrics.json")),
+        ("video report", os.path.join(workdir, "eval", "video_dit", "index.html")),
+        ("video metrics", os.path.join(workdir, "eval", "video_dit", "metrics.json")),
         ("CLIP report", os.path.join(workdir, "eval", "clip", "index.html")),
         ("CLIP metrics", os.path.join(workdir, "eval", "clip", "metrics.json")),
         ("DiT weights", os.path.join(workdir, "dit", rundir.PARAMS_DIR)),
+        ("video DiT weights", os.path.join(workdir, "video_dit", rundir.PARAMS_DIR)),
     )
-    lines += [f"   {name:13s} {path}" for name, path in places if os.path.exists(path)]
+    lines += [f"   {name:17s} {path}" for name, path in places if os.path.exists(path)]
     return "\n".join(lines)

@@ -97,15 +97,21 @@ def run_encode_stage(
         return None
 
 
+def generator_stage(config: ml_collections.ConfigDict) -> str:
+    """The stage whose run the evaluate and samples stages sample: "video_dit" or "dit"."""
+    return "video_dit" if "video_dit" in config.stages else "dit"
+
+
 def run_evaluate_stage(
     config: ml_collections.ConfigDict, workdir: str, stop=lambda: False
 ) -> dict[str, Any]:
-    """evaluate.py on both runs: WORKDIR/eval/{clip,dit}/{metrics.json,index.html}. stop():
-    checked before each run and each setting of the DiT's sweep; True ends the stage with the
-    metrics finished so far (an unfinished evaluation writes none and is redone on rerun)."""
+    """evaluate.py on both runs: WORKDIR/eval/{clip,dit (or video_dit)}/{metrics.json,
+    index.html}. stop(): checked before each run and each setting of the DiT's sweep; True ends
+    the stage with the metrics finished so far (an unfinished evaluation writes none and is
+    redone on rerun)."""
     options = evaluation_options(config, config.data.data_dir)
     results = {}
-    for run in ("clip", "dit"):
+    for run in ("clip", generator_stage(config)):
         if run == "dit" and "encode" in config.stages:  # its data is WORKDIR/latents, as run
             options = dataclasses.replace(options, data_dir=None)
         run_dir = os.path.join(workdir, run)
@@ -153,18 +159,19 @@ def sample_items(
     ]
 
 
-def _dit_metrics(workdir: str) -> dict:
-    """WORKDIR/eval/dit/metrics.json, or {} before the evaluation."""
-    path = os.path.join(workdir, "eval", "dit", "metrics.json")
+def _dit_metrics(workdir: str, stage: str = "dit") -> dict:
+    """WORKDIR/eval/<stage>/metrics.json (the DiT's or the video DiT's), or {} before the
+    evaluation."""
+    path = os.path.join(workdir, "eval", stage, "metrics.json")
     if not os.path.isfile(path):
         return {}
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
-def best_guidance_scale(workdir: str, fallback: float) -> float:
+def best_guidance_scale(workdir: str, fallback: float, stage: str = "dit") -> float:
     """The guidance scale the evaluation found best on `test`, else `fallback`."""
-    best = _dit_metrics(workdir).get("splits", {}).get("test", {}).get("best", {})
+    best = _dit_metrics(workdir, stage).get("splits", {}).get("test", {}).get("best", {})
     return float(best.get("guidance_scale", fallback))
 
 
@@ -174,11 +181,12 @@ def grid_guidance_scales(config: ml_collections.ConfigDict, workdir: str) -> tup
     unconditional branch, where a negative prompt sits, cancels out of uncond + w (cond -
     uncond); the negative examples then take the scale of evaluate.py's negative-prompt check
     (before an evaluation: the same rule over the configured scale)."""
-    fallback = config.dit.sampling.guidance_scale
+    stage = generator_stage(config)
+    fallback = config[stage].sampling.guidance_scale
     scale = config.samples.guidance_scale
     if scale is None:
-        scale = best_guidance_scale(workdir, fallback=fallback)
-    checked = _dit_metrics(workdir).get("negative_prompt", {}).get("guidance_scale")
+        scale = best_guidance_scale(workdir, fallback=fallback, stage=stage)
+    checked = _dit_metrics(workdir, stage).get("negative_prompt", {}).get("guidance_scale")
     return scale, negative_check_scale(scale, (float(checked),) if checked else (fallback,))
 
 
@@ -186,12 +194,13 @@ def run_samples_stage(
     config: ml_collections.ConfigDict, workdir: str, stop=lambda: False
 ) -> str | None:
     """The fixed prompts of `config.samples` -> WORKDIR/samples (PNGs, manifest.jsonl and
-    grid.png, one labelled row per prompt). Returns the grid's path, or None when stop() ended
-    the stage after a batch (a rerun makes the rest)."""
+    grid.png, one labelled row per prompt; a video DiT's MP4 and GIF per clip and a frame
+    strip). Returns the grid's path, or None when stop() ended the stage after a batch (a rerun
+    makes the rest)."""
     s = config.samples
     items = sample_items(s, *grid_guidance_scales(config, workdir))
     output_dir = os.path.join(workdir, "samples")
-    pipe = TextToImage.from_run(os.path.join(workdir, "dit"))
+    pipe = TextToImage.from_run(os.path.join(workdir, generator_stage(config)))
     made = sample_to_directory(
         pipe,
         items,
