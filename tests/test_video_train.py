@@ -9,19 +9,24 @@ embed apart while a still clip and its reversal embed alike.
 
 import dataclasses
 import os
+import re
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from PIL import Image
 
 from configs import base_clip, moving_shapes
 from diffusion import data as data_lib
-from diffusion import families, metrics, models, rundir, training
+from diffusion import families, inference, metrics, models, rundir, schedules, sharding, training
 from diffusion.errors import UserError
 from diffusion.families import clip as clip_family
+from diffusion.families import dit as dit_family
 from diffusion.families import video_dit as video_dit_family
+from diffusion.inference import batch_io, video_files
 from diffusion.pipeline.periodic import PeriodicEvaluation
 from diffusion.training import inputs
 
@@ -182,11 +187,19 @@ def falls(losses) -> bool:
     return np.mean(losses[-third:]) < np.mean(losses[:third])
 
 
+@pytest.fixture(scope="module")
+def video_run(data_dir, clip_run, tmp_path_factory):
+    """The recipe's video DiT on the CLIP run, 9 steps on 8 clips: (run directory, losses)."""
+    workdir = tmp_path_factory.mktemp("video")
+    return str(workdir), run(video_stage(data_dir, clip_run, 9), workdir)
+
+
 def test_the_video_dit_learns_its_clips_and_a_resumed_run_is_the_uninterrupted_one(
-    data_dir, clip_run, tmp_path
+    data_dir, clip_run, video_run, tmp_path
 ):
     """8 clips and batches of 8: every step sees the same clips, so the loss must fall."""
-    uninterrupted = run(video_stage(data_dir, clip_run, 9), tmp_path / "a")
+    shutil.copytree(video_run[0], tmp_path / "a")
+    uninterrupted = video_run[1]
     assert len(uninterrupted) == 9 and np.all(np.isfinite(uninterrupted))
     assert falls(uninterrupted), uninterrupted
     assert sorted(os.listdir(tmp_path / "a" / "checkpoints")) == ["6", "9"]
@@ -219,3 +232,111 @@ def test_the_video_dit_learns_images_as_one_frame_clips(data_dir, clip_run, tmp_
     source, builder = inputs.prepare_source(config.data, seed=0)
     assert inputs.frames_of(source, builder) == 0  # images, batched as 'image' (B, H, W, 3)
     assert model_config.patch_size == (1, 4, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling and evaluating the video run
+# ---------------------------------------------------------------------------------------------
+
+PROMPTS = ["a small red circle moves up slowly", "a large blue star grows fast", "a green square"]
+
+
+@pytest.fixture(scope="module")
+def video_pipe(video_run):
+    return inference.TextToImage.from_run(video_run[0], mesh=one_device_mesh(), micro_batch=1)
+
+
+def one_device_mesh():
+    return sharding.make_mesh({"data": 1}, jax.devices()[:1])
+
+
+def reference_clip(video_run, clip_run, prompt, seed, scale, steps):
+    """Classifier-free guided flow Euler written as a plain loop over the video DiT, on the flow
+    levels of the run's shift, for one clip."""
+    _, config = rundir.load_model_config(video_run)
+    dit = rundir.load_run_params(video_run, config, models.VideoDiT)
+    clip = rundir.load_text_encoder(clip_run, {"dtype": "float32"})
+    tokenizer = data_lib.load_tokenizer(os.path.join(clip_run, "tokenizer"))
+    length = rundir.load_run_config(video_run).tokenizer.context_length
+    velocity = video_dit_family.video_model_fn(dit)
+    cond, uncond = (
+        dit_family.text_condition(clip, *data_lib.tokenize(tokenizer, [text], length))
+        for text in (prompt, "")
+    )
+    noise_key, _ = jax.random.split(jax.random.key(seed))
+    x = jax.random.normal(noise_key, (1, 8, 32, 32, 3), jnp.float32)
+    times = schedules.flow_levels(steps, 5.0).t
+    for t, t_next in zip(times[:-1], times[1:], strict=True):
+        t_batch = jnp.full((1,), t, jnp.float32)
+        v_cond, v_uncond = velocity(x, t_batch, cond), velocity(x, t_batch, uncond)
+        x = x + (t_next - t) * (v_uncond + scale * (v_cond - v_uncond))
+    return np.asarray(jnp.clip(jnp.round((x[0] + 1) * 127.5), 0, 255)).astype(np.int64)
+
+
+def test_sampled_clips_are_a_plain_guided_euler_loop_for_any_batch_and_device_count(
+    video_run, clip_run, video_pipe
+):
+    clips = video_pipe.generate(PROMPTS, seeds=[3, 4, 5], steps=3, guidance_scale=2.0)
+    assert clips.shape == (3, 8, 32, 32, 3) and clips.dtype == np.uint8
+    expected = reference_clip(video_run[0], clip_run, PROMPTS[0], 3, 2.0, 3)
+    # Float32 in another order of operations: at most one level off, almost never.
+    assert np.abs(clips[0].astype(np.int64) - expected).max() <= 1
+    assert np.mean(clips[0] == expected) > 0.99
+    eight = inference.TextToImage.from_run(video_run[0], micro_batch=1)  # 8 devices
+    for pipe, batch_size in ((video_pipe, 1), (eight, 8)):
+        again = pipe.generate(
+            PROMPTS, seeds=[3, 4, 5], steps=3, guidance_scale=2.0, batch_size=batch_size
+        )
+        np.testing.assert_array_equal(again, clips)
+
+
+def test_sample_to_directory_writes_mp4_gif_manifest_and_strip_and_a_rerun_redoes_only_the_missing(
+    video_pipe, tmp_path
+):
+    items = [
+        inference.PromptItem(line=i + 1, index=0, prompt=p, negative_prompt="", seed=i,
+                             guidance_scale=2.0)
+        for i, p in enumerate(PROMPTS[:2])
+    ]  # fmt: skip
+    out = str(tmp_path)
+    made = inference.sample_to_directory(video_pipe, items, out, steps=2, progress=False)
+    assert made == {"generated": 2, "skipped": 0}
+    names = {"00001_000.mp4", "00001_000.gif", "00002_000.mp4", "00002_000.gif"}
+    assert names | {"manifest.jsonl", "grid.png"} == set(os.listdir(out))
+    records = batch_io.read_manifest(out)
+    assert set(records) == {"00001_000.mp4", "00002_000.mp4"}
+    assert records["00001_000.mp4"]["gif"] == "00001_000.gif"
+    assert records["00001_000.mp4"]["frames"] == 8
+    clips = video_pipe.generate(PROMPTS[:2], seeds=[0, 1], steps=2, guidance_scale=2.0)
+    back = video_files.read_mp4(os.path.join(out, "00002_000.mp4"), 32, 32)
+    assert back.shape == (8, 32, 32, 3)
+    assert np.abs(back.astype(float) - clips[1]).mean() < 6  # H.264 at CRF 18: close, not equal
+    with Image.open(os.path.join(out, "grid.png")) as strip:  # two rows of 8 frames, labelled
+        assert strip.width > 8 * 32 and strip.height >= 2 * 32
+    first = open(os.path.join(out, "00001_000.mp4"), "rb").read()
+    os.remove(os.path.join(out, "00001_000.gif"))
+    made = inference.sample_to_directory(video_pipe, items, out, steps=2, progress=False)
+    assert made == {"generated": 1, "skipped": 1}
+    assert open(os.path.join(out, "00001_000.mp4"), "rb").read() == first  # the same bytes
+
+
+def test_evaluate_reads_the_sampled_clips_with_the_video_oracle(video_run, tmp_path):
+    from diffusion.evaluation import EvaluationOptions, evaluate_checkpoint
+
+    options = EvaluationOptions(
+        num_samples=4, splits=("test_unseen",), guidance_scales=(2.0,), samplers=(("euler", 2),),
+        batch_size=4, negative_color="", diversity_captions=0, grid_size=2,
+    )  # fmt: skip
+    metrics = evaluate_checkpoint(video_run[0], str(tmp_path), options)
+    assert metrics["family"] == "video_dit" and metrics["frames"] == 8
+    entry = metrics["splits"]["test_unseen"]
+    assert entry["num_samples"] == 4
+    # The oracle reads the real clips as their labels (its own tests bound how often).
+    assert entry["real"]["oracle_accuracy"]["motion"] >= 0.75
+    result = entry["samples"]["euler:2"]["2"]
+    assert set(result["accuracy"]) == {"shape", "color", "size", "motion", "speed",
+                                       "background", "all"}  # fmt: skip
+    assert 0 <= result["temporal_consistency"]["consistency"] <= 1
+    page = open(tmp_path / "index.html", encoding="utf-8").read()
+    gifs = re.findall(r"<img src='([^']+\.gif)'", page)
+    assert len(gifs) == 2 and all(os.path.isfile(tmp_path / g) for g in gifs)
