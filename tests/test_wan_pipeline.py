@@ -15,9 +15,10 @@ import shutil
 import numpy as np
 import pytest
 
+from diffusion import config as config_lib
 from diffusion.inference import batch_io, sample_to_directory
 from diffusion.inference.settings import SamplingError
-from diffusion.inference.wan_pipeline import WanTextToVideo, wan_levels
+from diffusion.inference.wan_pipeline import WanTextToVideo, from_recipe, wan_levels
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -162,6 +163,22 @@ def test_sample_py_batch_job_writes_clips_from_the_directory(wan, ours, tmp_path
     written = batch_io.video_files.read_mp4(str(out / "00001_000.mp4"), HEIGHT, WIDTH)
     assert written.shape == expected.shape
     assert np.mean(np.abs(written.astype(int) - expected.astype(int))) < 12  # MP4 is lossy
+
+
+def test_recipes_load_the_directory_at_their_size_and_need_weights(wan):
+    """sample.py --config=configs/wan21_t2v_1_3b.py --config.weights=DIR builds this pipeline."""
+    small = config_lib.load_config("configs/wan21_t2v_1_3b.py")
+    large = config_lib.load_config("configs/wan21_t2v_14b.py")
+    assert (small.sampling.height, small.sampling.width, small.sampling.shift) == (480, 832, 3.0)
+    assert (large.sampling.height, large.sampling.width, large.sampling.shift) == (720, 1280, 5.0)
+    with pytest.raises(SamplingError, match=r"config.weights is not set: pass --config.weights"):
+        from_recipe(small)
+    sizes = [("num_frames", FRAMES), ("height", HEIGHT), ("width", WIDTH)]
+    overrides = [("weights", wan[0]), ("dtype", "float32"), ("param_dtype", "float32")]
+    overrides += [(f"sampling.{name}", str(value)) for name, value in sizes]
+    pipe = from_recipe(config_lib.load_config("configs/wan21_t2v_1_3b.py", overrides))
+    assert (pipe.frames, pipe.frame_shape, pipe.flow_shift) == (FRAMES, (HEIGHT, WIDTH), SHIFT)
+    assert pipe.run_dir == wan[0] and dict(pipe.mesh.shape)["data"] == 8
 
 
 def test_bad_directories_and_sizes_are_refused(wan, ours, tmp_path):

@@ -659,3 +659,24 @@ class WanTextToVideo:
 
             return np.asarray(multihost_utils.process_allgather(clips, tiled=True))
         return np.asarray(clips)
+
+
+def from_recipe(config) -> WanTextToVideo:
+    """The pipeline a sampling recipe describes (configs/base_wan21.py: config.weights, dtype,
+    param_dtype, mesh, micro_batch and the clip size of config.sampling)."""
+    if not config.get("weights"):
+        raise SamplingError(
+            "config.weights is not set: pass --config.weights=DIR, the local diffusers-format "
+            "Wan 2.1 directory (e.g. a download of Wan-AI/Wan2.1-T2V-1.3B-Diffusers)"
+        )
+    s = config.sampling
+    return WanTextToVideo.from_diffusers(
+        config.weights,
+        sharding.make_mesh(dict(config.mesh)),
+        micro_batch=config.micro_batch,
+        num_frames=s.num_frames,
+        height=s.height,
+        width=s.width,
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+    )
