@@ -505,7 +505,11 @@ def sample_to_directory(
         if not pending and not os.path.isfile(os.path.join(output_dir, MANIFEST)):
             write_manifest(output_dir, records)
         # A Wan pipeline's frames need not be square (480 x 832); a DiT's always are.
-        shape = getattr(pipeline, "frame_shape", (pipeline.image_size, pipeline.image_size))
+        shape = (
+            pipeline.frame_shape
+            if hasattr(pipeline, "frame_shape")
+            else (pipeline.image_size, pipeline.image_size)
+        )
         clip_shape = shape if clips else None
         write_grid(output_dir, items, clip_shape=clip_shape)
     return {"generated": len(pending), "skipped": len(items) - len(pending)}

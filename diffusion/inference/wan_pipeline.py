@@ -166,6 +166,11 @@ def check_wan_directory(directory: str) -> dict:
             f"{index_path} has a second transformer (Wan 2.2's two-stage denoising); only "
             "Wan 2.1's single transformer is supported"
         )
+    if index.get("expand_timesteps"):
+        raise SamplingError(
+            f"{index_path} sets expand_timesteps (Wan 2.2 TI2V's per-token timesteps); only "
+            "Wan 2.1's one timestep per clip is supported"
+        )
     missing = [name for name in SUBFOLDERS if not os.path.isdir(os.path.join(directory, name))]
     if missing:
         raise SamplingError(
@@ -435,13 +440,11 @@ class WanTextToVideo:
                 f"num_frames={num_frames}: the Wan VAE makes 1 + {step}k frames; use "
                 f"{below} or {below + step}"
             )
-        if (num_frames - 1) // step + 1 < self.dit_config.patch_size[0] or (
-            self.vae_config.latent_frames(num_frames) % self.dit_config.patch_size[0]
-        ):
+        latent_frames = self.vae_config.latent_frames(num_frames)
+        if latent_frames % self.dit_config.patch_size[0]:
             raise SamplingError(
-                f"num_frames={num_frames} gives {self.vae_config.latent_frames(num_frames)} "
-                f"latent frames, not a multiple of the DiT's temporal patch "
-                f"{self.dit_config.patch_size[0]}"
+                f"num_frames={num_frames} gives {latent_frames} latent frames, not a multiple of "
+                f"the DiT's temporal patch {self.dit_config.patch_size[0]}"
             )
         sides = []
         for name, side, patch in (
@@ -471,11 +474,6 @@ class WanTextToVideo:
         other.__dict__.update(self.__dict__)
         other.frames, other.frame_shape = frames, size
         return other
-
-    @property
-    def image_size(self) -> int:
-        """The longer side of the frames (grids and strips read `frame_shape`)."""
-        return max(self.frame_shape)
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         f = self.vae_config.spatial_factor
