@@ -17,7 +17,7 @@ def test_every_recipe_loads_and_serialises():
     assert "configs/shapes.py" in recipes and "configs/base_dit.py" in recipes
     for path in recipes:
         config = config_lib.load_config(path)
-        assert config.family in (*families.FAMILIES, "pipeline")
+        assert config.family in (*families.FAMILIES, "pipeline", "sampling")
         json.loads(config_lib.to_json(config))
 
 

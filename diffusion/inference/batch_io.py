@@ -18,7 +18,7 @@ import numpy as np
 import tqdm
 
 from diffusion import rundir
-from diffusion.inference import grids, video_files
+from diffusion.inference import grids, video_files, wan_pipeline
 from diffusion.inference.class2image import ClassToImage
 from diffusion.inference.settings import (
     MAX_SEED,
@@ -28,6 +28,7 @@ from diffusion.inference.settings import (
     check_seed,
 )
 from diffusion.inference.text2image import TextToImage
+from diffusion.inference.wan_pipeline import WanTextToVideo
 
 logger = logging.getLogger(__name__)
 
@@ -248,6 +249,10 @@ def manifest_record(item: PromptItem, settings: SamplerSettings, pipeline) -> di
     files = {"file": output_file(item, clips)}
     if clips:
         files |= {"gif": clip_files(item)["gif"], "frames": pipeline.frames}
+        if hasattr(
+            pipeline, "frame_shape"
+        ):  # a size chosen at sampling time (Wan): a new one redoes
+            files |= dict(zip(("height", "width"), pipeline.frame_shape, strict=True))
     return {
         **files,
         "line": item.line,
@@ -364,9 +369,17 @@ def _agree_across_processes(mask: np.ndarray) -> np.ndarray:
 
 def load_pipeline(
     run_dir: str, *, use_ema: bool = True, text_encoder: str | None = None
-) -> TextToImage | ClassToImage:
+) -> TextToImage | ClassToImage | WanTextToVideo:
     """The pipeline that samples a DiT run: TextToImage for a text-conditional DiT,
-    ClassToImage for a class-conditional one (model.json says which)."""
+    ClassToImage for a class-conditional one (model.json says which); WanTextToVideo for a
+    diffusers-format Wan 2.1 directory (its model_index.json names WanPipeline)."""
+    if wan_pipeline.is_wan_directory(run_dir):
+        if text_encoder:
+            raise SamplingError(
+                f"{run_dir!r} is a Wan 2.1 directory with its own umT5 text encoder; "
+                "--text_encoder does not apply, leave it out"
+            )
+        return WanTextToVideo.from_diffusers(run_dir)
     location = rundir.locate_run(run_dir, what="DiT run")
     _, model_config = rundir.load_model_config(location.run_dir)
     if getattr(model_config, "conditioning", None) == "class":
@@ -491,6 +504,12 @@ def sample_to_directory(
     if writer:
         if not pending and not os.path.isfile(os.path.join(output_dir, MANIFEST)):
             write_manifest(output_dir, records)
-        clip_shape = (pipeline.image_size, pipeline.image_size) if clips else None
+        # A Wan pipeline's frames need not be square (480 x 832); a DiT's always are.
+        shape = (
+            pipeline.frame_shape
+            if hasattr(pipeline, "frame_shape")
+            else (pipeline.image_size, pipeline.image_size)
+        )
+        clip_shape = shape if clips else None
         write_grid(output_dir, items, clip_shape=clip_shape)
     return {"generated": len(pending), "skipped": len(items) - len(pending)}

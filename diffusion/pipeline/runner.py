@@ -39,6 +39,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     "pipeline" of stages); returns the last logged metrics (per stage, for a pipeline)."""
     if config.family == "pipeline":
         return run_pipeline(config, workdir)
+    if config.family == "sampling":
+        raise UserError(
+            "this recipe (config.family='sampling') samples released weights and trains nothing; "
+            "run it with python sample.py --config=RECIPE --config.weights=DIR --prompts=FILE "
+            "--output_dir=OUT"
+        )
     if config.family not in families.FAMILIES:
         valid = (*families.FAMILIES, "pipeline")
         raise UserError(f"config.family={config.family!r} is not one of {valid}.")

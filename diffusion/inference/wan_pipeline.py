@@ -1,0 +1,680 @@
+"""Text-to-video with Wan 2.1 itself: a local diffusers-format Wan 2.1 directory (what
+`WanPipeline.save_pretrained` writes, e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers) sampled the way
+diffusers' `WanPipeline` samples it, sharded over the mesh's batch axes.
+
+    pipe = WanTextToVideo.from_diffusers("Wan2.1-T2V-1.3B-Diffusers")
+    clips = pipe.generate(["a cat surfing"], seeds=[0], steps=50)  # (1, 81, 480, 832, 3) uint8
+
+What follows WanPipeline (diffusers/pipelines/wan/pipeline_wan.py), step by step:
+  - prompts are cleaned (HTML entities, runs of whitespace; ftfy when installed, as diffusers),
+    tokenized to max_sequence_length = 512 and encoded by umT5 with the attention mask; the
+    states after the real tokens are zeros (`umt5.masked_states`), and the DiT attends to all
+    512 positions (no context mask). An absent negative prompt is the empty string.
+  - the initial latents are (t, h, w, c) = (1 + (T - 1) / 4, H / 8, W / 8, 16) standard normal;
+    here each sample draws them from its own `jax.random.key(seed)` (or takes them from
+    `latents=`), so a clip never depends on the batch size or its position in the batch.
+  - guidance: uncond + w (cond - uncond) with the negative prompt's states as uncond.
+  - the noise levels are those of diffusers' UniPCMultistepScheduler with use_flow_sigmas (the
+    scheduler of Wan's diffusers repositories): sigma = shift(linspace(1, 1/1000, N + 1)[:-1]),
+    the first lowered by 1e-6, then 0; the DiT sees the integer timestep int(1000 sigma), the
+    solver the exact sigma, as in diffusers and Wan's own code (see `wan_levels`).
+  - the latents are de-normalised with the VAE config's latents_mean / latents_std and decoded
+    by the causal VAE; pixels (x + 1) / 2 in [0, 1] are diffusers' output_type="np" frames.
+
+Prompt states are computed once per distinct text (kept in a small cache, so a prompt file's
+shared negative prompt is encoded once per job), outside the denoising program. The program
+is one jit: shard_map over the batch axes, `lax.map` over micro-batches (equal shapes for any
+batch size or device count, as in program.py), each sample's sampler `lax.scan`, the VAE decode.
+The DiT and VAE are replicated; the umT5 encoder may be sharded over fsdp/tensor (`mesh`).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import html
+import json
+import math
+import numbers
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from diffusion import guidance, samplers, sharding
+from diffusion.hf.umt5 import load_hf_umt5
+from diffusion.hf.wan_transformer import load_diffusers_wan_transformer
+from diffusion.hf.wan_vae import load_diffusers_wan_vae
+from diffusion.inference.program import pad_rows, seed_keys, to_uint8
+from diffusion.inference.settings import (
+    SAMPLERS_WITH_ETA,
+    SamplerSettings,
+    SamplingError,
+    check_number,
+    check_seed,
+    make_settings,
+    per_sample,
+)
+from diffusion.models import layers
+from diffusion.models.umt5 import masked_states
+from diffusion.schedules import NoiseLevels, shift_time
+
+PIPELINE_CLASS = "WanPipeline"
+SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+MAX_SEQUENCE_LENGTH = 512  # WanPipeline.__call__'s default
+DEFAULT_SIZE = (81, 480, 832)  # frames, height, width: WanPipeline's defaults
+DEFAULT_STEPS = 50
+DEFAULT_SAMPLER = "unipc"
+DEFAULT_MICRO_BATCH = 1  # a clip's activations are large; one per device at a time
+TEXT_CACHE_SIZE = 64  # distinct texts whose umT5 states are kept between calls
+# Scheduler classes of Wan directories and the config field holding their flow shift.
+SHIFT_FIELDS = {"UniPCMultistepScheduler": "flow_shift", "FlowMatchEulerDiscreteScheduler": "shift"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Noise levels and prompts as diffusers' WanPipeline makes them
+# ---------------------------------------------------------------------------------------------
+
+
+def wan_levels(steps: int, shift: float, num_train_timesteps: int = 1000) -> NoiseLevels:
+    """The levels of diffusers' UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=shift)
+    after set_timesteps(steps), built with the same float64 -> float32 arithmetic.
+
+    sigma: shift(linspace(1, 1/T, N + 1)[:-1]) with 1 lowered by 1e-6 (diffusers: "to avoid inf
+    log(alpha)"), then 0. t: what the DiT sees, the int64 timestep int(T sigma) / T: diffusers
+    and Wan's reference code both truncate the timesteps they pass to the model.
+    """
+    sigmas = np.linspace(1, 1 / num_train_timesteps, steps + 1)[:-1]
+    sigmas = shift_time(sigmas, shift)
+    if abs(sigmas[0] - 1) < 1e-6:
+        sigmas[0] -= 1e-6
+    timesteps = (sigmas * num_train_timesteps).astype(np.int64)  # torch's int64 cast truncates
+    sigmas = np.append(sigmas, 0.0).astype(np.float32).astype(np.float64)
+    t = np.append(timesteps / num_train_timesteps, 0.0)
+    return NoiseLevels(t=t, alpha=1 - sigmas, sigma=sigmas)
+
+
+def clean_prompt(text: str) -> str:
+    """WanPipeline's prompt_clean: ftfy's fixes when installed, HTML entities unescaped twice,
+    runs of whitespace collapsed to one space, ends stripped."""
+    try:
+        import ftfy
+
+        text = ftfy.fix_text(text)
+    except ImportError:  # diffusers skips it too when ftfy is missing
+        pass
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# The directory
+# ---------------------------------------------------------------------------------------------
+
+
+def is_wan_directory(path: str) -> bool:
+    """True for a diffusers pipeline directory whose model_index.json names a WanPipeline."""
+    index = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index):
+        return False
+    try:
+        with open(index, encoding="utf-8") as f:
+            return json.load(f).get("_class_name") == PIPELINE_CLASS
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def _read_json(path: str, what: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except json.JSONDecodeError as error:
+        raise SamplingError(f"{path} ({what}) is not valid JSON: {error}") from error
+    if not isinstance(value, dict):
+        raise SamplingError(f"{path} ({what}) must hold a JSON object")
+    return value
+
+
+def check_wan_directory(directory: str) -> dict:
+    """model_index.json of a diffusers Wan 2.1 text-to-video directory, its subfolders checked."""
+    if not os.path.isdir(directory):
+        raise SamplingError(
+            f"{directory!r} is not a directory; pass a local diffusers-format Wan 2.1 directory "
+            "(e.g. a download of Wan-AI/Wan2.1-T2V-1.3B-Diffusers)"
+        )
+    index_path = os.path.join(directory, "model_index.json")
+    if not os.path.isfile(index_path):
+        raise SamplingError(
+            f"{directory!r} has no model_index.json: it is not a diffusers pipeline directory; "
+            "pass the folder WanPipeline.save_pretrained wrote (with transformer/, vae/, ...)"
+        )
+    index = _read_json(index_path, "model_index.json")
+    if index.get("_class_name") != PIPELINE_CLASS:
+        raise SamplingError(
+            f"{index_path} names the pipeline {index.get('_class_name')!r}; only "
+            f"{PIPELINE_CLASS!r} (Wan 2.1 text-to-video) is supported"
+        )
+    if index.get("transformer_2") not in (None, [None, None]) or index.get("boundary_ratio"):
+        raise SamplingError(
+            f"{index_path} has a second transformer (Wan 2.2's two-stage denoising); only "
+            "Wan 2.1's single transformer is supported"
+        )
+    if index.get("expand_timesteps"):
+        raise SamplingError(
+            f"{index_path} sets expand_timesteps (Wan 2.2 TI2V's per-token timesteps); only "
+            "Wan 2.1's one timestep per clip is supported"
+        )
+    missing = [name for name in SUBFOLDERS if not os.path.isdir(os.path.join(directory, name))]
+    if missing:
+        raise SamplingError(
+            f"{directory!r} lacks the subfolders {missing}; a Wan 2.1 directory has "
+            f"{', '.join(f'{n}/' for n in SUBFOLDERS)} (download the whole repository)"
+        )
+    return index
+
+
+def read_scheduler(directory: str) -> tuple[float, int]:
+    """(flow shift, training timesteps) of a Wan directory's scheduler/scheduler_config.json."""
+    path = os.path.join(directory, "scheduler", "scheduler_config.json")
+    if not os.path.isfile(path):
+        raise SamplingError(f"{path} is missing; the Wan directory's scheduler/ is incomplete")
+    config = _read_json(path, "the scheduler's config")
+    name = config.get("_class_name")
+    if name not in SHIFT_FIELDS:
+        raise SamplingError(
+            f"{path} describes a {name!r}; a Wan 2.1 directory's scheduler is one of "
+            f"{sorted(SHIFT_FIELDS)}"
+        )
+    if name == "UniPCMultistepScheduler" and not config.get("use_flow_sigmas", False):
+        raise SamplingError(
+            f"{path}: a UniPCMultistepScheduler without use_flow_sigmas is not a flow-matching "
+            "scheduler; Wan's has use_flow_sigmas = true"
+        )
+    shift = config.get(SHIFT_FIELDS[name], 1.0)
+    return check_number(shift, "the scheduler's flow shift"), int(
+        config.get("num_train_timesteps", 1000)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The sampling program
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class WanProgramSpec:
+    """Everything static about a Wan sampling program (it keys the compilation cache)."""
+
+    dit_graphdef: Any
+    vae_graphdef: Any
+    mesh: Mesh
+    micro_batch: int
+    settings: SamplerSettings
+    latent_shape: tuple[int, int, int, int]  # (t, h, w, c) of one sample
+    num_train_timesteps: int
+    floats: bool  # pixels as float32 in [0, 1] (diffusers' "np" output) instead of uint8
+
+    def levels(self) -> NoiseLevels:
+        s = self.settings
+        return wan_levels(s.steps, s.shift, self.num_train_timesteps)
+
+
+TRACE_COUNT = [0]  # traces of wan_sampling_program, for tests
+
+
+@functools.partial(jax.jit, static_argnames="spec")
+def wan_sampling_program(dit_state, vae_state, inputs: dict, spec: WanProgramSpec) -> jax.Array:
+    """Prompt states, seeds and scales of a global batch -> clips (B, T, H, W, 3): uint8, or
+    float32 in [0, 1] with `spec.floats`. inputs: "context" and "negative_context" (B, L, D),
+    "seeds" (B,) uint32, "scales" (B,) float32, optionally "latents" (B, t, h, w, c), the
+    initial noise (else drawn from each sample's seed)."""
+    TRACE_COUNT[0] += 1
+    batch_spec = PartitionSpec(sharding.batch_axes(spec.mesh) or None)
+
+    def per_device(dit_state, vae_state, inputs):
+        chunks = jax.tree.map(lambda x: x.reshape((-1, spec.micro_batch) + x.shape[1:]), inputs)
+        clips = jax.lax.map(
+            lambda chunk: _sample_micro_batch(dit_state, vae_state, chunk, spec), chunks
+        )  # (chunks, micro_batch, T, H, W, 3)
+        return clips.reshape((-1,) + clips.shape[2:])
+
+    replicated = PartitionSpec()
+    return jax.shard_map(
+        per_device,
+        mesh=spec.mesh,
+        in_specs=(replicated, replicated, batch_spec),
+        out_specs=batch_spec,
+    )(dit_state, vae_state, inputs)
+
+
+def _sample_micro_batch(dit_state, vae_state, inputs, spec: WanProgramSpec) -> jax.Array:
+    settings = spec.settings
+
+    def dit_fn(x, t, context):
+        # Merged in the sampler loop's trace (see layers.merge_here). No context mask: WanPipeline
+        # lets every one of the 512 positions, zeros included, be attended.
+        dit = layers.merge_here(spec.dit_graphdef, dit_state)
+        return dit(x, t, context=context)
+
+    guided = guidance.guided_model_fn(
+        dit_fn, rescale_phi=settings.guidance_rescale, interval=settings.guidance_interval
+    )
+    levels = spec.levels()
+    options = {"prediction_type": "flow_velocity"}
+    if settings.sampler in SAMPLERS_WITH_ETA:
+        options["eta"] = settings.eta
+
+    def one_sample(key, context, negative_context, scale, noise):
+        # Batch 1 inside the vmap: a sampler's step noise comes from its key alone.
+        noise_key, step_key = jax.random.split(key)
+        if noise is None:
+            noise = jax.random.normal(noise_key, spec.latent_shape, jnp.float32)
+        condition = guidance.GuidanceCondition(context[None], negative_context[None], scale)
+        latents = samplers.sample(
+            settings.sampler, guided, noise[None], levels, step_key, condition, **options
+        )
+        return latents[0]  # (t, h, w, c)
+
+    latents = jax.vmap(one_sample)(
+        seed_keys(inputs["seeds"]),
+        inputs["context"],
+        inputs["negative_context"],
+        inputs["scales"],
+        inputs.get("latents"),
+    )  # (micro, t, h, w, c)
+    vae = layers.merge_here(spec.vae_graphdef, vae_state)
+    clips = vae.decode(vae.denormalize_latents(latents)).astype(jnp.float32)  # (micro, T, H, W, 3)
+    if spec.floats:
+        return jnp.clip((clips + 1) / 2, 0, 1)  # diffusers' postprocess to "np"
+    return to_uint8(clips)
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _encode_texts(text_state, tokens: jax.Array, mask: jax.Array, graphdef) -> jax.Array:
+    """umT5 states (N, L, D) of token rows (N, L), zero after the real tokens; one row at a time
+    (`lax.map`), so a text's states have one shape whatever else is encoded with it."""
+
+    def one(row):
+        encoder = layers.merge_here(graphdef, text_state)
+        tokens, mask = row
+        return masked_states(encoder(tokens[None], mask[None]), mask[None])[0]
+
+    return jax.lax.map(one, (tokens, mask))
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_count(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise SamplingError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+class WanTextToVideo:
+    """A Wan 2.1 text-to-video model (DiT, causal VAE, umT5, tokenizer, scheduler shift) on a
+    mesh, ready to sample clips of `frames` x `height` x `width`.
+
+    The attributes sample.py's `sample_to_directory` reads: frames, frame_shape, micro_batch,
+    run_dir (the directory), checkpoint_step (None), use_ema (False: released weights).
+    """
+
+    checkpoint_step = None
+    use_ema = False
+
+    def __init__(
+        self,
+        *,
+        transformer,
+        vae,
+        text_encoder,
+        tokenizer,
+        flow_shift: float,
+        num_train_timesteps: int = 1000,
+        mesh: Mesh | None = None,
+        micro_batch: int = DEFAULT_MICRO_BATCH,
+        directory: str | None = None,
+        num_frames: int = DEFAULT_SIZE[0],
+        height: int = DEFAULT_SIZE[1],
+        width: int = DEFAULT_SIZE[2],
+        max_sequence_length: int = MAX_SEQUENCE_LENGTH,
+    ):
+        self.run_dir = directory
+        self.micro_batch = _check_count(micro_batch, "micro_batch")
+        self.mesh = mesh if mesh is not None else sharding.make_mesh({"data": -1})
+        self.flow_shift = float(flow_shift)
+        self.num_train_timesteps = int(num_train_timesteps)
+        self.max_sequence_length = _check_count(max_sequence_length, "max_sequence_length")
+        self.dit_config, self.vae_config = transformer.config, vae.config
+        if text_encoder.config.width != self.dit_config.text_dim:
+            raise SamplingError(
+                f"the text encoder's states have width {text_encoder.config.width} but the "
+                f"transformer reads text_dim={self.dit_config.text_dim}: the two are not one Wan "
+                "model"
+            )
+        if self.vae_config.z_dim != self.dit_config.in_channels:
+            raise SamplingError(
+                f"the VAE's latents have z_dim={self.vae_config.z_dim} channels but the "
+                f"transformer reads in_channels={self.dit_config.in_channels}"
+            )
+        self.tokenizer = tokenizer
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        # Sampling is data parallel: the DiT and the VAE are replicated on every device.
+        self._dit_graphdef, dit_state = nnx.split(transformer)
+        self._dit_state = jax.device_put(dit_state, replicated)
+        self._vae_graphdef, vae_state = nnx.split(vae)
+        self._vae_state = jax.device_put(vae_state, replicated)
+        # The encoder stays where it was loaded (sharded over fsdp/tensor by `from_diffusers`).
+        self._text_graphdef, self._text_state = nnx.split(text_encoder)
+        self._text_cache: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+        self.frames, self.frame_shape = self.check_size(num_frames, height, width)
+
+    @classmethod
+    def from_diffusers(
+        cls,
+        directory: str,
+        mesh: Mesh | None = None,
+        *,
+        micro_batch: int = DEFAULT_MICRO_BATCH,
+        num_frames: int = DEFAULT_SIZE[0],
+        height: int = DEFAULT_SIZE[1],
+        width: int = DEFAULT_SIZE[2],
+        dtype: str = "float32",
+        param_dtype: str = "float32",
+    ) -> WanTextToVideo:
+        """Loads a diffusers Wan 2.1 text-to-video directory (model_index.json naming
+        WanPipeline; transformer/, vae/, text_encoder/, tokenizer/, scheduler/).
+
+        mesh: sampling is data parallel over its batch axes (data, fsdp); the umT5 encoder's
+        weights are sharded over fsdp/tensor as they are read. dtype / param_dtype: of the DiT
+        and the encoder (the VAE runs in float32, as diffusers' example loads it).
+        """
+        check_wan_directory(directory)
+        flow_shift, num_train_timesteps = read_scheduler(directory)
+        mesh = mesh if mesh is not None else sharding.make_mesh({"data": -1})
+        execution = dict(dtype=dtype, param_dtype=param_dtype)
+        transformer, _ = load_diffusers_wan_transformer(
+            os.path.join(directory, "transformer"), **execution
+        )
+        vae, _ = load_diffusers_wan_vae(os.path.join(directory, "vae"))
+        text_encoder, _ = load_hf_umt5(
+            os.path.join(directory, "text_encoder"), mesh=mesh, **execution
+        )
+        import transformers  # noqa: PLC0415 (slow to import; only a Wan directory needs it)
+
+        tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.join(directory, "tokenizer"))
+        return cls(
+            transformer=transformer,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            flow_shift=flow_shift,
+            num_train_timesteps=num_train_timesteps,
+            mesh=mesh,
+            micro_batch=micro_batch,
+            directory=directory,
+            num_frames=num_frames,
+            height=height,
+            width=width,
+        )
+
+    # -- sizes and settings ---------------------------------------------------------------------
+
+    def check_size(self, num_frames, height, width) -> tuple[int, tuple[int, int]]:
+        """(frames, (height, width)) if the VAE and the DiT's patches tile them, else a
+        SamplingError naming the nearest sizes that do."""
+        num_frames = _check_count(num_frames, "num_frames")
+        step = self.vae_config.temporal_factor
+        if (num_frames - 1) % step:
+            below = num_frames - (num_frames - 1) % step
+            raise SamplingError(
+                f"num_frames={num_frames}: the Wan VAE makes 1 + {step}k frames; use "
+                f"{below} or {below + step}"
+            )
+        latent_frames = self.vae_config.latent_frames(num_frames)
+        if latent_frames % self.dit_config.patch_size[0]:
+            raise SamplingError(
+                f"num_frames={num_frames} gives {latent_frames} latent frames, not a multiple of "
+                f"the DiT's temporal patch {self.dit_config.patch_size[0]}"
+            )
+        sides = []
+        for name, side, patch in (
+            ("height", height, self.dit_config.patch_size[1]),
+            ("width", width, self.dit_config.patch_size[2]),
+        ):
+            side = _check_count(side, name)
+            multiple = self.vae_config.spatial_factor * patch
+            if side % multiple:
+                below = side - side % multiple
+                nearest = f"{below} or {below + multiple}" if below else f"{multiple}"
+                raise SamplingError(
+                    f"{name}={side} is not a multiple of {multiple} (the VAE's factor "
+                    f"{self.vae_config.spatial_factor} x the DiT's patch {patch}); use {nearest}"
+                )
+            sides.append(side)
+        return num_frames, (sides[0], sides[1])
+
+    def with_size(self, num_frames=None, height=None, width=None) -> WanTextToVideo:
+        """The same loaded pipeline drawing clips of another size (None: keep this one's)."""
+        frames, size = self.check_size(
+            self.frames if num_frames is None else num_frames,
+            self.frame_shape[0] if height is None else height,
+            self.frame_shape[1] if width is None else width,
+        )
+        other = object.__new__(type(self))
+        other.__dict__.update(self.__dict__)
+        other.frames, other.frame_shape = frames, size
+        return other
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        f = self.vae_config.spatial_factor
+        return (
+            self.vae_config.latent_frames(frames),
+            height // f,
+            width // f,
+            self.dit_config.in_channels,
+        )
+
+    @property
+    def num_data_devices(self) -> int:
+        return math.prod(self.mesh.shape[a] for a in sharding.batch_axes(self.mesh))
+
+    def settings(self, **options) -> SamplerSettings:
+        """Sampler options -> the static settings of a program. Defaults: Wan's UniPC, 50 steps,
+        the scheduler's shift. options: sampler, steps, eta, shift, guidance_rescale,
+        guidance_interval (see `settings.make_settings`; the flow samplers)."""
+        options = {"sampler": DEFAULT_SAMPLER, "steps": DEFAULT_STEPS, **options}
+        return make_settings("flow", default_shift=self.flow_shift, **options)
+
+    def program_batch_size(self, count: int, batch_size: int | None = None) -> int:
+        """Clips per program call: `batch_size` (default min(count, micro_batch x devices))
+        rounded up to a multiple of micro_batch x data devices."""
+        unit = self.micro_batch * self.num_data_devices
+        requested = (
+            min(count, unit) if batch_size is None else _check_count(batch_size, "batch_size")
+        )
+        return max(1, -(-requested // unit)) * unit
+
+    # -- text ----------------------------------------------------------------------------------
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, mask) int32 (N, max_sequence_length) of cleaned texts, as WanPipeline pads and
+        truncates them."""
+        encoded = self.tokenizer(
+            [clean_prompt(t) for t in texts],
+            padding="max_length",
+            max_length=self.max_sequence_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="np",
+        )
+        return (
+            np.asarray(encoded["input_ids"], np.int32),
+            np.asarray(encoded["attention_mask"], np.int32),
+        )
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """umT5 states (N, max_sequence_length, D) float32, zero after each text's tokens; each
+        distinct text is encoded once (and kept for the next calls)."""
+        missing = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
+        if missing:
+            # Rows padded to a multiple of 8: few distinct shapes, hence few compilations.
+            tokens, mask = self.tokenize(missing)
+            size = -(-len(missing) // 8) * 8
+            states = _encode_texts(
+                self._text_state, pad_rows(tokens, size), pad_rows(mask, size), self._text_graphdef
+            )
+            for text, state in zip(missing, np.asarray(states)[: len(missing)], strict=True):
+                self._text_cache[text] = state
+        for text in texts:
+            self._text_cache.move_to_end(text)
+        states = np.stack([self._text_cache[t] for t in texts])
+        while len(self._text_cache) > max(TEXT_CACHE_SIZE, len(set(texts))):
+            self._text_cache.popitem(last=False)
+        return states
+
+    # -- sampling --------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: str | Sequence[str],
+        negative_prompts: str | Sequence[str | None] | None = None,
+        seeds: int | Sequence[int] = 0,
+        *,
+        num_frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        guidance_scale: float | Sequence[float] = 5.0,
+        latents: np.ndarray | None = None,
+        batch_size: int | None = None,
+        settings: SamplerSettings | None = None,
+        output: str = "uint8",
+        **sampler_options,
+    ) -> np.ndarray:
+        """Clips (N, T, H, W, 3) for N prompts: uint8, or float32 in [0, 1] (`output="float"`,
+        diffusers' output_type="np" frames).
+
+        negative_prompts: one for all or one per prompt (None or "": the empty prompt, as in
+          WanPipeline). seeds: clip i's noise comes from jax.random.key(seed_i).
+        num_frames / height / width: default the pipeline's (`frame_shape`, `frames`).
+        guidance_scale: w of uncond + w (cond - uncond); one for all or one per prompt.
+        latents: the initial noise (N, t, h, w, c) in the DiT's normalised latent space, in
+          place of the seeds' (diffusers' `latents=`, channels last).
+        settings / sampler_options: `self.settings(...)` or its options (sampler="unipc",
+          steps=50, shift=None: the scheduler's).
+        batch_size: clips per program call; the clips do not depend on it.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        if not isinstance(prompts, Sequence) or not all(isinstance(p, str) for p in prompts):
+            raise SamplingError(f"prompts must be a string or a list of strings, got {prompts!r}")
+        prompts, count = list(prompts), len(prompts)
+        if output not in ("uint8", "float"):
+            raise SamplingError(f"output must be 'uint8' or 'float', got {output!r}")
+        if settings is None:
+            settings = self.settings(**sampler_options)
+        elif sampler_options:
+            raise SamplingError(
+                f"pass either settings or sampler options, not both ({sorted(sampler_options)})"
+            )
+        negatives = [
+            "" if n is None else n for n in per_sample(negative_prompts, count, "negative_prompts")
+        ]
+        if not all(isinstance(n, str) for n in negatives):
+            raise SamplingError(f"negative prompts must be strings or None, got {negatives!r}")
+        seed_list = [check_seed(s) for s in per_sample(seeds, count, "seeds")]
+        scales = [
+            check_number(s, "guidance_scale")
+            for s in per_sample(guidance_scale, count, "guidance_scale")
+        ]
+        frames, (height, width) = self.check_size(
+            self.frames if num_frames is None else num_frames,
+            self.frame_shape[0] if height is None else height,
+            self.frame_shape[1] if width is None else width,
+        )
+        latent_shape = self.latent_shape(frames, height, width)
+        size = self.program_batch_size(max(count, 1), batch_size)
+        if count == 0:
+            return np.zeros(
+                (0, frames, height, width, 3), np.float32 if output == "float" else np.uint8
+            )
+        states = self.encode_texts(prompts + negatives)
+        inputs = {
+            "context": states[:count],
+            "negative_context": states[count:],
+            "seeds": np.asarray(seed_list, np.uint32),
+            "scales": np.asarray(scales, np.float32),
+        }
+        if latents is not None:
+            latents = np.asarray(latents, np.float32)
+            if latents.shape != (count, *latent_shape):
+                raise SamplingError(
+                    f"latents of shape {latents.shape} do not fit {count} clips of "
+                    f"{frames}x{height}x{width}: expected {(count, *latent_shape)} "
+                    "(batch, latent frames, height / 8, width / 8, channels)"
+                )
+            inputs["latents"] = latents
+        spec = WanProgramSpec(
+            dit_graphdef=self._dit_graphdef,
+            vae_graphdef=self._vae_graphdef,
+            mesh=self.mesh,
+            micro_batch=self.micro_batch,
+            settings=settings,
+            latent_shape=latent_shape,
+            num_train_timesteps=self.num_train_timesteps,
+            floats=output == "float",
+        )
+        clips = []
+        for start in range(0, count, size):
+            chunk = {k: pad_rows(v[start : start + size], size) for k, v in inputs.items()}
+            out = wan_sampling_program(
+                self._dit_state, self._vae_state, self._to_global(chunk), spec
+            )
+            clips.append(self._to_host(out)[: min(size, count - start)])
+        return np.concatenate(clips, axis=0)
+
+    def _to_global(self, chunk: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Host arrays (the same on every process) -> global arrays sharded over the batch."""
+        batch = sharding.batch_sharding(self.mesh)
+        return {
+            name: jax.make_array_from_callback(value.shape, batch, lambda index, v=value: v[index])
+            for name, value in chunk.items()
+        }
+
+    @staticmethod
+    def _to_host(clips: jax.Array) -> np.ndarray:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(clips, tiled=True))
+        return np.asarray(clips)
+
+
+def from_recipe(config) -> WanTextToVideo:
+    """The pipeline a sampling recipe describes (configs/base_wan21.py: config.weights, dtype,
+    param_dtype, mesh, micro_batch and the clip size of config.sampling)."""
+    if not config.get("weights"):
+        raise SamplingError(
+            "config.weights is not set: pass --config.weights=DIR, the local diffusers-format "
+            "Wan 2.1 directory (e.g. a download of Wan-AI/Wan2.1-T2V-1.3B-Diffusers)"
+        )
+    s = config.sampling
+    return WanTextToVideo.from_diffusers(
+        config.weights,
+        sharding.make_mesh(dict(config.mesh)),
+        micro_batch=config.micro_batch,
+        num_frames=s.num_frames,
+        height=s.height,
+        width=s.width,
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+    )
