@@ -282,8 +282,25 @@ def maxdiffusion_comparison(videos: dict) -> str:
     key = VideoRow("wan2.1-14b", "720p", "v5p:2x2x1", sequence=4, batch=1).key
     r = videos.get(key)
     head = (
-        "MaxDiffusion publishes about 36 s per Wan 2.1 14B training step at 720p, 81 frames, "
-        "global batch 1 on v5p-8 (four v5p chips), measured, with splash (flash) attention. "
+        "MaxDiffusion's published figure, as issue 34 quotes it (not re-checked here): about "
+        "36 s per Wan 2.1 14B training step at 720p, 81 frames, global batch 1 on v5p-8 (four "
+        "v5p chips), a measured time, with its TPU attention a Pallas flash (splash) kernel. "
+    )
+    fitting = [
+        f"{v['row']['resolution']} on {v['row']['topology']} (fsdp {v['mesh']['fsdp']} x "
+        f"sequence {v['mesh']['sequence']}, {v['row']['batch']} clip(s)): "
+        f"{v['memory']['total_bytes'] / GIB:.1f} GiB per chip, est. "
+        f"{v['cost']['step_time_s']:.1f} s"
+        for v in videos.values()
+        if v["row"]["variant"] == "wan2.1-14b"
+        and v["row"]["program"] == "train"
+        and v["compiled"]
+        and v["memory"]["fits"]
+    ]
+    head += (
+        "The 14B training steps of this table that fit: " + "; ".join(fitting) + ". "
+        if fitting
+        else "No 14B training step of this table fits. "
     )
     if r is None:
         return head + "Our row for that configuration is not compiled yet."
@@ -296,8 +313,8 @@ def maxdiffusion_comparison(videos: dict) -> str:
         return head + (
             f"Our step for it (fsdp 1 x sequence 4, ulysses) does not fit: it needs {used} per "
             "chip of 95 GiB, because the XLA attention core materialises each block's (heads / "
-            "4) x N x N float32 logits (N = 75,600 tokens) where splash attention streams them "
-            "through VMEM; so no time can be compared on that slice."
+            "4) x N x N float32 logits (N = 75,600 tokens) where a flash kernel streams them "
+            "through on-chip memory; so no time can be compared on that slice."
         )
     c = r["cost"]
     return head + (
@@ -338,13 +355,15 @@ def video_markdown(videos: dict) -> list[str]:
         "- *model TFLOP* is the closed form `video_dit.flops_per_example` (matmuls only) x 3 "
         "per clip for a train step (forward and backward, without the remat recompute) and x 2 "
         "x clips for a guided evaluation; *compiler / model* is the compiler's whole-step "
-        "FLOPs over it (full remat adds a forward, about 4/3); *MFU estimate* = model FLOPs / "
+        "FLOPs over it (full remat adds a forward, which would make it about 4/3; a row below "
+        "that has the compiler count or run less recompute than a whole forward, not "
+        "investigated); *MFU estimate* = model FLOPs / "
         "(est. step x chips x bf16 peak: v5p 459, v6e 918 TFLOP/s).",
         "- Attention here is the XLA einsum core: each block materialises (clips, heads / "
         "sequence, N, N) float32 logits per chip (14B at 480p without sequence parallelism: "
-        "40 x 32,760^2 x 4 B = 160 GiB), which is what keeps most rows from fitting; Wan's and "
-        "MaxDiffusion's TPU runs use splash (flash) attention, not available in this project "
-        "yet, which does not hold them.",
+        "40 x 32,760^2 x 4 B = 160 GiB), which is what keeps most rows from fitting. Wan (flash "
+        "attention on GPUs) and MaxDiffusion (a Pallas flash kernel on TPU) use kernels that "
+        "never hold them; this project has no such kernel for TPU yet.",
         "",
         "| program | model | video | clips | slice | chips | fsdp x sequence | attention | tokens "
         "| fits | memory / chip (GiB) | HBM (GiB) | arguments (GiB) | temporaries (GiB) | TFLOP / "
