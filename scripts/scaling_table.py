@@ -364,6 +364,8 @@ def video_markdown(videos: dict) -> list[str]:
         "40 x 32,760^2 x 4 B = 160 GiB), which is what keeps most rows from fitting. Wan (flash "
         "attention on GPUs) and MaxDiffusion (a Pallas flash kernel on TPU) use kernels that "
         "never hold them; this project has no such kernel for TPU yet.",
+        "- v5p:2x4x5 (40 chips, one of the 14B's 40 heads per chip after the all-to-all) is a "
+        "topology libtpu compiles for; whether Cloud offers it as a slice was not checked.",
         "",
         "| program | model | video | clips | slice | chips | fsdp x sequence | attention | tokens "
         "| fits | memory / chip (GiB) | HBM (GiB) | arguments (GiB) | temporaries (GiB) | TFLOP / "
