@@ -3,13 +3,15 @@
     PYTHONPATH=. python scripts/scaling_table.py            # all rows (long: ~1-3 min per row)
     PYTHONPATH=. python scripts/scaling_table.py --only=dit_xl2_imagenet
     PYTHONPATH=. python scripts/scaling_table.py --keys=sampler:dit_xl2_text@v5e:4x4
+    PYTHONPATH=. python scripts/scaling_table.py --only=video     # the Wan-sized video DiT rows
 
 Each row is `diffusion.aot.compile_for_topology(recipe, slice)` (the real train step, compiled
 by the TPU compiler of libtpu); a SAMPLER_ROWS row compiles the recipe's sampling program alone
 (the one sample.py runs: DiT, guidance, the sampler's loop and, for the latent recipes, the VAE
-decoder). Results are cached in docs/scaling.json (sampling programs under "sampler:" keys) so an
-interrupted run resumes, and the markdown is rewritten from the cache after every row. Needs the
-tpu extra.
+decoder); a VIDEO_ROWS row compiles the video DiT's train step or guided sampling step at Wan
+2.1's sizes (`diffusion.aot.video`). Results are cached in docs/scaling.json (sampling programs
+under "sampler:" keys, video rows under "video:" keys) so an interrupted run resumes, and the
+markdown is rewritten from the cache after every row. Needs the tpu extra.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 
 from diffusion import aot
 from diffusion import config as config_lib
+from diffusion.aot.video import VideoRow, compile_video_row, format_video_report
 
 GIB = 1024**3
 
@@ -62,6 +66,34 @@ SAMPLER_ROWS = (
 )
 SAMPLER_PREFIX = "sampler:"
 
+# The video DiT at Wan 2.1's sizes (diffusion.aot.video), most telling rows first: with
+# sequence parallelism s (mesh fsdp N/s x sequence s, ulysses attention) and without (fsdp N).
+# Without it the batch must split over all N chips (one clip per chip); with s = N one clip is
+# the whole global batch, as in MaxDiffusion's published 14B figure.
+VIDEO_ROWS = (
+    VideoRow("wan2.1-14b", "480p", "v5p:2x2x2", sequence=8, batch=1),
+    VideoRow("wan2.1-14b", "720p", "v5p:2x2x1", sequence=4, batch=1),
+    VideoRow("wan2.1-14b", "480p", "v5p:2x2x1", sequence=4, batch=1),
+    VideoRow("wan2.1-14b", "480p", "v5p:2x2x1", sequence=1, batch=4),
+    # 40 chips (a shape libtpu describes): one of the 14B's 40 heads per chip after ulysses.
+    VideoRow("wan2.1-14b", "720p", "v5p:2x4x5", sequence=40, batch=1),
+    VideoRow("wan2.1-1.3b", "480p", "v5p:2x2x1", sequence=4, batch=1),
+    VideoRow("wan2.1-1.3b", "480p", "v5p:2x2x1", sequence=1, batch=4),
+    VideoRow("wan2.1-14b", "480p", "v5p:2x2x1", sequence=4, batch=1, program="sample"),
+    VideoRow("wan2.1-1.3b", "480p", "v5p:2x2x1", sequence=4, batch=1, program="sample"),
+    VideoRow("wan2.1-14b", "720p", "v5p:2x2x2", sequence=8, batch=1),
+    VideoRow("wan2.1-14b", "480p", "v5p:2x2x2", sequence=1, batch=8),
+    VideoRow("wan2.1-1.3b", "480p", "v6e:2x4", sequence=4, batch=2),
+    VideoRow("wan2.1-1.3b", "480p", "v6e:2x4", sequence=1, batch=8),
+    VideoRow("wan2.1-14b", "480p", "v6e:4x4", sequence=8, batch=2),
+    VideoRow("wan2.1-14b", "480p", "v6e:4x4", sequence=1, batch=16),
+    VideoRow("wan2.1-14b", "720p", "v5p:2x2x1", sequence=4, batch=1, program="sample"),
+    VideoRow("wan2.1-14b", "480p", "v5p:2x2x1", sequence=1, batch=4, program="sample"),
+    VideoRow("wan2.1-1.3b", "480p", "v6e:2x4", sequence=4, batch=2, program="sample"),
+    VideoRow("wan2.1-1.3b", "480p", "v6e:2x4", sequence=1, batch=8, program="sample"),
+)
+VIDEO_PREFIX = "video:"
+
 WHY = {
     "dit": "fsdp over all chips: 675M params x 16 B (f32 params, 2 Adam moments, EMA) = 11 GB "
     "would not leave room for activations if replicated; width 1152 is too narrow for tensor "
@@ -71,7 +103,7 @@ WHY = {
 }
 
 
-# How the 'sequence' mesh axis works; no row of the tables above uses it yet.
+# How the 'sequence' mesh axis works; the video DiT's rows (VIDEO_ROWS) use it.
 SEQUENCE_PARALLELISM = [
     "## Sequence parallelism: the `sequence` mesh axis",
     "",
@@ -99,8 +131,8 @@ SEQUENCE_PARALLELISM = [
     "sequence 4, sequence 8 and data 2 x sequence 2 x tensor 2 meshes, without a mask, with a "
     "key mask and with a per-head mask, and the compiled programs hold all-to-alls (ulysses) "
     "or collective permutes (ring) and no all-gather; a tiny text-conditioned DiT on data 2 x "
-    "sequence 4 has the one-device loss and parameter gradients. Their speed and memory on "
-    "accelerators are not measured yet.",
+    "sequence 4 has the one-device loss and parameter gradients. Their memory and estimated "
+    "time at Wan 2.1's sizes, compiled for TPU slices (not run): the next section.",
     "",
 ]
 
@@ -189,7 +221,164 @@ def flop_spread(results: dict) -> list[str]:
     ]
 
 
-def markdown(results: dict, samplers: dict | None = None) -> str:
+def video_key(row: VideoRow) -> str:
+    return row.key
+
+
+def compiler_memory(error: str) -> str:
+    """What a TPU compiler's out-of-memory error says the program needs: '388.16G of
+    temporaries' ('... memory required for HLO temporaries (388.16G) exceeds available HBM') or
+    '250.12G' ('Used 250.12G of 95.74G hbm'); '?' for another wording."""
+    found = re.search(r"required for HLO temporaries \(([\d.]+[KMGT]?)\)", error)
+    if found:
+        return f"{found.group(1)} of temporaries"
+    found = re.search(r"Used ([\d.]+[KMGT]?) of [\d.]+[KMGT]? hbm", error)
+    return found.group(1) if found else "?"
+
+
+def video_row_cells(r: dict) -> list[str]:
+    row = r["row"]
+    mesh = f"{r['mesh']['fsdp']} x {r['mesh']['sequence']}"
+    attention = row["attention_impl"] if row["sequence"] > 1 else "xla"
+    cells = [
+        row["program"],
+        row["variant"],
+        row["resolution"],
+        str(row["batch"]),
+        row["topology"],
+        str(r["num_devices"]),
+        mesh,
+        attention,
+        str(r["tokens"]),
+    ]
+    if not r["compiled"]:
+        used = compiler_memory(r["error"])
+        return cells + [f"**no** (compiler: out of memory, needs {used})"] + ["-"] * 10
+    m = r["memory"]
+    cells += [
+        "yes" if m["fits"] else "**no**",
+        f"{m['total_bytes'] / GIB:.1f}",
+        f"{m['hbm_bytes'] / GIB:.0f}",
+        f"{m['argument_bytes'] / GIB:.1f}",
+        f"{m['temp_bytes'] / GIB:.1f}",
+    ]
+    c = r.get("cost")
+    if c is None:
+        return cells + ["-"] * 6
+    source = "compiler" if c["compiler_seconds"] else "roofline"
+    return cells + [
+        f"{c['flops'] / 1e12:.0f}",
+        f"{c['step_time_s']:.2f}",
+        source,
+        f"{r['model_flops'] / 1e12:.0f}",
+        f"{r['compiler_over_model_flops']:.2f}",
+        f"{100 * r['model_flops_utilisation']:.0f}%",
+    ]
+
+
+def maxdiffusion_comparison(videos: dict) -> str:
+    """The 14B 720p train step at global batch 1 on v5p-8 (four v5p chips) against
+    MaxDiffusion's published figure, from the cached row."""
+    key = VideoRow("wan2.1-14b", "720p", "v5p:2x2x1", sequence=4, batch=1).key
+    r = videos.get(key)
+    head = (
+        "MaxDiffusion's published figure, as issue 34 quotes it (not re-checked here): about "
+        "36 s per Wan 2.1 14B training step at 720p, 81 frames, global batch 1 on v5p-8 (four "
+        "v5p chips), a measured time, with its TPU attention a Pallas flash (splash) kernel. "
+    )
+    fitting = [
+        f"{v['row']['resolution']} on {v['row']['topology']} (fsdp {v['mesh']['fsdp']} x "
+        f"sequence {v['mesh']['sequence']}, {v['row']['batch']} clip(s)): "
+        f"{v['memory']['total_bytes'] / GIB:.1f} GiB per chip, est. "
+        f"{v['cost']['step_time_s']:.1f} s"
+        for v in videos.values()
+        if v["row"]["variant"] == "wan2.1-14b"
+        and v["row"]["program"] == "train"
+        and v["compiled"]
+        and v["memory"]["fits"]
+    ]
+    head += (
+        "The 14B training steps of this table that fit: " + "; ".join(fitting) + ". "
+        if fitting
+        else "No 14B training step of this table fits. "
+    )
+    if r is None:
+        return head + "Our row for that configuration is not compiled yet."
+    if not r["compiled"] or not r["memory"]["fits"]:
+        used = (
+            compiler_memory(r["error"])
+            if not r["compiled"]
+            else (f"{r['memory']['total_bytes'] / GIB:.0f} GiB")
+        )
+        return head + (
+            f"Our step for it (fsdp 1 x sequence 4, ulysses) does not fit: it needs {used} per "
+            "chip of 95 GiB, because the XLA attention core materialises each block's (heads / "
+            "4) x N x N float32 logits (N = 75,600 tokens) where a flash kernel streams them "
+            "through on-chip memory; so no time can be compared on that slice."
+        )
+    c = r["cost"]
+    return head + (
+        f"Our step for it compiles to {r['memory']['total_bytes'] / GIB:.0f} GiB per chip and an "
+        f"estimated {c['step_time_s']:.1f} s from the compiler's cost analysis "
+        f"({c['step_time_source']}): an estimate, a lower bound that leaves collectives out, not "
+        "a measured step time, so the two numbers are not a like-for-like comparison."
+    )
+
+
+def video_markdown(videos: dict) -> list[str]:
+    """The video DiT section: one row per VIDEO_ROWS entry compiled."""
+    lines = [
+        "## Video DiT (Wan 2.1 sizes)",
+        "",
+        "Generated by `PYTHONPATH=. python scripts/scaling_table.py --only=video` "
+        "(`diffusion.aot.video`, one row per process on a small host with `--keys=KEY`). "
+        "*train*: the flow-matching train step of the video DiT shaped as Wan 2.1 "
+        "(`wan2.1-1.3b`: 30 blocks, width 1536, 12 heads; `wan2.1-14b`: 40 blocks, width 5120, "
+        "40 heads) on Wan-VAE latents of 81 frames (480p: 21 x 60 x 104 x 16; 720p: 21 x 90 x "
+        "160 x 16; patch 1 x 2 x 2: 32,760 or 75,600 tokens), cached umT5 states (512 x 4096, "
+        "bfloat16) and their mask as inputs; loss, gradients, AdamW (float32 parameters and "
+        "moments, no EMA), bfloat16 compute, every block rematerialised (`full`), blocks "
+        "scanned. *sample*: one classifier-free-guided evaluation (cond and uncond batched: "
+        "2 x clips rows), bfloat16 weights. Mesh: fsdp x sequence over the slice's chips "
+        "(data 1, tensor 1); the weights and Adam's moments are split over fsdp and sequence "
+        "together, the clips over fsdp, the tokens over sequence, and with sequence > 1 "
+        "self-attention is ulysses (all-to-all tokens <-> heads). Without sequence parallelism "
+        "the global batch is one clip per chip (it must split over fsdp).",
+        "",
+        "- *memory / chip* is the compiled program's (arguments + outputs - donated aliases + "
+        "temporaries + code) against HBM; where the TPU compiler refused the program for memory "
+        "the column holds what it reported needing.",
+        "- *TFLOP / chip* and *est. step* come from the compiler's cost analysis of 1- and "
+        "2-block unscanned twins extrapolated to the full depth (XLA counts a scanned block "
+        "once); the time is the compiler's `optimal_seconds` or the roofline max(FLOPs / peak, "
+        "bytes / HBM bandwidth), collectives not counted: a lower bound, not a measured time.",
+        "- *model TFLOP* is the closed form `video_dit.flops_per_example` (matmuls only) x 3 "
+        "per clip for a train step (forward and backward, without the remat recompute) and x 2 "
+        "x clips for a guided evaluation; *compiler / model* is the compiler's whole-step "
+        "FLOPs over it (full remat adds a forward, which would make it about 4/3; a row below "
+        "that has the compiler count or run less recompute than a whole forward, not "
+        "investigated); *MFU estimate* = model FLOPs / "
+        "(est. step x chips x bf16 peak: v5p 459, v6e 918 TFLOP/s).",
+        "- Attention here is the XLA einsum core: each block materialises (clips, heads / "
+        "sequence, N, N) float32 logits per chip (14B at 480p without sequence parallelism: "
+        "40 x 32,760^2 x 4 B = 160 GiB), which is what keeps most rows from fitting. Wan (flash "
+        "attention on GPUs) and MaxDiffusion (a Pallas flash kernel on TPU) use kernels that "
+        "never hold them; this project has no such kernel for TPU yet.",
+        "- v5p:2x4x5 (40 chips, one of the 14B's 40 heads per chip after the all-to-all) is a "
+        "topology libtpu compiles for; whether Cloud offers it as a slice was not checked.",
+        "",
+        "| program | model | video | clips | slice | chips | fsdp x sequence | attention | tokens "
+        "| fits | memory / chip (GiB) | HBM (GiB) | arguments (GiB) | temporaries (GiB) | TFLOP / "
+        "chip | est. step (s) | time source | model TFLOP / step | compiler / model | MFU "
+        "estimate |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += ["| " + " | ".join(video_row_cells(r)) + " |" for r in videos.values()]
+    lines += ["", maxdiffusion_comparison(videos), ""]
+    return lines
+
+
+def markdown(results: dict, samplers: dict | None = None, videos: dict | None = None) -> str:
     lines = [
         "# TPU scaling: the recipes compiled ahead of time",
         "",
@@ -260,10 +449,12 @@ def markdown(results: dict, samplers: dict | None = None) -> str:
     ]
     lines += sampler_markdown(samplers) if samplers else []
     lines += SEQUENCE_PARALLELISM
+    lines += video_markdown(videos) if videos else []
     missing = [row_key(*row) for row in ROWS if row_key(*row) not in results]
     missing += [
         sampler_key(*row) for row in SAMPLER_ROWS if sampler_key(*row) not in (samplers or {})
     ]
+    missing += [row.key for row in VIDEO_ROWS if row.key not in (videos or {})]
     if missing:  # the script resumes from the cache: rerun it to compile these
         lines += [f"Not compiled yet (rerun the script to add them): {', '.join(missing)}.", ""]
     return "\n".join(lines)
@@ -316,6 +507,15 @@ def main():
         results[key] = compile_sampler_row(recipe, topology)
         print(aot.format_report(results[key]), flush=True)
         save(results, args)
+    for row in VIDEO_ROWS:
+        if (only and "video" not in only) or (keys and row.key not in keys):
+            continue
+        if row.key in results or args.render_only:
+            continue
+        print(f"compiling {row.key} ...", flush=True)
+        results[row.key] = compile_video_row(row)
+        print(format_video_report(results[row.key]), flush=True)
+        save(results, args)
     write_markdown(results, args.output)
 
 
@@ -329,8 +529,9 @@ def write_markdown(results: dict, path: str) -> None:
     ordered = {row_key(*row): results[row_key(*row)] for row in ROWS if row_key(*row) in results}
     keys = [sampler_key(*row) for row in SAMPLER_ROWS]
     samplers = {key: results[key] for key in keys if key in results}
+    videos = {row.key: results[row.key] for row in VIDEO_ROWS if row.key in results}
     with open(path, "w", encoding="utf-8") as f:
-        f.write(markdown(ordered, samplers))
+        f.write(markdown(ordered, samplers, videos))
 
 
 if __name__ == "__main__":
