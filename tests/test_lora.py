@@ -26,6 +26,7 @@ from diffusion.errors import UserError
 from diffusion.families import video_dit as video_dit_family
 from diffusion.hf import wan_lora
 from diffusion.hf.wan_transformer import video_dit_config_from_diffusers, video_dit_from_state_dict
+from diffusion.inference import dit_pipeline
 from diffusion.models import lora, video_dit
 from diffusion.train_step import TrainStep
 
@@ -361,6 +362,17 @@ def test_a_lora_fine_tune_trains_the_adapters_alone_and_exports_them(runs, tmp_p
         else:  # the base, bitwise, in the EMA the run exported
             np.testing.assert_array_equal(variable.get_value(), base_params[path].get_value())
     assert moved == len(lora.TARGETS)  # no B left zero
+
+    # Sampling loads the run merged: no adapters, the adapted model's function.
+    run = dit_pipeline.load_dit_run(workdir, conditioning="text", mesh=sharding.mesh_from_config(
+        ONE_DEVICE, jax.devices()[:1]))  # fmt: skip
+    assert run.dit.config.lora_rank == 0 and not lora.adapters_of(run.dit)
+    x = jax.random.normal(jax.random.key(0), (1, 8, 32, 32, 3))
+    context = jax.random.normal(jax.random.key(1), (1, 4, tuned_config.text_dim))
+    t = jnp.array([0.5])
+    np.testing.assert_allclose(
+        forward(run.dit, x, t, context), forward(tuned, x, t, context), atol=1e-5
+    )
     with safe_open(os.path.join(workdir, video_dit_family.LORA_FILE), "np") as f:
         keys = set(f.keys())
     assert len(keys) == 2 * len(lora.TARGETS)
