@@ -11,6 +11,7 @@ state for the adapters alone.
 import dataclasses
 import json
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +21,8 @@ import pytest
 from flax import nnx
 from safetensors import safe_open
 
-from configs import moving_shapes
-from diffusion import metrics, param_export, rundir, sharding, training
+from configs import base_video_dit, moving_shapes
+from diffusion import families, metrics, param_export, rundir, sharding, training
 from diffusion.errors import UserError
 from diffusion.families import video_dit as video_dit_family
 from diffusion.hf import wan_lora
@@ -244,6 +245,46 @@ def test_diffusers_loads_the_exported_adapters_and_computes_our_adapted_forward(
     np.testing.assert_allclose(
         np.asarray(forward(merged, x, jnp.asarray(timesteps / 1000.0), context)), theirs, atol=1e-4
     )
+
+
+def test_a_diffusers_directory_gives_the_fine_tune_its_sizes_and_weights(tmp_path):
+    reference = random_wan(seed=1)
+    directory = str(tmp_path / "transformer")
+    reference.save_pretrained(directory, safe_serialization=True)
+    base, load = video_dit_family.pretrained(directory, dict(scan_layers=True))
+    assert (base.width, base.depth, base.in_channels, base.scan_layers) == (32, 2, 4, True)
+    adapted_config = dataclasses.replace(base, lora_rank=2)
+    model = video_dit.VideoDiT(adapted_config, rngs=nnx.Rngs(0))
+    params = load()
+    assert not any(lora.is_adapter_path(path) for path in params)
+    nnx.update(model, nnx.from_flat_state(
+        [(path, v.replace(jnp.asarray(params[path]))) if path in params else (path, v)
+         for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    ))  # fmt: skip
+    x, _, context = inputs(base, frames=3, length=7)
+    timesteps = np.array(TIMESTEPS, np.float32)
+    np.testing.assert_allclose(
+        np.asarray(forward(model, x, jnp.asarray(timesteps / 1000.0), context)),
+        diffusers_forward(reference, x, timesteps, context),
+        atol=1e-4,
+    )  # fresh adapters on the imported base: diffusers' function
+
+    config = base_video_dit.get_config()
+    config.model.weights = directory
+    config.lora.rank = 2
+    text = types.SimpleNamespace(text_width=12)
+    facts = families.DataFacts.from_config(config, image_size=8)
+    config.model.width = 64
+    with pytest.raises(UserError, match=r"width=64 \(weights: 32\).*decides the architecture"):
+        video_dit_family.fine_tune_config(config, facts, text)
+    config.model.width = None
+    with pytest.raises(UserError, match="takes 4 input channels, the data 'moving_shapes' has 3"):
+        video_dit_family.fine_tune_config(config, facts, text)
+    facts = dataclasses.replace(facts, image_channels=4)
+    with pytest.raises(UserError, match="text states of width 12.*gives 64"):
+        video_dit_family.fine_tune_config(config, facts, types.SimpleNamespace(text_width=64))
+    model_config, _ = video_dit_family.fine_tune_config(config, facts, text)
+    assert model_config.lora_rank == 2 and model_config.width == 32
 
 
 def test_exporting_a_model_without_adapters_is_refused(tmp_path):
