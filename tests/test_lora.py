@@ -336,7 +336,7 @@ def video_stage(data_dir, clip_run, steps):
     return config
 
 
-def test_the_train_step_updates_the_adapters_alone_with_optimizer_state_for_them_only():
+def test_the_sharded_train_step_updates_the_adapters_alone_with_optimizer_state_for_them():
     config = video_dit.video_dit_config("tiny", **TINY, lora_rank=2)
     base = video_dit.VideoDiT(dataclasses.replace(config, lora_rank=0), rngs=nnx.Rngs(3))
     randomize(base, 4)
@@ -344,13 +344,14 @@ def test_the_train_step_updates_the_adapters_alone_with_optimizer_state_for_them
         path: np.asarray(variable.get_value())
         for path, variable in nnx.to_flat_state(nnx.state(base, nnx.Param))
     }
-    x, t, context = inputs(config)
+    x, _, context = inputs(config, batch=4)
+    t = jnp.linspace(0.2, 0.8, 4)
 
     def loss_fn(model, frozen, batch, key):
         del frozen, key
         return jnp.mean(jnp.square(model(batch["x"], t, context) - batch["x"])), {}
 
-    mesh = sharding.mesh_from_config(ONE_DEVICE, jax.devices()[:1])
+    mesh = sharding.mesh_from_config({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])
     step = TrainStep(
         lambda: video_dit.VideoDiT(config, rngs=nnx.Rngs(0)), loss_fn, optax.adam(1e-2), mesh,
         seed=0, ema_decay=0.5, trainable=lora.is_adapter_path,
@@ -364,6 +365,15 @@ def test_the_train_step_updates_the_adapters_alone_with_optimizer_state_for_them
         np.size(v.get_value()) for p, v in nnx.to_flat_state(state["params"])
         if lora.is_adapter_path(p)
     )  # fmt: skip
+    specs = {
+        path: tuple(variable.get_value().sharding.spec)
+        for path, variable in nnx.to_flat_state(state["params"])
+    }
+    block = ("blocks", "blocks", 0)
+    assert specs[(*block, "self_attn", "query_adapter", "a")] == ("fsdp", None)
+    assert specs[(*block, "self_attn", "query_adapter", "b")] == (None, "tensor", None)
+    assert specs[(*block, "ffn", "fc1", "adapter", "b")] == (None, "tensor")
+    assert specs[(*block, "ffn", "fc2", "adapter", "a")] == ("tensor", None)
     moments = [np.size(v) for v in jax.tree.leaves(sharding.unbox(state["opt_state"]))]
     assert sum(moments) == 2 * adapter_size + 1  # Adam's mu and nu, and its count
     batch = {"x": x}
