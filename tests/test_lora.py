@@ -287,6 +287,21 @@ def test_a_diffusers_directory_gives_the_fine_tune_its_sizes_and_weights(tmp_pat
     assert model_config.lora_rank == 2 and model_config.width == 32
 
 
+def test_run_weights_are_restacked_for_a_fine_tune_that_scans_otherwise():
+    config = video_dit.video_dit_config("tiny", **{**TINY, "depth": 2})
+    model = video_dit.VideoDiT(config, rngs=nnx.Rngs(0))
+    flat = video_dit_family._flat_params(model)
+    scanned_config = dataclasses.replace(config, scan_layers=True)
+    stacked = video_dit_family._relayout(flat, False, scanned_config)
+    abstract = nnx.eval_shape(lambda: video_dit.VideoDiT(scanned_config, rngs=nnx.Rngs(0)))
+    shapes = {p: v.get_value().shape for p, v in nnx.to_flat_state(nnx.state(abstract))}
+    assert {p: v.shape for p, v in stacked.items()} == shapes
+    back = video_dit_family._relayout(stacked, True, config)
+    assert back.keys() == flat.keys()
+    for path, value in flat.items():
+        np.testing.assert_array_equal(back[path], value)
+
+
 def test_exporting_a_model_without_adapters_is_refused(tmp_path):
     model = video_dit.VideoDiT(video_dit.video_dit_config("tiny", **TINY), rngs=nnx.Rngs(0))
     with pytest.raises(UserError, match="no LoRA adapters.*lora_rank > 0"):

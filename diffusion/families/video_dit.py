@@ -217,11 +217,10 @@ def _check_weights_fit(config, base, data: DataFacts, text_config) -> None:
     """The recipe's size fields, the data and the text tower must agree with the weights."""
     m = config.model
     fields = models.recipe_fields(config, NAME)
-    names = {"width": "width", "depth": "depth", "num_heads": "num_heads", "ffn_dim": "ffn_dim"}
     differing = [
-        f"{name}={fields[name]!r} (weights: {getattr(base, ours)!r})"
-        for name, ours in names.items()
-        if name in fields and fields[name] != getattr(base, ours)
+        f"{name}={fields[name]!r} (weights: {getattr(base, name)!r})"
+        for name in ("width", "depth", "num_heads", "ffn_dim")
+        if name in fields and fields[name] != getattr(base, name)
     ]
     if "patch_size" in fields and tuple(fields["patch_size"]) != base.patch_size:
         differing.append(f"patch_size={tuple(fields['patch_size'])} (weights: {base.patch_size})")
