@@ -285,6 +285,9 @@ def test_a_diffusers_directory_gives_the_fine_tune_its_sizes_and_weights(tmp_pat
         video_dit_family.fine_tune_config(config, facts, types.SimpleNamespace(text_width=64))
     model_config, _ = video_dit_family.fine_tune_config(config, facts, text)
     assert model_config.lora_rank == 2 and model_config.width == 32
+    config.lora.targets = ("attn1.to_q",)  # diffusers' name, not ours
+    with pytest.raises(UserError, match=r"config.lora \(.*unknown LoRA target.*self_attn.query"):
+        video_dit_family.fine_tune_config(config, facts, text)
 
 
 def test_run_weights_are_restacked_for_a_fine_tune_that_scans_otherwise():
