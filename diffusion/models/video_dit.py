@@ -289,7 +289,8 @@ class QKNormAttention(nnx.Module):
         )
         self.query_norm = nnx.data(norm() if config.qk_norm else None)
         self.key_norm = nnx.data(norm() if config.qk_norm else None)
-        # Made after the base parameters, so that they draw the same random numbers either way.
+        # The adapters draw from the same key stream as the base: a model with adapters is
+        # initialised unlike one without, which is moot, as a fine-tune loads its base weights.
         adapter = lambda target, *shapes_and_axes: nnx.data(
             lora.adapter(f"{name}.{target}", config, *shapes_and_axes, rngs=rngs)
         )
