@@ -41,6 +41,7 @@ setup(
             "pytest-xdist>=3.6,<4",  # make test: files spread over the cores
             "torch==2.13.0",  # CPU reference for HF CLIP parity and the PyTorch DiT benchmark
             "diffusers>=0.35,<0.43",  # reference AutoencoderKL for the autoencoder parity tests
+            "peft>=0.17,<0.22",  # diffusers loads our exported LoRA adapters through it (tests)
             "ruff>=0.8,<0.18",
             "import-linter>=2.1,<3",  # make lint: the package's layers (pyproject.toml)
         ],

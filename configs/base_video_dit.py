@@ -8,6 +8,7 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from configs import common
+from diffusion.models import lora
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -39,6 +40,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.scan_layers = (
         False  # Scan over the block stack (compile time independent of depth).
     )
+    # Pretrained weights to start from: a video_dit run directory or a diffusers
+    # WanTransformer3DModel directory, whose config then sets the sizes; None: random init.
+    config.model.weights = placeholder(str)
+
+    # Low-rank adapters (LoRA) on the pretrained weights, trained alone (the base frozen) and
+    # written as lora.safetensors (diffusers' Wan LoRA format) when the run finishes.
+    config.lora = ml_collections.ConfigDict()
+    config.lora.rank = 0  # Rank r of every adapter; 0: no adapters, the whole model trains.
+    config.lora.alpha = placeholder(float)  # Updates scale by alpha / r; None: alpha = r.
+    config.lora.targets = tuple(lora.TARGETS)  # Projections adapted (diffusion.models.lora).
 
     config.text_encoder = ml_collections.ConfigDict()
     config.text_encoder.checkpoint = placeholder(str)  # CLIP run dir (a pipeline: its clip stage).

@@ -78,6 +78,7 @@ PARAMETER_AXIS_NAMES = (
     "frames",  # temporal taps of a 3-D (video) convolution kernel
     "conv_in",  # input channels of a pixel-space convolution
     "channels",  # output channels of a pixel-space convolution
+    "lora_rank",  # the rank axis of a low-rank adapter's two factors (diffusion/models/lora.py)
 )
 # Every logical axis name an activation may carry (with_logical_constraint); prefixed so that a
 # rule can shard an activation differently from the parameters of the same width.
@@ -115,6 +116,7 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("channels", None),
     ("patch", None),
     ("conv_in", None),
+    ("lora_rank", None),  # a handful of units: splitting them would only add communication
 )
 
 

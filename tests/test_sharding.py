@@ -190,7 +190,8 @@ RULES_OVERRIDE = (
     " ('heads', None), ('vocab', 'tensor'), ('kv', None), ('classes', None), ('length', None),"
     " ('projection', None), ('norm', None), ('layers', None), ('activation_length', None),"
     " ('activation_embed', None), ('activation_mlp', 'tensor'), ('height', None),"
-    " ('width', None), ('frames', None), ('channels', None), ('patch', None), ('conv_in', None))"
+    " ('width', None), ('frames', None), ('channels', None), ('patch', None), ('conv_in', None),"
+    " ('lora_rank', None))"
 )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -70,6 +71,13 @@ class ModelBuild:
     seed: int
     frozen_config: Any = None  # the read-only model the loss gets (a DiT's text tower), if any
     frozen_class: type | None = None
+    # A fine-tune: () -> {parameter path: host array}, the pretrained weights that replace the
+    # initial ones; None: training starts from the initialisation.
+    base_params: Callable[[], Mapping[tuple, np.ndarray]] | None = None
+    trainable: Callable[[tuple], bool] | None = None  # parameter paths trained (None: all)
+    # (trained model, run directory) -> None: files a finished run writes beside params/
+    # (a LoRA fine-tune's adapters in diffusers' format).
+    export: Callable[[nnx.Module, str], None] | None = None
 
     def train_step(self, config, mesh, tx, frozen: nnx.Module | None = None) -> TrainStep:
         """The sharded train state and jitted step of this build under the recipe's training
@@ -85,6 +93,7 @@ class ModelBuild:
             ema_decay=t.ema_decay,
             nan_policy=t.nan_policy,
             frozen=frozen,
+            trainable=self.trainable,
         )
 
     def init_frozen(self) -> nnx.Module:

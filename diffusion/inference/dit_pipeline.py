@@ -43,6 +43,7 @@ from diffusion.inference.settings import (
     SamplingError,
     make_settings,
 )
+from diffusion.models import lora
 from diffusion.models.autoencoder import Autoencoder
 
 logger = logging.getLogger(__name__)
@@ -196,6 +197,8 @@ def load_dit_run(
         )
         abstract = nnx.eval_shape(lambda: model_class(model_config, rngs=nnx.Rngs(0)))
         dit = nnx.merge(nnx.graphdef(abstract), params)
+    if getattr(model_config, "lora_rank", 0):  # a LoRA fine-tune samples at the base's speed
+        dit = lora.merge_lora(dit)
     return DiTRun(
         location.run_dir, config, dit, step, int(side), mesh, latent_decoder, condition, frames
     )

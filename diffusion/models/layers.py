@@ -130,7 +130,8 @@ def matmul(
 
 
 class Dense(nnx.Module):
-    """y = x W + b with logical axis names `(in_axis, out_axis)` on W."""
+    """y = x W + b with logical axis names `(in_axis, out_axis)` on W, plus `adapter(x)` when a
+    model attaches one (a low-rank adapter, diffusion/models/lora.py)."""
 
     def __init__(
         self,
@@ -154,11 +155,14 @@ class Dense(nnx.Module):
             if use_bias
             else None
         )
+        self.adapter = nnx.data(None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if self.adapter is not None:
+            y = y + self.adapter(x)
         return y
 
 

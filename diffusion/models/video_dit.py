@@ -31,7 +31,7 @@ from flax import nnx
 
 from diffusion import sharding
 from diffusion.errors import UserError
-from diffusion.models import attention, blocks, embeddings, layers, patches, rope
+from diffusion.models import attention, blocks, embeddings, layers, lora, patches, rope
 from diffusion.models.dit import modulate
 
 # ============================================================================================
@@ -63,6 +63,9 @@ class VideoDiTConfig:
     attention_impl: str = "xla"  # self-attention core, one of attention.ATTENTION_IMPLEMENTATIONS
     remat_policy: str = "none"  # per-block rematerialisation, see blocks.REMAT_POLICIES
     scan_layers: bool = False  # nnx.scan over blocks (params get a leading 'layers' axis)
+    lora_rank: int = 0  # rank r of low-rank adapters on the block projections (0: none)
+    lora_alpha: float | None = None  # adapters scale their update by alpha / r (None: alpha = r)
+    lora_targets: tuple[str, ...] = tuple(lora.TARGETS)  # projections adapted (lora.TARGETS)
 
     def __post_init__(self):
         patch = tuple(self.patch_size)
@@ -104,11 +107,24 @@ class VideoDiTConfig:
                 f"unknown remat_policy {self.remat_policy!r}; "
                 f"valid: {sorted(blocks.REMAT_POLICIES)}"
             )
+        self._check_lora()
         if self.attention_impl not in attention.ATTENTION_IMPLEMENTATIONS:
             raise UserError(
                 f"unknown attention_impl {self.attention_impl!r}; "
                 f"valid: {attention.ATTENTION_IMPLEMENTATIONS}"
             )
+
+    def _check_lora(self):
+        if not isinstance(self.lora_rank, numbers.Integral) or self.lora_rank < 0:
+            raise UserError(f"lora_rank must be an integer >= 0 (0: no adapters), got "
+                            f"{self.lora_rank!r}")  # fmt: skip
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise UserError(f"lora_alpha must be positive (or None: alpha = rank), got "
+                            f"{self.lora_alpha!r}")  # fmt: skip
+        try:  # a config.json round trip gives a list
+            object.__setattr__(self, "lora_targets", lora.check_targets(self.lora_targets))
+        except ValueError as error:
+            raise UserError(f"lora_targets: {error}") from error
 
     @property
     def head_dim(self) -> int:
@@ -242,9 +258,10 @@ class QKNormAttention(nnx.Module):
 
     The attention itself is left to the caller (`project` then a core, then `output`), so that
     self-attention can rotate q and k and use the configured core, and cross-attention a mask.
+    `name` ("self_attn" or "cross_attn") picks its projections' adapters in config.lora_targets.
     """
 
-    def __init__(self, config: VideoDiTConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: VideoDiTConfig, name: str, *, rngs: nnx.Rngs):
         dtypes = _dtypes(config)
         self.dtype = dtypes["dtype"]
         d, heads, head_dim = config.width, config.num_heads, config.head_dim
@@ -272,17 +289,28 @@ class QKNormAttention(nnx.Module):
         )
         self.query_norm = nnx.data(norm() if config.qk_norm else None)
         self.key_norm = nnx.data(norm() if config.qk_norm else None)
+        # The adapters draw from the same key stream as the base: a model with adapters is
+        # initialised unlike one without, which is moot, as a fine-tune loads its base weights.
+        adapter = lambda target, *shapes_and_axes: nnx.data(
+            lora.adapter(f"{name}.{target}", config, *shapes_and_axes, rngs=rngs)
+        )
+        in_args = ((d,), (heads, head_dim), ("embed",), ("heads", "kv"))
+        self.query_adapter = adapter("query", *in_args)
+        self.key_adapter = adapter("key", *in_args)
+        self.value_adapter = adapter("value", *in_args)
+        self.out_adapter = adapter("out", (heads, head_dim), (d,), ("heads", "kv"), ("embed",))
 
-    def _linear(self, x, kernel, bias):
+    def _linear(self, x, kernel, bias, adapter):
         y = layers.matmul(x.astype(self.dtype), kernel[...].astype(self.dtype))  # (B, S, H, K)
-        return y + bias[...].astype(self.dtype)
+        y = y + bias[...].astype(self.dtype)
+        return y if adapter is None else y + adapter(x)
 
     def project(self, x: jax.Array, context: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x: (B, T, D) queries' source, context: (B, S, D) keys' source -> q (B, T, H, K),
         k and v (B, S, H, K)."""
-        q = self._linear(x, self.query_kernel, self.query_bias)  # (B, T, H, K)
-        k = self._linear(context, self.key_kernel, self.key_bias)  # (B, S, H, K)
-        v = self._linear(context, self.value_kernel, self.value_bias)  # (B, S, H, K)
+        q = self._linear(x, self.query_kernel, self.query_bias, self.query_adapter)  # (B, T, H, K)
+        k = self._linear(context, self.key_kernel, self.key_bias, self.key_adapter)  # (B, S, H, K)
+        v = self._linear(context, self.value_kernel, self.value_bias, self.value_adapter)
         if self.query_norm is not None:
             q, k = self.query_norm(q), self.key_norm(k)
         return q, k, v
@@ -290,7 +318,8 @@ class QKNormAttention(nnx.Module):
     def output(self, y: jax.Array) -> jax.Array:
         """(B, T, H, K) attention result -> (B, T, D)."""
         out = layers.matmul(y.astype(self.dtype), self.out_kernel[...].astype(self.dtype), 2)
-        return out + self.out_bias[...].astype(self.dtype)  # (B, T, D)
+        out = out + self.out_bias[...].astype(self.dtype)  # (B, T, D)
+        return out if self.out_adapter is None else out + self.out_adapter(y)
 
 
 def self_attention_core(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str) -> jax.Array:
@@ -338,17 +367,24 @@ class VideoDiTBlock(nnx.Module):
         self.dtype = dtypes["dtype"]
         self.attention_impl = config.attention_impl
         self.norm1 = layers.LayerNorm(d, eps=config.eps, affine=False, **dtypes)
-        self.self_attn = QKNormAttention(config, rngs=rngs)
+        self.self_attn = QKNormAttention(config, "self_attn", rngs=rngs)
         self.norm2 = nnx.data(
             layers.LayerNorm(d, eps=config.eps, rngs=rngs, **dtypes)
             if config.cross_attn_norm
             else None
         )
-        self.cross_attn = QKNormAttention(config, rngs=rngs)
+        self.cross_attn = QKNormAttention(config, "cross_attn", rngs=rngs)
         self.norm3 = layers.LayerNorm(d, eps=config.eps, affine=False, **dtypes)
         self.ffn = layers.MLP(d, config.ffn_dim, "gelu_tanh", rngs=rngs, **dtypes)
         self.scale_shift_table = layers.make_param(
             rngs, table_init(d), (6, d), ("norm", "embed"), dtypes["param_dtype"]
+        )
+        f = config.ffn_dim
+        self.ffn.fc1.adapter = nnx.data(
+            lora.adapter("ffn.fc1", config, (d,), (f,), ("embed",), ("mlp",), rngs=rngs)
+        )
+        self.ffn.fc2.adapter = nnx.data(
+            lora.adapter("ffn.fc2", config, (f,), (d,), ("mlp",), ("embed",), rngs=rngs)
         )
 
     def __call__(

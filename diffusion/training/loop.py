@@ -152,7 +152,8 @@ def train(
             data_iterator.set_state(restored.data_iterator_state)
         print(f"resumed from {restored.path} (step {start})", flush=True)
     else:
-        state, start = train_step.init_state(), 0
+        base = build.base_params() if build.base_params is not None else None
+        state, start = train_step.init_state(base), 0
 
     context = RunContext(config, workdir, build, train_step, tokenizer, image_size, frozen)
     writer = metrics.MetricWriter(workdir, resume_step=start)  # drops records a kill left
@@ -169,6 +170,8 @@ def train(
             params = state["ema"] if state["ema"] is not None else state["params"]
             # A finished run's rerun finds the same export and leaves its files untouched.
             param_export.export_params(os.path.join(workdir, rundir.PARAMS_DIR), params, step=step)
+            if build.export is not None and jax.process_index() == 0:
+                build.export(train_step.model(params), workdir)
     finally:
         checkpoints.close_manager(manager)
         writer.close()
