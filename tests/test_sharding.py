@@ -150,9 +150,9 @@ def test_default_rules_cover_every_declared_name_and_are_the_config_default():
 
 
 def test_every_declared_name_is_used_by_the_models(monkeypatch):
-    """No dead names: each declared parameter name annotates a parameter of some CLIP, DiT or
-    Wan autoencoder variant, and each activation name reaches sharding.with_logical_constraint in
-    a forward."""
+    """No dead names: each declared parameter name annotates a parameter of some CLIP, DiT,
+    Wan autoencoder or video DiT (with LoRA adapters) variant, and each activation name reaches
+    sharding.with_logical_constraint in a forward."""
     clip_config = models.clip_config("tiny", vision_stem="conv", scan_layers=True)
     dit_config = models.dit_config("tiny", conditioning="class", output_conv=True)
     parameter_names = set()
@@ -160,6 +160,7 @@ def test_every_declared_name_is_used_by_the_models(monkeypatch):
         lambda: models.CLIP(clip_config, rngs=nnx.Rngs(0)),
         lambda: models.DiT(dit_config, rngs=nnx.Rngs(0)),
         lambda: wan_vae.WanAutoencoder(wan_vae.wan_vae_config("tiny"), rngs=nnx.Rngs(0)),
+        lambda: models.VideoDiT(models.video_dit_config("tiny", lora_rank=2), rngs=nnx.Rngs(0)),
     ):
         for axes in layers.logical_axes_of(nnx.eval_shape(init)).values():
             parameter_names.update(axes)

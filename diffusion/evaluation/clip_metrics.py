@@ -268,9 +268,10 @@ class ClipEncoder:
         in training (`families.clip.frames_on_channels`)."""
         images = np.asarray(images)
         frames_seen = self.model.config.in_channels // 3
-        expected = "(N, T, H, W, 3) clips" if frames_seen > 1 else "(N, H, W, 3) images"
         if images.ndim != (5 if frames_seen > 1 else 4) or images.shape[-1] != 3:
-            raise ValueError(f"this CLIP encodes uint8 {expected}, got shape {images.shape}")
+            what = "clips must be (N, T, H, W, 3)" if frames_seen > 1 else "images must be"
+            shape = "" if frames_seen > 1 else " (N, H, W, 3)"
+            raise ValueError(f"{what}{shape} uint8, got shape {images.shape}")
         check_uint8(images.reshape(-1, *images.shape[-3:]))
         if frames_seen > 1:
             images = clip_family.frames_on_channels(images, frames_seen)
