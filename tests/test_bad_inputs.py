@@ -614,7 +614,7 @@ CASES = [
     Case(
         "checkpoint-of-another-family",
         lambda e, t: inference.TextToImage.from_run(e.clip_dir),
-        ("holds a clip model", "needs a DiT run directory"),
+        ("holds a clip model", "needs a DiT or video DiT run directory"),
     ),
     Case(
         "run-config-malformed",  # fixed: was a JSONDecodeError
@@ -1026,7 +1026,7 @@ CASES = [
             f"--prompts={write(t / 'p.txt', A)}",
             f"--output_dir={t}/out",
         ],
-        ("holds a clip model", "needs a DiT run directory"),
+        ("holds a clip model", "needs a DiT or video DiT run directory"),
         needs_run=True,
     ),
     cli(
