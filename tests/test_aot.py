@@ -228,7 +228,8 @@ def test_the_sampling_program_of_a_latent_dit_decodes_as_sample_py_does():
     )
     assert count == pipeline.program_batch_size(count)
     classes, seeds = [k % 10 for k in range(count)], list(range(count))
-    concrete = pipeline.to_global(pipeline.program_inputs(classes, seeds, [2.0] * count))
+    host = pipeline.program_inputs(classes, seeds, [2.0] * count)
+    concrete = inference.program.host_to_global(host, pipeline.mesh)
     shapes = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), tree)
     for abstract, real in (
         (params, pipeline._dit_state),

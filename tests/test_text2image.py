@@ -391,7 +391,7 @@ def test_the_ahead_of_time_sampling_program_is_the_one_sample_py_runs(pipeline, 
     assert program is inference.program.sampling_program
     prompts, seeds = [PROMPTS[k % 5] for k in range(count)], list(range(count))
     host = pipeline.program_inputs(prompts, [""] * count, seeds, [3.0] * count)
-    concrete = pipeline.to_global(host)
+    concrete = inference.program.host_to_global(host, pipeline.mesh)
     shapes = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), tree)
     for abstract, real in (
         (params, pipeline._dit_state),

@@ -370,26 +370,12 @@ class DiTPipeline:
         for start in range(0, count, size):
             chunk = {k: pad_rows(v[start : start + size], size) for k, v in inputs.items()}
             images = sampling_program(
-                self._dit_state, self._text_state, self.to_global(chunk), spec, self._decoder_state
+                self._dit_state,
+                self._text_state,
+                program_lib.host_to_global(chunk, self.mesh),
+                spec,
+                self._decoder_state,
             )
-            chunks.append(self._to_host(images)[: min(size, count - start)])
+            chunks.append(program_lib.to_host(images)[: min(size, count - start)])
         self.num_compilations += program_lib.TRACE_COUNT[0] - traces_before
         return np.concatenate(chunks, axis=0)
-
-    # -- host <-> devices -------------------------------------------------------------------------
-
-    def to_global(self, chunk: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """Host arrays (the same on every process) -> global arrays sharded over the batch."""
-        batch = sharding.batch_sharding(self.mesh)
-        return {
-            name: jax.make_array_from_callback(value.shape, batch, lambda index, v=value: v[index])
-            for name, value in chunk.items()
-        }
-
-    @staticmethod
-    def _to_host(images: jax.Array) -> np.ndarray:
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            return np.asarray(multihost_utils.process_allgather(images, tiled=True))
-        return np.asarray(images)

@@ -198,6 +198,26 @@ def _first_channels(model_fn, channels: int):
     return prediction_fn
 
 
+def host_to_global(chunk: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Host arrays, the same on every process, -> global arrays sharded over the mesh's batch
+    axes (each device takes its rows). Unlike `data.to_global_batch`, which assembles each
+    process's own rows of a training batch."""
+    batch = sharding.batch_sharding(mesh)
+    return {
+        name: jax.make_array_from_callback(value.shape, batch, lambda index, v=value: v[index])
+        for name, value in chunk.items()
+    }
+
+
+def to_host(outputs: jax.Array) -> np.ndarray:
+    """A program's sharded outputs as one host array, on every process."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(outputs, tiled=True))
+    return np.asarray(outputs)
+
+
 def pad_rows(array: np.ndarray, size: int) -> np.ndarray:
     """Pads a chunk to `size` rows with copies of its last row (their outputs are dropped)."""
     missing = size - array.shape[0]

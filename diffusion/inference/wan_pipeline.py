@@ -52,7 +52,13 @@ from diffusion import guidance, samplers, sharding
 from diffusion.hf.umt5 import load_hf_umt5
 from diffusion.hf.wan_transformer import load_diffusers_wan_transformer
 from diffusion.hf.wan_vae import load_diffusers_wan_vae
-from diffusion.inference.program import pad_rows, seed_keys, to_uint8
+from diffusion.inference.program import (
+    host_to_global,
+    pad_rows,
+    seed_keys,
+    to_host,
+    to_uint8,
+)
 from diffusion.inference.settings import (
     SAMPLERS_WITH_ETA,
     SamplerSettings,
@@ -637,26 +643,10 @@ class WanTextToVideo:
         for start in range(0, count, size):
             chunk = {k: pad_rows(v[start : start + size], size) for k, v in inputs.items()}
             out = wan_sampling_program(
-                self._dit_state, self._vae_state, self._to_global(chunk), spec
+                self._dit_state, self._vae_state, host_to_global(chunk, self.mesh), spec
             )
-            clips.append(self._to_host(out)[: min(size, count - start)])
+            clips.append(to_host(out)[: min(size, count - start)])
         return np.concatenate(clips, axis=0)
-
-    def _to_global(self, chunk: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """Host arrays (the same on every process) -> global arrays sharded over the batch."""
-        batch = sharding.batch_sharding(self.mesh)
-        return {
-            name: jax.make_array_from_callback(value.shape, batch, lambda index, v=value: v[index])
-            for name, value in chunk.items()
-        }
-
-    @staticmethod
-    def _to_host(clips: jax.Array) -> np.ndarray:
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            return np.asarray(multihost_utils.process_allgather(clips, tiled=True))
-        return np.asarray(clips)
 
 
 def from_recipe(config) -> WanTextToVideo:
