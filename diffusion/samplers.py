@@ -23,48 +23,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion.errors import UserError
-from diffusion.objectives import check_prediction_type, x0_eps_from_prediction
+from diffusion.sampler_steps import (
+    SamplerError,
+    check_sampler_inputs,
+    denoise,
+    scan_steps,
+    step_arrays,
+)
 from diffusion.schedules import NoiseLevels
 
 DDPM_VARIANCES = ("fixed_small", "fixed_large")
 
 
-class SamplerError(UserError):
-    """A sampler name or setting that cannot be used."""
-
-
 # ----------------------------------------------------------------------------------------------
-# Shared pieces
+# Checks and keys only the samplers need
 # ----------------------------------------------------------------------------------------------
-
-
-def _denoise(model_fn, x, t, alpha, sigma, cond, prediction_type, clip_x0=None):
-    """(x0_hat, eps_hat) from one model call at level (t, alpha, sigma)."""
-    t_batch = jnp.full((x.shape[0],), t, x.dtype)
-    prediction = model_fn(x, t_batch, cond).astype(x.dtype)
-    x0, eps = x0_eps_from_prediction(prediction, x, alpha, sigma, prediction_type)
-    if clip_x0 is not None:
-        # Like diffusers' clip_sample: eps_hat keeps the unclipped model output.
-        x0 = jnp.clip(x0, -clip_x0, clip_x0)
-    return x0, eps
-
-
-def _check_inputs(levels, prediction_type, noise):
-    if not isinstance(levels, NoiseLevels):
-        raise SamplerError(
-            f"levels must be a NoiseLevels (from ddpm_levels or flow_levels), got "
-            f"{type(levels).__name__}"
-        )
-    check_prediction_type(prediction_type)
-    if prediction_type == "epsilon" and levels.alpha[0] == 0:
-        raise SamplerError(
-            "epsilon prediction cannot be sampled from a level with zero signal (zero terminal "
-            "SNR or t = 1 on the flow path): x0 = (x - sigma eps) / alpha divides by 0; train "
-            "and sample with v_prediction or flow_velocity"
-        )
-    if noise.ndim < 1:
-        raise SamplerError(f"noise needs a batch axis, got shape {noise.shape}")
 
 
 def _check_flow_levels(levels, sampler):
@@ -78,24 +51,6 @@ def _check_flow_levels(levels, sampler):
 def _check_key(key, sampler):
     if key is None:
         raise SamplerError(f"{sampler} adds noise at every step: pass a PRNG key")
-
-
-def _step_arrays(dtype, **arrays):
-    """Per-step coefficients (float64 NumPy) -> device arrays of the sampling dtype."""
-    return {name: jnp.asarray(np.asarray(value), dtype) for name, value in arrays.items()}
-
-
-def _scan(step, x, per_step, return_trajectory):
-    """Runs `step(x, per_step_slice) -> x` over all steps; optionally stacks every x."""
-
-    def body(x, inputs):
-        x = step(x, inputs)
-        return x, (x if return_trajectory else None)
-
-    final, history = jax.lax.scan(body, x, per_step)
-    if return_trajectory:
-        return final, jnp.concatenate([x[None], history], axis=0)
-    return final
 
 
 def _step_keys(key, num_steps):
@@ -126,13 +81,13 @@ def ddim_noise_std(levels: NoiseLevels, eta: float) -> np.ndarray:
 def _ddim_loop(model_fn, noise, per_step, keys, cond, prediction_type, clip_x0, return_trajectory):
     def step(x, inputs):
         c, key = inputs
-        x0, eps = _denoise(
+        x0, eps = denoise(
             model_fn, x, c["t"], c["alpha"], c["sigma"], cond, prediction_type, clip_x0
         )
         fresh = jax.random.normal(key, x.shape, x.dtype)
         return c["alpha_next"] * x0 + c["direction"] * eps + c["noise_std"] * fresh
 
-    return _scan(step, noise, (per_step, keys), return_trajectory)
+    return scan_steps(step, noise, (per_step, keys), return_trajectory)
 
 
 def sample_ddim(
@@ -154,14 +109,14 @@ def sample_ddim(
     x0_hat to [-clip_x0, clip_x0] (diffusers' clip_sample). `set_alpha_to_one` is a property of
     the levels (`ddpm_levels`).
     """
-    _check_inputs(levels, prediction_type, noise)
+    check_sampler_inputs(levels, prediction_type, noise)
     if not eta >= 0:
         raise SamplerError(f"eta must be >= 0 (0 = deterministic DDIM, 1 = DDPM-like), got {eta}")
     if eta > 0:
         _check_key(key, "DDIM with eta > 0")
     noise_std = ddim_noise_std(levels, eta)
     direction = np.sqrt(np.clip(levels.sigma[1:] ** 2 - noise_std**2, 0.0, None))
-    per_step = _step_arrays(
+    per_step = step_arrays(
         noise.dtype,
         t=levels.t[:-1],
         alpha=levels.alpha[:-1],
@@ -194,7 +149,7 @@ def sample_flow_euler_stochastic(
     eta = 0 is exactly the Euler step x + (t_next - t) u; eta = 1 re-noises with the posterior
     q(x_next | x_t, x0_hat), the flow path's ancestral sampler.
     """
-    _check_inputs(levels, prediction_type, noise)
+    check_sampler_inputs(levels, prediction_type, noise)
     _check_flow_levels(levels, "flow_euler_stochastic")
     return sample_ddim(
         model_fn,
@@ -247,13 +202,11 @@ def ddpm_posterior(levels: NoiseLevels, variance: str = "fixed_small"):
 def _ddpm_loop(model_fn, noise, per_step, keys, cond, prediction_type, clip_x0, return_trajectory):
     def step(x, inputs):
         c, key = inputs
-        x0, _ = _denoise(
-            model_fn, x, c["t"], c["alpha"], c["sigma"], cond, prediction_type, clip_x0
-        )
+        x0, _ = denoise(model_fn, x, c["t"], c["alpha"], c["sigma"], cond, prediction_type, clip_x0)
         fresh = jax.random.normal(key, x.shape, x.dtype)
         return c["x_coefficient"] * x + c["x0_coefficient"] * x0 + c["noise_std"] * fresh
 
-    return _scan(step, noise, (per_step, keys), return_trajectory)
+    return scan_steps(step, noise, (per_step, keys), return_trajectory)
 
 
 def sample_ddpm(
@@ -275,13 +228,13 @@ def sample_ddpm(
     `reinject_noise=False` only the posterior mean is taken: the samples collapse toward the
     centre of the data (the mean of x0_hat shrinks at every step), shown in tests and the demo.
     """
-    _check_inputs(levels, prediction_type, noise)
+    check_sampler_inputs(levels, prediction_type, noise)
     x_coefficient, x0_coefficient, noise_std = ddpm_posterior(levels, variance)
     if reinject_noise:
         _check_key(key, "DDPM")
     else:
         noise_std = np.zeros_like(noise_std)
-    per_step = _step_arrays(
+    per_step = step_arrays(
         noise.dtype,
         t=levels.t[:-1],
         alpha=levels.alpha[:-1],
@@ -303,7 +256,7 @@ def sample_ddpm(
 
 
 def _velocity(model_fn, x, t, cond, prediction_type):
-    x0, eps = _denoise(model_fn, x, t, 1 - t, t, cond, prediction_type)
+    x0, eps = denoise(model_fn, x, t, 1 - t, t, cond, prediction_type)
     return eps - x0
 
 
@@ -312,7 +265,7 @@ def _flow_euler_loop(model_fn, noise, per_step, cond, prediction_type, return_tr
     def step(x, c):
         return x + (c["t_next"] - c["t"]) * _velocity(model_fn, x, c["t"], cond, prediction_type)
 
-    return _scan(step, noise, per_step, return_trajectory)
+    return scan_steps(step, noise, per_step, return_trajectory)
 
 
 def sample_flow_euler(
@@ -329,9 +282,9 @@ def sample_flow_euler(
 
     Deterministic; `key` is accepted for the common signature and unused.
     """
-    _check_inputs(levels, prediction_type, noise)
+    check_sampler_inputs(levels, prediction_type, noise)
     _check_flow_levels(levels, "flow_euler")
-    per_step = _step_arrays(noise.dtype, t=levels.t[:-1], t_next=levels.t[1:])
+    per_step = step_arrays(noise.dtype, t=levels.t[:-1], t_next=levels.t[1:])
     return _flow_euler_loop(model_fn, noise, per_step, cond, prediction_type, return_trajectory)
 
 
@@ -348,7 +301,7 @@ def _flow_heun_loop(model_fn, noise, per_step, cond, prediction_type, return_tra
 
         return jax.lax.cond(c["t_next"] > 0, heun, lambda _: x_euler, None)
 
-    return _scan(step, noise, per_step, return_trajectory)
+    return scan_steps(step, noise, per_step, return_trajectory)
 
 
 def sample_flow_heun(
@@ -365,9 +318,9 @@ def sample_flow_heun(
 
     Two model calls per step; the step that ends at t = 0 is a plain Euler step, as in Karras.
     """
-    _check_inputs(levels, prediction_type, noise)
+    check_sampler_inputs(levels, prediction_type, noise)
     _check_flow_levels(levels, "flow_heun")
-    per_step = _step_arrays(noise.dtype, t=levels.t[:-1], t_next=levels.t[1:])
+    per_step = step_arrays(noise.dtype, t=levels.t[:-1], t_next=levels.t[1:])
     return _flow_heun_loop(model_fn, noise, per_step, cond, prediction_type, return_trajectory)
 
 
@@ -402,7 +355,7 @@ def dpmpp_2m_coefficients(levels: NoiseLevels):
 def _dpmpp_2m_loop(model_fn, noise, per_step, cond, prediction_type, return_trajectory):
     def step(carry, c):
         x, previous_x0 = carry
-        x0, _ = _denoise(model_fn, x, c["t"], c["alpha"], c["sigma"], cond, prediction_type)
+        x0, _ = denoise(model_fn, x, c["t"], c["alpha"], c["sigma"], cond, prediction_type)
         w = c["second_order_weight"]
         denoised = (1 + w) * x0 - w * previous_x0
         return c["x_ratio"] * x + c["x0_coefficient"] * denoised, x0
@@ -431,9 +384,9 @@ def sample_dpmpp_2m(
 
     Deterministic, one model call per step, second order; `key` is unused.
     """
-    _check_inputs(levels, prediction_type, noise)
+    check_sampler_inputs(levels, prediction_type, noise)
     x_ratio, x0_coefficient, second_order_weight = dpmpp_2m_coefficients(levels)
-    per_step = _step_arrays(
+    per_step = step_arrays(
         noise.dtype,
         t=levels.t[:-1],
         alpha=levels.alpha[:-1],
@@ -519,7 +472,7 @@ def _unipc_corrector_weights(h: float, phi: float, r: float | None) -> np.ndarra
 def _unipc_loop(model_fn, noise, per_step, cond, prediction_type, return_trajectory):
     def step(carry, c):
         predicted, previous_x, m1, m2 = carry  # x~_j, x_{j-1}, m_{j-1}, m_{j-2}
-        m, _ = _denoise(model_fn, predicted, c["t"], c["alpha"], c["sigma"], cond, prediction_type)
+        m, _ = denoise(model_fn, predicted, c["t"], c["alpha"], c["sigma"], cond, prediction_type)
         x = (
             c["keep"] * predicted
             + c["c_x"] * previous_x
@@ -552,8 +505,8 @@ def sample_unipc(
     Wan 2.1 samples with it (flow levels, shift 5.0 at 480p). Deterministic, one model call per
     step; `key` is unused. The trajectory holds the predictions x~, the inputs of each call.
     """
-    _check_inputs(levels, prediction_type, noise)
-    per_step = _step_arrays(
+    check_sampler_inputs(levels, prediction_type, noise)
+    per_step = step_arrays(
         noise.dtype,
         t=levels.t[:-1],
         alpha=levels.alpha[:-1],
@@ -561,101 +514,6 @@ def sample_unipc(
         **unipc_coefficients(levels),
     )
     return _unipc_loop(model_fn, noise, per_step, cond, prediction_type, return_trajectory)
-
-
-# ----------------------------------------------------------------------------------------------
-# DDIM inversion
-# ----------------------------------------------------------------------------------------------
-
-
-@functools.partial(
-    jax.jit,
-    static_argnames=("model_fn", "prediction_type", "fixed_point_iterations", "return_trajectory"),
-)
-def _ddim_inversion_loop(
-    model_fn, images, per_step, cond, prediction_type, fixed_point_iterations, return_trajectory
-):
-    def step(x, c):
-        def noisier(x_guess):
-            # The model sees the guess of the noisier x with the noisier level's t; the first guess
-            # is x itself, as in diffusers' DDIMInverseScheduler.
-            x0, eps = _denoise(
-                model_fn, x_guess, c["t"], c["alpha"], c["sigma"], cond, prediction_type
-            )
-            return c["x_coefficient"] * x + c["eps_coefficient"] * eps + c["x0_coefficient"] * x0
-
-        # Fixed-point iterations (Pan et al. 2023, AIDI): at the fixed point the DDIM step maps
-        # the result back onto x exactly.
-        x_noisy = noisier(x)
-        return jax.lax.fori_loop(0, fixed_point_iterations, lambda _, y: noisier(y), x_noisy)
-
-    return _scan(step, images, per_step, return_trajectory)
-
-
-def ddim_inversion_coefficients(levels: NoiseLevels):
-    """Per inversion step (noisy level i <- cleaner level i + 1): the DDIM step solved for x_i.
-
-    The DDIM step x_{i+1} = alpha_{i+1} x0_hat(x_i) + sigma_{i+1} eps_hat(x_i), with x_i = alpha_i
-    x0_hat + sigma_i eps_hat, solved for x_i keeping eps_hat (x_coefficient x_{i+1} +
-    eps_coefficient eps_hat) or keeping x0_hat (x_coefficient x_{i+1} + x0_coefficient x0_hat).
-    Keeping eps_hat is the usual choice and the only one from clean data (sigma_{i+1} = 0); keeping
-    x0_hat is used where the signal is weaker than the noise (alpha_i alpha_{i+1} < sigma_i
-    sigma_{i+1}), where x0_hat varies less with x and the fixed-point iteration contracts faster
-    (it is exact in one step from a zero-signal level, whose x0_hat is a constant).
-    """
-    alpha, sigma = levels.alpha[:-1], levels.sigma[:-1]
-    alpha_here, sigma_here = levels.alpha[1:], levels.sigma[1:]
-    keep_x0 = alpha * alpha_here < sigma * sigma_here
-    with np.errstate(divide="ignore", invalid="ignore"):
-        x_coefficient = np.where(keep_x0, sigma / sigma_here, alpha / alpha_here)
-        eps_coefficient = np.where(keep_x0, 0.0, sigma - alpha * sigma_here / alpha_here)
-        x0_coefficient = np.where(keep_x0, alpha - sigma * alpha_here / sigma_here, 0.0)
-    return x_coefficient, eps_coefficient, x0_coefficient
-
-
-def invert_ddim(
-    model_fn,
-    images,
-    levels: NoiseLevels,
-    cond=None,
-    *,
-    prediction_type: str = "epsilon",
-    fixed_point_iterations: int = 0,
-    return_trajectory: bool = False,
-):
-    """DDIM inversion (eta = 0): runs `levels` backwards, from images at the last level to noise.
-
-    Song et al. 2021 sec. 4.3 / Mokady et al. 2023: the deterministic DDIM map is nearly
-    invertible, so `sample_ddim(model_fn, invert_ddim(model_fn, x, levels), levels)` ~ x. The plain
-    inversion (0 iterations) has a first-order error in the step size; each fixed-point iteration
-    costs one more model call per step and shrinks it (exact at convergence). The trajectory, if
-    asked for, runs from images to noise.
-    """
-    _check_inputs(levels, prediction_type, images)
-    if int(fixed_point_iterations) != fixed_point_iterations or fixed_point_iterations < 0:
-        raise SamplerError(
-            f"fixed_point_iterations must be an integer >= 0, got {fixed_point_iterations}"
-        )
-    x_coefficient, eps_coefficient, x0_coefficient = ddim_inversion_coefficients(levels)
-    reverse = slice(None, None, -1)
-    per_step = _step_arrays(
-        images.dtype,
-        t=levels.t[:-1][reverse],
-        alpha=levels.alpha[:-1][reverse],
-        sigma=levels.sigma[:-1][reverse],
-        x_coefficient=x_coefficient[reverse],
-        eps_coefficient=eps_coefficient[reverse],
-        x0_coefficient=x0_coefficient[reverse],
-    )
-    return _ddim_inversion_loop(
-        model_fn,
-        images,
-        per_step,
-        cond,
-        prediction_type,
-        int(fixed_point_iterations),
-        return_trajectory,
-    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,10 +14,10 @@ import pytest
 
 from diffusion import samplers
 from diffusion.guidance import GuidanceCondition, guided_model_fn
+from diffusion.inversion import invert_ddim
 from diffusion.objectives import prediction_from_x0_eps
 from diffusion.samplers import (
     SAMPLERS,
-    invert_ddim,
     sample,
     sample_ddim,
     sample_ddpm,
