@@ -102,9 +102,9 @@ def main(argv):
                 "python sample.py --help."
             )
         from diffusion import inference  # after flag parsing: importing jax is slow
-        from diffusion.inference import wan_pipeline
+        from diffusion.inference import wan_directory, wan_pipeline
 
-        wan = recipe is not None or wan_pipeline.is_wan_directory(FLAGS.checkpoint)
+        wan = recipe is not None or wan_directory.is_wan_directory(FLAGS.checkpoint)
         recipe_options = dict(recipe.sampling) if recipe is not None else {}
 
         def option(name, fallback, wan_fallback=None):

@@ -20,7 +20,8 @@ from diffusion import config as config_lib
 from diffusion import sharding
 from diffusion.inference import batch_io, sample_to_directory
 from diffusion.inference.settings import SamplingError
-from diffusion.inference.wan_pipeline import WanTextToVideo, from_recipe, wan_levels
+from diffusion.inference.wan_directory import wan_levels
+from diffusion.inference.wan_pipeline import WanTextToVideo, from_recipe
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")

@@ -18,7 +18,7 @@ import numpy as np
 import tqdm
 
 from diffusion import rundir
-from diffusion.inference import grids, video_files, wan_pipeline
+from diffusion.inference import grids, video_files, wan_directory
 from diffusion.inference.class2image import ClassToImage
 from diffusion.inference.settings import (
     MAX_SEED,
@@ -373,7 +373,7 @@ def load_pipeline(
     """The pipeline that samples a DiT run: TextToImage for a text-conditional DiT,
     ClassToImage for a class-conditional one (model.json says which); WanTextToVideo for a
     diffusers-format Wan 2.1 directory (its model_index.json names WanPipeline)."""
-    if wan_pipeline.is_wan_directory(run_dir):
+    if wan_directory.is_wan_directory(run_dir):
         if text_encoder:
             raise SamplingError(
                 f"{run_dir!r} is a Wan 2.1 directory with its own umT5 text encoder; "
