@@ -27,7 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_step as train_step_benchmark  # noqa: E402  (benchmarks/train_step.py)
 
 from configs import base_dit  # noqa: E402
-from diffusion import sharding  # noqa: E402
+from diffusion import (
+    meshes,  # noqa: E402
+)
 from diffusion.encoding.job import BatchEncoder  # noqa: E402
 from diffusion.models.autoencoder import Autoencoder, autoencoder_config  # noqa: E402
 
@@ -68,7 +70,7 @@ def main():
     dit.model.in_channels = args.latent_channels
     dit.data.image_size = latent_side
     dit.training.global_batch_size = args.batch
-    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    mesh = meshes.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     compiled, state, batch, frozen, _ = train_step_benchmark.compile_step(dit, mesh)
     train_seconds = train_step_benchmark.time_steps(compiled, state, batch, frozen, args.steps)
 

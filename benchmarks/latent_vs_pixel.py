@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_step  # noqa: E402  (the benchmark beside this one builds and times the step)
 
 from configs import base_dit  # noqa: E402
-from diffusion import aot, sharding  # noqa: E402
+from diffusion import aot, meshes  # noqa: E402
 
 
 def case_config(args, latent: bool) -> ml_collections.ConfigDict:
@@ -81,7 +81,7 @@ def main():
     parser.add_argument("--dtype", default="float32", help="compute dtype of both DiTs")
     args = parser.parse_args()
     device = jax.devices()[0]
-    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=[device])
+    mesh = meshes.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=[device])
     print(f"device: {device.device_kind} ({jax.default_backend()}); args: {vars(args)}\n")
     cases = {}
     for name, latent in (("pixel", False), ("latent", True)):

@@ -30,7 +30,7 @@ import jax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_step  # noqa: E402  (the benchmark beside this one builds the same step)
 
-from diffusion import metrics, sharding  # noqa: E402
+from diffusion import meshes, metrics  # noqa: E402
 
 RUNTIME_EVENTS = ("ThunkExecutor", "$", "PjitFunction", "SlinkyThreadPool", "ParseArguments")
 
@@ -91,7 +91,7 @@ def main():
     parser.add_argument("--top", type=int, default=12, help="op kinds to list")
     args = parser.parse_args()
     device = jax.devices()[0]
-    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=[device])
+    mesh = meshes.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=[device])
     peak = metrics.measure_matmul_flops(size=1024, dtype="float32", seconds=1.0)
     config = train_step.case_config(args.case, args.batch)
     compiled, state, batch, frozen, _ = train_step.compile_step(config, mesh)

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_step  # noqa: E402  (the benchmark beside this one builds the same step)
 
 from configs import shapes  # noqa: E402
-from diffusion import optim, sharding  # noqa: E402
+from diffusion import meshes, optim  # noqa: E402
 
 OPTAX_MUON = "@optax_muon"
 
@@ -85,7 +85,7 @@ def main():
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--stage", choices=("dit", "clip"), default="dit")
     args = parser.parse_args()
-    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    mesh = meshes.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     variants = {}
     for text in args.variants:
         name, overrides = parse_variant(text)

@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from diffusion import data as data_lib
-from diffusion import inference, models, sharding
+from diffusion import inference, meshes, models
 
 RESOLUTION = 32
 CONTEXT_LENGTH = 16
@@ -105,7 +105,7 @@ def build_pipelines(tokenizer_dir: str) -> dict[str, inference.TextToImage]:
         "tiny", context_dim=clip_config.text_width, pooled_dim=clip_config.embed_dim
     )
     dit = perturbed(models.DiT(dit_config, rngs=nnx.Rngs(2)), jax.random.key(3))
-    mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+    mesh = meshes.make_mesh({"data": 1}, jax.devices()[:1])
     diffusion = {
         "flow": dict(objective="flow", shift=1.0),
         "ddpm": dict(

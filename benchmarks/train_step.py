@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from configs import base_clip, base_dit, dit_xl2_imagenet, shapes
-from diffusion import aot, metrics, sharding
+from diffusion import aot, meshes, metrics, sharding
 from diffusion import config as config_lib
 
 VARIANTS = {  # name -> (dtype, remat, scan_layers, optimizer)
@@ -162,7 +162,7 @@ def main():
     )
     args = parser.parse_args()
     device = jax.devices()[0]
-    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=[device])
+    mesh = meshes.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=[device])
     peaks = {
         dtype: metrics.measure_matmul_flops(size=args.peak_size, dtype=dtype, seconds=1.0)
         for dtype in ("float32", "bfloat16")

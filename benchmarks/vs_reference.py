@@ -36,7 +36,7 @@ from flax import nnx
 from torch import nn
 
 from benchmarks.train_step import build, case_config, parse_cases
-from diffusion import guidance, samplers, sharding
+from diffusion import guidance, meshes, samplers, sharding
 from diffusion.schedules import flow_levels
 
 # ---------------------------------------------------------------------------------------------
@@ -306,7 +306,7 @@ def main():
     parser.add_argument("--dtypes", default="float32", help="compute dtypes of the train step")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
-    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    mesh = meshes.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     print(f"JAX on {jax.devices()[0].device_kind}; PyTorch on {torch_device()}\n")
     if args.only in ("", "train"):
         print(

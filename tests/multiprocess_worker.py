@@ -17,7 +17,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from diffusion import checkpoints, optim, sharding
+from diffusion import checkpoints, meshes, optim, sharding
 
 VOCAB, WIDTH, HIDDEN, SEQ = 32, 16, 64, 4
 MESHES = {
@@ -175,7 +175,7 @@ def main(argv: list[str]) -> None:
         process_id=int(process_id),
         initialization_timeout=60,
     )
-    mesh = sharding.make_mesh(MESHES[mesh_name])
+    mesh = meshes.make_mesh(MESHES[mesh_name])
     trainer = ToyTrainer(mesh)
     state, losses = trainer.run(trainer.init_state(), 0, 3, batch_size=16)
     manager = checkpoints.make_checkpoint_manager(os.path.join(out_dir, "checkpoints"))
@@ -185,7 +185,7 @@ def main(argv: list[str]) -> None:
     manager.wait_until_finished()
     manager.close()
     # A hybrid mesh with one process per DCN granule: the data axis runs across processes.
-    hybrid = sharding.make_mesh({"data": 1, "fsdp": 4}, dcn_mesh_shape={"data": 2})
+    hybrid = meshes.make_mesh({"data": 1, "fsdp": 4}, dcn_mesh_shape={"data": 2})
     hybrid_processes = [[d.process_index for d in row] for row in hybrid.devices]
     with open(os.path.join(out_dir, f"losses_{process_id}.json"), "w") as f:
         json.dump(

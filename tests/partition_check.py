@@ -16,7 +16,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from diffusion import models, sharding  # noqa: E402
+from diffusion import meshes, models, sharding  # noqa: E402
 from diffusion.families import clip as clip_family
 from diffusion.families import dit as dit_family
 
@@ -24,7 +24,7 @@ BATCH, LENGTH, SIZE = 16, 8, 16
 
 
 def main():
-    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    mesh = meshes.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     clip_config = models.clip_config("tiny", vocab_size=64, context_length=LENGTH, image_size=SIZE)
     rng = np.random.default_rng(0)
     batch = {

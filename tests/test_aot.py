@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from configs import base_clip, base_dit
-from diffusion import aot, inference, metrics, models, optim, sharding
+from diffusion import aot, inference, meshes, metrics, models, optim, sharding
 from diffusion.data.classes import ClassSpace
 from diffusion.data.latents import LatentEncoding
 from diffusion.inference.dit_pipeline import LatentDecoder
@@ -101,7 +101,7 @@ def test_arguments_hold_at_least_the_sharded_state_and_outputs_are_donated(repor
     """argument bytes >= the exact per-device bytes of (state, batch, frozen tower) computed
     from the shardings (TPU layouts only pad), and the donated state is aliased, not copied."""
     devices = aot.topology_devices(TOPOLOGY)
-    mesh = sharding.make_mesh(MESH, devices=devices)
+    mesh = meshes.make_mesh(MESH, devices=devices)
     programs = aot.build_programs(tiny_config("dit_text"), mesh)  # shapes only, no compile
     m = reports["dit_text"]["train_step"]["memory"]
     state, batch, frozen = programs.train_args
@@ -123,7 +123,7 @@ def test_a_muon_step_fits_with_one_moment_fewer_and_pays_flops_for_newton_schulz
     """Muon keeps one moment for each hidden matrix where AdamW keeps two: the sharded state
     shrinks by exactly those matrices' bytes (up to the optimizers' step counters), the
     compiled arguments shrink, and the Newton-Schulz matmuls add FLOPs."""
-    mesh = sharding.make_mesh(MESH, devices=aot.topology_devices(TOPOLOGY))
+    mesh = meshes.make_mesh(MESH, devices=aot.topology_devices(TOPOLOGY))
     config = tiny_config("dit_text")
     config.optimizer.name = "muon"
     muon_state = aot.build_programs(config, mesh).train_args[0]
@@ -145,7 +145,7 @@ def test_hard_negative_captions_add_their_tokens_and_a_text_tower_pass(reports):
     backward: the arguments grow by at least their exact bytes and the FLOPs grow."""
     config = tiny_config("clip")
     config.loss.negative_caption_attributes = ("shape",)
-    mesh = sharding.make_mesh(MESH, devices=aot.topology_devices(TOPOLOGY))
+    mesh = meshes.make_mesh(MESH, devices=aot.topology_devices(TOPOLOGY))
     batch = aot.build_programs(config, mesh).train_args[1]
     extra = {k: v for k, v in batch.items() if k.startswith("negative_caption")}
     assert set(extra) == {"negative_caption_tokens", "negative_caption_mask"}
@@ -163,7 +163,7 @@ def test_compiler_flops_match_the_cpu_cost_analysis_of_the_same_step(reports):
     """The TPU compiler's per-device FLOPs of the CLIP step agree with XLA:CPU's count of the
     same program on a CPU mesh of the same shape (independent compiler, same math)."""
     config = tiny_config("clip")
-    mesh = sharding.make_mesh(MESH, devices=jax.devices()[:4])
+    mesh = meshes.make_mesh(MESH, devices=jax.devices()[:4])
     programs = aot.build_programs(config, mesh)
     with sharding.activate(mesh, programs.train_step.rules):
         compiled = programs.train_step.step_fn.lower(*programs.train_args).compile()
@@ -290,7 +290,7 @@ def test_v4_exposes_two_devices_per_chip_each_with_half_the_hbm_and_meshes_over_
     devices = aot.topology_devices("v4:2x2x1")
     assert len(devices) == 8 and aot.devices_per_chip(devices) == 2
     for shape in ({"data": 1, "fsdp": 8, "tensor": 1}, {"data": 2, "fsdp": 2, "tensor": 2}):
-        mesh = sharding.make_mesh(shape, devices=devices)
+        mesh = meshes.make_mesh(shape, devices=devices)
         assert dict(mesh.shape) == shape
         assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
         # The last axis pairs a chip's two TensorCores (on-chip, the fastest link).
@@ -300,7 +300,7 @@ def test_v4_exposes_two_devices_per_chip_each_with_half_the_hbm_and_meshes_over_
 
 def test_tpu_programs_contract_without_flattening_the_rows():
     # layers.matmul flattens rows for XLA:CPU only; a TPU mesh, even on this CPU host, must not.
-    mesh = sharding.make_mesh(MESH, devices=aot.topology_devices(TOPOLOGY))
+    mesh = meshes.make_mesh(MESH, devices=aot.topology_devices(TOPOLOGY))
     x = jax.ShapeDtypeStruct((2, 5, 8), np.float32)
     kernel = jax.ShapeDtypeStruct((8, 6), np.float32)
     with sharding.activate(mesh):

@@ -21,7 +21,7 @@ import pytest
 from flax import nnx
 
 from configs import base_autoencoder
-from diffusion import aot, evaluation, families, metrics, models, rundir, sharding, training
+from diffusion import aot, evaluation, families, meshes, metrics, models, rundir, sharding, training
 from diffusion.errors import UserError
 from diffusion.evaluation import reconstruction
 from diffusion.families import autoencoder as family
@@ -163,7 +163,7 @@ def test_aot_builds_and_lowers_the_step_without_a_tokenizer():
     config.model.block_out_channels = (8, 16)
     config.training.global_batch_size = 2
     assert "tokenizer" not in config
-    mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    mesh = meshes.make_mesh({"data": 1}, devices=jax.devices()[:1])
     programs = aot.build_programs(config, mesh)
     assert programs.model_config.sample_size == 32 and programs.sample_fn is None
     batch = programs.train_args[1]
@@ -217,7 +217,7 @@ def test_load_autoencoder_of_a_run_gives_the_ema_weights_of_its_last_checkpoint(
     model, config = rundir.load_autoencoder(whole)
     assert config == rundir.load_model_config(whole)[1]
     run_config = rundir.load_run_config(whole)
-    mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    mesh = meshes.make_mesh({"data": 1}, devices=jax.devices()[:1])
     ema, step = rundir.load_checkpoint_params(
         whole, run_config, config, Autoencoder, mesh, None, use_ema=True
     )

@@ -80,11 +80,11 @@ from diffusion import (
     evaluation,
     hf,
     inference,
+    meshes,
     models,
     param_export,
     pipeline,
     rundir,
-    sharding,
     training,
 )
 from diffusion import config as config_lib
@@ -149,7 +149,7 @@ class Env:
             ),
             context_length=32,
             resolution=16,
-            mesh=sharding.make_mesh({"data": 1}, jax.devices()[:1]),
+            mesh=meshes.make_mesh({"data": 1}, jax.devices()[:1]),
         )
 
     @functools.cached_property

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from diffusion import checkpoints, errors, param_export, sharding
+from diffusion import checkpoints, errors, meshes, param_export, sharding
 
 
 def _mesh(shape, num_devices=8):
-    return sharding.make_mesh(shape, devices=jax.devices()[:num_devices])
+    return meshes.make_mesh(shape, devices=jax.devices()[:num_devices])
 
 
 def _plain(tree):

@@ -25,7 +25,7 @@ from PIL import Image
 
 from configs import base_dit
 from diffusion import data as data_lib
-from diffusion import inference, metrics, models, param_export, rundir, sharding, training
+from diffusion import inference, meshes, metrics, models, param_export, rundir, training
 from diffusion.data import shapes as shapes_lib
 from diffusion.errors import UserError
 from diffusion.families import dit as dit_family
@@ -92,7 +92,7 @@ def pipe(runs):
 
 
 def one_device_mesh():
-    return sharding.make_mesh({"data": 1}, jax.devices()[:1])
+    return meshes.make_mesh({"data": 1}, jax.devices()[:1])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 import transformers
 from flax import nnx
 
-from diffusion import sharding
+from diffusion import meshes, sharding
 from diffusion.models import CLIP, CLIP_VARIANTS, clip_config, layers
 
 SNAPSHOTS = pathlib.Path(__file__).parent / "snapshots"
@@ -189,7 +189,7 @@ def test_activations_constrained_with_the_divisibility_fallback(model, caplog):
     ids, mask = tokens_and_mask(lengths=(5, 3, 8, 1, 2, 7))
     apply = lambda state, *inputs: nnx.merge(graphdef, state)(*inputs)[:2]
     reference = jax.jit(apply)(state, images, ids, mask)
-    with sharding.activate(sharding.make_mesh({"data": 2, "fsdp": 4})):
+    with sharding.activate(meshes.make_mesh({"data": 2, "fsdp": 4})):
         jaxpr = jax.make_jaxpr(apply)(state, images, ids, mask)
         out = jax.jit(apply)(state, images, ids, mask)
     specs = [
@@ -230,7 +230,7 @@ def test_family_loss_makes_identical_captions_positives(model, kind):
     from diffusion import contrastive
     from diffusion.families.clip import clip_loss
 
-    mesh = sharding.make_mesh({"data": 8})
+    mesh = meshes.make_mesh({"data": 8})
     if kind == "sigmoid":
         model = CLIP(clip_config("tiny", logit_bias_init=-10.0), rngs=nnx.Rngs(0))
 

@@ -133,7 +133,7 @@ def test_aot_builds_the_model_train_py_builds_size_overrides_included(family):
     import jax
     import numpy as np
 
-    from diffusion import families, sharding
+    from diffusion import families, meshes
 
     recipe = shapes.get_config()
     config = recipe.clip if family == "clip" else recipe.dit
@@ -147,7 +147,7 @@ def test_aot_builds_the_model_train_py_builds_size_overrides_included(family):
         config.model.update(scan_layers=True, **sizes)
         config.text_encoder.variant = "tiny"
         text_config = aot.text_encoder_config(config)
-    mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    mesh = meshes.make_mesh({"data": 1}, devices=jax.devices()[:1])
     config.training.global_batch_size = 2
     built = aot.build_programs(config, mesh).model_config
     length = config.tokenizer.context_length

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from diffusion import contrastive, sharding
+from diffusion import contrastive, meshes, sharding
 
 
 def _embeddings(batch, dim, seed):
@@ -68,7 +68,7 @@ def _grads(kind, img, txt, scale, bias):
 @pytest.mark.parametrize("logit_scale", [math.log(1 / 0.07), 1.0, 6.0])  # 6.0 is above the cap
 def test_softmax_loss_and_gradients_match_float64(logit_scale):
     img, txt = _embeddings(16, 6, seed=0)
-    mesh = sharding.make_mesh({"data": 8})
+    mesh = meshes.make_mesh({"data": 8})
     # Sharded inputs: the loss must still be over the GLOBAL batch, gradients unscaled.
     img_s, txt_s = (jax.device_put(x, sharding.batch_sharding(mesh)) for x in (img, txt))
     loss, (g_img, g_txt, g_scale, _) = _grads(
@@ -171,7 +171,7 @@ def test_invalid_arguments_are_rejected():
         contrastive.contrastive_loss("sigmoid", img, txt, 1.0)
     with pytest.raises(ValueError, match="equal shapes"):
         contrastive.clip_softmax_loss(img, txt[:4], 1.0)
-    mesh = sharding.make_mesh({"data": 8})
+    mesh = meshes.make_mesh({"data": 8})
     img12, txt12 = _embeddings(12, 4, seed=3)
     with pytest.raises(ValueError, match="batch size 12 is not divisible by the 8 devices"):
         contrastive.ring_contrastive_loss("softmax", img12, txt12, 1.0, mesh=mesh)
@@ -188,7 +188,7 @@ def test_invalid_arguments_are_rejected():
     ],
 )
 def test_ring_loss_equals_global_loss_in_value_and_gradient(kind, mesh_shape, with_negatives):
-    mesh = sharding.make_mesh(mesh_shape)
+    mesh = meshes.make_mesh(mesh_shape)
     img, txt = _embeddings(32, 8, seed=4)
     neg = _hard_negatives(img, seed=8) if with_negatives else None
     img, txt, neg = (
@@ -215,7 +215,7 @@ def test_ring_loss_equals_global_loss_in_value_and_gradient(kind, mesh_shape, wi
 
 @pytest.mark.parametrize("with_tokens", [False, True])
 def test_ring_loss_never_forms_the_global_logit_matrix(with_tokens):
-    mesh = sharding.make_mesh({"data": 8})
+    mesh = meshes.make_mesh({"data": 8})
     n, d = 256, 4
     spec = jax.ShapeDtypeStruct((n, d), jnp.float32, sharding=sharding.batch_sharding(mesh))
     scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))
@@ -319,7 +319,7 @@ def test_multi_positive_losses_match_float64(kind, logit_scale):
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("chunked", [False, True])
 def test_unique_captions_give_bitwise_the_one_positive_loss(kind, chunked):
-    mesh = sharding.make_mesh({"data": 8})
+    mesh = meshes.make_mesh({"data": 8})
     img, txt = _embeddings(32, 8, seed=12)
     neg = _hard_negatives(img, seed=13)
     tokens = _label_tokens(np.arange(32))  # every caption different
@@ -361,7 +361,7 @@ def test_softmax_targets_change_nothing_when_identical_captions_embed_identicall
     "mesh_shape, with_negatives", [({"data": 8}, False), ({"data": 2, "fsdp": 4}, True)]
 )
 def test_ring_multi_positive_loss_equals_global_loss(kind, mesh_shape, with_negatives):
-    mesh = sharding.make_mesh(mesh_shape)
+    mesh = meshes.make_mesh(mesh_shape)
     img, txt = _embeddings(32, 8, seed=16)
     neg = _hard_negatives(img, seed=17) if with_negatives else None
     # Identical captions on different devices, and on the same device.

@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 from test_layers import constraint_specs
 
-from diffusion import sharding
+from diffusion import meshes, sharding
 from diffusion.models import DIT_VARIANTS, DiT, blocks, dit_config, layers
 from diffusion.models.dit import AdaLNModulation, DiTBlock, modulate
 
@@ -357,7 +357,7 @@ def test_logical_axes_snapshot(name, overrides):
 
 def test_parameters_are_created_sharded_as_the_logical_rules_say():
     """Each parameter's sharding follows its logical names through the default rules."""
-    mesh = sharding.make_mesh({"fsdp": 2, "tensor": 4})
+    mesh = meshes.make_mesh({"fsdp": 2, "tensor": 4})
     model = sharding.create_sharded(lambda: DiT(tiny(scan_layers=True), rngs=nnx.Rngs(0)), mesh)
     kernel = model.blocks.blocks.mlp.fc1.kernel  # ('layers', 'embed', 'mlp')
     assert kernel.get_value().sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
@@ -380,7 +380,7 @@ def mesh_inputs(batch=8, length=6):
 
 def grads_on_mesh(mesh_shape):
     """(loss, {path: gradient}, {path: PartitionSpec}) of a random-weight tiny DiT on a mesh."""
-    mesh = sharding.make_mesh(mesh_shape, devices=jax.devices()[: math.prod(mesh_shape.values())])
+    mesh = meshes.make_mesh(mesh_shape, devices=jax.devices()[: math.prod(mesh_shape.values())])
     # Width 64: at width 32 XLA partitions differently and the bug below did not show.
     config = tiny(width=64)
     init = lambda: perturb(DiT(config, rngs=nnx.Rngs(0)))
@@ -419,7 +419,7 @@ def test_activations_constrained_with_the_divisibility_fallback(scan_layers, cap
     inputs = mesh_inputs(batch=6)
     apply = lambda state, *inputs: nnx.merge(graphdef, state)(*inputs)
     reference = jax.jit(apply)(state, *inputs)
-    mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
+    mesh = meshes.make_mesh({"data": 2, "fsdp": 4})
     with sharding.activate(mesh):
         specs = constraint_specs(jax.make_jaxpr(apply)(state, *inputs).jaxpr)
         out = jax.jit(apply)(state, *inputs)

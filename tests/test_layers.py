@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from diffusion import sharding
+from diffusion import meshes, sharding
 from diffusion.models import attention, blocks, embeddings, layers, patches
 
 
@@ -245,7 +245,7 @@ def test_mlp_constrains_its_hidden_units_only_under_active_rules():
     mlp = layers.MLP(4, 16, rngs=nnx.Rngs(0))
     x = jnp.asarray(np.random.default_rng(7).normal(size=(8, 3, 4)), jnp.float32)
     assert constraint_specs(jax.make_jaxpr(mlp)(x).jaxpr) == []  # no mesh, no rules: a no-op
-    mesh = sharding.make_mesh({"data": 2, "tensor": 4})
+    mesh = meshes.make_mesh({"data": 2, "tensor": 4})
     with sharding.activate(mesh):
         specs = constraint_specs(jax.make_jaxpr(mlp)(x).jaxpr)
         y = nnx.jit(lambda mlp, x: mlp(x))(mlp, x)

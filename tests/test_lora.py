@@ -22,7 +22,7 @@ from flax import nnx
 from safetensors import safe_open
 
 from configs import base_video_dit, moving_shapes
-from diffusion import families, metrics, param_export, rundir, sharding, training
+from diffusion import families, meshes, metrics, param_export, rundir, sharding, training
 from diffusion.errors import UserError
 from diffusion.families import video_dit as video_dit_family
 from diffusion.hf import wan_lora
@@ -369,7 +369,7 @@ def test_the_sharded_train_step_updates_the_adapters_alone_with_optimizer_state_
         del frozen, key
         return jnp.mean(jnp.square(model(batch["x"], t, context) - batch["x"])), {}
 
-    mesh = sharding.mesh_from_config({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])
+    mesh = meshes.mesh_from_config({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])
     step = TrainStep(
         lambda: video_dit.VideoDiT(config, rngs=nnx.Rngs(0)), loss_fn, optax.adam(1e-2), mesh,
         seed=0, ema_decay=0.5, trainable=lora.is_adapter_path,
@@ -433,7 +433,7 @@ def test_a_lora_fine_tune_trains_the_adapters_alone_and_exports_them(runs, tmp_p
     assert moved == len(lora.TARGETS)  # no B left zero
 
     # Sampling loads the run merged: no adapters, the adapted model's function.
-    run = dit_pipeline.load_dit_run(workdir, conditioning="text", mesh=sharding.mesh_from_config(
+    run = dit_pipeline.load_dit_run(workdir, conditioning="text", mesh=meshes.mesh_from_config(
         ONE_DEVICE, jax.devices()[:1]))  # fmt: skip
     assert run.dit.config.lora_rank == 0 and not lora.adapters_of(run.dit)
     x = jax.random.normal(jax.random.key(0), (1, 8, 32, 32, 3))

@@ -21,7 +21,7 @@ from conftest import single_device_env
 from PIL import Image
 from test_text2image import train_tiny_runs
 
-from diffusion import inference, sharding
+from diffusion import inference, meshes
 from diffusion.errors import UserError
 from diffusion.inference import grids
 
@@ -127,7 +127,7 @@ def test_jsonl_fields_override_the_defaults(pipeline, tmp_path):
 
 def test_stop_ends_the_job_after_the_batch_in_flight_and_a_rerun_finishes_it(run_dir, tmp_path):
     """A pipeline's SIGTERM (`stop`): the batches made so far are kept and listed, no grid."""
-    one_device = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+    one_device = meshes.make_mesh({"data": 1}, jax.devices()[:1])
     pipe = inference.TextToImage.from_run(run_dir, mesh=one_device, micro_batch=1)
     items = inference.read_prompt_file(write(tmp_path / "p.txt", PROMPTS_TXT), num_per_prompt=3)
     out = str(tmp_path / "out")

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from diffusion import sharding
+from diffusion import meshes, sharding
 from diffusion.errors import UserError
 from diffusion.models import DiT, VideoDiT, attention, dit_config, video_dit_config
 
@@ -111,7 +111,7 @@ def assert_equals_the_core(implementation, mesh, q, k, v, mask, key_spec) -> str
 
 
 def make_mesh(shape):
-    return sharding.make_mesh(shape, devices=jax.devices()[: math.prod(shape.values())])
+    return meshes.make_mesh(shape, devices=jax.devices()[: math.prod(shape.values())])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import AxisType, PartitionSpec
 
 from configs import common
-from diffusion import checkpoints, models, sharding
+from diffusion import checkpoints, meshes, models, sharding
 from diffusion import config as config_lib
 from diffusion.errors import UserError
 from diffusion.models import layers, wan_vae
@@ -28,7 +28,7 @@ P = PartitionSpec
 
 def _mesh(name: str):
     devices = jax.devices()[:1] if name == "1" else None
-    return sharding.make_mesh(worker.MESHES[name], devices=devices)
+    return meshes.make_mesh(worker.MESHES[name], devices=devices)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -48,7 +48,7 @@ def _mesh(name: str):
     ],
 )
 def test_make_mesh_shapes(shape, devices, expected):
-    mesh = sharding.make_mesh(shape, devices=jax.devices()[:devices])
+    mesh = meshes.make_mesh(shape, devices=jax.devices()[:devices])
     assert dict(mesh.shape) == expected
     assert mesh.axis_names == tuple(shape)
     assert all(t == AxisType.Auto for t in mesh.axis_types)
@@ -68,29 +68,29 @@ def test_make_mesh_shapes(shape, devices, expected):
 )
 def test_make_mesh_rejects_impossible_shapes(shape, message):
     with pytest.raises(ValueError, match=message):
-        sharding.make_mesh(shape)
+        meshes.make_mesh(shape)
 
 
 def test_make_mesh_rejects_bad_dcn_shape():
     with pytest.raises(ValueError, match="not in mesh_shape"):
-        sharding.make_mesh({"data": -1}, dcn_mesh_shape={"tensor": 2})
+        meshes.make_mesh({"data": -1}, dcn_mesh_shape={"tensor": 2})
     with pytest.raises(ValueError, match="3 slices/processes.*8 devices"):
-        sharding.make_mesh({"data": -1}, dcn_mesh_shape={"data": 3})
+        meshes.make_mesh({"data": -1}, dcn_mesh_shape={"data": 3})
 
 
 def test_mesh_from_config_uses_the_config_fields():
-    mesh = sharding.mesh_from_config({"data": -1, "fsdp": 2, "tensor": 2, "dcn_data": 1})
+    mesh = meshes.mesh_from_config({"data": -1, "fsdp": 2, "tensor": 2, "dcn_data": 1})
     # A section without 'sequence' (a config.json from before the axis) gets a size-1 axis.
     assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "sequence": 1, "tensor": 2}
     assert mesh.axis_names == sharding.MESH_AXES
-    mesh = sharding.mesh_from_config({**common.mesh_config(), "sequence": 4})
+    mesh = meshes.mesh_from_config({**common.mesh_config(), "sequence": 4})
     assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "sequence": 4, "tensor": 1}
     assert common.mesh_config().sequence == 1  # every recipe's mesh is unchanged by default
 
 
 def test_a_sequence_size_that_does_not_fit_is_named():
     with pytest.raises(UserError, match=r"'sequence': 3.*--config.mesh.data/fsdp/sequence/tensor"):
-        sharding.mesh_from_config({**common.mesh_config(), "sequence": 3})
+        meshes.mesh_from_config({**common.mesh_config(), "sequence": 3})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -354,7 +354,7 @@ def test_state_is_created_directly_sharded_never_whole_on_one_device():
     init = lambda: worker.ToyModel(nnx.Rngs(0))
     stats = {}
     for name in ("8data", "fsdp8"):
-        mesh = sharding.make_mesh({"fsdp": 8} if name == "fsdp8" else {"data": 8})
+        mesh = meshes.make_mesh({"fsdp": 8} if name == "fsdp8" else {"data": 8})
         jitted_init, _, _ = sharding.sharded_initializer(init, mesh)
         with sharding.activate(mesh):
             stats[name] = jitted_init.lower().compile().memory_analysis()
@@ -370,7 +370,7 @@ def test_state_is_created_directly_sharded_never_whole_on_one_device():
 def test_fsdp_train_state_costs_about_one_nth_per_device():
     per_device, compiled = {}, {}
     for name in ("8data", "fsdp8"):
-        mesh = sharding.make_mesh({"fsdp": 8} if name == "fsdp8" else {"data": 8})
+        mesh = meshes.make_mesh({"fsdp": 8} if name == "fsdp8" else {"data": 8})
         trainer = worker.ToyTrainer(mesh)
         state = trainer.init_state()
         device = jax.devices()[0]
@@ -552,7 +552,7 @@ def test_logical_constraint_is_a_no_op_inside_shard_map():
     the model's activation constraints must step aside, not fail to trace."""
     from jax.sharding import PartitionSpec
 
-    mesh = sharding.make_mesh({"data": 8}, devices=jax.devices())
+    mesh = meshes.make_mesh({"data": 8}, devices=jax.devices())
 
     def per_device(x):
         return sharding.with_logical_constraint(x, ("activation_batch", None)) * 2

@@ -21,7 +21,7 @@ from flax import nnx
 from test_trainer import tiny
 
 from diffusion import data as data_lib
-from diffusion import inference, models, param_export, rundir, sharding, training
+from diffusion import inference, meshes, models, param_export, rundir, training
 from diffusion.errors import UserError
 from diffusion.families import dit as dit_family
 
@@ -90,7 +90,7 @@ def pipeline(runs):
 
 
 def one_device_mesh():
-    return sharding.make_mesh({"data": 1}, jax.devices()[:1])
+    return meshes.make_mesh({"data": 1}, jax.devices()[:1])
 
 
 def test_loads_a_run_and_returns_uint8_images(pipeline):

@@ -13,7 +13,7 @@ import pytest
 from conftest import xla_flags
 
 from configs import base_clip, base_dit
-from diffusion import checkpoints, families, metrics, optim, rundir, sharding, training
+from diffusion import checkpoints, families, meshes, metrics, optim, rundir, training
 from diffusion import data as data_lib
 from diffusion.families import dit as dit_family
 from diffusion.pipeline.periodic import PeriodicEvaluation
@@ -123,7 +123,7 @@ def _abstract_state(config, workdir):
 
     source, builder = inputs.prepare_source(config.data, config.seed)
     tokenizer = data_lib.load_tokenizer(os.path.join(config.tokenizer.path))
-    mesh = sharding.mesh_from_config(config.mesh, jax.devices()[:8])
+    mesh = meshes.mesh_from_config(config.mesh, jax.devices()[:8])
     build, frozen = training.build_model(config, inputs.data_facts(config, tokenizer, 16), mesh)
     tx = optim.make_optimizer(config.optimizer, total_steps=config.training.num_steps)
     t = TrainStep(build.init_model, build.loss_fn, tx, mesh, seed=0, ema_decay=0.9, frozen=frozen)
@@ -134,7 +134,7 @@ def _model_flops(config, clip_run, mesh="1"):
     from diffusion import data as data_lib
 
     tokenizer = data_lib.load_tokenizer(os.path.join(clip_run, "tokenizer"))
-    mesh = sharding.mesh_from_config(MESHES[mesh][0], jax.devices()[: MESHES[mesh][1]])
+    mesh = meshes.mesh_from_config(MESHES[mesh][0], jax.devices()[: MESHES[mesh][1]])
     facts = inputs.data_facts(config, tokenizer, 16)
     build, frozen = training.build_model(config, facts, mesh)
     tx = optim.make_optimizer(config.optimizer, total_steps=config.training.num_steps)
@@ -192,7 +192,7 @@ def test_mfu_numerator_of_a_class_conditional_dit_matches_the_closed_form(data_d
     step (norms, GELU, AdamW, EMA) is elementwise and small."""
     config = dit_config(data_dir, clip_run)
     config.model.num_classes = 10
-    mesh = sharding.mesh_from_config(MESHES["1"][0], jax.devices()[:1])
+    mesh = meshes.mesh_from_config(MESHES["1"][0], jax.devices()[:1])
     facts = families.DataFacts.from_config(config, 16)
     build = dit_family.build(config, facts, mesh, None)
     c = build.model_config

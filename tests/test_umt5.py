@@ -90,9 +90,9 @@ def test_token_states_equal_transformers_with_padding(saved):
 
 def test_weights_are_placed_on_their_shards_on_a_mesh(saved):
     directory, _ = saved
-    from diffusion import sharding
+    from diffusion import meshes, sharding
 
-    mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 4}, jax.devices()[:8])
+    mesh = meshes.make_mesh({"data": 1, "fsdp": 2, "tensor": 4}, jax.devices()[:8])
     encoder, config = load_hf_umt5(directory, mesh=mesh)
     query = encoder.blocks[0].attention.query[...]  # (width, heads, head_dim)
     spec = tuple(query.sharding.spec)

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 from test_dit import snapshot_check
 
-from diffusion import sharding
+from diffusion import meshes, sharding
 from diffusion.errors import UserError
 from diffusion.models import blocks, layers, patches, rope
 from diffusion.models.video_dit import (
@@ -235,7 +235,7 @@ def test_every_parameter_has_logical_axes_and_their_snapshot(scan_layers):
 def sharded_loss_and_grads(mesh_shape, model, inputs):
     """(loss, {path: gradient}, {path: PartitionSpec}) of the model on a mesh, default rules."""
     devices = jax.devices()[: int(np.prod(list(mesh_shape.values())))]
-    mesh = sharding.make_mesh(mesh_shape, devices=devices)
+    mesh = meshes.make_mesh(mesh_shape, devices=devices)
     graphdef, state = sharding.create_sharded_state(lambda: model, mesh)
     x, t, context = sharding.shard_batch(inputs, mesh)
     loss = lambda state: jnp.mean(nnx.merge(graphdef, state)(x, t, context) ** 2)

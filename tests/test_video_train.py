@@ -21,7 +21,16 @@ from PIL import Image
 
 from configs import base_clip, moving_shapes
 from diffusion import data as data_lib
-from diffusion import families, inference, metrics, models, rundir, schedules, sharding, training
+from diffusion import (
+    families,
+    inference,
+    meshes,
+    metrics,
+    models,
+    rundir,
+    schedules,
+    training,
+)
 from diffusion.errors import UserError
 from diffusion.families import clip as clip_family
 from diffusion.families import dit as dit_family
@@ -247,7 +256,7 @@ def video_pipe(video_run):
 
 
 def one_device_mesh():
-    return sharding.make_mesh({"data": 1}, jax.devices()[:1])
+    return meshes.make_mesh({"data": 1}, jax.devices()[:1])
 
 
 def reference_clip(video_run, clip_run, prompt, seed, scale, steps):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from diffusion import config as config_lib
-from diffusion import sharding
+from diffusion import meshes
 from diffusion.inference import batch_io, sample_to_directory
 from diffusion.inference.settings import SamplingError
 from diffusion.inference.wan_directory import wan_levels
@@ -150,7 +150,7 @@ def test_text_encoder_sharded_over_fsdp_and_tensor_gives_the_same_states(wan, ou
     """umT5 weights split over a (data 2, fsdp 2, tensor 2) mesh as they are read; the states
     equal the replicated encoder's up to the reduction order (measured 8e-7). Clips sampled from
     them may differ by one uint8 level: byte-identical clips need the same mesh."""
-    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    mesh = meshes.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     sharded = WanTextToVideo.from_diffusers(
         wan[0], mesh, num_frames=FRAMES, height=HEIGHT, width=WIDTH
     )

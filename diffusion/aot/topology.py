@@ -13,7 +13,7 @@ from typing import Any
 
 import jax
 
-from diffusion import metrics, sharding
+from diffusion import meshes, metrics, sharding
 from diffusion.aot.programs import AOTError, autoencoder_config, build_programs
 
 GIB = 1024**3
@@ -180,8 +180,8 @@ def _program_report(jitted, args, mesh, rules, hbm, peak, bandwidth) -> dict[str
 
 
 def mesh_shape_of(config, num_devices: int, override: Mapping[str, int] | None = None):
-    shape = dict(override) if override else sharding.mesh_shape_from_config(config.mesh)
-    return sharding.resolve_mesh_shape(shape, num_devices)
+    shape = dict(override) if override else meshes.mesh_shape_from_config(config.mesh)
+    return meshes.resolve_mesh_shape(shape, num_devices)
 
 
 def compile_for_topology(
@@ -214,7 +214,7 @@ def compile_for_topology(
     peak = _peak_per_chip(devices[0]) / per_chip
     bandwidth = HBM_BANDWIDTH_BY_CHIP[chip] / per_chip
     shape = mesh_shape_of(config, len(devices), mesh_shape)
-    mesh = sharding.make_mesh(shape, devices=devices)
+    mesh = meshes.make_mesh(shape, devices=devices)
     programs = build_programs(config, mesh, sample_batch=sample_batch)
     rules = programs.train_step.rules
     limits = (hbm, peak, bandwidth)

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from diffusion import guidance, optim, sharding
+from diffusion import guidance, meshes, optim, sharding
 from diffusion.aot.programs import AOTError
 from diffusion.aot.topology import (
     GIB,
@@ -137,7 +137,7 @@ def video_mesh(devices, sequence: int):
     if sequence < 1 or len(devices) % sequence:
         raise AOTError(f"sequence={sequence} does not divide the slice's {len(devices)} devices")
     shape = {"data": 1, "fsdp": len(devices) // sequence, "sequence": sequence, "tensor": 1}
-    return sharding.make_mesh(shape, devices=devices)
+    return meshes.make_mesh(shape, devices=devices)
 
 
 def model_config(row: VideoRow, **overrides):

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from diffusion import checkpoints, models, rundir, sharding
+from diffusion import checkpoints, meshes, models, rundir, sharding
 from diffusion.data.latents import LatentEncoding
 from diffusion.errors import UserError
 from diffusion.families import dit as dit_family
@@ -55,7 +55,7 @@ SAMPLED_FAMILIES = ("dit", "video_dit")
 
 def default_mesh() -> Mesh:
     """All devices on the data axis: sampling is data parallel."""
-    return sharding.make_mesh({"data": -1})
+    return meshes.make_mesh({"data": -1})
 
 
 def _check_resolution(resolution, patch_size: int) -> None:

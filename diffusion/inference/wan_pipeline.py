@@ -47,7 +47,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from diffusion import guidance, samplers, sharding
+from diffusion import guidance, meshes, samplers, sharding
 from diffusion.hf.umt5 import load_hf_umt5
 from diffusion.hf.wan_transformer import load_diffusers_wan_transformer
 from diffusion.hf.wan_vae import load_diffusers_wan_vae
@@ -245,7 +245,7 @@ class WanTextToVideo:
     ):
         self.run_dir = directory
         self.micro_batch = _check_count(micro_batch, "micro_batch")
-        self.mesh = mesh if mesh is not None else sharding.make_mesh({"data": -1})
+        self.mesh = mesh if mesh is not None else meshes.make_mesh({"data": -1})
         self.flow_shift = float(flow_shift)
         self.num_train_timesteps = int(num_train_timesteps)
         self.max_sequence_length = _check_count(max_sequence_length, "max_sequence_length")
@@ -295,7 +295,7 @@ class WanTextToVideo:
         """
         check_wan_directory(directory)
         flow_shift, num_train_timesteps = read_scheduler(directory)
-        mesh = mesh if mesh is not None else sharding.make_mesh({"data": -1})
+        mesh = mesh if mesh is not None else meshes.make_mesh({"data": -1})
         execution = dict(dtype=dtype, param_dtype=param_dtype)
         transformer, _ = load_diffusers_wan_transformer(
             os.path.join(directory, "transformer"), **execution
@@ -549,7 +549,7 @@ def from_recipe(config) -> WanTextToVideo:
     s = config.sampling
     return WanTextToVideo.from_diffusers(
         config.weights,
-        sharding.make_mesh(dict(config.mesh)),
+        meshes.make_mesh(dict(config.mesh)),
         micro_batch=config.micro_batch,
         num_frames=s.num_frames,
         height=s.height,

@@ -19,7 +19,7 @@ import numpy as np
 import tqdm
 from flax import nnx
 
-from diffusion import checkpoints, families, metrics, optim, param_export, rundir, sharding
+from diffusion import checkpoints, families, meshes, metrics, optim, param_export, rundir, sharding
 from diffusion import data as data_lib
 from diffusion.data.tokenizer import save_tokenizer
 from diffusion.errors import NonFiniteError, UserError
@@ -89,7 +89,7 @@ def train(
     if t.nan_policy not in NAN_POLICIES:
         raise UserError(f"config.training.nan_policy={t.nan_policy!r}; valid: stop, skip.")
     family = families.get(config.family)
-    mesh = sharding.mesh_from_config(config.mesh, devices)
+    mesh = meshes.mesh_from_config(config.mesh, devices)
     sharding.rules_from_config(config.mesh)  # a bad rule is named before any work
     families.check_global_batch(t.global_batch_size, mesh)
     input_options = family.input_options(config)
