@@ -1,6 +1,7 @@
 """Evaluation: the shapes attribute oracle, CLIP metrics, held-out examples, the evaluate.py
 driver and its HTML report."""
 
+from diffusion.evaluation.checks import negative_check_scale
 from diffusion.evaluation.clip_metrics import (
     POSITION_PHRASES,
     ClipEncoder,
@@ -18,7 +19,6 @@ from diffusion.evaluation.clip_metrics import (
 from diffusion.evaluation.evaluator import (
     EvaluationOptions,
     evaluate_checkpoint,
-    negative_check_scale,
     parse_guidance_scales,
     parse_samplers,
 )

@@ -19,11 +19,11 @@ import ml_collections
 
 from diffusion import encoding, rundir
 from diffusion.errors import UserError
+from diffusion.evaluation.checks import negative_check_scale
 from diffusion.evaluation.evaluator import (
     EvaluationOptions,
     EvaluationStopped,
     evaluate_checkpoint,
-    negative_check_scale,
     parse_samplers,
 )
 from diffusion.inference import GRID, PromptItem, TextToImage, sample_to_directory
