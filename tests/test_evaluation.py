@@ -4,7 +4,9 @@ Truths: the dataset's own renderer and labels (the oracle must read back what wa
 closed-form Frechet distance between Gaussians, float64 loops for CLIP score and zero-shot.
 """
 
+import dataclasses
 import itertools
+import types
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import pytest
 from diffusion import evaluation
 from diffusion.data import shapes
 from diffusion.errors import UserError
-from diffusion.evaluation import report
+from diffusion.evaluation import report, sweep
 
 # ---------------------------------------------------------------------------------------------
 # Oracle
@@ -280,6 +282,78 @@ def test_negative_check_uses_a_scale_where_the_negative_prompt_acts():
     assert evaluation.negative_check_scale(4.0, (1.0, 4.0)) == 4.0
     assert evaluation.negative_check_scale(1.0, (1.0, 2.0, 6.0)) == 6.0
     assert evaluation.negative_check_scale(1.0, (1.0,)) == 3.0
+
+
+def test_best_setting_takes_the_highest_score_and_breaks_ties_by_the_mean():
+    def result(primary, shape, color, grid):
+        return {"accuracy": {"shape": shape, "color": color, "all": primary}, "grid": grid}
+
+    samples = {
+        "euler:20": {"1": result(0.5, 0.9, 0.9, "a"), "4": result(0.75, 0.5, 0.5, "b")},
+        "ddim:50": {"4": result(0.75, 1.0, 0.75, "c"), "6": result(0.75, 1.0, 0.75, "d")},
+    }
+
+    def score(r):
+        return sweep.accuracy_score(r["accuracy"], "all", ("shape", "color"))
+
+    best = sweep.best_setting(samples, score, drop="grid")
+    # ddim:50 at 4 and 6 tie on both: the first of the sweep wins; the grid is left out.
+    assert best == {
+        "sampler": "ddim:50",
+        "guidance_scale": 4.0,
+        "accuracy": {"shape": 1.0, "color": 0.75, "all": 0.75},
+    }
+    assert list(best) == ["sampler", "guidance_scale", "accuracy"]
+
+
+class _FakePipe:
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, conditions, **kwargs):
+        self.calls.append(kwargs)
+        return [f"{c}@{kwargs['sampler']}:{kwargs['guidance_scale']:g}" for c in conditions]
+
+
+def test_settings_of_split_samples_every_setting_in_order_and_stops_when_asked():
+    options = types.SimpleNamespace(guidance_scales=(1.0, 4.0), batch_size=8, splits=("test",))
+    samplers = (("euler", 20), ("ddim", 50))
+    progress = types.SimpleNamespace(n=0)
+    progress.update = lambda k: setattr(progress, "n", progress.n + k)
+    pipe = _FakePipe()
+    seen = []
+    for setting, outputs, seconds in sweep.settings_of_split(
+        pipe, "test", ["a", "b"], samplers, options, progress
+    ):
+        assert progress.n == len(seen)  # moved on only once the caller is done with a setting
+        assert seconds >= 0
+        seen.append((dataclasses.astuple(setting), outputs))
+    assert progress.n == 4
+    assert [s for s, _ in seen] == [
+        ("test", "euler", 20, 1.0),
+        ("test", "euler", 20, 4.0),
+        ("test", "ddim", 50, 1.0),
+        ("test", "ddim", 50, 4.0),
+    ]
+    assert seen[1][1] == ["a@euler:4", "b@euler:4"]
+    assert all(call["seeds"] == [0, 1] and call["batch_size"] == 8 for call in pipe.calls)
+
+    setting = sweep.Setting("test", "euler", 20, 4.0)
+    assert setting.place == ("euler:20", "4")
+    assert setting.file_stem == "test_euler-20_cfg4"
+    assert setting.title == "test: euler 20 steps, guidance 4"
+    assert setting.gallery_tags == {"split": "test", "sampler": "euler:20", "scale": 4.0}
+    samples = {}
+    setting.store(samples, {"seconds": 1.0})
+    assert samples == {"euler:20": {"4": {"seconds": 1.0}}}
+
+    asked = iter([False, True])
+    settings = sweep.settings_of_split(
+        _FakePipe(), "test", ["a"], samplers, options, progress, stop=lambda: next(asked)
+    )
+    next(settings)
+    with pytest.raises(sweep.EvaluationStopped, match="stopped before test euler 4.0"):
+        next(settings)
 
 
 def test_save_grid_layout(tmp_path):
