@@ -9,37 +9,14 @@ written as GIF and MP4 for the report.
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
-import tqdm
 
-from diffusion.evaluation import video_oracle
+from diffusion.evaluation import sweep, video_oracle
 from diffusion.evaluation.held_out import load_split_examples
-from diffusion.evaluation.sweep import (
-    DEFAULT_SAMPLER,
-    EvaluationStopped,
-    sampler_key,
-    scale_key,
-)
 from diffusion.inference import video_files
 from diffusion.inference.batch_io import DEFAULT_FPS
 from diffusion.inference.text2image import TextToImage
-
-
-def best_setting(samples: dict) -> dict:
-    """The (sampler, scale) whose clips are read right most often ("all"), ties to the higher
-    mean attribute accuracy."""
-    candidates = []
-    for sampler, by_scale in samples.items():
-        for scale, result in by_scale.items():
-            accuracy = result["accuracy"]
-            mean = np.mean([accuracy[a] for a in video_oracle.ATTRIBUTES])
-            candidates.append(((accuracy["all"], mean), sampler, float(scale), result))
-    _, sampler, scale, result = max(candidates, key=lambda c: c[0])
-    return {"sampler": sampler, "guidance_scale": scale} | {
-        k: v for k, v in result.items() if k != "clips"
-    }
 
 
 def clip_gallery(title, directory, output_dir, clips, captions, reading, labels, count, fps):
@@ -63,6 +40,12 @@ def clip_gallery(title, directory, output_dir, clips, captions, reading, labels,
     return {"title": title, "items": items, "clips": True}
 
 
+def setting_score(result: dict) -> tuple[float, float]:
+    """How the best setting is chosen: the clips read right most often ("all"), ties to the
+    higher mean attribute accuracy."""
+    return sweep.accuracy_score(result["accuracy"], "all", video_oracle.ATTRIBUTES)
+
+
 def split_labels(examples) -> dict[str, np.ndarray]:
     """The six clip attributes of a moving-shapes split, as label indices."""
     return {a: examples.labels[a] for a in video_oracle.ATTRIBUTES}
@@ -79,31 +62,15 @@ def evaluate_video_dit_run(
     temporal_consistency: {consistency, background_change}, seconds}}}, best: {...}}.
     """
     pipe = TextToImage.from_run(checkpoint)
-    samplers = options.samplers or (DEFAULT_SAMPLER[pipe.objective],)
-    for name, steps in samplers:  # unknown names for this objective fail before any work
-        pipe.settings(sampler=name, steps=steps)
-    metrics = {
-        "checkpoint_step": pipe.checkpoint_step,
-        "resolution": pipe.image_size,
-        "frames": pipe.frames,
-        "objective": pipe.objective,
-        "guidance_scales": list(options.guidance_scales),
-        "samplers": [sampler_key(*s) for s in samplers],
-        "splits": {},
-    }
+    samplers = sweep.checked_samplers(pipe, options.samplers)
+    metrics = sweep.metrics_head(pipe, samplers, options, dimensions={"frames": pipe.frames})
     galleries = []
-    progress = tqdm.tqdm(
-        total=len(options.splits) * len(samplers) * len(options.guidance_scales),
-        desc="evaluate",
-        unit="setting",
-        dynamic_ncols=True,
-    )
+    progress = sweep.progress_bar(options, samplers)
     for split in options.splits:
         examples = load_split_examples(
             config.data, config.seed, split, options.num_samples, options.source_data_dir
         )
         labels, captions = split_labels(examples), examples.captions
-        seeds = list(range(len(captions)))  # sample i always uses seed i: paired comparisons
         real_reading = video_oracle.read_clips(examples.images)
         entry = {
             "num_samples": len(captions),
@@ -113,41 +80,25 @@ def evaluate_video_dit_run(
             },
             "samples": {},
         }
-        for sampler, steps in samplers:
-            by_scale = entry["samples"].setdefault(sampler_key(sampler, steps), {})
-            for scale in options.guidance_scales:
-                if stop is not None and stop():
-                    raise EvaluationStopped(f"stopped before {split} {sampler} {scale}")
-                start = time.perf_counter()
-                clips = pipe.generate(
-                    captions,
-                    seeds=seeds,
-                    sampler=sampler,
-                    steps=steps,
-                    guidance_scale=scale,
-                    batch_size=options.batch_size,
-                )
-                seconds = time.perf_counter() - start
-                reading = video_oracle.read_clips(clips)
-                key = f"{split}_{sampler}-{steps}_cfg{scale_key(scale)}"
-                by_scale[scale_key(scale)] = {
+        settings = sweep.settings_of_split(pipe, split, captions, samplers, options, progress, stop)
+        for setting, clips, seconds in settings:
+            reading = video_oracle.read_clips(clips)
+            setting.store(
+                entry["samples"],
+                {
                     "accuracy": video_oracle.video_accuracy(reading, labels),
                     "temporal_consistency": video_oracle.temporal_consistency(reading),
                     "seconds": seconds,
-                    "clips": f"clips/{key}",
-                }
-                title = f"{split}: {sampler} {steps} steps, guidance {scale_key(scale)}"
-                directory = os.path.join(output_dir, "clips", key)
-                gallery = clip_gallery(
-                    title, directory, output_dir, clips, captions, reading, labels,
-                    options.grid_size, DEFAULT_FPS,
-                )  # fmt: skip
-                galleries.append(
-                    gallery
-                    | {"split": split, "sampler": sampler_key(sampler, steps), "scale": scale}
-                )
-                progress.update(1)
-        entry["best"] = best_setting(entry["samples"])
+                    "clips": f"clips/{setting.file_stem}",
+                },
+            )
+            directory = os.path.join(output_dir, "clips", setting.file_stem)
+            gallery = clip_gallery(
+                setting.title, directory, output_dir, clips, captions, reading, labels,
+                options.grid_size, DEFAULT_FPS,
+            )  # fmt: skip
+            galleries.append(gallery | setting.gallery_tags)
+        entry["best"] = sweep.best_setting(entry["samples"], setting_score, drop="clips")
         metrics["splits"][split] = entry
     progress.close()
     return metrics, galleries
