@@ -10,17 +10,14 @@ random initialisation, so its accuracy measures nothing the model learnt (evalua
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
-import tqdm
 
 from diffusion.data.classes import ClassSpace
 from diffusion.errors import UserError
-from diffusion.evaluation import report
+from diffusion.evaluation import report, sweep
 from diffusion.evaluation.held_out import load_split_examples
 from diffusion.evaluation.shapes_oracle import VOCABULARIES, OracleReading, read_attributes
-from diffusion.evaluation.sweep import DEFAULT_SAMPLER, sampler_key, scale_key
 from diffusion.inference import ClassToImage
 
 
@@ -52,22 +49,16 @@ def per_class_accuracy(reading, asked, class_ids, classes: ClassSpace) -> dict[s
     }
 
 
-def _best(samples: dict) -> dict:
-    """The (sampler, scale) with the highest class accuracy; ties: the higher mean feature one."""
-    candidates = []
-    for sampler, by_scale in samples.items():
-        for scale, result in by_scale.items():
-            accuracy = result["accuracy"]
-            features = [v for k, v in accuracy.items() if k != "class"]
-            score = (accuracy["class"], float(np.mean(features)))
-            candidates.append((score, sampler, float(scale), result))
-    _, sampler, scale, result = max(candidates, key=lambda c: c[0])
-    best = {"sampler": sampler, "guidance_scale": scale}
-    best.update({k: v for k, v in result.items() if k != "grid"})
-    return best
+def setting_score(result: dict) -> tuple[float, float]:
+    """How the best setting is chosen: the asked class read most often, ties to the higher mean
+    feature accuracy."""
+    accuracy = result["accuracy"]
+    return sweep.accuracy_score(accuracy, "class", [f for f in accuracy if f != "class"])
 
 
-def evaluate_class_dit_run(checkpoint: str, data_config, seed: int, options, output_dir: str):
+def evaluate_class_dit_run(
+    checkpoint: str, data_config, seed: int, options, output_dir: str, stop=None
+):
     """Samples the class of each of a split's first `options.num_samples` examples (sample i with
     seed i) over the sweep and scores them -> (metrics, galleries).
 
@@ -77,31 +68,17 @@ def evaluate_class_dit_run(checkpoint: str, data_config, seed: int, options, out
         samples: {"<sampler>:<steps>": {"<scale>": {accuracy: {<feature>..., class}, seconds,
             grid}}},
         best: {sampler, guidance_scale, accuracy, seconds, per_class: {name: class accuracy}}}
+    stop: called before each setting of the sweep; True ends the evaluation (EvaluationStopped).
     """
     pipe = ClassToImage.from_run(checkpoint)
     classes = pipe.classes
     check_oracle_reads(classes)
-    samplers = options.samplers or (DEFAULT_SAMPLER[pipe.objective],)
-    for name, steps in samplers:  # unknown names for this objective fail before any work
-        pipe.settings(sampler=name, steps=steps)
-    metrics = {
-        "checkpoint_step": pipe.checkpoint_step,
-        "resolution": pipe.image_size,
-        "objective": pipe.objective,
-        "class_features": list(classes.features),
-        "num_classes": classes.num_classes,
-        "guidance_scales": list(options.guidance_scales),
-        "samplers": [sampler_key(*s) for s in samplers],
-        "splits": {},
-    }
+    samplers = sweep.checked_samplers(pipe, options.samplers)
+    described = {"class_features": list(classes.features), "num_classes": classes.num_classes}
+    metrics = sweep.metrics_head(pipe, samplers, options, model=described)
     galleries = []
     os.makedirs(os.path.join(output_dir, "grids"), exist_ok=True)
-    progress = tqdm.tqdm(
-        total=len(options.splits) * len(samplers) * len(options.guidance_scales),
-        desc="evaluate",
-        unit="setting",
-        dynamic_ncols=True,
-    )
+    progress = sweep.progress_bar(options, samplers)
     for split in options.splits:
         examples = load_split_examples(
             data_config, seed, split, options.num_samples, options.source_data_dir
@@ -112,50 +89,37 @@ def evaluate_class_dit_run(checkpoint: str, data_config, seed: int, options, out
         real = {"oracle_accuracy": class_accuracy(read_attributes(examples.images), asked)}
         entry = {"num_samples": count, "real": real, "samples": {}}
         readings = {}
-        for sampler, steps in samplers:
-            by_scale = entry["samples"].setdefault(sampler_key(sampler, steps), {})
-            for scale in options.guidance_scales:
-                start = time.perf_counter()
-                images = pipe.generate(
-                    class_ids,
-                    seeds=list(range(count)),
-                    sampler=sampler,
-                    steps=steps,
-                    guidance_scale=scale,
-                    batch_size=options.batch_size,
-                )
-                seconds = time.perf_counter() - start
-                reading = read_attributes(images)
-                readings[(sampler_key(sampler, steps), scale_key(scale))] = reading
-                name = f"{split}_{sampler}-{steps}_cfg{scale_key(scale)}.png"
-                shown = min(options.grid_size, count)
-                right = np.all([getattr(reading, f) == v for f, v in asked.items()], axis=0)
-                report.save_grid(
-                    images[:shown],
-                    os.path.join(output_dir, "grids", name),
-                    frame_colors=[report.GOOD if ok else report.BAD for ok in right[:shown]],
-                )
-                by_scale[scale_key(scale)] = {
-                    "accuracy": class_accuracy(reading, asked),
-                    "seconds": seconds,
-                    "grid": f"grids/{name}",
+        settings = sweep.settings_of_split(
+            pipe, split, class_ids, samplers, options, progress, stop
+        )
+        for setting, images, seconds in settings:
+            reading = readings[setting.place] = read_attributes(images)
+            name = f"{setting.file_stem}.png"
+            grid = f"grids/{name}"
+            shown = min(options.grid_size, count)
+            right = np.all([getattr(reading, f) == v for f, v in asked.items()], axis=0)
+            report.save_grid(
+                images[:shown],
+                os.path.join(output_dir, "grids", name),
+                frame_colors=[report.GOOD if ok else report.BAD for ok in right[:shown]],
+            )
+            setting.store(
+                entry["samples"],
+                {"accuracy": class_accuracy(reading, asked), "seconds": seconds, "grid": grid},
+            )
+            items = [
+                {
+                    "prompt": classes.name(int(class_ids[i])),
+                    "read": reading.names(i),
+                    "correct": {f: bool(getattr(reading, f)[i] == asked[f][i]) for f in asked},
                 }
-                items = [
-                    {
-                        "prompt": classes.name(int(class_ids[i])),
-                        "read": reading.names(i),
-                        "correct": {f: bool(getattr(reading, f)[i] == asked[f][i]) for f in asked},
-                    }
-                    for i in range(shown)
-                ]
-                title = f"{split}: {sampler} {steps} steps, guidance {scale_key(scale)}"
-                galleries.append(
-                    {"title": title, "image": f"grids/{name}", "items": items, "split": split}
-                    | {"sampler": sampler_key(sampler, steps), "scale": scale}
-                )
-                progress.update(1)
-        best = entry["best"] = _best(entry["samples"])
-        reading = readings[(best["sampler"], scale_key(best["guidance_scale"]))]
+                for i in range(shown)
+            ]
+            galleries.append(
+                {"title": setting.title, "image": grid, "items": items} | setting.gallery_tags
+            )
+        best = entry["best"] = sweep.best_setting(entry["samples"], setting_score, drop="grid")
+        reading = readings[(best["sampler"], sweep.scale_key(best["guidance_scale"]))]
         best["per_class"] = per_class_accuracy(reading, asked, class_ids, classes)
         metrics["splits"][split] = entry
     progress.close()
