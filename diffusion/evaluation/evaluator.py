@@ -9,17 +9,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 
 import numpy as np
-import tqdm
 
 from diffusion import metrics as metrics_lib
 from diffusion import rundir
 from diffusion.contrastive import retrieval_metrics
 from diffusion.data import shapes as shapes_lib
 from diffusion.errors import UserError
-from diffusion.evaluation import report
+from diffusion.evaluation import report, sweep
 from diffusion.evaluation.autoencoder_features import (
     AutoencoderFeatures,
     feature_autoencoder_path,
@@ -44,12 +42,6 @@ from diffusion.evaluation.shapes_oracle import (
     PROMPTED_ATTRIBUTES,
     attribute_accuracy,
     read_attributes,
-)
-from diffusion.evaluation.sweep import (
-    DEFAULT_SAMPLER,
-    EvaluationStopped,
-    sampler_key,
-    scale_key,
 )
 from diffusion.evaluation.video_evaluation import evaluate_video_dit_run
 from diffusion.inference import SAMPLERS_BY_OBJECTIVE, TextToImage
@@ -214,30 +206,16 @@ def evaluate_dit_run(
     pipe = TextToImage.from_run(checkpoint)
     if features is not None:
         features.check_resolution(pipe.image_size)
-    samplers = options.samplers or (DEFAULT_SAMPLER[pipe.objective],)
-    for name, steps in samplers:  # unknown names for this objective fail before any work
-        pipe.settings(sampler=name, steps=steps)
+    samplers = sweep.checked_samplers(pipe, options.samplers)
     clip_checkpoint = options.clip_checkpoint or config.text_encoder.checkpoint
     encoder = ClipEncoder.load(clip_checkpoint, options.batch_size)
-    metrics = {
-        "checkpoint_step": pipe.checkpoint_step,
-        "resolution": pipe.image_size,
-        "objective": pipe.objective,
-        "clip_checkpoint": os.path.abspath(clip_checkpoint),
-        "guidance_scales": list(options.guidance_scales),
-        "samplers": [sampler_key(*s) for s in samplers],
-        "splits": {},
-    }
+    scored_by = {"clip_checkpoint": os.path.abspath(clip_checkpoint)}
+    metrics = sweep.metrics_head(pipe, samplers, options, model=scored_by)
     if features is not None:
         metrics["feature_autoencoder"] = os.path.abspath(features.path)
     galleries = []
     os.makedirs(os.path.join(output_dir, "grids"), exist_ok=True)
-    progress = tqdm.tqdm(
-        total=len(options.splits) * len(samplers) * len(options.guidance_scales),
-        desc="evaluate",
-        unit="setting",
-        dynamic_ncols=True,
-    )
+    progress = sweep.progress_bar(options, samplers)
     for split in options.splits:
         examples = load_split_examples(
             _data_config(config, options),
@@ -247,7 +225,6 @@ def evaluate_dit_run(
             options.source_data_dir,
         )
         labels, captions = examples.labels, examples.captions
-        seeds = list(range(len(captions)))  # sample i always uses seed i: paired comparisons
         real_embeddings = encoder.encode_images(examples.images)
         text_embeddings = encoder.encode_texts(captions)
         real = {"clip_score": clip_score(real_embeddings, text_embeddings)}
@@ -256,62 +233,47 @@ def evaluate_dit_run(
             real["oracle_accuracy"] = attribute_accuracy(real_reading, labels)
         real_features = features.encode(examples.images) if features is not None else None
         entry = {"num_samples": len(captions), "real": real, "samples": {}}
-        for sampler, steps in samplers:
-            by_scale = entry["samples"].setdefault(sampler_key(sampler, steps), {})
-            for scale in options.guidance_scales:
-                if stop is not None and stop():
-                    raise EvaluationStopped(f"stopped before {split} {sampler} {scale}")
-                start = time.perf_counter()
-                images = pipe.generate(
-                    captions,
-                    seeds=seeds,
-                    sampler=sampler,
-                    steps=steps,
-                    guidance_scale=scale,
-                    batch_size=options.batch_size,
+        settings = sweep.settings_of_split(pipe, split, captions, samplers, options, progress, stop)
+        for setting, images, seconds in settings:
+            embeddings = encoder.encode_images(images)
+            result = {
+                "clip_score": clip_score(embeddings, text_embeddings),
+                "frechet_distance": (
+                    frechet_distance_of_features(real_embeddings, embeddings)
+                    if len(captions) >= 2
+                    else None
+                ),
+                "seconds": seconds,
+            }
+            if features is not None:
+                result["autoencoder_frechet_distance"] = (
+                    frechet_distance_of_features(real_features, features.encode(images))
+                    if len(captions) >= 2
+                    else None
                 )
-                seconds = time.perf_counter() - start
-                embeddings = encoder.encode_images(images)
-                result = {
-                    "clip_score": clip_score(embeddings, text_embeddings),
-                    "frechet_distance": (
-                        frechet_distance_of_features(real_embeddings, embeddings)
-                        if len(captions) >= 2
-                        else None
-                    ),
-                    "seconds": seconds,
-                }
-                if features is not None:
-                    result["autoencoder_frechet_distance"] = (
-                        frechet_distance_of_features(real_features, features.encode(images))
-                        if len(captions) >= 2
-                        else None
-                    )
-                reading = read_attributes(images) if labels else None
-                if reading is not None:
-                    result["accuracy"] = attribute_accuracy(reading, labels)
-                    result["open_attributes"] = open_attribute_metrics(
-                        reading, real_reading, labels, captions
-                    )
-                name = f"{split}_{sampler}-{steps}_cfg{scale_key(scale)}.png"
-                count = min(options.grid_size, len(captions))
-                report.save_grid(
-                    images[:count],
-                    os.path.join(output_dir, "grids", name),
-                    frame_colors=_frame_colors(reading, labels, count),
+            reading = read_attributes(images) if labels else None
+            if reading is not None:
+                result["accuracy"] = attribute_accuracy(reading, labels)
+                result["open_attributes"] = open_attribute_metrics(
+                    reading, real_reading, labels, captions
                 )
-                result["grid"] = f"grids/{name}"
-                by_scale[scale_key(scale)] = result
-                title = f"{split}: {sampler} {steps} steps, guidance {scale_key(scale)}"
-                galleries.append(
-                    _gallery(title, result["grid"], captions, reading, labels, count)
-                    | {"split": split, "sampler": sampler_key(sampler, steps), "scale": scale}
-                )
-                progress.update(1)
-        entry["best"] = _best_setting(entry["samples"])
+            name = f"{setting.file_stem}.png"
+            count = min(options.grid_size, len(captions))
+            report.save_grid(
+                images[:count],
+                os.path.join(output_dir, "grids", name),
+                frame_colors=_frame_colors(reading, labels, count),
+            )
+            result["grid"] = f"grids/{name}"
+            setting.store(entry["samples"], result)
+            galleries.append(
+                _gallery(setting.title, result["grid"], captions, reading, labels, count)
+                | setting.gallery_tags
+            )
+        entry["best"] = sweep.best_setting(entry["samples"], _setting_score, drop="grid")
         if labels and options.diversity_captions > 0:
             if stop is not None and stop():
-                raise EvaluationStopped(f"stopped before the diversity check of {split}")
+                raise sweep.EvaluationStopped(f"stopped before the diversity check of {split}")
             entry["diversity"], extra = diversity_check(
                 pipe, examples, split, entry["best"], options, config.seed, output_dir
             )
@@ -341,23 +303,12 @@ def _feature_autoencoder(checkpoint: str, options) -> AutoencoderFeatures | None
     return AutoencoderFeatures.load(*located, options.batch_size)
 
 
-def _best_setting(samples: dict) -> dict:
-    """The (sampler, scale) with the highest all-four accuracy; ties go to the higher mean
+def _setting_score(result: dict) -> tuple:
+    """How the best setting is chosen: the highest all-four accuracy; ties go to the higher mean
     attribute accuracy, then the higher CLIP score (the CLIP score alone without an oracle)."""
-    candidates = []
-    for sampler, by_scale in samples.items():
-        for scale, result in by_scale.items():
-            accuracy = result.get("accuracy")
-            score = (
-                (accuracy["all"], np.mean([accuracy[a] for a in PROMPTED_ATTRIBUTES]))
-                if accuracy
-                else ()
-            )
-            candidates.append((score + (result["clip_score"],), sampler, float(scale), result))
-    _, sampler, scale, result = max(candidates, key=lambda c: c[0])
-    best = {"sampler": sampler, "guidance_scale": scale}
-    best.update({k: v for k, v in result.items() if k != "grid"})
-    return best
+    accuracy = result.get("accuracy")
+    read = sweep.accuracy_score(accuracy, "all", PROMPTED_ATTRIBUTES) if accuracy else ()
+    return read + (result["clip_score"],)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,7 +373,7 @@ def evaluate_checkpoint(
                  shift_factor, posterior_std}, oracle_accuracy (of the reconstructions),
                real_oracle_accuracy} (`reconstruction.reconstruction_metrics`).
     Fractions are in [0, 1]; "all" = shape, color, size and position all right.
-    stop: a text DiT's sweep calls it before each setting; True ends the evaluation with
+    stop: a DiT's sweep calls it before each setting; True ends the evaluation with
     EvaluationStopped and writes nothing (a pipeline's SIGTERM: the rerun evaluates again).
     """
     if not os.path.exists(checkpoint):
@@ -477,7 +428,7 @@ def evaluate_checkpoint(
         metrics = {"family": "dit", "conditioning": "class"}
         metrics["checkpoint"] = os.path.abspath(checkpoint)
         dit_metrics, galleries = evaluate_class_dit_run(
-            checkpoint, _data_config(config, options), config.seed, options, output_dir
+            checkpoint, _data_config(config, options), config.seed, options, output_dir, stop
         )
         metrics.update(dit_metrics)
     else:

@@ -22,10 +22,10 @@ from diffusion.errors import UserError
 from diffusion.evaluation.checks import negative_check_scale
 from diffusion.evaluation.evaluator import (
     EvaluationOptions,
-    EvaluationStopped,
     evaluate_checkpoint,
     parse_samplers,
 )
+from diffusion.evaluation.sweep import EvaluationStopped
 from diffusion.inference import GRID, PromptItem, TextToImage, sample_to_directory
 
 
