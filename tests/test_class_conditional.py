@@ -379,3 +379,12 @@ def test_evaluate_reports_the_oracles_accuracy_of_the_asked_class(runs, tmp_path
     with open(tmp_path / "metrics.json") as f:
         assert json.load(f)["splits"]["test"]["best"]["sampler"] == "euler:2"
     assert "Accuracy of the asked class" in (tmp_path / "index.html").read_text()
+
+    # Asked to stop (a pipeline's SIGTERM) after the first setting: it ends, writing nothing.
+    from diffusion.evaluation.sweep import EvaluationStopped
+
+    answers = iter([False, True])
+    stopped = tmp_path / "stopped"
+    with pytest.raises(EvaluationStopped, match="stopped before test euler 3.0"):
+        evaluation.evaluate_checkpoint(runs["random"], str(stopped), options, lambda: next(answers))
+    assert not (stopped / "metrics.json").exists()
