@@ -200,6 +200,10 @@ def test_recipes_load_the_directory_at_their_size_and_need_weights(wan):
     pipe = from_recipe(config_lib.load_config("configs/wan21_t2v_1_3b.py", overrides))
     assert (pipe.frames, pipe.frame_shape, pipe.flow_shift) == (FRAMES, (HEIGHT, WIDTH), SHIFT)
     assert pipe.run_dir == wan[0] and dict(pipe.mesh.shape)["data"] == 8
+    assert dict(pipe.mesh.shape)["sequence"] == 1 and pipe.dit_config.attention_impl == "ulysses"
+    overrides += [("mesh.data", "2"), ("mesh.sequence", "4"), ("attention_impl", "ring")]
+    split = from_recipe(config_lib.load_config("configs/wan21_t2v_1_3b.py", overrides))
+    assert dict(split.mesh.shape)["sequence"] == 4 and split.dit_config.attention_impl == "ring"
 
 
 def test_bad_directories_and_sizes_are_refused(wan, ours, tmp_path):
@@ -220,3 +224,67 @@ def test_bad_directories_and_sizes_are_refused(wan, ours, tmp_path):
         ours.with_size(width=40)
     with pytest.raises(SamplingError, match=r"latents of shape \(1, 2, 2, 2, 4\)"):
         ours.generate(PROMPTS[:1], latents=np.zeros((1, 2, 2, 2, 4), np.float32))
+
+
+# Model-parallel sampling: the DiT's weights split over fsdp / tensor, each clip's tokens over
+# sequence (Ulysses where the heads allow, else the ring), the clips over data.
+SHARDED_MESHES = {
+    "data2 x fsdp2 x sequence2, ulysses": ({"data": 2, "fsdp": 2, "sequence": 2}, "ulysses"),
+    "data2 x tensor2 x sequence2, ring": ({"data": 2, "tensor": 2, "sequence": 2}, "ring"),
+}
+# Float32 [0, 1] pixels; only reduction orders differ between meshes (measured 4.5e-6 with
+# Ulysses on fsdp, 5.1e-6 with the ring on tensor).
+SHARDED_TOLERANCE = 1e-5
+
+
+def sharded_pipeline(directory, mesh_shape, attention_impl):
+    mesh = meshes.make_mesh({**mesh_shape})
+    return WanTextToVideo.from_diffusers(
+        directory,
+        mesh,
+        attention_impl=attention_impl,
+        num_frames=FRAMES,
+        height=HEIGHT,
+        width=WIDTH,
+    )
+
+
+def float_clips(pipe):
+    """The clips of test_clips_equal_diffusers_wan_pipeline (same compiled program on `ours`)."""
+    latent_shape = pipe.latent_shape(FRAMES, HEIGHT, WIDTH)
+    latents = np.random.default_rng(1).standard_normal((2, *latent_shape)).astype(np.float32)
+    return pipe.generate(
+        PROMPTS, NEGATIVES, latents=latents, steps=STEPS, guidance_scale=5.0, output="float"
+    )
+
+
+@pytest.mark.parametrize("name", list(SHARDED_MESHES))
+def test_model_parallel_clips_equal_the_data_parallel_ones(wan, ours, name):
+    """The DiT's weights really split (a shard holds a fraction of a kernel), its tokens split
+    over sequence, and the float clips equal those of the data=8 mesh with replicated weights."""
+    mesh_shape, attention_impl = SHARDED_MESHES[name]
+    pipe = sharded_pipeline(wan[0], mesh_shape, attention_impl)
+    kernels = [leaf for leaf in jax.tree.leaves(pipe._dit_state) if leaf.ndim >= 2]
+    assert any(k.addressable_shards[0].data.size * 2 <= k.size for k in kernels)
+    mine, expected = float_clips(pipe), float_clips(ours)
+    difference = float(np.max(np.abs(mine - expected)))
+    print(f"{name}: max abs difference with data=8: {difference:.2e}")
+    assert difference <= SHARDED_TOLERANCE, f"max abs difference {difference:.2e}"
+    assert float(np.std(expected)) > 0.05
+
+
+def test_ulysses_sampling_program_moves_tokens_with_all_to_alls(wan):
+    mesh_shape, attention_impl = SHARDED_MESHES["data2 x fsdp2 x sequence2, ulysses"]
+    pipe = sharded_pipeline(wan[0], mesh_shape, attention_impl)
+    assert "all_to_all" in pipe.lower_program(2, steps=2).as_text()
+
+
+def test_meshes_the_dit_cannot_split_are_refused_by_name(wan, ours):
+    # 2 heads split over tensor 2 leave 1 per device: Ulysses over sequence 2 needs 2.
+    with pytest.raises(SamplingError, match=r"ulysses attention.*2 heads \(1 per device.*ring"):
+        sharded_pipeline(wan[0], {"data": 2, "tensor": 2, "sequence": 2}, "ulysses")
+    with pytest.raises(SamplingError, match=r"attention_impl is 'xla'.*'ulysses' or 'ring'"):
+        sharded_pipeline(wan[0], {"data": 4, "sequence": 2}, "xla")
+    # 5 x 16 x 32 makes 4 tokens; 8 sequence devices cannot split them.
+    with pytest.raises(SamplingError, match=r"make 4 DiT tokens.*8 devices.*divides 4"):
+        sharded_pipeline(wan[0], {"sequence": 8}, "ring")
