@@ -695,7 +695,7 @@ def from_recipe(config) -> WanTextToVideo:
         config.weights,
         meshes.mesh_from_config(config.mesh),
         rules=sharding.rules_from_config(config.mesh),
-        attention_impl=config.attention_impl,
+        attention_impl=config.get("attention_impl", DEFAULT_ATTENTION),
         micro_batch=config.micro_batch,
         num_frames=s.num_frames,
         height=s.height,
