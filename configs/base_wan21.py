@@ -34,8 +34,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.weights = placeholder(str)
     config.dtype = "bfloat16"  # Compute dtype of the DiT and umT5 (the VAE runs in float32).
     config.param_dtype = "bfloat16"  # Storage dtype of the DiT's and umT5's weights.
-    # Devices: data-parallel clips over data x fsdp; umT5's weights sharded over fsdp / tensor.
-    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    # Devices: clips split over data x fsdp; the DiT's and umT5's weights sharded over fsdp /
+    # tensor; each clip's DiT tokens split over sequence (a long clip on several devices).
+    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "sequence": 1, "tensor": 1})
+    # The DiT's self-attention: "ulysses" (all-to-alls; heads per tensor device divisible by
+    # mesh.sequence) or "ring" (any heads) split the tokens over mesh.sequence; with sequence 1
+    # both are the plain core. "xla" or "fused" need sequence 1.
+    config.attention_impl = "ulysses"
     config.micro_batch = 1  # Clips each device computes together.
     s = config.sampling = ml_collections.ConfigDict()
     s.sampler = "unipc"  # Flow UniPC, order 2 (diffusers' UniPCMultistepScheduler, flow sigmas).

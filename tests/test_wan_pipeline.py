@@ -18,7 +18,7 @@ import pytest
 
 from diffusion import config as config_lib
 from diffusion import meshes
-from diffusion.inference import batch_io, sample_to_directory
+from diffusion.inference import batch_io, sample_to_directory, wan_pipeline
 from diffusion.inference.settings import SamplingError
 from diffusion.inference.wan_directory import wan_levels
 from diffusion.inference.wan_pipeline import WanTextToVideo, from_recipe
@@ -200,6 +200,10 @@ def test_recipes_load_the_directory_at_their_size_and_need_weights(wan):
     pipe = from_recipe(config_lib.load_config("configs/wan21_t2v_1_3b.py", overrides))
     assert (pipe.frames, pipe.frame_shape, pipe.flow_shift) == (FRAMES, (HEIGHT, WIDTH), SHIFT)
     assert pipe.run_dir == wan[0] and dict(pipe.mesh.shape)["data"] == 8
+    assert dict(pipe.mesh.shape)["sequence"] == 1 and pipe.dit_config.attention_impl == "ulysses"
+    overrides += [("mesh.data", "2"), ("mesh.sequence", "4"), ("attention_impl", "ring")]
+    split = from_recipe(config_lib.load_config("configs/wan21_t2v_1_3b.py", overrides))
+    assert dict(split.mesh.shape)["sequence"] == 4 and split.dit_config.attention_impl == "ring"
 
 
 def test_bad_directories_and_sizes_are_refused(wan, ours, tmp_path):
@@ -220,3 +224,86 @@ def test_bad_directories_and_sizes_are_refused(wan, ours, tmp_path):
         ours.with_size(width=40)
     with pytest.raises(SamplingError, match=r"latents of shape \(1, 2, 2, 2, 4\)"):
         ours.generate(PROMPTS[:1], latents=np.zeros((1, 2, 2, 2, 4), np.float32))
+
+
+# Model-parallel sampling: the DiT's weights split over fsdp / tensor, each clip's tokens over
+# sequence (Ulysses where the heads allow, else the ring), the clips over data; two clips per
+# batch device at a time on one of them, so micro-batching is exercised too.
+SHARDED_MESHES = {  # name: (mesh, attention_impl, micro_batch)
+    "data2 x fsdp2 x sequence2, ulysses": ({"data": 2, "fsdp": 2, "sequence": 2}, "ulysses", 2),
+    "data2 x tensor2 x sequence2, ring": ({"data": 2, "tensor": 2, "sequence": 2}, "ring", 1),
+}
+# Float32 [0, 1] pixels; only reduction orders differ between meshes (measured 5.7e-6 with
+# Ulysses on fsdp and micro_batch 2, 5.1e-6 with the ring on tensor).
+SHARDED_TOLERANCE = 1e-5
+
+
+def sharded_pipeline(directory, mesh_shape, attention_impl, micro_batch=1):
+    return WanTextToVideo.from_diffusers(
+        directory,
+        meshes.make_mesh(mesh_shape),
+        attention_impl=attention_impl,
+        micro_batch=micro_batch,
+        num_frames=FRAMES,
+        height=HEIGHT,
+        width=WIDTH,
+    )
+
+
+@pytest.fixture(scope="module")
+def sharded(wan):
+    """name of SHARDED_MESHES -> its pipeline, loaded once for the tests below."""
+    pipelines = {}
+
+    def get(name):
+        if name not in pipelines:
+            pipelines[name] = sharded_pipeline(wan[0], *SHARDED_MESHES[name])
+        return pipelines[name]
+
+    return get
+
+
+def float_clips(pipe):
+    """The clips of test_clips_equal_diffusers_wan_pipeline (same compiled program on `ours`)."""
+    latent_shape = pipe.latent_shape(FRAMES, HEIGHT, WIDTH)
+    latents = np.random.default_rng(1).standard_normal((2, *latent_shape)).astype(np.float32)
+    return pipe.generate(
+        PROMPTS, NEGATIVES, latents=latents, steps=STEPS, guidance_scale=5.0, output="float"
+    )
+
+
+def test_micro_batches_hold_the_rows_each_batch_device_computes_at_once():
+    rows = np.arange(12)  # 3 devices x 4 rows each, 2 at a time
+    chunks = np.asarray(wan_pipeline.to_micro_batches(rows, devices=3, micro_batch=2))
+    np.testing.assert_array_equal(chunks, [[0, 1, 4, 5, 8, 9], [2, 3, 6, 7, 10, 11]])
+    np.testing.assert_array_equal(wan_pipeline.from_micro_batches(chunks, devices=3), rows)
+
+
+@pytest.mark.parametrize("name", list(SHARDED_MESHES))
+def test_model_parallel_clips_equal_the_data_parallel_ones(ours, sharded, name):
+    """The DiT's weights really split (a shard holds a fraction of a kernel), its tokens split
+    over sequence, and the float clips equal those of the data=8 mesh with replicated weights."""
+    pipe = sharded(name)
+    kernels = [leaf for leaf in jax.tree.leaves(pipe._dit_state) if leaf.ndim >= 2]
+    assert any(k.addressable_shards[0].data.size * 2 <= k.size for k in kernels)
+    mine, expected = float_clips(pipe), float_clips(ours)
+    difference = float(np.max(np.abs(mine - expected)))
+    print(f"{name}: max abs difference with data=8: {difference:.2e}")
+    assert difference <= SHARDED_TOLERANCE, f"max abs difference {difference:.2e}"
+    assert float(np.std(expected)) > 0.05
+
+
+def test_ulysses_sampling_program_moves_tokens_with_all_to_alls(sharded):
+    pipe = sharded("data2 x fsdp2 x sequence2, ulysses")
+    assert "all_to_all" in pipe.lower_program(2, steps=2).as_text()
+
+
+def test_meshes_the_dit_cannot_split_are_refused_by_name(wan):
+    # 2 heads split over tensor 2 leave 1 per device: Ulysses over sequence 2 needs 2.
+    with pytest.raises(SamplingError, match=r"ulysses attention.*2 heads \(1 per device.*ring"):
+        sharded_pipeline(wan[0], {"data": 2, "tensor": 2, "sequence": 2}, "ulysses")
+    with pytest.raises(SamplingError, match=r"attention_impl is 'xla'.*'ulysses' or 'ring'"):
+        sharded_pipeline(wan[0], {"data": 4, "sequence": 2}, "xla")
+    # 5 x 16 x 32 makes 4 tokens; 8 sequence devices cannot split them.
+    with pytest.raises(SamplingError, match=r"make 4 DiT tokens.*8 devices.*divides 4"):
+        sharded_pipeline(wan[0], {"sequence": 8}, "ring")

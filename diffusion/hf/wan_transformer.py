@@ -22,7 +22,9 @@ import dataclasses
 
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
+from diffusion import sharding
 from diffusion.errors import UserError
 from diffusion.hf.files import (
     DIFFUSERS,
@@ -231,10 +233,18 @@ def _as_numpy(value) -> np.ndarray:
     return np.asarray(value)
 
 
-def video_dit_from_state_dict(tensors, config: VideoDiTConfig) -> VideoDiT:
-    """Our VideoDiT (never initialised) holding a diffusers WanTransformer3DModel state dict."""
+def video_dit_from_state_dict(
+    tensors,
+    config: VideoDiTConfig,
+    mesh: Mesh | None = None,
+    rules: sharding.LogicalRules = sharding.DEFAULT_RULES,
+) -> VideoDiT:
+    """Our VideoDiT (never initialised) holding a diffusers WanTransformer3DModel state dict;
+    with a `mesh`, each weight placed on its shards (its logical names under `rules`)."""
     params = convert_weights(tensors, config)
-    return module_with_params(lambda: VideoDiT(config, rngs=nnx.Rngs(0)), params)
+    return module_with_params(
+        lambda: VideoDiT(config, rngs=nnx.Rngs(0)), params, mesh=mesh, rules=rules
+    )
 
 
 # ============================================================================================
@@ -242,9 +252,15 @@ def video_dit_from_state_dict(tensors, config: VideoDiTConfig) -> VideoDiT:
 # ============================================================================================
 
 
-def load_diffusers_wan_transformer(directory: str, **execution) -> tuple[VideoDiT, VideoDiTConfig]:
+def load_diffusers_wan_transformer(
+    directory: str,
+    mesh: Mesh | None = None,
+    rules: sharding.LogicalRules = sharding.DEFAULT_RULES,
+    **execution,
+) -> tuple[VideoDiT, VideoDiTConfig]:
     """(model, config) from a diffusers WanTransformer3DModel directory (config.json +
-    safetensors).
+    safetensors). mesh: place every weight on its shards as it is read (the 14B model need not
+    fit one device), by its logical names under `rules`.
 
     `execution` are VideoDiTConfig fields that do not change the weights: dtype, param_dtype,
     attention_impl, remat_policy, scan_layers.
@@ -258,4 +274,4 @@ def load_diffusers_wan_transformer(directory: str, **execution) -> tuple[VideoDi
     check_directory(directory, WAN_DIFFUSERS)
     config = video_dit_config_from_diffusers(read_config(directory, WAN_DIFFUSERS), **execution)
     tensors = read_safetensors(directory, WAN_DIFFUSERS.weights_file, WAN_DIFFUSERS.index_file)
-    return video_dit_from_state_dict(tensors, config), config
+    return video_dit_from_state_dict(tensors, config, mesh, rules), config

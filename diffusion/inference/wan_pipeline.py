@@ -1,6 +1,6 @@
 """Text-to-video with Wan 2.1 itself: a local diffusers-format Wan 2.1 directory (what
 `WanPipeline.save_pretrained` writes, e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers) sampled the way
-diffusers' `WanPipeline` samples it, sharded over the mesh's batch axes.
+diffusers' `WanPipeline` samples it, on a mesh of data / fsdp / sequence / tensor devices.
 
     pipe = WanTextToVideo.from_diffusers("Wan2.1-T2V-1.3B-Diffusers")
     clips = pipe.generate(["a cat surfing"], seeds=[0], steps=50)  # (1, 81, 480, 832, 3) uint8
@@ -23,9 +23,26 @@ What follows WanPipeline (diffusers/pipelines/wan/pipeline_wan.py), step by step
 
 Prompt states are computed once per distinct text (kept in a small cache, so a prompt file's
 shared negative prompt is encoded once per job), outside the denoising program. The program
-is one jit: shard_map over the batch axes, `lax.map` over micro-batches (equal shapes for any
-batch size or device count, as in program.py), each sample's sampler `lax.scan`, the VAE decode.
-The DiT and VAE are replicated; the umT5 encoder may be sharded over fsdp/tensor (`mesh`).
+is one GSPMD jit (`wan_sampling_program`): `lax.map` over micro-batches (equal shapes for any
+batch size or device count, as in program.py), each clip's sampler `lax.scan` under a vmap over
+the clips, the VAE decode. How the mesh splits the work:
+  - clips: over the batch axes (data, fsdp; `sharding.batch_axes`), micro_batch of them per
+    batch device at a time, each device holding the same rows a data-parallel shard_map would.
+    The vmap over clips carries those axes (`spmd_axis_name`), and inside it the DiT's own batch
+    (a clip's cond / uncond pair) stays whole (`per_clip_rules`).
+  - the DiT's weights: placed by their logical names under the mesh config's rules
+    (`sharding.state_shardings`; over fsdp and tensor by default, read straight onto their
+    shards), gathered by GSPMD where used: the 14B DiT need not be whole on any device. On a
+    batch-only mesh (fsdp = tensor = 1) they are whole on every device, as data parallelism has.
+  - a clip's DiT tokens: over `sequence`, the activation constraints active while tracing
+    (`sharding.activate`), self-attention by "ulysses" (all-to-alls; heads per tensor device
+    divisible by sequence) or "ring" (ppermutes); cross-attention splits only the queries.
+  - the VAE is small and stays replicated; it decodes each device's own clips.
+  - the umT5 encoder's weights are sharded over fsdp / tensor (`hf/files.module_with_params`).
+One program serves every mesh (a batch-only one included, where it is the data-parallel program
+the shard_map used to spell out): a clip depends on its seed alone, never on the batch size, its
+position, the mesh or the device count, up to float reduction order between meshes (float
+clips of the sharded meshes in tests/test_wan_pipeline.py equal data=8's within 1e-5).
 """
 
 from __future__ import annotations
@@ -76,6 +93,7 @@ MAX_SEQUENCE_LENGTH = 512  # WanPipeline.__call__'s default
 DEFAULT_SIZE = (81, 480, 832)  # frames, height, width: WanPipeline's defaults
 DEFAULT_STEPS = 50
 DEFAULT_SAMPLER = "unipc"
+DEFAULT_ATTENTION = "ulysses"  # the plain core unless the mesh splits tokens over `sequence`
 DEFAULT_MICRO_BATCH = 1  # a clip's activations are large; one per device at a time
 TEXT_CACHE_SIZE = 64  # distinct texts whose umT5 states are kept between calls
 
@@ -110,6 +128,7 @@ class WanProgramSpec:
     dit_graphdef: Any
     vae_graphdef: Any
     mesh: Mesh
+    rules: tuple  # the logical-axis rules the DiT is placed and traced with
     micro_batch: int
     settings: SamplerSettings
     latent_shape: tuple[int, int, int, int]  # (t, h, w, c) of one sample
@@ -124,29 +143,53 @@ class WanProgramSpec:
 TRACE_COUNT = [0]  # traces of wan_sampling_program, for tests
 
 
+def per_clip_rules(rules: sharding.LogicalRules) -> tuple[tuple[str, sharding.MeshAxes], ...]:
+    """`rules` for the DiT inside the per-clip vmap: there its batch is one clip's (cond, uncond)
+    pair, which must stay whole, while the vmapped clip axis itself is split over the batch axes
+    (`spmd_axis_name`); a mesh axis cannot split both. The first rule for a name wins."""
+    return (("activation_batch", None), *rules)
+
+
+def to_micro_batches(x: jax.Array, devices: int, micro_batch: int) -> jax.Array:
+    """(B, ...) split over `devices` batch devices -> (chunks, devices x micro_batch, ...), chunk c
+    holding rows c x micro_batch ... of every device's share: the rows each device computes at
+    once are those the data-parallel program's device would (its own, in its order)."""
+    rows = x.reshape((devices, -1, micro_batch) + x.shape[1:])  # (devices, chunks, micro, ...)
+    return rows.swapaxes(0, 1).reshape((rows.shape[1], devices * micro_batch) + x.shape[1:])
+
+
+def from_micro_batches(x: jax.Array, devices: int) -> jax.Array:
+    """The inverse of `to_micro_batches`: (chunks, devices x micro_batch, ...) -> (B, ...)."""
+    chunks = x.reshape((x.shape[0], devices, -1) + x.shape[2:])  # (chunks, devices, micro, ...)
+    return chunks.swapaxes(0, 1).reshape((-1,) + x.shape[2:])
+
+
 @functools.partial(jax.jit, static_argnames="spec")
 def wan_sampling_program(dit_state, vae_state, inputs: dict, spec: WanProgramSpec) -> jax.Array:
     """Prompt states, seeds and scales of a global batch -> clips (B, T, H, W, 3): uint8, or
     float32 in [0, 1] with `spec.floats`. inputs: "context" and "negative_context" (B, L, D),
     "seeds" (B,) uint32, "scales" (B,) float32, optionally "latents" (B, t, h, w, c), the
-    initial noise (else drawn from each sample's seed)."""
+    initial noise (else drawn from each sample's seed).
+
+    GSPMD: the states and inputs arrive placed (the DiT by its logical names, the batch over the
+    batch axes); call it inside `sharding.activate(spec.mesh, per_clip_rules(spec.rules))`, which
+    the DiT's activation constraints and sequence-parallel attention read while tracing."""
     TRACE_COUNT[0] += 1
-    batch_spec = PartitionSpec(sharding.batch_axes(spec.mesh) or None)
-
-    def per_device(dit_state, vae_state, inputs):
-        chunks = jax.tree.map(lambda x: x.reshape((-1, spec.micro_batch) + x.shape[1:]), inputs)
-        clips = jax.lax.map(
-            lambda chunk: _sample_micro_batch(dit_state, vae_state, chunk, spec), chunks
-        )  # (chunks, micro_batch, T, H, W, 3)
-        return clips.reshape((-1,) + clips.shape[2:])
-
-    replicated = PartitionSpec()
-    return jax.shard_map(
-        per_device,
-        mesh=spec.mesh,
-        in_specs=(replicated, replicated, batch_spec),
-        out_specs=batch_spec,
-    )(dit_state, vae_state, inputs)
+    axes = sharding.batch_axes(spec.mesh)
+    devices = math.prod(spec.mesh.shape[a] for a in axes)
+    split_rows = NamedSharding(spec.mesh, PartitionSpec(None, axes or None))
+    chunks = jax.tree.map(
+        lambda x: jax.lax.with_sharding_constraint(
+            to_micro_batches(x, devices, spec.micro_batch), split_rows
+        ),
+        inputs,
+    )
+    clips = jax.lax.map(
+        lambda chunk: _sample_micro_batch(dit_state, vae_state, chunk, spec), chunks
+    )  # (chunks, devices x micro_batch, T, H, W, 3)
+    clips = jax.lax.with_sharding_constraint(clips, split_rows)
+    batch_rows = NamedSharding(spec.mesh, PartitionSpec(axes or None))
+    return jax.lax.with_sharding_constraint(from_micro_batches(clips, devices), batch_rows)
 
 
 def _sample_micro_batch(dit_state, vae_state, inputs, spec: WanProgramSpec) -> jax.Array:
@@ -177,7 +220,10 @@ def _sample_micro_batch(dit_state, vae_state, inputs, spec: WanProgramSpec) -> j
         )
         return latents[0]  # (t, h, w, c)
 
-    latents = jax.vmap(one_sample)(
+    # Each clip's sampler on the devices of its batch row; inside, the DiT's weights and tokens
+    # are split as the rules say (per_clip_rules).
+    axes = sharding.batch_axes(spec.mesh)
+    latents = jax.vmap(one_sample, spmd_axis_name=axes or None)(
         seed_keys(inputs["seeds"]),
         inputs["context"],
         inputs["negative_context"],
@@ -209,6 +255,48 @@ def _encode_texts(text_state, tokens: jax.Array, mask: jax.Array, graphdef) -> j
 # ---------------------------------------------------------------------------------------------
 
 
+SEQUENCE_PARALLEL_ATTENTION = ("ulysses", "ring")
+
+
+def mesh_axes_size(mesh: Mesh, entry: sharding.MeshAxes) -> tuple[tuple[str, ...], int]:
+    """(mesh axes, their total size) of one PartitionSpec entry."""
+    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    return axes, math.prod(mesh.shape[a] for a in axes)
+
+
+def token_split(mesh: Mesh, rules: sharding.LogicalRules) -> tuple[tuple[str, ...], int]:
+    """The mesh axes the rules split the DiT's tokens over (`sequence`), and their size."""
+    entry = sharding.logical_to_spec(("activation_length",), rules, mesh=mesh)[0]
+    return mesh_axes_size(mesh, entry)
+
+
+def check_sequence_parallel(dit_config, mesh: Mesh, rules: sharding.LogicalRules) -> None:
+    """Refuses, naming the fix, a mesh whose token split the DiT's attention cannot serve (found
+    here rather than as a trace-time error after the prompts were encoded)."""
+    axes, size = token_split(mesh, rules)
+    if size == 1:
+        return
+    implementation = dit_config.attention_impl
+    if implementation not in SEQUENCE_PARALLEL_ATTENTION:
+        raise SamplingError(
+            f"the mesh splits the DiT's tokens over {axes} ({size} devices) but its attention_impl "
+            f"is {implementation!r}, which needs whole sequences; use attention_impl='ulysses' or "
+            "'ring' (--config.attention_impl), or config.mesh.sequence=1"
+        )
+    heads = dit_config.num_heads
+    head_entry = sharding.logical_to_spec(("heads",), rules, shape=(heads,), mesh=mesh)[0]
+    head_axes, head_devices = mesh_axes_size(mesh, head_entry)
+    local_heads = heads // head_devices
+    if implementation == "ulysses" and local_heads % size:
+        raise SamplingError(
+            f"ulysses attention gives each of the {size} devices of {axes} whole heads: the DiT's "
+            f"{heads} heads ({local_heads} per device after the {head_devices} devices of "
+            f"{head_axes or 'no head axes'}) are not divisible by {size}; use a "
+            f"config.mesh.sequence that divides {local_heads}, a smaller config.mesh.tensor, or "
+            "attention_impl='ring'"
+        )
+
+
 def _check_count(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise SamplingError(f"{name} must be an integer >= 1, got {value!r}")
@@ -236,6 +324,7 @@ class WanTextToVideo:
         flow_shift: float,
         num_train_timesteps: int = 1000,
         mesh: Mesh | None = None,
+        rules: sharding.LogicalRules = sharding.DEFAULT_RULES,
         micro_batch: int = DEFAULT_MICRO_BATCH,
         directory: str | None = None,
         num_frames: int = DEFAULT_SIZE[0],
@@ -246,6 +335,7 @@ class WanTextToVideo:
         self.run_dir = directory
         self.micro_batch = _check_count(micro_batch, "micro_batch")
         self.mesh = mesh if mesh is not None else meshes.make_mesh({"data": -1})
+        self.rules = tuple(rules)
         self.flow_shift = float(flow_shift)
         self.num_train_timesteps = int(num_train_timesteps)
         self.max_sequence_length = _check_count(max_sequence_length, "max_sequence_length")
@@ -261,13 +351,16 @@ class WanTextToVideo:
                 f"the VAE's latents have z_dim={self.vae_config.z_dim} channels but the "
                 f"transformer reads in_channels={self.dit_config.in_channels}"
             )
+        check_sequence_parallel(self.dit_config, self.mesh, self.rules)
         self.tokenizer = tokenizer
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-        # Sampling is data parallel: the DiT and the VAE are replicated on every device.
+        # The DiT split by its logical names (over fsdp / tensor; whole on a batch-only mesh);
+        # the VAE, small, replicated on every device.
         self._dit_graphdef, dit_state = nnx.split(transformer)
-        self._dit_state = jax.device_put(dit_state, replicated)
+        self._dit_state = sharding.shard_tree(
+            dit_state, sharding.state_shardings(dit_state, self.mesh, self.rules)
+        )
         self._vae_graphdef, vae_state = nnx.split(vae)
-        self._vae_state = jax.device_put(vae_state, replicated)
+        self._vae_state = jax.device_put(vae_state, NamedSharding(self.mesh, PartitionSpec()))
         # The encoder stays where it was loaded (sharded over fsdp/tensor by `from_diffusers`).
         self._text_graphdef, self._text_state = nnx.split(text_encoder)
         self._text_cache: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
@@ -279,6 +372,8 @@ class WanTextToVideo:
         directory: str,
         mesh: Mesh | None = None,
         *,
+        rules: sharding.LogicalRules = sharding.DEFAULT_RULES,
+        attention_impl: str = DEFAULT_ATTENTION,
         micro_batch: int = DEFAULT_MICRO_BATCH,
         num_frames: int = DEFAULT_SIZE[0],
         height: int = DEFAULT_SIZE[1],
@@ -289,20 +384,27 @@ class WanTextToVideo:
         """Loads a diffusers Wan 2.1 text-to-video directory (model_index.json naming
         WanPipeline; transformer/, vae/, text_encoder/, tokenizer/, scheduler/).
 
-        mesh: sampling is data parallel over its batch axes (data, fsdp); the umT5 encoder's
-        weights are sharded over fsdp/tensor as they are read. dtype / param_dtype: of the DiT
-        and the encoder (the VAE runs in float32, as diffusers' example loads it).
+        mesh, rules: the clips are split over the mesh's batch axes (data, fsdp); the DiT's and
+        the umT5 encoder's weights are placed on their shards (fsdp / tensor under `rules`) as
+        they are read; a `sequence` axis splits the DiT's tokens. attention_impl: the DiT's
+        self-attention core; "ulysses" or "ring" split the tokens over `sequence` (with sequence
+        1 they are the plain core). dtype / param_dtype: of the DiT and the encoder (the VAE
+        runs in float32, as diffusers' example loads it).
         """
         check_wan_directory(directory)
         flow_shift, num_train_timesteps = read_scheduler(directory)
         mesh = mesh if mesh is not None else meshes.make_mesh({"data": -1})
         execution = dict(dtype=dtype, param_dtype=param_dtype)
         transformer, _ = load_diffusers_wan_transformer(
-            os.path.join(directory, "transformer"), **execution
+            os.path.join(directory, "transformer"),
+            mesh=mesh,
+            rules=rules,
+            attention_impl=attention_impl,
+            **execution,
         )
         vae, _ = load_diffusers_wan_vae(os.path.join(directory, "vae"))
         text_encoder, _ = load_hf_umt5(
-            os.path.join(directory, "text_encoder"), mesh=mesh, **execution
+            os.path.join(directory, "text_encoder"), mesh=mesh, rules=rules, **execution
         )
         import transformers  # noqa: PLC0415 (slow to import; only a Wan directory needs it)
 
@@ -315,6 +417,7 @@ class WanTextToVideo:
             flow_shift=flow_shift,
             num_train_timesteps=num_train_timesteps,
             mesh=mesh,
+            rules=rules,
             micro_batch=micro_batch,
             directory=directory,
             num_frames=num_frames,
@@ -356,7 +459,21 @@ class WanTextToVideo:
                     f"{self.vae_config.spatial_factor} x the DiT's patch {patch}); use {nearest}"
                 )
             sides.append(side)
+        self.check_token_split(num_frames, *sides)
         return num_frames, (sides[0], sides[1])
+
+    def check_token_split(self, num_frames: int, height: int, width: int) -> None:
+        """A SamplingError unless the mesh's sequence devices split the clip's tokens evenly."""
+        axes, size = token_split(self.mesh, self.rules)
+        latent = self.latent_shape(num_frames, height, width)[:3]
+        tokens = math.prod(n // p for n, p in zip(latent, self.dit_config.patch_size, strict=True))
+        if tokens % size:
+            raise SamplingError(
+                f"{num_frames} frames of {height}x{width} make {tokens} DiT tokens, which the "
+                f"{size} devices of the mesh axes {axes} cannot split evenly; use a "
+                f"config.mesh.sequence that divides {tokens} or a clip size whose token count is "
+                f"a multiple of {size}"
+            )
 
     def with_size(self, num_frames=None, height=None, width=None) -> WanTextToVideo:
         """The same loaded pipeline drawing clips of another size (None: keep this one's)."""
@@ -518,29 +635,56 @@ class WanTextToVideo:
                     "(batch, latent frames, height / 8, width / 8, channels)"
                 )
             inputs["latents"] = latents
-        spec = WanProgramSpec(
-            dit_graphdef=self._dit_graphdef,
-            vae_graphdef=self._vae_graphdef,
-            mesh=self.mesh,
-            micro_batch=self.micro_batch,
-            settings=settings,
-            latent_shape=latent_shape,
-            num_train_timesteps=self.num_train_timesteps,
-            floats=output == "float",
-        )
+        spec = self.program_spec(settings, latent_shape, floats=output == "float")
         clips = []
         for start in range(0, count, size):
             chunk = {k: pad_rows(v[start : start + size], size) for k, v in inputs.items()}
-            out = wan_sampling_program(
-                self._dit_state, self._vae_state, host_to_global(chunk, self.mesh), spec
-            )
+            with sharding.activate(self.mesh, per_clip_rules(self.rules)):
+                out = wan_sampling_program(
+                    self._dit_state, self._vae_state, host_to_global(chunk, self.mesh), spec
+                )
             clips.append(to_host(out)[: min(size, count - start)])
         return np.concatenate(clips, axis=0)
+
+    def program_spec(
+        self, settings: SamplerSettings, latent_shape: tuple[int, ...], floats: bool
+    ) -> WanProgramSpec:
+        return WanProgramSpec(
+            dit_graphdef=self._dit_graphdef,
+            vae_graphdef=self._vae_graphdef,
+            mesh=self.mesh,
+            rules=self.rules,
+            micro_batch=self.micro_batch,
+            settings=settings,
+            latent_shape=tuple(latent_shape),
+            num_train_timesteps=self.num_train_timesteps,
+            floats=floats,
+        )
+
+    def lower_program(self, count: int = 1, **sampler_options) -> jax.stages.Lowered:
+        """The sampling program of `count` clips of this pipeline's size (uint8 frames),
+        lowered: its `.as_text()` and `.compile()` show how the mesh splits the DiT (the
+        collectives, the memory per device)."""
+        settings = self.settings(**sampler_options)
+        spec = self.program_spec(settings, self.latent_shape(self.frames, *self.frame_shape), False)
+        size = self.program_batch_size(count)
+        states = np.repeat(self.encode_texts([""]), size, axis=0)
+        inputs = {
+            "context": states,
+            "negative_context": states,
+            "seeds": np.zeros(size, np.uint32),
+            "scales": np.ones(size, np.float32),
+        }
+        with sharding.activate(self.mesh, per_clip_rules(self.rules)):
+            return wan_sampling_program.lower(
+                self._dit_state, self._vae_state, host_to_global(inputs, self.mesh), spec
+            )
 
 
 def from_recipe(config) -> WanTextToVideo:
     """The pipeline a sampling recipe describes (configs/base_wan21.py: config.weights, dtype,
-    param_dtype, mesh, micro_batch and the clip size of config.sampling)."""
+    param_dtype, mesh (its rules too), attention_impl, micro_batch and the clip size of
+    config.sampling)."""
     if not config.get("weights"):
         raise SamplingError(
             "config.weights is not set: pass --config.weights=DIR, the local diffusers-format "
@@ -549,7 +693,9 @@ def from_recipe(config) -> WanTextToVideo:
     s = config.sampling
     return WanTextToVideo.from_diffusers(
         config.weights,
-        meshes.make_mesh(dict(config.mesh)),
+        meshes.mesh_from_config(config.mesh),
+        rules=sharding.rules_from_config(config.mesh),
+        attention_impl=config.get("attention_impl", DEFAULT_ATTENTION),
         micro_batch=config.micro_batch,
         num_frames=s.num_frames,
         height=s.height,

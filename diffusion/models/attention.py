@@ -317,16 +317,14 @@ def ring_attention(
         minimum = jnp.finfo(jnp.float32).min
         carry = (jnp.full((b, h, t), minimum), jnp.zeros((b, h, t)), jnp.zeros((b, h, t, d)))
         carry = _online_softmax_block(carry, q, k, v, key_block_mask(0))
-
-        def step(state, step_index):
-            carry, k, v = state
+        # A Python loop over the s - 1 passes rather than a lax.scan: under a vmap with
+        # spmd_axis_name (Wan's per-clip sampler) JAX 0.10 types a scan's carry without the
+        # vmapped mesh axes and refuses the body (varying manual axes mismatch).
+        for step_index in range(1, s):
             # After step_index passes the block here is the one that started step_index
             # devices back along the ring.
             k, v = (jax.lax.ppermute(x, axes, to_next) for x in (k, v))
             carry = _online_softmax_block(carry, q, k, v, key_block_mask(step_index))
-            return (carry, k, v), None
-
-        (carry, _, _), _ = jax.lax.scan(step, (carry, k, v), jnp.arange(1, s))
         _, row_sum, acc = carry
         out = acc / jnp.where(row_sum == 0, 1.0, row_sum)[..., None]  # (b, h, t, D)
         return out.transpose(0, 2, 1, 3).astype(v.dtype)  # (b, t, h, D)
