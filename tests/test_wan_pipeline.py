@@ -18,7 +18,7 @@ import pytest
 
 from diffusion import config as config_lib
 from diffusion import meshes
-from diffusion.inference import batch_io, sample_to_directory, wan_pipeline
+from diffusion.inference import batch_io, sample_to_directory, wan_program
 from diffusion.inference.settings import SamplingError
 from diffusion.inference.wan_directory import wan_levels
 from diffusion.inference.wan_pipeline import WanTextToVideo, from_recipe
@@ -274,9 +274,9 @@ def float_clips(pipe):
 
 def test_micro_batches_hold_the_rows_each_batch_device_computes_at_once():
     rows = np.arange(12)  # 3 devices x 4 rows each, 2 at a time
-    chunks = np.asarray(wan_pipeline.to_micro_batches(rows, devices=3, micro_batch=2))
+    chunks = np.asarray(wan_program.to_micro_batches(rows, devices=3, micro_batch=2))
     np.testing.assert_array_equal(chunks, [[0, 1, 4, 5, 8, 9], [2, 3, 6, 7, 10, 11]])
-    np.testing.assert_array_equal(wan_pipeline.from_micro_batches(chunks, devices=3), rows)
+    np.testing.assert_array_equal(wan_program.from_micro_batches(chunks, devices=3), rows)
 
 
 @pytest.mark.parametrize("name", list(SHARDED_MESHES))
