@@ -9,10 +9,16 @@ mesh axes of size > 1 (``config.mesh.sequence``), ``implementation='ulysses'`` r
 DeepSpeed-Ulysses does (all-to-all from token-sharded to head-sharded, the plain core over the
 whole sequence for the local heads, all-to-all back) and ``implementation='ring'`` as ring
 attention does (key/value blocks passed from device to device, a streaming softmax).
+
+On TPU, ``implementation='splash'`` runs the core by the Pallas splash attention kernel
+(:mod:`diffusion.models.splash_attention`: a flash kernel, no (T, S) logits in HBM) and
+``'ulysses_splash'`` is Ulysses with that kernel as its per-device core. Off TPU (CPU tests) the
+kernel runs in Pallas interpret mode.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -24,12 +30,15 @@ from jax.sharding import PartitionSpec
 from diffusion import sharding
 from diffusion.errors import UserError
 from diffusion.models.layers import make_param, matmul, zeros
+from diffusion.models.splash_attention import splash_attention_core
 
 ATTENTION_IMPLEMENTATIONS = (
     "xla",  # explicit einsum + float32 softmax
     "fused",  # jax.nn.dot_product_attention (XLA or cuDNN flash attention, chosen by JAX)
     "ulysses",  # sequence parallel: all-to-all tokens <-> heads around the 'xla' core
     "ring",  # sequence parallel: key/value blocks passed around a ring, streaming softmax
+    "splash",  # Pallas TPU splash attention kernel (flash: logits stay in VMEM)
+    "ulysses_splash",  # sequence parallel: Ulysses around the splash kernel
 )
 
 # Logical names of a (B, T, H, D) query, key or value: the heads follow the projection kernels'
@@ -85,10 +94,14 @@ def dot_product_attention(
 
     'xla' is the explicit einsum + float32 softmax; 'fused' calls `jax.nn.dot_product_attention`
     (XLA or cuDNN flash attention chosen by JAX); 'ulysses' and 'ring' are
-    :func:`ulysses_attention` and :func:`ring_attention`.
+    :func:`ulysses_attention` and :func:`ring_attention`; 'splash' is :func:`splash_attention` and
+    'ulysses_splash' :func:`ulysses_attention` with the splash core.
     """
-    if implementation == "ulysses":
-        return ulysses_attention(q, k, v, mask)
+    if implementation == "splash":
+        return splash_attention(q, k, v, mask)
+    if implementation in ("ulysses", "ulysses_splash"):
+        core = "splash" if implementation == "ulysses_splash" else "xla"
+        return ulysses_attention(q, k, v, mask, core=core)
     if implementation == "ring":
         return ring_attention(q, k, v, mask)
     if implementation == "fused":
@@ -100,6 +113,83 @@ def dot_product_attention(
         )
     weights = attention_weights(q, k, mask).astype(v.dtype)  # (B, H, T, S)
     return jnp.einsum("bhts,bshd->bthd", weights, v)
+
+
+# ------------------------------------------------------------------------------------------------
+# The splash kernel on a mesh
+# ------------------------------------------------------------------------------------------------
+
+
+def splash_interpret() -> bool:
+    """Whether the splash kernel must run in Pallas interpret mode: when the devices traced for
+    are not TPUs. Those are the active mesh's (a TPU topology compiled ahead of time on a CPU host
+    is TPU), else the default backend's."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else mesh.abstract_device
+    platform = device.platform if device is not None else jax.default_backend()
+    return platform != "tpu"
+
+
+def kernel_checks_vma(core: str) -> bool:
+    """``check_vma`` of a shard_map around `core`: the splash kernel's Pallas call declares its
+    outputs without the mesh axes they vary over, which JAX's check refuses."""
+    return core != "splash"
+
+
+def splash_key_mask(mask: jax.Array | None) -> jax.Array | None:
+    """The (B or 1, S) key mask of a mask broadcastable to (B, H, T, S), for the splash kernel.
+
+    Raises:
+      UserError: for a mask that varies with the head or the query (causal, per head): the
+        kernel's per-example masks are segment ids, which express key padding only.
+    """
+    mask = _as_4d(mask)
+    if mask is None:
+        return None
+    if mask.shape[1] != 1 or mask.shape[2] != 1:
+        raise UserError(
+            f"splash attention takes a key padding mask (B, 1, 1, S) only, not a mask of shape "
+            f"{mask.shape} that varies with the head or the query (e.g. causal); use "
+            "attention_impl='xla' or 'fused' for this model"
+        )
+    return mask[:, 0, 0, :]
+
+
+def splash_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None
+) -> jax.Array:
+    """The core by the splash kernel: (B, T, H, D) x (B, S, H, D) -> (B, T, H, D), equal to
+    ``dot_product_attention(q, k, v, mask)`` for a key padding mask (:func:`splash_key_mask`).
+
+    Under active rules and a mesh it runs in ``jax.shard_map`` (XLA cannot partition a Pallas
+    call): batch and heads split as :data:`QKV_AXES` say, queries split over the sequence axes
+    when the rules split their tokens, keys and values whole on every device (for self-attention
+    over split tokens that gathers them; 'ulysses_splash' moves heads instead).
+
+    Raises:
+      UserError: for a mask that is not a key padding mask.
+    """
+    key_mask = splash_key_mask(mask)
+    core = functools.partial(splash_attention_core, interpret=splash_interpret())
+    active = sharding.active_mesh_and_rules()
+    if active is None:
+        return core(q, k, v, key_mask)
+    mesh, rules = active
+    batch, tokens, heads, _ = sharding.logical_to_spec(QKV_AXES, rules, shape=q.shape, mesh=mesh)
+    query_spec = PartitionSpec(batch, tokens, heads, None)
+    key_spec = PartitionSpec(batch, None, heads, None)
+    mask_spec = (
+        PartitionSpec()
+        if key_mask is None
+        else PartitionSpec(None if key_mask.shape[0] == 1 else batch, None)
+    )
+    return jax.shard_map(
+        core,
+        mesh=mesh,
+        in_specs=(query_spec, key_spec, key_spec, mask_spec),
+        out_specs=query_spec,
+        check_vma=kernel_checks_vma("splash"),
+    )(q, k, v, key_mask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -181,13 +271,13 @@ def _as_4d(mask: jax.Array | None) -> jax.Array | None:
     return None if mask is None else mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
 
 
-def _split_queries_only(q, k, v, mask, split: SequenceSplit) -> jax.Array:
+def _split_queries_only(q, k, v, mask, split: SequenceSplit, core: str = "xla") -> jax.Array:
     """Cross-attention to keys of another length (a short text): only the queries are split over
     the sequence axes; keys and values are whole on every sequence device, so each device
-    attends locally with no collective."""
+    attends locally (by the `core` implementation) with no collective."""
     key_spec = PartitionSpec(split.batch, None, split.heads, None)
     return jax.shard_map(
-        dot_product_attention,
+        functools.partial(dot_product_attention, implementation=core),
         mesh=split.mesh,
         in_specs=(
             split.query_spec,
@@ -196,11 +286,12 @@ def _split_queries_only(q, k, v, mask, split: SequenceSplit) -> jax.Array:
             _mask_spec(mask, split.batch, split.heads, split.sequence),
         ),
         out_specs=split.query_spec,
+        check_vma=kernel_checks_vma(core),
     )(q, k, v, mask)
 
 
 def ulysses_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, core: str = "xla"
 ) -> jax.Array:
     """Sequence-parallel attention of DeepSpeed-Ulysses (Jacobs et al. 2023, arXiv:2309.14509).
 
@@ -215,7 +306,8 @@ def ulysses_attention(
     heads h must be divisible by s. Cross-attention (S != T, e.g. to a short text): only the
     queries are split (:func:`_split_queries_only`), and the heads need no divisibility.
 
-    Falls back to the plain core when the tokens are not split (:func:`sequence_split`).
+    `core` is the per-device core: 'xla' (the einsum) or 'splash' (the TPU kernel). Falls back to
+    that core when the tokens are not split (:func:`sequence_split`).
 
     Raises:
       UserError: when T is not divisible by the sequence axes' size, or (self-attention) the heads
@@ -224,9 +316,9 @@ def ulysses_attention(
     split = sequence_split(q.shape, "ulysses")
     mask = _as_4d(mask)
     if split is None:
-        return dot_product_attention(q, k, v, mask)
+        return dot_product_attention(q, k, v, mask, core)
     if k.shape[1] != q.shape[1]:
-        return _split_queries_only(q, k, v, mask, split)
+        return _split_queries_only(q, k, v, mask, split, core)
     heads, head_axes, s = q.shape[2], _mesh_axes(split.heads), split.sequence_size
     local_heads = heads // _axes_size(split.mesh, head_axes)
     if local_heads % s:
@@ -243,7 +335,7 @@ def ulysses_attention(
     def per_device(q, k, v, mask):
         to_heads = lambda x: jax.lax.all_to_all(x, axes, split_axis=2, concat_axis=1, tiled=True)
         # (b, T/s, h, D) -> (b, T, h/s, D)
-        out = dot_product_attention(to_heads(q), to_heads(k), to_heads(v), mask)
+        out = dot_product_attention(to_heads(q), to_heads(k), to_heads(v), mask, core)
         return jax.lax.all_to_all(out, axes, split_axis=1, concat_axis=2, tiled=True)
 
     # After the all-to-all a device's heads are its tensor share's s-th part: in a per-head mask
@@ -254,6 +346,7 @@ def ulysses_attention(
         mesh=split.mesh,
         in_specs=(split.query_spec, split.query_spec, split.query_spec, mask_spec),
         out_specs=split.query_spec,
+        check_vma=kernel_checks_vma(core),
     )(q, k, v, mask)
 
 
