@@ -156,7 +156,7 @@ def encode_texts_program(text_state, tokens: jax.Array, mask: jax.Array, graphde
 # ---------------------------------------------------------------------------------------------
 
 
-SEQUENCE_PARALLEL_ATTENTION = ("ulysses", "ring")
+SEQUENCE_PARALLEL_ATTENTION = ("ulysses", "ring", "ulysses_splash")
 
 
 def mesh_axes_size(mesh: Mesh, entry: sharding.MeshAxes) -> tuple[tuple[str, ...], int]:
@@ -181,14 +181,14 @@ def check_sequence_parallel(dit_config, mesh: Mesh, rules: sharding.LogicalRules
     if implementation not in SEQUENCE_PARALLEL_ATTENTION:
         raise SamplingError(
             f"the mesh splits the DiT's tokens over {axes} ({size} devices) but its attention_impl "
-            f"is {implementation!r}, which needs whole sequences; use attention_impl='ulysses' or "
-            "'ring' (--config.attention_impl), or config.mesh.sequence=1"
+            f"is {implementation!r}, which needs whole sequences; use attention_impl='ulysses', "
+            "'ulysses_splash' (TPU) or 'ring' (--config.attention_impl), or config.mesh.sequence=1"
         )
     heads = dit_config.num_heads
     head_entry = sharding.logical_to_spec(("heads",), rules, shape=(heads,), mesh=mesh)[0]
     head_axes, head_devices = mesh_axes_size(mesh, head_entry)
     local_heads = heads // head_devices
-    if implementation == "ulysses" and local_heads % size:
+    if implementation in ("ulysses", "ulysses_splash") and local_heads % size:
         raise SamplingError(
             f"ulysses attention gives each of the {size} devices of {axes} whole heads: the DiT's "
             f"{heads} heads ({local_heads} per device after the {head_devices} devices of "

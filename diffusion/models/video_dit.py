@@ -334,9 +334,10 @@ def cross_attention_core(
 ) -> jax.Array:
     """Queries (B, N, H, K) to text keys (B, L, H, K). A sequence-parallel core splits the keys'
     token axis like the queries'; the text is not split that way (and split queries need no
-    communication here), so anything but the fused kernel runs the plain einsum core."""
-    local = implementation if implementation == "fused" else "xla"
-    return attention.dot_product_attention(q, k, v, mask, local)
+    communication here), so the einsum core runs it, or the kernel the configuration chose: the
+    fused one, or splash (which splits only the queries) for either splash implementation."""
+    kernels = {"fused": "fused", "splash": "splash", "ulysses_splash": "splash"}
+    return attention.dot_product_attention(q, k, v, mask, kernels.get(implementation, "xla"))
 
 
 # ============================================================================================
