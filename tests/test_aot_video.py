@@ -5,6 +5,7 @@ sequence parallelism, their FLOPs checked against the closed form `flops_per_exa
 Needs the TPU compiler (`pip install 'jax[tpu]'`, the project's tpu extra); skipped without it.
 """
 
+import dataclasses
 import math
 
 import jax
@@ -13,6 +14,7 @@ import pytest
 
 from diffusion import aot, sharding
 from diffusion.aot import video
+from diffusion.aot.topology import memory_report
 
 pytestmark = pytest.mark.skipif(
     not aot.libtpu_available(),
@@ -97,3 +99,17 @@ def test_a_batch_that_does_not_split_over_fsdp_is_refused_naming_the_mesh():
     row = video.VideoRow("tiny", "8x32x32", TOPOLOGY, sequence=1, batch=1, **TINY)
     with pytest.raises(aot.AOTError, match=r"global batch 1 .* multiple of 4"):
         video.compile_video_row(row)
+
+
+@pytest.mark.parametrize(("sequence", "implementation"), [(1, "splash"), (2, "ulysses_splash")])
+def test_the_splash_kernel_compiles_for_tpu_in_a_train_step_that_fits(sequence, implementation):
+    """The tiny train step with the Pallas splash kernel as its attention (a Mosaic custom call
+    in the program, not interpret mode's plain ops) is accepted by the TPU compiler and fits."""
+    row = dataclasses.replace(tiny_row("train", sequence), attention_impl=implementation)
+    mesh = video.video_mesh(aot.topology_devices(TOPOLOGY), sequence)
+    jitted, args = video.train_program(row, mesh)
+    with sharding.activate(mesh, video.VIDEO_RULES):
+        lowered = jitted.lower(*args)
+    assert "tpu_custom_call" in lowered.as_text()
+    memory = memory_report(lowered.compile(), 16 * 1024**3)
+    assert memory["fits"]

@@ -107,7 +107,9 @@ class VideoRow:
     sequence: int = 1  # chips along the 'sequence' mesh axis
     batch: int = 1  # global batch (clips); the sampling program evaluates 2 x batch rows
     program: str = "train"  # 'train' or 'sample'
-    attention_impl: str = "ulysses"  # self-attention core when sequence > 1
+    # Self-attention core when sequence > 1; with sequence 1 the einsum core, or the splash
+    # kernel for 'splash' and 'ulysses_splash' (attention.ATTENTION_IMPLEMENTATIONS).
+    attention_impl: str = "ulysses"
     remat: str = "full"  # remat policy of the train step's blocks (blocks.REMAT_POLICIES)
     # (frames, rows, columns, channels) instead of the resolution's Wan latents (a tiny model's
     # clips in the tests), and the text tokens.
@@ -125,11 +127,21 @@ class VideoRow:
     @property
     def key(self) -> str:
         # ';', not ',': scaling_table.py --keys takes a comma-separated list of keys.
-        sp = f"sequence={self.sequence};{self.attention_impl}" if self.sequence > 1 else "no sp"
+        attention = self_attention_impl(self)
+        sp = f"sequence={self.sequence};{attention}" if self.sequence > 1 else "no sp"
+        sp += ";splash" if self.sequence == 1 and attention == "splash" else ""
         return (
             f"video:{self.program}:{self.variant}@{self.resolution}@{self.topology}"
             f"[{sp};batch={self.batch}]"
         )
+
+
+def self_attention_impl(row: VideoRow) -> str:
+    """The attention_impl the row's model runs: its own with sequence parallelism; without, the
+    core its sequence-parallel one falls back to (the einsum, or the splash kernel)."""
+    if row.sequence > 1:
+        return row.attention_impl
+    return "splash" if row.attention_impl in ("splash", "ulysses_splash") else "xla"
 
 
 def video_mesh(devices, sequence: int):
@@ -146,7 +158,7 @@ def model_config(row: VideoRow, **overrides):
     fields = dict(
         dtype="bfloat16",
         param_dtype="float32" if row.program == "train" else "bfloat16",
-        attention_impl=row.attention_impl if row.sequence > 1 else "xla",
+        attention_impl=self_attention_impl(row),
         remat_policy=row.remat if row.program == "train" else "none",
         scan_layers=row.scan_layers,
         **({"depth": row.depth} if row.depth else {}),
