@@ -12,7 +12,7 @@ attention does (key/value blocks passed from device to device, a streaming softm
 
 On TPU, ``implementation='splash'`` runs the core by the Pallas splash attention kernel
 (:mod:`diffusion.models.splash_attention`: a flash kernel, no (T, S) logits in HBM) and
-``'ulysses_splash'`` is Ulysses with that kernel as its per-device core. Off TPU (CPU tests) the
+``'ulysses_splash'`` is Ulysses with that kernel as its per-device core. On CPU (tests) the
 kernel runs in Pallas interpret mode.
 """
 
@@ -121,13 +121,22 @@ def dot_product_attention(
 
 
 def splash_interpret() -> bool:
-    """Whether the splash kernel must run in Pallas interpret mode: when the devices traced for
-    are not TPUs. Those are the active mesh's (a TPU topology compiled ahead of time on a CPU host
-    is TPU), else the default backend's."""
+    """Whether the splash kernel runs in Pallas interpret mode (plain XLA ops, for tests): on
+    CPU, not on TPU. The platform is the active mesh's devices' (a TPU topology compiled ahead
+    of time on a CPU host is TPU), else the default backend's.
+
+    Raises:
+      UserError: on any other platform (a GPU), where interpret mode would be silently slow.
+    """
     mesh = jax.sharding.get_abstract_mesh()
     device = None if mesh.empty else mesh.abstract_device
     platform = device.platform if device is not None else jax.default_backend()
-    return platform != "tpu"
+    if platform not in ("tpu", "cpu"):
+        raise UserError(
+            f"splash attention is a TPU kernel (interpreted on CPU for tests), not for "
+            f"{platform}; use attention_impl='fused' (cuDNN flash attention) or 'ulysses'"
+        )
+    return platform == "cpu"
 
 
 def kernel_checks_vma(core: str) -> bool:
@@ -167,7 +176,8 @@ def splash_attention(
     over split tokens that gathers them; 'ulysses_splash' moves heads instead).
 
     Raises:
-      UserError: for a mask that is not a key padding mask.
+      UserError: for a mask that is not a key padding mask, or devices that are neither TPUs
+        nor CPUs (:func:`splash_interpret`).
     """
     key_mask = splash_key_mask(mask)
     core = functools.partial(splash_attention_core, interpret=splash_interpret())
