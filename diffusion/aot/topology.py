@@ -127,10 +127,12 @@ def cost_report(compiled, peak_flops: float, hbm_bandwidth: float) -> dict[str, 
     flops = float(analysis.get("flops", 0.0))
     bytes_accessed = float(analysis.get("bytes accessed", 0.0))
     compiler_seconds = float(analysis.get("optimal_seconds", -1.0))
-    return _cost(flops, bytes_accessed, compiler_seconds, peak_flops, hbm_bandwidth)
+    return program_cost(flops, bytes_accessed, compiler_seconds, peak_flops, hbm_bandwidth)
 
 
-def _cost(flops, bytes_accessed, compiler_seconds, peak_flops, hbm_bandwidth) -> dict[str, Any]:
+def program_cost(
+    flops, bytes_accessed, compiler_seconds, peak_flops, hbm_bandwidth
+) -> dict[str, Any]:
     ideal = flops / peak_flops
     roofline = max(ideal, bytes_accessed / hbm_bandwidth)
     if compiler_seconds > 0:
@@ -151,7 +153,7 @@ def _cost(flops, bytes_accessed, compiler_seconds, peak_flops, hbm_bandwidth) ->
     }
 
 
-def _compile(jitted, args, mesh, rules) -> tuple[Any, float, float]:
+def compile_program(jitted, args, mesh, rules) -> tuple[Any, float, float]:
     start = time.perf_counter()
     with sharding.activate(mesh, rules):
         lowered = jitted.lower(*args)
@@ -165,9 +167,9 @@ def _is_out_of_memory(error: Exception) -> bool:
     return "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text
 
 
-def _program_report(jitted, args, mesh, rules, hbm, peak, bandwidth) -> dict[str, Any]:
+def program_report(jitted, args, mesh, rules, hbm, peak, bandwidth) -> dict[str, Any]:
     try:
-        compiled, lower_s, compile_s = _compile(jitted, args, mesh, rules)
+        compiled, lower_s, compile_s = compile_program(jitted, args, mesh, rules)
     except Exception as error:  # the TPU compiler refuses programs that cannot fit HBM
         if not _is_out_of_memory(error):
             raise
@@ -211,7 +213,7 @@ def compile_for_topology(
     devices = topology_devices(topology)
     per_chip = devices_per_chip(devices)
     hbm = HBM_BYTES_BY_CHIP[chip] / per_chip
-    peak = _peak_per_chip(devices[0]) / per_chip
+    peak = peak_flops_per_chip(devices[0]) / per_chip
     bandwidth = HBM_BANDWIDTH_BY_CHIP[chip] / per_chip
     shape = mesh_shape_of(config, len(devices), mesh_shape)
     mesh = meshes.make_mesh(shape, devices=devices)
@@ -222,7 +224,7 @@ def compile_for_topology(
     train = None
     if train_step:
         jitted, args = programs.train_step.step_fn, programs.train_args
-        train = _program_report(jitted, args, mesh, rules, *limits)
+        train = program_report(jitted, args, mesh, rules, *limits)
         if cost_twin and train.get("compiled") and config.model.get("scan_layers", False):
             depths = {f: getattr(programs.model_config, f) for f in DEPTH_FIELDS[programs.family]}
             train["cost"] = extrapolated_cost(config, mesh, peak, bandwidth, depths)
@@ -246,7 +248,7 @@ def compile_for_topology(
     if train is not None:
         report["train_step"] = train
     if sampler and programs.sample_fn is not None:
-        sample = _program_report(programs.sample_fn, programs.sample_args, mesh, rules, *limits)
+        sample = program_report(programs.sample_fn, programs.sample_args, mesh, rules, *limits)
         sample.pop("cost", None)  # a loop over steps: XLA counts one step, see cost_report
         spec = programs.sample_args[3]
         sample["batch"] = int(programs.sample_args[2]["seeds"].shape[0])
@@ -281,7 +283,7 @@ def extrapolated_cost(config, mesh, peak, bandwidth, depths: Mapping[str, int]) 
     def cost_at(overrides):
         programs = build_programs(twin, mesh, model_overrides=overrides)
         jitted, args = programs.train_step.step_fn, programs.train_args
-        compiled, _, _ = _compile(jitted, args, mesh, programs.train_step.rules)
+        compiled, _, _ = compile_program(jitted, args, mesh, programs.train_step.rules)
         return cost_report(compiled, peak, bandwidth)
 
     ones = {f: 1 for f in fields}
@@ -293,7 +295,7 @@ def extrapolated_cost(config, mesh, peak, bandwidth, depths: Mapping[str, int]) 
     for field, step in steps.items():
         for k in total:
             total[k] += (depths[field] - 1) * (step[k] - base[k])
-    cost = _cost(
+    cost = program_cost(
         total["flops"],
         total["bytes_accessed"],
         total.get("compiler_seconds", -1.0),
@@ -304,7 +306,7 @@ def extrapolated_cost(config, mesh, peak, bandwidth, depths: Mapping[str, int]) 
     return cost
 
 
-def _peak_per_chip(device) -> float:
+def peak_flops_per_chip(device) -> float:
     for kind, flops in metrics.PEAK_FLOPS_BY_DEVICE_KIND:
         if kind.lower() in device.device_kind.lower():
             return flops

@@ -43,13 +43,13 @@ from diffusion.aot.topology import (
     GIB,
     HBM_BANDWIDTH_BY_CHIP,
     HBM_BYTES_BY_CHIP,
-    _compile,
-    _cost,
-    _peak_per_chip,
-    _program_report,
     chip_name,
+    compile_program,
     cost_report,
     devices_per_chip,
+    peak_flops_per_chip,
+    program_cost,
+    program_report,
     topology_devices,
 )
 from diffusion.families.base import abstract_array
@@ -257,14 +257,14 @@ def extrapolated_video_cost(row, mesh, depth, peak, bandwidth) -> dict[str, Any]
     costs = []
     for twin_depth in (1, 2):
         jitted, args = PROGRAM_BUILDERS[row.program](row, mesh, depth=twin_depth, scan_layers=False)
-        compiled, _, _ = _compile(jitted, args, mesh, VIDEO_RULES)
+        compiled, _, _ = compile_program(jitted, args, mesh, VIDEO_RULES)
         costs.append(cost_report(compiled, peak, bandwidth))
     one, two = costs
     total = {}
     for k in ("flops", "bytes_accessed", "compiler_seconds"):
         if one[k] is not None and two[k] is not None:
             total[k] = one[k] + (depth - 1) * (two[k] - one[k])
-    cost = _cost(
+    cost = program_cost(
         total["flops"],
         total["bytes_accessed"],
         total.get("compiler_seconds", -1.0),
@@ -289,7 +289,7 @@ def compile_video_row(row: VideoRow, *, cost: bool = True) -> dict[str, Any]:
     devices = topology_devices(row.topology)
     per_chip = devices_per_chip(devices)
     hbm = HBM_BYTES_BY_CHIP[chip] / per_chip
-    peak = _peak_per_chip(devices[0]) / per_chip
+    peak = peak_flops_per_chip(devices[0]) / per_chip
     bandwidth = HBM_BANDWIDTH_BY_CHIP[chip] / per_chip
     mesh = video_mesh(devices, row.sequence)
     split = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -301,7 +301,7 @@ def compile_video_row(row: VideoRow, *, cost: bool = True) -> dict[str, Any]:
         )
     config = model_config(row)
     jitted, args = PROGRAM_BUILDERS[row.program](row, mesh)
-    report = _program_report(jitted, args, mesh, VIDEO_RULES, hbm, peak, bandwidth)
+    report = program_report(jitted, args, mesh, VIDEO_RULES, hbm, peak, bandwidth)
     if row.scan_layers:
         report.pop("cost", None)  # counts the scanned block once: replaced by the twins' below
     if cost and report["compiled"]:
