@@ -261,20 +261,29 @@ def one_device_mesh():
 
 def reference_clip(video_run, clip_run, prompt, seed, scale, steps):
     """Classifier-free guided flow Euler written as a plain loop over the video DiT, on the flow
-    levels of the run's shift, for one clip."""
+    levels of the run's shift, for one clip. A DiT that predicts the clean clip x0 gives the
+    velocity (x_t - x0) / t of x_t = (1 - t) x0 + t eps."""
     _, config = rundir.load_model_config(video_run)
+    diffusion = rundir.load_run_config(video_run).diffusion
     dit = rundir.load_run_params(video_run, config, models.VideoDiT)
     clip = rundir.load_text_encoder(clip_run, {"dtype": "float32"})
     tokenizer = data_lib.load_tokenizer(os.path.join(clip_run, "tokenizer"))
     length = rundir.load_run_config(video_run).tokenizer.context_length
-    velocity = video_dit_family.video_model_fn(dit)
+    predict = video_dit_family.video_model_fn(dit)
+
+    def velocity(x, t, cond):
+        out = predict(x, t, cond)
+        if diffusion.flow_prediction_type == "sample":
+            return (x - out) / t[:, None, None, None, None]
+        return out
+
     cond, uncond = (
         dit_family.text_condition(clip, *data_lib.tokenize(tokenizer, [text], length))
         for text in (prompt, "")
     )
     noise_key, _ = jax.random.split(jax.random.key(seed))
     x = jax.random.normal(noise_key, (1, 8, 32, 32, 3), jnp.float32)
-    times = schedules.flow_levels(steps, 5.0).t
+    times = schedules.flow_levels(steps, diffusion.shift).t
     for t, t_next in zip(times[:-1], times[1:], strict=True):
         t_batch = jnp.full((1,), t, jnp.float32)
         v_cond, v_uncond = velocity(x, t_batch, cond), velocity(x, t_batch, uncond)
