@@ -156,7 +156,7 @@ def rules_from_config(mesh_config: Mapping[str, Any]) -> tuple[tuple[str, MeshAx
             if not isinstance(axes, Sequence) or not all(isinstance(a, str) for a in axes):
                 raise bad(f"entry {tuple(entry)!r} has mesh axes {axes!r}")
             axes = tuple(axes)
-        unknown = [a for a in _axes_tuple(axes) if a not in MESH_AXES]
+        unknown = [a for a in mesh_axes(axes) if a not in MESH_AXES]
         if unknown:
             raise bad(f"entry {(name, axes)!r} names the unknown mesh axis {unknown[0]!r}")
         rules.append((name, axes))
@@ -174,7 +174,8 @@ def rules_from_config(mesh_config: Mapping[str, Any]) -> tuple[tuple[str, MeshAx
 # ------------------------------------------------------------------------------------------------
 
 
-def _axes_tuple(axes: MeshAxes) -> tuple[str, ...]:
+def mesh_axes(axes: MeshAxes) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, a name or a tuple of names)."""
     if axes is None:
         return ()
     return (axes,) if isinstance(axes, str) else tuple(axes)
@@ -182,7 +183,7 @@ def _axes_tuple(axes: MeshAxes) -> tuple[str, ...]:
 
 def _fit_axes(axes: MeshAxes, dim: int | None, mesh: Mesh | None, where: str) -> MeshAxes:
     """Drops mesh axes absent from ``mesh``, then trailing axes until their size divides ``dim``."""
-    chosen = _axes_tuple(axes)
+    chosen = mesh_axes(axes)
     if mesh is None:
         return axes
     chosen = tuple(a for a in chosen if a in mesh.shape)

@@ -20,6 +20,8 @@ import optax
 import pytest
 from flax import nnx
 from safetensors import safe_open
+from test_dit import perturb
+from test_wan_import import TIMESTEPS, TINY_WAN, random_wan
 
 from configs import base_video_dit, moving_shapes
 from diffusion import families, meshes, metrics, param_export, rundir, sharding, training
@@ -37,23 +39,6 @@ pytest.importorskip("peft")
 
 TINY = dict(width=32, num_heads=2, depth=1, ffn_dim=48, text_dim=16, patch_size=(1, 4, 4))
 # diffusers' tiny Wan (as tests/test_wan_import.py): two heads of 16, patch (1, 2, 2).
-TINY_WAN = dict(
-    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
-    out_channels=6, text_dim=12, freq_dim=32, ffn_dim=40, num_layers=2,
-)  # fmt: skip
-TIMESTEPS = (250.0, 750.0)  # s / 1000 * 1000 exact in float32: both models embed one number
-
-
-def randomize(model, seed: int, scale: float = 0.2) -> None:
-    """Every parameter (adapters included) drawn anew, so that a mis-mapped one shows and the
-    zero-initialised output layer and B factors do not hide anything."""
-    state = nnx.state(model, nnx.Param)
-    leaves, treedef = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    new = [
-        scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)
-    ]
-    nnx.update(model, jax.tree.unflatten(treedef, new))
 
 
 @nnx.jit
@@ -76,7 +61,7 @@ def inputs(config, batch=2, frames=2, size=8, length=5):
 
 def test_a_fresh_adapter_leaves_the_model_unchanged_and_starts_as_peft_does():
     base = video_dit.VideoDiT(video_dit.video_dit_config("tiny", **TINY), rngs=nnx.Rngs(0))
-    randomize(base, 1)
+    perturb(base, 1, scale=0.2)
     adapted = lora.with_adapters(base, rank=4, alpha=8.0)
     x, t, context = inputs(base.config)
     np.testing.assert_array_equal(forward(adapted, x, t, context), forward(base, x, t, context))
@@ -118,7 +103,7 @@ def test_the_merged_model_is_base_plus_scale_a_b_and_computes_the_adapted_model(
         lora_targets=("self_attn.query", "self_attn.out", "cross_attn.value", "ffn.fc2"),
     )  # fmt: skip
     model = video_dit.VideoDiT(config, rngs=nnx.Rngs(0))
-    randomize(model, 2)
+    perturb(model, 2, scale=0.2)
     merged = lora.merge_lora(model)
     assert merged.config.lora_rank == 0 and not lora.adapters_of(merged)
     x, t, context = inputs(config)
@@ -164,18 +149,6 @@ def test_bad_adapter_settings_are_named_with_the_valid_ones(fields, match):
 # ---------------------------------------------------------------------------------------------
 # Export: diffusers loads our adapters
 # ---------------------------------------------------------------------------------------------
-
-
-def random_wan(seed: int = 0, **overrides):
-    torch.manual_seed(seed)
-    model = diffusers.WanTransformer3DModel(**{**TINY_WAN, **overrides}).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("norm_q.weight", "norm_k.weight", "norm2.weight")):
-                param.copy_(1.0 + 0.2 * torch.randn_like(param))
-            else:
-                param.copy_(0.2 * torch.randn_like(param))
-    return model
 
 
 def diffusers_forward(model, x, timesteps, context) -> np.ndarray:
@@ -357,7 +330,7 @@ def video_stage(data_dir, clip_run, steps):
 def test_the_sharded_train_step_updates_the_adapters_alone_with_optimizer_state_for_them():
     config = video_dit.video_dit_config("tiny", **TINY, lora_rank=2)
     base = video_dit.VideoDiT(dataclasses.replace(config, lora_rank=0), rngs=nnx.Rngs(3))
-    randomize(base, 4)
+    perturb(base, 4, scale=0.2)
     base_params = {
         path: np.asarray(variable.get_value())
         for path, variable in nnx.to_flat_state(nnx.state(base, nnx.Param))

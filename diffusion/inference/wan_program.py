@@ -18,10 +18,11 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from diffusion import guidance, samplers, sharding
+from diffusion.errors import UserError
 from diffusion.inference.program import seed_keys, to_uint8
 from diffusion.inference.settings import SAMPLERS_WITH_ETA, SamplerSettings, SamplingError
 from diffusion.inference.wan_directory import wan_levels
-from diffusion.models import layers
+from diffusion.models import attention, layers
 from diffusion.models.umt5 import masked_states
 from diffusion.schedules import NoiseLevels
 
@@ -159,16 +160,10 @@ def encode_texts_program(text_state, tokens: jax.Array, mask: jax.Array, graphde
 SEQUENCE_PARALLEL_ATTENTION = ("ulysses", "ring", "ulysses_splash")
 
 
-def mesh_axes_size(mesh: Mesh, entry: sharding.MeshAxes) -> tuple[tuple[str, ...], int]:
-    """(mesh axes, their total size) of one PartitionSpec entry."""
-    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-    return axes, math.prod(mesh.shape[a] for a in axes)
-
-
 def token_split(mesh: Mesh, rules: sharding.LogicalRules) -> tuple[tuple[str, ...], int]:
     """The mesh axes the rules split the DiT's tokens over (`sequence`), and their size."""
-    entry = sharding.logical_to_spec(("activation_length",), rules, mesh=mesh)[0]
-    return mesh_axes_size(mesh, entry)
+    axes = sharding.mesh_axes(sharding.logical_to_spec(("activation_length",), rules, mesh=mesh)[0])
+    return axes, math.prod(mesh.shape[a] for a in axes)
 
 
 def check_sequence_parallel(dit_config, mesh: Mesh, rules: sharding.LogicalRules) -> None:
@@ -184,15 +179,13 @@ def check_sequence_parallel(dit_config, mesh: Mesh, rules: sharding.LogicalRules
             f"is {implementation!r}, which needs whole sequences; use attention_impl='ulysses', "
             "'ulysses_splash' (TPU) or 'ring' (--config.attention_impl), or config.mesh.sequence=1"
         )
-    heads = dit_config.num_heads
-    head_entry = sharding.logical_to_spec(("heads",), rules, shape=(heads,), mesh=mesh)[0]
-    head_axes, head_devices = mesh_axes_size(mesh, head_entry)
-    local_heads = heads // head_devices
-    if implementation in ("ulysses", "ulysses_splash") and local_heads % size:
-        raise SamplingError(
-            f"ulysses attention gives each of the {size} devices of {axes} whole heads: the DiT's "
-            f"{heads} heads ({local_heads} per device after the {head_devices} devices of "
-            f"{head_axes or 'no head axes'}) are not divisible by {size}; use a "
-            f"config.mesh.sequence that divides {local_heads}, a smaller config.mesh.tensor, or "
-            "attention_impl='ring'"
-        )
+    if implementation in ("ulysses", "ulysses_splash"):
+        heads = dit_config.num_heads
+        head_entry = sharding.logical_to_spec(("heads",), rules, shape=(heads,), mesh=mesh)[0]
+        head_axes = sharding.mesh_axes(head_entry)
+        try:
+            attention.check_ulysses_heads(
+                heads, head_axes, math.prod(mesh.shape[a] for a in head_axes), axes, size
+            )
+        except UserError as error:  # the pipeline's errors are SamplingErrors
+            raise SamplingError(str(error)) from None

@@ -226,13 +226,6 @@ class SequenceSplit(NamedTuple):
         return PartitionSpec(self.batch, self.sequence, self.heads, None)
 
 
-def _mesh_axes(entry) -> tuple[str, ...]:
-    """The mesh axes of one PartitionSpec entry (None, a name or a tuple of names)."""
-    if entry is None:
-        return ()
-    return (entry,) if isinstance(entry, str) else tuple(entry)
-
-
 def _spec_entry(axes: tuple[str, ...]) -> sharding.MeshAxes:
     return None if not axes else axes[0] if len(axes) == 1 else axes
 
@@ -255,7 +248,7 @@ def sequence_split(q_shape: tuple[int, ...], implementation: str) -> SequenceSpl
     mesh, rules = active
     batch, _, heads, _ = sharding.logical_to_spec(QKV_AXES, rules, shape=q_shape, mesh=mesh)
     # The token axis unfitted to the shape, so that an indivisible length is seen.
-    sequence_axes = _mesh_axes(sharding.logical_to_spec(QKV_AXES, rules, mesh=mesh)[1])
+    sequence_axes = sharding.mesh_axes(sharding.logical_to_spec(QKV_AXES, rules, mesh=mesh)[1])
     sequence_size = _axes_size(mesh, sequence_axes)
     if sequence_size == 1:
         return None
@@ -300,6 +293,33 @@ def _split_queries_only(q, k, v, mask, split: SequenceSplit, core: str = "xla") 
     )(q, k, v, mask)
 
 
+def check_ulysses_heads(
+    heads: int,
+    head_axes: tuple[str, ...],
+    head_devices: int,
+    sequence_axes: tuple[str, ...],
+    sequence_size: int,
+) -> None:
+    """Ulysses' condition on a mesh: after the all-to-all each of the `sequence_size` devices of
+    the token split holds whole heads, so the heads per device of the head split (`head_devices`
+    devices of `head_axes`) must be divisible by it. Checked where the attention runs and, before
+    any work, by callers that know the mesh (Wan sampling).
+
+    Raises:
+      UserError: naming the head count, the split and the fixes.
+    """
+    local_heads = heads // head_devices
+    if local_heads % sequence_size:
+        raise UserError(
+            f"ulysses attention: {heads} heads ({local_heads} per device after the head axes "
+            f"{head_axes or '()'} of {head_devices} devices) are not divisible by the "
+            f"{sequence_size} devices of the sequence mesh axes {sequence_axes}: after the "
+            f"all-to-all each device needs whole heads. Use a num_heads that is a multiple of "
+            f"{sequence_size * head_devices}, a config.mesh.sequence that divides {local_heads}, "
+            "a smaller config.mesh.tensor, or attention_impl='ring'"
+        )
+
+
 def ulysses_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, core: str = "xla"
 ) -> jax.Array:
@@ -329,17 +349,11 @@ def ulysses_attention(
         return dot_product_attention(q, k, v, mask, core)
     if k.shape[1] != q.shape[1]:
         return _split_queries_only(q, k, v, mask, split, core)
-    heads, head_axes, s = q.shape[2], _mesh_axes(split.heads), split.sequence_size
-    local_heads = heads // _axes_size(split.mesh, head_axes)
-    if local_heads % s:
-        raise UserError(
-            f"ulysses attention: {heads} heads ({local_heads} per device after the head axes "
-            f"{head_axes or '()'} of {heads // local_heads} devices) are not divisible by the {s} "
-            f"devices of the sequence mesh axes {split.sequence_axes}: after the all-to-all each "
-            f"device needs whole heads. Use a num_heads that is a multiple of "
-            f"{s * heads // local_heads}, a config.mesh.sequence that divides {local_heads}, or "
-            "attention_impl='ring'"
-        )
+    head_axes = sharding.mesh_axes(split.heads)
+    check_ulysses_heads(
+        q.shape[2], head_axes, _axes_size(split.mesh, head_axes), split.sequence_axes,
+        split.sequence_size,
+    )  # fmt: skip
     axes = split.sequence_axes
 
     def per_device(q, k, v, mask):
