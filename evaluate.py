@@ -69,6 +69,12 @@ flags.DEFINE_string(
     "features of a second Frechet distance (default: a latent DiT's own autoencoder; a pixel "
     "DiT has none without this flag).",
 )
+flags.DEFINE_string(
+    "where",
+    None,
+    "Evaluate on the records whose ClassLabels match, KEY=NAME,... e.g. motion=up (default: the "
+    "run's config.data.where, the filter it was trained with; '' evaluates every record).",
+)
 FLAGS = flags.FLAGS
 
 
@@ -96,6 +102,7 @@ def options_from_flags():
         diversity_captions=FLAGS.diversity_captions,
         diversity_samples=FLAGS.diversity_samples,
         feature_autoencoder=FLAGS.feature_autoencoder,
+        where=FLAGS.where,
     )
 
 

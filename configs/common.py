@@ -20,6 +20,7 @@ def data_config() -> ml_collections.ConfigDict:
     # Class-conditional DiT: the ClassLabel features whose combination is the class, numbered in
     # mixed radix, first feature most significant (diffusion/data/classes.py); () = (label_key,).
     c.class_features = ()
+    c.where = ""  # Record filter on ClassLabels, "key=name,key=name": every condition must hold.
     c.num_train_examples = 100_000  # Shapes only: examples generated for the train split.
     c.num_eval_examples = 2_000  # Shapes only: examples of each held-out split.
     c.worker_count = 0  # grain worker processes (0: decode in the main process).

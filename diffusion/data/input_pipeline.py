@@ -11,7 +11,7 @@ record. The iterator is still grain's checkpointable `DatasetIterator` (`get_sta
 `set_state`), and since every step of the graph is random access its state is just a position.
 
 Order of operations, the same on every process:
-  all record indices of the split
+  all record indices of the split (with config.data.where, those it keeps)
   -> shuffle (grain's index shuffle, reseeded every epoch: seed + epoch)
   -> repeat num_epochs (None: forever; batches then run across epoch boundaries)
   -> batch of global_batch_size indices, remainder dropped (with hard negatives: half as many
@@ -47,6 +47,7 @@ from absl import flags
 
 from diffusion.data.classes import ClassSpace
 from diffusion.data.latents import STD_KEY
+from diffusion.data.selection import selected_records
 from diffusion.data.sources import (
     DEFAULT_CAPTION_TEMPLATE,
     RecordReader,
@@ -320,7 +321,8 @@ def make_input_pipeline(
     None). A dataset with cached text features (`diffusion.data.latents.text_keys`) adds them
     to each batch beside 'tokens' and 'mask'. `class_features` (ClassLabel names,
     `diffusion.data.classes`): each batch also holds 'label', the int32 class id of each
-    record (mixed radix over these features).
+    record (mixed radix over these features). `source_config.where` (`diffusion.data.selection`)
+    keeps only the records whose ClassLabels it names: epochs then range over those alone.
 
     Every process yields the same number of batches; the global batch does not depend on the
     number of processes.
@@ -336,10 +338,20 @@ def make_input_pipeline(
     if not 0 <= process_index < process_count:
         raise UserError(f"process_index {process_index} not in [0, {process_count})")
     reader = open_source(source_config, split, captions=captions)
-    if (num_epochs or 1) * len(reader) < global_batch_size:
+    selected = selected_records(source_config, split)  # None: no filter, every record
+    num_records = len(reader) if selected is None else len(selected)
+    if (num_epochs or 1) * num_records < global_batch_size:
+        kept = "" if selected is None else f" kept by where={source_config.where!r}"
         raise UserError(
-            f"{num_epochs or 1} epoch(s) of the {len(reader)} records of split {split!r} cannot "
-            f"fill one batch of {global_batch_size}; lower the batch size or raise num_epochs"
+            f"{num_epochs or 1} epoch(s) of the {num_records} records{kept} of split {split!r} "
+            f"cannot fill one batch of {global_batch_size}; lower the batch size or raise "
+            "num_epochs"
+        )
+    if hard_negative_attributes and selected is not None:
+        # A twin is drawn from the whole split and could break the filter.
+        raise UserError(
+            f"Hard negatives (config.loss.hard_negative_attributes) are not supported with a "
+            f"record filter (config.data.where={source_config.where!r}); drop one of them"
         )
     if hard_negative_attributes and global_batch_size % (2 * process_count):
         raise UserError(
@@ -363,7 +375,12 @@ def make_input_pipeline(
         decoder(np.arange(1))  # a caption without the words fails here, not in a grain thread
     own_rows = slice(process_index * local_batch_size, (process_index + 1) * local_batch_size)
 
-    dataset = grain.MapDataset.range(len(reader))
+    # Positions in the list of kept records, so shuffling and the iterator state stay index
+    # based (the same config gives the same batches, and a resumed run continues them).
+    if selected is None:
+        dataset = grain.MapDataset.range(len(reader))
+    else:
+        dataset = grain.MapDataset.source(selected)
     if shuffle:
         dataset = dataset.shuffle(seed=seed % 2**32)
     dataset = dataset.repeat(num_epochs)

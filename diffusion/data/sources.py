@@ -43,6 +43,8 @@ class SourceConfig:
     caption_template: str | None = None  # e.g. "a {size} {label}"; default "a photo of a {label}"
     # An encoded dataset's latents (image_key is then its posterior mean); None: images.
     latents: LatentEncoding | None = None
+    # Record filter on ClassLabels, "key=name,key=name" (`diffusion.data.selection`); "": all.
+    where: str = ""
 
 
 # ---------------------------------------------------------------------------------------------

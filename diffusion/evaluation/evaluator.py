@@ -66,6 +66,7 @@ class EvaluationOptions:
     diversity_captions: int = 8  # DiT: captions per split sampled many times at its best (0: none)
     diversity_samples: int = 8  # DiT: samples (seeds) of each of those captions
     feature_autoencoder: str | None = None  # DiT: autoencoder for the FD (None: a latent run's)
+    where: str | None = None  # overrides the run's config.data.where ("": every record)
 
 
 def parse_guidance_scales(text: str) -> tuple[float, ...]:
@@ -108,6 +109,16 @@ def parse_samplers(text: str) -> tuple[tuple[str, int], ...]:
 # ---------------------------------------------------------------------------------------------
 # The two families
 # ---------------------------------------------------------------------------------------------
+
+
+def with_where(config, options: EvaluationOptions):
+    """The run's config with options.where (evaluate.py --where) as its record filter; every
+    family reads its held-out examples from config.data. None keeps the run's own filter."""
+    if options.where is None:
+        return config
+    config = config.copy_and_resolve_references()
+    config.data.where = options.where
+    return config
 
 
 def _data_config(config, options: EvaluationOptions):
@@ -405,7 +416,7 @@ def evaluate_checkpoint(
     else:
         run_dir = rundir.locate_run(checkpoint).run_dir if os.path.isdir(checkpoint) else checkpoint
         family, model_config = rundir.load_model_config(run_dir)
-        config = rundir.load_run_config(run_dir)
+        config = with_where(rundir.load_run_config(run_dir), options)
     os.makedirs(output_dir, exist_ok=True)
     galleries = []
     if family == "clip":

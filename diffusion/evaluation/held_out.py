@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
-from diffusion.data import input_pipeline, sources
+from diffusion.data import input_pipeline, selection, sources
 from diffusion.data.classes import ClassSpace, class_features_of
 from diffusion.errors import UserError
 from diffusion.evaluation.shapes_oracle import ATTRIBUTES
@@ -33,15 +33,18 @@ def load_split_examples(
     data_config, seed: int, split: str, count: int, source_data_dir: str | None = None
 ) -> SplitExamples:
     """Reads `count` examples (fewer if the split is smaller) in record order, building the
-    shapes dataset first if it is missing (the same call as training). A latent dataset's
-    examples are the images it was encoded from: under `source_data_dir` if given (they moved),
-    else where its encoding.json says."""
+    shapes dataset first if it is missing (the same call as training). With a record filter
+    (data_config.where), the first `count` records it keeps, as training kept them. A latent
+    dataset's examples are the images it was encoded from: under `source_data_dir` if given
+    (they moved), else where its encoding.json says."""
     source, _ = prepare_source(data_config, seed)
     if source.latents is not None:  # the images encoded, in the latent dataset's record order
         source = images_of(source, source_data_dir)
     reader = sources.open_source(source, split)
     decoder = input_pipeline.BatchDecoder(reader, source, tokenizer=None, context_length=2)
-    records = reader.read(list(range(min(count, len(reader)))))
+    selected = selection.selected_records(source, split)  # None: no filter
+    indices = range(len(reader)) if selected is None else selected
+    records = reader.read([int(i) for i in indices[:count]])
     images = np.stack([np.asarray(r[source.image_key], np.uint8) for r in records])
     if images.shape[-1] == 1:
         images = np.repeat(images, 3, axis=-1)

@@ -196,6 +196,7 @@ def shapes_data_config(resolution: int, data_dir: str) -> ml_collections.ConfigD
             caption_template=None,
             num_train_examples=shapes_lib.DEFAULT_NUM_EXAMPLES["train"],
             num_eval_examples=shapes_lib.DEFAULT_NUM_EXAMPLES["test"],
+            where="",
         )
     )
 
@@ -219,7 +220,9 @@ def autoencoder_data(checkpoint: str, run_config, model_config, options):
                 f"whose images are {sizes} px, not {resolution} ({given}); pass "
                 "--resolution=16, 32 or 64."
             )
-        return shapes_data_config(resolution, options.data_dir or "data"), 0
+        data = shapes_data_config(resolution, options.data_dir or "data")
+        data.where = options.where or ""
+        return data, 0
     data = run_config.data.copy_and_resolve_references()
     if options.data_dir:
         data.data_dir = options.data_dir

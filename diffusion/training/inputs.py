@@ -12,7 +12,7 @@ import numpy as np
 
 from diffusion import data as data_lib
 from diffusion import distributed, rundir
-from diffusion.data import input_pipeline, latents, sources
+from diffusion.data import input_pipeline, latents, selection, sources
 from diffusion.data.classes import ClassSpace
 from diffusion.errors import UserError
 from diffusion.families import DataFacts
@@ -31,7 +31,8 @@ def _prepared_once(build, what: str):
 
 def prepare_source(data_config, seed: int) -> tuple[data_lib.SourceConfig, Any]:
     """Builds the embedded shapes or moving_shapes dataset if missing (other datasets must be
-    prepared) -> source, builder."""
+    prepared) -> source, builder. A record filter (data_config.where) is checked against the
+    dataset's ClassLabels here, before any run starts."""
     sizes = dict(
         num_train=data_config.num_train_examples,
         num_test=data_config.num_eval_examples,
@@ -64,7 +65,9 @@ def prepare_source(data_config, seed: int) -> tuple[data_lib.SourceConfig, Any]:
         caption_key=data_config.caption_key,
         label_key=data_config.label_key,
         caption_template=data_config.caption_template,
+        where=data_config.get("where") or "",  # absent from the configs of older runs
     )
+    selection.label_conditions(source.where, builder.info.features, name)
     return source, builder
 
 

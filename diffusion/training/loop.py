@@ -21,6 +21,7 @@ from flax import nnx
 
 from diffusion import checkpoints, families, meshes, metrics, optim, param_export, rundir, sharding
 from diffusion import data as data_lib
+from diffusion.data.selection import selected_records
 from diffusion.data.tokenizer import save_tokenizer
 from diffusion.errors import NonFiniteError, UserError
 from diffusion.train_step import NAN_POLICIES, TrainStep
@@ -94,6 +95,10 @@ def train(
     families.check_global_batch(t.global_batch_size, mesh)
     input_options = family.input_options(config)
     source, builder = inputs.prepare_source(config.data, config.seed)
+    if source.where:  # a filter that keeps nothing fails now, not after the model is loaded ...
+        checked = config.data.eval_splits[:1] if t.eval_every else ()  # ... or at the first check
+        for split in (config.data.train_split, *checked):
+            selected_records(source, split)
     classes = None
     if input_options.get("class_features") is not None:  # checked before any file is written
         classes = inputs.class_space(config, builder, source.name, input_options["class_features"])
