@@ -1,6 +1,8 @@
 """Test-wide set-up: 8 simulated CPU devices, set before jax starts its backend."""
 
 import os
+import shutil
+import tempfile
 
 
 def xla_flags(device_count: int) -> str:
@@ -16,27 +18,36 @@ def xla_flags(device_count: int) -> str:
     return f"{count} --xla_backend_optimization_level=0"
 
 
+def compilation_cache_dir() -> str:
+    """One persistent compilation cache for a whole test session, shared by the pytest-xdist
+    workers and every process they spawn (pytest-xdist gives the workers of one run the same
+    PYTEST_XDIST_TESTRUNUID).
+
+    Many tests compile the same programs: the tiny recipes' train steps, samplers and exports
+    recur across files, and kill-and-restart loops compile the same run again in each new
+    process. With the cache, the second compilation of a program is a disk read.
+    """
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
+    return os.path.join(tempfile.gettempdir(), f"diffusion-tests-xla-cache-{run}")
+
+
 # Inherited by the train.py / sample.py processes the tests spawn.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", compilation_cache_dir())
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # tiny programs
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
-def single_device_env(compilation_cache: str | None = None) -> dict[str, str]:
-    """The environment of a spawned one-device train.py / sample.py process.
+def pytest_sessionfinish(session):
+    if not hasattr(session.config, "workerinput"):  # the controller, after every worker ended
+        shutil.rmtree(compilation_cache_dir(), ignore_errors=True)
 
-    compilation_cache: a directory for JAX's persistent compilation cache, shared by processes
-    that restart the same run (kill-and-restart loops), so that a restart loads its programs
-    instead of compiling them again. Only for one device: on jax 0.10.2 programs with
-    collectives loaded from the cache onto 8 simulated devices hung in an all-gather
-    rendezvous (tests/test_trainer.py's resume test), so the in-process tests keep no cache.
-    """
-    env = {**os.environ, "XLA_FLAGS": xla_flags(1)}
-    if compilation_cache is not None:
-        env["JAX_COMPILATION_CACHE_DIR"] = str(compilation_cache)
-        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # tiny programs compile fast
-        env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-    return env
+
+def single_device_env() -> dict[str, str]:
+    """The environment of a spawned one-device train.py / sample.py process."""
+    return {**os.environ, "XLA_FLAGS": xla_flags(1)}
 
 
 # `make test` spreads whole files over pytest-xdist workers (--dist loadfile keeps each file's
