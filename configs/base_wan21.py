@@ -4,11 +4,12 @@ sample.py (`diffusion.inference.wan_pipeline`); the two size recipes override it
     python sample.py --config=configs/wan21_t2v_1_3b.py --config.weights=DIR \
         --prompts=prompts.txt --output_dir=samples
 
-Sources of the settings (nothing can be downloaded here, so the released repositories' files
-were not read): diffusers' WanPipeline (installed package, pipelines/wan/pipeline_wan.py):
-81 frames, guidance 5.0, 50 steps, max_sequence_length 512, its example's negative prompt and
-"flow_shift = 5.0  # 5.0 for 720P, 3.0 for 480P"; UniPC is the scheduler of Wan's diffusers
-repositories and of Wan's own code. Wan generates 16 frames per second.
+Sources of the settings: diffusers' WanPipeline (installed package, pipelines/wan/pipeline_wan.py):
+81 frames, guidance 5.0, 50 steps, max_sequence_length 512, its example's negative prompt; UniPC
+is the scheduler of Wan's diffusers repositories and of Wan's own code. The shift is that of Wan's
+own generate.py (Wan-Video/Wan2.1): 5.0 for text-to-video at every size, 3.0 only for
+image-to-video at 480p (diffusers' example instead suggests "5.0 for 720P, 3.0 for 480P").
+Wan generates 16 frames per second.
 """
 
 import ml_collections
@@ -45,7 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     s = config.sampling = ml_collections.ConfigDict()
     s.sampler = "unipc"  # Flow UniPC, order 2 (diffusers' UniPCMultistepScheduler, flow sigmas).
     s.steps = 50  # Denoising steps (WanPipeline's default).
-    s.shift = 5.0  # Flow time shift: 5.0 at 720p, 3.0 at 480p (diffusers' Wan example).
+    s.shift = 5.0  # Flow time shift: Wan's generate.py uses 5.0 for text-to-video at every size.
     s.guidance_scale = 5.0  # Classifier-free guidance scale (WanPipeline's default).
     s.negative_prompt = NEGATIVE_PROMPT  # Guidance pushes away from it; "" for none.
     s.num_frames = 81  # Frames per clip: 1 + 4k (the VAE's temporal factor is 4).

@@ -1,7 +1,6 @@
 """Wan 2.1 text-to-video 14B (Wan-AI/Wan2.1-T2V-14B-Diffusers, downloaded by you) at 720p:
-81 frames of 720 x 1280, shift 5.0 (diffusers' Wan example: 5.0 for 720P); the base's values.
-For 480p pass --config.sampling.height=480 --config.sampling.width=832
---config.sampling.shift=3.0.
+81 frames of 720 x 1280, shift 5.0 (Wan's generate.py and diffusers' example); the base's values.
+For 480p pass --config.sampling.height=480 --config.sampling.width=832.
 
     python sample.py --config=configs/wan21_t2v_14b.py --config.weights=DIR \
         --prompts=prompts.txt --output_dir=samples

@@ -18,36 +18,66 @@ def xla_flags(device_count: int) -> str:
     return f"{count} --xla_backend_optimization_level=0"
 
 
-def compilation_cache_dir() -> str:
-    """One persistent compilation cache for a whole test session, shared by the pytest-xdist
-    workers and every process they spawn (pytest-xdist gives the workers of one run the same
-    PYTEST_XDIST_TESTRUNUID).
-
-    Many tests compile the same programs: the tiny recipes' train steps, samplers and exports
-    recur across files, and kill-and-restart loops compile the same run again in each new
-    process. With the cache, the second compilation of a program is a disk read.
-    """
-    run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
-    return os.path.join(tempfile.gettempdir(), f"diffusion-tests-xla-cache-{run}")
-
-
 # Inherited by the train.py / sample.py processes the tests spawn.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", compilation_cache_dir())
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # tiny programs
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+# One persistent compilation cache for the whole session: made by the first process (pytest-xdist's
+# controller) and inherited by its workers. Many tests compile the same programs (the tiny
+# recipes' train steps, samplers and exports recur across files; kill-and-restart loops compile
+# one run again in every new process); with the cache, every compilation after the first is a
+# disk read.
+_OWN_CACHE = "DIFFUSION_TESTS_XLA_CACHE" not in os.environ
+if _OWN_CACHE:
+    os.environ["DIFFUSION_TESTS_XLA_CACHE"] = tempfile.mkdtemp(prefix="diffusion-tests-xla-cache-")
+COMPILATION_CACHE = os.environ["DIFFUSION_TESTS_XLA_CACHE"]
+CACHE_SETTINGS = {
+    "JAX_COMPILATION_CACHE_DIR": COMPILATION_CACHE,
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",  # the tests' programs compile fast
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+}
+
+
+def _cache_one_device_programs_only():
+    """Use the cache in this process for programs on one device only.
+
+    On jax 0.10.2 an XLA:CPU program with collectives, loaded from the persistent cache onto the
+    8 simulated devices, can stall in its rendezvous: the suite hung (and once aborted) in
+    multi-device training steps with the cache on. So programs on several devices compile as
+    without a cache, and only one-device processes are spawned with it (single_device_env).
+    """
+    import jax
+    from jax._src import compiler
+
+    cached = compiler.compile_or_get_cached
+
+    def compile_or_get_cached(backend, computation, devices, options, callbacks, executable_devices,
+                              pgle_profiler=None):  # fmt: skip
+        if devices.size > 1:
+            return compiler.backend_compile_and_load(
+                backend, computation, executable_devices, options, callbacks
+            )
+        return cached(backend, computation, devices, options, callbacks, executable_devices,
+                      pgle_profiler)  # fmt: skip
+
+    compiler.compile_or_get_cached = compile_or_get_cached
+    for name, value in CACHE_SETTINGS.items():
+        jax.config.update(name.lower(), int(value) if value == "0" else value)
+
+
+_cache_one_device_programs_only()
 
 
 def pytest_sessionfinish(session):
-    if not hasattr(session.config, "workerinput"):  # the controller, after every worker ended
-        shutil.rmtree(compilation_cache_dir(), ignore_errors=True)
+    if _OWN_CACHE and not hasattr(session.config, "workerinput"):  # after every worker ended
+        shutil.rmtree(COMPILATION_CACHE, ignore_errors=True)
 
 
 def single_device_env() -> dict[str, str]:
-    """The environment of a spawned one-device train.py / sample.py process."""
-    return {**os.environ, "XLA_FLAGS": xla_flags(1)}
+    """The environment of a spawned one-device train.py / sample.py process, with the session's
+    compilation cache (safe on one device, see _cache_one_device_programs_only)."""
+    return {**os.environ, "XLA_FLAGS": xla_flags(1), **CACHE_SETTINGS}
 
 
 # `make test` spreads whole files over pytest-xdist workers (--dist loadfile keeps each file's

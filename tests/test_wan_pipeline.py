@@ -190,7 +190,7 @@ def test_recipes_load_the_directory_at_their_size_and_need_weights(wan):
     """sample.py --config=configs/wan21_t2v_1_3b.py --config.weights=DIR builds this pipeline."""
     small = config_lib.load_config("configs/wan21_t2v_1_3b.py")
     large = config_lib.load_config("configs/wan21_t2v_14b.py")
-    assert (small.sampling.height, small.sampling.width, small.sampling.shift) == (480, 832, 3.0)
+    assert (small.sampling.height, small.sampling.width, small.sampling.shift) == (480, 832, 5.0)
     assert (large.sampling.height, large.sampling.width, large.sampling.shift) == (720, 1280, 5.0)
     with pytest.raises(SamplingError, match=r"config.weights is not set: pass --config.weights"):
         from_recipe(small)
@@ -198,7 +198,7 @@ def test_recipes_load_the_directory_at_their_size_and_need_weights(wan):
     overrides = [("weights", wan[0]), ("dtype", "float32"), ("param_dtype", "float32")]
     overrides += [(f"sampling.{name}", str(value)) for name, value in sizes]
     pipe = from_recipe(config_lib.load_config("configs/wan21_t2v_1_3b.py", overrides))
-    assert (pipe.frames, pipe.frame_shape, pipe.flow_shift) == (FRAMES, (HEIGHT, WIDTH), SHIFT)
+    assert (pipe.frames, pipe.frame_shape, pipe.flow_shift) == (FRAMES, (HEIGHT, WIDTH), 5.0)
     assert pipe.run_dir == wan[0] and dict(pipe.mesh.shape)["data"] == 8
     assert dict(pipe.mesh.shape)["sequence"] == 1 and pipe.dit_config.attention_impl == "ulysses"
     overrides += [("mesh.data", "2"), ("mesh.sequence", "4"), ("attention_impl", "ring")]
