@@ -1,8 +1,6 @@
 """Test-wide set-up: 8 simulated CPU devices, set before jax starts its backend."""
 
 import os
-import shutil
-import tempfile
 
 
 def xla_flags(device_count: int) -> str:
@@ -23,61 +21,22 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-# One persistent compilation cache for the whole session: made by the first process (pytest-xdist's
-# controller) and inherited by its workers. Many tests compile the same programs (the tiny
-# recipes' train steps, samplers and exports recur across files; kill-and-restart loops compile
-# one run again in every new process); with the cache, every compilation after the first is a
-# disk read.
-_OWN_CACHE = "DIFFUSION_TESTS_XLA_CACHE" not in os.environ
-if _OWN_CACHE:
-    os.environ["DIFFUSION_TESTS_XLA_CACHE"] = tempfile.mkdtemp(prefix="diffusion-tests-xla-cache-")
-COMPILATION_CACHE = os.environ["DIFFUSION_TESTS_XLA_CACHE"]
-CACHE_SETTINGS = {
-    "JAX_COMPILATION_CACHE_DIR": COMPILATION_CACHE,
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",  # the tests' programs compile fast
-    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-}
 
+def single_device_env(compilation_cache: str | None = None) -> dict[str, str]:
+    """The environment of a spawned one-device train.py / sample.py process.
 
-def _cache_one_device_programs_only():
-    """Use the cache in this process for programs on one device only.
-
-    On jax 0.10.2 an XLA:CPU program with collectives, loaded from the persistent cache onto the
-    8 simulated devices, can stall in its rendezvous: the suite hung (and once aborted) in
-    multi-device training steps with the cache on. So programs on several devices compile as
-    without a cache, and only one-device processes are spawned with it (single_device_env).
+    compilation_cache: a directory for JAX's persistent compilation cache, shared by processes
+    that restart the same run (kill-and-restart loops), so that a restart loads its programs
+    instead of compiling them again. Only for one device: on jax 0.10.2 programs with
+    collectives loaded from the cache onto 8 simulated devices hung in an all-gather
+    rendezvous (tests/test_trainer.py's resume test), so the in-process tests keep no cache.
     """
-    import jax
-    from jax._src import compiler
-
-    cached = compiler.compile_or_get_cached
-
-    def compile_or_get_cached(backend, computation, devices, options, callbacks, executable_devices,
-                              pgle_profiler=None):  # fmt: skip
-        if devices.size > 1:
-            return compiler.backend_compile_and_load(
-                backend, computation, executable_devices, options, callbacks
-            )
-        return cached(backend, computation, devices, options, callbacks, executable_devices,
-                      pgle_profiler)  # fmt: skip
-
-    compiler.compile_or_get_cached = compile_or_get_cached
-    for name, value in CACHE_SETTINGS.items():
-        jax.config.update(name.lower(), int(value) if value == "0" else value)
-
-
-_cache_one_device_programs_only()
-
-
-def pytest_sessionfinish(session):
-    if _OWN_CACHE and not hasattr(session.config, "workerinput"):  # after every worker ended
-        shutil.rmtree(COMPILATION_CACHE, ignore_errors=True)
-
-
-def single_device_env() -> dict[str, str]:
-    """The environment of a spawned one-device train.py / sample.py process, with the session's
-    compilation cache (safe on one device, see _cache_one_device_programs_only)."""
-    return {**os.environ, "XLA_FLAGS": xla_flags(1), **CACHE_SETTINGS}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(1)}
+    if compilation_cache is not None:
+        env["JAX_COMPILATION_CACHE_DIR"] = str(compilation_cache)
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # tiny programs compile fast
+        env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    return env
 
 
 # `make test` spreads whole files over pytest-xdist workers (--dist loadfile keeps each file's

@@ -165,7 +165,7 @@ def test_sigkills_and_a_sigterm_at_random_moments_then_a_rerun_equals_an_uninter
     encode and write shards (SIGKILL, and once SIGTERM, which must exit 0); the rerun's files
     equal an uninterrupted process's byte for byte."""
     _, config, _ = encoded
-    env = single_device_env()
+    env = single_device_env(compilation_cache=tmp_path / "xla_cache")
 
     def command(output_dir):
         overrides = {**NUM, "data_dir": config.data_dir, "builder_config": "16"}
@@ -221,7 +221,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_round_of_shar
     marked complete; a rerun by one process ends with the bytes of an uninterrupted job."""
     import socket
 
-    env = single_device_env()
+    env = single_device_env(compilation_cache=tmp_path / "xla_cache")
     data = {"num_train_examples": 1000, "num_eval_examples": 12, "builder_config": "16"}
     data["data_dir"] = str(tmp_path / "data")
 

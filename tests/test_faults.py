@@ -127,7 +127,7 @@ def test_sigkill_at_random_moments_then_restarts_equal_the_uninterrupted_run(dat
     args = lambda workdir: _train_args(workdir, data_dir, NUM_STEPS, CHECKPOINT_EVERY)
     # The reference run fills a compilation cache that every restart loads: a restart costs its
     # start-up, not a compile (the kill delays below scale with the measured times).
-    env = single_device_env()
+    env = single_device_env(compilation_cache=tmp_path / "xla_cache")
     reference = tmp_path / "reference"
     process = _spawn(args(reference), tmp_path / "reference.log", env)
     _wait_for(lambda: _records(reference), [process], timeout=300, poll=0.05)

@@ -277,7 +277,7 @@ def test_ten_sigkills_at_random_moments_then_a_rerun_equal_an_uninterrupted_run(
         f"--prompts={prompts}", f"--output_dir={out}", "--num_per_prompt=4", "--steps=3",
         "--batch_size=8",
     ]  # fmt: skip
-    env = single_device_env()
+    env = single_device_env(compilation_cache=tmp_path / "xla_cache")
     spawn = lambda: subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
