@@ -198,7 +198,7 @@ def test_recipes_load_the_directory_at_their_size_and_need_weights(wan):
     overrides = [("weights", wan[0]), ("dtype", "float32"), ("param_dtype", "float32")]
     overrides += [(f"sampling.{name}", str(value)) for name, value in sizes]
     pipe = from_recipe(config_lib.load_config("configs/wan21_t2v_1_3b.py", overrides))
-    assert (pipe.frames, pipe.frame_shape, pipe.flow_shift) == (FRAMES, (HEIGHT, WIDTH), 5.0)
+    assert (pipe.frames, pipe.frame_shape, pipe.flow_shift) == (FRAMES, (HEIGHT, WIDTH), SHIFT)
     assert pipe.run_dir == wan[0] and dict(pipe.mesh.shape)["data"] == 8
     assert dict(pipe.mesh.shape)["sequence"] == 1 and pipe.dit_config.attention_impl == "ulysses"
     overrides += [("mesh.data", "2"), ("mesh.sequence", "4"), ("attention_impl", "ring")]
@@ -233,9 +233,11 @@ SHARDED_MESHES = {  # name: (mesh, attention_impl, micro_batch)
     "data2 x fsdp2 x sequence2, ulysses": ({"data": 2, "fsdp": 2, "sequence": 2}, "ulysses", 2),
     "data2 x tensor2 x sequence2, ring": ({"data": 2, "tensor": 2, "sequence": 2}, "ring", 1),
 }
-# Float32 [0, 1] pixels; only reduction orders differ between meshes (measured 5.7e-6 with
-# Ulysses on fsdp and micro_batch 2, 5.1e-6 with the ring on tensor).
-SHARDED_TOLERANCE = 1e-5
+# Float32 [0, 1] pixels; only reduction orders differ between meshes, and they depend on the CPU's
+# vector width: with Ulysses on fsdp and micro_batch 2, 5.7e-6 on an AVX-512 Xeon and 6.8e-5 on an
+# AVX2 EPYC (the ring on tensor: 5.1e-6 and 9.0e-6). A wrong split errs by whole pixel levels
+# (1/255 = 3.9e-3).
+SHARDED_TOLERANCE = 2e-4
 
 
 def sharded_pipeline(directory, mesh_shape, attention_impl, micro_batch=1):
