@@ -54,6 +54,7 @@ from diffusion.data.sources import (
     SourceConfig,
     class_label_keys,
     dataset_builder,
+    label_columns,
     open_source,
     template_fields,
 )
@@ -236,14 +237,8 @@ class TwinFinder:
                 f"Hard-negative attribute(s) {unknown} are not ClassLabel features of "
                 f"{config.name!r}; valid: {list(label_keys)}"
             )
-        reader = RecordReader(builder, split, label_keys)
-        records = []
-        for start in range(0, len(reader), 4096):
-            records += reader.read(range(start, min(start + 4096, len(reader))))
-        labels = np.array([[int(r[k]) for k in label_keys] for r in records], np.int64)
-        return cls(
-            labels.reshape(len(records), len(label_keys)), label_keys, tuple(attributes), seed
-        )
+        labels = label_columns(builder, split, label_keys)
+        return cls(labels, label_keys, tuple(attributes), seed)
 
     def _groups(self, column: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Records sorted by all labels but `column`: (group of each record, order, starts,

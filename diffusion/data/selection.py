@@ -14,10 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from diffusion.data.sources import RecordReader, SourceConfig, class_label_keys, dataset_builder
+from diffusion.data.sources import SourceConfig, class_label_keys, dataset_builder, label_columns
 from diffusion.errors import UserError
-
-READ_CHUNK = 4096  # records per batched read of the label columns
 
 
 def parse_where(where: str) -> tuple[tuple[str, str], ...]:
@@ -86,16 +84,12 @@ def selected_records(config: SourceConfig, split: str) -> np.ndarray | None:
     builder = dataset_builder(config)
     conditions = label_conditions(conditions_text, builder.info.features, config.name)
     keys = sorted({key for key, _ in conditions})
-    reader = RecordReader(builder, split, keys)
-    columns = {key: [] for key in keys}
-    for start in range(0, len(reader), READ_CHUNK):
-        for record in reader.read(range(start, min(start + READ_CHUNK, len(reader)))):
-            for key in keys:
-                columns[key].append(int(record[key]))
-    indices = np.flatnonzero(matching(columns, conditions, len(reader)))
+    labels = label_columns(builder, split, keys)
+    columns = dict(zip(keys, labels.T, strict=True))
+    indices = np.flatnonzero(matching(columns, conditions, len(labels)))
     if not len(indices):
         raise UserError(
-            f"config.data.where={conditions_text!r} keeps none of the {len(reader)} records of "
+            f"config.data.where={conditions_text!r} keeps none of the {len(labels)} records of "
             f"split {split!r} of {config.name!r}; choose values that occur together in that "
             "split (held-out splits may hold other combinations than train), filter on fewer "
             "features, or leave the split out (config.data.eval_splits, evaluate.py --splits)"
