@@ -121,9 +121,13 @@ def test_a_rerun_of_a_complete_dataset_changes_nothing_and_another_plan_is_refus
     before = _files(dataset_dir)
     assert encoding.encode_dataset(_autoencoder_of(dataset_dir), config, 0, options) == dataset_dir
     assert _files(dataset_dir) == before
-    os.remove(os.path.join(dataset_dir, "encoding.json"))  # unfinished: the plan is compared
     changed = dataclasses.replace(options, examples_per_shard=8)
-    with pytest.raises(UserError, match=r"another plan \(differs in \['examples_per_shard'\]\)"):
+    refused = r"another plan \(differs in \['examples_per_shard'\]\)"
+    with pytest.raises(encoding.PlanChanged, match=refused):  # finished: not what was asked
+        encoding.encode_dataset(_autoencoder_of(dataset_dir), config, 0, changed)
+    assert _files(dataset_dir) == before
+    os.remove(os.path.join(dataset_dir, "encoding.json"))  # unfinished: the plan is compared
+    with pytest.raises(UserError, match=refused):
         encoding.encode_dataset(_autoencoder_of(dataset_dir), config, 0, changed)
     finished = before.pop("encoding.json")
     assert _files(dataset_dir) == before

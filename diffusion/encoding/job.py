@@ -88,9 +88,6 @@ def encode_dataset(
         {split: len(reader) for split, reader in readers.items()},
         options.examples_per_shard,
     )
-    if writer.is_complete():
-        print(f"{writer.root} is complete; nothing to encode", flush=True)
-        return writer.root
     plan = dict(
         autoencoder=os.path.abspath(autoencoder_path),
         autoencoder_config=dataclasses.asdict(autoencoder_config),
@@ -102,6 +99,10 @@ def encode_dataset(
         batch_size=options.batch_size,
         **(text.plan() if text is not None else {}),
     )
+    if writer.is_complete():  # kept if it is what this plan asks for (else PlanChanged)
+        writer.check_plan(plan)
+        print(f"{writer.root} is complete; nothing to encode", flush=True)
+        return writer.root
     if jax.process_index() == 0:
         writer.start(plan)
     distributed.barrier("latent dataset planned")

@@ -5,7 +5,8 @@ with no builder class and no TensorFlow):
 
     OUTPUT_DIR/NAME/1.0.0/
         plan.json                           what is being encoded (written first; a rerun with
-                                            another plan is refused, never mixed in)
+                                            another plan, finished or not, is refused, never
+                                            mixed in)
         NAME-SPLIT.array_record-00000-of-000NN    one file per shard, each written to a dotted
                                             temporary and renamed: a file that exists is whole
                                             (one damaged later is set aside and encoded again)
@@ -62,6 +63,18 @@ def latent_features(
     )
 
 
+class PlanChanged(UserError):
+    """The directory holds an encoding of another plan: its shards are kept, nothing mixed in."""
+
+    def __init__(self, root: str, changed: list[str]):
+        super().__init__(
+            f"{root} holds an encoding with another plan (differs in {changed}); its shards are "
+            "kept as they are. Pass another --output_dir (or --name), or delete that directory "
+            "to encode again."
+        )
+        self.root, self.changed = root, changed
+
+
 @dataclasses.dataclass(frozen=True)
 class Shard:
     split: str
@@ -115,27 +128,33 @@ class LatentDatasetWriter:
         plan (then its whole shards are kept); removes temporaries of killed runs. One process
         calls this before any shard is written."""
         os.makedirs(self.root, exist_ok=True)
-        path = os.path.join(self.root, PLAN_FILE)
-        plan = json.loads(json.dumps(dict(plan), sort_keys=True))  # as it reads back
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                earlier = json.load(f)
-            if earlier != plan:
-                changed = sorted(
-                    k for k in plan.keys() | earlier.keys() if plan.get(k) != earlier.get(k)
-                )
-                raise UserError(
-                    f"{self.root} holds an encoding with another plan (differs in {changed}); "
-                    "its shards are kept as they are. Pass another --output_dir (or --name), or "
-                    "delete that directory to encode again."
-                )
-        else:
-            _write_atomically(path, json.dumps(plan, indent=1, sort_keys=True) + "\n")
+        if not self.check_plan(plan):
+            _write_atomically(self._plan_path(), _plan_json(plan))
         for name in os.listdir(self.root):
             if name.endswith(TEMPORARY_SUFFIX):
                 os.remove(os.path.join(self.root, name))
         for shard in self.shards():
             self._set_aside_if_damaged(shard)
+
+    def check_plan(self, plan: Mapping[str, Any]) -> bool:
+        """Raises PlanChanged where the directory records another plan than `plan` (finished
+        or not: a finished dataset of another plan is not what was asked for either); False
+        where it records none yet."""
+        path = self._plan_path()
+        if not os.path.exists(path):
+            return False
+        with open(path, encoding="utf-8") as f:
+            earlier = json.load(f)
+        plan = json.loads(_plan_json(plan))  # as it reads back
+        if earlier != plan:
+            changed = sorted(
+                k for k in plan.keys() | earlier.keys() if plan.get(k) != earlier.get(k)
+            )
+            raise PlanChanged(self.root, changed)
+        return True
+
+    def _plan_path(self) -> str:
+        return os.path.join(self.root, PLAN_FILE)
 
     def _set_aside_if_damaged(self, shard: Shard) -> None:
         """A shard file whose record count is not its shard's (truncated or overwritten after
@@ -264,6 +283,10 @@ def _deterministic(record: bytes) -> bytes:
     order, which differs between processes (string hashing is salted per process), and a
     resumed job must write the bytes an uninterrupted one writes."""
     return tf_example_pb2.Example.FromString(record).SerializeToString(deterministic=True)
+
+
+def _plan_json(plan: Mapping[str, Any]) -> str:
+    return json.dumps(dict(plan), indent=1, sort_keys=True) + "\n"
 
 
 def _write_atomically(path: str, text: str) -> None:
