@@ -1,6 +1,7 @@
-"""Latent diffusion on the embedded shapes at 64x64, as one command: an autoencoder, the dataset
-encoded with it, CLIP on the images, a DiT on the latents with CLIP's frozen text tower, then
-evaluate.py and the prompt grid on the decoded samples.
+"""Latent diffusion on the embedded shapes at 64x64, as one command: an autoencoder, CLIP on the
+images, the dataset encoded with the autoencoder and each caption with CLIP's frozen text tower,
+a DiT on the latents and those cached text features, then evaluate.py and the prompt grid on the
+decoded samples.
 
     make train CONFIG=configs/shapes_latent.py    # -> runs/shapes_latent/{autoencoder,latents,...}
 
@@ -19,7 +20,9 @@ ARGS = shapes.ARGS
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = shapes.get_config(arg)
-    config.stages = ("autoencoder", "encode", "clip", "dit", "evaluate", "samples")
+    # CLIP trains on the source images and their captions, not on the latents, so it runs
+    # before encode, whose text features of each caption are the ones of its tower.
+    config.stages = ("autoencoder", "clip", "encode", "dit", "evaluate", "samples")
     config.data.builder_config = "64"  # Shapes at 64x64: 8x more pixels than latents here.
 
     config.autoencoder = base_autoencoder.get_config(arg)  # Stage 1: the KL autoencoder.
@@ -31,9 +34,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.autoencoder.model.latent_channels = 4
     config.autoencoder.training.num_steps = 2000
 
-    config.encode = ml_collections.ConfigDict()  # Stage 2: encode.py into WORKDIR/latents.
+    # Stage 2 is CLIP, as in configs/shapes.py.
+    config.encode = ml_collections.ConfigDict()  # Stage 3: encode.py into WORKDIR/latents.
     config.encode.batch_size = 64  # Images per encoder call.
     config.encode.examples_per_shard = 4096  # Examples per file: the unit of resumption.
+    # Also store each caption's features under the DiT's frozen text tower (the CLIP stage's;
+    # with its word embeddings, which the DiT's word_conditioning reads): encode.py
+    # --text_encoder. The DiT's step then reads them instead of running the tower, which gives
+    # the same losses (tests/test_text_features.py) for the tower's forward once per record
+    # instead of once per step. False: latents only, the tower in the DiT's step.
+    config.encode.text_features = True
 
     # Stage 4: the DiT on 16x16x4 latents. Patch 2 gives the 64 tokens of the pixel default's
     # 32x32 images at patch 4, each of 16 values: a latent token is cheap to carry, so the DiT

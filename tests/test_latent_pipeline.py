@@ -1,10 +1,13 @@
-"""configs/shapes_latent.py end to end, shrunk to seconds: autoencoder -> encode -> CLIP -> DiT on
-the latents -> evaluate -> samples, each stage writing what it promises; a rerun redoes nothing.
+"""configs/shapes_latent.py end to end, shrunk to seconds: autoencoder -> CLIP -> encode (latents
+and the CLIP's text features of each caption) -> DiT on the latents and those cached features ->
+evaluate -> samples, each stage writing what it promises; a rerun redoes nothing.
 
-Truths: the DiT's run directory reads the encoded dataset and records the autoencoder that made
-it; the evaluation and the grid hold decoded images of the dataset's side (16), not latents (8);
-a rerun leaves the latent dataset and the metrics untouched; a SIGTERM during encoding stops the
-pipeline there with the shards written so far, and the rerun finishes it.
+Truths: the DiT's run directory reads the encoded dataset and records the autoencoder and the
+text encoder that made it; its step reads the cached text features, never running the tower;
+the evaluation and the grid hold decoded images of the dataset's side (16), not latents (8); a
+rerun leaves the latent dataset and the metrics untouched; latents of another plan (without text
+features) are refused, not used; a SIGTERM during encoding stops the pipeline there with the
+shards written so far, and the rerun finishes it.
 """
 
 import contextlib
@@ -14,11 +17,16 @@ import os
 import signal
 
 import numpy as np
+import pytest
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from diffusion import config as config_lib
 from diffusion import pipeline, rundir
-from diffusion.encoding import LatentDatasetWriter
+from diffusion.data import latents as latents_lib
+from diffusion.encoding import LatentDatasetWriter, PlanChanged
+from diffusion.families import dit as dit_family
+from diffusion.pipeline import stages
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,8 +85,14 @@ def test_the_latent_pipeline_trains_the_dit_on_encoded_latents_and_decodes_its_s
     assert [n for n in os.listdir(latents_dir) if ".array_record-" in n] == [
         "shapes_latents-train.array_record-00000-of-00002"
     ]
-    assert not os.path.exists(os.path.join(workdir, "clip"))
+    assert os.path.isdir(os.path.join(workdir, "clip"))  # before encode, whose text tower it is
+    assert not os.path.exists(os.path.join(workdir, "dit"))
     monkeypatch.undo()
+
+    def tower_in_the_step(*args, **kwargs):
+        raise AssertionError("the DiT's step ran the text tower on cached text features")
+
+    monkeypatch.setattr(dit_family, "text_conditional_loss", tower_in_the_step)
     out = _run(config, workdir)
     for stage in config.stages:
         assert f"== stage {stage}" in out
@@ -89,6 +103,11 @@ def test_the_latent_pipeline_trains_the_dit_on_encoded_latents_and_decodes_its_s
     # The autoencoder sets no factors: the train split's statistics normalise the latents.
     assert encoding["normalisation"] == "train split statistics"
     np.testing.assert_allclose(encoding["scaling_factor"], 1 / encoding["statistics"]["std"])
+    # The CLIP's text features of each caption, with the word embeddings the DiT reads.
+    clip = os.path.abspath(os.path.join(workdir, "clip"))
+    assert (encoding["text_encoder"], encoding["text_words"]) == (clip, True)
+    features = tfds.builder_from_directory(latents_dir).info.features
+    assert set(latents_lib.text_keys(True)) <= set(features)
 
     dit = os.path.join(workdir, "dit")
     run_config = rundir.load_run_config(dit)
@@ -97,6 +116,7 @@ def test_the_latent_pipeline_trains_the_dit_on_encoded_latents_and_decodes_its_s
         os.path.join(workdir, "latents"),
     )
     assert rundir.load_latents(dit).autoencoder == encoding["autoencoder"]
+    assert rundir.load_latents(dit).text_encoder == clip  # it trained on the cached features
     _, dit_config = rundir.load_model_config(dit)
     assert (dit_config.in_channels, dit_config.patch_size) == (4, 2)
 
@@ -114,3 +134,19 @@ def test_the_latent_pipeline_trains_the_dit_on_encoded_latents_and_decodes_its_s
     again = _run(config, workdir)
     assert "is complete; nothing to encode" in again
     assert (_tree(os.path.join(workdir, "latents")), _tree(os.path.join(workdir, "eval"))) == before
+
+    # Latents encoded without text features (by this recipe before it cached them): refused with
+    # the fix, not handed to a DiT that expects them; nothing is written over.
+    plan_path = os.path.join(latents_dir, "plan.json")
+    with open(plan_path) as f:
+        plan = json.load(f)
+    with open(plan_path, "w") as f:
+        json.dump({k: v for k, v in plan.items() if not k.startswith("text_")}, f)
+    with pytest.raises(PlanChanged) as refused:
+        stages.run_encode_stage(config, workdir)
+    message = str(refused.value)
+    assert "text_encoder" in message and "--config.encode.text_features=False" in message
+    assert f"Delete {os.path.join(workdir, 'latents')}" in message
+    with open(plan_path, "w") as f:
+        f.write(json.dumps(plan, indent=1, sort_keys=True) + "\n")
+    assert _tree(os.path.join(workdir, "latents")) == before[0]

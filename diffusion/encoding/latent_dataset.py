@@ -66,13 +66,13 @@ def latent_features(
 class PlanChanged(UserError):
     """The directory holds an encoding of another plan: its shards are kept, nothing mixed in."""
 
-    def __init__(self, root: str, changed: list[str]):
+    def __init__(self, root: str, changed: list[str], earlier: Mapping[str, Any]):
         super().__init__(
             f"{root} holds an encoding with another plan (differs in {changed}); its shards are "
             "kept as they are. Pass another --output_dir (or --name), or delete that directory "
             "to encode again."
         )
-        self.root, self.changed = root, changed
+        self.root, self.changed, self.earlier = root, changed, dict(earlier)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +150,7 @@ class LatentDatasetWriter:
             changed = sorted(
                 k for k in plan.keys() | earlier.keys() if plan.get(k) != earlier.get(k)
             )
-            raise PlanChanged(self.root, changed)
+            raise PlanChanged(self.root, changed, earlier)
         return True
 
     def _plan_path(self) -> str:

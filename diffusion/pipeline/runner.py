@@ -26,7 +26,7 @@ from diffusion.pipeline import stages
 from diffusion.pipeline.periodic import PeriodicEvaluation
 from diffusion.training import PreemptionGuard, inputs, train
 
-PIPELINE_STAGES = ("autoencoder", "encode", "clip", "dit", "video_dit", "evaluate", "samples")
+PIPELINE_STAGES = ("autoencoder", "clip", "encode", "dit", "video_dit", "evaluate", "samples")
 TRAINING_STAGES = ("autoencoder", "clip", "dit", "video_dit")
 # The stages whose text encoder is, unless the recipe names one, the clip stage's run.
 TEXT_CONDITIONED_STAGES = ("dit", "video_dit")
@@ -114,8 +114,8 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
 def _run_stage(config, workdir: str, stage: str, preemption: PreemptionGuard):
     if stage in TRAINING_STAGES:
         stage_config = config[stage]
-        if stage in TEXT_CONDITIONED_STAGES and not stage_config.text_encoder.checkpoint:
-            stage_config.text_encoder.checkpoint = os.path.join(workdir, "clip")
+        if stage in TEXT_CONDITIONED_STAGES:  # the encode stage's text features name it too
+            stage_config.text_encoder.checkpoint = stages.text_encoder_of(config, workdir, stage)
         if stage == "dit" and "encode" in config.stages:  # the DiT trains on the latents
             stage_config.data = stages.latent_data_config(config, workdir)
         try:

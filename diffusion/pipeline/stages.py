@@ -2,11 +2,12 @@
 
 `make train` (configs/shapes.py, family "pipeline") runs clip -> dit -> evaluate -> samples, each
 in its own subdirectory of the work directory; configs/shapes_latent.py first trains an
-autoencoder and encodes the dataset with it (`encode`, into WORKDIR/latents), and its DiT trains
-on those latents. The last two stages are pure consumers of the trained runs, so rerunning them
-is always safe: `evaluate` is skipped when its metrics already describe the final checkpoint,
-and `samples` only makes the images that are missing; `encode` keeps a finished encoding.
-"""
+autoencoder and CLIP, then encodes the dataset with the autoencoder (`encode`, into
+WORKDIR/latents) and each caption with the DiT's text tower (the CLIP's), and its DiT trains on
+those latents and cached text features. The last two stages are pure consumers of the trained
+runs, so rerunning them is always safe: `evaluate` is skipped when its metrics already describe
+the final checkpoint, and `samples` only makes the images that are missing; `encode` keeps a
+finished encoding of the same plan and refuses one of another."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from diffusion.evaluation.evaluator import (
     parse_samplers,
 )
 from diffusion.evaluation.sweep import EvaluationStopped
+from diffusion.families import dit
 from diffusion.inference import GRID, PromptItem, TextToImage, sample_to_directory
 
 
@@ -73,28 +75,82 @@ def latent_dataset_name(config: ml_collections.ConfigDict) -> str:
     return f"{config.data.name}_latents"
 
 
+def text_encoder_of(config: ml_collections.ConfigDict, workdir: str, stage: str = "dit") -> str:
+    """The frozen text tower of a text-conditioned stage: the one its recipe names, else the
+    clip stage's run (WORKDIR/clip)."""
+    return config[stage].text_encoder.checkpoint or os.path.join(workdir, "clip")
+
+
+def encoded_text(config: ml_collections.ConfigDict, workdir: str) -> tuple[str | None, bool]:
+    """(text encoder, with word embeddings) whose features of each caption the encode stage
+    stores for the DiT (`config.encode.text_features`): the DiT's own tower, and its word
+    embeddings where the DiT reads them (`model.word_conditioning`); (None, False) where the
+    field is off or no text-conditional DiT trains on the latents."""
+    if not config.encode.get("text_features", False) or "dit" not in config.stages:
+        return None, False
+    if not dit.is_text_conditional(config.dit):  # class-conditional: reads no caption
+        return None, False
+    return text_encoder_of(config, workdir), bool(config.dit.model.get("word_conditioning", False))
+
+
 def run_encode_stage(
     config: ml_collections.ConfigDict, workdir: str, stop=lambda: False
 ) -> str | None:
-    """encode.py on config.data with the autoencoder stage's run: WORKDIR/latents/NAME/1.0.0.
-    Resumes an interrupted encoding; a finished one is kept. stop(): checked after every batch;
-    True ends the stage with the shards written so far (None; a rerun encodes the rest)."""
+    """encode.py on config.data with the autoencoder stage's run: WORKDIR/latents/NAME/1.0.0,
+    with the DiT's text features of each caption (`encoded_text`). Resumes an interrupted
+    encoding; a finished one of the same plan is kept, one of another plan refused. stop():
+    checked after every batch; True ends the stage with the shards written so far (None; a rerun
+    encodes the rest)."""
     autoencoder = os.path.join(workdir, "autoencoder")
     if not os.path.isdir(os.path.join(autoencoder, rundir.PARAMS_DIR)):
         raise UserError(
             f"stage encode needs the trained autoencoder in {autoencoder}; put 'autoencoder' "
             "before 'encode' in config.stages."
         )
+    text_encoder, words = encoded_text(config, workdir)
+    if text_encoder is not None and not os.path.isdir(text_encoder):
+        raise UserError(
+            f"stage encode stores the DiT's text features (config.encode.text_features=True), "
+            f"which needs its text encoder {text_encoder}: put 'clip' before 'encode' in "
+            "config.stages, or pass --config.encode.text_features=False (the DiT then runs the "
+            "text tower in its step)."
+        )
+    latents_dir = os.path.join(workdir, LATENTS_DIR)
     options = encoding.EncodeOptions(
-        output_dir=os.path.join(workdir, LATENTS_DIR),
+        output_dir=latents_dir,
         name=latent_dataset_name(config),
         batch_size=config.encode.batch_size,
         examples_per_shard=config.encode.examples_per_shard,
+        text_encoder=text_encoder,
+        text_words=words,
     )
     try:
         return encoding.encode_dataset(autoencoder, config.data, config.seed, options, stop)
     except encoding.EncodingStopped:
         return None
+    except encoding.PlanChanged as error:  # the same type, the fix spelled for the pipeline
+        error.args = (plan_changed_message(error, latents_dir, workdir),)
+        raise
+
+
+def plan_changed_message(error, latents_dir: str, workdir: str) -> str:
+    """What to do about WORKDIR/latents made with another plan, e.g. by the pipeline before
+    config.encode.text_features (no text features) or with another text encoder."""
+    message = (
+        f"stage encode: {error.root} holds latents encoded with another plan than this "
+        f"pipeline's (differs in {error.changed}); they are kept as they are. Delete "
+        f"{latents_dir} to encode them again (and {os.path.join(workdir, 'dit')} to train the "
+        "DiT on them)"
+    )
+    # Latents without text features and otherwise this plan: the DiT can run its tower.
+    if all(key.startswith("text_") for key in error.changed) and not error.earlier.get(
+        "text_encoder"
+    ):
+        message += (
+            ", or pass --config.encode.text_features=False to train the DiT on them as they are "
+            "(with the text tower in its step)"
+        )
+    return message + "."
 
 
 def generator_stage(config: ml_collections.ConfigDict) -> str:
