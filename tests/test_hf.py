@@ -59,12 +59,12 @@ HF_CONFIGS = {
 }  # fmt: skip
 
 
-def make_tokenizer():
-    """A word-level tokenizer trained offline on SENTENCES: <bos> words <eos>, padded."""
+def make_tokenizer(sentences=SENTENCES):
+    """A word-level tokenizer trained offline on `sentences`: <bos> words <eos>, padded."""
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator(
-        SENTENCES, trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<bos>", "<eos>"])
+        sentences, trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<bos>", "<eos>"])
     )
     tok.post_processor = processors.TemplateProcessing(
         single="<bos> $A <eos>", special_tokens=[("<bos>", 2), ("<eos>", 3)]
@@ -74,10 +74,10 @@ def make_tokenizer():
     )
 
 
-def save_hf_clip(directory, spec, vocab_size, seed=0):
+def save_hf_clip(directory, spec, vocab_size, seed=0, context_length=16):
     torch.manual_seed(seed)
     text = dict(
-        spec["text"], vocab_size=vocab_size, max_position_embeddings=16,
+        spec["text"], vocab_size=vocab_size, max_position_embeddings=context_length,
         hidden_act=spec.get("text_hidden_act", spec["hidden_act"]),
         layer_norm_eps=spec["layer_norm_eps"], bos_token_id=2, eos_token_id=3, pad_token_id=0,
     )  # fmt: skip

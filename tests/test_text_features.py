@@ -201,6 +201,56 @@ def test_a_stopped_text_job_resumes_to_the_bytes_of_an_uninterrupted_one(
     assert _files(root) == _files(dataset_dir)
 
 
+def test_a_hugging_face_clip_directory_as_text_encoder_stores_transformers_features(
+    encoded, diffusers_autoencoder, tmp_path
+):
+    """encode.py --text_encoder=DIR --text_words with DIR a transformers CLIPModel saved with its
+    tokenizer (the layout of the hub's openai/clip-*): each record's features are transformers'
+    own of its caption, run in PyTorch float32 on the ids and mask of the directory's tokenizer."""
+    import torch
+    from test_hf import HF_CONFIGS, make_tokenizer, save_hf_clip
+
+    _, config, options = encoded
+    plain = tfds.builder_from_directory(encoded[0])  # its records keep the source's captions
+    captions = {
+        split: [r["caption"].decode("utf-8") for r in plain.as_data_source(split=split)]
+        for split in ("train", "test")
+    }
+    tokenizer = make_tokenizer(captions["train"] + captions["test"])  # their words: no <unk>
+    clip = str(tmp_path / "hf_clip")
+    # A context longer than any caption: the job's ids are then the tokenizer's own, untruncated.
+    model = save_hf_clip(
+        clip, HF_CONFIGS["quick_gelu"], vocab_size=len(tokenizer), context_length=24
+    )
+    tokenizer.save_pretrained(clip)
+    options = dataclasses.replace(
+        options, output_dir=str(tmp_path / "latents"), text_encoder=clip, text_words=True
+    )
+    dataset_dir = encoding.encode_dataset(diffusers_autoencoder[0], config, 0, options)
+    info = encoding.read_encoding(dataset_dir)
+    assert (info["text_encoder"], info["text_tokenizer"]) == (clip, clip)
+    assert info["text_context_length"] == 24 and info["text_words"]
+    builder = tfds.builder_from_directory(dataset_dir)
+    for split, texts in captions.items():
+        records = builder.as_data_source(split=split)
+        batch = tokenizer(texts, padding="max_length", max_length=24, return_tensors="pt")
+        assert batch["input_ids"].shape[1] == 24 and (batch["attention_mask"] == 0).any()
+        with torch.no_grad():
+            out = model.text_model(**batch)
+            want = {
+                "text_context": out.last_hidden_state,
+                "text_pooled": model.text_projection(out.pooler_output),
+                "text_words": model.text_model.embeddings(input_ids=batch["input_ids"]),
+            }
+        for row, text in enumerate(texts):
+            record = records[row]
+            assert record["caption"].decode("utf-8") == text
+            np.testing.assert_array_equal(record["text_mask"], batch["attention_mask"][row])
+            for key, value in want.items():
+                assert record[key].dtype == np.float32
+                np.testing.assert_allclose(record[key], value[row].numpy(), atol=1e-5, err_msg=key)
+
+
 def test_encode_py_refuses_text_words_without_a_text_encoder(tmp_path):
     command = [
         sys.executable, "encode.py", "--config=configs/base_clip.py", "--autoencoder=ae",
