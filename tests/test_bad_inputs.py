@@ -41,7 +41,7 @@ Categories of the table:
   latents       encode.py with a missing autoencoder or a CLIP run as one, zero examples per
                 shard, an unfinished latent dataset, a malformed latents.json, a latent DiT whose
                 autoencoder is gone, a 4-channel DiT without latents.json, a pipeline's encode
-                stage before its autoencoder
+                stage before its autoencoder or its CLIP
   cli           a representative row of each entry point: unknown --config file, unknown
                 recipe argument, --config without a value, a flag that does not parse, a mesh
                 that does not fit, a CLIP run given to sample.py, a non-UTF-8 prompt file, a run
@@ -438,6 +438,14 @@ LATENTS_JSON = json.dumps(
         downsampling_factor=2,
     )
 )
+
+
+def workdir_with_trained(workdir, *stages: str) -> str:
+    """`workdir` with an empty WORKDIR/<stage>/params of each stage: what a pipeline's stage
+    checks for a trained run before it reads one."""
+    for stage in stages:
+        os.makedirs(os.path.join(workdir, stage, "params"))
+    return str(workdir)
 
 
 def shapes_latent_config(data_dir: str) -> ml_collections.ConfigDict:
@@ -1089,6 +1097,18 @@ CASES = [
         "pipeline-encode-before-autoencoder",  # the encode stage needs the autoencoder stage's run
         lambda e, t: pipeline.stages.run_encode_stage(shapes_latent_config(str(t)), str(t / "w")),
         ("stage encode needs the trained autoencoder", "put 'autoencoder' before 'encode'"),
+    ),
+    Case(
+        "pipeline-encode-before-clip",  # its text features are the clip stage's run's
+        lambda e, t: pipeline.stages.run_encode_stage(
+            shapes_latent_config(str(t)), workdir_with_trained(t / "w", "autoencoder")
+        ),
+        (
+            "stage encode stores the DiT's text features",
+            "w/clip",
+            "put 'clip' before 'encode'",
+            "--config.encode.text_features=False",
+        ),
     ),
 ]
 
