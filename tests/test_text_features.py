@@ -181,6 +181,25 @@ def test_a_dit_whose_text_encoder_did_not_make_the_cached_features_is_refused(
         training.train(config, str(tmp_path / "dit3"))
 
 
+def test_a_finished_text_job_is_refused_once_its_clip_run_trained_further(
+    encoded_text, diffusers_autoencoder, clip_run
+):
+    """The CLIP run's newest checkpoint is in the plan: trained further (the same path, other
+    weights), its run makes other features, so the dataset of the earlier ones is refused on
+    rerun (as the pipeline's encode stage reruns it), not kept as complete."""
+    dataset_dir, config, options = encoded_text
+    assert encoding.read_encoding(dataset_dir)["text_encoder_step"] == rundir.latest_step(clip_run)
+    before = _files(dataset_dir)
+    later = os.path.join(clip_run, rundir.CHECKPOINTS_DIR, "1000")  # what more training adds
+    os.makedirs(later)
+    try:
+        with pytest.raises(encoding.PlanChanged, match=r"differs in \['text_encoder_step'\]"):
+            encoding.encode_dataset(diffusers_autoencoder[0], config, 0, options)
+    finally:
+        os.rmdir(later)
+    assert _files(dataset_dir) == before
+
+
 def test_a_stopped_text_job_resumes_to_the_bytes_of_an_uninterrupted_one(
     encoded_text, diffusers_autoencoder, tmp_path, monkeypatch
 ):
@@ -230,6 +249,7 @@ def test_a_hugging_face_clip_directory_as_text_encoder_stores_transformers_featu
     info = encoding.read_encoding(dataset_dir)
     assert (info["text_encoder"], info["text_tokenizer"]) == (clip, clip)
     assert info["text_context_length"] == 24 and info["text_words"]
+    assert info["text_encoder_step"] is None  # a directory's weights, not a run's checkpoint
     builder = tfds.builder_from_directory(dataset_dir)
     for split, texts in captions.items():
         records = builder.as_data_source(split=split)

@@ -14,8 +14,9 @@ with no builder class and no TensorFlow):
         empty_caption.npz                   with --text_encoder: the empty caption's text
                                             features (atomically, before encoding.json)
         encoding.json                       the autoencoder and latent statistics (and the text
-                                            encoder, its tokenizer and context length); written
-                                            last, so its presence means the dataset is complete
+                                            encoder, its step, tokenizer and context length);
+                                            written last, so its presence means the dataset is
+                                            complete
 
 Records hold `latent_mean` and `latent_std` (float32 (h, w, c), the posterior of each image, so
 training draws its own latent per step) and every other feature of the source record unchanged

@@ -30,6 +30,10 @@ class TextFeatureEncoder:
     def __init__(self, checkpoint: str, batch_size: int, words: bool):
         model = rundir.load_text_encoder(checkpoint, {"dtype": "float32"})
         self.checkpoint = os.path.abspath(checkpoint)
+        # A CLIP run trained further keeps its path but makes other features: its step tells the
+        # plans apart, so a rerun refuses the features of the earlier weights (None: a Hugging
+        # Face directory, whose weights do not move).
+        self.step = rundir.latest_step(checkpoint)
         self.tokenizer_path, self.context_length = rundir.text_encoder_tokenizer(
             checkpoint, model.config
         )
@@ -55,6 +59,7 @@ class TextFeatureEncoder:
         """What plan.json and encoding.json record of the text features."""
         return dict(
             text_encoder=self.checkpoint,
+            text_encoder_step=self.step,
             text_tokenizer=self.tokenizer_path,
             text_context_length=self.context_length,
             text_words=self.words,
