@@ -175,3 +175,18 @@ def test_the_text_recipe_states_cached_text_features():
     recipe = lambda name: config_lib.load_config(os.path.join(REPO, "configs", f"{name}.py"))
     assert dit.stated_cached_text(recipe("dit_xl2_text")) is True
     assert dit.stated_cached_text(recipe("base_dit")) is None  # left to the dataset
+
+
+def test_the_sampling_program_is_the_tower_recipes_whatever_the_step_reads():
+    """Sampling encodes prompts with the tower either way: the same program, spec and abstract
+    arguments (tower weights included, replicated as sample.py places them)."""
+    mesh = meshes.make_mesh(MESH, devices=jax.devices()[:4])
+    cached = aot.build_programs(cached_config(), mesh)
+    tower = aot.build_programs(cached_config(None), mesh)
+    shapes = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), tree)
+    assert cached.sample_fn is tower.sample_fn
+    (params, text, inputs_, spec, decoder), expected = cached.sample_args, tower.sample_args
+    assert spec == expected[3] and decoder is None is expected[4]
+    for got, want in zip((params, text, inputs_), expected[:3], strict=True):
+        assert shapes(got) == shapes(want)
+    assert text is not None
