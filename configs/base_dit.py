@@ -44,6 +44,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.text_encoder = ml_collections.ConfigDict()
     config.text_encoder.checkpoint = placeholder(str)  # CLIP run dir of ours, or a HF CLIP dir.
+    # Text-conditional: whether the dataset's records carry each caption's cached text features
+    # (encode.py --text_encoder), so the train step runs no text tower. True or False: training
+    # checks the dataset against it, and --aot_topology compiles that step; None: whatever the
+    # dataset holds (--aot_topology, which has no dataset, then counts the tower in the step).
+    config.data.cached_text = placeholder(bool)
 
     config.diffusion = ml_collections.ConfigDict()
     config.diffusion.objective = "flow"  # "flow" (rectified flow) or "ddpm" (discrete VP).

@@ -5,7 +5,11 @@ the time embedding (PixArt-alpha style); rectified-flow objective with logit-nor
 Point config.text_encoder.checkpoint at a CLIP L/14 run directory or Hugging Face CLIP directory
 to train; `--aot_topology` builds the tower from config.text_encoder.variant alone. The data is a
 captioned image dataset at 256x256 encoded by encode.py with the SD VAE, as in
-configs/dit_xl2_imagenet.py (`--config.data.name=NAME_latents`; captions are kept).
+configs/dit_xl2_imagenet.py (`--config.data.name=NAME_latents`; captions are kept), and with
+`--text_encoder=` that same CLIP checkpoint, so that each record also carries its caption's text
+features and the train step runs no text tower (config.data.cached_text=True, which training
+checks against the dataset and `--aot_topology` compiles; pass --config.data.cached_text=false
+to train on latents without them, the tower then running in every step).
 """
 
 import ml_collections
@@ -19,6 +23,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.name = "captioned_latents"  # encode.py's output for a dataset named "captioned".
     config.data.caption_key = "caption"  # Feature holding the caption text.
     config.data.label_key = None  # Text-conditional: no class labels.
+    config.data.cached_text = True  # Records carry encode.py --text_encoder's text features.
 
     config.model.num_classes = 0  # 0: text-conditioned (cross-attention + pooled embedding).
     config.model.remat = "none"  # The extra cross-attention still fits at batch 256.

@@ -49,9 +49,13 @@ ROWS = (
     ("dit_xl2_imagenet", "v4:2x2x1", {}),
     ("dit_xl2_imagenet", "v4:2x2x1", {"model.remat": "full"}),
     ("dit_xl2_imagenet", "v6e:2x4", {}),
-    ("dit_xl2_text", "v5p:2x2x1", {}),
-    ("dit_xl2_text", "v5e:4x4", {}),
-    ("dit_xl2_text", "v5e:4x4", {"model.remat": "full"}),
+    # The text recipe twice: training on encode.py --text_encoder's cached text features (its
+    # default data, no text tower in the step) and with the frozen CLIP L/14 run in the step.
+    ("dit_xl2_text", "v5p:2x2x1", {"data.cached_text": "true"}),
+    ("dit_xl2_text", "v5p:2x2x1", {"data.cached_text": "false"}),
+    ("dit_xl2_text", "v5e:4x4", {"data.cached_text": "false"}),
+    ("dit_xl2_text", "v5e:4x4", {"data.cached_text": "true", "model.remat": "full"}),
+    ("dit_xl2_text", "v5e:4x4", {"data.cached_text": "false", "model.remat": "full"}),
     ("clip_l14", "v5p:4x4x8", {}),
     ("clip_l14", "v5p:8x8x4", {}),
     ("clip_l14", "v5e:16x16", {}),
@@ -222,13 +226,70 @@ def sampler_markdown(results: dict) -> list[str]:
     return lines + [""]
 
 
+TEXT_FEATURES = {"cached": "cached text", "tower": "text tower"}
+
+
+def recipe_label(key: str, r: dict) -> str:
+    """The recipe of a row, with where a text DiT's step gets its text features:
+    'dit_xl2_text (cached text)' or 'dit_xl2_text (text tower)'."""
+    recipe = key.split("@")[0]
+    text = r.get("text_features")
+    return f"{recipe} ({TEXT_FEATURES[text]})" if text else recipe
+
+
+# The frozen CLIP L/14 text tower's forward pass over dit_xl2_text's batch, in closed form:
+# 2 x 84.9M weights of its 12 blocks x 256 captions x 77 tokens + attention (0.06) TFLOP.
+TOWER_FORWARD_TFLOP = 3.4
+
+
+def step_figures(r: dict) -> tuple[float, float, float]:
+    """(GiB per device, TFLOP per step, est. step ms) of a compiled train-step row."""
+    step = r["train_step"]
+    return (
+        step["memory"]["total_bytes"] / GIB,
+        step["cost"]["flops"] * r["num_devices"] / 1e12,
+        1e3 * step["cost"]["step_time_s"],
+    )
+
+
+def cached_text_comparison(results: dict) -> list[str]:
+    """One line per slice and remat where dit_xl2_text compiled both ways: what leaving the
+    tower out of the step saves (memory per device, TFLOP per step, est. step time)."""
+    lines = []
+    for key, r in results.items():
+        if not key.startswith("dit_xl2_text@") or r.get("text_features") != "cached":
+            continue
+        tower = results.get(key.replace("data.cached_text=true", "data.cached_text=false"))
+        if tower is None or not (
+            r["train_step"].get("compiled") and tower["train_step"].get("compiled")
+        ):
+            continue
+        (gib, tflop, ms), (tower_gib, tower_tflop, tower_ms) = step_figures(r), step_figures(tower)
+        saved = tower_tflop - tflop
+        short = saved < 0.9 * TOWER_FORWARD_TFLOP
+        lines.append(
+            f"- dit_xl2_text on {r['topology']}, remat {r['remat']}: cached text {gib:.2f} GiB / "
+            f"device, {tflop:.1f} TFLOP / step, est. {ms:.0f} ms; text tower {tower_gib:.2f} GiB, "
+            f"{tower_tflop:.1f} TFLOP, est. {tower_ms:.0f} ms (difference {saved:.1f} TFLOP / "
+            "step"
+            + (
+                f", less than the closed form's {TOWER_FORWARD_TFLOP}: on this slice the compiler "
+                "counts less of the tower than it runs, as in the spread below; not investigated"
+                if short
+                else ""
+            )
+            + ")."
+        )
+    return lines
+
+
 def flop_spread(results: dict) -> list[str]:
     """One line per (recipe, remat): the compiler's TFLOP per step over the slices compiled."""
     per_step = {}
     for key, r in results.items():
         if r["train_step"].get("compiled"):
             flops = r["train_step"]["cost"]["flops"] * r["num_devices"] / 1e12
-            per_step.setdefault((key.split("@")[0], r["remat"]), {})[r["topology"]] = flops
+            per_step.setdefault((recipe_label(key, r), r["remat"]), {})[r["topology"]] = flops
     return [
         f"- {recipe}, remat {remat}: "
         + ", ".join(f"{topology} {flops:.1f}" for topology, flops in slices.items())
@@ -470,6 +531,17 @@ def markdown(results: dict, samplers: dict | None = None, videos: dict | None = 
         "counts less than it runs on some slices (a loop whose body the analysis counts once, "
         "such as a collective matmul, would do it; not investigated), and the step time, "
         "examples/s and MFU of the lower rows are not comparable with the others.",
+        "- *dit_xl2_text (cached text)* rows compile the step that trains on a dataset encoded "
+        "by encode.py with `--text_encoder` (the recipe's data, `config.data.cached_text=True`): "
+        "each caption's CLIP L/14 token states, mask and pooled embedding are inputs of the "
+        "step and the frozen text tower is not in it. *dit_xl2_text (text tower)* rows "
+        "(`--config.data.cached_text=false`) run the tower on the captions' tokens in every "
+        "step, as on latents encoded without `--text_encoder`. Training on encode.py's cached "
+        "features: read the cached text rows. The two differ by the tower's forward pass "
+        "(no backward: the tower is frozen), in closed form 2 x 85M weights of its 12 blocks x "
+        "256 captions x 77 tokens + attention = 3.4 TFLOP a step, and by its weights among the "
+        "arguments less the cached features'; the DiT's activations dominate the memory.",
+        *cached_text_comparison(results),
         "",
         *flop_spread(results),
         "",
@@ -479,7 +551,7 @@ def markdown(results: dict, samplers: dict | None = None, videos: dict | None = 
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, r in results.items():
-        recipe = key.split("@")[0]
+        recipe = recipe_label(key, r)
         t = r["train_step"]
         mesh = "x".join(f"{v}" for v in r["mesh"].values()) + f" ({' x '.join(r['mesh'])})"
         if not t.get("compiled"):
@@ -525,6 +597,12 @@ def markdown(results: dict, samplers: dict | None = None, videos: dict | None = 
     return "\n".join(lines)
 
 
+def split_keys(text: str) -> list[str]:
+    """Comma-separated row keys, a comma inside a key's [overrides] kept:
+    'a@v5e:4x4[x=1,y=2],b@v5p:2x2x1' -> ['a@v5e:4x4[x=1,y=2]', 'b@v5p:2x2x1']."""
+    return [key for key in re.split(r",(?![^\[]*\])", text) if key]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="comma-separated recipes (default: all)")
@@ -549,8 +627,8 @@ def main():
         with open(args.cache, encoding="utf-8") as f:
             results = json.load(f)
     only = set(filter(None, args.only.split(",")))
-    keys = set(filter(None, args.keys.split(",")))
-    first = list(filter(None, args.first.split(",")))
+    keys = set(split_keys(args.keys))
+    first = split_keys(args.first)
     order = sorted(ROWS, key=lambda row: (row_key(*row) not in first, ROWS.index(row)))
     for recipe, topology, overrides in order:
         key = row_key(recipe, topology, overrides)

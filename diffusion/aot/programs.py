@@ -12,10 +12,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from diffusion import families, inference, models, optim, rundir, sharding
+from diffusion.data import latents
 from diffusion.data.latents import LatentEncoding
 from diffusion.errors import UserError
 from diffusion.inference.program import program_spec, sampling_program
@@ -139,11 +141,34 @@ class Programs:
 
 
 def recipe_facts(config) -> families.DataFacts:
-    """What the data would tell the model builder, from the recipe alone."""
+    """What the data would tell the model builder, from the recipe alone: for a text DiT whose
+    recipe states that its data carries cached text features (config.data.cached_text), their
+    empty caption too, so that the build's loss reads them and its step runs no text tower."""
     default = 32
     if config.family == "clip":
         default = models.CLIP_VARIANTS.get(config.model.variant, {}).get("image_size", 32)
-    return families.DataFacts.from_config(config, recipe_image_size(config, default))
+    facts = families.DataFacts.from_config(config, recipe_image_size(config, default))
+    if config.family == "dit" and families.dit.stated_cached_text(config):
+        words = bool(config.model.get("word_conditioning", False))
+        empty_text = abstract_empty_text(text_encoder_config(config), facts, words)
+        facts = dataclasses.replace(facts, empty_text=empty_text)
+    return facts
+
+
+def abstract_empty_text(
+    text_config: models.CLIPConfig, facts: families.DataFacts, words: bool
+) -> dict[str, np.ndarray]:
+    """The empty caption's cached text features as encode.py stores them for `text_config`'s
+    tower (`latents.text_feature_shapes`: the keys, shapes and dtypes of a record's), with the
+    empty caption's token mask and zero features: without the tower's weights their values are
+    unknown, and they are constants of the step that change none of its shapes or costs. `words`
+    only for a DiT that reads them (model.word_conditioning; encode.py --text_words)."""
+    shapes = latents.text_feature_shapes(
+        facts.context_length, text_config.text_width, text_config.embed_dim, words
+    )
+    empty = {key: np.zeros(shape, dtype) for key, (shape, dtype) in shapes.items()}
+    empty[latents.TEXT_MASK_KEY] = np.asarray(facts.empty_mask[0], np.int32)  # (L,)
+    return empty
 
 
 def build_programs(
@@ -176,10 +201,27 @@ def build_programs(
         build, train_step, (train_step.abstract_state, batch, train_step.frozen_state)
     )
     if config.family == "dit":
+        text_tower = abstract_text_tower(config, train_step)
         programs.sample_fn, programs.sample_args = sampler_program(
-            config, mesh, train_step, build, facts, sample_batch
+            config, mesh, train_step, build, facts, sample_batch, text_tower
         )
     return programs
+
+
+def abstract_text_tower(config, train_step) -> tuple[Any, Any]:
+    """(graphdef, abstract state) of the text tower that sample.py runs on prompts: the train
+    step's frozen one, or, where the step reads cached text features and has none, the same
+    CLIP from shapes alone, sharded by the recipe's rules as the step would shard it;
+    (None, None) for a class-conditional DiT."""
+    if train_step.frozen_graphdef is not None:
+        return train_step.frozen_graphdef, train_step.frozen_state
+    if not families.dit.is_text_conditional(config):
+        return None, None
+    text_config = text_encoder_config(config)
+    graphdef, state, _ = sharding.abstract_state(
+        lambda: models.CLIP(text_config, rngs=nnx.Rngs(0)), train_step.mesh, train_step.rules
+    )
+    return graphdef, state
 
 
 def sampler_settings(config) -> inference.SamplerSettings:
@@ -194,16 +236,17 @@ def sampler_settings(config) -> inference.SamplerSettings:
     )
 
 
-def sampler_program(config, mesh, train_step, build, facts, sample_batch):
+def sampler_program(config, mesh, train_step, build, facts, sample_batch, text_tower):
     """(the sampling program, its abstract arguments (DiT weights, text tower weights, inputs,
     spec, autoencoder weights)): `inference.program.sampling_program`, the one sample.py and
     evaluate.py run, over the EMA weights replicated on every device as TextToImage places them;
-    a latent DiT's samples are decoded by config.autoencoder's decoder, replicated likewise."""
+    a latent DiT's samples are decoded by config.autoencoder's decoder, replicated likewise.
+    `text_tower`: (graphdef, abstract state) of `abstract_text_tower`."""
     settings = sampler_settings(config)
     micro_batch = DEFAULT_MICRO_BATCH
     unit = micro_batch * math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh))
     batch = -(-(sample_batch or unit) // unit) * unit  # whole micro-batches on every device
-    text_graphdef = train_step.frozen_graphdef
+    text_graphdef, text_tower_state = text_tower
     decoder = abstract_decoder(config, build.model_config, facts.image_size)
     spec = program_spec(
         train_step.graphdef,
@@ -232,6 +275,6 @@ def sampler_program(config, mesh, train_step, build, facts, sample_batch):
         length = facts.context_length
         for name in ("tokens", "mask", "negative_tokens", "negative_mask"):
             inputs[name] = per_sample(jnp.int32, length)
-    text_state = None if text_graphdef is None else as_replicated(train_step.frozen_state)
+    text_state = None if text_graphdef is None else as_replicated(text_tower_state)
     decoder_state = None if decoder is None else as_replicated(decoder.state)
     return sampling_program, (as_replicated(params), text_state, inputs, spec, decoder_state)

@@ -244,6 +244,7 @@ def compile_for_topology(
         "scan_layers": bool(config.model.get("scan_layers", False)),
         "global_batch_size": batch,
         "num_parameters": _num_parameters(programs.train_step),
+        "text_features": text_features_of(programs),
     }
     if train is not None:
         report["train_step"] = train
@@ -306,6 +307,15 @@ def extrapolated_cost(config, mesh, peak, bandwidth, depths: Mapping[str, int]) 
     return cost
 
 
+def text_features_of(programs) -> str | None:
+    """Where a text-conditional DiT's train step gets its text features: "cached" (the batch
+    holds encode.py --text_encoder's, config.data.cached_text) or "tower" (it runs the frozen
+    text tower on the captions' tokens); None for a model without a text tower."""
+    if programs.family != "dit" or programs.model_config.conditioning != "text":
+        return None
+    return "tower" if programs.train_step.frozen_graphdef is not None else "cached"
+
+
 def peak_flops_per_chip(device) -> float:
     for kind, flops in metrics.PEAK_FLOPS_BY_DEVICE_KIND:
         if kind.lower() in device.device_kind.lower():
@@ -347,6 +357,14 @@ def format_report(report: dict) -> str:
         f"{report['topology']}: {report['num_devices']} x {report['device_kind']}, "
         f"mesh {report['mesh']}, global batch {report['global_batch_size']}"
     ]
+    text = report.get("text_features")  # absent from reports written before it existed
+    if text is not None:
+        lines.append(
+            "  text features: cached in the batch (encode.py --text_encoder; no text tower in "
+            "the train step)"
+            if text == "cached"
+            else "  text features: the frozen text tower runs in the train step"
+        )
     for name in ("train_step", "sampler"):
         program = report.get(name)
         if program is None:

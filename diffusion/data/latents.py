@@ -42,6 +42,21 @@ def text_keys(words: bool) -> tuple[str, ...]:
     return (TEXT_CONTEXT_KEY, TEXT_MASK_KEY, TEXT_POOLED_KEY) + ((TEXT_WORDS_KEY,) if words else ())
 
 
+def text_feature_shapes(
+    context_length: int, width: int, embed_dim: int, words: bool
+) -> dict[str, tuple[tuple[int, ...], type]]:
+    """{key: (shape, dtype)} of one record's text features (`text_keys(words)`), as encode.py
+    stores them and the input pipeline stacks them into a batch: from a CLIP text tower of token
+    width `width` and pooled size `embed_dim`, captions cut to `context_length` tokens."""
+    shapes = {
+        TEXT_CONTEXT_KEY: ((context_length, width), np.float32),
+        TEXT_MASK_KEY: ((context_length,), np.int32),
+        TEXT_POOLED_KEY: ((embed_dim,), np.float32),
+        TEXT_WORDS_KEY: ((context_length, width), np.float32),
+    }
+    return {key: shapes[key] for key in text_keys(words)}
+
+
 @dataclasses.dataclass(frozen=True)
 class LatentEncoding:
     """How the latents of a dataset were made and are normalised."""

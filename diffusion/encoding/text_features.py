@@ -68,18 +68,15 @@ class TextFeatureEncoder:
 
     def features(self) -> dict[str, tfds.features.Tensor]:
         """The TFDS features of a record's text features."""
-        c, length = self.config, self.context_length
-        shapes = {
-            latents.TEXT_CONTEXT_KEY: ((length, c.text_width), np.float32),
-            latents.TEXT_MASK_KEY: ((length,), np.int32),
-            latents.TEXT_POOLED_KEY: ((c.embed_dim,), np.float32),
-            latents.TEXT_WORDS_KEY: ((length, c.text_width), np.float32),
-        }
+        c = self.config
+        shapes = latents.text_feature_shapes(
+            self.context_length, c.text_width, c.embed_dim, self.words
+        )
         return {
             key: tfds.features.Tensor(
-                shape=shapes[key][0], dtype=shapes[key][1], encoding=tfds.features.Encoding.BYTES
+                shape=shape, dtype=dtype, encoding=tfds.features.Encoding.BYTES
             )
-            for key in latents.text_keys(self.words)
+            for key, (shape, dtype) in shapes.items()
         }
 
     def __call__(self, captions: list[str]) -> list[dict[str, np.ndarray]]:

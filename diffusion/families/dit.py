@@ -252,6 +252,24 @@ def is_text_conditional(config) -> bool:
     return int(config.model.num_classes) == 0
 
 
+def stated_cached_text(config) -> bool | None:
+    """config.data.cached_text of a DiT recipe: True where it states that its dataset's records
+    carry each caption's cached text features (encode.py --text_encoder; the train step then runs
+    no text tower), False where they do not, None where it leaves that to the dataset (as runs
+    written before the field existed do)."""
+    stated = config.data.get("cached_text")
+    if stated is None:
+        return None
+    if stated and not is_text_conditional(config):
+        raise UserError(
+            f"config.data.cached_text=True states that the dataset carries cached text features, "
+            f"but config.model.num_classes={config.model.num_classes} makes a class-conditional "
+            "DiT, which reads no text. Pass --config.data.cached_text=false, or "
+            "--config.model.num_classes=0 for a text-conditional DiT."
+        )
+    return bool(stated)
+
+
 def model_config(
     config, data: DataFacts, text_config: models.CLIPConfig | None, **overrides
 ) -> models.DiTConfig:

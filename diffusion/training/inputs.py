@@ -16,6 +16,7 @@ from diffusion.data import input_pipeline, latents, selection, sources
 from diffusion.data.classes import ClassSpace
 from diffusion.errors import UserError
 from diffusion.families import DataFacts
+from diffusion.families import dit as dit_family
 
 
 def _prepared_once(build, what: str):
@@ -191,6 +192,31 @@ def cached_text(config, source, builder, tokenizer) -> dict[str, np.ndarray] | N
             "encode.py --text_encoder --text_words, or pass --config.model.word_conditioning=False."
         )
     return latents.read_empty_text(dataset, encoding.text_keys)
+
+
+def check_stated_cached_text(config, dataset: str, empty_text) -> None:
+    """A DiT recipe that states whether its data carries cached text features
+    (config.data.cached_text, what --aot_topology compiles for) must be right about the dataset
+    it trains on: else the step that trains is not the one its AOT report measured.
+    `empty_text`: what `cached_text` found (None: no cached features)."""
+    if config.family != "dit":
+        return
+    stated = dit_family.stated_cached_text(config)
+    if stated is None or not dit_family.is_text_conditional(config):
+        return
+    if stated and empty_text is None:
+        raise UserError(
+            f"config.data.cached_text=True states that the records of {dataset} carry cached "
+            "text features, but they hold none, so the train step would run the text tower. "
+            "Encode the dataset with encode.py --text_encoder=CHECKPOINT (the CLIP of "
+            "config.text_encoder.checkpoint), or pass --config.data.cached_text=false."
+        )
+    if not stated and empty_text is not None:
+        raise UserError(
+            f"config.data.cached_text=False states that the records of {dataset} carry no cached "
+            "text features, but they do, and the train step reads them instead of running the "
+            "text tower. Pass --config.data.cached_text=true."
+        )
 
 
 def data_facts(

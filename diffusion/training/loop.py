@@ -117,6 +117,7 @@ def train(
         # Absolute, so that config.json still finds it from a sampling job elsewhere.
         config.text_encoder.checkpoint = os.path.abspath(config.text_encoder.checkpoint)
     empty_text = inputs.cached_text(config, source, builder, tokenizer)
+    inputs.check_stated_cached_text(config, builder.data_dir, empty_text)
     facts = inputs.data_facts(config, tokenizer, image_size, channels, empty_text, frames)
     build, frozen = build_model(config, facts, mesh)
     tx = optim.make_optimizer(config.optimizer, total_steps=t.num_steps)  # checks, writes nothing
