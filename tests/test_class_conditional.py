@@ -29,6 +29,7 @@ from diffusion import inference, meshes, metrics, models, param_export, rundir, 
 from diffusion.data import shapes as shapes_lib
 from diffusion.errors import UserError
 from diffusion.families import dit as dit_family
+from diffusion.inference import grids
 from diffusion.inference.dit_pipeline import load_dit_run
 from diffusion.pipeline.periodic import PeriodicEvaluation
 
@@ -297,6 +298,13 @@ def test_sample_py_by_class_labels_and_a_jsonl_class_field(runs, pipe, tmp_path)
     assert [(r["class"], r["class_name"], r["seed"]) for r in records] == [
         (8, "green star", 5), (8, "green star", 6), (3, "red star", 5), (3, "red star", 6),
     ]  # fmt: skip
+    # The grid names each row's class as the manifest does (not only its id).
+    rows = [
+        (label, np.stack([np.asarray(Image.open(out / f"{line:05d}_{k:03d}.png")) for k in (0, 1)]))
+        for line, label in ((1, "green star (class 8)"), (2, "red star (class 3)"))
+    ]
+    expected_grid = np.asarray(grids.labelled_rows_image(rows))
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "grid.png")), expected_grid)
     prompts = tmp_path / "classes.jsonl"
     prompts.write_text('{"class": "green star", "seed": 5}\n\n{"class": 3, "guidance_scale": 1}\n')
     items = inference.read_prompt_file(str(prompts), seed=6)

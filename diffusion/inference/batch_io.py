@@ -323,9 +323,11 @@ def write_grid(
     path: str | None = None,
     tile: int = 64,
     clip_shape: tuple[int, int] | None = None,
+    class_name=None,
 ) -> str | None:
     """The labelled grid of `items`' PNGs (OUTPUT_DIR/grid.png unless `path`): a row per prompt
-    line (its prompt or class and any negative prompt on the left), a column per seed, gaps
+    line (its prompt or class, named by `class_name(id)` where given, and any negative prompt on
+    the left), a column per seed, gaps
     between them; the first GRID_MAX_IMAGES images that exist. Clips (`clip_shape`: their
     (height, width)): a frame strip, a row per clip (its frames left to right), of the first
     GRID_MAX_CLIPS. None when nothing exists yet."""
@@ -337,7 +339,7 @@ def write_grid(
     if not shown:
         return None
     path = path or os.path.join(output_dir, GRID)
-    label = lambda i: grids.row_label(i.prompt, i.negative_prompt, i.class_label)
+    label = lambda i: grids.row_label(i.prompt, i.negative_prompt, i.class_label, class_name)
     if clips:
         mp4 = lambda i: os.path.join(output_dir, clip_files(i)["mp4"])
         frames = np.stack([video_files.read_mp4(mp4(i), *clip_shape) for i in shown])
@@ -511,5 +513,7 @@ def sample_to_directory(
             else (pipeline.image_size, pipeline.image_size)
         )
         clip_shape = shape if clips else None
-        write_grid(output_dir, items, clip_shape=clip_shape)
+        classes = getattr(pipeline, "classes", None)  # a class-conditional run's names
+        class_name = classes.name if classes is not None else None
+        write_grid(output_dir, items, clip_shape=clip_shape, class_name=class_name)
     return {"generated": len(pending), "skipped": len(items) - len(pending)}

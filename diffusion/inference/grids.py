@@ -59,10 +59,13 @@ def _fitted(draw: ImageDraw.ImageDraw, text: str, width: int) -> str:
     return text + "..."
 
 
-def row_label(prompt: str, negative_prompt: str = "", class_label=None) -> str:
-    """What a row shows: the prompt, or the class (its name, or "class 3"), and any negative."""
+def row_label(prompt: str, negative_prompt: str = "", class_label=None, class_name=None) -> str:
+    """What a row shows: the prompt, or the class (its name, or "class 3", or both: "red circle
+    (class 0)" where the run's `class_name` of its id is given), and any negative."""
     if class_label is not None:
         label = class_label if isinstance(class_label, str) else f"class {class_label}"
+        if class_name is not None and not isinstance(class_label, str):
+            label = f"{class_name(class_label)} ({label})"
     else:
         label = prompt
     return label + (f"  (negative: {negative_prompt})" if negative_prompt else "")
