@@ -6,9 +6,12 @@
 Cases: the tiny DiT and CLIP of the CPU recipes, DiT-S/2 on 32x32x3 and DiT-XL/2 on 32x32x4
 latents (configs/dit_xl2_imagenet.py), class-conditional; `dit_text` is the DiT step of
 `make train` itself (configs/shapes.py: text conditioning with word embeddings, on a frozen tiny
-CLIP text tower, randomly initialised here). Each runs `training.Trainer.step` (loss,
-gradients, AdamW or Muon, EMA) on one device, compiled once, timed best-of-`steps`. FLOPs come
-from XLA's cost analysis of the same step LOWERED without remat or scan: model FLOPs (remat's
+CLIP text tower, randomly initialised here), and `dit_text_cached` the same step on cached text
+features (`config.data.cached_text`: a dataset encoded with encode.py --text_encoder, so no text
+tower in the step; when both run, the last line gives its speed-up over `dit_text`). Each runs
+`training.Trainer.step` (loss, gradients, AdamW or Muon, EMA) on one device, compiled once,
+timed best-of-`steps`. FLOPs come from XLA's cost analysis of the same step LOWERED without
+remat or scan: model FLOPs (remat's
 recomputation is not useful work, and XLA counts a scanned block once), counted before XLA's GPU
 passes turn the matmuls into cuBLAS calls that its analysis does not count. MFU is given against
 the float32 matmul peak measured in the same run (the issue's CPU denominator) and against the
@@ -40,9 +43,10 @@ VARIANTS = {  # name -> (dtype, remat, scan_layers, optimizer)
 def case_config(case: str, batch: int):
     if case == "clip_tiny":
         config = base_clip.get_config()
-    elif case == "dit_text":
+    elif case in ("dit_text", "dit_text_cached"):
         config = shapes.get_config().dit
         config.text_encoder.variant = "tiny"  # the shapes alone; weights random (build below)
+        config.data.cached_text = case == "dit_text_cached"  # features in the batch, no tower
     elif case == "dit_xl2":
         config = dit_xl2_imagenet.get_config()  # 32x32x4 latents, 1000 classes
     else:
@@ -78,8 +82,10 @@ def concrete_batch(abstract: dict, num_classes: int, seed: int = 0) -> dict:
             value = rng.integers(0, num_classes, a.shape).astype(np.int32)
         elif name == "tokens":
             value = rng.integers(1, 900, a.shape).astype(np.int32)
-        else:
-            value = np.ones(a.shape, np.int32)
+        elif np.issubdtype(a.dtype, np.floating):  # cached text features
+            value = rng.standard_normal(a.shape).astype(a.dtype)
+        else:  # masks
+            value = np.ones(a.shape, a.dtype)
         out[name] = jax.device_put(value, a.sharding)
     return out
 
@@ -131,7 +137,7 @@ def time_steps(compiled, state, batch, frozen, steps: int) -> float:
 
 
 # case -> global batch: the CPU defaults (--cases overrides both, e.g. dit_s2:256,dit_xl2:64).
-CASES = {"dit_tiny": 64, "dit_text": 64, "clip_tiny": 64, "dit_s2": 8}
+CASES = {"dit_tiny": 64, "dit_text": 64, "dit_text_cached": 64, "clip_tiny": 64, "dit_s2": 8}
 KNOWN_CASES = (*CASES, "dit_xl2")
 
 
@@ -177,6 +183,7 @@ def main():
         "compile (s) |\n|---|---|---|---|---|---|---|---|---|"
     )
     cases = parse_cases(args.cases) if args.cases else CASES
+    first_seconds = {}  # case -> its first variant's step time
     for case, batch_size in cases.items():
         if args.only and case not in args.only.split(","):
             continue
@@ -190,6 +197,7 @@ def main():
             seconds = time_steps(compiled, state, batch, frozen, args.steps)
             del compiled, state, batch  # free device memory before the next variant
             base = base or seconds
+            first_seconds.setdefault(case, seconds)
             print(
                 f"| {case} | {batch_size} | {name} | {seconds:.4f} | {batch_size / seconds:.1f} | "
                 f"{base / seconds:.2f} | {100 * flops / seconds / peaks['float32']:.0f}% | "
@@ -197,6 +205,9 @@ def main():
                 flush=True,
             )
     print("\nmodel FLOPs per step from XLA cost analysis of the f32 step (no remat, no scan)")
+    if {"dit_text", "dit_text_cached"} <= first_seconds.keys():
+        ratio = first_seconds["dit_text"] / first_seconds["dit_text_cached"]
+        print(f"dit_text_cached vs dit_text (first variant, this run): {ratio:.2f}x examples/s")
 
 
 if __name__ == "__main__":
