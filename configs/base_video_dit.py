@@ -35,6 +35,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.depth = placeholder(int)  # Number of blocks; None: the variant's.
     config.model.num_heads = placeholder(int)  # Attention heads; None: the variant's.
     config.model.ffn_dim = placeholder(int)  # Feed-forward hidden units; None: the variant's.
+    # Also cross-attend to the text tower's word embeddings (VideoDiTConfig.word_conditioning).
+    config.model.word_conditioning = False
     config.model.dtype = "float32"  # Compute dtype ("bfloat16" on TPU); parameters stay float32.
     config.model.remat = "none"  # Rematerialisation policy of the blocks.
     config.model.scan_layers = (

@@ -327,6 +327,34 @@ def test_flops_per_example_count_every_matmul_of_the_forward(model):
     assert matmul_flops(jaxpr.jaxpr) == flops_per_example(TINY, frames, size, size, text)
 
 
+def test_word_conditioning_counts_and_reads_the_words_under_the_text_mask(inputs):
+    """A model with word_conditioning: its parameters and matmuls match the closed forms, its
+    output follows the words, and masked words are ignored as masked states are."""
+    x, t, context = inputs
+    config = dataclasses.replace(TINY, word_conditioning=True)
+    model = random_model(config)
+    assert count_params(model) == parameter_count(config)
+    assert parameter_count(config) - parameter_count(TINY) == (
+        TINY.text_dim * TINY.width + TINY.width * TINY.width + 2 * TINY.width
+    )
+    words = jax.random.normal(jax.random.key(7), context.shape)
+    mask = jnp.arange(TEXT)[None].repeat(BATCH, 0) < jnp.array([[3], [4]])  # (B, L)
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda *args: nnx.merge(graphdef, state)(*args))
+    out = forward(x, t, context, mask, words)
+    assert float(jnp.max(jnp.abs(forward(x, t, context, mask, -words) - out))) > 1e-3
+    padded_changed = jnp.where(mask[..., None], words, 100.0)
+    np.testing.assert_allclose(forward(x, t, context, mask, padded_changed), out, atol=1e-5)
+    frames, size, text = 2, 6, 3
+    clip, states = jnp.zeros((1, frames, size, size, 3)), jnp.zeros((1, text, TINY.text_dim))
+    jaxpr = jax.make_jaxpr(lambda x, c: model(x, jnp.zeros((1,)), c, None, c))(clip, states)
+    assert matmul_flops(jaxpr.jaxpr) == flops_per_example(config, frames, size, size, text)
+    with pytest.raises(UserError, match="word_conditioning=True needs words"):
+        model(x, t, context, mask)
+    with pytest.raises(UserError, match="word_conditioning=False"):
+        abstract_model(TINY)(x, t, context, mask, words)
+
+
 # --------------------------------------------------------------------------------------------
 # Config and input errors
 # --------------------------------------------------------------------------------------------

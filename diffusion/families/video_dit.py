@@ -56,7 +56,13 @@ def video_model_fn(model):
     """`model_fn(x_t, t, cond)` of the diffusion core, over a text-conditioned video DiT."""
 
     def model_fn(x, t, cond):
-        return model(x, t, context=cond["context"], context_mask=cond["context_mask"])
+        return model(
+            x,
+            t,
+            context=cond["context"],
+            context_mask=cond["context_mask"],
+            words=cond.get("words"),  # the model names a missing or unexpected one
+        )
 
     return model_fn
 
@@ -79,7 +85,8 @@ def text_conditional_loss(
     tokens, mask = dit.drop_captions(
         batch["tokens"], batch["mask"], drop_key, cond_dropout, empty_tokens, empty_mask
     )
-    cond = dit.text_condition(text_encoder, tokens, mask)  # its pooled embedding goes unread
+    words = model.config.word_conditioning
+    cond = dit.text_condition(text_encoder, tokens, mask, words=words)  # pooled goes unread
     loss, aux = objective.loss(video_model_fn(model), clips_of(batch), cond, loss_key)
     return loss, {"mean_t": jnp.mean(aux["t"])}
 
@@ -219,7 +226,7 @@ def _check_weights_fit(config, base, data: DataFacts, text_config) -> None:
     fields = models.recipe_fields(config, NAME)
     differing = [
         f"{name}={fields[name]!r} (weights: {getattr(base, name)!r})"
-        for name in ("width", "depth", "num_heads", "ffn_dim")
+        for name in ("width", "depth", "num_heads", "ffn_dim", "word_conditioning")
         if name in fields and fields[name] != getattr(base, name)
     ]
     if "patch_size" in fields and tuple(fields["patch_size"]) != base.patch_size:

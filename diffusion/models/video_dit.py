@@ -51,6 +51,10 @@ class VideoDiTConfig:
     num_heads: int = 4  # attention heads
     ffn_dim: int = 512  # hidden units of each block's feed-forward network
     text_dim: int = 128  # width of the text token states (umT5: 4096)
+    # Beyond Wan: the blocks also cross-attend to the text tower's input-layer word embeddings
+    # (B, L, text_dim), through their own projection. A contrastive tower's final states keep
+    # only what told its batches apart; its word embeddings name every word (configs/shapes.py).
+    word_conditioning: bool = False
     freq_dim: int = 256  # sinusoidal frequencies of the timestep embedding
     eps: float = 1e-6  # epsilon of every LayerNorm and RMS norm
     qk_norm: bool = True  # RMS norm on queries and keys over all heads together (Wan)
@@ -470,6 +474,9 @@ class VideoDiT(nnx.Module):
         )  # Xavier over the flattened Conv3d kernel, as Wan initialises it
         self.time_embed = TimeEmbedding(config, rngs=rngs)
         self.text_embed = TextEmbedding(config, rngs=rngs)
+        self.words_embed = nnx.data(
+            TextEmbedding(config, rngs=rngs) if config.word_conditioning else None
+        )
         self.blocks = blocks.BlockStack(
             lambda r: VideoDiTBlock(config, rngs=r),
             config.depth,
@@ -479,7 +486,7 @@ class VideoDiT(nnx.Module):
         )
         self.final_layer = FinalLayer(config, rngs=rngs)
 
-    def _check_inputs(self, x, t, context, context_mask) -> None:
+    def _check_inputs(self, x, t, context, context_mask, words) -> None:
         config = self.config
         b, frames, height, width, channels = x.shape
         if channels != config.in_channels:
@@ -510,6 +517,14 @@ class VideoDiT(nnx.Module):
             raise UserError(
                 f"context_mask {context_mask.shape} must be (batch, length) = {context.shape[:2]}"
             )
+        if config.word_conditioning and (words is None or words.shape != context.shape):
+            got = None if words is None else words.shape
+            raise UserError(
+                f"word_conditioning=True needs words of the context's shape {context.shape} "
+                f"(the text tower's word embeddings), got {got}"
+            )
+        if not config.word_conditioning and words is not None:
+            raise UserError("words were given to a video DiT with word_conditioning=False")
 
     def __call__(
         self,
@@ -517,9 +532,11 @@ class VideoDiT(nnx.Module):
         t: jax.Array,
         context: jax.Array,
         context_mask: jax.Array | None = None,
+        words: jax.Array | None = None,
     ) -> jax.Array:
         """context_mask: truthy for real text tokens; None (Wan's and diffusers' way) lets every
-        token, padding included, be attended."""
+        token, padding included, be attended. words (B, L, text_dim): the text tower's word
+        embeddings of the same tokens, for a model with word_conditioning (else None)."""
         config = self.config
         still = x.ndim == 4
         if still:
@@ -528,7 +545,7 @@ class VideoDiT(nnx.Module):
             raise UserError(
                 f"x must be a clip (B, T, H, W, C) or an image (B, H, W, C), got shape {x.shape}"
             )
-        self._check_inputs(x, t, context, context_mask)
+        self._check_inputs(x, t, context, context_mask, words)
         _, frames, height, width, _ = x.shape
         pt, ph, pw = config.patch_size
         grid = (frames // pt, height // ph, width // pw)
@@ -537,6 +554,10 @@ class VideoDiT(nnx.Module):
         tokens = sharding.with_logical_constraint(tokens, layers.TOKEN_AXES)  # (B, N, D)
         temb, modulation = self.time_embed(t)  # (B, D), (B, 6, D)
         text = self.text_embed(context)  # (B, L, D)
+        if config.word_conditioning:  # the words after the states: (B, 2L, D), mask (B, 2L)
+            text = jnp.concatenate([text, self.words_embed(words)], axis=1)
+            if context_mask is not None:
+                context_mask = jnp.concatenate([context_mask, context_mask], axis=1)
         rope_cos, rope_sin = rope.grid_cos_sin(grid, config.head_dim, config.rope_theta)
         tokens = self.blocks(tokens, modulation, text, context_mask, rope_cos, rope_sin)
         out = self.final_layer(tokens, temb)  # (B, N, pt*ph*pw*C_out)
@@ -568,8 +589,7 @@ def parameter_count(config: VideoDiTConfig) -> int:
         + linear(config.freq_dim, d)
         + linear(d, d)
         + linear(d, 6 * d)
-        + linear(config.text_dim, d)
-        + linear(d, d)
+        + (2 if config.word_conditioning else 1) * (linear(config.text_dim, d) + linear(d, d))
         + config.depth * block
         + 2 * d
         + linear(d, p * config.out_channels)
@@ -585,7 +605,9 @@ def flops_per_example(
     (Chowdhery et al. 2022, app. B)."""
     pt, ph, pw = config.patch_size
     n = (frames // pt) * (height // ph) * (width // pw)
-    d, f, p, length = config.width, config.ffn_dim, config.patch_volume, text_length
+    d, f, p = config.width, config.ffn_dim, config.patch_volume
+    # The keys and values the blocks cross-attend to: the states, then the words if read.
+    length = text_length * (2 if config.word_conditioning else 1)
     self_attention = 4 * n * d * d + 2 * n * n * d  # q, k, v, out; q k^T and weights x v
     cross_attention = 2 * n * d * d + 2 * length * d * d + 2 * n * length * d
     ffn = 2 * n * d * f
