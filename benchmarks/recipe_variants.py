@@ -5,9 +5,12 @@
         'optax muon:@optax_muon'
     PYTHONPATH=. python benchmarks/recipe_variants.py --stage=clip 'patch:' \
         'conv stem:model.vision_stem=conv'
+    PYTHONPATH=. python benchmarks/recipe_variants.py --stage=video_dit 'default:' \
+        'words:model.word_conditioning=True' 'frame patches:model.patch_size=(1,8,8)'
 
 Each argument is NAME:FIELD=VALUE,FIELD=VALUE (fields of configs/shapes.py's `dit` or `clip`
-section, set as train.py's --config.dit.FIELD / --config.clip.FIELD), or NAME:@optax_muon for
+section, or of configs/moving_shapes.py's `video_dit`, set as train.py's --config.dit.FIELD /
+--config.clip.FIELD / --config.video_dit.FIELD), or NAME:@optax_muon for
 the default step with optax.contrib.scale_by_muon (one Newton-Schulz per matrix) in place of
 `optim.scale_by_muon` (batched by shape). All variants are compiled first; then each runs
 `--steps` steps back to back (dispatched asynchronously, as in train.py's loop), in turn, for
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -30,7 +34,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_step  # noqa: E402  (the benchmark beside this one builds the same step)
 
-from configs import shapes  # noqa: E402
+from configs import moving_shapes, shapes  # noqa: E402
 from diffusion import meshes, optim  # noqa: E402
 
 OPTAX_MUON = "@optax_muon"
@@ -40,13 +44,18 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     name, sep, fields = text.partition(":")
     if not sep or not name:
         raise SystemExit(f"{text!r}: expected NAME:FIELD=VALUE,... (or NAME: for the default)")
-    return name, [f for f in fields.split(",") if f]
+    # A comma starts a new FIELD=VALUE only before one: tuple values keep theirs, "(1,8,8)".
+    return name, [f for f in re.split(r",(?=[\w.]+=)", fields) if f]
 
 
 def stage_config(stage: str):
     """The `make train` recipe's section of a stage (random weights and batches, no data)."""
     if stage == "dit":
         return train_step.case_config("dit_text", 64)  # shapes.py's dit, tiny text tower
+    if stage == "video_dit":
+        config = moving_shapes.get_config().video_dit
+        config.text_encoder.variant = "tiny"  # the recipe's CLIP tower's shapes, random weights
+        return config
     config = shapes.get_config().clip
     config.training.global_batch_size = 64
     return config
@@ -83,7 +92,7 @@ def main():
     parser.add_argument("variants", nargs="+", help="NAME:FIELD=VALUE,... (first: baseline)")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--stage", choices=("dit", "clip"), default="dit")
+    parser.add_argument("--stage", choices=("dit", "clip", "video_dit"), default="dit")
     args = parser.parse_args()
     mesh = meshes.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     variants = {}

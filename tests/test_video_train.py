@@ -20,8 +20,8 @@ from flax import nnx
 from PIL import Image
 
 from configs import base_clip, moving_shapes
-from diffusion import data as data_lib
 from diffusion import (
+    aot,
     families,
     inference,
     meshes,
@@ -31,6 +31,7 @@ from diffusion import (
     schedules,
     training,
 )
+from diffusion import data as data_lib
 from diffusion.errors import UserError
 from diffusion.families import clip as clip_family
 from diffusion.families import dit as dit_family
@@ -63,7 +64,10 @@ def recipe(data_dir):
 
 
 def video_stage(data_dir, clip_run, steps):
+    """The recipe's video DiT with word conditioning on: training, resuming and sampling read the
+    words too (the recipe's default, off, is the same path without them)."""
     config = recipe(data_dir).video_dit
+    config.model.word_conditioning = True
     config.text_encoder.checkpoint = clip_run
     config.tokenizer.path = os.path.join(clip_run, "tokenizer")
     config.training.num_steps = steps
@@ -220,6 +224,7 @@ def test_the_video_dit_learns_its_clips_and_a_resumed_run_is_the_uninterrupted_o
     assert resumed == uninterrupted  # losses of steps 1..9, the data order included
     family, config = rundir.load_model_config(str(tmp_path / "a"))
     assert family == "video_dit" and config.patch_size == (2, 8, 8) and config.in_channels == 3
+    assert config.word_conditioning
     a, b = (
         nnx.state(rundir.load_run_params(str(tmp_path / n), config, models.VideoDiT))
         for n in ("a", "b")
@@ -241,6 +246,24 @@ def test_the_video_dit_learns_images_as_one_frame_clips(data_dir, clip_run, tmp_
     source, builder = inputs.prepare_source(config.data, seed=0)
     assert inputs.frames_of(source, builder) == 0  # images, batched as 'image' (B, H, W, 3)
     assert model_config.patch_size == (1, 4, 4)
+
+
+def test_aot_builds_the_recipes_step_on_the_clips_and_state_training_uses(
+    data_dir, clip_run, video_run
+):
+    """From the recipe alone (the frames from the builder config "32_8", the text tower's
+    shapes from its run), the AOT step reads the batch the input pipeline makes of clips and
+    holds the parameters train.py saved."""
+    config = video_stage(data_dir, clip_run, 9)
+    state, batch, _ = aot.build_programs(config, one_device_mesh()).train_args
+    b, length = config.training.global_batch_size, config.tokenizer.context_length
+    assert {k: v.shape for k, v in batch.items()} == {
+        "video": (b, 8, 32, 32, 3), "tokens": (b, length), "mask": (b, length),
+    }  # fmt: skip
+    _, model_config = rundir.load_model_config(video_run[0])
+    saved = nnx.state(rundir.load_run_params(video_run[0], model_config, models.VideoDiT))
+    shapes = lambda tree: sorted(tuple(x.shape) for x in jax.tree.leaves(tree))
+    assert shapes(state["params"]) == shapes(saved)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,8 +300,9 @@ def reference_clip(video_run, clip_run, prompt, seed, scale, steps):
             return (x - out) / t[:, None, None, None, None]
         return out
 
+    words = config.word_conditioning
     cond, uncond = (
-        dit_family.text_condition(clip, *data_lib.tokenize(tokenizer, [text], length))
+        dit_family.text_condition(clip, *data_lib.tokenize(tokenizer, [text], length), words=words)
         for text in (prompt, "")
     )
     noise_key, _ = jax.random.split(jax.random.key(seed))

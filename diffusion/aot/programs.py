@@ -148,6 +148,9 @@ def recipe_facts(config) -> families.DataFacts:
     if config.family == "clip":
         default = models.CLIP_VARIANTS.get(config.model.variant, {}).get("image_size", 32)
     facts = families.DataFacts.from_config(config, recipe_image_size(config, default))
+    if config.family == "video_dit" and rundir.builder_resolution(config.data):
+        # An embedded builder config names its clips' frames ("32_8"); else one-frame clips.
+        facts = dataclasses.replace(facts, frames=rundir.run_frames(config))
     if config.family == "dit" and families.dit.stated_cached_text(config):
         words = bool(config.model.get("word_conditioning", False))
         empty_text = abstract_empty_text(text_encoder_config(config), facts, words)
@@ -187,7 +190,7 @@ def build_programs(
     family = families.get(config.family)
     facts = recipe_facts(config)
     overrides = dict(model_overrides or {})
-    if config.family == "dit":
+    if config.family in ("dit", "video_dit"):  # the DiT families read a frozen text tower
         text_config = text_encoder_config(config) if family.is_text_conditional(config) else None
         build = family.build(config, facts, mesh, text_config, **overrides)
     else:
