@@ -29,7 +29,8 @@ from flax import nnx
 
 from diffusion import metrics
 from diffusion.hf.wan_transformer import video_dit_from_state_dict
-from diffusion.models.video_dit import flops_per_example, video_dit_config
+from diffusion.models.video_dit import video_dit_config
+from diffusion.models.video_dit_costs import flops_per_example
 
 
 def best_of(fn, repeats: int) -> float:

@@ -35,8 +35,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.depth = placeholder(int)  # Number of blocks; None: the variant's.
     config.model.num_heads = placeholder(int)  # Attention heads; None: the variant's.
     config.model.ffn_dim = placeholder(int)  # Feed-forward hidden units; None: the variant's.
-    # Also cross-attend to the text tower's word embeddings (VideoDiTConfig.word_conditioning).
-    config.model.word_conditioning = False
+    # Also cross-attend to the text tower's word embeddings (VideoDiTConfig.word_conditioning);
+    # None: off, or the pretrained weights' choice (config.model.weights).
+    config.model.word_conditioning = placeholder(bool)
     config.model.dtype = "float32"  # Compute dtype ("bfloat16" on TPU); parameters stay float32.
     config.model.remat = "none"  # Rematerialisation policy of the blocks.
     config.model.scan_layers = (

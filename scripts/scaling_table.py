@@ -474,7 +474,7 @@ def video_markdown(videos: dict) -> list[str]:
         "2-block unscanned twins extrapolated to the full depth (XLA counts a scanned block "
         "once); the time is the compiler's `optimal_seconds` or the roofline max(FLOPs / peak, "
         "bytes / HBM bandwidth), collectives not counted: a lower bound, not a measured time.",
-        "- *model TFLOP* is the closed form `video_dit.flops_per_example` (matmuls only) x 3 "
+        "- *model TFLOP* is the closed form `video_dit_costs.flops_per_example` (matmuls only) x 3 "
         "per clip for a train step (forward and backward, without the remat recompute) and x 2 "
         "x clips for a guided evaluation; *compiler / model* is the compiler's whole-step "
         "FLOPs over it (full remat adds a forward, which would make it about 4/3; a row below "

@@ -20,10 +20,9 @@ from diffusion.models.video_dit import (
     VIDEO_DIT_VARIANTS,
     VideoDiT,
     VideoDiTConfig,
-    flops_per_example,
-    parameter_count,
     video_dit_config,
 )
+from diffusion.models.video_dit_costs import flops_per_example, parameter_count
 
 # Head dimension 16: the rotary split is (8, 4, 4).
 TINY = VideoDiTConfig(

@@ -19,7 +19,7 @@ the weights; the batch is split over fsdp, the tokens over sequence, and self-at
 
 The report is `topology.compile_for_topology`'s (memory per chip against HBM, the compiler's FLOPs
 and roofline time), with the FLOPs and time of the scanned stack extrapolated from 1- and 2-block
-unscanned twins, plus the closed form `video_dit.flops_per_example` (forward; x3 for a train
+unscanned twins, plus the closed form `video_dit_costs.flops_per_example` (forward; x3 for a train
 step) and the utilisation it implies at the estimated time.
 
     report = compile_video_row(VideoRow("wan2.1-14b", "480p", "v5p:2x2x2", sequence=8, batch=1))
@@ -54,7 +54,8 @@ from diffusion.aot.topology import (
 )
 from diffusion.families.base import abstract_array
 from diffusion.families.dit import DiffusionObjective
-from diffusion.models.video_dit import VideoDiT, flops_per_example, video_dit_config
+from diffusion.models.video_dit import VideoDiT, video_dit_config
+from diffusion.models.video_dit_costs import flops_per_example
 from diffusion.models.wan_vae import wan_vae_config
 from diffusion.train_step import TrainStep
 
