@@ -214,14 +214,18 @@ def load_checkpoint_params(run_dir: str, config, model_config, model_cls, mesh, 
     return params, int(step)
 
 
-def load_text_encoder(checkpoint: str, execution: dict) -> models.CLIP:
-    """A frozen CLIP: our run directory (model.json + params/) or a Hugging Face CLIP directory."""
+def check_text_encoder_directory(checkpoint: str) -> None:
     if not checkpoint or not os.path.isdir(checkpoint):
         raise UserError(
             f"config.text_encoder.checkpoint={checkpoint!r} is not a directory. Name a CLIP run "
             "directory of train.py or a Hugging Face CLIP directory (config.json + "
             "model.safetensors)."
         )
+
+
+def load_text_encoder(checkpoint: str, execution: dict) -> models.CLIP:
+    """A frozen CLIP: our run directory (model.json + params/) or a Hugging Face CLIP directory."""
+    check_text_encoder_directory(checkpoint)
     if os.path.isfile(os.path.join(checkpoint, MODEL_FILE)):
         family, config = load_model_config(checkpoint)
         if family != "clip":
@@ -232,13 +236,23 @@ def load_text_encoder(checkpoint: str, execution: dict) -> models.CLIP:
     return hf.load_hf_clip(checkpoint, **execution)
 
 
-def text_encoder_tokenizer(checkpoint: str, clip_config: models.CLIPConfig) -> tuple[str, int]:
-    """(tokenizer directory or name, context length) that the CLIP `load_text_encoder` loads from
+HF_TOKENIZER_FILE = "tokenizer_config.json"  # what save_pretrained of a tokenizer writes
+
+
+def text_encoder_tokenizer(checkpoint: str) -> tuple[str, int]:
+    """(tokenizer directory, context length) that the CLIP `load_text_encoder` loads from
     `checkpoint` was trained with: a run's own tokenizer/ (else the one its recipe names) and its
     config.tokenizer.context_length; a Hugging Face directory's own tokenizer files and the
-    model's position table."""
+    text tower's position table."""
+    check_text_encoder_directory(checkpoint)
     if not os.path.isfile(os.path.join(checkpoint, MODEL_FILE)):
-        return checkpoint, int(clip_config.context_length)
+        if not os.path.isfile(os.path.join(checkpoint, HF_TOKENIZER_FILE)):
+            raise UserError(
+                f"the Hugging Face CLIP directory {checkpoint!r} has no tokenizer files "
+                f"({HF_TOKENIZER_FILE}); pass --config.tokenizer.path= the tokenizer its text "
+                "tower was trained with (a directory or a Hugging Face name)"
+            )
+        return checkpoint, hf.text_context_length(checkpoint)
     config = load_run_config(checkpoint)
     own = tokenizer_dir(checkpoint)
     tokenizer = own if os.path.isdir(own) else config.tokenizer.path

@@ -15,6 +15,7 @@ from conftest import xla_flags
 from configs import base_clip, base_dit
 from diffusion import checkpoints, families, meshes, metrics, optim, rundir, training
 from diffusion import data as data_lib
+from diffusion.errors import UserError
 from diffusion.families import dit as dit_family
 from diffusion.pipeline.periodic import PeriodicEvaluation
 from diffusion.train_step import TrainStep
@@ -399,3 +400,21 @@ def test_a_trained_tokenizer_warns_about_the_captions_its_context_cuts(data_dir,
     config.tokenizer.context_length = longest  # every caption whole: no warning
     inputs.prepare_tokenizer(config.tokenizer, source, "train", str(tmp_path / "b"))
     assert "warning" not in capsys.readouterr().out
+
+
+def test_a_dit_reads_its_captions_with_its_text_encoders_tokenizer(data_dir, clip_run, tmp_path):
+    config = dit_config(data_dir, clip_run, steps=3)
+    config.tokenizer.path = None  # the recipe names no tokenizer ...
+    config.tokenizer.vocab_size = 100  # ... and a BPE trained afresh would have 100 tokens
+    run(config, tmp_path / "dit")
+    own = data_lib.load_tokenizer(rundir.tokenizer_dir(str(tmp_path / "dit")))
+    encoders = data_lib.load_tokenizer(rundir.tokenizer_dir(clip_run))
+    assert len(encoders) > 100
+    assert own.get_vocab() == encoders.get_vocab()
+
+    config.tokenizer.context_length = 64  # the CLIP run reads 16 tokens
+    with pytest.raises(UserError) as refused:
+        run(config, tmp_path / "longer")
+    assert "config.tokenizer.context_length=64 is longer than the 16 tokens" in str(refused.value)
+    assert "--config.tokenizer.context_length=16" in str(refused.value)
+    assert os.listdir(tmp_path / "longer") == []  # refused before anything is written

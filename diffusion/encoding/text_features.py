@@ -34,9 +34,7 @@ class TextFeatureEncoder:
         # plans apart, so a rerun refuses the features of the earlier weights (None: a Hugging
         # Face directory, whose weights do not move).
         self.step = rundir.latest_step(checkpoint)
-        self.tokenizer_path, self.context_length = rundir.text_encoder_tokenizer(
-            checkpoint, model.config
-        )
+        self.tokenizer_path, self.context_length = rundir.text_encoder_tokenizer(checkpoint)
         self.tokenizer = data_lib.load_tokenizer(self.tokenizer_path)
         self.words = words
         self.config = model.config

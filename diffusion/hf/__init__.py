@@ -15,6 +15,7 @@ from diffusion.hf.clip import (
     clip_config_from_hf,
     convert_weights,
     load_hf_clip,
+    text_context_length,
     weight_entries,
 )
 from diffusion.hf.files import (
@@ -41,6 +42,7 @@ __all__ = [
     "load_diffusers_autoencoder",
     "load_diffusers_wan_transformer",
     "load_hf_clip",
+    "text_context_length",
     "read_safetensors",
     "weight_entries",
 ]

@@ -245,6 +245,15 @@ def convert_weights(
 # ============================================================================================
 
 
+def text_context_length(directory: str) -> int:
+    """Tokens the text tower of a Hugging Face CLIP directory reads: its position table."""
+    check_directory(directory, TRANSFORMERS)
+    import transformers
+
+    text = transformers.CLIPConfig.from_pretrained(directory).text_config
+    return int(text.max_position_embeddings)
+
+
 def load_hf_clip(directory: str, **execution) -> CLIP:
     """Build our CLIP from a Hugging Face CLIP directory (config.json + model.safetensors).
 

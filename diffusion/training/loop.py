@@ -56,6 +56,26 @@ class Callback(Protocol):
 TEXT_ENCODER_FAMILIES = ("dit", "video_dit")
 
 
+def text_encoder_tokenizer(config) -> str | None:
+    """The tokenizer directory of the frozen text encoder the recipe's loss reads, unless the
+    recipe names a tokenizer (config.tokenizer.path): the captions must become the token ids the
+    encoder learnt, not those of a BPE trained afresh. None: no text encoder. Refuses, before
+    anything is written, a context longer than the encoder's."""
+    if config.family not in TEXT_ENCODER_FAMILIES:
+        return None
+    if not families.get(config.family).is_text_conditional(config):
+        return None
+    checkpoint = config.text_encoder.checkpoint
+    path, context = rundir.text_encoder_tokenizer(checkpoint)
+    if config.tokenizer.context_length > context:
+        raise UserError(
+            f"config.tokenizer.context_length={config.tokenizer.context_length} is longer than "
+            f"the {context} tokens the text encoder {checkpoint!r} reads; pass "
+            f"--config.tokenizer.context_length={context} (or less)"
+        )
+    return None if config.tokenizer.path else path
+
+
 def build_model(config, facts: families.DataFacts, mesh) -> tuple[families.ModelBuild, Any]:
     """(the family's build of the recipe, the loaded frozen model or None)."""
     family = families.get(config.family)
@@ -105,8 +125,12 @@ def train(
     tokenizer = None
     if input_options.get("captions", True):  # a model without text needs no tokenizer
         own_tokenizer_dir = rundir.tokenizer_dir(workdir)
+        encoder_tokenizer_dir = text_encoder_tokenizer(config)
         tokenizer = inputs.prepare_tokenizer(
-            config.tokenizer, source, config.data.train_split, tokenizer_dir or own_tokenizer_dir
+            config.tokenizer,
+            source,
+            config.data.train_split,
+            tokenizer_dir or encoder_tokenizer_dir or own_tokenizer_dir,
         )
         if jax.process_index() == 0 and not os.path.isdir(own_tokenizer_dir):
             save_tokenizer(tokenizer, own_tokenizer_dir)  # a run directory is self-contained
