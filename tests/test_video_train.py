@@ -247,6 +247,23 @@ def test_the_video_dit_learns_images_as_one_frame_clips(data_dir, clip_run, tmp_
     assert inputs.frames_of(source, builder) == 0  # images, batched as 'image' (B, H, W, 3)
     assert model_config.patch_size == (1, 4, 4)
 
+    # evaluate.py reads its images as the image DiT's, with the shapes oracle.
+    from diffusion.evaluation import EvaluationOptions, evaluate_checkpoint
+
+    options = EvaluationOptions(
+        num_samples=4, splits=("test_unseen",), guidance_scales=(2.0,), samplers=(("euler", 2),),
+        batch_size=4, negative_color="", diversity_captions=0, grid_size=2,
+    )  # fmt: skip
+    metrics = evaluate_checkpoint(str(tmp_path), str(tmp_path / "eval"), options)
+    assert metrics["family"] == "video_dit" and "frames" not in metrics
+    entry = metrics["splits"]["test_unseen"]
+    read = entry["samples"]["euler:2"]["2"]["accuracy"]
+    assert set(entry["real"]["oracle_accuracy"]) == set(read)
+    assert set(entry["real"]["oracle_accuracy"]) == {"shape", "color", "size", "position",
+                                                     "background", "all"}  # fmt: skip
+    page = open(tmp_path / "eval" / "index.html", encoding="utf-8").read()
+    assert "real images (oracle" in page and ".gif" not in page
+
 
 def test_aot_builds_the_recipes_step_on_the_clips_and_state_training_uses(
     data_dir, clip_run, video_run

@@ -7,8 +7,6 @@ Retrieval recall@k is `diffusion.contrastive.retrieval_metrics`.
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -239,8 +237,7 @@ class ClipEncoder:
     def load(cls, checkpoint: str, batch_size: int = 256) -> ClipEncoder:
         """From a CLIP run directory of train.py or a Hugging Face CLIP directory."""
         model = rundir.load_text_encoder(checkpoint, {"dtype": "float32"})
-        own_tokenizer = os.path.join(checkpoint, rundir.TOKENIZER_DIR)
-        tokenizer_dir = own_tokenizer if os.path.isdir(own_tokenizer) else checkpoint
+        tokenizer_dir, _ = rundir.text_encoder_tokenizer(checkpoint)
         return cls(model, load_tokenizer(tokenizer_dir), batch_size)
 
     def _prepare(self, images):
@@ -265,16 +262,16 @@ class ClipEncoder:
     def encode_images(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, 3) -> (N, E) normalised image embeddings (resized if H differs); a
         tower trained on clips takes clips (N, T, H, W, 3), their frames on the channel axis as
-        in training (`families.clip.frames_on_channels`)."""
+        in training (`families.clip.frames_on_channels`), and images as still clips."""
         images = np.asarray(images)
         frames_seen = self.model.config.in_channels // 3
-        if images.ndim != (5 if frames_seen > 1 else 4) or images.shape[-1] != 3:
-            what = "clips must be (N, T, H, W, 3)" if frames_seen > 1 else "images must be"
-            shape = "" if frames_seen > 1 else " (N, H, W, 3)"
-            raise ValueError(f"{what}{shape} uint8, got shape {images.shape}")
+        if images.ndim not in ((4, 5) if frames_seen > 1 else (4,)) or images.shape[-1] != 3:
+            what = "clips (N, T, H, W, 3) or images" if frames_seen > 1 else "images"
+            raise ValueError(f"{what} must be (N, H, W, 3) uint8, got shape {images.shape}")
         check_uint8(images.reshape(-1, *images.shape[-3:]))
         if frames_seen > 1:
-            images = clip_family.frames_on_channels(images, frames_seen)
+            clips = images if images.ndim == 5 else images[:, None]  # an image: a one-frame clip
+            images = clip_family.frames_on_channels(clips, frames_seen)
         return self._batched(self._encode_image, [images])
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:

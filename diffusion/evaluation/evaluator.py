@@ -429,21 +429,21 @@ def evaluate_checkpoint(
             checkpoint, config, options, output_dir
         )
         metrics.update(autoencoder_metrics)
-    elif family == "video_dit":  # clips, read by the moving-shapes oracle
+    elif family == "video_dit" and rundir.run_frames(config):  # clips: the moving-shapes oracle
         metrics = {"family": "video_dit", "checkpoint": os.path.abspath(checkpoint)}
         video_metrics, galleries = evaluate_video_dit_run(
             checkpoint, config, options, output_dir, stop
         )
         metrics.update(video_metrics)
-    elif model_config.conditioning == "class":  # sampled by class, read by the shapes oracle
+    elif family == "dit" and model_config.conditioning == "class":  # by class: shapes oracle
         metrics = {"family": "dit", "conditioning": "class"}
         metrics["checkpoint"] = os.path.abspath(checkpoint)
         dit_metrics, galleries = evaluate_class_dit_run(
             checkpoint, _data_config(config, options), config.seed, options, output_dir, stop
         )
         metrics.update(dit_metrics)
-    else:
-        metrics = {"family": "dit", "checkpoint": os.path.abspath(checkpoint)}
+    else:  # images of a text-conditioned DiT, or of a video DiT trained on images
+        metrics = {"family": family, "checkpoint": os.path.abspath(checkpoint)}
         dit_metrics, galleries = evaluate_dit_run(checkpoint, config, options, output_dir, stop)
         metrics.update(dit_metrics)
     with open(os.path.join(output_dir, "metrics.json"), "w", encoding="utf-8") as f:

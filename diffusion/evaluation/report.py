@@ -492,9 +492,9 @@ def write_report(metrics: dict, galleries: list[dict], output_dir: str) -> str:
             meta.append(f"{key.replace('_', ' ')}: {metrics[key]}")
     if metrics.get("conditioning") == "class":
         body = _class_dit_body(metrics, galleries)
-    elif metrics["family"] == "video_dit":
+    elif metrics["family"] == "video_dit" and metrics.get("frames"):
         body = _video_dit_body(metrics, galleries)
-    elif metrics["family"] == "dit":
+    elif metrics["family"] in ("dit", "video_dit"):  # images (a video DiT's as one-frame clips)
         body = _dit_body(metrics, galleries, output_dir)
     elif metrics["family"] == "autoencoder":
         body = _autoencoder_body(metrics, galleries)
