@@ -162,7 +162,8 @@ def test_a_dit_whose_text_encoder_did_not_make_the_cached_features_is_refused(
     with pytest.raises(UserError, match="context_length=12, but the text features .* hold 16"):
         training.train(config, str(tmp_path / "dit2"))
     config = text_dit_config(options, clip_run)
-    config.tokenizer.path = None  # a BPE of its own, whose ids the cached features never saw
+    config.tokenizer.path = str(tmp_path / "other_tokenizer")  # ids the features never saw
+    data_lib.train_caption_tokenizer(["a red circle", "a blue square"], config.tokenizer.path)
     tokenizer = rundir.tokenizer_dir(clip_run)
     with pytest.raises(UserError, match=f"another vocabulary.*--config.tokenizer.path={tokenizer}"):
         training.train(config, str(tmp_path / "dit4"))
