@@ -122,6 +122,9 @@ def train(
     classes = None
     if input_options.get("class_features") is not None:  # checked before any file is written
         classes = inputs.class_space(config, builder, source.name, input_options["class_features"])
+    image_size, channels = inputs.image_shape_of(config, source, builder)
+    frames = inputs.frames_of(source, builder)
+    families.check_inputs(config.family, frames, source.name)
     tokenizer = None
     if input_options.get("captions", True):  # a model without text needs no tokenizer
         own_tokenizer_dir = rundir.tokenizer_dir(workdir)
@@ -134,9 +137,6 @@ def train(
         )
         if jax.process_index() == 0 and not os.path.isdir(own_tokenizer_dir):
             save_tokenizer(tokenizer, own_tokenizer_dir)  # a run directory is self-contained
-    image_size, channels = inputs.image_shape_of(config, source, builder)
-    frames = inputs.frames_of(source, builder)
-    families.check_inputs(config.family, frames, source.name)
     if config.family in TEXT_ENCODER_FAMILIES and config.text_encoder.checkpoint:
         # Absolute, so that config.json still finds it from a sampling job elsewhere.
         config.text_encoder.checkpoint = os.path.abspath(config.text_encoder.checkpoint)
