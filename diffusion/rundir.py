@@ -239,12 +239,20 @@ def load_text_encoder(checkpoint: str, execution: dict) -> models.CLIP:
 HF_TOKENIZER_FILE = "tokenizer_config.json"  # what save_pretrained of a tokenizer writes
 
 
+def text_encoder_context_length(checkpoint: str) -> int:
+    """Tokens a caption may have for the CLIP `load_text_encoder` loads from `checkpoint`: a run's
+    config.tokenizer.context_length, a Hugging Face directory's position table."""
+    check_text_encoder_directory(checkpoint)
+    if not os.path.isfile(os.path.join(checkpoint, MODEL_FILE)):
+        return hf.text_context_length(checkpoint)
+    return int(load_run_config(checkpoint).tokenizer.context_length)
+
+
 def text_encoder_tokenizer(checkpoint: str) -> tuple[str, int]:
     """(tokenizer directory, context length) that the CLIP `load_text_encoder` loads from
-    `checkpoint` was trained with: a run's own tokenizer/ (else the one its recipe names) and its
-    config.tokenizer.context_length; a Hugging Face directory's own tokenizer files and the
-    text tower's position table."""
-    check_text_encoder_directory(checkpoint)
+    `checkpoint` was trained with: a run's own tokenizer/ (else the one its recipe names); a
+    Hugging Face directory's own tokenizer files."""
+    context = text_encoder_context_length(checkpoint)
     if not os.path.isfile(os.path.join(checkpoint, MODEL_FILE)):
         if not os.path.isfile(os.path.join(checkpoint, HF_TOKENIZER_FILE)):
             raise UserError(
@@ -252,13 +260,12 @@ def text_encoder_tokenizer(checkpoint: str) -> tuple[str, int]:
                 f"({HF_TOKENIZER_FILE}); pass --config.tokenizer.path= the tokenizer its text "
                 "tower was trained with (a directory or a Hugging Face name)"
             )
-        return checkpoint, hf.text_context_length(checkpoint)
-    config = load_run_config(checkpoint)
+        return checkpoint, context
     own = tokenizer_dir(checkpoint)
-    tokenizer = own if os.path.isdir(own) else config.tokenizer.path
+    tokenizer = own if os.path.isdir(own) else load_run_config(checkpoint).tokenizer.path
     if not tokenizer:
         raise UserError(f"CLIP run directory {checkpoint!r} has no {TOKENIZER_DIR}/ directory")
-    return tokenizer, int(config.tokenizer.context_length)
+    return tokenizer, context
 
 
 AUTOENCODER_HINT = (

@@ -608,6 +608,13 @@ CASES = [
         lambda e, t: rundir.load_text_encoder(str(t / "moved"), {}),
         ("is not a directory", "Name a CLIP run directory"),
     ),
+    Case(
+        "text-encoder-without-tokenizer",  # a DiT would read its captions with this tokenizer
+        lambda e, t: rundir.text_encoder_tokenizer(
+            hf_dir(t, {"config.json": '{"model_type": "clip"}', "model.safetensors": b""})
+        ),
+        ("has no tokenizer files (tokenizer_config.json)", "pass --config.tokenizer.path="),
+    ),
     # -- run directories -------------------------------------------------------------------------
     Case(
         "checkpoint-missing",

@@ -248,7 +248,8 @@ def test_the_video_dit_learns_images_as_one_frame_clips(data_dir, clip_run, tmp_
     assert model_config.patch_size == (1, 4, 4)
 
     # evaluate.py reads its images as the image DiT's, with the shapes oracle.
-    from diffusion.evaluation import EvaluationOptions, evaluate_checkpoint
+    from diffusion.evaluation import ClipEncoder, EvaluationOptions, evaluate_checkpoint
+    from diffusion.evaluation.held_out import load_split_examples
 
     options = EvaluationOptions(
         num_samples=4, splits=("test_unseen",), guidance_scales=(2.0,), samplers=(("euler", 2),),
@@ -263,6 +264,11 @@ def test_the_video_dit_learns_images_as_one_frame_clips(data_dir, clip_run, tmp_
                                                      "background", "all"}  # fmt: skip
     page = open(tmp_path / "eval" / "index.html", encoding="utf-8").read()
     assert "real images (oracle" in page and ".gif" not in page
+    # Its CLIP score comes from a tower trained on clips: an image embeds as its still clip.
+    encoder = ClipEncoder.load(clip_run, batch_size=4)
+    images = load_split_examples(config.data, 0, "test_unseen", 4).images  # (4, H, W, 3)
+    still_clips = np.repeat(images[:, None], 8, axis=1)
+    np.testing.assert_array_equal(encoder.encode_images(images), encoder.encode_images(still_clips))
 
 
 def test_aot_builds_the_recipes_step_on_the_clips_and_state_training_uses(

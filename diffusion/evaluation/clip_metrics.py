@@ -266,8 +266,10 @@ class ClipEncoder:
         images = np.asarray(images)
         frames_seen = self.model.config.in_channels // 3
         if images.ndim not in ((4, 5) if frames_seen > 1 else (4,)) or images.shape[-1] != 3:
-            what = "clips (N, T, H, W, 3) or images" if frames_seen > 1 else "images"
-            raise ValueError(f"{what} must be (N, H, W, 3) uint8, got shape {images.shape}")
+            what = "images must be"
+            if frames_seen > 1:
+                what = "clips must be (N, T, H, W, 3) or images"
+            raise ValueError(f"{what} (N, H, W, 3) uint8, got shape {images.shape}")
         check_uint8(images.reshape(-1, *images.shape[-3:]))
         if frames_seen > 1:
             clips = images if images.ndim == 5 else images[:, None]  # an image: a one-frame clip

@@ -66,14 +66,14 @@ def text_encoder_tokenizer(config) -> str | None:
     if not families.get(config.family).is_text_conditional(config):
         return None
     checkpoint = config.text_encoder.checkpoint
-    path, context = rundir.text_encoder_tokenizer(checkpoint)
+    context = rundir.text_encoder_context_length(checkpoint)
     if config.tokenizer.context_length > context:
         raise UserError(
             f"config.tokenizer.context_length={config.tokenizer.context_length} is longer than "
             f"the {context} tokens the text encoder {checkpoint!r} reads; pass "
             f"--config.tokenizer.context_length={context} (or less)"
         )
-    return None if config.tokenizer.path else path
+    return None if config.tokenizer.path else rundir.text_encoder_tokenizer(checkpoint)[0]
 
 
 def build_model(config, facts: families.DataFacts, mesh) -> tuple[families.ModelBuild, Any]:
