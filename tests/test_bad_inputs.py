@@ -404,10 +404,11 @@ def objective_with(**diffusion_fields):
 
 
 def no_stale_config(env: Env, tmp, *, run=None):
-    """A run refused by validation writes no config.json a fixed rerun would keep."""
+    """A run refused by validation writes no config.json, model.json or copy of its tokenizer
+    that a fixed rerun would keep."""
     run = tmp / "run" if run is None else run
-    assert not os.path.exists(run / "config.json")
-    assert not os.path.exists(run / "model.json")
+    for name in ("config.json", "model.json", "tokenizer"):
+        assert not os.path.exists(run / name), name
 
 
 def float_images():

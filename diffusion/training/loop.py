@@ -109,6 +109,7 @@ def train(
     t = config.training
     if t.nan_policy not in NAN_POLICIES:
         raise UserError(f"config.training.nan_policy={t.nan_policy!r}; valid: stop, skip.")
+    tx = optim.make_optimizer(config.optimizer, total_steps=t.num_steps)  # checks, writes nothing
     family = families.get(config.family)
     mesh = meshes.mesh_from_config(config.mesh, devices)
     sharding.rules_from_config(config.mesh)  # a bad rule is named before any work
@@ -125,7 +126,7 @@ def train(
     image_size, channels = inputs.image_shape_of(config, source, builder)
     frames = inputs.frames_of(source, builder)
     families.check_inputs(config.family, frames, source.name)
-    tokenizer = None
+    tokenizer = own_tokenizer_dir = None
     if input_options.get("captions", True):  # a model without text needs no tokenizer
         own_tokenizer_dir = rundir.tokenizer_dir(workdir)
         encoder_tokenizer_dir = text_encoder_tokenizer(config)
@@ -135,8 +136,6 @@ def train(
             config.data.train_split,
             tokenizer_dir or encoder_tokenizer_dir or own_tokenizer_dir,
         )
-        if jax.process_index() == 0 and not os.path.isdir(own_tokenizer_dir):
-            save_tokenizer(tokenizer, own_tokenizer_dir)  # a run directory is self-contained
     if config.family in TEXT_ENCODER_FAMILIES and config.text_encoder.checkpoint:
         # Absolute, so that config.json still finds it from a sampling job elsewhere.
         config.text_encoder.checkpoint = os.path.abspath(config.text_encoder.checkpoint)
@@ -144,8 +143,11 @@ def train(
     inputs.check_stated_cached_text(config, builder.data_dir, empty_text)
     facts = inputs.data_facts(config, tokenizer, image_size, channels, empty_text, frames)
     build, frozen = build_model(config, facts, mesh)
-    tx = optim.make_optimizer(config.optimizer, total_steps=t.num_steps)  # checks, writes nothing
     rundir.check_resumable(workdir, build.family, build.model_config)
+    # A tokenizer read from elsewhere is copied in once every check has passed, so that a refused
+    # run leaves no file a fixed rerun would keep (a BPE trained here was saved when trained).
+    if tokenizer is not None and jax.process_index() == 0 and not os.path.isdir(own_tokenizer_dir):
+        save_tokenizer(tokenizer, own_tokenizer_dir)  # a run directory is self-contained
     checkpoints.write_config(workdir, config)
     rundir.save_model_config(workdir, build.family, build.model_config)
     if classes is not None:
