@@ -3,7 +3,8 @@ metrics.json, TensorBoard scalars and an HTML report.
 
 python evaluate.py --checkpoint=runs/shapes/dit --output_dir=runs/shapes/eval \
     [--num_samples=512 --guidance_scales=1,2,4,6 --samplers=euler:20,dpmpp_2m:20 \
-     --splits=test,test_unseen --clip_checkpoint=runs/shapes/clip --batch_size=64]
+     --splits=test,test_unseen --clip_checkpoint=runs/shapes/clip --batch_size=64 \
+     --eta=0 --shift= --guidance_rescale=0 --guidance_interval=]
 
 CLIP run: zero-shot attribute accuracy (shapes) or top-1/top-5 over the class names (a labelled
 dataset), and image-text retrieval on each split.
@@ -75,11 +76,23 @@ flags.DEFINE_string(
     "Evaluate on the records whose ClassLabels match, KEY=NAME,... e.g. motion=up (default: the "
     "run's config.data.where, the filter it was trained with; '' evaluates every record).",
 )
+flags.DEFINE_float("eta", 0.0, "DiT: DDIM / stochastic-Euler noise of every setting (0: none).")
+flags.DEFINE_float(
+    "shift", None, "DiT: flow time shift of the sampling grid (default: the training shift)."
+)
+flags.DEFINE_float("guidance_rescale", 0.0, "DiT: guidance rescale phi (Lin et al. 2023).")
+flags.DEFINE_string(
+    "guidance_interval",
+    "",
+    "DiT: T_LO,T_HI: guidance only at times in [T_LO, T_HI] (flow: 1 is pure noise), the "
+    "conditional model elsewhere (Kynkaanniemi et al. 2024); '' guides every step.",
+)
 FLAGS = flags.FLAGS
 
 
 def options_from_flags():
     from diffusion import evaluation
+    from diffusion.inference import parse_guidance_interval
 
     splits = tuple(s.strip() for s in FLAGS.splits.split(",") if s.strip())
     if not splits:
@@ -103,6 +116,10 @@ def options_from_flags():
         diversity_samples=FLAGS.diversity_samples,
         feature_autoencoder=FLAGS.feature_autoencoder,
         where=FLAGS.where,
+        eta=FLAGS.eta,
+        shift=FLAGS.shift,
+        guidance_rescale=FLAGS.guidance_rescale,
+        guidance_interval=parse_guidance_interval(FLAGS.guidance_interval),
     )
 
 

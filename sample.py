@@ -4,7 +4,7 @@ strip as grid.png.
 
 python sample.py --checkpoint=runs/shapes/dit --prompts=prompts.txt --output_dir=samples \
     [--sampler=euler --steps=20 --guidance_scale=3 --negative_prompt= --seed=0 \
-     --num_per_prompt=1 --batch_size=16 --eta=0 --shift= --guidance_rescale=0]
+     --num_per_prompt=1 --batch_size=16 --eta=0 --shift= --guidance_rescale=0 --guidance_interval=]
 python sample.py --checkpoint=runs/shapes_class --class_labels="3,red circle" --output_dir=...
 python sample.py --checkpoint=Wan2.1-T2V-1.3B-Diffusers --prompts=prompts.txt --output_dir=... \
     [--num_frames=81 --height=480 --width=832]
@@ -51,6 +51,12 @@ flags.DEFINE_integer("batch_size", None, "Images per program call (default 16)."
 flags.DEFINE_float("eta", 0.0, "DDIM / stochastic Euler noise (0: deterministic).")
 flags.DEFINE_float("shift", None, "Flow time shift of the sampling grid (default: training's).")
 flags.DEFINE_float("guidance_rescale", 0.0, "Guidance rescale phi (Lin et al. 2023).")
+flags.DEFINE_string(
+    "guidance_interval",
+    "",
+    "T_LO,T_HI: guidance only at times in [T_LO, T_HI] (flow: 1 is pure noise), the "
+    "conditional model elsewhere (Kynkaanniemi et al. 2024); '' guides every step.",
+)
 flags.DEFINE_float("fps", None, "Frames per second of written clips (default: 8; Wan: 16).")
 flags.DEFINE_integer("num_frames", None, "Wan: frames per clip, 1 + 4k (default 81).")
 flags.DEFINE_integer("height", None, "Wan: frame height, a multiple of 16 (default 480).")
@@ -153,7 +159,10 @@ def main(argv):
                 "away from the null class); leave it out."
             )
         settings = pipe.settings(
-            eta=FLAGS.eta, guidance_rescale=FLAGS.guidance_rescale, **sampler_options
+            eta=FLAGS.eta,
+            guidance_rescale=FLAGS.guidance_rescale,
+            guidance_interval=inference.parse_guidance_interval(FLAGS.guidance_interval),
+            **sampler_options,
         )
         result = inference.sample_to_directory(
             pipe,

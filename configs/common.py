@@ -83,3 +83,15 @@ def training_config() -> ml_collections.ConfigDict:
     c.ema_decay = 0.999  # EMA of parameters used for evaluation and sampling (0 disables it).
     c.nan_policy = "stop"  # On a non-finite loss or gradient: "stop" or "skip" the update.
     return c
+
+
+def add_sampler_options(section: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Adds sample.py's sampler options to a pipeline's `evaluate` or `samples` section: they
+    apply to every setting it samples, beside its sampler and steps."""
+    section.eta = 0.0  # DDIM / stochastic-Euler noise (euler_stochastic, ddim; 0: deterministic).
+    section.shift = placeholder(float)  # Flow time shift of the sampling grid (None: training's).
+    section.guidance_rescale = 0.0  # Guidance rescale phi (Lin et al. 2023).
+    # "T_LO,T_HI": guidance only at times in [T_LO, T_HI] (flow: 1 is pure noise), the
+    # conditional model elsewhere (Kynkaanniemi et al. 2024); "" guides every step.
+    section.guidance_interval = ""
+    return section

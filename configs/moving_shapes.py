@@ -70,6 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.evaluate.negative_color = ""  # images; the video evaluation has neither.
     config.evaluate.diversity_captions = 0
     config.evaluate.diversity_samples = 8
+    common.add_sampler_options(config.evaluate)
 
     config.samples = ml_collections.ConfigDict()  # Stage 4: the clip grid of the README.
     config.samples.prompts = (  # Seen and held-out (shape, motion) pairs (data/moving_shapes.py).
@@ -86,6 +87,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.samples.steps = 20  # Its steps.
     config.samples.guidance_scale = placeholder(float)  # None: the evaluation's best scale.
     config.samples.batch_size = 12  # Clips per sampling program.
+    common.add_sampler_options(config.samples)
 
     if arg == "runlocal":
         config.data.num_train_examples = 500

@@ -92,6 +92,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.evaluate.negative_color = "red"  # ... with this colour as the negative prompt.
     config.evaluate.diversity_captions = 8  # Captions per split sampled many times (0: none)...
     config.evaluate.diversity_samples = 8  # ... with this many seeds each, at the best setting.
+    common.add_sampler_options(config.evaluate)
 
     config.samples = ml_collections.ConfigDict()  # Stage 4: the prompt grid of the README.
     config.samples.prompts = (  # Seen and unseen (color, shape) pairs; see data/shapes.py.
@@ -115,6 +116,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.samples.steps = 20  # Its steps.
     config.samples.guidance_scale = placeholder(float)  # None: the evaluation's best scale.
     config.samples.batch_size = 48  # Images per sampling program.
+    common.add_sampler_options(config.samples)
 
     if arg == "long":
         config.dit.training.num_steps = 6400

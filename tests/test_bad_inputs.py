@@ -1056,6 +1056,12 @@ CASES = [
         ("p.txt:1: not UTF-8 text", "UTF-8 encoding"),
     ),
     cli(
+        "cli-evaluate-guidance-interval-one-number",
+        "evaluate.py",
+        lambda e, t: [f"--checkpoint={t}/run", f"--output_dir={t}/eval", "--guidance_interval=0.7"],
+        ("guidance interval '0.7' is not two numbers T_LO,T_HI", "e.g. 0.1,0.7"),
+    ),
+    cli(
         "cli-evaluate-config-malformed",  # fixed: was a JSONDecodeError traceback
         "evaluate.py",
         lambda e, t: [

@@ -83,6 +83,45 @@ def _leaves(tree, prefix=""):
             yield f"{prefix}{key}", value
 
 
+def test_sampler_options_of_a_pipeline_reach_its_evaluation_and_its_grid(tmp_path):
+    import dataclasses
+
+    from diffusion.errors import UserError
+    from diffusion.evaluation import evaluator
+    from diffusion.pipeline import stages
+
+    config = config_lib.load_config(
+        "configs/shapes.py",
+        [
+            ("evaluate.eta", "1"),
+            ("evaluate.guidance_interval", "0,0.7"),
+            ("samples.shift", "6"),
+        ],
+    )
+    options = stages.evaluation_options(config, data_dir=None)
+    assert options.sampler_options == {
+        "eta": 1.0,
+        "shift": None,
+        "guidance_rescale": 0.0,
+        "guidance_interval": (0.0, 0.7),
+    }
+    assert stages.sampler_options(config.samples) == {
+        "eta": 0.0,
+        "shift": 6.0,
+        "guidance_rescale": 0.0,
+    }
+    # A rerun evaluates again when the evaluation's options changed, not only its checkpoint.
+    metrics = tmp_path / "metrics.json"
+    record = {"checkpoint_step": 5, "options": evaluator.options_record(options)}
+    metrics.write_text(json.dumps(record))
+    assert stages._up_to_date(str(metrics), 5, options)
+    assert not stages._up_to_date(str(metrics), 6, options)
+    assert not stages._up_to_date(str(metrics), 5, dataclasses.replace(options, eta=0.5))
+    config.evaluate.guidance_interval = "0.7"
+    with pytest.raises(UserError, match="'0.7' is not two numbers T_LO,T_HI"):
+        stages.evaluation_options(config, data_dir=None)
+
+
 def test_a_stage_error_names_the_flags_the_pipeline_takes():
     message = (
         "Fix --config.model.width, --config.mesh.data or --config.data.data_dir (--config.seed)"

@@ -316,7 +316,13 @@ class _FakePipe:
 
 
 def test_settings_of_split_samples_every_setting_in_order_and_stops_when_asked():
-    options = types.SimpleNamespace(guidance_scales=(1.0, 4.0), batch_size=8, splits=("test",))
+    options = evaluation.EvaluationOptions(
+        guidance_scales=(1.0, 4.0),
+        batch_size=8,
+        splits=("test",),
+        shift=2.0,
+        guidance_interval=(0.1, 0.7),
+    )
     samplers = (("euler", 20), ("ddim", 50))
     progress = types.SimpleNamespace(n=0)
     progress.update = lambda k: setattr(progress, "n", progress.n + k)
@@ -337,6 +343,9 @@ def test_settings_of_split_samples_every_setting_in_order_and_stops_when_asked()
     ]
     assert seen[1][1] == ["a@euler:4", "b@euler:4"]
     assert all(call["seeds"] == [0, 1] and call["batch_size"] == 8 for call in pipe.calls)
+    # The sweep's sampler options reach every setting's sampling.
+    expected = {"eta": 0.0, "shift": 2.0, "guidance_rescale": 0.0, "guidance_interval": (0.1, 0.7)}
+    assert all({k: call.get(k) for k in expected} == expected for call in pipe.calls)
 
     setting = sweep.Setting("test", "euler", 20, 4.0)
     assert setting.place == ("euler:20", "4")

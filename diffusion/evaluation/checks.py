@@ -41,6 +41,7 @@ def diversity_check(pipe, examples, split: str, best: dict, options, seed: int, 
         steps=int(steps),
         guidance_scale=best["guidance_scale"],
         batch_size=options.batch_size,
+        **options.sampler_options,
     )
     samples = images.reshape(count, per_caption, *images.shape[1:])  # (C, K, S, S, 3)
     names_background = np.array([caption_names_background(c) for c in captions])
@@ -110,6 +111,7 @@ def negative_prompt_check(pipe, options, sampler_name: str, scale: float, output
             steps=int(steps),
             guidance_scale=scale,
             batch_size=options.batch_size,
+            **options.sampler_options,
         )
         reading = read_attributes(images)
         colors = np.bincount(reading.color, minlength=len(shapes_lib.COLOR_NAMES)) / count

@@ -73,7 +73,7 @@ def evaluate_class_dit_run(
     pipe = ClassToImage.from_run(checkpoint)
     classes = pipe.classes
     check_oracle_reads(classes)
-    samplers = sweep.checked_samplers(pipe, options.samplers)
+    samplers = sweep.checked_samplers(pipe, options)
     described = {"class_features": list(classes.features), "num_classes": classes.num_classes}
     metrics = sweep.metrics_head(pipe, samplers, options, model=described)
     galleries = []

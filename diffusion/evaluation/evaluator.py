@@ -67,6 +67,28 @@ class EvaluationOptions:
     diversity_samples: int = 8  # DiT: samples (seeds) of each of those captions
     feature_autoencoder: str | None = None  # DiT: autoencoder for the FD (None: a latent run's)
     where: str | None = None  # overrides the run's config.data.where ("": every record)
+    # Sampler options of every setting of the sweep and of its checks (sample.py's flags).
+    eta: float = 0.0  # DDIM / stochastic-Euler noise
+    shift: float | None = None  # flow time shift of the sampling grid (None: training's)
+    guidance_rescale: float = 0.0  # phi of Lin et al. 2023
+    guidance_interval: tuple[float, float] | None = None  # guidance only for t in it
+
+    @property
+    def sampler_options(self) -> dict:
+        """The keyword options a pipeline's `settings` and `generate` take besides the sampler
+        and its steps."""
+        return {
+            "eta": self.eta,
+            "shift": self.shift,
+            "guidance_rescale": self.guidance_rescale,
+            "guidance_interval": self.guidance_interval,
+        }
+
+
+def options_record(options: EvaluationOptions) -> dict:
+    """The options as metrics.json records them (JSON types, tuples as lists), so that a
+    pipeline's rerun evaluates again when they changed."""
+    return json.loads(json.dumps(dataclasses.asdict(options)))
 
 
 def parse_guidance_scales(text: str) -> tuple[float, ...]:
@@ -217,7 +239,7 @@ def evaluate_dit_run(
     pipe = TextToImage.from_run(checkpoint)
     if features is not None:
         features.check_resolution(pipe.image_size)
-    samplers = sweep.checked_samplers(pipe, options.samplers)
+    samplers = sweep.checked_samplers(pipe, options)
     clip_checkpoint = options.clip_checkpoint or config.text_encoder.checkpoint
     encoder = ClipEncoder.load(clip_checkpoint, options.batch_size)
     scored_by = {"clip_checkpoint": os.path.abspath(clip_checkpoint)}
@@ -383,7 +405,8 @@ def evaluate_checkpoint(
                latents: {mean, std (per channel), overall_mean, overall_std, scaling_factor,
                  shift_factor, posterior_std}, oracle_accuracy (of the reconstructions),
                real_oracle_accuracy} (`reconstruction.reconstruction_metrics`).
-    Fractions are in [0, 1]; "all" = shape, color, size and position all right.
+    Fractions are in [0, 1]; "all" = shape, color, size and position all right. Every
+    family's metrics.json also records the options it was measured with (`options_record`).
     stop: a DiT's sweep calls it before each setting; True ends the evaluation with
     EvaluationStopped and writes nothing (a pipeline's SIGTERM: the rerun evaluates again).
     """
@@ -447,7 +470,7 @@ def evaluate_checkpoint(
         dit_metrics, galleries = evaluate_dit_run(checkpoint, config, options, output_dir, stop)
         metrics.update(dit_metrics)
     with open(os.path.join(output_dir, "metrics.json"), "w", encoding="utf-8") as f:
-        json.dump(metrics, f, indent=2)
+        json.dump({**metrics, "options": options_record(options)}, f, indent=2)
     writer = metrics_lib.MetricWriter(output_dir, enabled=True)
     scalars = {
         k: v

@@ -30,12 +30,13 @@ class EvaluationStopped(Exception):
     written, the rerun evaluates again."""
 
 
-def checked_samplers(pipe, requested: tuple[tuple[str, int], ...]) -> tuple[tuple[str, int], ...]:
-    """The (sampler, steps) to sweep: those requested, else the objective's default. Each is
-    tried on the pipe here, so that a name unknown to this objective fails before any sampling."""
-    samplers = requested or (DEFAULT_SAMPLER[pipe.objective],)
+def checked_samplers(pipe, options) -> tuple[tuple[str, int], ...]:
+    """The (sampler, steps) to sweep: options.samplers, else the objective's default. Each is
+    tried on the pipe here with the sweep's sampler options, so that a name unknown to this
+    objective, or an option it does not take, fails before any sampling."""
+    samplers = options.samplers or (DEFAULT_SAMPLER[pipe.objective],)
     for name, steps in samplers:
-        pipe.settings(sampler=name, steps=steps)
+        pipe.settings(sampler=name, steps=steps, **options.sampler_options)
     return samplers
 
 
@@ -124,6 +125,7 @@ def settings_of_split(
                 steps=steps,
                 guidance_scale=scale,
                 batch_size=options.batch_size,
+                **options.sampler_options,
             )
             seconds = time.perf_counter() - start
             yield Setting(split, sampler, steps, scale), outputs, seconds

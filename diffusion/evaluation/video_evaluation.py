@@ -62,7 +62,7 @@ def evaluate_video_dit_run(
     temporal_consistency: {consistency, background_change}, seconds}}}, best: {...}}.
     """
     pipe = TextToImage.from_run(checkpoint)
-    samplers = sweep.checked_samplers(pipe, options.samplers)
+    samplers = sweep.checked_samplers(pipe, options)
     metrics = sweep.metrics_head(pipe, samplers, options, dimensions={"frames": pipe.frames})
     galleries = []
     progress = sweep.progress_bar(options, samplers)

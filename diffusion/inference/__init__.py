@@ -18,6 +18,7 @@ from diffusion.inference.settings import (
     check_sampler_name,
     check_steps,
     make_settings,
+    parse_guidance_interval,
 )
 from diffusion.inference.text2image import TextToImage
 
@@ -34,6 +35,7 @@ __all__ = [
     "class_label_items",
     "load_pipeline",
     "make_settings",
+    "parse_guidance_interval",
     "read_prompt_file",
     "sample_to_directory",
 ]

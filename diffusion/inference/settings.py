@@ -117,6 +117,24 @@ def check_seed(seed) -> int:
     return int(seed)
 
 
+def parse_guidance_interval(text: str | None) -> tuple[float, float] | None:
+    """A flag's guidance interval: "T_LO,T_HI" -> (t_lo, t_hi); "" or None -> None (guidance at
+    every step). Whether the two times lie in [0, 1] is `make_settings`' check."""
+    if not text or not text.strip():
+        return None
+    parts = [part.strip() for part in text.split(",")]
+    try:
+        interval = tuple(float(part) for part in parts)
+    except ValueError:
+        interval = ()
+    if len(interval) != 2 or not all(math.isfinite(v) for v in interval):
+        raise SamplingError(
+            f"guidance interval {text!r} is not two numbers T_LO,T_HI; give the flow times "
+            "between which guidance applies, e.g. 0.1,0.7 (1 is pure noise)"
+        )
+    return interval
+
+
 def make_settings(
     objective: str,
     *,

@@ -24,11 +24,30 @@ from diffusion.evaluation.checks import negative_check_scale
 from diffusion.evaluation.evaluator import (
     EvaluationOptions,
     evaluate_checkpoint,
+    options_record,
     parse_samplers,
 )
 from diffusion.evaluation.sweep import EvaluationStopped
 from diffusion.families import dit
-from diffusion.inference import GRID, PromptItem, TextToImage, sample_to_directory
+from diffusion.inference import (
+    GRID,
+    PromptItem,
+    TextToImage,
+    parse_guidance_interval,
+    sample_to_directory,
+)
+
+
+def sampler_options(section: ml_collections.ConfigDict) -> dict:
+    """The sampler options a stage's section (`config.evaluate`, `config.samples`) sets besides
+    its sampler and steps, as sample.py's flags: eta, shift, guidance_rescale, and
+    guidance_interval as "T_LO,T_HI" ("" guides every step)."""
+    options = {
+        name: section[name] for name in ("eta", "shift", "guidance_rescale") if name in section
+    }
+    if section.get("guidance_interval"):
+        options["guidance_interval"] = parse_guidance_interval(section.guidance_interval)
+    return options
 
 
 def evaluation_options(config: ml_collections.ConfigDict, data_dir: str | None):
@@ -45,18 +64,23 @@ def evaluation_options(config: ml_collections.ConfigDict, data_dir: str | None):
         diversity_captions=e.diversity_captions,
         diversity_samples=e.diversity_samples,
         data_dir=data_dir,
+        **sampler_options(e),
     )
 
 
-def _up_to_date(metrics_path: str, step: int | None) -> bool:
-    """Whether metrics.json exists and was computed from checkpoint `step`."""
+def _up_to_date(metrics_path: str, step: int | None, options: EvaluationOptions) -> bool:
+    """Whether metrics.json exists and was computed from checkpoint `step` with `options` (a
+    recipe whose evaluation section changed is evaluated again)."""
     if step is None or not os.path.isfile(metrics_path):
         return False
     try:
         with open(metrics_path, encoding="utf-8") as f:
-            return json.load(f).get("checkpoint_step") == step
+            metrics = json.load(f)
     except (OSError, ValueError):  # a torn file from a killed run: evaluate again
         return False
+    return metrics.get("checkpoint_step") == step and metrics.get("options") == options_record(
+        options
+    )
 
 
 LATENTS_DIR = "latents"  # WORKDIR/latents: the encode stage's data_dir
@@ -175,7 +199,7 @@ def run_evaluate_stage(
             raise UserError(f"stage evaluate needs the {run} run in {run_dir}; train it first.")
         output_dir = os.path.join(workdir, "eval", run)
         metrics_path = os.path.join(output_dir, "metrics.json")
-        if _up_to_date(metrics_path, rundir.latest_step(run_dir)):
+        if _up_to_date(metrics_path, rundir.latest_step(run_dir), options):
             print(f"   {run}: {metrics_path} is up to date", flush=True)
         else:
             if stop():
@@ -265,6 +289,7 @@ def run_samples_stage(
         steps=s.steps,
         batch_size=s.batch_size,
         stop=stop,
+        **sampler_options(s),
     )
     if made.get("stopped"):
         return None
