@@ -212,6 +212,7 @@ def test_dit_run(runs, tmp_path):
             "open_attributes",
             "seconds",
             "grid",
+            "diversity",
         }
         assert set(sample["accuracy"]) == accuracy_keys
         assert all(0.0 <= v <= 1.0 for v in sample["accuracy"].values())
@@ -229,6 +230,8 @@ def test_dit_run(runs, tmp_path):
         assert diversity["sampler"] == "euler:2" and diversity["guidance_scale"] == 2.0
         assert diversity["ratio"] >= 0 and 0 <= diversity["fraction_at_target"] <= 1
         assert diversity["ratio_min"] <= diversity["ratio"]
+        # Each setting holds its own diversity; the best's (here the only one) is the split's.
+        assert sample["diversity"] == diversity
         grids += [sample["grid"], diversity["samples_grid"], diversity["real_grid"]]
     negative = result["negative_prompt"]
     assert negative["prompt"] == "a large circle in the center"

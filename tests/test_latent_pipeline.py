@@ -44,7 +44,9 @@ def tiny_latent_pipeline(data_dir):
         )
         stage.optimizer.warmup_steps = 1
     config.encode.update(batch_size=16, examples_per_shard=64)
-    config.evaluate.update(num_samples=8, guidance_scales=(3.0,), batch_size=8)
+    config.evaluate.update(
+        num_samples=8, guidance_scales=(3.0,), batch_size=8, samplers="euler_stochastic:2"
+    )
     config.samples.update(num_per_prompt=1, steps=2, batch_size=8)
     return config
 

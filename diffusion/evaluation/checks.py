@@ -25,21 +25,24 @@ from diffusion.evaluation.fidelity import (
 from diffusion.evaluation.shapes_oracle import read_attributes
 
 
-def diversity_check(pipe, examples, split: str, best: dict, options, seed: int, output_dir: str):
+def diversity_check(
+    pipe, examples, split: str, setting: dict, options, seed: int, output_dir: str | None
+):
     """The first `diversity_captions` captions of a split, each sampled with
-    `diversity_samples` seeds at the split's best setting, against 2x as many real images of
-    each caption (`fidelity.reference_images`): `fidelity.caption_diversity`.
-    -> (metrics, galleries)."""
+    `diversity_samples` seeds at `setting` ({sampler, guidance_scale}), against 2x as many real
+    images of each caption (`fidelity.reference_images`): `fidelity.caption_diversity`.
+    -> (metrics, galleries); the grids of samples and real images go to output_dir (None:
+    metrics alone, no galleries)."""
     count = min(options.diversity_captions, len(examples.captions))
     per_caption = options.diversity_samples
     captions = examples.captions[:count]
-    sampler, steps = best["sampler"].split(":")
+    sampler, steps = setting["sampler"].split(":")
     images = pipe.generate(
         [c for c in captions for _ in range(per_caption)],
         seeds=list(range(count * per_caption)),
         sampler=sampler,
         steps=int(steps),
-        guidance_scale=best["guidance_scale"],
+        guidance_scale=setting["guidance_scale"],
         batch_size=options.batch_size,
         **options.sampler_options,
     )
@@ -58,9 +61,11 @@ def diversity_check(pipe, examples, split: str, best: dict, options, seed: int, 
             for i in range(count)
         ]
     )  # (C, 2K, S, S, 3)
-    result = {"sampler": best["sampler"], "guidance_scale": best["guidance_scale"]}
+    result = {"sampler": setting["sampler"], "guidance_scale": setting["guidance_scale"]}
     result |= caption_diversity(samples, references, names_background)
     galleries = []
+    if output_dir is None:
+        return result, galleries
     for name, grid in (("samples", samples), ("real", references[:, :per_caption])):
         path = f"grids/{split}_diversity_{name}.png"
         report.save_grid(

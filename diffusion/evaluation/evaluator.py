@@ -305,12 +305,28 @@ def evaluate_dit_run(
             )
         entry["best"] = sweep.best_setting(entry["samples"], _setting_score, drop="grid")
         if labels and options.diversity_captions > 0:
-            if stop is not None and stop():
-                raise sweep.EvaluationStopped(f"stopped before the diversity check of {split}")
-            entry["diversity"], extra = diversity_check(
-                pipe, examples, split, entry["best"], options, config.seed, output_dir
-            )
-            galleries.extend(extra)
+            # Every setting's diversity (guidance trades it for accuracy); the best's grids.
+            for sampler, by_scale in entry["samples"].items():
+                for scale, result in by_scale.items():
+                    if stop is not None and stop():
+                        raise sweep.EvaluationStopped(
+                            f"stopped before the diversity check of {split} {sampler} {scale}"
+                        )
+                    setting = {"sampler": sampler, "guidance_scale": float(scale)}
+                    best = entry["best"]
+                    is_best = (sampler, float(scale)) == (best["sampler"], best["guidance_scale"])
+                    result["diversity"], extra = diversity_check(
+                        pipe,
+                        examples,
+                        split,
+                        setting,
+                        options,
+                        config.seed,
+                        output_dir if is_best else None,
+                    )
+                    if is_best:
+                        entry["diversity"] = result["diversity"]
+                        galleries.extend(extra)
         metrics["splits"][split] = entry
     progress.close()
     if options.negative_color and all("accuracy" in s["best"] for s in metrics["splits"].values()):
@@ -388,7 +404,8 @@ def evaluate_checkpoint(
                diversity: {sampler, guidance_scale, num_captions, samples_per_caption, ratio,
                    ratio_min, fraction_at_target, real_ratio, background_total_variation,
                    background_total_variation_real, num_open_background_captions, samples_grid,
-                   real_grid} (`fidelity.caption_diversity`)},
+                   real_grid} (`fidelity.caption_diversity`) of the best setting; each
+                   setting's result in samples holds its own (grids: the best's alone)},
              feature_autoencoder (the autoencoder of autoencoder_frechet_distance, if any),
              negative_prompt: {prompt, negative_prompt, sampler, guidance_scale, num_samples,
                without_negative: {color_fraction, color_histogram}, with_negative: {...}}
@@ -469,8 +486,9 @@ def evaluate_checkpoint(
         metrics = {"family": family, "checkpoint": os.path.abspath(checkpoint)}
         dit_metrics, galleries = evaluate_dit_run(checkpoint, config, options, output_dir, stop)
         metrics.update(dit_metrics)
+    metrics["options"] = options_record(options)
     with open(os.path.join(output_dir, "metrics.json"), "w", encoding="utf-8") as f:
-        json.dump({**metrics, "options": options_record(options)}, f, indent=2)
+        json.dump(metrics, f, indent=2)
     writer = metrics_lib.MetricWriter(output_dir, enabled=True)
     scalars = {
         k: v
