@@ -143,6 +143,7 @@ def main(argv):
         }
         if "sampler" in sampler_options:
             inference.check_sampler_name(sampler_options["sampler"])
+        guidance_interval = inference.parse_guidance_interval(FLAGS.guidance_interval)
         if "steps" in sampler_options:
             inference.check_steps(sampler_options["steps"])
         if recipe is not None:
@@ -161,7 +162,7 @@ def main(argv):
         settings = pipe.settings(
             eta=FLAGS.eta,
             guidance_rescale=FLAGS.guidance_rescale,
-            guidance_interval=inference.parse_guidance_interval(FLAGS.guidance_interval),
+            guidance_interval=guidance_interval,
             **sampler_options,
         )
         result = inference.sample_to_directory(

@@ -306,6 +306,7 @@ def evaluate_dit_run(
         entry["best"] = sweep.best_setting(entry["samples"], _setting_score, drop="grid")
         if labels and options.diversity_captions > 0:
             # Every setting's diversity (guidance trades it for accuracy); the best's grids.
+            best = entry["best"]
             for sampler, by_scale in entry["samples"].items():
                 for scale, result in by_scale.items():
                     if stop is not None and stop():
@@ -313,7 +314,6 @@ def evaluate_dit_run(
                             f"stopped before the diversity check of {split} {sampler} {scale}"
                         )
                     setting = {"sampler": sampler, "guidance_scale": float(scale)}
-                    best = entry["best"]
                     is_best = (sampler, float(scale)) == (best["sampler"], best["guidance_scale"])
                     result["diversity"], extra = diversity_check(
                         pipe,
