@@ -117,6 +117,13 @@ def test_sampler_options_of_a_pipeline_reach_its_evaluation_and_its_grid(tmp_pat
     assert stages._up_to_date(str(metrics), 5, options)
     assert not stages._up_to_date(str(metrics), 6, options)
     assert not stages._up_to_date(str(metrics), 5, dataclasses.replace(options, eta=0.5))
+    # A CLIP run's metrics stay up to date when only what its evaluation does not read changed.
+    clip_record = {"family": "clip", "checkpoint_step": 5}
+    metrics.write_text(
+        json.dumps(clip_record | {"options": evaluator.options_record(options, "clip")})
+    )
+    assert stages._up_to_date(str(metrics), 5, dataclasses.replace(options, eta=0.5, shift=6.0))
+    assert not stages._up_to_date(str(metrics), 5, dataclasses.replace(options, num_samples=9))
     config.evaluate.guidance_interval = "0.7"
     with pytest.raises(UserError, match="'0.7' is not two numbers T_LO,T_HI"):
         stages.evaluation_options(config, data_dir=None)

@@ -85,10 +85,21 @@ class EvaluationOptions:
         }
 
 
-def options_record(options: EvaluationOptions) -> dict:
-    """The options as metrics.json records them (JSON types, tuples as lists), so that a
-    pipeline's rerun evaluates again when they changed."""
-    return json.loads(json.dumps(dataclasses.asdict(options)))
+# The options a CLIP and an autoencoder evaluation read; a DiT's reads them all. metrics.json
+# records only these, so that a pipeline whose DiT sampler changed keeps its CLIP metrics.
+_EXAMPLES_OPTIONS = ("num_samples", "splits", "batch_size", "data_dir", "where")
+OPTIONS_READ_BY_FAMILY = {
+    "clip": _EXAMPLES_OPTIONS,
+    "autoencoder": (*_EXAMPLES_OPTIONS, "grid_size", "resolution"),
+}
+
+
+def options_record(options: EvaluationOptions, family: str | None = None) -> dict:
+    """The options a `family` evaluation reads, as metrics.json records them (JSON types, tuples
+    as lists), so that a pipeline's rerun evaluates again when they changed."""
+    record = json.loads(json.dumps(dataclasses.asdict(options)))
+    read = OPTIONS_READ_BY_FAMILY.get(family)
+    return record if read is None else {name: record[name] for name in read}
 
 
 def parse_guidance_scales(text: str) -> tuple[float, ...]:
@@ -423,7 +434,7 @@ def evaluate_checkpoint(
                  shift_factor, posterior_std}, oracle_accuracy (of the reconstructions),
                real_oracle_accuracy} (`reconstruction.reconstruction_metrics`).
     Fractions are in [0, 1]; "all" = shape, color, size and position all right. Every
-    family's metrics.json also records the options it was measured with (`options_record`).
+    family's metrics.json also records the options its evaluation read (`options_record`).
     stop: a DiT's sweep calls it before each setting; True ends the evaluation with
     EvaluationStopped and writes nothing (a pipeline's SIGTERM: the rerun evaluates again).
     """
@@ -486,7 +497,7 @@ def evaluate_checkpoint(
         metrics = {"family": family, "checkpoint": os.path.abspath(checkpoint)}
         dit_metrics, galleries = evaluate_dit_run(checkpoint, config, options, output_dir, stop)
         metrics.update(dit_metrics)
-    metrics["options"] = options_record(options)
+    metrics["options"] = options_record(options, family)
     with open(os.path.join(output_dir, "metrics.json"), "w", encoding="utf-8") as f:
         json.dump(metrics, f, indent=2)
     writer = metrics_lib.MetricWriter(output_dir, enabled=True)

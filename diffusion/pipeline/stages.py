@@ -70,7 +70,8 @@ def evaluation_options(config: ml_collections.ConfigDict, data_dir: str | None):
 
 def _up_to_date(metrics_path: str, step: int | None, options: EvaluationOptions) -> bool:
     """Whether metrics.json exists and was computed from checkpoint `step` with `options` (a
-    recipe whose evaluation section changed is evaluated again)."""
+    recipe whose evaluation section changed is evaluated again, for the options its family
+    reads)."""
     if step is None or not os.path.isfile(metrics_path):
         return False
     try:
@@ -78,9 +79,8 @@ def _up_to_date(metrics_path: str, step: int | None, options: EvaluationOptions)
             metrics = json.load(f)
     except (OSError, ValueError):  # a torn file from a killed run: evaluate again
         return False
-    return metrics.get("checkpoint_step") == step and metrics.get("options") == options_record(
-        options
-    )
+    recorded = options_record(options, metrics.get("family"))
+    return metrics.get("checkpoint_step") == step and metrics.get("options") == recorded
 
 
 LATENTS_DIR = "latents"  # WORKDIR/latents: the encode stage's data_dir
