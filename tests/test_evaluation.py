@@ -103,6 +103,22 @@ def test_attribute_accuracy_counts_all_four():
     assert accuracy["color"] == 0.5 and accuracy["all"] == 0.5 and accuracy["shape"] == 1.0
 
 
+def test_misreads_count_each_label_read_as_another_value():
+    images, labels = _dataset_examples("test", 20, 32, seed=5)
+    reading = evaluation.read_attributes(images)
+    shifted = dict(labels, color=(labels["color"] + 1) % 8)
+    shifted["color"][10:] = labels["color"][10:]  # the first ten colors labelled one further on
+    found = evaluation.misreads(reading, shifted)
+    assert found["shape"] == {} and found["background"] == {}
+    names = evaluation.VOCABULARIES["color"]
+    expected = {}
+    for label, read in zip(shifted["color"][:10], labels["color"][:10], strict=True):
+        key = f"{names[label]} as {names[read]}"
+        expected[key] = expected.get(key, 0) + 1
+    assert found["color"] == expected
+    assert list(found["color"].values()) == sorted(expected.values(), reverse=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # Frechet distance
 # ---------------------------------------------------------------------------------------------

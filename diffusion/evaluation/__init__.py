@@ -29,6 +29,7 @@ from diffusion.evaluation.shapes_oracle import (
     VOCABULARIES,
     OracleReading,
     attribute_accuracy,
+    misreads,
     read_attributes,
 )
 
@@ -52,6 +53,7 @@ __all__ = [
     "label_class_prompts",
     "linear_probe_accuracy",
     "load_split_examples",
+    "misreads",
     "negative_check_scale",
     "parse_guidance_scales",
     "parse_samplers",

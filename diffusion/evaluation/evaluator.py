@@ -41,6 +41,7 @@ from diffusion.evaluation.shapes_oracle import (
     ATTRIBUTES,
     PROMPTED_ATTRIBUTES,
     attribute_accuracy,
+    misreads,
     read_attributes,
 )
 from diffusion.evaluation.video_evaluation import evaluate_video_dit_run
@@ -298,6 +299,7 @@ def evaluate_dit_run(
             reading = read_attributes(images) if labels else None
             if reading is not None:
                 result["accuracy"] = attribute_accuracy(reading, labels)
+                result["misreads"] = misreads(reading, labels)
                 result["open_attributes"] = open_attribute_metrics(
                     reading, real_reading, labels, captions
                 )
@@ -406,7 +408,8 @@ def evaluate_checkpoint(
              splits[split] = {num_samples,
                real: {clip_score, oracle_accuracy: {<attribute>..., all}},
                samples: {"<sampler>:<steps>": {"<scale>": {accuracy: {shape, color, size,
-                   position, background, all}, clip_score, frechet_distance, seconds, grid,
+                   position, background, all}, misreads (`shapes_oracle.misreads`),
+                   clip_score, frechet_distance, seconds, grid,
                    autoencoder_frechet_distance (with an autoencoder),
                    open_attributes: {background: {total_variation, num_captions},
                      position_spread_ratio, size_spread_ratio}}}},
@@ -506,7 +509,7 @@ def evaluate_checkpoint(
         for k, v in _flatten(
             metrics["splits"] | {"negative": metrics.get("negative_prompt", {})}
         ).items()
-        if not k.endswith("checkpoint_step")
+        if not k.endswith("checkpoint_step") and "misreads/" not in k  # counts, not curves
     }
     writer.write_scalars(metrics.get("checkpoint_step") or 0, scalars)
     writer.close()

@@ -34,6 +34,7 @@ from diffusion.evaluation.held_out import load_split_examples
 from diffusion.evaluation.shapes_oracle import (
     PROMPTED_ATTRIBUTES,
     attribute_accuracy,
+    misreads,
     read_attributes,
 )
 from diffusion.models.autoencoder import Autoencoder
@@ -160,8 +161,8 @@ def reconstruction_metrics(
 ) -> tuple[dict, Reconstructions]:
     """(metrics, reconstructions) of uint8 images (N, H, W, C): num_examples, psnr and ssim
     (means over images), psnr_min, latents (`LatentMoments.statistics`) and, with the shapes
-    labels, oracle_accuracy {attribute: fraction, all} of the reconstructions and
-    real_oracle_accuracy of the images themselves."""
+    labels, oracle_accuracy {attribute: fraction, all} of the reconstructions, their
+    oracle_misreads (`shapes_oracle.misreads`) and real_oracle_accuracy of the images themselves."""
     result = reconstruct(model, images, batch_size)
     metrics = {
         "num_examples": len(images),
@@ -172,7 +173,9 @@ def reconstruction_metrics(
         "latents": result.latents,
     }
     if labels:
-        metrics["oracle_accuracy"] = attribute_accuracy(read_attributes(result.images), labels)
+        reading = read_attributes(result.images)
+        metrics["oracle_accuracy"] = attribute_accuracy(reading, labels)
+        metrics["oracle_misreads"] = misreads(reading, labels)
         metrics["real_oracle_accuracy"] = attribute_accuracy(read_attributes(images), labels)
     return metrics, result
 

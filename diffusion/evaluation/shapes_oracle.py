@@ -251,3 +251,23 @@ def attribute_accuracy(reading: OracleReading, labels: dict[str, np.ndarray]) ->
     if all(a in correct for a in PROMPTED_ATTRIBUTES):
         result["all"] = float(np.mean(np.all([correct[a] for a in PROMPTED_ATTRIBUTES], axis=0)))
     return result
+
+
+def misreads(reading: OracleReading, labels: dict[str, np.ndarray]) -> dict[str, dict[str, int]]:
+    """Which values the oracle read instead of the label, per attribute in `labels`: {attribute:
+    {"<label> as <read>": count}}, most frequent first, misread pairs only. Says what an accuracy
+    below 1 is made of (e.g. small stars drawn with rounded points, read as circles)."""
+    result = {}
+    for attribute, expected in labels.items():
+        got = np.asarray(getattr(reading, attribute))
+        expected = np.asarray(expected)
+        wrong = got != expected
+        pairs, counts = np.unique(
+            np.stack([expected[wrong], got[wrong]], axis=1), axis=0, return_counts=True
+        )
+        names = VOCABULARIES[attribute]
+        result[attribute] = {
+            f"{names[int(a)]} as {names[int(b)]}": int(n)
+            for (a, b), n in sorted(zip(pairs, counts, strict=True), key=lambda item: -item[1])
+        }
+    return result
