@@ -206,6 +206,7 @@ def test_dit_run(runs, tmp_path):
         sample = entry["samples"]["euler:2"]["2"]
         assert set(sample) == {
             "accuracy",
+            "misreads",
             "clip_score",
             "frechet_distance",
             "autoencoder_frechet_distance",
@@ -216,6 +217,10 @@ def test_dit_run(runs, tmp_path):
         }
         assert set(sample["accuracy"]) == accuracy_keys
         assert all(0.0 <= v <= 1.0 for v in sample["accuracy"].values())
+        # Each misread sample is counted once, under its attribute: the accuracy's complement.
+        for attribute, counts in sample["misreads"].items():
+            wrong = round((1 - sample["accuracy"][attribute]) * entry["num_samples"])
+            assert sum(counts.values()) == wrong, attribute
         for key in ("frechet_distance", "autoencoder_frechet_distance"):
             assert np.isfinite(sample[key]) and sample[key] >= 0, key
         open_ = sample["open_attributes"]
