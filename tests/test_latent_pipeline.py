@@ -122,6 +122,11 @@ def test_the_latent_pipeline_trains_the_dit_on_encoded_latents_and_decodes_its_s
     _, dit_config = rundir.load_model_config(dit)
     assert (dit_config.in_channels, dit_config.patch_size) == (4, 2)
 
+    # The evaluate stage measures the autoencoder too: its reconstructions of the source images.
+    with open(os.path.join(workdir, "eval", "autoencoder", "metrics.json")) as f:
+        reconstructions = json.load(f)["splits"]["test"]
+    assert reconstructions["real_oracle_accuracy"]["all"] > 0.9
+    assert np.isfinite(reconstructions["psnr"]) and "shape" in reconstructions["oracle_misreads"]
     with open(os.path.join(workdir, "eval", "dit", "metrics.json")) as f:
         metrics = json.load(f)
     assert metrics["resolution"] == 16 and set(metrics["splits"]) == {"test", "test_unseen"}

@@ -152,6 +152,7 @@ def pipeline_summary(workdir: str, timings: dict[str, float]) -> str:
     lines.append(f"   {'total':9s} {sum(timings.values()):7.1f} s")
     places = (
         ("autoencoder", os.path.join(workdir, "autoencoder", rundir.PARAMS_DIR)),
+        ("autoencoder eval", os.path.join(workdir, "eval", "autoencoder", "metrics.json")),
         ("latents", os.path.join(workdir, stages.LATENTS_DIR)),
         ("prompt grid", os.path.join(workdir, "samples", "grid.png")),
         ("DiT report", os.path.join(workdir, "eval", "dit", "index.html")),

@@ -185,13 +185,14 @@ def generator_stage(config: ml_collections.ConfigDict) -> str:
 def run_evaluate_stage(
     config: ml_collections.ConfigDict, workdir: str, stop=lambda: False
 ) -> dict[str, Any]:
-    """evaluate.py on both runs: WORKDIR/eval/{clip,dit (or video_dit)}/{metrics.json,
-    index.html}. stop(): checked before each run and each setting of the DiT's sweep; True ends
-    the stage with the metrics finished so far (an unfinished evaluation writes none and is
-    redone on rerun)."""
+    """evaluate.py on every run: WORKDIR/eval/{autoencoder (a latent recipe's), clip, dit (or
+    video_dit)}/{metrics.json, index.html}. stop(): checked before each run and each setting of
+    the DiT's sweep; True ends the stage with the metrics finished so far (an unfinished
+    evaluation writes none and is redone on rerun)."""
     options = evaluation_options(config, config.data.data_dir)
     results = {}
-    for run in ("clip", generator_stage(config)):
+    runs = ("autoencoder",) if "autoencoder" in config.stages else ()
+    for run in (*runs, "clip", generator_stage(config)):
         if run == "dit" and "encode" in config.stages:  # its data is WORKDIR/latents, as run
             options = dataclasses.replace(options, data_dir=None)
         run_dir = os.path.join(workdir, run)
