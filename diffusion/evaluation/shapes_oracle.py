@@ -5,6 +5,7 @@ images with plain numpy, by fitting the dataset's own shape templates to a soft 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 
@@ -259,15 +260,8 @@ def misreads(reading: OracleReading, labels: dict[str, np.ndarray]) -> dict[str,
     below 1 is made of (e.g. small stars drawn with rounded points, read as circles)."""
     result = {}
     for attribute, expected in labels.items():
-        got = np.asarray(getattr(reading, attribute))
-        expected = np.asarray(expected)
-        wrong = got != expected
-        pairs, counts = np.unique(
-            np.stack([expected[wrong], got[wrong]], axis=1), axis=0, return_counts=True
-        )
         names = VOCABULARIES[attribute]
-        result[attribute] = {
-            f"{names[int(a)]} as {names[int(b)]}": int(n)
-            for (a, b), n in sorted(zip(pairs, counts, strict=True), key=lambda item: -item[1])
-        }
+        pairs = zip(np.asarray(expected), np.asarray(getattr(reading, attribute)), strict=True)
+        counts = collections.Counter(f"{names[a]} as {names[b]}" for a, b in pairs if a != b)
+        result[attribute] = dict(counts.most_common())
     return result
