@@ -27,7 +27,7 @@ from flax import nnx
 from diffusion import checkpoints, hf, models, optim, param_export
 from diffusion import data as data_lib
 from diffusion.data import moving_shapes
-from diffusion.data.latents import LatentEncoding
+from diffusion.data.latents import MEAN_KEY, LatentEncoding
 from diffusion.errors import UserError
 from diffusion.hf.files import DIFFUSERS, read_config
 from diffusion.models.autoencoder import Autoencoder, AutoencoderConfig
@@ -493,7 +493,7 @@ def builder_resolution(data_config) -> int | None:
 def run_frames(config) -> int:
     """Frames per clip of a run's dataset of clips (its input feature is (T, H, W, C)), 0 for a
     dataset of images: from a moving_shapes builder config ("32_8" -> 8), else the prepared
-    dataset."""
+    dataset (its latent clips (T, h, w, c) for an encode.py dataset)."""
     data_config = config.data
     if data_config.name == "moving_shapes" and data_config.builder_config:
         return moving_shapes.config_from_name(str(data_config.builder_config)).frames
@@ -504,7 +504,9 @@ def run_frames(config) -> int:
         if data_config.builder_config:
             name = f"{name}/{data_config.builder_config}"
         builder = tfds.builder(name, data_dir=data_config.data_dir)
-        shape = builder.info.features[data_config.image_key].shape
+        features = builder.info.features
+        key = MEAN_KEY if MEAN_KEY in features else data_config.image_key
+        shape = features[key].shape
     except Exception as error:  # noqa: BLE001 - any failure means "ask the user"
         raise UserError(
             f"cannot tell whether the run's dataset ({data_config.name}) holds clips or images "

@@ -163,7 +163,7 @@ class BatchDecoder:
         if self.config.latents is not None:
             stds = np.stack([np.asarray(r[STD_KEY]) for r in records])
             rng = np.random.default_rng([self.seed, LATENT_DRAWS, *(int(i) for i in indices)])
-            return self.config.latents.model_inputs(images, stds, rng)  # (b, h, w, c)
+            return self.config.latents.model_inputs(images, stds, rng)  # (b, [T,] h, w, c)
         if np.issubdtype(images.dtype, np.floating) and images.ndim == 4:
             return images.astype(np.float32)  # (b, h, w, c)
         if images.ndim not in (4, 5) or images.shape[-1] not in (1, 3):
@@ -198,11 +198,10 @@ class BatchDecoder:
 
 
 def input_key_of(feature: Any) -> str:
-    """'video' for a uint8 (T, H, W, C) clip feature, 'image' for anything else (images and the
-    latents of an encoded dataset), as the batches name the model input."""
-    shape = getattr(feature, "shape", ())
-    dtype = np.dtype(getattr(feature, "np_dtype", np.uint8))
-    return "video" if len(shape) == 4 and dtype == np.uint8 else "image"
+    """'video' for a (T, H, W, C) clip feature (uint8 clips, or the latent clips of an encoded
+    dataset), 'image' for an (H, W, C) one (images and their latents), as the batches name the
+    model input."""
+    return "video" if len(getattr(feature, "shape", ())) == 4 else "image"
 
 
 # ---------------------------------------------------------------------------------------------

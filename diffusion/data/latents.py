@@ -64,7 +64,7 @@ class LatentEncoding:
     autoencoder: str  # the autoencoder's directory (a run of ours or a diffusers AutoencoderKL)
     scaling_factor: float  # model input = (z - shift_factor) * scaling_factor
     shift_factor: float
-    latent_shape: tuple[int, int, int]  # (h, w, c)
+    latent_shape: tuple[int, ...]  # (h, w, c) of an image, (T, h, w, c) of a clip
     downsampling_factor: int  # image side / latent side
     # The image dataset encoded (its TFDS name, data_dir and image feature), record for record:
     # evaluation compares samples with its images.
@@ -81,12 +81,11 @@ class LatentEncoding:
 
     @classmethod
     def from_json(cls, values: Mapping[str, Any]) -> LatentEncoding:
-        h, w, c = values["latent_shape"]
         return cls(
             autoencoder=str(values["autoencoder"]),
             scaling_factor=float(values["scaling_factor"]),
             shift_factor=float(values["shift_factor"]),
-            latent_shape=(int(h), int(w), int(c)),
+            latent_shape=tuple(int(n) for n in values["latent_shape"]),
             downsampling_factor=int(values["downsampling_factor"]),
             source=values.get("source"),
             source_data_dir=values.get("source_data_dir"),
@@ -97,6 +96,11 @@ class LatentEncoding:
             text_words=bool(values.get("text_words", False)),
             text_vocabulary=values.get("text_vocabulary"),
         )
+
+    @property
+    def frames(self) -> int:
+        """Frames per clip of a dataset of latent clips; 0 for one of latent images."""
+        return self.latent_shape[0] if len(self.latent_shape) == 4 else 0
 
     @property
     def text_keys(self) -> tuple[str, ...]:
@@ -110,7 +114,7 @@ class LatentEncoding:
         return (latents - self.shift_factor) * self.scaling_factor
 
     def model_inputs(self, means: np.ndarray, stds: np.ndarray, rng: np.random.Generator):
-        """A draw from each posterior, normalised: (B, h, w, c) float32."""
+        """A draw from each posterior, normalised: (B, [T,] h, w, c) float32."""
         eps = rng.standard_normal(means.shape, dtype=np.float32)
         return self.normalise(means + stds * eps).astype(np.float32)
 

@@ -1,5 +1,7 @@
 """encode.py's job: every image of a TFDS dataset through a frozen autoencoder's encoder, into a
 latent TFDS dataset that the same input pipeline reads (`diffusion.encoding.latent_dataset`).
+A dataset of clips (T, H, W, C) is encoded frame by frame into latent clips (T, h, w, c), the
+latents of a video DiT on a per-frame autoencoder.
 
 The work is a fixed list of shards (split, examples [start, stop)). Process p of P encodes the
 shards whose position in the list is p modulo P, each in batches spread over its local devices
@@ -42,7 +44,7 @@ class EncodeOptions:
     output_dir: str
     name: str | None = None  # dataset name; default "<source name>_latents"
     splits: tuple[str, ...] | None = None  # default: every split of the source
-    batch_size: int = 64  # images per call in each process (rounded up to its devices)
+    batch_size: int = 64  # images (or clips) per call in each process (rounded up to its devices)
     examples_per_shard: int = 4096  # examples per output file: the unit of resumption
     # A CLIP run (or Hugging Face CLIP directory) whose text tower's features of each caption
     # are stored too (`text_features`); None: latents only.
@@ -73,7 +75,8 @@ def encode_dataset(
     splits = options.splits or tuple(builder.info.splits.keys())
     readers = {split: _reader(builder, source, split) for split in splits}
     f = autoencoder_config.downsampling_factor
-    latent_shape = (image_shape[0] // f, image_shape[1] // f, autoencoder_config.latent_channels)
+    *frames, height, width, _ = image_shape
+    latent_shape = (*frames, height // f, width // f, autoencoder_config.latent_channels)
     name = options.name or f"{sources.dataset_name(source.name)}_latents"
     text = None
     output_features = latent_features(features, source.image_key, latent_shape)
@@ -144,20 +147,22 @@ def encode_dataset(
 
 def check_images(
     features: Mapping[str, Any], image_key: str, config: AutoencoderConfig, dataset: str
-) -> tuple[int, int, int]:
-    """The dataset's (H, W, C), refused unless the autoencoder can encode it."""
+) -> tuple[int, ...]:
+    """The dataset's images (H, W, C) or clips (T, H, W, C), refused unless the autoencoder can
+    encode them (a clip frame by frame)."""
     if image_key not in features:
         raise UserError(
             f"config.data.image_key={image_key!r} is not a feature of {dataset!r}; features: "
             f"{sorted(features)}"
         )
     shape = tuple(features[image_key].shape)
-    if len(shape) != 3 or None in shape:
+    if len(shape) not in (3, 4) or None in shape:
         raise UserError(
-            f"{dataset!r} feature {image_key!r} has shape {shape}; encoding needs images of one "
-            "fixed size (H, W, C): resize the dataset when preparing it."
+            f"{dataset!r} feature {image_key!r} has shape {shape}; encoding needs images "
+            "(H, W, C) or clips (T, H, W, C) of one fixed size: resize the dataset when "
+            "preparing it."
         )
-    height, width, channels = shape
+    height, width, channels = shape[-3:]
     if channels != config.in_channels:
         raise UserError(
             f"{dataset!r} has {channels}-channel images but the autoencoder encodes "
@@ -170,7 +175,7 @@ def check_images(
             f"{dataset!r} images are {height}x{width}, not a multiple of the autoencoder's "
             f"downsampling factor {f}; prepare the dataset at a size divisible by {f}."
         )
-    return height, width, channels
+    return shape
 
 
 def check_captions(features: Mapping[str, Any], source: sources.SourceConfig) -> None:
@@ -191,12 +196,15 @@ def _reader(builder, source: sources.SourceConfig, split: str) -> sources.Record
 
 
 class BatchEncoder:
-    """The encoder's posterior of uint8 image batches, spread over this process's devices."""
+    """The encoder's posterior of uint8 batches of images, or of clips frame by frame, spread
+    over this process's devices."""
 
     def __init__(self, model: Autoencoder, batch_size: int):
-        def posterior(model, images):  # (B, H, W, C) uint8
-            mean, logvar = model.encode(images.astype(jnp.float32) / 127.5 - 1.0)
-            return mean, jnp.exp(0.5 * logvar)  # (B, h, w, c) each
+        def posterior(model, images):  # (B, [T,] H, W, C) uint8
+            frames = images.reshape((-1,) + images.shape[-3:])
+            mean, logvar = model.encode(frames.astype(jnp.float32) / 127.5 - 1.0)
+            as_input = lambda x: x.reshape(images.shape[:-3] + x.shape[1:])
+            return as_input(mean), as_input(jnp.exp(0.5 * logvar))  # (B, [T,] h, w, c) each
 
         self.program = LocalReplicas(model, posterior, 1, batch_size)
         self.batch_size = self.program.batch_size

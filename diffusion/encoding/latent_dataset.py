@@ -52,9 +52,10 @@ ARRAY_RECORD_OPTIONS = "group_size:1"
 
 
 def latent_features(
-    source_features: Mapping[str, Any], image_key: str, latent_shape: tuple[int, int, int]
+    source_features: Mapping[str, Any], image_key: str, latent_shape: tuple[int, ...]
 ) -> tfds.features.FeaturesDict:
-    """The source's features with the image replaced by the posterior's mean and std."""
+    """The source's features with the image (or clip) replaced by the posterior's mean and std,
+    each of `latent_shape` ((h, w, c), or (T, h, w, c) for a clip)."""
     latent = lambda: tfds.features.Tensor(
         shape=latent_shape, dtype=np.float32, encoding=tfds.features.Encoding.BYTES
     )

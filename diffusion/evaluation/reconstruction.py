@@ -6,7 +6,8 @@
   posterior mean (no sampling), both in [0, 1] (dm-pix, 11x11 Gaussian window of sigma 1.5 for
   SSIM), averaged over images;
 - the shapes oracle on the reconstructions (given the labels): the attributes a latent diffusion
-  model trained on these latents could at best get right;
+  model trained on these latents could at best get right; of clips (a per-frame autoencoder's),
+  the moving-shapes oracle, motion included, on the reconstructed clips;
 - the statistics of the latents z ~ q(z | x) over the images (the aggregate posterior, exactly,
   from the posterior means and variances: no sampling): per-channel mean and standard deviation,
   and the `scaling_factor` 1 / std over all channels that LDM multiplies latents by so that a
@@ -29,7 +30,7 @@ from flax import nnx
 from diffusion import rundir
 from diffusion.data import shapes as shapes_lib
 from diffusion.errors import UserError
-from diffusion.evaluation import report
+from diffusion.evaluation import report, video_oracle
 from diffusion.evaluation.held_out import load_split_examples
 from diffusion.evaluation.shapes_oracle import (
     PROMPTED_ATTRIBUTES,
@@ -162,8 +163,16 @@ def reconstruction_metrics(
     """(metrics, reconstructions) of uint8 images (N, H, W, C): num_examples, psnr and ssim
     (means over images), psnr_min, latents (`LatentMoments.statistics`) and, with the shapes
     labels, oracle_accuracy {attribute: fraction, all} of the reconstructions, their
-    oracle_misreads (`shapes_oracle.misreads`) and real_oracle_accuracy of the images themselves."""
-    result = reconstruct(model, images, batch_size)
+    oracle_misreads (`shapes_oracle.misreads`) and real_oracle_accuracy of the images themselves.
+
+    Clips (N, T, H, W, C) are reconstructed frame by frame (the reconstructions come back as
+    clips, PSNR and SSIM are means over frames) and read with the moving-shapes oracle given
+    its labels (`video_oracle.ATTRIBUTES`); num_examples counts clips."""
+    frames = images.shape[1] if images.ndim == 5 else 0
+    result = reconstruct(model, images.reshape((-1,) + images.shape[-3:]), batch_size)
+    if frames:
+        clips = result.images.reshape(images.shape)
+        result = dataclasses.replace(result, images=clips)
     metrics = {
         "num_examples": len(images),
         "psnr": float(np.mean(result.psnr)),
@@ -172,7 +181,12 @@ def reconstruction_metrics(
         "latent_shape": list(result.latent_shape),
         "latents": result.latents,
     }
-    if labels:
+    if labels and frames:
+        reading = video_oracle.read_clips(result.images)
+        metrics["oracle_accuracy"] = video_oracle.video_accuracy(reading, labels)
+        real = video_oracle.read_clips(images)
+        metrics["real_oracle_accuracy"] = video_oracle.video_accuracy(real, labels)
+    elif labels:
         reading = read_attributes(result.images)
         metrics["oracle_accuracy"] = attribute_accuracy(reading, labels)
         metrics["oracle_misreads"] = misreads(reading, labels)
@@ -240,21 +254,54 @@ def autoencoder_data(checkpoint: str, run_config, model_config, options):
     return data, int(run_config.seed)
 
 
-def _pairs_grid(images, reconstructions, reading, labels, path: str, columns: int = 8) -> str:
+def _pairs_grid(images, reconstructions, right, path: str, columns: int = 8) -> str:
     """Rows of `columns` images, each followed by the row of their reconstructions, framed green
-    where the oracle reads all four prompted attributes of the reconstruction right."""
+    where `right[i]` (the oracle read reconstruction i right; None: no oracle ran)."""
     tiles, frames = [], []
     for start in range(0, len(images), columns):
         stop = min(start + columns, len(images))
         tiles += [*images[start:stop], *reconstructions[start:stop]]
         frames += [report.NEUTRAL] * (stop - start)
         for i in range(start, stop):
-            if reading is None:
+            if right is None:
                 frames.append(report.NEUTRAL)
             else:
-                right = all(getattr(reading, a)[i] == labels[a][i] for a in PROMPTED_ATTRIBUTES)
-                frames.append(report.GOOD if right else report.BAD)
+                frames.append(report.GOOD if right[i] else report.BAD)
     return report.save_grid(np.stack(tiles), path, columns=columns, frame_colors=frames)
+
+
+def _clip_pairs_grid(clips, reconstructions, right, path: str) -> str:
+    """Each clip's frames in a row, followed by the row of its reconstruction's frames, framed
+    green where `right[i]` (the oracle read reconstructed clip i right; None: no oracle ran)."""
+    frames_per_clip = clips.shape[1]
+    tiles, colors = [], []
+    for i, (clip, reconstruction) in enumerate(zip(clips, reconstructions, strict=True)):
+        tiles += [*clip, *reconstruction]
+        verdict = report.NEUTRAL if right is None else (report.GOOD if right[i] else report.BAD)
+        colors += [report.NEUTRAL] * frames_per_clip + [verdict] * frames_per_clip
+    return report.save_grid(np.stack(tiles), path, columns=frames_per_clip, frame_colors=colors)
+
+
+def _read_right(reconstructions: np.ndarray, labels) -> np.ndarray | None:
+    """(N,) bool: the oracle reads every prompted attribute of each reconstruction as labelled
+    (every attribute in every frame, for clips); None without labels."""
+    if not labels:
+        return None
+    if reconstructions.ndim == 5:
+        reading = video_oracle.read_clips(reconstructions)
+        labels = {a: video_oracle.label_indices(a, v) for a, v in labels.items()}
+        every_frame = [
+            np.all(getattr(reading, f"frame_{a}") == labels[a][:, None], axis=1)
+            for a in video_oracle.FRAME_ATTRIBUTES
+        ]
+        per_clip = [
+            getattr(reading, a) == labels[a]
+            for a in video_oracle.ATTRIBUTES
+            if a not in video_oracle.FRAME_ATTRIBUTES
+        ]
+        return np.all(every_frame + per_clip, axis=0)
+    reading = read_attributes(reconstructions)
+    return np.all([getattr(reading, a) == labels[a] for a in PROMPTED_ATTRIBUTES], axis=0)
 
 
 def evaluate_autoencoder_run(checkpoint: str, run_config, options, output_dir: str):
@@ -284,7 +331,7 @@ def evaluate_autoencoder_run(checkpoint: str, run_config, options, output_dir: s
     galleries = []
     for split in options.splits:
         examples = load_split_examples(data, seed, split, options.num_samples)
-        size = examples.images.shape[1]
+        size = examples.images.shape[-3]  # images (N, H, W, C) or clips (N, T, H, W, C)
         if size % model_config.downsampling_factor:
             raise UserError(
                 f"{size}x{size} images of {data.name!r} cannot be encoded by this autoencoder, "
@@ -296,15 +343,11 @@ def evaluate_autoencoder_run(checkpoint: str, run_config, options, output_dir: s
             model, examples.images, options.batch_size, examples.labels or None
         )
         count = min(options.grid_size, len(examples.images))
-        reading = read_attributes(result.images[:count]) if examples.labels else None
+        labels = {a: v[:count] for a, v in (examples.labels or {}).items()}
+        right = _read_right(result.images[:count], labels)
         name = f"grids/{split}_reconstructions.png"
-        _pairs_grid(
-            examples.images[:count],
-            result.images[:count],
-            reading,
-            examples.labels,
-            os.path.join(output_dir, name),
-        )
+        draw = _clip_pairs_grid if examples.images.ndim == 5 else _pairs_grid
+        draw(examples.images[:count], result.images[:count], right, os.path.join(output_dir, name))
         entry["grid"] = name
         metrics["splits"][split] = entry
         galleries.append({"title": f"{split}: images and reconstructions", "image": name})

@@ -2,8 +2,9 @@
 (a reconstruction term + kl_weight x KL(q(z|x) || N(0, I)), Rombach et al. 2022, sec. 3 and
 appendix G, without its perceptual and adversarial terms), and the batch its train step reads.
 
-It reads images only: `input_options` says so, and train.py then prepares no tokenizer and reads
-no captions for it.
+It reads images, or the frames of clips (a clip's T frames are T images: the per-frame
+autoencoder of a latent video DiT). `input_options` says it reads no text, and train.py then
+prepares no tokenizer and reads no captions for it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from diffusion.families.base import (
 from diffusion.models.autoencoder import Autoencoder, AutoencoderConfig, autoencoder_config
 
 NAME = "autoencoder"
-TAKES_CLIPS = False  # images (or their latents) only
+TAKES_CLIPS = True  # each frame of a clip as an image
 RECONSTRUCTION_LOSSES = ("l1", "l2")
 # AutoencoderConfig fields a recipe's config.model may set (None keeps the variant's); the image
 # size and channels come from the data.
@@ -45,6 +46,14 @@ MODEL_FIELDS = (
 # ---------------------------------------------------------------------------------------------
 # The loss
 # ---------------------------------------------------------------------------------------------
+
+
+def images_of(batch) -> jax.Array:
+    """The batch's images (B, H, W, C); a batch of clips (B, T, H, W, C) as its B*T frames."""
+    if "video" in batch:
+        clips = batch["video"]
+        return clips.reshape((-1,) + clips.shape[2:])
+    return batch["image"]
 
 
 def kl_divergence(mean: jax.Array, logvar: jax.Array) -> jax.Array:
@@ -78,7 +87,7 @@ def autoencoder_loss(
     image, summed over latent elements, LDM's kl_loss); the train step adds the total as loss.
     """
     del frozen
-    images = batch["image"]  # (B, H, W, C) in [-1, 1]
+    images = images_of(batch)  # (B, H, W, C) in [-1, 1]
     mean, logvar = model.encode(images)  # (B, h, w, latent) each, float32
     noise = jax.random.normal(key, mean.shape, mean.dtype)
     latents = mean + jnp.exp(0.5 * logvar) * noise  # (B, h, w, latent)
@@ -158,10 +167,13 @@ def abstract_batch(config, mesh: Mesh, build_: ModelBuild, data: DataFacts) -> d
     rows = sharding.batch_sharding(mesh)
     batch = int(config.training.global_batch_size)
     size, channels = data.image_size, build_.model_config.in_channels
+    if data.frames:
+        shape = (batch, data.frames, size, size, channels)
+        return {"video": abstract_array(shape, jnp.float32, rows)}
     return {"image": abstract_array((batch, size, size, channels), jnp.float32, rows)}
 
 
 def input_options(config) -> dict:
-    """Images only: the input pipeline reads no captions and train.py prepares no tokenizer."""
+    """Pixels only: the input pipeline reads no captions and train.py prepares no tokenizer."""
     del config
     return {"captions": False}

@@ -166,7 +166,10 @@ def load_dit_run(
     else:
         side = rundir.run_resolution(config) if resolution is None else resolution
         _check_resolution(side, patch_side)
-    frames = rundir.run_frames(config) if family == "video_dit" else 0
+    frames = 0  # a video DiT's clip length: its latent dataset's, else its dataset's
+    if family == "video_dit":
+        encoding = latent_decoder.encoding if latent_decoder is not None else None
+        frames = encoding.frames if encoding is not None else rundir.run_frames(config)
     condition = load_condition(location.run_dir, config) if load_condition else None
     mesh = mesh if mesh is not None else default_mesh()
     exported = os.path.join(location.run_dir, rundir.PARAMS_DIR)
@@ -212,7 +215,7 @@ def _patch_side(patch_size) -> int:
 def _latent_side(encoding: LatentEncoding, resolution, patch_size: int) -> int:
     """The latent side of images of side `resolution` (None: the training data's)."""
     if resolution is None:
-        return encoding.latent_shape[0]
+        return encoding.latent_shape[-3]  # (h, w, c) or (T, h, w, c)
     factor = encoding.downsampling_factor
     _check_resolution(resolution, factor * patch_size)
     return resolution // factor

@@ -170,8 +170,10 @@ def _sample_micro_batch(dit_state, text_state, decoder_state, inputs, spec: Prog
     images = jax.vmap(one_sample)(keys, cond, uncond, inputs["scales"])  # (micro, [T,] H, W, C)
     if spec.decoder_graphdef is not None:
         autoencoder = layers.merge_here(spec.decoder_graphdef, decoder_state)
-        latents = images / spec.latent_scale + spec.latent_shift  # (micro, h, w, c)
-        images = autoencoder.decode(latents).astype(jnp.float32)  # (micro, H, W, 3)
+        latents = images / spec.latent_scale + spec.latent_shift  # (micro, [T,] h, w, c)
+        frames = latents.reshape((-1,) + latents.shape[-3:])  # a clip frame by frame
+        decoded = autoencoder.decode(frames).astype(jnp.float32)  # (micro [* T], H, W, 3)
+        images = decoded.reshape(latents.shape[:-3] + decoded.shape[1:])
     return to_uint8(images)
 
 

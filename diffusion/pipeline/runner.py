@@ -116,7 +116,7 @@ def _run_stage(config, workdir: str, stage: str, preemption: PreemptionGuard):
         stage_config = config[stage]
         if stage in TEXT_CONDITIONED_STAGES:  # the encode stage's text features name it too
             stage_config.text_encoder.checkpoint = stages.text_encoder_of(config, workdir, stage)
-        if stage == "dit" and "encode" in config.stages:  # the DiT trains on the latents
+        if stage in TEXT_CONDITIONED_STAGES and "encode" in config.stages:  # on the latents
             stage_config.data = stages.latent_data_config(config, workdir)
         try:
             return train(

@@ -87,7 +87,8 @@ LATENTS_DIR = "latents"  # WORKDIR/latents: the encode stage's data_dir
 
 
 def latent_data_config(config: ml_collections.ConfigDict, workdir: str):
-    """The data section of a DiT that trains on the encode stage's latents of config.data."""
+    """The data section of a DiT (or video DiT) that trains on the encode stage's latents of
+    config.data."""
     data = config.data.copy_and_resolve_references()
     data.name = latent_dataset_name(config)
     data.data_dir = os.path.join(workdir, LATENTS_DIR)
@@ -193,7 +194,7 @@ def run_evaluate_stage(
     results = {}
     runs = ("autoencoder",) if "autoencoder" in config.stages else ()
     for run in (*runs, "clip", generator_stage(config)):
-        if run == "dit" and "encode" in config.stages:  # its data is WORKDIR/latents, as run
+        if run == generator_stage(config) and "encode" in config.stages:  # its data: latents
             options = dataclasses.replace(options, data_dir=None)
         run_dir = os.path.join(workdir, run)
         if not os.path.isdir(run_dir):
