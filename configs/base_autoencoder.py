@@ -44,6 +44,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # pixels, as in LDM (1e-6 for its f=4/8 KL models): latents stay near N(0, I) in scale without
     # blurring the reconstructions.
     config.loss.kl_weight = 1e-6
+    # On a dataset of clips: the frames of each clip a step trains on, drawn at random (0: all).
+    config.loss.frames_per_clip = 0
 
     # Small batches, many updates: at the same images seen, batch 8 reaches 26.6 dB where batch 32
     # reaches 24.6 (a step's cost is linear in the batch on this CPU).

@@ -400,3 +400,23 @@ def test_evaluate_a_diffusers_directory_reads_shapes_at_its_sample_size(tmp_path
         reconstruction.autoencoder_data(
             "vae", None, autoencoder_config("tiny", sample_size=512), options
         )
+
+
+def test_clips_train_the_autoencoder_on_all_their_frames_or_k_distinct_random_ones():
+    # Clip c, frame t holds the value 10 c + t everywhere: the frames drawn are readable.
+    clips = jnp.asarray(10 * np.arange(4)[:, None] + np.arange(6)[None], jnp.float32)
+    clips = jnp.broadcast_to(clips[:, :, None, None, None], (4, 6, 2, 2, 3))
+    key = jax.random.key(0)
+    every, left = family.images_of({"video": clips}, key)
+    assert every.shape == (24, 2, 2, 3) and left is key  # all frames, the key untouched
+    np.testing.assert_array_equal(every[:, 0, 0, 0], np.asarray(clips[:, :, 0, 0, 0]).ravel())
+    drawn, left = family.images_of({"video": clips}, key, frames_per_clip=3)
+    assert drawn.shape == (12, 2, 2, 3) and left is not key
+    values = np.asarray(drawn[:, 0, 0, 0]).reshape(4, 3)
+    for c, row in enumerate(values):
+        assert set(row // 10) == {c} and len(set(row % 10)) == 3  # 3 distinct frames of clip c
+    first_clip = lambda seed: family.images_of({"video": clips}, jax.random.key(seed), 3)[0][:3]
+    draws = {tuple(np.asarray(first_clip(seed)[:, 0, 0, 0])) for seed in range(8)}
+    assert len(draws) > 1  # the key decides which frames
+    images = jnp.zeros((5, 2, 2, 3))
+    assert family.images_of({"image": images}, key, frames_per_clip=3)[0] is images

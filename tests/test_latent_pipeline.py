@@ -164,7 +164,7 @@ def tiny_video_latent_pipeline(data_dir):
     config = config_lib.load_config(os.path.join(REPO, "configs", "moving_shapes_latent.py"))
     config.data.update(data_dir=data_dir, num_train_examples=16, num_eval_examples=8)
     config.tokenizer.vocab_size = 300
-    config.autoencoder.model.update(block_out_channels=(8, 8, 16), norm_num_groups=4)
+    config.autoencoder.model.update(block_out_channels=(8, 16), norm_num_groups=4)
     config.clip.model.update(vision_depth=1, text_depth=1, text_width=64)
     config.video_dit.model.update(depth=1, width=64, num_heads=2, ffn_dim=128)
     for stage in (config.autoencoder, config.clip, config.video_dit):
@@ -193,7 +193,7 @@ def test_the_video_latent_pipeline_encodes_clips_frame_by_frame_and_decodes_samp
     latents_dir = os.path.join(workdir, "latents", "moving_shapes_latents", "1.0.0")
     with open(os.path.join(latents_dir, "encoding.json")) as f:
         encoding = json.load(f)
-    assert encoding["image_shape"] == [8, 32, 32, 3] and encoding["latent_shape"] == [8, 8, 8, 4]
+    assert encoding["image_shape"] == [8, 32, 32, 3] and encoding["latent_shape"] == [8, 16, 16, 4]
 
     # A stored posterior is the autoencoder's of each frame, encoded as an image on its own.
     autoencoder, _ = rundir.load_autoencoder(os.path.join(workdir, "autoencoder"))
@@ -209,7 +209,7 @@ def test_the_video_latent_pipeline_encodes_clips_frame_by_frame_and_decodes_samp
     assert rundir.load_run_config(run).data.name == "moving_shapes_latents"
     assert rundir.load_latents(run).autoencoder == encoding["autoencoder"]
     _, model_config = rundir.load_model_config(run)
-    assert (model_config.in_channels, model_config.patch_size) == (4, (2, 2, 2))
+    assert (model_config.in_channels, model_config.patch_size) == (4, (2, 4, 4))
 
     with open(os.path.join(workdir, "eval", "autoencoder", "metrics.json")) as f:
         reconstructions = json.load(f)["splits"]["test"]

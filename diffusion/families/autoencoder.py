@@ -48,12 +48,21 @@ MODEL_FIELDS = (
 # ---------------------------------------------------------------------------------------------
 
 
-def images_of(batch) -> jax.Array:
-    """The batch's images (B, H, W, C); a batch of clips (B, T, H, W, C) as its B*T frames."""
-    if "video" in batch:
-        clips = batch["video"]
-        return clips.reshape((-1,) + clips.shape[2:])
-    return batch["image"]
+def images_of(batch, key: jax.Array, frames_per_clip: int = 0) -> tuple[jax.Array, jax.Array]:
+    """(the batch's images (B, H, W, C), the key left for the loss). A batch of clips
+    (B, T, H, W, C) gives its B*T frames, or `frames_per_clip` frames of each clip drawn without
+    replacement with a key split from `key` (the frames of one clip are nearly alike, so a step
+    of few frames from many clips sees more scenes for its cost)."""
+    if "video" not in batch:
+        return batch["image"], key
+    clips = batch["video"]
+    count, frames = clips.shape[:2]
+    if 0 < frames_per_clip < frames:
+        frames_key, key = jax.random.split(key)
+        keys = jax.random.split(frames_key, count)
+        chosen = jax.vmap(lambda k: jax.random.permutation(k, frames)[:frames_per_clip])(keys)
+        clips = jnp.take_along_axis(clips, chosen[:, :, None, None, None], axis=1)
+    return clips.reshape((-1,) + clips.shape[2:]), key
 
 
 def kl_divergence(mean: jax.Array, logvar: jax.Array) -> jax.Array:
@@ -71,8 +80,10 @@ def autoencoder_loss(
     *,
     reconstruction: str = "l1",
     kl_weight: float = 1e-6,
+    frames_per_clip: int = 0,
 ):
-    """The KL autoencoder's loss on a batch of images in [-1, 1].
+    """The KL autoencoder's loss on a batch of images in [-1, 1] (or of clips: their frames, all
+    or `frames_per_clip` of each, `images_of`).
 
     z = mean + exp(logvar / 2) * eps with eps ~ N(0, I) drawn from the step's key (the
     reparameterisation trick, Kingma & Welling 2014, eq. 10), decoded back to pixels.
@@ -87,7 +98,7 @@ def autoencoder_loss(
     image, summed over latent elements, LDM's kl_loss); the train step adds the total as loss.
     """
     del frozen
-    images = images_of(batch)  # (B, H, W, C) in [-1, 1]
+    images, key = images_of(batch, key, frames_per_clip)  # (B, H, W, C) in [-1, 1]
     mean, logvar = model.encode(images)  # (B, h, w, latent) each, float32
     noise = jax.random.normal(key, mean.shape, mean.dtype)
     latents = mean + jnp.exp(0.5 * logvar) * noise  # (B, h, w, latent)
@@ -147,7 +158,15 @@ def loss_options(config) -> dict:
         raise UserError(
             f"config.loss.kl_weight={loss.kl_weight!r} must be a finite number >= 0 (LDM: 1e-6)."
         )
-    return dict(reconstruction=loss.reconstruction, kl_weight=kl_weight)
+    frames_per_clip = loss.get("frames_per_clip", 0)
+    if not isinstance(frames_per_clip, int) or frames_per_clip < 0:
+        raise UserError(
+            f"config.loss.frames_per_clip={frames_per_clip!r} must be an integer >= 0 (0: every "
+            "frame of each clip)."
+        )
+    return dict(
+        reconstruction=loss.reconstruction, kl_weight=kl_weight, frames_per_clip=frames_per_clip
+    )
 
 
 def build(config, data: DataFacts, mesh: Mesh, **model_overrides) -> ModelBuild:
