@@ -420,3 +420,12 @@ def test_clips_train_the_autoencoder_on_all_their_frames_or_k_distinct_random_on
     assert len(draws) > 1  # the key decides which frames
     images = jnp.zeros((5, 2, 2, 3))
     assert family.images_of({"image": images}, key, frames_per_clip=3)[0] is images
+
+
+def test_a_negative_frames_per_clip_is_named_with_what_is_valid():
+    # The config's types refuse a non-integer already (train.py names the key and its type).
+    config = base_autoencoder.get_config()
+    assert family.loss_options(config)["frames_per_clip"] == 0
+    config.loss.frames_per_clip = -1
+    with pytest.raises(UserError, match=r"config.loss.frames_per_clip=-1 must be an integer >= 0"):
+        family.loss_options(config)
