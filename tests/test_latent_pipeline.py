@@ -22,6 +22,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from diffusion import config as config_lib
+from diffusion import metrics as metrics_lib
 from diffusion import pipeline, rundir
 from diffusion.data import latents as latents_lib
 from diffusion.encoding import LatentDatasetWriter, PlanChanged
@@ -172,6 +173,8 @@ def tiny_video_latent_pipeline(data_dir):
             global_batch_size=8, num_steps=2, log_every=1, checkpoint_every=100, eval_every=0
         )
         stage.optimizer.warmup_steps = 1
+    # The autoencoder's check during training reads held-out clips too (their frames).
+    config.autoencoder.training.update(eval_every=2, eval_examples=4)
     config.encode.update(batch_size=8, examples_per_shard=8)
     config.evaluate.update(num_samples=8, guidance_scales=(3.0,), batch_size=8, samplers="euler:2")
     config.samples.update(prompts=config.samples.prompts[:1], num_per_prompt=1, steps=2)
@@ -204,6 +207,10 @@ def test_the_video_latent_pipeline_encodes_clips_frame_by_frame_and_decodes_samp
     mean, logvar = autoencoder.encode(frames)
     np.testing.assert_allclose(stored[latents_lib.MEAN_KEY], mean, atol=1e-5)
     np.testing.assert_allclose(stored[latents_lib.STD_KEY], np.exp(0.5 * logvar), atol=1e-5)
+
+    logged = metrics_lib.read_metrics(os.path.join(workdir, "autoencoder"))
+    psnr = [r["eval/psnr"] for r in logged if "eval/psnr" in r]
+    assert psnr and np.isfinite(psnr).all()
 
     run = os.path.join(workdir, "video_dit")
     assert rundir.load_run_config(run).data.name == "moving_shapes_latents"

@@ -288,18 +288,7 @@ def _read_right(reconstructions: np.ndarray, labels) -> np.ndarray | None:
     if not labels:
         return None
     if reconstructions.ndim == 5:
-        reading = video_oracle.read_clips(reconstructions)
-        labels = {a: video_oracle.label_indices(a, v) for a, v in labels.items()}
-        every_frame = [
-            np.all(getattr(reading, f"frame_{a}") == labels[a][:, None], axis=1)
-            for a in video_oracle.FRAME_ATTRIBUTES
-        ]
-        per_clip = [
-            getattr(reading, a) == labels[a]
-            for a in video_oracle.ATTRIBUTES
-            if a not in video_oracle.FRAME_ATTRIBUTES
-        ]
-        return np.all(every_frame + per_clip, axis=0)
+        return video_oracle.all_right(video_oracle.read_clips(reconstructions), labels)
     reading = read_attributes(reconstructions)
     return np.all([getattr(reading, a) == labels[a] for a in PROMPTED_ATTRIBUTES], axis=0)
 

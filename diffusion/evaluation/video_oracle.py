@@ -225,16 +225,22 @@ def video_accuracy(reading: VideoReading, labels: dict) -> dict[str, float]:
                 f"{attribute} labels have shape {values.shape}, the reading has "
                 f"{reading.shape.shape[0]} clips; give one label per clip"
             )
-    correct = {a: getattr(reading, a) == v for a, v in labels.items()}
-    result = {a: float(np.mean(c)) for a, c in correct.items()}
+    result = {a: float(np.mean(getattr(reading, a) == v)) for a, v in labels.items()}
     if all(a in labels for a in ATTRIBUTES):
-        every_frame = [
-            np.all(getattr(reading, f"frame_{a}") == labels[a][:, None], axis=1)
-            for a in FRAME_ATTRIBUTES
-        ]
-        per_clip = [correct[a] for a in ATTRIBUTES if a not in FRAME_ATTRIBUTES]
-        result["all"] = float(np.mean(np.all(every_frame + per_clip, axis=0)))
+        result["all"] = float(np.mean(all_right(reading, labels)))
     return result
+
+
+def all_right(reading: VideoReading, labels: dict) -> np.ndarray:
+    """(N,) bool: each clip read as labelled in all six attributes (`labels`: (N,) names or
+    indices of each), shape, colour and background in every frame."""
+    labels = {a: label_indices(a, labels[a]) for a in ATTRIBUTES}
+    every_frame = [
+        np.all(getattr(reading, f"frame_{a}") == labels[a][:, None], axis=1)
+        for a in FRAME_ATTRIBUTES
+    ]
+    per_clip = [getattr(reading, a) == labels[a] for a in ATTRIBUTES if a not in FRAME_ATTRIBUTES]
+    return np.all(every_frame + per_clip, axis=0)
 
 
 def temporal_consistency(reading: VideoReading) -> dict[str, float]:
