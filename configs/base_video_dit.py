@@ -38,6 +38,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Also cross-attend to the text tower's word embeddings (VideoDiTConfig.word_conditioning);
     # None: off, or the pretrained weights' choice (config.model.weights).
     config.model.word_conditioning = placeholder(bool)
+    # "patch" (Wan's linear 3-D patches) or "conv" (stride-2 convolutions on each frame first,
+    # VideoDiTConfig.input_stem); None: the variant's, or the pretrained weights' choice.
+    config.model.input_stem = placeholder(str)
     config.model.dtype = "float32"  # Compute dtype ("bfloat16" on TPU); parameters stay float32.
     config.model.remat = "none"  # Rematerialisation policy of the blocks.
     config.model.scan_layers = (

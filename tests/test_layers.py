@@ -308,6 +308,30 @@ def test_conv_stem_matches_a_float64_reference_and_keeps_the_patch_grid():
     np.testing.assert_allclose(np.asarray(tokens), expected, atol=1e-4)
 
 
+def test_conv_stem_on_clips_joins_each_cells_frames_in_patchify_3d_order():
+    """Clips: each frame convolved alone, a token the projection of its cell's features in
+    frames_per_token consecutive frames, tokens in patchify_3d's (frame, row, column) order."""
+    rng = np.random.default_rng(7)
+    clips = jnp.asarray(rng.normal(size=(2, 4, 8, 12, 3)), jnp.float32)  # (B, T, H, W, C)
+    stem = patches.ConvStem(4, 3, 16, frames_per_token=2, rngs=nnx.Rngs(0))
+    x = np.asarray(clips, np.float64).reshape(8, 8, 12, 3)
+    for kernel, bias in zip(stem.kernels, stem.biases, strict=True):
+        x = numpy_gelu(numpy_stride2_convolution(x, kernel[...], bias[...]))
+    features = x.reshape(2, 4, 2, 3, 8)  # (B, T, rows, columns, C)
+    # patchify_3d of the feature clip with patches (2, 1, 1): per token, its 2 frames' features.
+    tokens_in = np.asarray(patches.patchify_3d(jnp.asarray(features), (2, 1, 1)), np.float64)
+    assert tokens_in.shape == (2, 2 * 2 * 3, 2 * 8)
+    proj = np.asarray(stem.proj.kernel[...], np.float64), np.asarray(stem.proj.bias[...])
+    tokens = stem(clips)
+    np.testing.assert_allclose(np.asarray(tokens), tokens_in @ proj[0] + proj[1], atol=1e-4)
+    grid = patches.patchify_3d(clips, (2, 4, 4)).shape[1]  # the linear 3-D patches' token count
+    assert tokens.shape == (2, grid, 16)
+    with pytest.raises(ValueError, match="3 frames are not divisible by the 2 frames of a token"):
+        stem(clips[:, :3])
+    with pytest.raises(ValueError, match="embeds clips"):
+        stem(clips[:, 0])
+
+
 def test_conv_stem_tokens_see_their_cell_and_its_neighbours_only():
     images = jnp.zeros((1, 32, 32, 3))
     stem = patches.ConvStem(4, 3, 16, rngs=nnx.Rngs(1))

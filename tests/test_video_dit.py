@@ -296,9 +296,15 @@ def test_wan_sizes_count_as_diffusers_builds_them(variant):
 
 
 def matmul_flops(jaxpr) -> int:
-    """2 x multiply-adds of every dot_general in a jaxpr, nested jaxprs included."""
+    """2 x multiply-adds of every dot_general and convolution in a jaxpr, nested jaxprs
+    included."""
     total = 0
     for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            kernel = eqn.invars[1].aval.shape
+            out_features = kernel[eqn.params["dimension_numbers"].rhs_spec[0]]
+            macs_per_output = int(np.prod(kernel)) // out_features
+            total += 2 * int(np.prod(eqn.outvars[0].aval.shape)) * macs_per_output
         if eqn.primitive.name == "dot_general":
             (contract, _), _ = eqn.params["dimension_numbers"]
             lhs = eqn.invars[0].aval.shape
@@ -354,6 +360,33 @@ def test_word_conditioning_counts_and_reads_the_words_under_the_text_mask(inputs
         abstract_model(TINY)(x, t, context, mask, words)
 
 
+def test_conv_input_stem_counts_and_sees_across_patch_borders(inputs):
+    """A model with input_stem='conv': its parameters and matmuls (convolutions included) match
+    the closed forms, and its tokens see across patch borders within a frame."""
+    x, t, context = inputs
+    config = dataclasses.replace(TINY, input_stem="conv", patch_size=(1, 4, 4))
+    model = random_model(config)
+    assert count_params(model) == parameter_count(config)
+    # Convolutions 3 -> 8 -> 16 channels (width / 4, width / 2), then 16 -> width.
+    stem = (9 * 3 * 8 + 8) + (9 * 8 * 16 + 16) + (16 * 32 + 32)
+    patch_stem = dataclasses.replace(config, input_stem="patch")
+    assert parameter_count(config) - parameter_count(patch_stem) == stem - (48 * 32 + 32)
+    frames, size, text = 2, 8, 3
+    clip, states = jnp.zeros((1, frames, size, size, 3)), jnp.zeros((1, text, TINY.text_dim))
+    jaxpr = jax.make_jaxpr(lambda x, c: model(x, jnp.zeros((1,)), c))(clip, states)
+    assert matmul_flops(jaxpr.jaxpr) == flops_per_example(config, frames, size, size, text)
+
+    # The stem's tokens, in the blocks' (frame, row, column) order: a pixel reaches its own
+    # patch's token and its neighbours' in the same frame (a linear patch: its own alone).
+    clip = jnp.zeros((1, 2, 16, 16, 3))
+    poked = clip.at[0, 1, 5, 6].set(1.0)  # frame 1, patch (1, 1) of the 4x4 grid
+    tokens = jax.jit(model.patch_embed)(jnp.concatenate([clip, poked]))  # (2, 2 * 4 * 4, D)
+    moved = np.nonzero(np.any(np.asarray(tokens[1] != tokens[0]), axis=-1))[0]
+    cells = {(int(n) // 16, int(n) % 16 // 4, int(n) % 4) for n in moved}
+    assert (1, 1, 1) in cells and len(cells) > 1
+    assert all(f == 1 and abs(r - 1) <= 1 and abs(c - 1) <= 1 for f, r, c in cells), cells
+
+
 # --------------------------------------------------------------------------------------------
 # Config and input errors
 # --------------------------------------------------------------------------------------------
@@ -379,6 +412,12 @@ def test_variants_and_config_errors():
         VideoDiTConfig(width=16, num_heads=4)
     with pytest.raises(UserError, match="unknown attention_impl 'flash'"):
         VideoDiTConfig(attention_impl="flash")
+    with pytest.raises(UserError, match="unknown input_stem 'hybrid'"):
+        VideoDiTConfig(input_stem="hybrid")
+    with pytest.raises(UserError, match="input_stem='conv' needs square patches"):
+        VideoDiTConfig(input_stem="conv", patch_size=(1, 4, 8))
+    with pytest.raises(UserError, match="input_stem='conv': a conv stem needs a patch size"):
+        VideoDiTConfig(input_stem="conv", patch_size=(1, 3, 3))
 
 
 def test_bad_inputs_name_the_problem(model, inputs):

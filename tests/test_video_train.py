@@ -64,10 +64,12 @@ def recipe(data_dir):
 
 
 def video_stage(data_dir, clip_run, steps):
-    """The recipe's video DiT with word conditioning on: training, resuming and sampling read the
-    words too (the recipe's default, off, is the same path without them)."""
+    """The recipe's video DiT with word conditioning and the conv input stem on: training,
+    resuming and sampling read the words and convolve the frames too (the recipe's defaults,
+    off and linear patches, are the same paths without them)."""
     config = recipe(data_dir).video_dit
     config.model.word_conditioning = True
+    config.model.input_stem = "conv"
     config.text_encoder.checkpoint = clip_run
     config.tokenizer.path = os.path.join(clip_run, "tokenizer")
     config.training.num_steps = steps
@@ -224,7 +226,7 @@ def test_the_video_dit_learns_its_clips_and_a_resumed_run_is_the_uninterrupted_o
     assert resumed == uninterrupted  # losses of steps 1..9, the data order included
     family, config = rundir.load_model_config(str(tmp_path / "a"))
     assert family == "video_dit" and config.patch_size == (2, 8, 8) and config.in_channels == 3
-    assert config.word_conditioning
+    assert config.word_conditioning and config.input_stem == "conv"
     a, b = (
         nnx.state(rundir.load_run_params(str(tmp_path / n), config, models.VideoDiT))
         for n in ("a", "b")

@@ -226,7 +226,7 @@ def _check_weights_fit(config, base, data: DataFacts, text_config) -> None:
     fields = models.recipe_fields(config, NAME)
     differing = [
         f"{name}={fields[name]!r} (weights: {getattr(base, name)!r})"
-        for name in ("width", "depth", "num_heads", "ffn_dim", "word_conditioning")
+        for name in ("width", "depth", "num_heads", "ffn_dim", "word_conditioning", "input_stem")
         if name in fields and fields[name] != getattr(base, name)
     ]
     if "patch_size" in fields and tuple(fields["patch_size"]) != base.patch_size:

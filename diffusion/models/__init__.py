@@ -71,7 +71,15 @@ SIZE_FIELDS = {
         "text_depth",
     ),
     "dit": ("patch_size", "width", "depth", "num_heads", "input_stem"),
-    "video_dit": ("patch_size", "width", "depth", "num_heads", "ffn_dim", "word_conditioning"),
+    "video_dit": (
+        "patch_size",
+        "width",
+        "depth",
+        "num_heads",
+        "ffn_dim",
+        "word_conditioning",
+        "input_stem",
+    ),
 }
 
 

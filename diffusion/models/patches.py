@@ -101,6 +101,11 @@ class ConvStem(nnx.Module):
     are the patchify's (one per p x p cell, row-major), but each sees a 3x3-convolved
     neighbourhood, so edges and outlines that cross patch borders reach the transformer.
     For ViT-B/16 (width 768) the channels are Xiao's 48, 96, 192, 384.
+
+    Clips (B, T, H, W, C): the convolutions run on each frame, and a token joins the features
+    of ``frames_per_token`` consecutive frames at its cell before the projection (a Conv3d of
+    temporal kernel = stride = frames_per_token as the last layer), so the tokens are
+    `patchify_3d`'s for patches (frames_per_token, p, p), in its (frame, row, column) order.
     """
 
     def __init__(
@@ -109,11 +114,13 @@ class ConvStem(nnx.Module):
         in_channels: int,
         width: int,
         *,
+        frames_per_token: int = 1,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
         num_convs = conv_stem_depth(patch_size, width)
+        self.frames_per_token = frames_per_token
         channels = [in_channels] + [width >> (num_convs - i) for i in range(num_convs)]
         self.dtype = dtype
         axes = ("height", "width", "conv_in", "channels")
@@ -127,11 +134,41 @@ class ConvStem(nnx.Module):
             [make_param(rngs, zeros, (c,), ("channels",), param_dtype) for c in channels[1:]]
         )
         self.proj = Dense(
-            channels[-1], width, ("patch", "embed"), dtype=dtype, param_dtype=param_dtype,
-            rngs=rngs,
+            frames_per_token * channels[-1], width, ("patch", "embed"), dtype=dtype,
+            param_dtype=param_dtype, rngs=rngs,
         )  # fmt: skip
 
     def __call__(self, images: jax.Array) -> jax.Array:
+        """(B, H, W, C) images -> (B, (H/p) (W/p), width), or (B, T, H, W, C) clips ->
+        (B, (T/pt) (H/p) (W/p), width) with pt = frames_per_token."""
+        if images.ndim == 5:
+            return self.proj(self._clip_features(images))
+        if self.frames_per_token != 1:
+            raise ValueError(
+                f"a conv stem of {self.frames_per_token} frames per token embeds clips "
+                f"(B, T, H, W, C), got an image batch of shape {images.shape}"
+            )
+        x = self._frame_features(images)
+        b, h, w, c = x.shape
+        return self.proj(x.reshape(b, h * w, c))  # (B, T, width), T = (H/p) * (W/p)
+
+    def _clip_features(self, clips: jax.Array) -> jax.Array:
+        """(B, T, H, W, C) -> (B, (T/pt) h w, pt c): each frame convolved on its own, then the
+        pt frames of a token's cell side by side, in patchify_3d's (frame, row, column) order."""
+        b, frames, height, width, channels = clips.shape
+        pt = self.frames_per_token
+        if frames % pt:
+            raise ValueError(
+                f"{frames} frames are not divisible by the {pt} frames of a token; use a "
+                f"multiple of {pt} frames"
+            )
+        x = self._frame_features(clips.reshape(b * frames, height, width, channels))
+        _, h, w, c = x.shape
+        x = x.reshape(b, frames // pt, pt, h, w, c).transpose(0, 1, 3, 4, 2, 5)
+        return x.reshape(b, (frames // pt) * h * w, pt * c)
+
+    def _frame_features(self, images: jax.Array) -> jax.Array:
+        """(N, H, W, C) -> (N, H/p, W/p, width / 2): the stride-2 convolutions and GELUs."""
         x = images.astype(self.dtype)
         for kernel, bias in zip(self.kernels, self.biases, strict=True):
             x = jax.lax.conv_general_dilated(
@@ -142,8 +179,7 @@ class ConvStem(nnx.Module):
                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
             )
             x = jax.nn.gelu(x + bias[...].astype(self.dtype))
-        b, h, w, c = x.shape
-        return self.proj(x.reshape(b, h * w, c))  # (B, T, width), T = (H/p) * (W/p)
+        return x
 
 
 def conv_stem_depth(patch_size: int, width: int) -> int:

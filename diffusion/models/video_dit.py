@@ -55,6 +55,11 @@ class VideoDiTConfig:
     # (B, L, text_dim), through their own projection. A contrastive tower's final states keep
     # only what told its batches apart; its word embeddings name every word (configs/shapes.py).
     word_conditioning: bool = False
+    # Beyond Wan: "patch" is Wan's linear 3-D patch embedding; "conv" runs stride-2 3x3
+    # convolutions on each frame first (patches.ConvStem, as the image DiT's option), so a
+    # token sees the edges of its neighbours across patch borders: a moving shape sits at
+    # every offset inside a patch, not on a grid (docs/experiments/).
+    input_stem: str = "patch"
     freq_dim: int = 256  # sinusoidal frequencies of the timestep embedding
     eps: float = 1e-6  # epsilon of every LayerNorm and RMS norm
     qk_norm: bool = True  # RMS norm on queries and keys over all heads together (Wan)
@@ -112,6 +117,7 @@ class VideoDiTConfig:
                 f"valid: {sorted(blocks.REMAT_POLICIES)}"
             )
         self._check_lora()
+        self._check_input_stem()
         if self.attention_impl not in attention.ATTENTION_IMPLEMENTATIONS:
             raise UserError(
                 f"unknown attention_impl {self.attention_impl!r}; "
@@ -130,6 +136,22 @@ class VideoDiTConfig:
         except ValueError as error:
             raise UserError(f"lora_targets: {error}") from error
 
+    def _check_input_stem(self):
+        if self.input_stem not in INPUT_STEMS:
+            raise UserError(f"unknown input_stem {self.input_stem!r}; valid: {INPUT_STEMS}")
+        if self.input_stem == "patch":
+            return
+        _, rows, columns = self.patch_size
+        if rows != columns:
+            raise UserError(
+                f"input_stem='conv' needs square patches (rows = columns), got patch_size "
+                f"{self.patch_size}; use equal rows and columns or input_stem='patch'"
+            )
+        try:
+            patches.conv_stem_depth(rows, self.width)
+        except ValueError as error:
+            raise UserError(f"input_stem='conv': {error}") from error
+
     @property
     def head_dim(self) -> int:
         return self.width // self.num_heads
@@ -138,6 +160,8 @@ class VideoDiTConfig:
     def patch_volume(self) -> int:
         return math.prod(self.patch_size)
 
+
+INPUT_STEMS = ("patch", "conv")  # VideoDiTConfig.input_stem
 
 _WAN = dict(in_channels=16, out_channels=16, patch_size=(1, 2, 2), text_dim=4096)
 
@@ -465,13 +489,19 @@ class VideoDiT(nnx.Module):
         dtypes = _dtypes(config)
         self.config = config
         self.dtype = dtypes["dtype"]
-        self.patch_embed = layers.Dense(
-            config.patch_volume * config.in_channels,
-            config.width,
-            ("patch", "embed"),
-            rngs=rngs,
-            **dtypes,
-        )  # Xavier over the flattened Conv3d kernel, as Wan initialises it
+        pt, rows, _ = config.patch_size
+        if config.input_stem == "conv":
+            self.patch_embed = patches.ConvStem(
+                rows, config.in_channels, config.width, frames_per_token=pt, rngs=rngs, **dtypes
+            )
+        else:  # Xavier over the flattened Conv3d kernel, as Wan initialises it
+            self.patch_embed = layers.Dense(
+                config.patch_volume * config.in_channels,
+                config.width,
+                ("patch", "embed"),
+                rngs=rngs,
+                **dtypes,
+            )
         self.time_embed = TimeEmbedding(config, rngs=rngs)
         self.text_embed = TextEmbedding(config, rngs=rngs)
         self.words_embed = nnx.data(
@@ -550,7 +580,10 @@ class VideoDiT(nnx.Module):
         pt, ph, pw = config.patch_size
         grid = (frames // pt, height // ph, width // pw)
 
-        tokens = self.patch_embed(patches.patchify_3d(x.astype(self.dtype), config.patch_size))
+        x = x.astype(self.dtype)
+        if config.input_stem == "patch":
+            x = patches.patchify_3d(x, config.patch_size)
+        tokens = self.patch_embed(x)
         tokens = sharding.with_logical_constraint(tokens, layers.TOKEN_AXES)  # (B, N, D)
         temb, modulation = self.time_embed(t)  # (B, D), (B, 6, D)
         text = self.text_embed(context)  # (B, L, D)

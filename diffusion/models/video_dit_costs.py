@@ -5,7 +5,38 @@ against diffusers' WanTransformer3DModel."""
 
 from __future__ import annotations
 
+from diffusion.models import patches
 from diffusion.models.video_dit import VideoDiTConfig
+
+
+def _conv_stem_channels(config: VideoDiTConfig) -> list[tuple[int, int]]:
+    """(channels in, channels out) of each convolution of a conv input stem (patches.ConvStem)."""
+    num_convs = patches.conv_stem_depth(config.patch_size[1], config.width)
+    channels = [config.in_channels] + [config.width >> (num_convs - i) for i in range(num_convs)]
+    return list(zip(channels[:-1], channels[1:], strict=True))
+
+
+def _stem_parameters(config: VideoDiTConfig) -> int:
+    d, pt = config.width, config.patch_size[0]
+    if config.input_stem == "patch":
+        return config.patch_volume * config.in_channels * d + d
+    convs = _conv_stem_channels(config)
+    conv_params = sum(9 * c_in * c_out + c_out for c_in, c_out in convs)
+    return conv_params + pt * convs[-1][1] * d + d
+
+
+def _stem_macs(config: VideoDiTConfig, frames: int, height: int, width: int) -> int:
+    """Multiply-adds of the input stem on one clip: the linear patch embedding, or every
+    frame's 3x3 stride-2 convolutions and the projection of their features."""
+    pt, ph, pw = config.patch_size
+    tokens = (frames // pt) * (height // ph) * (width // pw)
+    if config.input_stem == "patch":
+        return tokens * config.patch_volume * config.in_channels * config.width
+    convs = _conv_stem_channels(config)
+    macs = 0
+    for level, (c_in, c_out) in enumerate(convs, start=1):  # each halves the rows and columns
+        macs += frames * (height >> level) * (width >> level) * 9 * c_in * c_out
+    return macs + tokens * pt * convs[-1][1] * config.width
 
 
 def parameter_count(config: VideoDiTConfig) -> int:
@@ -22,7 +53,7 @@ def parameter_count(config: VideoDiTConfig) -> int:
         + 6 * d
     )
     return (
-        linear(p * config.in_channels, d)
+        _stem_parameters(config)
         + linear(config.freq_dim, d)
         + linear(d, d)
         + linear(d, 6 * d)
@@ -37,7 +68,8 @@ def flops_per_example(
     config: VideoDiTConfig, frames: int, height: int, width: int, text_length: int
 ) -> int:
     """Forward matmul FLOPs (2 x multiply-adds) of one example of frames x height x width with
-    text_length text tokens: every projection, q k^T and the attention-weighted values.
+    text_length text tokens: every projection and convolution, q k^T and the attention-weighted
+    values.
     Elementwise work (norms, softmax, RoPE, modulation) is left out, as in MFU accounting
     (Chowdhery et al. 2022, app. B)."""
     pt, ph, pw = config.patch_size
@@ -51,6 +83,6 @@ def flops_per_example(
     block = self_attention + cross_attention + ffn
     time = config.freq_dim * d + d * d + d * 6 * d
     text = length * (config.text_dim * d + d * d)
-    macs = n * p * config.in_channels * d + time + text + config.depth * block
+    macs = _stem_macs(config, frames, height, width) + time + text + config.depth * block
     macs += n * d * p * config.out_channels
     return 2 * macs
