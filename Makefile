@@ -33,9 +33,11 @@ test: $(BIN)/.installed $(TPU_COMPILER)/libtpu/libtpu.so
 	TPU_LIBRARY_PATH=$(abspath $(TPU_COMPILER))/libtpu/libtpu.so $(BIN)/python -m pytest tests \
 	  --numprocesses=auto --maxprocesses=4 --dist=loadfile
 
-# ruff, and the import-linter contracts in pyproject.toml (the package's layers, no cycles).
+# ruff, the import-linter contracts in pyproject.toml (the package's layers, no cycles), and
+# scripts/check_modules.py (no module over 600 lines, no private name used across modules).
 lint: $(BIN)/.installed
-	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports \
+	  && $(BIN)/python scripts/check_modules.py
 
 format: $(BIN)/.installed
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
