@@ -69,6 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.samples.steps = 32
 
     if arg == "runlocal":  # every stage a few steps (base_autoencoder's and shapes.py's)
+        config.autoencoder.training.num_steps = base_autoencoder.get_config(arg).training.num_steps
         config.autoencoder.training.eval_every = 0
         config.encode.batch_size = 16
     return config
