@@ -19,6 +19,10 @@ def is_private(name: str) -> bool:
     return name.startswith("_") and not name.startswith("__")
 
 
+def in_package(module: str) -> bool:
+    return module == PACKAGE or module.startswith(PACKAGE + ".")
+
+
 def breaches(path: pathlib.Path) -> list[str]:
     text = path.read_text()
     found = []
@@ -27,14 +31,15 @@ def breaches(path: pathlib.Path) -> list[str]:
     tree = ast.parse(text)
     package_names = set()  # names this module binds to the package's modules and objects
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(PACKAGE):
+        # A relative import (level > 0) is always one of the package's own.
+        if isinstance(node, ast.ImportFrom) and (node.level or in_package(node.module or "")):
             for alias in node.names:
                 if is_private(alias.name):
                     found.append(f"{path}:{node.lineno}: imports {node.module}.{alias.name}")
                 package_names.add(alias.asname or alias.name)
         elif isinstance(node, ast.Import):
             for alias in node.names:
-                if alias.name.startswith(PACKAGE):
+                if in_package(alias.name):
                     package_names.add(alias.asname or alias.name.split(".")[0])
     for node in ast.walk(tree):
         if (

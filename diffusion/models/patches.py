@@ -119,9 +119,8 @@ class ConvStem(nnx.Module):
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
-        num_convs = conv_stem_depth(patch_size, width)
         self.frames_per_token = frames_per_token
-        channels = [in_channels] + [width >> (num_convs - i) for i in range(num_convs)]
+        channels = conv_stem_channels(patch_size, in_channels, width)
         self.dtype = dtype
         axes = ("height", "width", "conv_in", "channels")
         self.kernels = nnx.List(
@@ -180,6 +179,13 @@ class ConvStem(nnx.Module):
             )
             x = jax.nn.gelu(x + bias[...].astype(self.dtype))
         return x
+
+
+def conv_stem_channels(patch_size: int, in_channels: int, width: int) -> list[int]:
+    """Channels of a ConvStem's feature maps, input first: in_channels, then doubling up to
+    width / 2, one per stride-2 convolution."""
+    num_convs = conv_stem_depth(patch_size, width)
+    return [in_channels] + [width >> (num_convs - i) for i in range(num_convs)]
 
 
 def conv_stem_depth(patch_size: int, width: int) -> int:

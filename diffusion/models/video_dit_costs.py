@@ -11,8 +11,7 @@ from diffusion.models.video_dit import VideoDiTConfig
 
 def _conv_stem_channels(config: VideoDiTConfig) -> list[tuple[int, int]]:
     """(channels in, channels out) of each convolution of a conv input stem (patches.ConvStem)."""
-    num_convs = patches.conv_stem_depth(config.patch_size[1], config.width)
-    channels = [config.in_channels] + [config.width >> (num_convs - i) for i in range(num_convs)]
+    channels = patches.conv_stem_channels(config.patch_size[1], config.in_channels, config.width)
     return list(zip(channels[:-1], channels[1:], strict=True))
 
 
