@@ -16,7 +16,7 @@ Categories of the table:
                 unknown family / flow prediction type / nan policy / model variant / dtype,
                 warmup >= steps (and no stale config.json after it), a text encoder that is not
                 there, a bad model field in a stage of the default pipeline (the hint names
-                --config.clip.model)
+                --config.clip.model; a later stage's is refused before the first trains)
   run dirs      missing checkpoint, a directory that is no run, a CLIP run given to sampling,
                 malformed or incomplete config.json / model.json, a DiT whose text encoder
                 moved, an unfinished run, resuming a run with a model of another width (the
@@ -72,7 +72,7 @@ import pytest
 from flax import nnx
 from test_evaluate import _tiny
 
-from configs import base_dit, common
+from configs import base_dit, common, shapes_latent
 from configs import shapes as shapes_recipe
 from diffusion import (
     checkpoints,
@@ -235,19 +235,24 @@ def pipeline_with(env: Env, tmp, **changes):
     return pipeline.train_and_evaluate(config, str(tmp / "pipeline"))
 
 
-def pipeline_evaluating(env: Env, tmp, splits):
-    """The default pipeline on the run's data, evaluating `splits`; checks that a refusal comes
-    before any stage trained."""
-    config = shapes_recipe.get_config("runlocal")
+def pipeline_evaluating(env: Env, tmp, splits, recipe=shapes_recipe, **dit_changes):
+    """A pipeline `recipe` (runlocal) on the run's data, evaluating `splits`, its DiT stage with
+    `dit_changes` (section__field=value); checks that a refusal comes before any stage trained."""
+    config = recipe.get_config("runlocal")
     config.data = env.clip_config().data
-    for stage in (config.clip, config.dit):
-        stage.data = config.data
+    trained = [stage for stage in config.stages if stage in pipeline.runner.TRAINING_STAGES]
+    for stage in trained:
+        config[stage].data = config.data
     config.evaluate.splits = splits
+    for key, value in dit_changes.items():
+        *parents, leaf = key.split("__")
+        functools.reduce(lambda node, name: node[name], parents, config.dit)[leaf] = value
     workdir = tmp / "pipeline"
     try:
         return pipeline.train_and_evaluate(config, str(workdir))
     finally:
-        assert not os.path.exists(workdir / "clip" / "checkpoints")
+        for stage in trained:
+            assert not os.path.exists(workdir / stage / "checkpoints"), stage
 
 
 def small_run_copy(env: Env, tmp, edit_config=None, model_json: str | None = None) -> str:
@@ -591,6 +596,16 @@ CASES = [
         lambda e, t: pipeline_with(e, t, model__variant="huge"),
         ("unknown CLIP variant 'huge'", "--config.clip.model.FIELD=VALUE"),
         after=lambda e, t: no_stale_config(e, t, run=t / "pipeline" / "clip"),
+    ),
+    Case(
+        "pipeline-later-stage-model-field-refused-before-training",  # fixed: after the CLIP trained
+        lambda e, t: pipeline_evaluating(e, t, ("test",), model__variant="huge"),
+        ("unknown DiT variant 'huge'", "--config.dit.model.FIELD=VALUE"),
+    ),
+    Case(
+        "pipeline-latent-stage-patch-refused-before-training",  # 8 tiles 16x16 images, not latents
+        lambda e, t: pipeline_evaluating(e, t, ("test",), shapes_latent, model__patch_size=8),
+        ("patch_size=8 does not tile the 4x4 inputs", "--config.dit.model.patch_size=2"),
     ),
     Case(
         "unknown-model-dtype",  # fixed

@@ -293,9 +293,16 @@ def model_config(
         **conditioning,
     )
     try:
-        return models.dit_config(m.variant, **{**fields, **overrides})
+        model_config_ = models.dit_config(m.variant, **{**fields, **overrides})
     except ValueError as error:
         raise model_config_error(error, m) from error
+    if data.image_size % model_config_.patch_size:
+        raise UserError(
+            f"config.model.patch_size={model_config_.patch_size} does not tile the "
+            f"{data.image_size}x{data.image_size} inputs of {config.data.name!r}; pass a patch "
+            f"size that divides {data.image_size}, e.g. --config.model.patch_size=2."
+        )
+    return model_config_
 
 
 def build(

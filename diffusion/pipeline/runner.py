@@ -11,6 +11,7 @@ skips the written shards, a finished evaluation is skipped, existing images are 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import time
@@ -19,12 +20,12 @@ from typing import Any
 import jax
 import ml_collections
 
-from diffusion import families, rundir
+from diffusion import families, meshes, rundir
 from diffusion.data import sources
 from diffusion.errors import UserError
 from diffusion.pipeline import stages
 from diffusion.pipeline.periodic import PeriodicEvaluation
-from diffusion.training import PreemptionGuard, inputs, train
+from diffusion.training import PreemptionGuard, build_on, inputs, reads_text_tower, train
 
 PIPELINE_STAGES = ("autoencoder", "clip", "encode", "dit", "video_dit", "evaluate", "samples")
 TRAINING_STAGES = ("autoencoder", "clip", "dit", "video_dit")
@@ -84,6 +85,65 @@ def _reads_captions(config: ml_collections.ConfigDict) -> bool:
     return families.get(config.family).input_options(config).get("captions", True)
 
 
+def check_models(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Each training stage's model and loss, built from its recipe before the first stage trains:
+    a bad field of a later stage (`--config.dit.model.patch_size=3`) is named now, not after the
+    earlier stages have trained. A stage is built on what its data will be: the dataset's images
+    or clips, or (a stage on the encode stage's latents) the autoencoder stage's latent side and
+    channels; a text-conditioned stage on the text tower its recipe names, else the clip stage's
+    as that stage's recipe configures it. Nothing is initialised or written."""
+    built: dict[str, families.ModelBuild] = {}
+    pixels: dict[str, families.DataFacts] = {}
+    for stage in (s for s in config.stages if s in TRAINING_STAGES):
+        c = config[stage]
+        source, builder = inputs.prepare_source(c.data, c.seed)
+        frames = inputs.frames_of(source, builder)
+        on_latents = stage in TEXT_CONDITIONED_STAGES and "encode" in config.stages
+        try:
+            if on_latents:
+                if "autoencoder" not in built:
+                    continue  # the encode stage names the missing autoencoder stage
+                facts = _latent_facts(c, pixels["autoencoder"], built["autoencoder"])
+            else:
+                side, channels = inputs.image_shape_of(c, source, builder)
+                facts = dataclasses.replace(
+                    families.DataFacts.from_config(c, side), image_channels=channels, frames=frames
+                )
+                pixels[stage] = facts
+            text_config = _text_tower_config(config, workdir, stage, built)
+            if reads_text_tower(c) and text_config is None:
+                continue  # no tower to build on: the stage names the missing one when it runs
+            mesh = meshes.mesh_from_config(c.mesh)
+            built[stage] = build_on(c, facts, mesh, text_config)
+        except UserError as error:  # the hint spelled for the pipeline, as when the stage runs
+            error.args = (stage_flags(str(error), stage),)
+            raise
+
+
+def _latent_facts(c, images: families.DataFacts, autoencoder: families.ModelBuild):
+    """The facts of a stage that trains on the latents of the autoencoder stage's build."""
+    latent = autoencoder.model_config
+    return dataclasses.replace(
+        families.DataFacts.from_config(c, images.image_size // latent.downsampling_factor),
+        image_channels=latent.latent_channels,
+        frames=images.frames,
+    )
+
+
+def _text_tower_config(config, workdir: str, stage: str, built: dict):
+    """The config of the text tower `stage` reads: the one its recipe names, the clip stage's
+    (built just before), or a clip run already in WORKDIR/clip; None where there is none yet."""
+    if stage not in TEXT_CONDITIONED_STAGES:
+        return None
+    named = config[stage].text_encoder.checkpoint
+    if not named and "clip" in built:
+        return built["clip"].model_config
+    checkpoint = named or stages.text_encoder_of(config, workdir, stage)
+    if not os.path.isfile(os.path.join(checkpoint, rundir.MODEL_FILE)):
+        return None
+    return rundir.load_model_config(checkpoint)[1]
+
+
 def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs config.stages in order, each in WORKDIR/<stage>; every stage resumes or skips on
     rerun. A SIGTERM stops after the stage in flight has saved: no later stage starts."""
@@ -91,6 +151,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     if unknown:
         raise UserError(f"config.stages names {unknown}; valid stages: {PIPELINE_STAGES}.")
     check_data(config, [config[s] for s in config.stages if s in TRAINING_STAGES])
+    check_models(config, workdir)
     results, timings = {}, {}
     with PreemptionGuard() as preemption:
         for stage in config.stages:

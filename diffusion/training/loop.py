@@ -61,9 +61,7 @@ def text_encoder_tokenizer(config) -> str | None:
     recipe names a tokenizer (config.tokenizer.path): the captions must become the token ids the
     encoder learnt, not those of a BPE trained afresh. None: no text encoder. Refuses, before
     anything is written, a context longer than the encoder's."""
-    if config.family not in TEXT_ENCODER_FAMILIES:
-        return None
-    if not families.get(config.family).is_text_conditional(config):
+    if not reads_text_tower(config):
         return None
     checkpoint = config.text_encoder.checkpoint
     context = rundir.text_encoder_context_length(checkpoint)
@@ -76,17 +74,29 @@ def text_encoder_tokenizer(config) -> str | None:
     return None if config.tokenizer.path else rundir.text_encoder_tokenizer(checkpoint)[0]
 
 
-def build_model(config, facts: families.DataFacts, mesh) -> tuple[families.ModelBuild, Any]:
-    """(the family's build of the recipe, the loaded frozen model or None)."""
+def reads_text_tower(config) -> bool:
+    """Whether the recipe's model is conditioned on a frozen text tower's states."""
+    family = families.get(config.family)
+    return config.family in TEXT_ENCODER_FAMILIES and family.is_text_conditional(config)
+
+
+def build_on(config, facts: families.DataFacts, mesh, text_config=None) -> families.ModelBuild:
+    """The family's build of the recipe; `text_config`: the frozen text tower's config, for a
+    recipe that `reads_text_tower` (ignored otherwise)."""
     family = families.get(config.family)
     if config.family not in TEXT_ENCODER_FAMILIES:
-        return family.build(config, facts, mesh), None
-    if not family.is_text_conditional(config):  # class ids: no frozen model
-        return family.build(config, facts, mesh, None), None
+        return family.build(config, facts, mesh)
+    return family.build(config, facts, mesh, text_config if reads_text_tower(config) else None)
+
+
+def build_model(config, facts: families.DataFacts, mesh) -> tuple[families.ModelBuild, Any]:
+    """(the family's build of the recipe, the loaded frozen model or None)."""
+    if not reads_text_tower(config):  # no text, or class ids: no frozen model
+        return build_on(config, facts, mesh), None
     text_encoder = rundir.load_text_encoder(
         config.text_encoder.checkpoint, dict(dtype=config.model.dtype)
     )
-    return family.build(config, facts, mesh, text_encoder.config), text_encoder
+    return build_on(config, facts, mesh, text_encoder.config), text_encoder
 
 
 def train(
