@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion.errors import UserError
+
 # Dense peak FLOP/s per chip from the vendors' data sheets (bfloat16; float32 where the chip has
 # no faster path). Matched against `device.device_kind` by substring, most specific first.
 PEAK_FLOPS_BY_DEVICE_KIND = (
@@ -33,15 +35,29 @@ PEAK_FLOPS_BY_DEVICE_KIND = (
 
 METRICS_FILENAME = "metrics.jsonl"
 _MEASURED_PEAKS: dict[jax.Device, float] = {}
+# FLOP/s to take as the peak of a device the data sheets above do not list (a CPU), instead of
+# measuring a matmul for a second at every start: for comparable MFUs across runs, or for
+# processes that start often (the test suite's kill-and-restart loops).
+PEAK_FLOPS_VARIABLE = "DIFFUSION_PEAK_FLOPS"
 
 
 def peak_flops_per_device(device: jax.Device | None = None) -> float:
-    """The device's peak FLOP/s: the data-sheet value, or a measured matmul rate on CPU (measured
-    once per process: the next run in the same process logs against the same denominator)."""
+    """The device's peak FLOP/s: the data-sheet value; else $DIFFUSION_PEAK_FLOPS where set; else
+    a measured matmul rate (measured once per process: the next run in the same process logs
+    against the same denominator)."""
     device = device or jax.devices()[0]
     for kind, flops in PEAK_FLOPS_BY_DEVICE_KIND:
         if kind.lower() in device.device_kind.lower():
             return flops
+    stated = os.environ.get(PEAK_FLOPS_VARIABLE)
+    if stated:
+        try:
+            return float(stated)
+        except ValueError:
+            raise UserError(
+                f"${PEAK_FLOPS_VARIABLE}={stated!r} is not a number of FLOP/s; set it to one "
+                f"(e.g. {PEAK_FLOPS_VARIABLE}=1e11) or unset it to measure the device's."
+            ) from None
     if device not in _MEASURED_PEAKS:
         _MEASURED_PEAKS[device] = measure_matmul_flops(device)
     return _MEASURED_PEAKS[device]

@@ -13,6 +13,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from diffusion import metrics
+from diffusion.errors import UserError
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -112,6 +113,18 @@ def test_lowered_program_counts_the_global_matmul_and_compiled_one_device_share(
     assert metrics.cost_analysis_flops(lowered.compile()) == pytest.approx(
         global_flops / 8, rel=0.01
     )
+
+
+def test_a_stated_peak_replaces_the_measurement_on_devices_the_table_lacks(monkeypatch):
+    cpu = types.SimpleNamespace(device_kind="cpu")
+    monkeypatch.setattr(metrics, "measure_matmul_flops", lambda device: pytest.fail("measured"))
+    monkeypatch.setenv(metrics.PEAK_FLOPS_VARIABLE, "2.5e11")
+    assert metrics.peak_flops_per_device(cpu) == 2.5e11
+    tpu = types.SimpleNamespace(device_kind="TPU v5p")
+    assert metrics.peak_flops_per_device(tpu) == 459e12  # the data sheet wins
+    monkeypatch.setenv(metrics.PEAK_FLOPS_VARIABLE, "fast")
+    with pytest.raises(UserError, match="DIFFUSION_PEAK_FLOPS='fast' is not a number"):
+        metrics.peak_flops_per_device(cpu)
 
 
 def test_measured_cpu_peak_is_positive_and_finite():
