@@ -11,6 +11,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from conftest import one_block
 from flax import nnx
 
 from configs import base_clip, base_dit
@@ -59,7 +60,7 @@ def tiny_config(kind: str, batch: int = 8):
     config.training.global_batch_size = batch
     if kind != "clip":
         config.sampling.steps = 4
-    return config
+    return one_block(config)
 
 
 def per_device_bytes(tree) -> int:
@@ -317,9 +318,8 @@ def test_unknown_topologies_are_rejected_with_the_valid_chips(topology):
 def test_scanned_step_cost_is_extrapolated_from_shallow_twins_to_the_unrolled_cost():
     """XLA counts a scanned block once; the 1- and 2-block extrapolation must reproduce the
     FLOPs and compiler time of the same 4-block step compiled unrolled."""
-    scanned = tiny_config("dit_class")
-    scanned.model.scan_layers = True
-    unrolled = tiny_config("dit_class")
+    scanned = one_block(tiny_config("dit_class"), depth=4, scan_layers=True)
+    unrolled = one_block(tiny_config("dit_class"), depth=4)
     kw = dict(mesh_shape=MESH, sampler=False)
     cost = aot.compile_for_topology(scanned, TOPOLOGY, **kw)["train_step"]["cost"]
     truth = aot.compile_for_topology(unrolled, TOPOLOGY, **kw)["train_step"]["cost"]

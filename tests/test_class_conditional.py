@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import one_block
 from flax import nnx
 from PIL import Image
 
@@ -50,7 +51,7 @@ def tiny_class_config(data_dir, steps=2, **model):
     )
     config.data.class_features = FEATURES
     config.model.num_classes = NUM_CLASSES
-    config.model.update(model)
+    one_block(config, **model)
     config.training.update(
         global_batch_size=16, num_steps=steps, log_every=1, checkpoint_every=100, ema_decay=0.9
     )

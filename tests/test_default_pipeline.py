@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import one_block
 from PIL import Image
 
 from diffusion import config as config_lib
@@ -27,6 +28,7 @@ def tiny_default(data_dir):
     )
     config.tokenizer.vocab_size = 300
     for stage in (config.clip, config.dit):
+        one_block(stage)
         stage.training.update(
             global_batch_size=8, num_steps=2, log_every=1, checkpoint_every=100, ema_decay=0.9
         )

@@ -14,6 +14,7 @@ from html.parser import HTMLParser
 import jax
 import numpy as np
 import pytest
+from conftest import one_block
 from flax import nnx
 
 from configs import base_clip, base_dit
@@ -38,7 +39,7 @@ def _tiny(family, data_dir, steps=2):
     config.optimizer.update(warmup_steps=1, learning_rate=1e-3)
     config.model.dtype = "float32"
     config.mesh.update({"data": 1, "fsdp": 1, "tensor": 1})
-    return config
+    return one_block(config)
 
 
 @pytest.fixture(scope="module")

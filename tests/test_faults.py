@@ -49,6 +49,8 @@ def _train_args(workdir, data_dir, num_steps, checkpoint_every):
         "training.ema_decay": 0.9,
         "optimizer.schedule": "constant",
         "optimizer.warmup_steps": 2,
+        "model.vision_depth": 1,  # one block per tower, as conftest.one_block
+        "model.text_depth": 1,
     }
     return [
         sys.executable,

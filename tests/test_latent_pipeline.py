@@ -19,6 +19,7 @@ import signal
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from conftest import one_block
 from PIL import Image
 
 from diffusion import config as config_lib
@@ -40,6 +41,8 @@ def tiny_latent_pipeline(data_dir):
     )
     config.tokenizer.vocab_size = 300
     config.autoencoder.model.update(block_out_channels=(8, 16), norm_num_groups=4)
+    for stage in (config.clip, config.dit):
+        one_block(stage)
     for stage in (config.autoencoder, config.clip, config.dit):
         stage.training.update(
             global_batch_size=8, num_steps=2, log_every=1, checkpoint_every=100, eval_every=0

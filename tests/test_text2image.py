@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import one_block
 from flax import nnx
 from test_trainer import tiny
 
@@ -46,10 +47,11 @@ def train_tiny_runs(root, copies: bool = True) -> dict[str, str]:
     data_dir = str(root / "data")
     clip_dir, dit_dir = str(root / "clip"), str(root / "dit")
     devices = jax.devices()[:1]  # one device compiles fastest
-    config = tiny("clip", data_dir, steps=1, mesh="1")
+    # Two blocks in the towers sampling reads: the scanned copies (test below) stack them.
+    config = one_block(tiny("clip", data_dir, steps=1, mesh="1"), text_depth=2)
     config.optimizer.warmup_steps = 0
     training.train(config, clip_dir, devices=devices)
-    config = tiny("dit", data_dir, steps=1, mesh="1")
+    config = one_block(tiny("dit", data_dir, steps=1, mesh="1"), depth=2)
     config.optimizer.warmup_steps = 0
     config.text_encoder.checkpoint = clip_dir
     config.tokenizer.path = os.path.join(clip_dir, "tokenizer")

@@ -10,7 +10,7 @@ import os
 import jax
 import numpy as np
 import pytest
-from conftest import xla_flags
+from conftest import one_block, xla_flags
 
 from configs import base_clip, base_dit
 from diffusion import checkpoints, families, meshes, metrics, optim, rundir, training
@@ -51,7 +51,7 @@ def tiny(family, data_dir, steps=4, mesh="8data", **training):
     if family == "clip":
         config.model.variant = "tiny"
     config.mesh.update(MESHES[mesh][0])
-    return config
+    return one_block(config)
 
 
 def run(config, workdir, mesh="8data"):
@@ -65,7 +65,9 @@ def run(config, workdir, mesh="8data"):
 @pytest.fixture(scope="module")
 def clip_run(data_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("clip")
-    run(tiny("clip", data_dir, steps=3), workdir)
+    # Two text blocks: a DiT reads it as a scanned tower too (test below), whose relayout of the
+    # blocks only shows on more than one.
+    run(one_block(tiny("clip", data_dir, steps=3), text_depth=2), workdir)
     return str(workdir)
 
 
@@ -151,7 +153,11 @@ def test_mfu_numerator_counts_the_global_step_with_or_without_scan_and_remat(
     """The logged MFU's FLOPs are the whole step's model work: the same on 1 device and on 8 (a
     compiled SPMD program counts one device's share) and with the blocks scanned and
     rematerialised (XLA counts a scanned block once; recomputation is not model work)."""
-    make = lambda: tiny("clip", data_dir) if family == "clip" else dit_config(data_dir, clip_run)
+    # Two blocks per tower: with one, a scanned block counted once would count them all.
+    deeper = {"clip": dict(vision_depth=2, text_depth=2), "dit": dict(depth=2)}[family]
+    make = lambda: one_block(
+        tiny("clip", data_dir) if family == "clip" else dit_config(data_dir, clip_run), **deeper
+    )
     one_device, _ = _model_flops(make(), clip_run, "1")
     assert one_device > 0
     assert _model_flops(make(), clip_run, "2x2x2")[0] == pytest.approx(one_device, rel=1e-3)
@@ -191,7 +197,7 @@ def test_mfu_numerator_of_a_class_conditional_dit_matches_the_closed_form(data_d
     MLP 4x) + 4 T D (scores, values); per example and block the adaLN's 12 D^2; patch embedding
     and final layer 4 p^2 C D per token; time MLP and final adaLN per example. The rest of the
     step (norms, GELU, AdamW, EMA) is elementwise and small."""
-    config = dit_config(data_dir, clip_run)
+    config = one_block(dit_config(data_dir, clip_run), depth=2)  # L blocks: the closed form's L
     config.model.num_classes = 10
     mesh = meshes.mesh_from_config(MESHES["1"][0], jax.devices()[:1])
     facts = families.DataFacts.from_config(config, 16)
@@ -277,6 +283,7 @@ def test_two_processes_of_four_devices_train_like_one_process_of_eight(data_dir,
         "--config.training.log_every=1", "--config.training.checkpoint_every=100",
         "--config.training.ema_decay=0.9", "--config.optimizer.warmup_steps=2",
         "--config.optimizer.learning_rate=1e-3", "--config.mesh.data=8",
+        "--config.model.vision_depth=1", "--config.model.text_depth=1",  # tiny()'s one_block
         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
     ]  # fmt: skip
     env = {**os.environ, "XLA_FLAGS": xla_flags(4)}
@@ -375,7 +382,7 @@ def test_sigmoid_loss_trains_a_learnable_siglip_bias(data_dir, tmp_path):
 def test_hard_negative_captions_train_the_same_with_the_chunked_loss(data_dir, clip_run, tmp_path):
     losses = {}
     for chunked in (False, True):
-        config = tiny("clip", data_dir, steps=3)
+        config = one_block(tiny("clip", data_dir, steps=3), text_depth=2)  # clip_run's model
         config.loss.negative_caption_attributes = ("shape", "color")
         config.loss.chunked = chunked
         losses[chunked] = run(config, tmp_path / str(chunked))
