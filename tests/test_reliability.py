@@ -78,6 +78,8 @@ def test_sigterm_saves_the_current_step_exits_0_and_the_rerun_resumes(data_dir, 
         "--config.training.log_every=1",
         "--config.training.checkpoint_every=1000",
         "--config.optimizer.warmup_steps=2",
+        "--config.model.vision_depth=1",  # one block per tower, as conftest.one_block
+        "--config.model.text_depth=1",
     ]
     process = subprocess.Popen([*args, "--config.training.num_steps=100000"], cwd=_ROOT)
     deadline = time.time() + 240

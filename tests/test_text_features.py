@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 import test_encode
-from conftest import single_device_env
+from conftest import one_block, single_device_env
 from flax import nnx
 from test_encode import NUM, REPO, _files, _shards, sigterm_after_the_first_shard
 
@@ -41,7 +41,7 @@ def clip_run(encoded, tmp_path_factory):
     clip = config_lib.load_config(os.path.join(REPO, "configs", "base_clip.py"))
     clip.data.update(data_dir=config.data_dir, builder_config="16", **NUM)
     clip.tokenizer.update(vocab_size=300, context_length=16)
-    clip.model.update(variant="tiny", dtype="float32")
+    one_block(clip).model.update(variant="tiny", dtype="float32")
     clip.training.update(global_batch_size=8, num_steps=1, eval_every=0)
     clip.optimizer.warmup_steps = 0
     workdir = str(tmp_path_factory.mktemp("clip"))
