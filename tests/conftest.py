@@ -54,35 +54,36 @@ def one_block(config, **depths):
 
 # `make test` spreads whole files over pytest-xdist workers (--dist loadfile keeps each file's
 # module fixtures in one process). Files are handed out in collection order, so the longest go
-# first and the short ones fill in (longest-first packing of two workers): the files of 40 s or
-# more, by their time in the junit report of a full run on the 2-core machine (2026-12-07).
+# first and the short ones fill in (longest-first packing of two workers): the files of 30 s or
+# more, by their time in the junit report of a full run on the 2-core machine (2026-12-08).
 SLOWEST_FILES_FIRST = (
     "test_trainer.py",
     "test_faults.py",
+    "test_latent_pipeline.py",
     "test_aot.py",
     "test_sample.py",
-    "test_default_pipeline.py",
-    "test_text2image.py",
-    "test_latent_pipeline.py",
     "test_encode.py",
-    "test_evaluate.py",
-    "test_lora.py",
+    "test_text2image.py",
+    "test_default_pipeline.py",
     "test_video_train.py",
-    "test_autoencoder_family.py",
-    "test_aot_cached_text.py",
     "test_dit.py",
+    "test_lora.py",
+    "test_autoencoder_family.py",
     "test_aot_video.py",
-    "test_reliability.py",
-    "test_samplers.py",
-    "test_bad_inputs.py",
-    "test_sharding.py",
-    "test_text_features.py",
-    "test_wan_pipeline.py",
-    "test_checkpoints.py",
-    "test_clip.py",
     "test_sequence_parallel.py",
+    "test_sharding.py",
+    "test_checkpoints.py",
+    "test_samplers.py",
+    "test_evaluate.py",
+    "test_text_features.py",
+    "test_optim.py",
+    "test_reliability.py",
+    "test_wan_pipeline.py",
+    "test_clip.py",
+    "test_autoencoder.py",
+    "test_bad_inputs.py",
+    "test_aot_cached_text.py",
     "test_class_conditional.py",
-    "test_video_dit.py",
 )
 
 
