@@ -183,11 +183,12 @@ def test_a_dit_whose_text_encoder_did_not_make_the_cached_features_is_refused(
 
 
 def test_a_finished_text_job_is_refused_once_its_clip_run_trained_further(
-    encoded_text, diffusers_autoencoder, clip_run
+    encoded_text, diffusers_autoencoder, clip_run, tmp_path
 ):
     """The CLIP run's newest checkpoint is in the plan: trained further (the same path, other
     weights), its run makes other features, so the dataset of the earlier ones is refused on
-    rerun (as the pipeline's encode stage reruns it), not kept as complete."""
+    rerun (as the pipeline's encode stage reruns it), not kept as complete, and a DiT is not
+    trained on them (train.py outside the pipeline)."""
     dataset_dir, config, options = encoded_text
     assert encoding.read_encoding(dataset_dir)["text_encoder_step"] == rundir.latest_step(clip_run)
     before = _files(dataset_dir)
@@ -196,6 +197,9 @@ def test_a_finished_text_job_is_refused_once_its_clip_run_trained_further(
     try:
         with pytest.raises(encoding.PlanChanged, match=r"differs in \['text_encoder_step'\]"):
             encoding.encode_dataset(diffusers_autoencoder[0], config, 0, options)
+        with pytest.raises(UserError, match="made by step .* which has since trained to step 1000"):
+            training.train(text_dit_config(options, clip_run), str(tmp_path / "dit"))
+        assert not os.path.exists(tmp_path / "dit" / "checkpoints")
     finally:
         os.rmdir(later)
     assert _files(dataset_dir) == before

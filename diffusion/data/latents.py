@@ -78,6 +78,9 @@ class LatentEncoding:
     text_context_length: int | None = None
     text_words: bool = False  # whether records hold TEXT_WORDS_KEY
     text_vocabulary: str | None = None  # `tokenizer.vocabulary_digest` of text_tokenizer
+    # The CLIP run's newest checkpoint step when it made them (None: a Hugging Face directory,
+    # whose weights do not move, or a dataset encoded before the step was recorded).
+    text_encoder_step: int | None = None
 
     @classmethod
     def from_json(cls, values: Mapping[str, Any]) -> LatentEncoding:
@@ -95,6 +98,7 @@ class LatentEncoding:
             text_context_length=values.get("text_context_length"),
             text_words=bool(values.get("text_words", False)),
             text_vocabulary=values.get("text_vocabulary"),
+            text_encoder_step=values.get("text_encoder_step"),
         )
 
     @property

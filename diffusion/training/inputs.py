@@ -171,6 +171,15 @@ def cached_text(config, source, builder, tokenizer) -> dict[str, np.ndarray] | N
             f"--config.text_encoder.checkpoint={made_with}, or encode the dataset again with "
             f"encode.py --text_encoder={wanted}."
         )
+    made_at, now = encoding.text_encoder_step, rundir.latest_step(wanted)
+    if made_at is not None and now != made_at:
+        raise UserError(
+            f"the text features cached in {dataset} were made by step {made_at} of the text "
+            f"encoder {made_with!r}, which has since trained to step {now}: the DiT would learn "
+            "features its sampling tower no longer computes. Encode the dataset again (encode.py "
+            f"--text_encoder={made_with} --output_dir=NEW_DIR), or train on a dataset encoded "
+            "without --text_encoder (the tower then runs in the step)."
+        )
     length = int(config.tokenizer.context_length)
     if encoding.text_context_length != length:
         raise UserError(
