@@ -605,7 +605,10 @@ CASES = [
     Case(
         "pipeline-latent-stage-patch-refused-before-training",  # 8 tiles 16x16 images, not latents
         lambda e, t: pipeline_evaluating(e, t, ("test",), shapes_latent, model__patch_size=8),
-        ("patch_size=8 does not tile the 4x4 inputs", "--config.dit.model.patch_size=2"),
+        (
+            "patch_size=8 does not tile the 4x4 inputs of 'shapes_latents'",
+            "--config.dit.model.patch_size=2",
+        ),
     ),
     Case(
         "unknown-model-dtype",  # fixed

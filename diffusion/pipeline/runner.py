@@ -103,6 +103,8 @@ def check_models(config: ml_collections.ConfigDict, workdir: str) -> None:
             if on_latents:
                 if "autoencoder" not in built:
                     continue  # the encode stage names the missing autoencoder stage
+                c = c.copy_and_resolve_references()  # the data section the stage will read
+                c.data = stages.latent_data_config(config, workdir)
                 facts = _latent_facts(c, pixels["autoencoder"], built["autoencoder"])
             else:
                 side, channels = inputs.image_shape_of(c, source, builder)
