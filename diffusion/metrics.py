@@ -52,12 +52,15 @@ def peak_flops_per_device(device: jax.Device | None = None) -> float:
     stated = os.environ.get(PEAK_FLOPS_VARIABLE)
     if stated:
         try:
-            return float(stated)
+            peak = float(stated)
         except ValueError:
+            peak = math.nan
+        if not 0 < peak < math.inf:
             raise UserError(
-                f"${PEAK_FLOPS_VARIABLE}={stated!r} is not a number of FLOP/s; set it to one "
-                f"(e.g. {PEAK_FLOPS_VARIABLE}=1e11) or unset it to measure the device's."
-            ) from None
+                f"${PEAK_FLOPS_VARIABLE}={stated!r} is not a positive number of FLOP/s; set it "
+                f"to one (e.g. {PEAK_FLOPS_VARIABLE}=1e11) or unset it to measure the device's."
+            )
+        return peak
     if device not in _MEASURED_PEAKS:
         _MEASURED_PEAKS[device] = measure_matmul_flops(device)
     return _MEASURED_PEAKS[device]

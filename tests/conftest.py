@@ -45,8 +45,9 @@ def single_device_env(compilation_cache: str | None = None) -> dict[str, str]:
 def one_block(config, **depths):
     """`config` (a clip, dit or video_dit recipe) with one block per tower, or `depths` (e.g.
     text_depth=2) where a test's property needs more. The loop's properties (meshes, resume,
-    files, errors) hold at any depth, and a tiny model's compile time grows with its blocks: a
-    4-block tiny DiT's train step compiles in 4.4 s here, a 1-block one in 2.1 s."""
+    files, errors) hold at any depth, and a tiny model's compile time grows with its blocks (the
+    1-block tiny DiT's train step compiles in about half the 4-block one's time:
+    docs/experiments/2026-12-08-suite-time.md)."""
     fields = {"clip": ("vision_depth", "text_depth"), "dit": ("depth",), "video_dit": ("depth",)}
     config.model.update({name: 1 for name in fields[config.family]}, **depths)
     return config

@@ -122,9 +122,10 @@ def test_a_stated_peak_replaces_the_measurement_on_devices_the_table_lacks(monke
     assert metrics.peak_flops_per_device(cpu) == 2.5e11
     tpu = types.SimpleNamespace(device_kind="TPU v5p")
     assert metrics.peak_flops_per_device(tpu) == 459e12  # the data sheet wins
-    monkeypatch.setenv(metrics.PEAK_FLOPS_VARIABLE, "fast")
-    with pytest.raises(UserError, match="DIFFUSION_PEAK_FLOPS='fast' is not a number"):
-        metrics.peak_flops_per_device(cpu)
+    for bad in ("fast", "0", "-1e11", "inf", "nan"):
+        monkeypatch.setenv(metrics.PEAK_FLOPS_VARIABLE, bad)
+        with pytest.raises(UserError, match=f"DIFFUSION_PEAK_FLOPS='{bad}' is not a positive"):
+            metrics.peak_flops_per_device(cpu)
 
 
 def test_measured_cpu_peak_is_positive_and_finite():

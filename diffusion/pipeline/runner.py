@@ -96,8 +96,6 @@ def check_models(config: ml_collections.ConfigDict, workdir: str) -> None:
     pixels: dict[str, families.DataFacts] = {}
     for stage in (s for s in config.stages if s in TRAINING_STAGES):
         c = config[stage]
-        source, builder = inputs.prepare_source(c.data, c.seed)
-        frames = inputs.frames_of(source, builder)
         on_latents = stage in TEXT_CONDITIONED_STAGES and "encode" in config.stages
         try:
             if on_latents:
@@ -107,7 +105,9 @@ def check_models(config: ml_collections.ConfigDict, workdir: str) -> None:
                 c.data = stages.latent_data_config(config, workdir)
                 facts = _latent_facts(c, pixels["autoencoder"], built["autoencoder"])
             else:
+                source, builder = inputs.prepare_source(c.data, c.seed)
                 side, channels = inputs.image_shape_of(c, source, builder)
+                frames = inputs.frames_of(source, builder)
                 facts = dataclasses.replace(
                     families.DataFacts.from_config(c, side), image_channels=channels, frames=frames
                 )
